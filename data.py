@@ -1,0 +1,436 @@
+"""
+Data for TarFlow/BiFlow: a built-in digits dataset, ImageNet-style folders, array files, and a resumable loader.
+
+    python data.py show --data digits --img_size 16 --out grid.png    # look at the data: one row per class
+    python data.py pack /path/to/imagenet/train in64.npy --img_size 64  # folder -> one memory-mapped array file
+
+Every dataset returns (uint8 tensor (3, H, W), int label) and has .num_classes (0 if unlabelled) and .targets.
+Loader turns a dataset into an endless stream of global batches that is the same for any number of ranks and
+continues exactly after a resume: the batch at (epoch e, step s) is epoch_permutation(n, seed, e)[s*B:(s+1)*B],
+and rank r takes the contiguous slice [r*b:(r+1)*b] of it, b = B // world_size.
+"""
+import argparse
+import hashlib
+import os
+import random
+import warnings
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+from torch.utils.data import DataLoader, Dataset
+
+IMG_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.pgm', '.bmp', '.tif', '.tiff', '.webp', '.gif')
+
+
+def _hash_seed(*parts) -> int:
+    """A 63-bit seed from a tuple, stable across processes and platforms (unlike Python's hash())."""
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, 'little') >> 1
+
+
+def build_dataset(data: str, img_size: int, split: str = 'train', seed: int = 0) -> Dataset:
+    """'digits', an ImageNet-layout folder, or a .npz/.npy array file -> dataset (split/seed only matter for digits)."""
+    if data == 'digits':
+        return Digits(img_size, split, seed)
+    if os.path.isdir(data):
+        return ImageFolder(data, img_size)
+    if data.endswith(('.npz', '.npy')):
+        return ArrayDataset(data, img_size)
+    raise ValueError(f"--data {data!r}: expected 'digits', an existing image folder, or a .npz/.npy file")
+
+# -----------------------------------------------------------------------------
+# built-in digits
+
+
+class Digits(Dataset):
+    """The ten digits in Pillow's built-in font, random colours/size/position/rotation, deterministic per index."""
+    SIZES = {'train': 60000, 'val': 10000}
+    _glyphs = None  # per-process cache: digit -> tight 'L' mask at high resolution
+
+    def __init__(self, img_size: int = 16, split: str = 'train', seed: int = 0):
+        if split not in self.SIZES:
+            raise ValueError(f"digits split {split!r}: expected one of {sorted(self.SIZES)}")
+        if img_size < 8:
+            raise ValueError(f"--img_size {img_size}: digits need at least 8 pixels")
+        self.img_size, self.split, self.seed = img_size, split, seed
+        self.num_classes = 10
+        self.targets = np.arange(self.SIZES[split]) % 10  # balanced classes, label readable without drawing
+
+    def __len__(self):
+        return self.SIZES[self.split]
+
+    @classmethod
+    def glyphs(cls):
+        """Render each digit once, bold, and crop it to its ink; every image is a resized/rotated copy."""
+        if cls._glyphs is None:
+            try:
+                font, stroke = ImageFont.load_default(size=96), 3  # scalable Aileron (Pillow >= 10.1)
+            except (ImportError, OSError):
+                # no FreeType: the tiny bitmap font, upscaled below; its 1-pixel strokes become bold by upscaling
+                font, stroke = ImageFont.load_default(), 0
+            glyphs = {}
+            for d in range(10):
+                canvas = Image.new('L', (256, 256), 0)
+                ImageDraw.Draw(canvas).text((64, 64), str(d), fill=255, font=font,
+                                            stroke_width=stroke, stroke_fill=255)
+                g = canvas.crop(canvas.getbbox())  # tight box around the ink
+                if g.height < 64:  # bitmap fallback: upscale blockily once, so later resizes only shrink
+                    g = g.resize((g.width * 96 // g.height, 96), Image.NEAREST)
+                glyphs[d] = g
+            cls._glyphs = glyphs
+        return cls._glyphs
+
+    def __getitem__(self, i):
+        label = int(self.targets[i])
+        rng = random.Random(_hash_seed('digits', self.seed, self.split, int(i)))
+        # draw at 4x and box-downsample so edges are antialiased like a real photo of a digit
+        S = 4 * self.img_size
+        g = self.glyphs()[label]
+        h = rng.uniform(0.55, 0.85) * S
+        g = g.resize((max(1, round(g.width * h / g.height)), max(1, round(h))), Image.BILINEAR)
+        g = g.rotate(rng.uniform(-15, 15), resample=Image.BILINEAR, expand=True)
+        # jitter within the free margin (at most 10% of the side) so the digit never leaves the frame
+        x0, y0 = (S - g.width) / 2, (S - g.height) / 2
+        jx, jy = min(max(x0, 0), 0.1 * S), min(max(y0, 0), 0.1 * S)
+        mask = Image.new('L', (S, S), 0)
+        mask.paste(g, (round(x0 + rng.uniform(-jx, jx)), round(y0 + rng.uniform(-jy, jy))))
+        m = np.asarray(mask.reduce(4), dtype=np.float32)[:, :, None] / 255.0
+        fg, bg = self._colours(rng)
+        img = bg + (fg - bg) * m
+        return torch.from_numpy(np.rint(img).astype(np.uint8)).permute(2, 0, 1).contiguous(), label
+
+    @staticmethod
+    def _colours(rng):
+        """Random foreground/background RGB whose luma differs by at least 100/255 (readable at 16x16)."""
+        luma = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+        while True:
+            fg = np.array([rng.randrange(256) for _ in range(3)], dtype=np.float32)
+            bg = np.array([rng.randrange(256) for _ in range(3)], dtype=np.float32)
+            if abs(float((fg - bg) @ luma)) >= 100:
+                return fg, bg
+
+# -----------------------------------------------------------------------------
+# image folders and array files
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode -> RGB; alpha dropped and EXIF orientation ignored (as in ADM), 16-bit scaled, not clipped."""
+    if img.mode.startswith('I;16'):
+        # Pillow's own I;16 -> RGB conversion clips at 255, which would turn most 16-bit images white
+        a = np.asarray(img).astype(np.float32) / 257.0
+        img = Image.fromarray(np.rint(a).astype(np.uint8), 'L')
+    elif img.mode == 'P' and 'transparency' in img.info:
+        img = img.convert('RGBA')  # avoids Pillow's warning for palette transparency given as bytes
+    return img.convert('RGB')
+
+
+def center_crop(img: Image.Image, size: int) -> np.ndarray:
+    """ADM's centre crop: halve with BOX while possible, BICUBIC to min side == size, crop the centre -> (H, W, 3)."""
+    while min(*img.size) >= 2 * size:
+        img = img.resize(tuple(x // 2 for x in img.size), resample=Image.BOX)
+    scale = size / min(*img.size)
+    img = img.resize(tuple(round(x * scale) for x in img.size), resample=Image.BICUBIC)
+    arr = np.asarray(img)
+    top, left = (arr.shape[0] - size) // 2, (arr.shape[1] - size) // 2
+    return arr[top:top + size, left:left + size]
+
+
+class ImageFolder(Dataset):
+    """root/<class>/<image> (ImageNet layout), labels = index in the sorted class names, ADM centre crop."""
+
+    def __init__(self, root: str, img_size: int):
+        if not os.path.isdir(root):
+            raise FileNotFoundError(f"image folder {root!r} does not exist")
+        self.root, self.img_size = root, img_size
+        self.classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
+        if not self.classes:
+            raise ValueError(f"image folder {root!r} has no class subfolders (expected root/<class>/<image>)")
+        self.files, targets = [], []
+        for c, name in enumerate(self.classes):  # listing only, no decoding, so ImageNet indexes in seconds
+            for dirpath, dirnames, filenames in os.walk(os.path.join(root, name)):
+                dirnames.sort()
+                for f in sorted(filenames):
+                    if f.lower().endswith(IMG_EXTENSIONS):
+                        self.files.append(os.path.join(dirpath, f))
+                        targets.append(c)
+        if not self.files:
+            raise ValueError(f"image folder {root!r} has class subfolders but no images ({', '.join(IMG_EXTENSIONS)})")
+        self.targets = np.array(targets, dtype=np.int64)
+        self.num_classes = len(self.classes)
+        self.unreadable = set()  # paths that failed in this process (DataLoader workers keep their own sets)
+
+    @property
+    def num_unreadable(self) -> int:
+        """How many distinct files failed to decode in this process."""
+        return len(self.unreadable)
+
+    def __len__(self):
+        return len(self.files)
+
+    def load(self, i):
+        """Decode and crop file i -> uint8 (H, W, 3), or None (with a warning, once per file) if unreadable."""
+        path = self.files[i]
+        try:
+            with Image.open(path) as img:
+                return center_crop(_to_rgb(img), self.img_size)
+        except Exception as e:  # truncated, corrupt, unsupported mode...: any failure means "unreadable"
+            if path not in self.unreadable:
+                self.unreadable.add(path)
+                warnings.warn(f"skipping unreadable image {path}: {type(e).__name__}: {e}")
+            return None
+
+    def __getitem__(self, i):
+        # Substitute for an unreadable file: the next readable file in sorted order (wrapping), with its own label.
+        # Deterministic, keeps batches full, and the neighbour is almost always from the same class.
+        for k in range(len(self.files)):
+            j = (i + k) % len(self.files)
+            arr = self.load(j)
+            if arr is not None:
+                return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous(), int(self.targets[j])
+        raise RuntimeError(f"image folder {self.root!r}: no file could be read")
+
+
+def labels_path(npy_path: str) -> str:
+    """Where pack keeps the labels of X.npy: X.labels.npy beside it."""
+    return npy_path[:-len('.npy')] + '.labels.npy'
+
+
+class ArrayDataset(Dataset):
+    """ADM .npz (arr_0 uint8 (N,H,W,3), optional arr_1 labels) or a packed .npy read by memory map."""
+
+    def __init__(self, path: str, img_size: int):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"array file {path!r} does not exist")
+        self.path, self.img_size = path, img_size
+        if path.endswith('.npz'):
+            with np.load(path) as f:
+                if 'arr_0' not in f.files:
+                    raise ValueError(f"{path}: no 'arr_0' (found {f.files}); expected ADM format")
+                self._arr = f['arr_0']
+                labels = f['arr_1'] if 'arr_1' in f.files else None
+        else:
+            self._arr = np.load(path, mmap_mode='r')
+            lp = labels_path(path)
+            labels = np.load(lp) if os.path.isfile(lp) else None
+        a = self._arr
+        if a.dtype != np.uint8:
+            raise ValueError(f"{path}: images must be uint8, got {a.dtype}")
+        if a.ndim != 4 or a.shape[3] != 3:
+            raise ValueError(f"{path}: images must have shape (N, H, W, 3), got {a.shape}")
+        if a.shape[1:3] != (img_size, img_size):
+            raise ValueError(f"{path}: images are {a.shape[1]}x{a.shape[2]} but --img_size is {img_size}")
+        if labels is not None:
+            if labels.ndim != 1 or len(labels) != len(a) or not np.issubdtype(labels.dtype, np.integer):
+                raise ValueError(f"{path}: labels must be {len(a)} integers, got {labels.dtype} {labels.shape}")
+            if len(labels) and labels.min() < 0:
+                raise ValueError(f"{path}: labels must be >= 0, got {labels.min()}")
+        self.targets = np.zeros(len(a), np.int64) if labels is None else labels.astype(np.int64)
+        self.num_classes = 0 if labels is None or not len(labels) else int(labels.max()) + 1
+        self._len = len(a)
+
+    def __getstate__(self):
+        # a memmap is reopened lazily in each worker: pickling it would copy the whole array
+        return {**self.__dict__, '_arr': None} if not self.path.endswith('.npz') else self.__dict__
+
+    def __len__(self):
+        return self._len
+
+    def __getitem__(self, i):
+        if self._arr is None:
+            self._arr = np.load(self.path, mmap_mode='r')
+        return torch.from_numpy(np.array(self._arr[i])).permute(2, 0, 1).contiguous(), int(self.targets[i])
+
+
+def _identity(x):
+    return x
+
+
+class _Indexed(Dataset):
+    """(i, uint8 (H,W,3) or None, label) per file, so pack can read in workers and still count failures."""
+
+    def __init__(self, ds):
+        self.ds = ds
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, i):
+        return i, self.ds.load(i), int(self.ds.targets[i])
+
+
+def pack(src_dir: str, out: str, img_size: int, num_workers: int = 0) -> None:
+    """Centre-crop an image folder into one .npy (memory-mapped, labels in X.labels.npy) or ADM .npz, atomically."""
+    if not out.endswith(('.npy', '.npz')):
+        raise ValueError(f"pack output {out!r}: must end in .npy or .npz")
+    ds = ImageFolder(src_dir, img_size)
+    n, shape, tmp = len(ds), (len(ds), img_size, img_size, 3), f"{out}.tmp{os.getpid()}"
+    # .npy is written through a memmap so ImageNet never has to fit in RAM
+    images = (np.lib.format.open_memmap(tmp, 'w+', np.uint8, shape) if out.endswith('.npy')
+              else np.empty(shape, np.uint8))
+    labels, bad = ds.targets.copy(), []
+    for i, arr, _ in DataLoader(_Indexed(ds), batch_size=None, num_workers=num_workers, collate_fn=_identity):
+        if arr is None:
+            bad.append(i)
+        else:
+            images[i] = arr
+        if (i + 1) % 10000 == 0:
+            print(f"packed {i + 1}/{n}")
+    if len(bad) == n:
+        raise RuntimeError(f"pack: no image in {src_dir!r} could be read")
+    # unreadable rows get ImageFolder's substitute (next readable file, its label), so the packed array serves
+    # exactly what the folder would, item for item, and training from either gives the same batches
+    ok = np.setdiff1d(np.arange(n), bad)
+    for i in bad:
+        j = ok[np.searchsorted(ok, i) % len(ok)]
+        images[i], labels[i] = images[j], labels[j]
+    if out.endswith('.npy'):
+        images.flush()
+        del images  # close the memmap before renaming
+        with open(tmp + '.labels', 'wb') as f:
+            np.save(f, labels)
+        os.replace(tmp + '.labels', labels_path(out))  # labels first, so an existing X.npy always has them
+    else:
+        with open(tmp, 'wb') as f:
+            np.savez(f, arr_0=images, arr_1=labels)
+    os.replace(tmp, out)
+    print(f"packed {n} images of {img_size}x{img_size} from {src_dir} into {out}; {len(bad)} unreadable"
+          + (" (each replaced by the next readable file)" if bad else ""))
+    for i in bad:
+        print(f"  unreadable: {ds.files[i]}")
+
+# -----------------------------------------------------------------------------
+# deterministic, sharded, resumable loading
+
+
+def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """The dataset order of one epoch; the same on every rank."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(_hash_seed('perm', seed, epoch)))
+
+
+def epoch_flips(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """Per-index horizontal flip decisions of one epoch (bool (n,)), independent of the order and of the rank."""
+    return torch.rand(n, generator=torch.Generator().manual_seed(_hash_seed('flip', seed, epoch))) < 0.5
+
+
+class _BatchSampler:
+    """Endless [(index, flip), ...] for this rank, starting at (epoch, step)."""
+
+    def __init__(self, n, global_batch, rank, world_size, seed, flip, epoch, step):
+        self.n, self.B, self.b, self.rank = n, global_batch, global_batch // world_size, rank
+        self.seed, self.flip, self.epoch, self.step = seed, flip, epoch, step
+
+    def __iter__(self):
+        epoch, step = self.epoch, self.step
+        while True:
+            perm = epoch_permutation(self.n, self.seed, epoch)
+            flips = epoch_flips(self.n, self.seed, epoch) if self.flip else torch.zeros(self.n, dtype=torch.bool)
+            for s in range(step, self.n // self.B):
+                start = s * self.B + self.rank * self.b
+                idx = perm[start:start + self.b]
+                yield list(zip(idx.tolist(), flips[idx].tolist()))
+            epoch, step = epoch + 1, 0
+
+
+class _Flippable(Dataset):
+    """dataset[(i, flip)] -> the item, mirrored left-right if flip."""
+
+    def __init__(self, ds):
+        self.ds = ds
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, key):
+        i, flip = key
+        x, y = self.ds[i]
+        return (x.flip(-1) if flip else x), y
+
+
+def _collate(items):
+    """uint8 images -> float32 in [-1, 1] inside the worker, so pinned memory holds the final tensor."""
+    x = torch.stack([x for x, _ in items]).float() / 127.5 - 1
+    return x, torch.tensor([y for _, y in items], dtype=torch.int64)
+
+
+class Loader:
+    """Endless iterator over this rank's share of deterministic global batches; state_dict() resumes exactly."""
+
+    def __init__(self, dataset, global_batch: int, rank: int = 0, world_size: int = 1, seed: int = 0,
+                 num_workers: int = 0, pin_memory: bool = False, flip: bool = False):
+        if global_batch <= 0 or global_batch % world_size:
+            raise ValueError(f"--batch_size {global_batch} must be a positive multiple of the world size {world_size}")
+        if len(dataset) < global_batch:
+            raise ValueError(f"--batch_size {global_batch} is larger than the dataset ({len(dataset)} items)")
+        self.dataset, self.global_batch, self.rank, self.world_size = dataset, global_batch, rank, world_size
+        self.seed, self.num_workers, self.pin_memory, self.flip = seed, num_workers, pin_memory, flip
+        self.steps_per_epoch = len(dataset) // global_batch  # drop_last: every step has a full global batch
+        self.epoch, self.step = 0, 0
+        self._it = None
+
+    def state_dict(self) -> dict:
+        return {'epoch': self.epoch, 'step': self.step}
+
+    def load_state_dict(self, d) -> None:
+        epoch, step = int(d['epoch']), int(d['step'])
+        self.epoch, self.step = epoch + step // self.steps_per_epoch, step % self.steps_per_epoch
+        self._it = None  # drop prefetched batches (and workers); restart at the new position
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self._it is None:
+            sampler = _BatchSampler(len(self.dataset), self.global_batch, self.rank, self.world_size,
+                                    self.seed, self.flip, self.epoch, self.step)
+            self._it = iter(DataLoader(_Flippable(self.dataset), batch_sampler=sampler, collate_fn=_collate,
+                                       num_workers=self.num_workers, pin_memory=self.pin_memory))
+        batch = next(self._it)
+        self.step += 1
+        if self.step == self.steps_per_epoch:
+            self.epoch, self.step = self.epoch + 1, 0
+        return batch
+
+# -----------------------------------------------------------------------------
+# command line
+
+
+def save_grid(ds, out: str, per_class: int = 10, max_classes: int = 10, scale: int = 1) -> None:
+    """A PNG with one row per class (first items of each class), or the first items if unlabelled."""
+    k = max(1, min(ds.num_classes, max_classes))
+    rows = [np.flatnonzero(ds.targets == c)[:per_class] if ds.num_classes else
+            np.arange(c * per_class, min(len(ds), (c + 1) * per_class)) for c in range(k)]
+    S = ds.img_size
+    grid = np.zeros((k * S, per_class * S, 3), np.uint8)
+    for r, idx in enumerate(rows):
+        for c, i in enumerate(idx):
+            grid[r * S:(r + 1) * S, c * S:(c + 1) * S] = ds[int(i)][0].permute(1, 2, 0).numpy()
+    img = Image.fromarray(grid)
+    img.resize((img.width * scale, img.height * scale), Image.NEAREST).save(out)
+    print(f"wrote {out} ({k} classes x {per_class})")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest='cmd', required=True)
+    s = sub.add_parser('show', help='save a grid of dataset images, one row per class')
+    s.add_argument('--data', default='digits', help="'digits', an image folder, or a .npz/.npy file")
+    s.add_argument('--img_size', type=int, default=16, help='image side in pixels')
+    s.add_argument('--split', default='train', help="digits split: 'train' or 'val'")
+    s.add_argument('--per_class', type=int, default=10, help='images per row')
+    s.add_argument('--scale', type=int, default=4, help='nearest-neighbour upscaling of the PNG, for viewing')
+    s.add_argument('--out', default='grid.png', help='output PNG path')
+    k = sub.add_parser('pack', help='centre-crop an image folder into one .npy (or ADM .npz) file')
+    k.add_argument('src', help='image folder in ImageNet layout: SRC/<class>/<image>')
+    k.add_argument('out', help='output .npy (labels go to OUT.labels.npy) or .npz (arr_0, arr_1)')
+    k.add_argument('--img_size', type=int, default=64, help='output side in pixels')
+    k.add_argument('--workers', type=int, default=0, help='decoding processes (0 = in this process)')
+    a = p.parse_args()
+    if a.cmd == 'show':
+        save_grid(build_dataset(a.data, a.img_size, a.split), a.out, a.per_class, scale=a.scale)
+    else:
+        pack(a.src, a.out, a.img_size, a.workers)
+
+
+if __name__ == '__main__':
+    main()

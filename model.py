@@ -1,0 +1,746 @@
+"""
+TarFlow (the forward model F: data -> noise) and BiFlow (a learned, non-causal reverse model G ~ F^-1: noise -> data)
+in one file. No file I/O beyond state dicts and no distributed code: train.py, sample.py and bench.py drive this.
+
+    from model import TarFlow, FlowConfig, PRESETS
+    F = TarFlow(PRESETS['cpu'])
+    z, logdet, traj = F(x, y)                       # x (B, 3, H, W) in [-1, 1] plus noise; z (B, N, d) tokens
+    loss = F.nll(x, y).mean()                       # exact negative log-likelihood, nats per dimension
+    img = F.sample(labels, guidance=1.0, denoise=True)   # exact inverse, token by token, then Tweedie denoising
+
+Papers: TarFlow, "Normalizing Flows are Capable Generative Models" (Zhai et al., ICML 2025);
+BiFlow, "Bidirectional Normalizing Flow: From Data to Noise and Back" (Lu et al., 2025).
+"""
+import math
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Configs and presets
+
+
+@dataclass
+class FlowConfig:
+    """The forward model. Names follow the paper's [P-Ch-T-K-sigma] table."""
+    img_size: int = 16
+    in_channels: int = 3
+    patch_size: int = 2         # P
+    channels: int = 128         # Ch: transformer width D
+    num_blocks: int = 4         # T: autoregressive flows, alternating token order
+    layers_per_block: int = 4   # K: causal transformer layers in each flow
+    head_dim: int = 64
+    num_classes: int = 10       # 0 = unconditional
+    noise_std: float = 0.05     # sigma of the Gaussian noise the model is trained on; Tweedie denoising needs it
+    norm_clip: float = 0.0      # > 0: alpha, mu = c*tanh(./c) (BiFlow's forward norm control); 0 = TarFlow exactly
+
+    @property
+    def token_dim(self):
+        return self.in_channels * self.patch_size ** 2
+
+    @property
+    def num_tokens(self):
+        return (self.img_size // self.patch_size) ** 2
+
+
+@dataclass
+class ReverseConfig:
+    """The reverse model G of BiFlow. Geometry and classes are copied from the forward model it inverts."""
+    img_size: int = 16
+    in_channels: int = 3
+    patch_size: int = 2
+    num_classes: int = 10
+    num_blocks: int = 4         # one layer group (and one alignment head) per forward flow block
+    channels: int = 128
+    layers_per_block: int = 2   # transformer layers in each group
+    denoise_layers: int = 2     # the extra block that maps the noisy x to the clean x (learned denoising)
+    head_dim: int = 64
+    align: str = 'hidden'       # 'hidden' (BiFlow, Eq. 2) | 'distill' (hidden states forced to token space) | 'naive'
+    denoise: str = 'learned'    # 'learned' (extra block, clean target) | 'score' (Tweedie with F at sampling) | 'none'
+    norm: bool = True           # reverse-side norm control: compare states after dividing by the target's RMS
+    guidance: str = 'train'     # 'train': w is an input and one pass gives the guided sample (Eq. 5) | 'inference'
+
+
+def config_from_dict(cls, d):
+    """Rebuild a dataclass config from the plain dict stored in a checkpoint; unknown keys are an error."""
+    names = {f.name for f in fields(cls)}
+    unknown = set(d) - names
+    if unknown:
+        raise ValueError(f'{cls.__name__}: unknown config keys {sorted(unknown)}')
+    return cls(**d)
+
+
+# The seed's ImageNet 64 table [P-Ch-T-K-sigma] and the other reference runs, plus a preset that trains on a CPU.
+PRESETS = {
+    'cpu': FlowConfig(16, 3, 2, 96, 4, 2, 32, 10, 0.05),                # a few minutes on a laptop CPU
+    'imagenet64': FlowConfig(64, 3, 2, 768, 8, 8, 64, 1000, 0.05),        # 2-768-8-8-0.05, FID 2.90
+    'imagenet64-1024': FlowConfig(64, 3, 2, 1024, 8, 8, 64, 1000, 0.05),  # 2-1024-8-8-0.05, FID 2.66
+    'imagenet64-p4': FlowConfig(64, 3, 4, 1024, 8, 8, 64, 1000, 0.05),    # 4-1024-8-8-0.05, FID 3.99
+    'imagenet128': FlowConfig(128, 3, 4, 1024, 8, 8, 64, 1000, 0.15),     # 4-1024-8-8-0.15
+    'afhq256': FlowConfig(256, 3, 8, 768, 8, 8, 64, 3, 0.07),             # 8-768-8-8-0.07 (Apple's released weights)
+}
+# Reverse models by the same names. The CPU one is sized like its forward model; the others follow BiFlow-B (width
+# 768, 12 heads) with one 2-layer group per forward block plus a 2-layer denoiser (choices, see README).
+REVERSE_PRESETS = {'cpu': dict(channels=128, layers_per_block=2, denoise_layers=2)}
+for _name in PRESETS:
+    REVERSE_PRESETS.setdefault(_name, dict(channels=768, layers_per_block=2, denoise_layers=2))
+
+
+def reverse_config_for(fcfg: FlowConfig, preset: str = 'cpu', **overrides) -> ReverseConfig:
+    """A reverse config whose geometry matches the forward model fcfg."""
+    kw = dict(REVERSE_PRESETS[preset])
+    kw.update(img_size=fcfg.img_size, in_channels=fcfg.in_channels, patch_size=fcfg.patch_size,
+              num_classes=fcfg.num_classes, num_blocks=fcfg.num_blocks)
+    kw.update(overrides)
+    return ReverseConfig(**kw)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Transformer pieces, shared by both models
+
+
+def patchify(x, p):
+    """(B, C, H, W) -> (B, N, C*p*p) in unfold order: channel-major inside a patch, raster order over patches."""
+    return F.unfold(x, p, stride=p).transpose(1, 2)
+
+
+def unpatchify(t, p, size):
+    """Inverse of patchify: (B, N, C*p*p) -> (B, C, H, W)."""
+    return F.fold(t.transpose(1, 2), size, p, stride=p)
+
+
+class LayerNorm32(nn.LayerNorm):
+    """LayerNorm computed in fp32 (also under bf16 autocast), returned in the input's dtype."""
+
+    def forward(self, x):
+        w = None if self.weight is None else f32(self.weight)
+        b = None if self.bias is None else f32(self.bias)
+        return F.layer_norm(f32(x), self.normalized_shape, w, b, self.eps).type_as(x)
+
+
+def f32(x):
+    """Upcast bf16/fp16 to fp32 for the flow's critical math; fp32 and float64 pass unchanged."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+def modulate(x, shift, scale):
+    """adaLN: x * (1 + scale) + shift, with (B, 1, D) modulation broadcast over tokens."""
+    return x * (1 + scale) + shift
+
+
+class Attention(nn.Module):
+    """Pre-norm multi-head self-attention. Key names match Apple's ml-tarflow (norm, qkv, proj)."""
+
+    def __init__(self, dim, head_dim):
+        super().__init__()
+        assert dim % head_dim == 0, f'width {dim} is not a multiple of head_dim {head_dim}'
+        self.norm = LayerNorm32(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.num_heads, self.head_dim = dim // head_dim, head_dim
+
+    def forward(self, x, causal=False, temp=None, cache=None, pos=0, mod=None):
+        """x (B, T, D). temp (B,) scales the logits by 1/temp per sample (TarFlow's attention-temperature guidance).
+        cache: a dict that holds preallocated keys/values (B, H, N, hd); the T new tokens are written at
+        positions [pos, pos+T) and attend to everything cached up to them (used token by token when inverting)."""
+        B, T, D = x.shape
+        h = self.norm(x)
+        if mod is not None:
+            h = modulate(h, *mod)
+        q, k, v = self.qkv(h).reshape(B, T, 3 * self.num_heads, self.head_dim).transpose(1, 2).chunk(3, dim=1)
+        if temp is not None:
+            q = q / temp.view(B, 1, 1, 1).to(q.dtype)
+        if cache is not None:
+            if 'k' not in cache:  # allocate once per sequence: no concatenation, no reallocation per token
+                shape = (B, self.num_heads, cache['len'], self.head_dim)
+                cache['k'], cache['v'] = k.new_empty(shape), v.new_empty(shape)
+            cache['k'][:, :, pos:pos + T] = k
+            cache['v'][:, :, pos:pos + T] = v
+            k, v = cache['k'][:, :, :pos + T], cache['v'][:, :, :pos + T]
+            causal = causal and T > 1  # a single new token may see the whole prefix
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=causal)  # (B, H, T, hd); flash/efficient kernels on GPU
+        return self.proj(y.transpose(1, 2).reshape(B, T, D))
+
+
+class MLP(nn.Module):
+    """Pre-norm MLP, ratio 4, exact GELU. Key names match ml-tarflow (norm, main.0, main.2)."""
+
+    def __init__(self, dim, ratio=4):
+        super().__init__()
+        self.norm = LayerNorm32(dim)
+        self.main = nn.Sequential(nn.Linear(dim, ratio * dim), nn.GELU(), nn.Linear(ratio * dim, dim))
+
+    def forward(self, x, mod=None):
+        h = self.norm(x)
+        return self.main(h if mod is None else modulate(h, *mod))
+
+
+class AttentionBlock(nn.Module):
+    """One transformer layer of a TarFlow block (causal, no conditioning inside)."""
+
+    def __init__(self, dim, head_dim):
+        super().__init__()
+        self.attention = Attention(dim, head_dim)
+        self.mlp = MLP(dim)
+
+    def forward(self, x, temp=None, cache=None, pos=0):
+        x = x + self.attention(x, causal=True, temp=temp, cache=cache, pos=pos)
+        return x + self.mlp(x)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The forward model: TarFlow
+
+
+class MetaBlock(nn.Module):
+    """One autoregressive affine flow: z_i = (x_i - mu(x_<i)) * exp(-alpha(x_<i)), z_0 = x_0, in its own token order."""
+
+    def __init__(self, cfg: FlowConfig, flip: bool):
+        super().__init__()
+        D, d, N = cfg.channels, cfg.token_dim, cfg.num_tokens
+        self.flip, self.clip = flip, cfg.norm_clip
+        self.proj_in = nn.Linear(d, D)
+        self.pos_embed = nn.Parameter(torch.randn(N, D) * 1e-2)
+        if cfg.num_classes:
+            self.class_embed = nn.Parameter(torch.randn(cfg.num_classes, 1, D) * 1e-2)
+        self.attn_blocks = nn.ModuleList(AttentionBlock(D, cfg.head_dim) for _ in range(cfg.layers_per_block))
+        self.proj_out = nn.Linear(D, 2 * d)
+        self.proj_out.weight.data.zero_()  # as TarFlow: each flow starts as a per-channel affine map (bias kept)
+
+    def permute(self, x, dim=1):
+        """Identity for even blocks, reversed token order for odd ones (its own inverse)."""
+        return x.flip(dim) if self.flip else x
+
+    def condition(self, y):
+        """Class embedding added to every token: (B, 1, D). Label -1 (dropped) or y=None uses the mean embedding."""
+        if not hasattr(self, 'class_embed'):
+            return 0.
+        null = self.class_embed.mean(0, keepdim=True)  # (1, 1, D)
+        if y is None:
+            return null
+        return torch.where((y < 0).view(-1, 1, 1), null, self.class_embed[y.clamp(min=0)])
+
+    def affine(self, h):
+        """Split the output projection into (alpha, mu) in fp32, with the optional norm control c*tanh(./c)."""
+        alpha, mu = f32(h).chunk(2, dim=-1)
+        if self.clip > 0:
+            alpha, mu = self.clip * torch.tanh(alpha / self.clip), self.clip * torch.tanh(mu / self.clip)
+        return alpha, mu
+
+    def params(self, xp, y=None, temp=None):
+        """alpha, mu (B, N, d) for every token of xp (already in this block's order), in parallel."""
+        h = self.proj_in(xp) + self.permute(self.pos_embed, dim=0) + self.condition(y)  # (B, N, D); pos moves with its patch
+        for layer in self.attn_blocks:
+            h = layer(h, temp=temp)
+        h = self.proj_out(h)                                 # (B, N, 2d): output i predicts token i+1
+        h = torch.cat([torch.zeros_like(h[:, :1]), h[:, :-1]], dim=1)  # shift: token i depends on tokens < i only
+        return self.affine(h)
+
+    def forward(self, x, y=None, temp=None):
+        """x (B, N, d) in raster order -> z (B, N, d) in raster order and log|det dz/dx| (B,), all in parallel."""
+        xp = self.permute(x)
+        alpha, mu = self.params(xp, y, temp)
+        z = (f32(xp) - mu) * torch.exp(-alpha)
+        return self.permute(z), -alpha.sum(dim=(1, 2))
+
+    @torch.no_grad()
+    def reverse(self, z, y=None, guidance=0.0, ramp=False, attn_temp=1.0):
+        """Exact inverse, token by token with a KV cache. With guidance, the conditional and unconditional (null
+        label, attention temperature attn_temp) streams run as one batch of 2B and alpha, mu are extrapolated."""
+        B, N, _ = z.shape
+        x = f32(self.permute(z)).clone()   # (B, N, d): token i is final once step i-1 has written it
+        pos = self.permute(self.pos_embed, dim=0)
+        guided = guidance != 0
+        temp = None
+        if guided:
+            y = None if y is None else torch.cat([y, torch.full_like(y, -1)])
+            if attn_temp != 1.0:
+                temp = torch.cat([torch.ones(B, device=z.device), torch.full((B,), attn_temp, device=z.device)])
+        cond = self.condition(y)
+        caches = [{'len': N} for _ in self.attn_blocks]
+        for i in range(N - 1):
+            t = x[:, i:i + 1]
+            h = self.proj_in(torch.cat([t, t]) if guided else t) + pos[i:i + 1] + cond   # (B or 2B, 1, D)
+            for layer, cache in zip(self.attn_blocks, caches):
+                h = layer(h, temp=temp, cache=cache, pos=i)
+            alpha, mu = self.affine(self.proj_out(h))         # (B or 2B, 1, d), for token i+1
+            if guided:
+                g = guidance * (i + 1) / (N - 1) if ramp else guidance   # the ramp grows linearly over positions
+                (ac, au), (mc, mu_u) = alpha.chunk(2), mu.chunk(2)
+                alpha, mu = ac + g * (ac - au), mc + g * (mc - mu_u)
+            x[:, i + 1:i + 2] = x[:, i + 1:i + 2] * torch.exp(alpha) + mu
+        return self.permute(x)
+
+
+class TarFlow(nn.Module):
+    """A stack of T autoregressive affine flows; block 0 is next to the data, block T-1 next to the noise."""
+
+    def __init__(self, cfg: FlowConfig):
+        super().__init__()
+        assert cfg.img_size % cfg.patch_size == 0, 'img_size must be a multiple of patch_size'
+        self.cfg = cfg
+        self.blocks = nn.ModuleList(MetaBlock(cfg, flip=t % 2 == 1) for t in range(cfg.num_blocks))
+
+    def forward(self, x, y=None, temp=None):
+        """x (B, C, H, W) -> z (B, N, d), log|det| summed over dimensions (B,), trajectory [x^0, x^1, ..., z]."""
+        h = patchify(f32(x), self.cfg.patch_size)
+        traj, logdet = [h], 0.
+        for block in self.blocks:
+            h, ld = block(h, y, temp)
+            traj.append(h)
+            logdet = logdet + ld
+        return h, logdet, traj
+
+    def nll(self, x, y=None):
+        """Negative log-likelihood per dimension in nats, without the constant 0.5*log(2*pi): (B,).
+        Equals TarFlow's loss 0.5*mean(z^2) - mean(logdet) when averaged over the batch."""
+        z, logdet, _ = self(x, y)
+        return self.nll_from(z, logdet)
+
+    @staticmethod
+    def nll_from(z, logdet):
+        """nll() from the outputs of forward(): (0.5*|z|^2 - log|det|) / dimensions, per sample (B,)."""
+        return (0.5 * f32(z).pow(2).sum(dim=(1, 2)) - logdet) / z[0].numel()
+
+    @staticmethod
+    def bits_per_dim(nll):
+        """Discrete bits/dim from nll(): add the Gaussian constant and log(128) for bins of width 2/256 in [-1, 1]."""
+        return (nll + 0.5 * math.log(2 * math.pi) + math.log(128)) / math.log(2)
+
+    @torch.no_grad()
+    def reverse(self, z, y=None, guidance=0.0, ramp=False, attn_temp=1.0):
+        """z (B, N, d) -> the noisy image (B, C, H, W): invert block T-1 first."""
+        x = f32(z)
+        for block in reversed(self.blocks):
+            x = block.reverse(x, y, guidance, ramp, attn_temp)
+        return unpatchify(x, self.cfg.patch_size, self.cfg.img_size)
+
+    def score(self, x, y=None):
+        """grad_x log p(x) in fp32 (autocast off): the gradient of the summed log-density, so no mean to undo."""
+        with torch.enable_grad(), torch.autocast(x.device.type, enabled=False):
+            x = f32(x.detach()).requires_grad_(True)
+            z, logdet, _ = self(x, y)
+            logp = -0.5 * z.pow(2).sum() + logdet.sum()
+            return torch.autograd.grad(logp, x)[0]
+
+    def denoise(self, x, y=None, chunk=64):
+        """Tweedie / score-based denoising x + sigma^2 * grad log p(x), in chunks to bound activation memory."""
+        s2 = self.cfg.noise_std ** 2
+        ys = [None] * len(x.split(chunk)) if y is None else y.split(chunk)
+        return torch.cat([f32(xc) + s2 * self.score(xc, yc) for xc, yc in zip(x.split(chunk), ys)])
+
+    @torch.no_grad()
+    def sample(self, y=None, n=None, guidance=0.0, ramp=False, attn_temp=1.0, denoise=True, generator=None, z=None):
+        """Draw z ~ N(0, I), invert exactly, optionally denoise. Class-conditional: pass labels y (B,)."""
+        c = self.cfg
+        if z is None:
+            n = len(y) if y is not None else n
+            device = next(self.parameters()).device
+            z = torch.randn(n, c.num_tokens, c.token_dim, generator=generator, device=device)
+        x = self.reverse(z, y, guidance, ramp, attn_temp)
+        return self.denoise(x, y) if denoise else x
+
+
+def load_ml_tarflow(state_dict, noise_std=0.05, norm_clip=0.0) -> TarFlow:
+    """Build a TarFlow from a state dict saved by Apple's ml-tarflow, inferring the config from tensor shapes.
+    The buffers 'var' (prior variance; all ones in the NVP models) and 'attn_mask' are not needed here."""
+    sd = {k.removeprefix('module.'): v for k, v in state_dict.items()}
+    if 'blocks.0.proj_in.weight' not in sd:
+        raise ValueError('not an ml-tarflow state dict: no key blocks.0.proj_in.weight')
+    T = sum(1 for k in sd if k.endswith('.proj_in.weight'))
+    K = sum(1 for k in sd if k.startswith('blocks.0.attn_blocks.') and k.endswith('.attention.qkv.weight'))
+    D, d = sd['blocks.0.proj_in.weight'].shape
+    N = sd['blocks.0.pos_embed'].shape[0]
+    if sd['blocks.0.proj_out.weight'].shape[0] != 2 * d:
+        raise ValueError('ml-tarflow VP models (nvp=False) are not supported: proj_out has no log-scale rows')
+    if 'var' in sd and not torch.all(sd['var'] == 1):
+        raise ValueError('ml-tarflow state dict has a learned prior variance (VP mode), which is not supported')
+    C = 3 if d % 3 == 0 else 1
+    p = math.isqrt(d // C)
+    side = math.isqrt(N)
+    ncls = sd['blocks.0.class_embed'].shape[0] if 'blocks.0.class_embed' in sd else 0
+    if p * p * C != d or side * side != N or D % 64:
+        raise ValueError(f'cannot infer an ml-tarflow config from token dim {d}, {N} tokens, width {D}')
+    cfg = FlowConfig(img_size=side * p, in_channels=C, patch_size=p, channels=D, num_blocks=T, layers_per_block=K,
+                     head_dim=64, num_classes=ncls, noise_std=noise_std, norm_clip=norm_clip)
+    model = TarFlow(cfg)
+    model.load_state_dict({k: v for k, v in sd.items() if k != 'var' and not k.endswith('attn_mask')}, strict=True)
+    return model
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The reverse model: BiFlow
+
+
+class ReverseBlock(nn.Module):
+    """A bidirectional transformer layer conditioned through adaLN-zero on c = class + guidance-scale embedding."""
+
+    def __init__(self, dim, head_dim):
+        super().__init__()
+        self.attention = Attention(dim, head_dim)
+        self.mlp = MLP(dim)
+        self.ada = nn.Linear(dim, 6 * dim)
+        nn.init.zeros_(self.ada.weight)
+        nn.init.zeros_(self.ada.bias)  # zero gates: every layer starts as the identity
+
+    def forward(self, x, c):
+        s1, k1, g1, s2, k2, g2 = self.ada(F.silu(c)).unsqueeze(1).chunk(6, dim=-1)  # each (B, 1, D)
+        x = x + g1 * self.attention(x, mod=(s1, k1))
+        return x + g2 * self.mlp(x, mod=(s2, k2))
+
+
+class BiFlow(nn.Module):
+    """G: z tokens -> clean image tokens in one pass. Layer group g stands for the inverse of forward block T-1-g; its
+    projection head phi_g maps the hidden state to token space, where it is aligned with the forward state x^{T-1-g}
+    (hidden alignment, Eq. 2). With learned denoising an extra group then maps the noisy x^0 to the clean image."""
+
+    def __init__(self, cfg: ReverseConfig):
+        super().__init__()
+        assert cfg.align in ('hidden', 'distill', 'naive'), f'align: {cfg.align}'
+        assert cfg.denoise in ('learned', 'score', 'none'), f'denoise: {cfg.denoise}'
+        assert cfg.guidance in ('train', 'inference'), f'guidance: {cfg.guidance}'
+        self.cfg = cfg
+        D, d, N = cfg.channels, cfg.in_channels * cfg.patch_size ** 2, (cfg.img_size // cfg.patch_size) ** 2
+        self.proj_in = nn.Linear(d, D)
+        self.pos_embed = nn.Parameter(torch.randn(1, N, D) * 0.02)
+        self.class_embed = nn.Embedding(cfg.num_classes + 1, D)  # the last row is the null class
+        self.w_embed = nn.Sequential(nn.Linear(1, D), nn.SiLU(), nn.Linear(D, D))
+        self.groups = nn.ModuleList(nn.ModuleList(ReverseBlock(D, cfg.head_dim) for _ in range(cfg.layers_per_block))
+                                    for _ in range(cfg.num_blocks))
+        # Groups whose state has a target other than the final output: all T with learned denoising (the last one
+        # targets the noisy x^0), else T-1 (the last group's state becomes the output itself).
+        self.num_aligned = cfg.num_blocks if cfg.denoise == 'learned' else cfg.num_blocks - 1
+        n_heads = 0 if cfg.align == 'naive' else self.num_aligned
+        self.heads = nn.ModuleList(nn.Linear(D, d) for _ in range(n_heads))
+        # Hidden distillation pushes the state itself through token space: phi_g, then back up to width D.
+        self.reproj = nn.ModuleList(nn.Linear(d, D) for _ in range(n_heads if cfg.align == 'distill' else 0))
+        self.denoiser = nn.ModuleList(ReverseBlock(D, cfg.head_dim)
+                                      for _ in range(cfg.denoise_layers if cfg.denoise == 'learned' else 0))
+        self.final_norm = LayerNorm32(D, elementwise_affine=False)
+        self.final_ada = nn.Linear(D, 2 * D)
+        self.final = nn.Linear(D, d)
+        for lin in (self.final_ada, self.final):
+            nn.init.zeros_(lin.weight)
+            nn.init.zeros_(lin.bias)
+
+    def condition(self, y, w):
+        """(B, D) conditioning vector from labels y (-1 or None: null class) and guidance scales w (B,)."""
+        null = self.cfg.num_classes
+        y = torch.full_like(w, null, dtype=torch.long) if y is None else torch.where(y < 0, null, y)
+        return self.class_embed(y) + self.w_embed(w.float().view(-1, 1))
+
+    def forward(self, z, y=None, w=None, cfg_infer=0.0):
+        """z (B, N, d) -> predictions in token space: [phi_0(h), ..., phi_{A-1}(h), output] with A = num_aligned
+        (fewer for 'naive'), prediction g aligned with forward state x^{T-1-g}. cfg_infer > 0: inference-time CFG
+        (Eq. 4), the conditional and null streams run as one batch and are combined after every layer group."""
+        B = z.shape[0]
+        w = torch.zeros(B, device=z.device) if w is None else w.to(z.device).float().expand(B)
+        c = self.condition(y, w)
+        h = self.proj_in(z) + self.pos_embed                        # (B, N, D)
+        if cfg_infer:
+            h = torch.cat([h, h])
+            c = torch.cat([c, self.condition(None, torch.zeros_like(w))])
+
+        def guide(h):
+            if not cfg_infer:
+                return h
+            hc, hu = h.chunk(2)
+            hg = (1 + cfg_infer) * hc - cfg_infer * hu
+            return torch.cat([hg, hg])
+
+        preds = []
+        for g, group in enumerate(self.groups):
+            for layer in group:
+                h = layer(h, c)
+            h = guide(h)
+            if g < len(self.heads):
+                p = self.heads[g](h)                                  # (B, N, d): compared with x^{T-1-g}
+                preds.append(p[:B])
+                if self.reproj:
+                    h = self.reproj[g](p) + self.pos_embed
+        for layer in self.denoiser:
+            h = layer(h, c)
+        h = guide(h)
+        shift, scale = self.final_ada(F.silu(c)).unsqueeze(1).chunk(2, dim=-1)
+        preds.append(self.final(modulate(self.final_norm(h), shift, scale))[:B])
+        return preds
+
+    def decode(self, z, y=None, w=None, cfg_infer=0.0, forward_model=None):
+        """One pass from z (B, N, d) to an image (B, C, H, W); score denoising needs the forward model."""
+        c = self.cfg
+        x = unpatchify(self(z, y, w, cfg_infer)[-1].float(), c.patch_size, c.img_size)
+        if c.denoise == 'score':
+            if forward_model is None:
+                raise ValueError("this reverse model was trained with denoise='score': pass forward_model")
+            x = forward_model.denoise(x, y)
+        return x
+
+
+@torch.no_grad()
+def inpaint(G: BiFlow, forward_model: TarFlow, x, redraw, y, noise, w=0.0, eps=None):
+    """Training-free inpainting (Eq. 6): z' = M * F(x) + (1 - M) * noise, decoded in one pass. x (B, C, H, W), redraw
+    (B, 1, H, W) True where pixels are to be regenerated; a token is kept only if none of its pixels is. -> (x', z')"""
+    fc = forward_model.cfg
+    eps = torch.randn_like(x) if eps is None else eps
+    z, _, _ = forward_model(x + fc.noise_std * eps, y)
+    keep = ~patchify(redraw.float(), fc.patch_size).bool().any(-1, keepdim=True)   # (B, N, 1)
+    z = torch.where(keep, z, noise)
+    return G.decode(z, y, torch.full((len(z),), float(w), device=z.device), forward_model=forward_model), z
+
+
+@torch.no_grad()
+def edit(G: BiFlow, forward_model: TarFlow, x, y_src, y_dst, w=0.0, eps=None):
+    """Class editing: encode x with its class y_src, decode the same noise with class y_dst."""
+    eps = torch.randn_like(x) if eps is None else eps
+    z, _, _ = forward_model(x + forward_model.cfg.noise_std * eps, y_src)
+    return G.decode(z, y_dst, torch.full((len(z),), float(w), device=z.device), forward_model=forward_model)
+
+
+def align_targets(G: BiFlow, traj, clean):
+    """The forward states G's predictions are compared with: x^{T-1}, ..., then the clean (learned denoising) or
+    noisy x^0 for the output. traj = [x^0 (noisy), x^1, ..., x^T = z] in token space."""
+    T = len(traj) - 1
+    targets = [traj[T - 1 - g] for g in range(len(G.heads))]
+    return targets + [clean if G.cfg.denoise == 'learned' else traj[0]]
+
+
+def state_distance(pred, target, normalize):
+    """Per-sample MSE (B,); with norm control both states are divided by the target's RMS first."""
+    d = (pred.float() - target.float()).pow(2).mean(dim=(1, 2))
+    return d / (target.float().pow(2).mean(dim=(1, 2)) + 1e-6) if normalize else d
+
+
+def adaptive(d, c=0.01, p=1.0):
+    """BiFlow's adaptive weighting sg((D + c)^-p) * D, per sample: every term contributes about equally."""
+    return d / (d.detach() + c) ** p
+
+
+def reverse_loss(G: BiFlow, forward_model: TarFlow, x, y, w, eps, perceptual=None, weights=None, c=0.01, p=1.0):
+    """The stage-2 loss on a clean batch x (B, C, H, W) with labels y (-1 = dropped), guidance scales w (B,) and noise
+    eps. F is frozen: its whole trajectory comes from one parallel forward pass. Returns (loss, per-term means)."""
+    fc = forward_model.cfg
+    with torch.no_grad():
+        _, _, traj = forward_model(x + fc.noise_std * eps, y)
+    clean = patchify(x.float(), fc.patch_size)
+    preds = G(traj[-1], y, w)
+    if G.cfg.guidance == 'train' and bool((w > 0).any()):
+        # Eq. 5: the guided prediction, recombined with the null-class prediction, must equal the conditional state,
+        # i.e. G(z|c,w) = (1+w) x^i - w G(z|null) as classifier-free guidance would give.
+        with torch.no_grad():
+            uncond = G(traj[-1], torch.full_like(y, -1), torch.zeros_like(w))
+        wv = w.view(-1, 1, 1).float()
+        preds = [(pc + wv * pu) / (1 + wv) for pc, pu in zip(preds, uncond)]
+    targets = align_targets(G, traj, clean)
+    terms = {f'align{len(traj) - 2 - g}': state_distance(pr, t, G.cfg.norm) for g, (pr, t) in
+             enumerate(zip(preds[:-1], targets[:-1]))}
+    terms['out'] = state_distance(preds[-1], targets[-1], G.cfg.norm)
+    loss = sum(adaptive(d, c, p).mean() for d in terms.values())
+    if perceptual is not None:
+        size = (fc.img_size, fc.img_size)
+        img = unpatchify(preds[-1].float(), fc.patch_size, size[0])
+        for name, d in perceptual(img, x.float()).items():
+            terms[name] = d
+            loss = loss + (weights or {}).get(name, 1.0) * adaptive(d, c, p).mean()
+    return loss, {k: v.detach().mean() for k, v in terms.items()}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Perceptual losses (optional, stage 2): LPIPS-VGG and ConvNeXt-V2 features on paired random-resized crops
+
+PERCEPTUAL_HINTS = {  # where the weights come from, for the error messages
+    'vgg': "download torchvision's VGG16 weights: https://download.pytorch.org/models/vgg16-397923af.pth",
+    'lpips': "get LPIPS' v0.1 linear weights lpips/weights/v0.1/vgg.pth (in the `lpips` PyPI package, or "
+             "https://github.com/richzhang/PerceptualSimilarity/raw/master/lpips/weights/v0.1/vgg.pth)",
+    'convnext': "download ConvNeXt-V2-Base 22k 224: "
+                "https://dl.fbaipublicfiles.com/convnext/convnextv2/im22k/convnextv2_base_22k_224_ema.pt",
+}
+
+
+def _unit(f, eps=1e-10):
+    """Unit-normalise over channels; vector_norm's backward is 0 (not NaN) where a feature vector is all zero."""
+    return f / (torch.linalg.vector_norm(f, dim=1, keepdim=True) + eps)
+
+
+class LPIPS(nn.Module):
+    """LPIPS v0.1 with a VGG16 trunk; keys match torchvision `features.*` and lpips `lin{k}.model.1.weight`."""
+    CFG = [64, 64, 'M', 128, 128, 'M', 256, 256, 256, 'M', 512, 512, 512, 'M', 512, 512, 512]  # VGG16 up to relu5_3
+    TAPS = (3, 8, 15, 22, 29)  # indices of relu1_2, relu2_2, relu3_3, relu4_3, relu5_3 in torchvision's features
+    CHANNELS = (64, 128, 256, 512, 512)
+
+    def __init__(self):
+        super().__init__()
+        layers, c = [], 3
+        for v in self.CFG:
+            if v == 'M':
+                layers.append(nn.MaxPool2d(2, 2))
+            else:
+                layers += [nn.Conv2d(c, v, 3, padding=1), nn.ReLU()]
+                c = v
+        self.features = nn.Sequential(*layers)  # 30 modules, indices 0..29 as in torchvision
+        for k, ch in enumerate(self.CHANNELS):  # 1x1 conv to one channel; ModuleDict+Identity reproduce lpips'
+            # key lin{k}.model.1.weight (index 0 was a train-time Dropout)
+            self.add_module(f'lin{k}', nn.ModuleDict({'model': nn.Sequential(nn.Identity(), nn.Conv2d(ch, 1, 1, bias=False))}))
+        # ScalingLayer: maps [-1,1] inputs to (roughly) ImageNet-normalised ones
+        self.register_buffer('shift', torch.tensor([-.030, -.088, -.188]).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer('scale', torch.tensor([.458, .448, .450]).view(1, 3, 1, 1), persistent=False)
+        self.requires_grad_(False)
+
+    def forward(self, a, b):
+        """a, b: (B,3,H,W) in [-1,1] -> (B,) distances."""
+        x = (torch.cat([a, b]) - self.shift) / self.scale  # (2B,3,H,W), one trunk pass for both
+        d = 0
+        for i, layer in enumerate(self.features):
+            x = layer(x)
+            if i in self.TAPS:
+                fa, fb = _unit(x).chunk(2)
+                lin = getattr(self, f'lin{self.TAPS.index(i)}')['model']
+                d = d + lin((fa - fb) ** 2).mean((2, 3))  # (B,1): weighted channel sum, spatial mean
+        return d[:, 0]
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """LayerNorm over channels of a (B,C,H,W) tensor (the official 'channels_first' LayerNorm)."""
+    def forward(self, x):
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+class GRN(nn.Module):
+    """Global Response Normalisation on channels-last (B,H,W,C) input, official param names/shapes."""
+    def __init__(self, dim):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.zeros(1, 1, 1, dim))
+        self.beta = nn.Parameter(torch.zeros(1, 1, 1, dim))
+
+    def forward(self, x):
+        g = torch.linalg.vector_norm(x, dim=(1, 2), keepdim=True)  # (B,1,1,C) spatial L2 per channel
+        n = g / (g.mean(dim=-1, keepdim=True) + 1e-6)
+        return self.gamma * (x * n) + self.beta + x
+
+
+class Block(nn.Module):
+    """ConvNeXt-V2 block: dwconv7 -> LN -> MLP(4x) with GELU and GRN -> residual."""
+    def __init__(self, dim):
+        super().__init__()
+        self.dwconv = nn.Conv2d(dim, dim, 7, padding=3, groups=dim)
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.pwconv1 = nn.Linear(dim, 4 * dim)
+        self.grn = GRN(4 * dim)
+        self.pwconv2 = nn.Linear(4 * dim, dim)
+
+    def forward(self, x):  # (B,C,H,W)
+        y = self.norm(self.dwconv(x).permute(0, 2, 3, 1))  # (B,H,W,C)
+        y = self.pwconv2(self.grn(F.gelu(self.pwconv1(y))))
+        return x + y.permute(0, 3, 1, 2)
+
+
+class ConvNeXtV2(nn.Module):
+    """ConvNeXt-V2 trunk with the official key names; the classifier head is left out (22k classes, unused)."""
+    def __init__(self, depths=(3, 3, 27, 3), dims=(128, 256, 512, 1024)):
+        super().__init__()
+        self.downsample_layers = nn.ModuleList([nn.Sequential(nn.Conv2d(3, dims[0], 4, stride=4), LayerNorm2d(dims[0], eps=1e-6))])
+        for i in range(3):
+            self.downsample_layers.append(nn.Sequential(LayerNorm2d(dims[i], eps=1e-6), nn.Conv2d(dims[i], dims[i + 1], 2, stride=2)))
+        self.stages = nn.ModuleList([nn.Sequential(*[Block(d) for _ in range(n)]) for n, d in zip(depths, dims)])
+        self.norm = nn.LayerNorm(dims[-1], eps=1e-6)
+        # the official recipe feeds [0,1] images normalised with ImageNet mean/std
+        self.register_buffer('mean', torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer('std', torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1), persistent=False)
+        self.requires_grad_(False)
+
+    def features(self, x):
+        """x: (B,3,H,W) in [-1,1] -> (B, dims[-1]) pooled, LayerNormed pre-classifier features."""
+        x = ((x + 1) / 2 - self.mean) / self.std
+        for down, stage in zip(self.downsample_layers, self.stages):
+            x = stage(down(x))  # (B,C,H/s,W/s)
+        return self.norm(x.mean((2, 3)))
+
+
+def _uniform(lo, hi, g):
+    return float(torch.empty(()).uniform_(lo, hi, generator=g))
+
+
+def _crop_box(h, w, scale, ratio, g):
+    """Sample (top, left, height, width) like torchvision's RandomResizedCrop, with a central fallback."""
+    for _ in range(10):
+        area = h * w * _uniform(*scale, g)
+        r = math.exp(_uniform(math.log(ratio[0]), math.log(ratio[1]), g))
+        cw, ch = round(math.sqrt(area * r)), round(math.sqrt(area / r))
+        if 0 < cw <= w and 0 < ch <= h:
+            top = int(torch.randint(0, h - ch + 1, (), generator=g))
+            left = int(torch.randint(0, w - cw + 1, (), generator=g))
+            return top, left, ch, cw
+    r = w / h  # fallback: the whole image, with aspect ratio clamped into range
+    cw, ch = (w, round(w / ratio[0])) if r < ratio[0] else (round(h * ratio[1]), h) if r > ratio[1] else (w, h)
+    return (h - ch) // 2, (w - cw) // 2, ch, cw
+
+
+def paired_random_resized_crop(a, b, size=224, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), generator=None):
+    """Crop a and b (B,C,H,W) with the same random box per sample, bicubic+antialias resize -> (B,C,size,size) each."""
+    assert a.shape == b.shape, (a.shape, b.shape)
+    H, W = a.shape[-2:]
+    outs = []
+    for i in range(a.shape[0]):
+        t, l, h, w = _crop_box(H, W, scale, ratio, generator)
+        pair = torch.stack([a[i], b[i]])[:, :, t:t + h, l:l + w]  # (2,C,h,w)
+        outs.append(F.interpolate(pair, size=(size, size), mode='bicubic', align_corners=False, antialias=True))
+    out = torch.stack(outs, dim=1)  # (2,B,C,size,size)
+    return out[0], out[1]
+
+
+def _check(sd, want, name):
+    """Raise ValueError naming --name unless sd has every tensor of want, with the same shape."""
+    sd = sd if isinstance(sd, dict) else {}
+    bad = [k for k, v in want.items() if not (isinstance(sd.get(k), torch.Tensor) and sd[k].shape == v.shape)]
+    if bad:
+        raise ValueError(f"--{name}: {len(bad)} of {len(want)} expected tensors missing or mis-shaped "
+                         f"(e.g. {bad[0]!r}); wrong file? {PERCEPTUAL_HINTS[name]}")
+
+
+class PerceptualLoss(nn.Module):
+    """Frozen LPIPS-VGG and ConvNeXt-V2 distances between paired random-resized crops of pred and target."""
+    def __init__(self, lpips=None, vgg=None, convnext=None, crop: int | None = 224, *,
+                 depths=(3, 3, 27, 3), dims=(128, 256, 512, 1024)):
+        """lpips, vgg, convnext: state dicts as their authors publish them (train.py reads the files)."""
+        super().__init__()
+        self.crop = crop  # None/0: no crop, compare whole images
+        self.lpips = self.convnext = None
+        if (lpips is None) != (vgg is None):
+            raise ValueError(f"LPIPS needs both --lpips and --vgg; {PERCEPTUAL_HINTS['lpips']}; {PERCEPTUAL_HINTS['vgg']}")
+        if lpips is not None:
+            self.lpips = LPIPS()
+            want = self.lpips.state_dict()
+            _check(vgg, {k: v for k, v in want.items() if k.startswith('features.')}, 'vgg')
+            _check(lpips, {k: v for k, v in want.items() if k.startswith('lin')}, 'lpips')
+            self.lpips.load_state_dict({k: vgg[k] if k.startswith('features.') else lpips[k] for k in want})
+        if convnext is not None:
+            self.convnext = ConvNeXtV2(depths, dims)  # defaults: ConvNeXt-V2-Base
+            sd = convnext.get('model', convnext) if isinstance(convnext, dict) else convnext
+            want = self.convnext.state_dict()
+            _check(sd, want, 'convnext')
+            self.convnext.load_state_dict({k: sd[k] for k in want})  # drops head.*
+
+    @classmethod
+    def random(cls, crop=32, depths=(1, 1, 1, 1), dims=(8, 16, 32, 64), seed=0):
+        """Randomly initialised LPIPS (positive lin weights) and a small ConvNeXt-V2, for tests."""
+        m = cls(None, None, None, crop)
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            m.lpips, m.convnext = LPIPS(), ConvNeXtV2(depths, dims)
+            for k in range(5):  # lpips' trained lin weights are non-negative; keep distances >= 0
+                getattr(m.lpips, f'lin{k}')['model'][1].weight.uniform_(0, 1)
+        return m
+
+    def forward(self, pred, target, generator=None):
+        """pred, target: (B,3,H,W) in [-1,1] -> dict of per-sample (B,) terms: 'lpips', 'convnext' (those configured)."""
+        if self.crop:
+            pred, target = paired_random_resized_crop(pred, target, self.crop, generator=generator)
+        out = {}
+        if self.lpips is not None:
+            out['lpips'] = self.lpips(pred, target)
+        if self.convnext is not None:
+            f = self.convnext.features(torch.cat([pred, target]))  # (2B,D)
+            fp, ft = f.chunk(2)
+            out['convnext'] = ((fp - ft) ** 2).sum(1)
+        return out

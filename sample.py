@@ -1,0 +1,269 @@
+"""
+Sample from a checkpoint of either stage (or a state dict saved by Apple's ml-tarflow): a PNG grid, an ADM .npz, FID.
+
+    python sample.py --ckpt out/forward.pt                 # TarFlow: exact inverse + CFG + Tweedie denoising, a grid
+    python sample.py --ckpt out/reverse.pt --cfg 2         # BiFlow: one network pass with training-time guidance
+    python sample.py --ckpt out/reverse.pt --cfg_mode inference --cfg 2    # inference-time CFG (2-NFE), to compare
+    torchrun --nproc_per_node=8 sample.py --ckpt out/reverse.pt --num_samples 50000 --npz samples.npz \\
+        --fid VIRTUAL_imagenet64_labeled.npz              # FID-50K, labels uniformly random
+    python sample.py --ckpt out/reverse.pt --inpaint img.png --mask mask.png --labels 3   # training-free uses of (F, G)
+    python sample.py --ckpt out/reverse.pt --edit img.png --labels 3 --to_class 5
+
+Sample i is drawn from noise seeded by (--seed, i) and, unless --labels is given, a label drawn uniformly at random
+from a stream seeded by --seed: the output does not depend on the batch size or on the number of ranks.
+"""
+import argparse
+import math
+import os
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image
+
+from model import BiFlow, FlowConfig, ReverseConfig, TarFlow, config_from_dict, edit, inpaint, load_ml_tarflow
+from train import setup_distributed
+
+
+def load_models(path, device='cpu', noise_std=None):
+    """-> (model, forward_model): a TarFlow and None, or a BiFlow reverse model and its frozen TarFlow. EMA weights."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'--ckpt {path}: no such file')
+    ckpt = torch.load(path, map_location='cpu', weights_only=True)
+    if isinstance(ckpt, dict) and ckpt.get('kind') == 'forward':
+        model = TarFlow(config_from_dict(FlowConfig, ckpt['model_config']))
+        model.load_state_dict(ckpt['ema'])
+        forward_model = None
+    elif isinstance(ckpt, dict) and ckpt.get('kind') == 'reverse':
+        model = BiFlow(config_from_dict(ReverseConfig, ckpt['model_config']))
+        model.load_state_dict(ckpt['ema'])
+        forward_model = TarFlow(config_from_dict(FlowConfig, ckpt['forward_config']))
+        forward_model.load_state_dict(ckpt['forward'])
+        forward_model.to(device).eval()
+    elif isinstance(ckpt, dict) and any(k.endswith('proj_in.weight') for k in ckpt):
+        model, forward_model = load_ml_tarflow(ckpt, noise_std=0.05 if noise_std is None else noise_std), None
+    else:
+        raise ValueError(f'--ckpt {path}: neither a train.py checkpoint nor an ml-tarflow state dict')
+    if noise_std is not None and isinstance(model, TarFlow):
+        model.cfg.noise_std = noise_std
+    return model.to(device).eval(), forward_model
+
+
+def shape_of(model):
+    """(num_tokens, token_dim) of the noise the model decodes."""
+    c = model.cfg
+    return (c.img_size // c.patch_size) ** 2, c.in_channels * c.patch_size ** 2
+
+
+def noise_for(indices, model, device):
+    """z for global sample indices, each from its own generator: independent of batch size and rank count."""
+    N, d = shape_of(model)
+    return torch.stack([torch.randn(N, d, generator=torch.Generator().manual_seed(int(i))) for i in indices]).to(device)
+
+
+@torch.no_grad()
+def generate(model, forward_model, z, labels, guidance=0.0, cfg_mode='auto', ramp=False, attn_temp=1.0,
+             denoise=True):
+    """Decode noise tokens z (B, N, d) into images in [-1, 1] (unclipped).
+    TarFlow: exact inverse, CFG on alpha and mu, optional Tweedie denoising.
+    BiFlow: one pass conditioned on w (training-time CFG, 1-NFE) or Eq. 4 inference-time CFG (2-NFE)."""
+    if isinstance(model, TarFlow):
+        return model.sample(labels, guidance=guidance, ramp=ramp, attn_temp=attn_temp, denoise=denoise, z=z)
+    mode = model.cfg.guidance if cfg_mode == 'auto' else cfg_mode
+    if mode == 'train':
+        return model.decode(z, labels, torch.full((len(z),), float(guidance)), forward_model=forward_model)
+    return model.decode(z, labels, cfg_infer=guidance, forward_model=forward_model)
+
+
+def to_uint8(x):
+    """[-1, 1] floats (B, C, H, W) -> uint8 (B, H, W, C) with rounding; non-finite values become mid-grey."""
+    x = torch.nan_to_num(x.float(), nan=0.0, posinf=0.0, neginf=0.0)
+    return ((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def save_grid(images, path, nrow):
+    """uint8 (B, H, W, C) -> one PNG with nrow images per row, written atomically."""
+    B, H, W, C = images.shape
+    rows = math.ceil(B / nrow)
+    grid = np.full((rows * (H + 2) + 2, nrow * (W + 2) + 2, C), 255, np.uint8)
+    for i, im in enumerate(images):
+        r, c = divmod(i, nrow)
+        grid[2 + r * (H + 2):2 + r * (H + 2) + H, 2 + c * (W + 2):2 + c * (W + 2) + W] = im
+    tmp = path + '.tmp.png'
+    Image.fromarray(grid.squeeze(-1) if C == 1 else grid).save(tmp)
+    os.replace(tmp, path)
+
+
+def grid_labels(num_classes, per_class=10, max_classes=10):
+    """Labels for a look-at grid: one row per class (the first max_classes), or None for an unconditional model."""
+    if not num_classes:
+        return None
+    return torch.arange(min(num_classes, max_classes)).repeat_interleave(per_class)
+
+
+def generate_grid(model, forward_model, path, guidance=1.0, seed=0):
+    """A grid of one row per class (10 per row), written to path. Used by train.py during training."""
+    device = next(model.parameters()).device
+    labels = grid_labels(model.cfg.num_classes)
+    n = len(labels) if labels is not None else 64
+    z = noise_for(range(seed * 2**32, seed * 2**32 + n), model, device)
+    x = generate(model, forward_model, z, None if labels is None else labels.to(device), guidance)
+    save_grid(to_uint8(x), path, nrow=10 if labels is not None else 8)
+
+
+def draw_labels(n, num_classes, seed):
+    """Uniformly random labels for samples 0..n-1 (ADM, DiT and TarFlow's FID protocol), the same on every rank."""
+    if not num_classes:
+        return None
+    return torch.randint(num_classes, (n,), generator=torch.Generator().manual_seed(seed + 12345))
+
+
+def sample_shard(model, forward_model, n, rank, world, seed, batch_size, labels=None, **kw):
+    """Rank r decodes the contiguous global indices [r*ceil(n/W), ...) in batches. -> (uint8 NHWC, labels, #non-finite)"""
+    device = next(model.parameters()).device
+    per = math.ceil(n / world)
+    idx = list(range(rank * per, min(n, (rank + 1) * per)))
+    all_labels = labels if labels is not None else draw_labels(n, model.cfg.num_classes, seed)
+    out, bad = [], 0
+    for s in range(0, len(idx), batch_size):
+        bi = idx[s:s + batch_size]
+        y = None if all_labels is None else all_labels[bi].to(device)
+        x = generate(model, forward_model, noise_for([seed * 2**32 + i for i in bi], model, device), y, **kw)
+        bad += int((~torch.isfinite(x.flatten(1))).any(1).sum())
+        out.append(to_uint8(x))
+    H = model.cfg.img_size
+    imgs = np.concatenate(out) if out else np.zeros((0, H, H, model.cfg.in_channels), np.uint8)
+    lab = np.zeros(len(idx), np.int64) if all_labels is None else all_labels[idx].numpy()
+    return imgs, lab, bad
+
+
+def gather_shards(imgs, labels, bad, world):
+    """All ranks' samples on rank 0 in global index order (others get None); non-finite counts summed."""
+    if world == 1:
+        return imgs, labels, bad
+    objs = [None] * world
+    dist.all_gather_object(objs, (imgs, labels, bad))
+    if dist.get_rank():
+        return None, None, None
+    return np.concatenate([o[0] for o in objs]), np.concatenate([o[1] for o in objs]), sum(o[2] for o in objs)
+
+
+def distributed_fid(model, forward_model, ref, n, guidance, seed, rank, world, device, inception=None):
+    """FID of n EMA samples against ref, for train.py's periodic monitor. Rank 0 gets the result, others None."""
+    import fid
+    was = model.training
+    model.eval()
+    imgs, labels, _ = gather_shards(*sample_shard(model, forward_model, n, rank, world, seed, 64, guidance=guidance),
+                                    world)
+    model.train(was)
+    return fid.fid_from_samples(imgs, ref, inception=inception, device=device) if imgs is not None else None
+
+
+def load_image(path, size):
+    """An RGB image file, centre-cropped and resized to size, as (1, 3, size, size) in [-1, 1]."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'image not found: {path}')
+    from data import center_crop
+    arr = np.asarray(center_crop(Image.open(path).convert('RGB'), size))
+    return torch.from_numpy(arr).permute(2, 0, 1)[None].float() / 127.5 - 1
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a('--ckpt', required=True, help='a train.py checkpoint (forward or reverse) or an ml-tarflow state dict')
+    a('--out', default='samples.png', help='the PNG grid to write')
+    a('--num_samples', type=int, default=None, help='how many samples (default: a grid of 10 per class)')
+    a('--npz', default=None, help='also write the samples as an ADM .npz (arr_0 uint8 NHWC, arr_1 labels)')
+    a('--fid', default=None, help='compute FID of the samples against this reference (stats .npz, .npz or folder)')
+    a('--inception', default=None, help='path to pt_inception-2015-12-05-6726825d.pth for --fid')
+    a('--cfg', type=float, default=1.0, help='guidance scale w (0: none); x = (1+w) cond - w uncond')
+    a('--cfg_mode', choices=['auto', 'train', 'inference'], default='auto',
+      help='BiFlow: auto = as trained; train = w as input (1-NFE); inference = Eq. 4 CFG (2-NFE)')
+    a('--ramp', action='store_true', help='TarFlow: guidance grows linearly over token positions (used for its FID)')
+    a('--attn_temp', type=float, default=1.0, help='TarFlow: attention temperature of the guiding (unconditional) '
+      'stream; != 1 gives guidance for unconditional models')
+    a('--denoise', action=argparse.BooleanOptionalAction, default=True,
+      help='TarFlow: Tweedie denoising x + sigma^2 grad log p(x) after the exact inverse')
+    a('--noise_std', type=float, default=None, help='ml-tarflow state dicts: the sigma it was trained with (0.05)')
+    a('--labels', default=None, help='comma-separated class labels (cycled), instead of uniformly random ones')
+    a('--inpaint', default=None, help='image to complete: keep the noise of the known tokens, redraw the rest')
+    a('--mask', default=None, help='with --inpaint: image of the same size, white = region to regenerate')
+    a('--edit', default=None, help='image to re-draw as class --to_class (encoded with --labels as its class)')
+    a('--to_class', type=int, default=None, help='with --edit: the target class')
+    a('--batch_size', type=int, default=64, help='samples per forward batch on each rank')
+    a('--seed', type=int, default=0, help='noise and label seed')
+    a('--device', default='auto', help="'auto', 'cpu' or 'cuda'")
+    args = p.parse_args()
+
+    rank, world, device = setup_distributed(args.device)
+    torch.set_grad_enabled(False)
+    model, forward_model = load_models(args.ckpt, device, args.noise_std)
+    ncls = model.cfg.num_classes
+    kw = dict(guidance=args.cfg, cfg_mode=args.cfg_mode, ramp=args.ramp, attn_temp=args.attn_temp,
+              denoise=args.denoise)
+    labels = None
+    if args.labels:
+        labels = torch.tensor([int(s) for s in args.labels.split(',')])
+        if ncls == 0 or labels.min() < 0 or labels.max() >= ncls:
+            p.error(f'--labels {args.labels}: the model has {ncls} classes')
+
+    if args.inpaint or args.edit:
+        if world > 1:
+            p.error('--inpaint/--edit run in one process')
+        if forward_model is None:
+            p.error('--inpaint/--edit need a reverse checkpoint (it carries both F and G)')
+        if ncls and labels is None:
+            p.error('--inpaint/--edit on a class-conditional model need --labels (the class of the image)')
+        src = load_image(args.inpaint or args.edit, model.cfg.img_size).to(device)
+        y = None if labels is None else labels[:1].to(device)
+        eps = torch.randn(src.shape, generator=torch.Generator().manual_seed(args.seed)).to(device)
+        if args.inpaint:
+            if not args.mask:
+                p.error('--inpaint needs --mask')
+            n = args.num_samples or 8
+            redraw = (load_image(args.mask, model.cfg.img_size).to(device).mean(1, keepdim=True) > 0).expand(n, -1, -1, -1)
+            noise = noise_for(range(args.seed * 2**32, args.seed * 2**32 + n), model, device)
+            x, _ = inpaint(model, forward_model, src.expand(n, -1, -1, -1), redraw, None if y is None else y.expand(n),
+                           noise, args.cfg, eps.expand(n, -1, -1, -1))
+            shown = torch.cat([src, torch.where(redraw[:1], torch.zeros_like(src), src), x])
+        else:
+            if args.to_class is None or not 0 <= args.to_class < ncls:
+                p.error(f'--edit needs --to_class in [0, {ncls})')
+            x = edit(model, forward_model, src, y, torch.tensor([args.to_class], device=device), args.cfg, eps)
+            shown = torch.cat([src, x])
+        save_grid(to_uint8(shown), args.out, nrow=len(shown))
+        print(f'wrote {args.out}: the input, {"the masked input, " if args.inpaint else ""}{len(x)} result(s)')
+        return
+
+    if args.num_samples is None:
+        n = 100 if ncls else 64
+        labels = grid_labels(ncls) if labels is None else labels
+    else:
+        n = args.num_samples
+    if labels is not None:
+        labels = labels.repeat(math.ceil(n / len(labels)))[:n]
+    imgs, labs, bad = gather_shards(*sample_shard(model, forward_model, n, rank, world, args.seed, args.batch_size,
+                                                  labels, **kw), world)
+    if rank == 0:
+        assert len(imgs) == n, (len(imgs), n)
+        if bad:
+            print(f'WARNING: {bad} of {n} samples had non-finite values (kept, written as grey pixels)')
+        save_grid(imgs[:min(n, 100)], args.out, nrow=10 if ncls else 8)
+        print(f'wrote {min(n, 100)} of {n} samples to {args.out}')
+        if args.npz:
+            tmp = args.npz + '.tmp.npz'
+            np.savez(tmp, arr_0=imgs, arr_1=labs)
+            os.replace(tmp, args.npz)
+            print(f'wrote {args.npz}: arr_0 {imgs.shape} uint8, arr_1 labels ({"random" if args.labels is None else "given"})')
+        if args.fid:
+            import fid
+            r = fid.fid_from_samples(imgs, args.fid, inception=args.inception, device=device)
+            print(f'FID {r["fid"]:.4f} on {n} samples vs {args.fid}' +
+                  (f' | IS {r["inception_score"]:.3f}' if r.get('inception_score') is not None else ''))
+    if world > 1:
+        dist.destroy_process_group()
+
+
+if __name__ == '__main__':
+    main()
