@@ -60,6 +60,10 @@ class Digits(Dataset):
     def __len__(self):
         return self.SIZES[self.split]
 
+    def load(self, i):
+        """uint8 (H, W, 3), as ImageFolder.load, so pack() can write a digits split to an array file."""
+        return self[i][0].permute(1, 2, 0).numpy()
+
     @classmethod
     def glyphs(cls):
         """Render each digit once, bold, and crop it to its ink; every image is a resized/rotated copy."""
@@ -249,27 +253,30 @@ def _identity(x):
 class _Indexed(Dataset):
     """(i, uint8 (H,W,3) or None, label) per file, so pack can read in workers and still count failures."""
 
-    def __init__(self, ds):
-        self.ds = ds
+    def __init__(self, ds, n):
+        self.ds, self.n = ds, n
 
     def __len__(self):
-        return len(self.ds)
+        return self.n
 
     def __getitem__(self, i):
         return i, self.ds.load(i), int(self.ds.targets[i])
 
 
-def pack(src_dir: str, out: str, img_size: int, num_workers: int = 0) -> None:
-    """Centre-crop an image folder into one .npy (memory-mapped, labels in X.labels.npy) or ADM .npz, atomically."""
+def pack(src_dir: str, out: str, img_size: int, num_workers: int = 0, split: str = 'train',
+         limit: int | None = None) -> None:
+    """Centre-crop an image folder into one .npy (memory-mapped, labels in X.labels.npy) or ADM .npz, atomically.
+    src_dir 'digits' writes the first `limit` images of a built-in split instead (e.g. FID reference images)."""
     if not out.endswith(('.npy', '.npz')):
         raise ValueError(f"pack output {out!r}: must end in .npy or .npz")
-    ds = ImageFolder(src_dir, img_size)
-    n, shape, tmp = len(ds), (len(ds), img_size, img_size, 3), f"{out}.tmp{os.getpid()}"
+    ds = Digits(img_size, split) if src_dir == 'digits' else ImageFolder(src_dir, img_size)
+    n = len(ds) if limit is None else min(limit, len(ds))
+    shape, tmp = (n, img_size, img_size, 3), f"{out}.tmp{os.getpid()}"
     # .npy is written through a memmap so ImageNet never has to fit in RAM
     images = (np.lib.format.open_memmap(tmp, 'w+', np.uint8, shape) if out.endswith('.npy')
               else np.empty(shape, np.uint8))
-    labels, bad = ds.targets.copy(), []
-    for i, arr, _ in DataLoader(_Indexed(ds), batch_size=None, num_workers=num_workers, collate_fn=_identity):
+    labels, bad = ds.targets[:n].copy(), []
+    for i, arr, _ in DataLoader(_Indexed(ds, n), batch_size=None, num_workers=num_workers, collate_fn=_identity):
         if arr is None:
             bad.append(i)
         else:
@@ -421,15 +428,17 @@ def main():
     s.add_argument('--scale', type=int, default=4, help='nearest-neighbour upscaling of the PNG, for viewing')
     s.add_argument('--out', default='grid.png', help='output PNG path')
     k = sub.add_parser('pack', help='centre-crop an image folder into one .npy (or ADM .npz) file')
-    k.add_argument('src', help='image folder in ImageNet layout: SRC/<class>/<image>')
+    k.add_argument('src', help="image folder in ImageNet layout SRC/<class>/<image>, or 'digits'")
     k.add_argument('out', help='output .npy (labels go to OUT.labels.npy) or .npz (arr_0, arr_1)')
     k.add_argument('--img_size', type=int, default=64, help='output side in pixels')
     k.add_argument('--workers', type=int, default=0, help='decoding processes (0 = in this process)')
+    k.add_argument('--split', default='train', help="with SRC 'digits': 'train' or 'val'")
+    k.add_argument('--limit', type=int, default=None, help='pack only the first LIMIT images')
     a = p.parse_args()
     if a.cmd == 'show':
         save_grid(build_dataset(a.data, a.img_size, a.split), a.out, a.per_class, scale=a.scale)
     else:
-        pack(a.src, a.out, a.img_size, a.workers)
+        pack(a.src, a.out, a.img_size, a.workers, a.split, a.limit)
 
 
 if __name__ == '__main__':

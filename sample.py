@@ -177,7 +177,7 @@ def main():
     a('--npz', default=None, help='also write the samples as an ADM .npz (arr_0 uint8 NHWC, arr_1 labels)')
     a('--fid', default=None, help='compute FID of the samples against this reference (stats .npz, .npz or folder)')
     a('--inception', default=None, help='path to pt_inception-2015-12-05-6726825d.pth for --fid')
-    a('--cfg', type=float, default=1.0, help='guidance scale w (0: none); x = (1+w) cond - w uncond')
+    a('--cfg', type=float, default=2.0, help='guidance scale w (0: none); x = (1+w) cond - w uncond')
     a('--cfg_mode', choices=['auto', 'train', 'inference'], default='auto',
       help='BiFlow: auto = as trained; train = w as input (1-NFE); inference = Eq. 4 CFG (2-NFE)')
     a('--ramp', action='store_true', help='TarFlow: guidance grows linearly over token positions (used for its FID)')

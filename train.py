@@ -60,7 +60,8 @@ def get_args(argv=None):
     a('--noise_std', type=float, default=None, help='stage 1: sigma of the training noise (default: from --preset)')
     a('--noise_type', choices=['gaussian', 'uniform'], default='gaussian',
       help='stage 1: gaussian noise of --noise_std (for sampling) or uniform dequantisation (for bits/dim)')
-    a('--norm_clip', type=float, default=0.0, help='stage 1: bound alpha, mu to c*tanh(./c) (BiFlow norm control)')
+    a('--norm_clip', type=float, default=None, help='stage 1: bound alpha, mu to c*tanh(./c), BiFlow\'s norm control; '
+      '0 = TarFlow exactly (default: from --preset: 4 for cpu, 0 for the paper presets)')
     a('--forward_ckpt', default=None, help='stage 2: the forward checkpoint to invert (its EMA weights, frozen)')
     a('--align', choices=['hidden', 'distill', 'naive'], default='hidden', help='stage 2: how to supervise G')
     a('--denoise', choices=['learned', 'score', 'none'], default='learned', help='stage 2: how G gets clean images')
@@ -83,7 +84,7 @@ def get_args(argv=None):
     a('--log_every', type=int, default=50, help='print and log metrics every this many steps')
     a('--sample_every', type=int, default=1000, help='write a sample grid every this many steps (and at the end)')
     a('--ckpt_every', type=int, default=1000, help='write the checkpoint every this many steps (and at the end)')
-    a('--sample_cfg', type=float, default=1.0, help='guidance scale of the periodic sample grids')
+    a('--sample_cfg', type=float, default=2.0, help='guidance scale of the periodic sample grids')
     a('--fid_ref', default=None, help='log FID of EMA samples against this reference (stats .npz, .npz or folder)')
     a('--fid_every', type=int, default=10000, help='steps between FID evaluations (needs --fid_ref)')
     a('--fid_samples', type=int, default=4096, help='samples per FID evaluation (a monitor, not FID-50K)')
@@ -183,8 +184,8 @@ def main(argv=None):
     if args.stage == 'forward':
         cfg = config_from_dict(FlowConfig, resume['model_config']) if resume else PRESETS[args.preset]
         if not resume:
-            cfg = FlowConfig(**{**asdict(cfg), 'norm_clip': args.norm_clip,
-                                'noise_std': args.noise_std if args.noise_std is not None else cfg.noise_std})
+            cfg = FlowConfig(**{**asdict(cfg), **{k: getattr(args, k) for k in ('norm_clip', 'noise_std')
+                                                  if getattr(args, k) is not None}})
         model = TarFlow(cfg)
     else:
         fck = load_checkpoint_file(args.forward_ckpt)
