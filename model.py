@@ -521,21 +521,22 @@ def reverse_loss(G: BiFlow, forward_model: TarFlow, x, y, w, eps, perceptual=Non
     """The stage-2 loss on a clean batch x (B, C, H, W) with labels y (-1 = dropped), guidance scales w (B,) and noise
     eps. F is frozen: its whole trajectory comes from one parallel forward pass. Returns (loss, per-term means)."""
     fc = forward_model.cfg
+    raw = getattr(G, 'module', G)  # G may be wrapped in DDP: call G (gradients sync), read the config from raw
     with torch.no_grad():
         _, _, traj = forward_model(x + fc.noise_std * eps, y)
     clean = patchify(x.float(), fc.patch_size)
     preds = G(traj[-1], y, w)
-    if G.cfg.guidance == 'train' and bool((w > 0).any()):
+    if raw.cfg.guidance == 'train' and bool((w > 0).any()):
         # Eq. 5: the guided prediction, recombined with the null-class prediction, must equal the conditional state,
         # i.e. G(z|c,w) = (1+w) x^i - w G(z|null) as classifier-free guidance would give.
         with torch.no_grad():
-            uncond = G(traj[-1], torch.full_like(y, -1), torch.zeros_like(w))
+            uncond = raw(traj[-1], torch.full_like(y, -1), torch.zeros_like(w))
         wv = w.view(-1, 1, 1).float()
         preds = [(pc + wv * pu) / (1 + wv) for pc, pu in zip(preds, uncond)]
-    targets = align_targets(G, traj, clean)
-    terms = {f'align{len(traj) - 2 - g}': state_distance(pr, t, G.cfg.norm) for g, (pr, t) in
+    targets = align_targets(raw, traj, clean)
+    terms = {f'align{len(traj) - 2 - g}': state_distance(pr, t, raw.cfg.norm) for g, (pr, t) in
              enumerate(zip(preds[:-1], targets[:-1]))}
-    terms['out'] = state_distance(preds[-1], targets[-1], G.cfg.norm)
+    terms['out'] = state_distance(preds[-1], targets[-1], raw.cfg.norm)
     loss = sum(adaptive(d, c, p).mean() for d in terms.values())
     if perceptual is not None:
         size = (fc.img_size, fc.img_size)

@@ -22,14 +22,12 @@ import torch.distributed as dist
 from PIL import Image
 
 from model import BiFlow, FlowConfig, ReverseConfig, TarFlow, config_from_dict, edit, inpaint, load_ml_tarflow
-from train import setup_distributed
+from train import read_torch_file, setup_distributed
 
 
 def load_models(path, device='cpu', noise_std=None):
     """-> (model, forward_model): a TarFlow and None, or a BiFlow reverse model and its frozen TarFlow. EMA weights."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f'--ckpt {path}: no such file')
-    ckpt = torch.load(path, map_location='cpu', weights_only=True)
+    ckpt = read_torch_file(path, '--ckpt')
     if isinstance(ckpt, dict) and ckpt.get('kind') == 'forward':
         model = TarFlow(config_from_dict(FlowConfig, ckpt['model_config']))
         model.load_state_dict(ckpt['ema'])
@@ -164,11 +162,11 @@ def load_image(path, size):
     if not os.path.isfile(path):
         raise FileNotFoundError(f'image not found: {path}')
     from data import center_crop
-    arr = np.asarray(center_crop(Image.open(path).convert('RGB'), size))
+    arr = np.array(center_crop(Image.open(path).convert("RGB"), size))
     return torch.from_numpy(arr).permute(2, 0, 1)[None].float() / 127.5 - 1
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     a('--ckpt', required=True, help='a train.py checkpoint (forward or reverse) or an ml-tarflow state dict')
@@ -194,10 +192,9 @@ def main():
     a('--batch_size', type=int, default=64, help='samples per forward batch on each rank')
     a('--seed', type=int, default=0, help='noise and label seed')
     a('--device', default='auto', help="'auto', 'cpu' or 'cuda'")
-    args = p.parse_args()
+    args = p.parse_args(argv)
 
     rank, world, device = setup_distributed(args.device)
-    torch.set_grad_enabled(False)
     model, forward_model = load_models(args.ckpt, device, args.noise_std)
     ncls = model.cfg.num_classes
     kw = dict(guidance=args.cfg, cfg_mode=args.cfg_mode, ramp=args.ramp, attn_temp=args.attn_temp,

@@ -29,7 +29,7 @@ from model import (PERCEPTUAL_HINTS, PRESETS, BiFlow, PerceptualLoss, FlowConfig
 # Optimisation defaults per preset: the paper's runs (TarFlow README recipes: AdamW 1e-4, batch 256, warm-up of one
 # epoch, cosine to 1e-6) and a CPU run sized to finish in minutes on 2 cores.
 TRAIN_PRESETS = {
-    'cpu': dict(batch_size=32, lr=2e-3, max_steps=2000, warmup_steps=100, ema=0.999),
+    'cpu': dict(batch_size=32, lr=2e-3, max_steps=3000, warmup_steps=100, ema=0.999),
     'imagenet64': dict(batch_size=256, lr=1e-4, max_steps=1_000_000, warmup_steps=5000, ema=0.9999),
     'imagenet64-1024': dict(batch_size=256, lr=1e-4, max_steps=1_000_000, warmup_steps=5000, ema=0.9999),
     'imagenet64-p4': dict(batch_size=256, lr=1e-4, max_steps=1_000_000, warmup_steps=5000, ema=0.9999),
@@ -138,11 +138,19 @@ def atomic_save(obj, path):
     os.replace(tmp, path)
 
 
-def load_checkpoint_file(path):
-    """Load a checkpoint with weights_only=True, naming the file if it is missing or not ours."""
+def read_torch_file(path, flag):
+    """torch.load(weights_only=True) on CPU, with errors that name the flag and the file."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f'checkpoint not found: {path}')
-    ckpt = torch.load(path, map_location='cpu', weights_only=True)
+        raise FileNotFoundError(f'{flag} {path}: no such file')
+    try:
+        return torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:  # not a torch file, or one that needs pickled code (never loaded, for safety)
+        raise ValueError(f'{flag} {path}: not a loadable torch file ({type(e).__name__})') from e
+
+
+def load_checkpoint_file(path, flag='--resume'):
+    """A checkpoint written by this script, loaded safely; anything else is an error naming the file."""
+    ckpt = read_torch_file(path, flag)
     if not isinstance(ckpt, dict) or ckpt.get('kind') not in ('forward', 'reverse'):
         raise ValueError(f'{path} is not a checkpoint written by train.py (no kind forward/reverse)')
     return ckpt
@@ -154,7 +162,7 @@ def load_weights(path, flag):
         return None
     if not os.path.isfile(path):
         raise FileNotFoundError(f'--{flag} {path}: file not found; {PERCEPTUAL_HINTS[flag]}')
-    return torch.load(path, map_location='cpu', weights_only=True)  # lpips' file holds CUDA tensors
+    return read_torch_file(path, f'--{flag}')  # on CPU: lpips' file holds CUDA tensors
 
 
 @torch.no_grad()
@@ -188,7 +196,7 @@ def main(argv=None):
                                                   if getattr(args, k) is not None}})
         model = TarFlow(cfg)
     else:
-        fck = load_checkpoint_file(args.forward_ckpt)
+        fck = load_checkpoint_file(args.forward_ckpt, '--forward_ckpt')
         if fck['kind'] != 'forward':
             raise ValueError(f'--forward_ckpt {args.forward_ckpt} is a {fck["kind"]} checkpoint, not a forward one')
         forward_model = TarFlow(config_from_dict(FlowConfig, fck['model_config']))
