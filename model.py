@@ -141,10 +141,9 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.num_heads, self.head_dim = dim // head_dim, head_dim
 
-    def forward(self, x, causal=False, temp=None, cache=None, pos=0, mod=None):
+    def forward(self, x, causal=False, temp=None, mod=None):
         """x (B, T, D). temp (B,) scales the logits by 1/temp per sample (TarFlow's attention-temperature guidance).
-        cache: a dict that holds preallocated keys/values (B, H, N, hd); the T new tokens are written at
-        positions [pos, pos+T) and attend to everything cached up to them (used token by token when inverting)."""
+        mod: adaLN (shift, scale) applied after the norm (the reverse model's conditioning)."""
         B, T, D = x.shape
         h = self.norm(x)
         if mod is not None:
@@ -152,14 +151,6 @@ class Attention(nn.Module):
         q, k, v = self.qkv(h).reshape(B, T, 3 * self.num_heads, self.head_dim).transpose(1, 2).chunk(3, dim=1)
         if temp is not None:
             q = q / temp.view(B, 1, 1, 1).to(q.dtype)
-        if cache is not None:
-            if 'k' not in cache:  # allocate once per sequence: no concatenation, no reallocation per token
-                shape = (B, self.num_heads, cache['len'], self.head_dim)
-                cache['k'], cache['v'] = k.new_empty(shape), v.new_empty(shape)
-            cache['k'][:, :, pos:pos + T] = k
-            cache['v'][:, :, pos:pos + T] = v
-            k, v = cache['k'][:, :, :pos + T], cache['v'][:, :, :pos + T]
-            causal = causal and T > 1  # a single new token may see the whole prefix
         y = F.scaled_dot_product_attention(q, k, v, is_causal=causal)  # (B, H, T, hd); flash/efficient kernels on GPU
         return self.proj(y.transpose(1, 2).reshape(B, T, D))
 
@@ -185,8 +176,8 @@ class AttentionBlock(nn.Module):
         self.attention = Attention(dim, head_dim)
         self.mlp = MLP(dim)
 
-    def forward(self, x, temp=None, cache=None, pos=0):
-        x = x + self.attention(x, causal=True, temp=temp, cache=cache, pos=pos)
+    def forward(self, x, temp=None):
+        x = x + self.attention(x, causal=True, temp=temp)
         return x + self.mlp(x)
 
 
@@ -248,30 +239,50 @@ class MetaBlock(nn.Module):
     @torch.no_grad()
     def reverse(self, z, y=None, guidance=0.0, ramp=False, attn_temp=1.0):
         """Exact inverse, token by token with a KV cache. With guidance, the conditional and unconditional (null
-        label, attention temperature attn_temp) streams run as one batch of 2B and alpha, mu are extrapolated."""
+        label, attention temperature attn_temp) streams run as one batch of 2B and alpha, mu are extrapolated.
+        The step is latency-bound (one token, tiny matrices), so it calls the functional ops directly on weights
+        looked up once, keeps activations 2-D, and reads the cache through views made once per block."""
         B, N, _ = z.shape
-        x = f32(self.permute(z)).clone()   # (B, N, d): token i is final once step i-1 has written it
-        pos = self.permute(self.pos_embed, dim=0)
+        D = self.proj_in.out_features
         guided = guidance != 0
-        temp = None
-        if guided:
-            y = None if y is None else torch.cat([y, torch.full_like(y, -1)])
-            if attn_temp != 1.0:
-                temp = torch.cat([torch.ones(B, device=z.device), torch.full((B,), attn_temp, device=z.device)])
-        cond = self.condition(y)
-        caches = [{'len': N} for _ in self.attn_blocks]
+        S = 2 if guided else 1
+        if guided and y is not None:
+            y = torch.cat([y, torch.full_like(y, -1)])
+        pc = (self.permute(self.pos_embed, dim=0) + self.condition(y)).expand(S * B, N, D)   # pos moves with its patch
+        pc = pc.reshape(S, B, N, D).unbind(2)                          # N x (S, B, D): position + class, per stream
+        qscale = None
+        if guided and attn_temp != 1.0:
+            qscale = torch.tensor([1.0, 1 / attn_temp], device=z.device).repeat_interleave(B).view(S * B, 1, 1, 1)
+        layers = []
+        for layer in self.attn_blocks:
+            a, m = layer.attention, layer.mlp
+            k, v = z.new_empty(S * B, a.num_heads, N, a.head_dim), z.new_empty(S * B, a.num_heads, N, a.head_dim)
+            layers.append((a.norm, a.qkv, a.proj, m.norm, m.main[0], m.main[2], a.num_heads, a.head_dim,
+                           k.unbind(2), v.unbind(2), [k[:, :, :j + 1] for j in range(N)], [v[:, :, :j + 1] for j in range(N)]))
+        c = self.clip
+        w_out, b_out = (self.proj_out.weight / c, self.proj_out.bias / c) if c > 0 else (self.proj_out.weight, self.proj_out.bias)
+        x = list(f32(self.permute(z)).unbind(1))    # N x (B, d): token i is final once step i-1 has written it
         for i in range(N - 1):
-            t = x[:, i:i + 1]
-            h = self.proj_in(torch.cat([t, t]) if guided else t) + pos[i:i + 1] + cond   # (B or 2B, 1, D)
-            for layer, cache in zip(self.attn_blocks, caches):
-                h = layer(h, temp=temp, cache=cache, pos=i)
-            alpha, mu = self.affine(self.proj_out(h))         # (B or 2B, 1, d), for token i+1
+            h = (F.linear(x[i], self.proj_in.weight, self.proj_in.bias) + pc[i]).view(S * B, D)
+            for n1, qkv, proj, n2, fc1, fc2, H, hd, k_at, v_at, k_upto, v_upto in layers:
+                q, k, v = F.linear(F.layer_norm(h, (D,), n1.weight, n1.bias, n1.eps), qkv.weight, qkv.bias).view(
+                    S * B, 3, H, hd).unbind(1)
+                k_at[i].copy_(k)
+                v_at[i].copy_(v)
+                q = q.unsqueeze(2) if qscale is None else q.unsqueeze(2) * qscale
+                h = h + F.linear(F.scaled_dot_product_attention(q, k_upto[i], v_upto[i]).view(S * B, D), proj.weight, proj.bias)
+                u = F.layer_norm(h, (D,), n2.weight, n2.bias, n2.eps)
+                h = h + F.linear(F.gelu(F.linear(u, fc1.weight, fc1.bias)), fc2.weight, fc2.bias)
+            out = f32(F.linear(h, w_out, b_out))                       # (S*B, 2d): alpha, mu of token i+1
+            if c > 0:
+                out = out.tanh_().mul_(c)                              # norm control c*tanh(./c), 1/c folded above
             if guided:
                 g = guidance * (i + 1) / (N - 1) if ramp else guidance   # the ramp grows linearly over positions
-                (ac, au), (mc, mu_u) = alpha.chunk(2), mu.chunk(2)
-                alpha, mu = ac + g * (ac - au), mc + g * (mc - mu_u)
-            x[:, i + 1:i + 2] = x[:, i + 1:i + 2] * torch.exp(alpha) + mu
-        return self.permute(x)
+                oc, ou = out.chunk(2)
+                out = torch.lerp(ou, oc, 1 + g)                        # oc + g * (oc - ou), on alpha and mu
+            alpha, mu = out.chunk(2, dim=-1)
+            x[i + 1] = torch.addcmul(mu, x[i + 1], alpha.exp())
+        return self.permute(torch.stack(x, 1))
 
 
 class TarFlow(nn.Module):

@@ -154,7 +154,7 @@ def distributed_fid(model, forward_model, ref, n, guidance, seed, rank, world, d
     imgs, labels, _ = gather_shards(*sample_shard(model, forward_model, n, rank, world, seed, 64, guidance=guidance),
                                     world)
     model.train(was)
-    return fid.fid_from_samples(imgs, ref, inception=inception, device=device) if imgs is not None else None
+    return fid.fid_from_samples(imgs, ref, fid.load_inception(inception, device), device) if imgs is not None else None
 
 
 def load_image(path, size):
@@ -195,6 +195,8 @@ def main(argv=None):
     args = p.parse_args(argv)
 
     rank, world, device = setup_distributed(args.device)
+    if device.type == 'cuda':
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     model, forward_model = load_models(args.ckpt, device, args.noise_std)
     ncls = model.cfg.num_classes
     kw = dict(guidance=args.cfg, cfg_mode=args.cfg_mode, ramp=args.ramp, attn_temp=args.attn_temp,
@@ -255,7 +257,7 @@ def main(argv=None):
             print(f'wrote {args.npz}: arr_0 {imgs.shape} uint8, arr_1 labels ({"random" if args.labels is None else "given"})')
         if args.fid:
             import fid
-            r = fid.fid_from_samples(imgs, args.fid, inception=args.inception, device=device)
+            r = fid.fid_from_samples(imgs, args.fid, fid.load_inception(args.inception, device), device)
             print(f'FID {r["fid"]:.4f} on {n} samples vs {args.fid}' +
                   (f' | IS {r["inception_score"]:.3f}' if r.get('inception_score') is not None else ''))
     if world > 1:

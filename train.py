@@ -29,7 +29,7 @@ from model import (PERCEPTUAL_HINTS, PRESETS, BiFlow, PerceptualLoss, FlowConfig
 # Optimisation defaults per preset: the paper's runs (TarFlow README recipes: AdamW 1e-4, batch 256, warm-up of one
 # epoch, cosine to 1e-6) and a CPU run sized to finish in minutes on 2 cores.
 TRAIN_PRESETS = {
-    'cpu': dict(batch_size=32, lr=2e-3, max_steps=3000, warmup_steps=100, ema=0.999),
+    'cpu': dict(batch_size=32, lr=2e-3, max_steps=3000, reverse_max_steps=2000, warmup_steps=100, ema=0.999),
     'imagenet64': dict(batch_size=256, lr=1e-4, max_steps=1_000_000, warmup_steps=5000, ema=0.9999),
     'imagenet64-1024': dict(batch_size=256, lr=1e-4, max_steps=1_000_000, warmup_steps=5000, ema=0.9999),
     'imagenet64-p4': dict(batch_size=256, lr=1e-4, max_steps=1_000_000, warmup_steps=5000, ema=0.9999),
@@ -90,8 +90,12 @@ def get_args(argv=None):
     a('--fid_samples', type=int, default=4096, help='samples per FID evaluation (a monitor, not FID-50K)')
     a('--inception', default=None, help='path to pt_inception-2015-12-05-6726825d.pth for --fid_ref')
     args = p.parse_args(argv)
-    for k, v in TRAIN_PRESETS[args.preset].items():
-        if getattr(args, k, None) is None and k != 'img_per_epoch':
+    preset = dict(TRAIN_PRESETS[args.preset])
+    reverse_steps = preset.pop('reverse_max_steps', None)
+    if args.stage == 'reverse' and reverse_steps:
+        preset['max_steps'] = reverse_steps
+    for k, v in preset.items():
+        if getattr(args, k, None) is None:
             setattr(args, k, v)
     if args.stage == 'reverse' and not args.forward_ckpt:
         p.error('--stage reverse needs --forward_ckpt (a checkpoint written by --stage forward)')

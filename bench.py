@@ -1,0 +1,364 @@
+"""
+Times every training and sampling path of TarFlow (the forward model F) and BiFlow (its learned reverse G) side by
+side in one run, so each speed-up is a ratio measured on the same machine at the same moment.
+
+    python bench.py                                          # cpu preset on this machine: a table and bench.json
+    python bench.py --rows inverse_cfg,naive_cfg,nfe1_cfg    # a subset of rows, for a quick look
+    python bench.py --threads 0                              # PyTorch's thread default (bench's on CPU: 1)
+    python bench.py --preset imagenet64 --device cuda --compile --sample_batches 1,64   # paper size, with MFU
+
+Models are randomly initialised: speed does not depend on training. A row is warm-up calls, then timed calls (with
+torch.cuda.synchronize() around each on CUDA); the median and the minimum are reported, and every ratio is a ratio of
+medians from this run. "naive" rows rebuild the reference sampler (Apple's ml-tarflow: KV cache grown by torch.cat,
+CFG as two sequential passes) from the same modules, checked to give the same output before it is timed.
+"""
+import argparse
+import copy
+import json
+import math
+import os
+import statistics
+import time
+from contextlib import nullcontext
+
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+from model import PRESETS, BiFlow, TarFlow, reverse_config_for, reverse_loss, unpatchify
+from sample import generate
+from train import ema_update
+
+GUIDANCE = 1.0  # w of the guided rows; any w != 0 costs the same
+ROWS = {  # key: label. Training rows run at --batch_size, sampling rows at each of --sample_batches
+    'fwd_train': 'forward stage: training step',
+    'nll': 'forward model: NLL evaluation',
+    'rev_train': 'reverse stage: training step',
+    'inverse': 'F exact inverse',
+    'inverse_cfg': 'F exact inverse + CFG',
+    'denoise': 'F Tweedie denoising',
+    'inverse_cfg_denoise': 'F exact inverse + CFG + denoising',
+    'naive': 'naive inverse (reference loop)',
+    'naive_cfg': 'naive inverse + CFG (2 sequential streams)',
+    'nfe1': 'G 1-NFE',
+    'nfe1_cfg': 'G 1-NFE, training-time CFG',
+    'cfg_infer': 'G inference-time CFG (2-NFE)',
+}
+EXTRAS = ('estimate',)  # FLOPs of the imagenet64 training step and what an H100 would do with them
+# speed-ups: (label, slower row, faster row, target, batch the target applies to (None: every batch))
+RATIOS = [
+    ('our inverse vs naive', 'naive', 'inverse', None, None),
+    ('our inverse+CFG vs naive+CFG', 'naive_cfg', 'inverse_cfg', 2.0, None),
+    ('1-NFE+CFG vs inverse+CFG+denoise', 'inverse_cfg_denoise', 'nfe1_cfg', 15.0, 1),
+    ('1-NFE+CFG vs inverse+CFG', 'inverse_cfg', 'nfe1_cfg', None, None),
+    ('1-NFE vs inverse', 'inverse', 'nfe1', None, None),
+    ('training- vs inference-time CFG', 'cfg_infer', 'nfe1_cfg', None, None),
+]
+# dense bf16 tensor-core peaks (no sparsity), FLOP/s, matched in order against torch.cuda.get_device_name()
+BF16_PEAK = [('H100 PCIe', 756e12), ('H100', 989e12), ('H200', 989e12), ('A100', 312e12)]
+ESTIMATE = dict(preset='imagenet64', gpu='H100 SXM', peak=989e12, mfu=0.4, gpus=8, images=256 * 1_000_000)
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a('--preset', choices=sorted(PRESETS), default='cpu', help='model size (model.PRESETS); G from REVERSE_PRESETS')
+    a('--device', default='auto', help="'auto' (cuda if available), 'cpu' or 'cuda'")
+    a('--batch_size', type=int, default=32, help='batch of the training and NLL rows (TarFlow: 256 over 8 GPUs)')
+    a('--sample_batches', default='1,64', help='comma-separated batch sizes of the sampling rows')
+    a('--repeats', type=int, default=7, help='timed calls per row; fast rows go on for 1 s, slow ones stop at '
+      '--budget (but not below 3, or --repeats if smaller)')
+    a('--warmup', type=int, default=2, help='untimed calls per row first (allocator, kernels, optimizer state)')
+    a('--budget', type=float, default=10.0, help='seconds per row after which timing stops (once 3 calls are in)')
+    a('--dtype', choices=['auto', 'bf16', 'fp32'], default='auto', help='autocast dtype of every row; auto = bf16 '
+      'on CUDA as train.py (sample.py samples in fp32: pass fp32 for its speed)')
+    a('--compile', action='store_true', help="torch.compile both training steps and G's one pass. The exact "
+      "inverse stays eager: its single-token step slices the KV cache at the token's position, so it would recompile "
+      "for every token")
+    a('--threads', type=int, default=None, help="CPU threads; default 1 on CPU, for stable timings on a shared "
+      "machine (the token loop is tiny ops, and each one waits for every thread); 0 = PyTorch's default")
+    a('--rows', default='all', help=f"comma-separated subset of: {','.join([*ROWS, *EXTRAS])}")
+    a('--json', default='bench.json', help='where to write the results (atomically)')
+    a('--seed', type=int, default=0, help='seed of the random weights and inputs')
+    args = p.parse_args(argv)
+    args.rows = [*ROWS, *EXTRAS] if args.rows == 'all' else args.rows.split(',')
+    bad = [r for r in args.rows if r not in ROWS and r not in EXTRAS]
+    if bad:
+        p.error(f'--rows: unknown {bad}; choose from {[*ROWS, *EXTRAS]}')
+    args.sample_batches = [int(b) for b in args.sample_batches.split(',')]
+    return args
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The baseline: the reference sampler's token loop, rebuilt from our modules
+
+
+@torch.no_grad()
+def naive_block_reverse(block, z, y=None, guidance=0.0, ramp=False, attn_temp=1.0):
+    """MetaBlock.reverse as Apple's ml-tarflow runs it: each layer keeps its keys/values in Python lists and
+    re-concatenates the whole cache with torch.cat at every token, and with guidance the conditional and
+    unconditional streams are two sequential passes with separate caches. Same math, same modules."""
+    B, N, _ = z.shape
+    x = block.permute(z.float()).clone()
+    pos = block.permute(block.pos_embed, dim=0)
+    streams = [(block.condition(y), None)]
+    if guidance:
+        streams.append((block.condition(None), None if attn_temp == 1.0 else attn_temp))  # null label, temperature
+    caches = [[([], []) for _ in block.attn_blocks] for _ in streams]
+    for i in range(N - 1):
+        outs = []
+        for (cond, temp), cache in zip(streams, caches):
+            h = block.proj_in(x[:, i:i + 1]) + pos[i:i + 1] + cond
+            for layer, (ks, vs) in zip(block.attn_blocks, cache):
+                att = layer.attention
+                q, k, v = att.qkv(att.norm(h)).reshape(B, 1, 3 * att.num_heads, att.head_dim).transpose(1, 2).chunk(3, 1)
+                q = q if temp is None else q / temp
+                ks.append(k)
+                vs.append(v)
+                o = F.scaled_dot_product_attention(q, torch.cat(ks, 2), torch.cat(vs, 2))  # no mask: 1 query
+                h = h + att.proj(o.transpose(1, 2).reshape(B, 1, -1))
+                h = h + layer.mlp(h)
+            outs.append(block.affine(block.proj_out(h)))
+        alpha, mu = outs[0]
+        if guidance:
+            g = guidance * (i + 1) / (N - 1) if ramp else guidance
+            alpha, mu = alpha + g * (alpha - outs[1][0]), mu + g * (mu - outs[1][1])
+        x[:, i + 1:i + 2] = x[:, i + 1:i + 2] * torch.exp(alpha) + mu
+    return block.permute(x)
+
+
+@torch.no_grad()
+def naive_reverse(model: TarFlow, z, y=None, guidance=0.0, ramp=False, attn_temp=1.0):
+    """TarFlow.reverse with the naive block loop: z (B, N, d) -> noisy image (B, C, H, W)."""
+    x = z.float()
+    for block in reversed(model.blocks):
+        x = naive_block_reverse(block, x, y, guidance, ramp, attn_temp)
+    return unpatchify(x, model.cfg.patch_size, model.cfg.img_size)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Measuring
+
+
+def measure(fn, device, warmup, repeats, budget, min_seconds=1.0):
+    """Seconds per call of fn: warm-up calls, then `repeats` timed ones, more while under min_seconds (a
+    millisecond row gets enough calls for its median to shrug off a stall), fewer past `budget` (never < min(3, repeats))."""
+    sync = torch.cuda.synchronize if device.type == 'cuda' else (lambda: None)
+    for _ in range(warmup):
+        fn()
+    times, start = [], time.perf_counter()
+    while len(times) < repeats or (time.perf_counter() - start < min_seconds and len(times) < 100 * repeats):
+        sync()  # CUDA is asynchronous: start and stop the clock with the device idle
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+        if len(times) >= min(3, repeats) and time.perf_counter() - start > budget:
+            break
+    return times
+
+
+def training_flops(cfg, batch=2):
+    """FLOPs per image of a forward-stage training step (forward + backward), counted by FlopCounterMode on the meta
+    device: nothing is computed, any preset is free. Attention counts as dense (causal masking not subtracted)."""
+    with torch.device('meta'):
+        model = TarFlow(cfg)
+        x = torch.zeros(batch, cfg.in_channels, cfg.img_size, cfg.img_size)
+        y = torch.zeros(batch, dtype=torch.long) if cfg.num_classes else None
+    with FlopCounterMode(display=False) as fc:
+        z, logdet, _ = model(x, y)
+        TarFlow.nll_from(z, logdet).mean().backward()
+    return fc.get_total_flops() / batch
+
+
+def bf16_peak(device):
+    if device.type != 'cuda':
+        return None, 'none (not CUDA)'
+    name = torch.cuda.get_device_name(device)
+    return next(((v, name) for k, v in BF16_PEAK if k in name), (None, f'unknown ({name})'))
+
+
+def train_step(model, loss_fn, ctx, device):
+    """One optimizer step as train.py takes it: autocast loss, backward, clipping, AdamW, EMA."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.95), weight_decay=1e-4,
+                            fused=device.type == 'cuda')
+    ema = copy.deepcopy(model).requires_grad_(False)
+
+    def step():
+        with ctx():
+            loss = loss_fn(model)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        if torch.isfinite(gnorm):  # as train.py; on CUDA this reads the norm back, a sync every step
+            opt.step()
+            ema_update(ema, model, 0.999)
+    return step
+
+
+def main(argv=None):
+    args = get_args(argv)
+    t_start = time.perf_counter()
+    device = torch.device('cuda' if torch.cuda.is_available() else 'cpu') if args.device == 'auto' else \
+        torch.device(args.device)
+    threads = (1 if device.type == 'cpu' else 0) if args.threads is None else args.threads
+    if threads:
+        torch.set_num_threads(threads)
+    if device.type == 'cuda':
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    bf16 = args.dtype == 'bf16' or (args.dtype == 'auto' and device.type == 'cuda')
+    ctx = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else nullcontext
+    torch.manual_seed(args.seed)
+    cfg = PRESETS[args.preset]
+    rcfg = reverse_config_for(cfg, args.preset)
+    N, d = cfg.num_tokens, cfg.token_dim
+    ncls = cfg.num_classes
+
+    # the models that are timed in eval mode: F with non-zero output weights, so the inverse does real work (std
+    # 0.2/sqrt(width), 0.02 at the cpu preset, keeps it finite), G as initialised (speed does not depend on weights)
+    fwd = TarFlow(cfg)
+    for block in fwd.blocks:
+        torch.nn.init.normal_(block.proj_out.weight, std=0.2 / math.sqrt(cfg.channels))
+    fwd.to(device).eval().requires_grad_(False)
+    rev = BiFlow(rcfg).to(device).eval()
+    nparams = {'forward': sum(p.numel() for p in fwd.parameters()), 'reverse': sum(p.numel() for p in rev.parameters())}
+    if args.compile:
+        rev.compile()  # in place, so that G.decode's self(...) runs the compiled forward
+
+    def labels(b):
+        return torch.randint(ncls, (b,), device=device) if ncls else None
+
+    def images(b):
+        return torch.rand(b, cfg.in_channels, cfg.img_size, cfg.img_size, device=device) * 2 - 1
+
+    out = dict(preset=args.preset, device=str(device), device_name=bf16_peak(device)[1], dtype='bf16' if bf16 else
+               'fp32', torch=torch.__version__, threads=torch.get_num_threads(), compile=args.compile,
+               batch_size=args.batch_size, sample_batches=args.sample_batches, repeats=args.repeats,
+               warmup=args.warmup, guidance=GUIDANCE, params=nparams, rows={}, ratios={}, checks={})
+    print(f'bench: preset {args.preset} on {device} ({out["threads"]} threads), {out["dtype"]}, torch '
+          f'{torch.__version__}{", compiled" if args.compile else ""}; median and min of >= {args.repeats} timed calls '
+          f'(>= 1 s, <= {args.budget:g} s) after {args.warmup} warm-up; a shared machine is noisy: read medians')
+    print(f'F (TarFlow): {nparams["forward"] / 1e6:.2f}M parameters, {N} tokens x {d}; '
+          f'G (BiFlow): {nparams["reverse"] / 1e6:.2f}M parameters; guided rows use w = {GUIDANCE}')
+    print(f'{"row":46s} {"batch":>5s} {"median ms":>11s} {"min ms":>11s} {"img/s":>10s}')
+
+    def run(key, b, fn):
+        ts = measure(fn, device, args.warmup, args.repeats, args.budget)
+        med, best = statistics.median(ts), min(ts)
+        out['rows'][f'{key}_b{b}'] = dict(row=key, batch=b, median_ms=med * 1e3, min_ms=best * 1e3,
+                                          img_per_s=b / med, calls=len(ts))
+        print(f'{ROWS[key]:46s} {b:5d} {med * 1e3:11.2f} {best * 1e3:11.2f} {b / med:10.1f}', flush=True)
+
+    # ---- training rows, each with its own trainable copy (updates must not touch the models timed for sampling)
+    B = args.batch_size
+    x, y, eps = images(B), labels(B), torch.randn(B, cfg.in_channels, cfg.img_size, cfg.img_size, device=device)
+    if 'fwd_train' in args.rows:
+        model = TarFlow(cfg).to(device).train()
+        if args.compile:
+            model.compile()
+
+        def nll_loss(m):
+            z, logdet, _ = m(x + cfg.noise_std * eps, y)
+            return TarFlow.nll_from(z, logdet).mean()
+        run('fwd_train', B, train_step(model, nll_loss, ctx, device))
+        flops = training_flops(cfg)
+        row = out['rows'][f'fwd_train_b{B}']
+        peak, name = bf16_peak(device)
+        row.update(flops_per_image=flops, device_bf16_peak=peak,
+                   mfu=flops * row['img_per_s'] / peak if peak else None)
+        print(f'  {flops / 1e9:.3f} GFLOP per training image (FlopCounterMode; forward + backward), '
+              f'{flops * row["img_per_s"] / 1e12:.3f} TFLOP/s achieved; MFU vs bf16 peak: ' +
+              (f'{100 * row["mfu"]:.1f}% of {peak / 1e12:.0f} TFLOP/s ({name})' if peak else name))
+        del model
+    if 'nll' in args.rows:
+        def nll():
+            with torch.no_grad(), ctx():
+                fwd.nll(x + cfg.noise_std * eps, y)
+        run('nll', B, nll)
+    if 'rev_train' in args.rows:
+        model = BiFlow(rcfg).to(device).train()
+        if args.compile:
+            model.compile()
+        yr = y if ncls else torch.zeros(B, dtype=torch.long, device=device)
+        u = torch.rand(B, 2, device=device)  # train.py's draw: a quarter at w = 0, the rest uniform in [0, 3]
+        w = torch.where(u[:, 0] < 0.25, 0.0, 3.0 * u[:, 1])
+        run('rev_train', B, train_step(model, lambda m: reverse_loss(m, fwd, x, yr, w, eps)[0], ctx, device))
+        del model
+
+    # ---- sampling rows
+    if 'naive' in args.rows or 'naive_cfg' in args.rows:  # apples to apples: the baseline must compute our output
+        zc, yc = torch.randn(2, N, d, device=device), labels(2)
+        tf32, torch.backends.cuda.matmul.allow_tf32 = torch.backends.cuda.matmul.allow_tf32, False  # exact fp32 here
+        for w in (0.0, GUIDANCE):
+            ours, naive = fwd.reverse(zc, yc, w), naive_reverse(fwd, zc, yc, w)
+            err, scale = (ours - naive).abs().max().item(), ours.abs().max().item()
+            out['checks'][f'naive_equals_ours_w{w:g}'] = dict(max_abs_diff=err, max_abs=scale)
+            if not (math.isfinite(scale) and err <= 1e-4 * max(1.0, scale)):
+                raise RuntimeError(f'naive baseline differs from MetaBlock.reverse at w={w}: max |diff| {err:.3g} '
+                                   f'(max |x| {scale:.3g}); the comparison would not be apples to apples')
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        print(f'  check: naive baseline equals MetaBlock.reverse (max |diff| '
+              f'{max(c["max_abs_diff"] for c in out["checks"].values()):.1e}, fp32)')
+    for b in args.sample_batches:
+        z, yb, xb = torch.randn(b, N, d, device=device), labels(b), images(b)
+        fns = {
+            'inverse': lambda: generate(fwd, None, z, yb, 0.0, denoise=False),
+            'inverse_cfg': lambda: generate(fwd, None, z, yb, GUIDANCE, denoise=False),
+            'denoise': lambda: fwd.denoise(xb, yb),
+            'inverse_cfg_denoise': lambda: generate(fwd, None, z, yb, GUIDANCE, denoise=True),
+            'naive': lambda: naive_reverse(fwd, z, yb, 0.0),
+            'naive_cfg': lambda: naive_reverse(fwd, z, yb, GUIDANCE),
+            'nfe1': lambda: generate(rev, fwd, z, yb, 0.0, cfg_mode='train'),
+            'nfe1_cfg': lambda: generate(rev, fwd, z, yb, GUIDANCE, cfg_mode='train'),
+            'cfg_infer': lambda: generate(rev, fwd, z, yb, GUIDANCE, cfg_mode='inference'),
+        }
+        for key, fn in fns.items():
+            if key in args.rows:
+                def call(fn=fn):
+                    with ctx():
+                        fn()
+                run(key, b, call)
+
+    # ---- speed-ups, as ratios of medians from this run
+    rows = out['rows']
+    if any(f'{slow}_b{b}' in rows and f'{fast}_b{b}' in rows for _, slow, fast, _, _ in RATIOS
+           for b in args.sample_batches):
+        print('speed-ups (ratio of medians, this run)')
+    for label, slow, fast, target, tb in RATIOS:
+        got = {f'b{b}': rows[f'{slow}_b{b}']['median_ms'] / rows[f'{fast}_b{b}']['median_ms']
+               for b in args.sample_batches if f'{slow}_b{b}' in rows and f'{fast}_b{b}' in rows}
+        if not got:
+            continue
+        out['ratios'][label] = got
+        line = '   '.join(f'{k}: {v:7.1f}x' for k, v in got.items())
+        if target:
+            judged = {k: v for k, v in got.items() if tb is None or k == f'b{tb}'}
+            verdicts = {k: v >= target for k, v in judged.items()}
+            out['checks'][f'{label} >= {target:g}x'] = verdicts
+            line += f'   target >= {target:g}x ' + ('' if tb is None else f'at b{tb}') + ': ' + \
+                ', '.join(f'{k} {"met" if v else "NOT met"}' for k, v in verdicts.items())
+        print(f'  {label:40s} {line}')
+
+    if 'estimate' in args.rows:  # a back-of-envelope for the paper run, labelled as such
+        e = ESTIMATE
+        flops = training_flops(PRESETS[e['preset']])
+        per_gpu = e['mfu'] * e['peak'] / flops
+        days = e['images'] / (per_gpu * e['gpus']) / 86400
+        out['estimate'] = dict(e, flops_per_image=flops, images_per_s_per_gpu=per_gpu, days=days)
+        print(f'estimate, not a measurement: {e["preset"]} training = {flops / 1e12:.2f} TFLOP per image '
+              f'(FlopCounterMode, meta device); on an {e["gpu"]} ({e["peak"] / 1e12:.0f} TFLOP/s bf16) at '
+              f'{100 * e["mfu"]:.0f}% MFU: {per_gpu:.0f} img/s per GPU, {per_gpu * e["gpus"]:.0f} on {e["gpus"]}; '
+              f'{e["images"] / 1e6:.0f}M images (200 epochs: 1M steps x 256) in {days:.1f} days')
+
+    out['total_s'] = time.perf_counter() - t_start
+    print(f'total {out["total_s"]:.0f} s; wrote {args.json}')
+    tmp = args.json + '.tmp'
+    with open(tmp, 'w') as f:
+        json.dump(out, f, indent=1)
+    os.replace(tmp, args.json)  # never a half-written file
+    return out
+
+
+if __name__ == '__main__':
+    main()
