@@ -171,7 +171,7 @@ def load_weights(path, flag):
 
 @torch.no_grad()
 def ema_update(ema, model, decay):
-    """ema <- decay * ema + (1 - decay) * model, over parameters and buffers."""
+    """ema <- decay * ema + (1 - decay) * model, over the parameters (neither model has buffers)."""
     e, m = list(ema.parameters()), list(model.parameters())
     torch._foreach_lerp_(e, m, 1 - decay)
 
@@ -273,9 +273,8 @@ def main(argv=None):
 
     def fid():
         from sample import distributed_fid
-        r = distributed_fid(ema, forward_model, args.fid_ref, args.fid_samples, guidance=args.sample_cfg,
-                            seed=args.seed, rank=rank, world=world, device=device, inception=args.inception)
-        return r
+        return distributed_fid(ema, forward_model, args.fid_ref, args.fid_samples, guidance=args.sample_cfg,
+                               seed=args.seed, rank=rank, world=world, device=device, inception=args.inception)
 
     # ---- training loop
     it = iter(loader)
