@@ -3,6 +3,7 @@ Data for TarFlow/BiFlow: a built-in digits dataset, ImageNet-style folders, arra
 
     python data.py show --data digits --img_size 16 --out grid.png    # look at the data: one row per class
     python data.py pack /path/to/imagenet/train in64.npy --img_size 64  # folder -> one memory-mapped array file
+    python data.py score samples.npz                                     # digits: share read as the requested class
 
 Every dataset returns (uint8 tensor (3, H, W), int label) and has .num_classes (0 if unlabelled) and .targets.
 Loader turns a dataset into an endless stream of global batches that is the same for any number of ranks and
@@ -417,6 +418,35 @@ def save_grid(ds, out: str, per_class: int = 10, max_classes: int = 10, scale: i
     print(f"wrote {out} ({k} classes x {per_class})")
 
 
+def digit_accuracy(files, img_size=16, steps=1500, seed=0):
+    """Share of samples (ADM .npz: arr_0 images, arr_1 requested labels) that a small CNN, trained here on the
+    digits' train split, reads as their requested class: a quick quality number for the CPU recipe. -> {file: acc}"""
+    nn = torch.nn
+    torch.manual_seed(seed)
+    net = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(32, 64, 3, padding=1),
+                        nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(64 * (img_size // 4) ** 2, 128), nn.ReLU(),
+                        nn.Linear(128, 10))
+    opt = torch.optim.Adam(net.parameters(), 1e-3)
+    batches = iter(Loader(Digits(img_size), 128, seed=seed + 1))
+    for _ in range(steps):
+        x, y = next(batches)
+        x = x + 0.05 * torch.randn_like(x) * torch.rand(len(x), 1, 1, 1)  # samples may keep a little noise
+        loss = torch.nn.functional.cross_entropy(net(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    net.eval()
+    out = {}
+    for f in files:
+        with np.load(f) as z:
+            if 'arr_1' not in z.files:
+                raise ValueError(f'{f}: needs arr_1 (the requested labels) beside arr_0')
+            x = torch.from_numpy(z['arr_0']).permute(0, 3, 1, 2).float() / 127.5 - 1
+            with torch.no_grad():
+                out[f] = float((net(x).argmax(1).numpy() == z['arr_1']).mean())
+    return out
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest='cmd', required=True)
@@ -434,8 +464,16 @@ def main():
     k.add_argument('--workers', type=int, default=0, help='decoding processes (0 = in this process)')
     k.add_argument('--split', default='train', help="with SRC 'digits': 'train' or 'val'")
     k.add_argument('--limit', type=int, default=None, help='pack only the first LIMIT images')
+    c = sub.add_parser('score', help='class accuracy of digit samples (.npz with arr_0, arr_1) by a small CNN')
+    c.add_argument('files', nargs='+', help='sample files written by sample.py --npz; include a packed val split '
+                   '(pack digits --split val) to see the classifier on real digits')
+    c.add_argument('--img_size', type=int, default=16, help='image side in pixels')
+    c.add_argument('--steps', type=int, default=1500, help='classifier training steps (batch 128)')
     a = p.parse_args()
-    if a.cmd == 'show':
+    if a.cmd == 'score':
+        for f, acc in digit_accuracy(a.files, a.img_size, a.steps).items():
+            print(f'{f}: {100 * acc:.1f}% read as the requested class')
+    elif a.cmd == 'show':
         save_grid(build_dataset(a.data, a.img_size, a.split), a.out, a.per_class, scale=a.scale)
     else:
         pack(a.src, a.out, a.img_size, a.workers, a.split, a.limit)

@@ -799,6 +799,18 @@ def test_data_array_errors(tmp_path):
         build_dataset('cifar', 8)
 
 
+def test_data_digit_accuracy_scores_real_digits_and_needs_labels(tmp_path):
+    from data import digit_accuracy
+    pack('digits', str(tmp_path / 'val.npz'), 16, split='val', limit=200)
+    with np.load(tmp_path / 'val.npz') as z:
+        np.savez(tmp_path / 'shuffled.npz', arr_0=z['arr_0'], arr_1=(z['arr_1'] + 1) % 10)  # every label wrong
+        np.savez(tmp_path / 'nolabels.npz', arr_0=z['arr_0'])
+    acc = digit_accuracy([str(tmp_path / 'val.npz'), str(tmp_path / 'shuffled.npz')], steps=150)
+    assert acc[str(tmp_path / 'val.npz')] > 0.6 and acc[str(tmp_path / 'shuffled.npz')] < 0.3
+    with pytest.raises(ValueError, match='nolabels.npz.*arr_1'):
+        digit_accuracy([str(tmp_path / 'nolabels.npz')], steps=1)
+
+
 def test_data_show_cli(tmp_path, monkeypatch):
     out = str(tmp_path / 'grid.png')
     monkeypatch.setattr(sys, 'argv', ['data.py', 'show', '--data', 'digits', '--img_size', '16', '--out', out,
