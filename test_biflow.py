@@ -444,6 +444,16 @@ def test_train_resume_equals_training_straight_through(stage, trained, tmp_path)
     assert all(torch.equal(ca['model'][k], cb['model'][k]) for k in ca['model'])
 
 
+def test_train_non_finite_steps_are_skipped_and_counted(tmp_path):
+    train_main('--out_dir', tmp_path, '--max_steps', 2, *QUICK, '--noise_std', 'nan')   # every loss is NaN
+    rows = losses(tmp_path / 'forward_log.jsonl')
+    assert [r['skipped'] for r in rows] == [1, 2]
+    ck = torch.load(tmp_path / 'forward.pt', weights_only=True)
+    torch.manual_seed(0)   # train.py's --seed: the weights it started from
+    init = TarFlow(FlowConfig(**ck['model_config'])).state_dict()
+    assert all(torch.equal(init[k], ck['model'][k]) and torch.equal(init[k], ck['ema'][k]) for k in init)
+
+
 def test_train_bad_inputs_fail_clearly(tmp_path, trained):
     base = ['--out_dir', tmp_path, '--max_steps', 1]
     cases = [
