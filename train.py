@@ -29,7 +29,7 @@ from model import (PERCEPTUAL_HINTS, PRESETS, BiFlow, PerceptualLoss, FlowConfig
 # Optimisation defaults per preset: the paper's runs (TarFlow README recipes: AdamW 1e-4, batch 256, warm-up of one
 # epoch, cosine to 1e-6) and a CPU run sized to finish in minutes on 2 cores.
 TRAIN_PRESETS = {
-    'cpu': dict(batch_size=32, lr=2e-3, max_steps=4000, reverse_max_steps=2000, warmup_steps=100, ema=0.999),
+    'cpu': dict(batch_size=32, lr=2e-3, max_steps=4000, reverse_max_steps=4000, warmup_steps=100, ema=0.999),
     'imagenet64': dict(batch_size=256, lr=1e-4, max_steps=1_000_000, warmup_steps=5000, ema=0.9999),
     'imagenet64-1024': dict(batch_size=256, lr=1e-4, max_steps=1_000_000, warmup_steps=5000, ema=0.9999),
     'imagenet64-p4': dict(batch_size=256, lr=1e-4, max_steps=1_000_000, warmup_steps=5000, ema=0.9999),
