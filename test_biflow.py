@@ -2,7 +2,7 @@
 Tests: exact flow math as properties on tiny shapes, the reverse model and its losses, training (DDP, resume),
 sampling and its files, the data pipeline, FID and the perceptual networks. CPU only, no network.
 
-    pytest test_biflow.py            # the whole suite, a few minutes on 2 cores
+    pytest test_biflow.py            # the whole suite, about a minute on 2 cores
     pytest test_biflow.py -k flow    # a part of it
 """
 import contextlib
