@@ -16,7 +16,6 @@ import argparse
 import copy
 import json
 import math
-import os
 import statistics
 import time
 from contextlib import nullcontext
@@ -25,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
+from data import atomic_write
 from model import PRESETS, BiFlow, TarFlow, reverse_config_for, reverse_loss, unpatchify
 from sample import generate
 from train import ema_update
@@ -353,10 +353,7 @@ def main(argv=None):
 
     out['total_s'] = time.perf_counter() - t_start
     print(f'total {out["total_s"]:.0f} s; wrote {args.json}')
-    tmp = args.json + '.tmp'
-    with open(tmp, 'w') as f:
-        json.dump(out, f, indent=1)
-    os.replace(tmp, args.json)  # never a half-written file
+    atomic_write(args.json, lambda f: f.write(json.dumps(out, indent=1).encode()))
     return out
 
 

@@ -14,10 +14,12 @@ import argparse
 import hashlib
 import os
 import random
+import tempfile
 import warnings
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from PIL import Image, ImageDraw, ImageFont
 from torch.utils.data import DataLoader, Dataset
 
@@ -39,6 +41,63 @@ def build_dataset(data: str, img_size: int, split: str = 'train', seed: int = 0)
     if data.endswith(('.npz', '.npy')):
         return ArrayDataset(data, img_size)
     raise ValueError(f"--data {data!r}: expected 'digits', an existing image folder, or a .npz/.npy file")
+
+# -----------------------------------------------------------------------------
+# files and processes: the few helpers every script shares (model.py does no I/O and no distributed work)
+
+
+def atomic_write(path: str, write) -> None:
+    """write(f) into a temporary file beside path (unique per process), fsync, then rename over path: a crash, a full
+    disk or a second writer never leaves a half-written file at path, and a failed write leaves no temporary behind."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + '.', suffix='.tmp', dir=folder)
+    try:
+        with os.fdopen(fd, 'wb') as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def check_writable(path: str, flag: str) -> None:
+    """Fail now, naming the flag, if path cannot be written (before hours of work that end by writing it)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise ValueError(f'{flag} {path}: is a folder, expected a file name')
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f'{flag} {path}: folder {folder} does not exist')
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise PermissionError(f'{flag} {path}: cannot write in {folder} ({e.strerror})') from e
+
+
+def read_torch_file(path: str, flag: str):
+    """torch.load(weights_only=True) on CPU, with errors that name the flag and the file."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'{flag} {path}: no such file')
+    try:
+        return torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:  # not a torch file, or one that needs pickled code (never loaded, for safety)
+        raise ValueError(f'{flag} {path}: not a loadable torch file ({type(e).__name__})') from e
+
+
+def setup_distributed(device_arg: str):
+    """(rank, world, device): DDP when launched by torchrun (NCCL on GPU, gloo on CPU), a single process otherwise."""
+    cuda = torch.cuda.is_available() if device_arg == 'auto' else device_arg.startswith('cuda')
+    if 'RANK' in os.environ and 'WORLD_SIZE' in os.environ:
+        rank, world, local = int(os.environ['RANK']), int(os.environ['WORLD_SIZE']), int(os.environ['LOCAL_RANK'])
+        device = torch.device(f'cuda:{local}') if cuda else torch.device('cpu')
+        if cuda:
+            torch.cuda.set_device(device)
+        dist.init_process_group('nccl' if cuda else 'gloo')
+        return rank, world, device
+    return 0, 1, torch.device('cuda' if cuda else 'cpu')
 
 # -----------------------------------------------------------------------------
 # built-in digits

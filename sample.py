@@ -22,7 +22,7 @@ import torch.distributed as dist
 from PIL import Image
 
 from model import BiFlow, FlowConfig, ReverseConfig, TarFlow, config_from_dict, edit, inpaint, load_ml_tarflow
-from train import read_torch_file, setup_distributed
+from data import atomic_write, read_torch_file, setup_distributed
 
 
 def load_models(path, device='cpu', noise_std=None):
@@ -87,9 +87,7 @@ def save_grid(images, path, nrow):
     for i, im in enumerate(images):
         r, c = divmod(i, nrow)
         grid[2 + r * (H + 2):2 + r * (H + 2) + H, 2 + c * (W + 2):2 + c * (W + 2) + W] = im
-    tmp = path + '.tmp.png'
-    Image.fromarray(grid.squeeze(-1) if C == 1 else grid).save(tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: Image.fromarray(grid.squeeze(-1) if C == 1 else grid).save(f, format='PNG'))
 
 
 def grid_labels(num_classes, per_class=10, max_classes=10):
@@ -251,9 +249,7 @@ def main(argv=None):
         save_grid(imgs[:min(n, 100)], args.out, nrow=10 if ncls else 8)
         print(f'wrote {min(n, 100)} of {n} samples to {args.out}')
         if args.npz:
-            tmp = args.npz + '.tmp.npz'
-            np.savez(tmp, arr_0=imgs, arr_1=labs)
-            os.replace(tmp, args.npz)
+            atomic_write(args.npz, lambda f: np.savez(f, arr_0=imgs, arr_1=labs))
             print(f'wrote {args.npz}: arr_0 {imgs.shape} uint8, arr_1 labels ({"random" if args.labels is None else "given"})')
         if args.fid:
             import fid

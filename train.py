@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from data import Loader, build_dataset
+from data import Loader, atomic_write, build_dataset, read_torch_file, setup_distributed
 from model import (PERCEPTUAL_HINTS, PRESETS, BiFlow, PerceptualLoss, FlowConfig, ReverseConfig, TarFlow, config_from_dict, patchify,
                    reverse_config_for, reverse_loss)
 
@@ -104,19 +104,6 @@ def get_args(argv=None):
     return args
 
 
-def setup_distributed(device_arg):
-    """(rank, world, device): DDP when launched by torchrun, a single process otherwise."""
-    cuda = torch.cuda.is_available() if device_arg == 'auto' else device_arg.startswith('cuda')
-    if 'RANK' in os.environ and 'WORLD_SIZE' in os.environ:
-        rank, world, local = int(os.environ['RANK']), int(os.environ['WORLD_SIZE']), int(os.environ['LOCAL_RANK'])
-        device = torch.device(f'cuda:{local}') if cuda else torch.device('cpu')
-        if cuda:
-            torch.cuda.set_device(device)
-        dist.init_process_group('nccl' if cuda else 'gloo')
-        return rank, world, device
-    return 0, 1, torch.device('cuda' if cuda else 'cpu')
-
-
 def lr_at(step, args):
     """Linear warm-up to --lr, then cosine decay to --min_lr at --max_steps."""
     if step < args.warmup_steps:
@@ -133,23 +120,6 @@ def step_randomness(args, step, shape, rank, world, device):
     eps = torch.randn((B, *shape), generator=g)[rank * b:(rank + 1) * b]
     u = torch.rand(B, 3, generator=g)[rank * b:(rank + 1) * b]
     return eps.to(device, non_blocking=True), u.to(device)
-
-
-def atomic_save(obj, path):
-    """Write to a temporary name, then rename: a crash never leaves a half-written checkpoint."""
-    tmp = path + '.tmp'
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def read_torch_file(path, flag):
-    """torch.load(weights_only=True) on CPU, with errors that name the flag and the file."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f'{flag} {path}: no such file')
-    try:
-        return torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:  # not a torch file, or one that needs pickled code (never loaded, for safety)
-        raise ValueError(f'{flag} {path}: not a loadable torch file ({type(e).__name__})') from e
 
 
 def load_checkpoint_file(path, flag='--resume'):
@@ -261,7 +231,7 @@ def main(argv=None):
                       rng=torch.get_rng_state())
             if forward_model is not None:
                 ck.update(forward_config=asdict(forward_model.cfg), forward=forward_model.state_dict())
-            atomic_save(ck, ckpt_path)
+            atomic_write(ckpt_path, lambda f: torch.save(ck, f))
         if world > 1:
             dist.barrier()
 
