@@ -436,9 +436,12 @@ class Loader:
         self._it = None
 
     def state_dict(self) -> dict:
-        return {'epoch': self.epoch, 'step': self.step}
+        return {'epoch': self.epoch, 'step': self.step, 'n': len(self.dataset)}
 
     def load_state_dict(self, d) -> None:
+        if d.get('n', len(self.dataset)) != len(self.dataset):  # the position means nothing in other data
+            raise ValueError(f"the checkpoint's data position is in a dataset of {d['n']} items, but --data has "
+                             f"{len(self.dataset)}: resume with the same data")
         epoch, step = int(d['epoch']), int(d['step'])
         self.epoch, self.step = epoch + step // self.steps_per_epoch, step % self.steps_per_epoch
         self._it = None  # drop prefetched batches (and workers); restart at the new position

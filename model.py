@@ -509,6 +509,21 @@ def edit(G: BiFlow, forward_model: TarFlow, x, y_src, y_dst, w=0.0, eps=None):
     return G.decode(z, y_dst, torch.full((len(z),), float(w), device=z.device), forward_model=forward_model)
 
 
+def forward_loss(forward_model: TarFlow, x, y, eps, noise='gaussian'):
+    """The stage-1 loss on a clean batch x (B, C, H, W) in [-1, 1] (multiples of 1/127.5 from uint8), labels y and
+    standard normal eps of x's shape. noise='gaussian': x + sigma*eps, the noisy data TarFlow learns so that it can
+    sample and denoise; 'uniform': dequantisation x + u/128 with u = Phi(eps) ~ U(0, 1) inside the pixel's bin of width
+    2/256 (the same stream, so the switch changes nothing else), whose NLL bounds the discrete one (bits/dim).
+    -> (loss, nll (B,) in nats/dim without the 0.5*log(2*pi) constant, trajectory)."""
+    if noise == 'gaussian':
+        xn = x + getattr(forward_model, 'module', forward_model).cfg.noise_std * eps   # DDP wraps the model
+    else:  # bin k of [0, 256) holds [k, k+1); its pixel value k/127.5 - 1 becomes (k + u)/128 - 1
+        xn = ((x + 1) * 127.5 + 0.5 * (1 + torch.erf(eps / math.sqrt(2)))) / 128 - 1
+    z, logdet, traj = forward_model(xn, y)
+    nll = TarFlow.nll_from(z, logdet)
+    return nll.mean(), nll, traj
+
+
 def align_targets(G: BiFlow, traj, clean):
     """The forward states G's predictions are compared with: x^{T-1}, ..., then the clean (learned denoising) or
     noisy x^0 for the output. traj = [x^0 (noisy), x^1, ..., x^T = z] in token space."""
