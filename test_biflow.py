@@ -186,7 +186,7 @@ def test_flow_bits_per_dim_of_the_identity_flow():
 
 def test_flow_imports_apple_ml_tarflow_state_dict():
     fix = torch.load(os.path.join(HERE, 'testdata', 'ml_tarflow_tiny.pt'), weights_only=True)
-    f = load_ml_tarflow(fix['state_dict']).eval()
+    f = load_ml_tarflow(fix['state_dict'], noise_std=0.05).eval()
     assert (f.cfg.img_size, f.cfg.patch_size, f.cfg.channels, f.cfg.num_blocks, f.cfg.layers_per_block,
             f.cfg.num_classes) == (8, 2, 64, 2, 2, 3)
     z, logdet, _ = f(fix['x'], fix['y'])
@@ -200,11 +200,11 @@ def test_flow_imports_apple_ml_tarflow_state_dict():
 def test_flow_ml_tarflow_import_rejects_bad_state_dicts():
     fix = torch.load(os.path.join(HERE, 'testdata', 'ml_tarflow_tiny.pt'), weights_only=True)
     with pytest.raises(ValueError, match='not an ml-tarflow state dict'):
-        load_ml_tarflow({'foo': torch.zeros(1)})
+        load_ml_tarflow({'foo': torch.zeros(1)}, noise_std=0.05)
     sd = dict(fix['state_dict'])
     sd['var'] = sd['var'] * 2
     with pytest.raises(ValueError, match='VP mode'):
-        load_ml_tarflow(sd)
+        load_ml_tarflow(sd, noise_std=0.05)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -2,13 +2,22 @@
 
     OMP_NUM_THREADS=1 python -m pytest -q test_new_a.py
 """
+import os
 import warnings
 
 import numpy as np
 import pytest
+import torch
 
 import fid
-from test_biflow import _FakeInception, _images, _spd, fails
+import sample
+from model import load_ml_tarflow
+from test_biflow import HERE, _FakeInception, _images, _spd, fails, sample_main
+
+
+def tiny_state_dict():
+    """Apple's ml-tarflow state dict of the test data: 8x8 RGB, patch 2 (token dim 12), width 64, 2 flows, 3 classes."""
+    return torch.load(os.path.join(HERE, 'testdata', 'ml_tarflow_tiny.pt'), weights_only=True)['state_dict']
 
 
 def printed_fid(out):
@@ -85,3 +94,97 @@ def test_fid_warns_when_the_sample_counts_differ(tmp_path):
         warnings.simplefilter('error')
         fid.main([str(tmp_path / 'a40.npz'), str(tmp_path / 'c40.npz')])
         fid.main([str(tmp_path / 'a40.npz'), str(tmp_path / 'adm.npz')])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 3. sample.py checks its output paths first and writes the .npz before the grid
+
+
+def test_sample_checks_output_paths_before_loading_or_sampling(tmp_path, monkeypatch):
+    torch.save(tiny_state_dict(), tmp_path / 'tiny.pth')
+    monkeypatch.setattr(sample, 'load_models', lambda *a, **k: pytest.fail('loaded before checking the outputs'))
+    monkeypatch.setattr(sample, 'sample_shard', lambda *a, **k: pytest.fail('sampled before checking the outputs'))
+    base = ['--ckpt', tmp_path / 'tiny.pth', '--noise_std', 0.05, '--num_samples', 3]
+    msg = fails(sample_main, *base, '--out', tmp_path / 'g.png', '--npz', tmp_path / 'nope' / 's.npz')
+    assert '--npz' in msg and 'nope' in msg
+    msg = fails(sample_main, *base, '--out', tmp_path / 'nope' / 'g.png')
+    assert '--out' in msg and 'nope' in msg
+    msg = fails(sample_main, *base, '--out', tmp_path)  # a folder
+    assert '--out' in msg and 'is a folder' in msg
+
+
+def test_sample_writes_the_npz_before_the_grid(tmp_path, monkeypatch):
+    torch.save(tiny_state_dict(), tmp_path / 'tiny.pth')
+
+    def unwritable(*a, **k):
+        raise OSError('disk full')
+    monkeypatch.setattr(sample, 'save_grid', unwritable)  # --out breaks after the check, at the very end
+    with pytest.raises(OSError, match='disk full'):
+        sample_main('--ckpt', tmp_path / 'tiny.pth', '--noise_std', 0.05, '--num_samples', 3, '--labels', '1',
+                    '--npz', tmp_path / 's.npz', '--out', tmp_path / 'g.png')
+    s = np.load(tmp_path / 's.npz')  # the samples survive
+    assert s['arr_0'].shape == (3, 8, 8, 3) and list(s['arr_1']) == [1, 1, 1]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 4. The sigma of ml-tarflow state dicts: from --noise_std or Apple's file names, never a silent default
+
+
+def test_sample_ml_tarflow_sigma_from_file_name_or_noise_std(tmp_path, capsys):
+    sd = tiny_state_dict()
+    for name, sigma in [('afhq_model_8_768_8_8_0.07.pth', 0.07), ('imagenet_model_4_1024_8_8_0.15.pth', 0.15)]:
+        torch.save(sd, tmp_path / name)
+        model, _ = sample.load_models(str(tmp_path / name))
+        assert model.cfg.noise_std == pytest.approx(sigma)
+        assert f'sigma = {sigma} (from the file name)' in capsys.readouterr().out
+    # both given and different: --noise_std wins, with a note
+    model, _ = sample.load_models(str(tmp_path / 'afhq_model_8_768_8_8_0.07.pth'), noise_std=0.1)
+    out = capsys.readouterr().out
+    assert model.cfg.noise_std == pytest.approx(0.1)
+    assert 'note: --noise_std 0.1 overrides the sigma 0.07' in out and 'sigma = 0.1 (from --noise_std)' in out
+    # no sigma anywhere: an error that says what to pass, not 0.05
+    torch.save(sd, tmp_path / 'tiny.pth')
+    assert '--noise_std' in fails(sample.load_models, str(tmp_path / 'tiny.pth'))
+    msg = fails(sample_main, '--ckpt', tmp_path / 'tiny.pth', '--num_samples', 2, '--out', tmp_path / 'g.png')
+    assert '--ckpt' in msg and 'tiny.pth' in msg and '--noise_std' in msg
+    sample_main('--ckpt', tmp_path / 'tiny.pth', '--noise_std', 0.05, '--num_samples', 2, '--out', tmp_path / 'g.png')
+    assert 'sigma = 0.05 (from --noise_std)' in capsys.readouterr().out
+    with pytest.raises(TypeError, match='noise_std'):  # the library call has no default either
+        load_ml_tarflow(sd)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 5. Bad numbers and damaged state dicts: one-line errors that name the flag or the tensor
+
+
+@pytest.mark.parametrize('args,flag,allowed', [
+    (['--batch_size', 0], '--batch_size', '>= 1'), (['--batch_size', -1], '--batch_size', '>= 1'),
+    (['--num_samples', 0], '--num_samples', '>= 1'), (['--num_samples', -3], '--num_samples', '>= 1'),
+    (['--labels', 'a,b'], '--labels', 'integer'), (['--labels', '1,,2'], '--labels', 'integer')])
+def test_sample_bad_numbers_are_argparse_errors(tmp_path, args, flag, allowed):
+    torch.save(tiny_state_dict(), tmp_path / 'tiny.pth')
+    msg = fails(sample_main, '--ckpt', tmp_path / 'tiny.pth', '--noise_std', 0.05, '--out', tmp_path / 'g.png', *args)
+    assert f'error: {flag} {args[1]}: ' in msg and allowed in msg, msg
+
+
+def test_ml_tarflow_import_names_the_damaged_tensor(tmp_path):
+    sd = tiny_state_dict()
+    w = sd['blocks.0.proj_out.weight']  # (2 x 12, 64)
+
+    def load(**changed):
+        return load_ml_tarflow({**sd, **{k.replace('__', '.'): v for k, v in changed.items()}}, noise_std=0.05)
+    for bad, shape in [(w[:-1], '(23, 64)'), (w.T, '(64, 24)')]:  # truncated, transposed: damaged, not VP
+        with pytest.raises(ValueError, match='proj_out') as e:
+            load(blocks__0__proj_out__weight=bad)
+        assert f'blocks.0.proj_out.weight has shape {shape}, expected (24, 64)' in str(e.value)
+        assert 'VP' not in str(e.value)
+    with pytest.raises(ValueError, match='VP models'):  # exactly d rows: the mean only, as ml-tarflow's VP models
+        load(blocks__0__proj_out__weight=w[:12])
+    with pytest.raises(ValueError, match=r'blocks.0.proj_out.weight has shape \(1536,\), expected a matrix'):
+        load(blocks__0__proj_out__weight=w.flatten())
+    with pytest.raises(ValueError, match=r'blocks.1.proj_out.weight.*\[23, 64\]'):  # another block: PyTorch's list
+        load(blocks__1__proj_out__weight=sd['blocks.1.proj_out.weight'][:-1])
+    # sample.py names the flag and the file too
+    torch.save({**sd, 'blocks.0.proj_out.weight': w[:-1]}, tmp_path / 'cut_0.05.pth')
+    msg = fails(sample_main, '--ckpt', tmp_path / 'cut_0.05.pth', '--out', tmp_path / 'g.png')
+    assert '--ckpt' in msg and 'cut_0.05.pth' in msg and 'blocks.0.proj_out.weight has shape (23, 64)' in msg
