@@ -413,22 +413,50 @@ def compute_statistics(batches, model, keep_logits=False):
         raise ValueError(f'need at least 2 images for a covariance, got {n}')
     return mu, m2 / (n - 1), n, (torch.cat(logits) if logits else None)
 
-def frechet_distance(mu1, sigma1, mu2, sigma2):
-    """||mu1-mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)) in float64, via a Cholesky factor and a symmetric eigensolve."""
+def _check_stats(mu, sigma, name):
+    """Raise unless mu is (D,) and sigma (D,D), both finite and sigma symmetric (a covariance's cheap necessary checks)."""
+    if mu.ndim != 1 or sigma.shape != mu.shape * 2 or not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+        raise ValueError(f'{name}: mu must be (D,) and sigma (D,D), finite; got {mu.shape} and {sigma.shape}')
+    asym = np.abs(sigma - sigma.T).max(initial=0)
+    if asym > 1e-6 * np.abs(sigma).max(initial=0):  # eigh and Cholesky read one triangle: the other would be ignored
+        raise ValueError(f'{name}: sigma is not symmetric (max |sigma - sigma^T| = {asym:.3g}), so not a covariance')
+
+def _psd_factor(s, name):
+    """A with A A^T = s: Cholesky when s is positive definite (the usual case, N > D), else V sqrt(w) from the
+    eigendecomposition (singular s, N <= D). Eigenvalues below -1e-6 max|w| are a negative variance, not round-off."""
+    try:
+        return np.linalg.cholesky(s)
+    except np.linalg.LinAlgError:
+        w, V = np.linalg.eigh(s)
+        if len(w) and w[0] < -1e-6 * np.abs(w).max():
+            raise ValueError(f'{name}: sigma is not positive semi-definite (smallest eigenvalue {w[0]:.4g}, largest '
+                             f'{w[-1]:.4g}), so not a covariance') from None
+        return V * np.sqrt(np.clip(w, 0, None))
+
+def frechet_distance(mu1, sigma1, mu2, sigma2, names=('first statistics', 'second statistics')):
+    """||mu1-mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)) in float64, via a Cholesky factor and a symmetric eigensolve.
+    names label the two inputs in errors (e.g. their paths). The result is clamped at 0: round-off made the distance
+    of a set to itself -1e-17 (printed -0.0000), and -5e-5 for singular covariances, where the square roots amplify it."""
     mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
     s1, s2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
     if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != mu1.shape * 2:
         raise ValueError(f'statistics do not match: mu {mu1.shape} vs {mu2.shape}, sigma {s1.shape} vs {s2.shape}')
+    for mu, s, name in ((mu1, s1, names[0]), (mu2, s2, names[1])):
+        _check_stats(mu, s, name)
     # For any A with A A^T = S1, S1 S2 = A (A^T S2) has the eigenvalues of the symmetric PSD A^T S2 A, so
     # Tr sqrt(S1 S2) = sum sqrt(eigvalsh(A^T S2 A)): real by construction and ~10x faster than scipy's sqrtm at 2048-d.
-    try:
-        A = np.linalg.cholesky(s1)  # the usual case (N > D)
-    except np.linalg.LinAlgError:  # singular S1 (N <= D): A = V sqrt(w) from the eigendecomposition instead
-        w, V = np.linalg.eigh(s1)
-        A = V * np.sqrt(np.clip(w, 0, None))
+    A = _psd_factor(s1, names[0])
+    _psd_factor(s2, names[1])  # only checks S2 (a Cholesky, cheap, unless S2 is singular)
     ev = np.linalg.eigvalsh(A.T @ s2 @ A)
     d = mu1 - mu2
-    return float(d @ d + np.trace(s1) + np.trace(s2) - 2 * np.sqrt(np.clip(ev, 0, None)).sum())
+    return max(0.0, float(d @ d + np.trace(s1) + np.trace(s2) - 2 * np.sqrt(np.clip(ev, 0, None)).sum()))
+
+def warn_if_sizes_differ(n1, n2, names):
+    """Warn (not fail) when two image sets of different sizes are compared: FID falls as N grows (it is biased by
+    ~1/N), so FIDs are comparable only at one N. Sizes of None (e.g. ADM reference statistics) are not compared."""
+    if n1 is not None and n2 is not None and n1 != n2:
+        warnings.warn(f'FID compares {n1} images ({names[0]}) with {n2} ({names[1]}): FID is biased by the sample '
+                      'count, so compare it only with FIDs computed at the same sizes', stacklevel=2)
 
 def inception_score(logits, splits=10):
     """(mean, std) over splits of exp(mean KL(p(y|x) || p(y))); ADM uses 10 splits of 5000 on unbiased logits."""
@@ -454,8 +482,7 @@ def input_statistics(path, model=None, batch_size=50, device='cpu', keep_logits=
                 n = int(z['num_samples']) if 'num_samples' in z.files else None
         except (ValueError, TypeError) as e:  # e.g. pickled objects or strings instead of numbers
             raise ValueError(f'{path}: cannot read mu/sigma as numbers ({e})') from None
-        if mu.ndim != 1 or sigma.shape != mu.shape * 2 or not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
-            raise ValueError(f'{path}: mu must be (D,) and sigma (D,D), finite; got {mu.shape} and {sigma.shape}')
+        _check_stats(mu, sigma, path)
         return dict(mu=mu, sigma=sigma, num_samples=n, logits=None)
     # validate the input before loading the network, then stream it
     batches = _folder_batches(_folder_files(path), batch_size) if kind == 'folder' else _npz_batches(path, batch_size)
@@ -475,7 +502,9 @@ def fid_from_samples(samples, ref, inception=None, device='cpu', batch_size=50):
     mu, sigma, n, logits = compute_statistics(_array_batches(samples, batch_size), model, keep_logits=True)
     r = input_statistics(ref, model, batch_size, device)
     is_ = inception_score(logits)[0] if logits is not None and n >= 10 else None
-    return dict(fid=frechet_distance(mu, sigma, r['mu'], r['sigma']), num_samples=n, ref=ref, inception_score=is_)
+    warn_if_sizes_differ(n, r['num_samples'], ('samples', ref))
+    return dict(fid=frechet_distance(mu, sigma, r['mu'], r['sigma'], ('samples', ref)), num_samples=n, ref=ref,
+                inception_score=is_)
 
 def save_stats(path, mu, sigma, num_samples=None):
     """Write mu/sigma in the pytorch-fid/ADM key layout (plus num_samples when known)."""
@@ -517,7 +546,8 @@ def main(argv=None):
         save_stats(args.save_stats, stats[0]['mu'], stats[0]['sigma'], stats[0]['num_samples'])
         print(f'wrote {args.save_stats}')
         return
-    fid = frechet_distance(stats[0]['mu'], stats[0]['sigma'], stats[1]['mu'], stats[1]['sigma'])
+    warn_if_sizes_differ(stats[0]['num_samples'], stats[1]['num_samples'], args.inputs)
+    fid = frechet_distance(stats[0]['mu'], stats[0]['sigma'], stats[1]['mu'], stats[1]['sigma'], args.inputs)
     print(f'FID {fid:.4f}  ({args.inputs[0]} vs {args.inputs[1]})')
 
 if __name__ == '__main__':

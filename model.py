@@ -354,18 +354,26 @@ class TarFlow(nn.Module):
         return self.denoise(x, y) if denoise else x
 
 
-def load_ml_tarflow(state_dict, noise_std=0.05, norm_clip=0.0) -> TarFlow:
+def load_ml_tarflow(state_dict, noise_std, norm_clip=0.0) -> TarFlow:
     """Build a TarFlow from a state dict saved by Apple's ml-tarflow, inferring the config from tensor shapes.
+    noise_std has no default: the dicts do not record it and Apple's models use 0.05, 0.07 or 0.15 (Tweedie needs it).
     The buffers 'var' (prior variance; all ones in the NVP models) and 'attn_mask' are not needed here."""
     sd = {k.removeprefix('module.'): v for k, v in state_dict.items()}
-    if 'blocks.0.proj_in.weight' not in sd:
-        raise ValueError('not an ml-tarflow state dict: no key blocks.0.proj_in.weight')
+    for k in ('blocks.0.proj_in.weight', 'blocks.0.pos_embed', 'blocks.0.proj_out.weight'):
+        if k not in sd:
+            raise ValueError(f'not an ml-tarflow state dict: no key {k}')
+        if sd[k].ndim != 2:
+            raise ValueError(f'ml-tarflow state dict: {k} has shape {tuple(sd[k].shape)}, expected a matrix')
     T = sum(1 for k in sd if k.endswith('.proj_in.weight'))
     K = sum(1 for k in sd if k.startswith('blocks.0.attn_blocks.') and k.endswith('.attention.qkv.weight'))
     D, d = sd['blocks.0.proj_in.weight'].shape
     N = sd['blocks.0.pos_embed'].shape[0]
-    if sd['blocks.0.proj_out.weight'].shape[0] != 2 * d:
+    out = tuple(sd['blocks.0.proj_out.weight'].shape)
+    if out == (d, D):  # VP models predict mu only; anything else is a damaged (truncated, transposed) tensor
         raise ValueError('ml-tarflow VP models (nvp=False) are not supported: proj_out has no log-scale rows')
+    if out != (2 * d, D):
+        raise ValueError(f'ml-tarflow state dict: blocks.0.proj_out.weight has shape {out}, expected {(2 * d, D)} '
+                         f'(2 x token dim, width) from blocks.0.proj_in.weight {(D, d)}')
     if 'var' in sd and not torch.all(sd['var'] == 1):
         raise ValueError('ml-tarflow state dict has a learned prior variance (VP mode), which is not supported')
     C = 3 if d % 3 == 0 else 1
@@ -377,7 +385,10 @@ def load_ml_tarflow(state_dict, noise_std=0.05, norm_clip=0.0) -> TarFlow:
     cfg = FlowConfig(img_size=side * p, in_channels=C, patch_size=p, channels=D, num_blocks=T, layers_per_block=K,
                      head_dim=64, num_classes=ncls, noise_std=noise_std, norm_clip=norm_clip)
     model = TarFlow(cfg)
-    model.load_state_dict({k: v for k, v in sd.items() if k != 'var' and not k.endswith('attn_mask')}, strict=True)
+    try:
+        model.load_state_dict({k: v for k, v in sd.items() if k != 'var' and not k.endswith('attn_mask')}, strict=True)
+    except RuntimeError as e:  # other damaged tensors: PyTorch's message lists each one with both shapes
+        raise ValueError(f'ml-tarflow state dict: tensors do not fit the config inferred from blocks.0 ({e})') from None
     return model
 
 

@@ -15,6 +15,7 @@ from a stream seeded by --seed: the output does not depend on the batch size or 
 import argparse
 import math
 import os
+import re
 
 import numpy as np
 import torch
@@ -22,11 +23,29 @@ import torch.distributed as dist
 from PIL import Image
 
 from model import BiFlow, FlowConfig, ReverseConfig, TarFlow, config_from_dict, edit, inpaint, load_ml_tarflow
-from data import atomic_write, read_torch_file, setup_distributed
+from data import atomic_write, check_writable, read_torch_file, setup_distributed
 
 
-def load_models(path, device='cpu', noise_std=None):
-    """-> (model, forward_model): a TarFlow and None, or a BiFlow reverse model and its frozen TarFlow. EMA weights."""
+def ml_tarflow_sigma(path, noise_std=None, verbose=True):
+    """The sigma an ml-tarflow state dict was trained with: --noise_std, else the last field of Apple's file names
+    (afhq_model_8_768_8_8_0.07.pth, imagenet_model_4_1024_8_8_0.15.pth). Their dicts do not record it, and a wrong
+    sigma silently weakens or overdoes Tweedie denoising, so there is no default."""
+    m = re.search(r'_(\d*\.\d+)\.pth?$', os.path.basename(path))
+    named = float(m.group(1)) if m else None
+    if noise_std is None and named is None:
+        raise ValueError('ml-tarflow state dicts do not record the noise sigma they were trained with and the file name '
+                         'does not end in it; pass --noise_std (Apple: AFHQ 0.07, ImageNet-128 0.15, ImageNet-64 0.05)')
+    sigma = named if noise_std is None else noise_std
+    if verbose:
+        if named is not None and noise_std is not None and noise_std != named:
+            print(f'note: --noise_std {noise_std} overrides the sigma {named} in the file name {os.path.basename(path)}')
+        print(f'ml-tarflow state dict: sigma = {sigma} (from {"the file name" if noise_std is None else "--noise_std"})')
+    return sigma
+
+
+def load_models(path, device='cpu', noise_std=None, verbose=True):
+    """-> (model, forward_model): a TarFlow and None, or a BiFlow reverse model and its frozen TarFlow. EMA weights.
+    noise_std overrides the sigma of a TarFlow; ml-tarflow state dicts need it unless their file name carries it."""
     ckpt = read_torch_file(path, '--ckpt')
     if isinstance(ckpt, dict) and ckpt.get('kind') == 'forward':
         model = TarFlow(config_from_dict(FlowConfig, ckpt['model_config']))
@@ -39,7 +58,10 @@ def load_models(path, device='cpu', noise_std=None):
         forward_model.load_state_dict(ckpt['forward'])
         forward_model.to(device).eval()
     elif isinstance(ckpt, dict) and any(k.endswith('proj_in.weight') for k in ckpt):
-        model, forward_model = load_ml_tarflow(ckpt, noise_std=0.05 if noise_std is None else noise_std), None
+        try:
+            model, forward_model = load_ml_tarflow(ckpt, ml_tarflow_sigma(path, noise_std, verbose)), None
+        except ValueError as e:
+            raise ValueError(f'--ckpt {path}: {e}') from None
     else:
         raise ValueError(f'--ckpt {path}: neither a train.py checkpoint nor an ml-tarflow state dict')
     if noise_std is not None and isinstance(model, TarFlow):
@@ -181,7 +203,8 @@ def main(argv=None):
       'stream; != 1 gives guidance for unconditional models')
     a('--denoise', action=argparse.BooleanOptionalAction, default=True,
       help='TarFlow: Tweedie denoising x + sigma^2 grad log p(x) after the exact inverse')
-    a('--noise_std', type=float, default=None, help='ml-tarflow state dicts: the sigma it was trained with (0.05)')
+    a('--noise_std', type=float, default=None, help='the sigma the model was trained with: overrides a checkpoint\'s; '
+      'needed for ml-tarflow state dicts unless their file name ends in it (afhq_model_8_768_8_8_0.07.pth)')
     a('--labels', default=None, help='comma-separated class labels (cycled), instead of uniformly random ones')
     a('--inpaint', default=None, help='image to complete: keep the noise of the known tokens, redraw the rest')
     a('--mask', default=None, help='with --inpaint: image of the same size, white = region to regenerate')
@@ -191,17 +214,29 @@ def main(argv=None):
     a('--seed', type=int, default=0, help='noise and label seed')
     a('--device', default='auto', help="'auto', 'cpu' or 'cuda'")
     args = p.parse_args(argv)
+    if args.batch_size < 1:
+        p.error(f'--batch_size {args.batch_size}: must be an integer >= 1')
+    if args.num_samples is not None and args.num_samples < 1:
+        p.error(f'--num_samples {args.num_samples}: must be an integer >= 1')
+    labels = None
+    if args.labels:
+        try:
+            labels = torch.tensor([int(s) for s in args.labels.split(',')])
+        except ValueError:
+            p.error(f'--labels {args.labels}: expected comma-separated integer class labels (0 .. num_classes-1)')
 
     rank, world, device = setup_distributed(args.device)
+    if rank == 0:  # before loading and sampling: a FID-50K run must not end in a path it cannot write
+        for flag, path in (('--out', args.out), ('--npz', args.npz)):
+            if path is not None:
+                check_writable(path, flag)
     if device.type == 'cuda':
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    model, forward_model = load_models(args.ckpt, device, args.noise_std)
+    model, forward_model = load_models(args.ckpt, device, args.noise_std, verbose=rank == 0)
     ncls = model.cfg.num_classes
     kw = dict(guidance=args.cfg, cfg_mode=args.cfg_mode, ramp=args.ramp, attn_temp=args.attn_temp,
               denoise=args.denoise)
-    labels = None
-    if args.labels:
-        labels = torch.tensor([int(s) for s in args.labels.split(',')])
+    if labels is not None:
         if ncls == 0 or labels.min() < 0 or labels.max() >= ncls:
             p.error(f'--labels {args.labels}: the model has {ncls} classes')
 
@@ -246,11 +281,11 @@ def main(argv=None):
         assert len(imgs) == n, (len(imgs), n)
         if bad:
             print(f'WARNING: {bad} of {n} samples had non-finite values (kept, written as grey pixels)')
-        save_grid(imgs[:min(n, 100)], args.out, nrow=10 if ncls else 8)
-        print(f'wrote {min(n, 100)} of {n} samples to {args.out}')
-        if args.npz:
+        if args.npz:  # first: the samples are the costly part, the grid is only a look at them
             atomic_write(args.npz, lambda f: np.savez(f, arr_0=imgs, arr_1=labs))
             print(f'wrote {args.npz}: arr_0 {imgs.shape} uint8, arr_1 labels ({"random" if args.labels is None else "given"})')
+        save_grid(imgs[:min(n, 100)], args.out, nrow=10 if ncls else 8)
+        print(f'wrote {min(n, 100)} of {n} samples to {args.out}')
         if args.fid:
             import fid
             r = fid.fid_from_samples(imgs, args.fid, fid.load_inception(args.inception, device), device)
