@@ -502,11 +502,20 @@ class BiFlow(nn.Module):
 
 @torch.no_grad()
 def inpaint(G: BiFlow, forward_model: TarFlow, x, redraw, y, noise, w=0.0, eps=None):
-    """Training-free inpainting (Eq. 6): z' = M * F(x) + (1 - M) * noise, decoded in one pass. x (B, C, H, W), redraw
-    (B, 1, H, W) True where pixels are to be regenerated; a token is kept only if none of its pixels is. -> (x', z')"""
+    """Training-free inpainting (Eq. 6): z' = M * F(x_m) + (1 - M) * noise, decoded in one pass. x (B, C, H, W), redraw
+    (B, 1, H, W) True where pixels are to be regenerated; a token is kept only if none of its pixels is. -> (x', z')
+
+    x_m is the masked image: F must never see the pixels to be redrawn, because after the first token-order flip every
+    z token depends on every pixel, so encoding the full x would leak the hidden content into the kept tokens. The
+    hole is filled with the per-channel mean of that image's known pixels, not a constant: in the flipped order kept
+    tokens sit after the hole and are conditioned on it, and a fill of the image's own colour is closer to a plausible
+    completion than mid-grey (far off for a dark or saturated image), so their z stay closer to typical. The mean
+    reads known pixels only (0 if there are none), so x' and z' do not depend on the hidden ones at all."""
     fc = forward_model.cfg
     eps = torch.randn_like(x) if eps is None else eps
-    z, _, _ = forward_model(x + fc.noise_std * eps, y)
+    known = ~redraw.expand_as(x)
+    fill = torch.where(known, x, 0.).sum((2, 3), keepdim=True) / known.sum((2, 3), keepdim=True).clamp(min=1)
+    z, _, _ = forward_model(torch.where(known, x, fill) + fc.noise_std * eps, y)
     keep = ~patchify(redraw.float(), fc.patch_size).bool().any(-1, keepdim=True)   # (B, N, 1)
     z = torch.where(keep, z, noise)
     return G.decode(z, y, torch.full((len(z),), float(w), device=z.device), forward_model=forward_model), z
