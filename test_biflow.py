@@ -2,9 +2,10 @@
 Tests: exact flow math as properties on tiny shapes, the reverse model and its losses, training (DDP, resume),
 sampling and its files, the data pipeline, FID and the perceptual networks. CPU only, no network.
 
-    pytest test_biflow.py            # the whole suite, about a minute on 2 cores
+    pytest test_biflow.py            # the whole suite, about 3 minutes on 2 cores
     pytest test_biflow.py -k flow    # a part of it
 """
+import argparse
 import contextlib
 import importlib.util
 import io
@@ -27,12 +28,15 @@ import bench
 import fid
 import model
 import model as M
-from data import ArrayDataset, Digits, ImageFolder, Loader, build_dataset, epoch_flips, epoch_permutation, pack
+import sample
+import train
+from data import (ArrayDataset, Digits, ImageFolder, Loader, atomic_write, build_dataset, center_crop, epoch_flips,
+                  epoch_permutation, pack)
 from data import main as data_main
-from model import (LPIPS, BiFlow, ConvNeXtV2, FlowConfig, PerceptualLoss, TarFlow, adaptive, edit, inpaint,
+from model import (LPIPS, BiFlow, ConvNeXtV2, FlowConfig, PerceptualLoss, TarFlow, adaptive, align_targets, edit, inpaint,
                    load_ml_tarflow, paired_random_resized_crop, patchify, reverse_config_for, reverse_loss,
                    state_distance, unpatchify)
-from train import load_weights
+from train import ema_update, load_weights
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TINY = FlowConfig(img_size=8, in_channels=3, patch_size=2, channels=32, num_blocks=3, layers_per_block=2,
@@ -62,6 +66,11 @@ def naive_block_reverse(block, z, y=None, guidance=0.0, ramp=False, attn_temp=1.
             a, m = a + g * (a - au), m + g * (m - mu)
         x[:, i + 1] = x[:, i + 1] * torch.exp(a[:, i + 1]) + m[:, i + 1]
     return block.permute(x)
+
+
+def tiny_state_dict():
+    """Apple's ml-tarflow state dict of the test data: 8x8 RGB, patch 2 (token dim 12), width 64, 2 flows, 3 classes."""
+    return torch.load(os.path.join(HERE, 'testdata', 'ml_tarflow_tiny.pt'), weights_only=True)['state_dict']
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -207,6 +216,59 @@ def test_flow_ml_tarflow_import_rejects_bad_state_dicts():
         load_ml_tarflow(sd, noise_std=0.05)
 
 
+@torch.no_grad()
+def test_flow_block_0_is_in_raster_order_and_block_1_reversed():
+    f = make_flow()
+    assert [b.flip for b in f.blocks] == [t % 2 == 1 for t in range(TINY.num_blocks)]
+    x = torch.randn(2, TINY.num_tokens, TINY.token_dim)
+    y = torch.tensor([0, 1])
+    for t, first in [(0, 0), (1, TINY.num_tokens - 1)]:  # the token each block leaves unchanged, in raster order
+        block, last = f.blocks[t], TINY.num_tokens - 1 - first
+        z = block(x, y)[0]
+        assert torch.equal(z[:, first], x[:, first])
+        x2 = x.clone()
+        x2[:, last] += 1.0  # the last token in the block's order: no other token's output depends on it
+        z2 = block(x2, y)[0]
+        others = [i for i in range(TINY.num_tokens) if i != last]
+        assert torch.equal(z2[:, others], z[:, others]) and not torch.equal(z2[:, last], z[:, last])
+
+
+def test_flow_null_class_is_the_mean_class_embedding():
+    block = make_flow().blocks[0]
+    with torch.no_grad():
+        block.class_embed.normal_(0, 1.0)  # well apart from zero and from each other
+    mean = block.class_embed.mean(0)  # (1, D)
+    c = block.condition(torch.tensor([-1, 2, -1, 0]))
+    assert c.shape == (4, 1, TINY.channels)
+    for i in (0, 2):
+        assert torch.allclose(c[i], mean, atol=1e-6)
+    assert torch.equal(c[1], block.class_embed[2]) and torch.equal(c[3], block.class_embed[0])
+    assert torch.allclose(block.condition(None).expand(4, -1, -1), mean.expand(4, -1, -1), atol=1e-6)
+
+
+def test_ml_tarflow_import_names_the_damaged_tensor(tmp_path):
+    sd = tiny_state_dict()
+    w = sd['blocks.0.proj_out.weight']  # (2 x 12, 64)
+
+    def load(**changed):
+        return load_ml_tarflow({**sd, **{k.replace('__', '.'): v for k, v in changed.items()}}, noise_std=0.05)
+    for bad, shape in [(w[:-1], '(23, 64)'), (w.T, '(64, 24)')]:  # truncated, transposed: damaged, not VP
+        with pytest.raises(ValueError, match='proj_out') as e:
+            load(blocks__0__proj_out__weight=bad)
+        assert f'blocks.0.proj_out.weight has shape {shape}, expected (24, 64)' in str(e.value)
+        assert 'VP' not in str(e.value)
+    with pytest.raises(ValueError, match='VP models'):  # exactly d rows: the mean only, as ml-tarflow's VP models
+        load(blocks__0__proj_out__weight=w[:12])
+    with pytest.raises(ValueError, match=r'blocks.0.proj_out.weight has shape \(1536,\), expected a matrix'):
+        load(blocks__0__proj_out__weight=w.flatten())
+    with pytest.raises(ValueError, match=r'blocks.1.proj_out.weight.*\[23, 64\]'):  # another block: PyTorch's list
+        load(blocks__1__proj_out__weight=sd['blocks.1.proj_out.weight'][:-1])
+    # sample.py names the flag and the file too
+    torch.save({**sd, 'blocks.0.proj_out.weight': w[:-1]}, tmp_path / 'cut_0.05.pth')
+    msg = fails(sample_main, '--ckpt', tmp_path / 'cut_0.05.pth', '--out', tmp_path / 'g.png')
+    assert '--ckpt' in msg and 'cut_0.05.pth' in msg and 'blocks.0.proj_out.weight has shape (23, 64)' in msg
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # The reverse model and the stage-2 loss
 
@@ -335,6 +397,34 @@ def test_reverse_inpainting_keeps_the_noise_of_the_known_region_and_edit_runs():
     assert e.shape == x.shape and torch.isfinite(e).all()
 
 
+@torch.no_grad()
+def test_inpaint_does_not_see_the_redrawn_pixels():
+    f, g = make_pair()
+    for p in g.parameters():  # a fresh G has zero output layers and would decode every z to the same image
+        p.data.normal_(0, 0.1)
+    x, y, _, eps = batch()
+    redraw = torch.zeros(4, 1, 8, 8, dtype=torch.bool)
+    redraw[:, :, 2:6, 2:6] = True  # a hole in the middle: kept tokens before and after it in both token orders
+    other = torch.where(redraw, torch.randn(4, 3, 8, 8) * 3, x)  # same known pixels, anything in the hole
+    noise = torch.randn(4, TINY.num_tokens, TINY.token_dim)
+    out, z = inpaint(g, f, x, redraw, y, noise, 1.0, eps)
+    out2, z2 = inpaint(g, f, other, redraw, y, noise, 1.0, eps)
+    assert torch.equal(z, z2) and torch.equal(out, out2)
+    assert not torch.equal(z, noise)  # the kept tokens really come from the image
+
+
+def test_align_targets_pair_group_g_with_forward_state_T_minus_1_minus_g():
+    T = TINY.num_blocks
+    traj = [torch.full((2, TINY.num_tokens, TINY.token_dim), float(i)) for i in range(T + 1)]  # x^0 .. x^T = z
+    clean = torch.full_like(traj[0], -1.0)
+    for denoise, want in [('learned', [T - 1 - g for g in range(T)] + [-1]),          # last head: noisy x^0
+                          ('score', [T - 1 - g for g in range(T - 1)] + [0]),          # output: noisy x^0
+                          ('none', [T - 1 - g for g in range(T - 1)] + [0])]:
+        _, g = make_pair(denoise=denoise)
+        got = [t[0, 0, 0].item() for t in align_targets(g, traj, clean)]
+        assert got == want, (denoise, got)
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Training, sampling and their files (through the command lines)
 
@@ -351,12 +441,10 @@ def torchrun(script, args, cwd, port, check=True):
 
 
 def train_main(*args):
-    import train
     train.main([str(a) for a in args])
 
 
 def sample_main(*args):
-    import sample
     with torch.no_grad():
         sample.main([str(a) for a in args])
 
@@ -364,7 +452,7 @@ def sample_main(*args):
 def fails(fn, *args):
     """Run fn(*args) expecting a clean failure; return its message (argparse errors included)."""
     err = io.StringIO()
-    with contextlib.redirect_stderr(err), pytest.raises((SystemExit, ValueError, FileNotFoundError)) as e:
+    with contextlib.redirect_stderr(err), pytest.raises((SystemExit, ValueError, OSError)) as e:
         fn(*args)
     return f'{e.value} {err.getvalue()}'
 
@@ -374,7 +462,7 @@ def losses(path):
 
 
 QUICK = ['--batch_size', '8', '--log_every', '1', '--sample_every', '1000', '--ckpt_every', '2', '--lr', '1e-3',
-         '--warmup_steps', '2']
+         '--warmup_steps', '2', '--eval_samples', '16']
 
 
 @pytest.fixture(scope='module')
@@ -401,7 +489,7 @@ def test_train_checkpoints_have_the_documented_layout(trained):
 
 def test_train_forward_loss_falls_on_the_builtin_data(tmp_path):
     train_main('--out_dir', tmp_path, '--max_steps', 40, '--batch_size', 16, '--log_every', 10, '--sample_every',
-               1000, '--ckpt_every', 1000)
+               1000, '--ckpt_every', 1000, '--eval_samples', 16)
     rows = losses(tmp_path / 'forward_log.jsonl')
     assert rows[-1]['loss'] < rows[0]['loss'] - 0.5, rows
 
@@ -437,22 +525,12 @@ def test_train_resume_equals_training_straight_through(stage, trained, tmp_path)
     assert [r['step'] for r in b] == [1, 2, 3, 4]
     for ra, rb in zip(a, b):
         for k in ra:
-            if k not in ('img_per_s', 'lr'):
+            if k not in ('img_per_s', 'ms_per_step', 'lr'):
                 assert ra[k] == pytest.approx(rb[k], rel=1e-6, abs=1e-7), (k, ra, rb)
     ca = torch.load(tmp_path / f'a/{stage}.pt', weights_only=True)
     cb = torch.load(tmp_path / f'b/{stage}.pt', weights_only=True)
     assert all(torch.equal(ca['ema'][k], cb['ema'][k]) for k in ca['ema'])
     assert all(torch.equal(ca['model'][k], cb['model'][k]) for k in ca['model'])
-
-
-def test_train_non_finite_steps_are_skipped_and_counted(tmp_path):
-    train_main('--out_dir', tmp_path, '--max_steps', 2, *QUICK, '--noise_std', 'nan')   # every loss is NaN
-    rows = losses(tmp_path / 'forward_log.jsonl')
-    assert [r['skipped'] for r in rows] == [1, 2]
-    ck = torch.load(tmp_path / 'forward.pt', weights_only=True)
-    torch.manual_seed(0)   # train.py's --seed: the weights it started from
-    init = TarFlow(FlowConfig(**ck['model_config'])).state_dict()
-    assert all(torch.equal(init[k], ck['model'][k]) and torch.equal(init[k], ck['ema'][k]) for k in init)
 
 
 def test_train_bad_inputs_fail_clearly(tmp_path, trained):
@@ -524,17 +602,211 @@ def test_train_logs_a_labelled_fid_monitor(trained, tmp_path):
     train_main('--stage', 'reverse', '--forward_ckpt', trained / 'forward.pt', '--out_dir', tmp_path, '--max_steps', 2,
                *QUICK, '--fid_ref', ref, '--fid_every', 2, '--fid_samples', 12)
     rows = [json.loads(line) for line in open(tmp_path / 'reverse_log.jsonl')]
-    fid_rows = [r for r in rows if 'fid12' in r]
-    assert len(fid_rows) == 1 and fid_rows[0]['step'] == 2 and np.isfinite(fid_rows[0]['fid12'])
+    fid_rows = [r for r in rows if 'fid' in r]   # one key whatever the sample count
+    assert len(fid_rows) == 1 and fid_rows[0]['step'] == 2 and np.isfinite(fid_rows[0]['fid'])
+    assert fid_rows[0]['fid_samples'] == 12
 
 
 def test_sample_counts_non_finite_samples():
-    import sample
     f = make_flow()
     with torch.no_grad():
         f.blocks[-1].proj_out.bias[:TINY.token_dim].fill_(1e4)   # exp(alpha) overflows in the exact inverse
     imgs, labels, bad = sample.sample_shard(f, None, 3, 0, 1, 0, 2, denoise=False)
     assert bad == 3 and imgs.shape == (3, 8, 8, 3) and imgs.dtype == np.uint8 and labels.shape == (3,)
+
+
+def test_ema_update_moves_the_average_towards_the_model():
+    ema, model = nn.Linear(3, 2), nn.Linear(3, 2)
+    for p in ema.parameters():
+        p.data.fill_(1.0)
+    for p in model.parameters():
+        p.data.fill_(3.0)
+    ema_update(ema, model, 0.75)  # 0.75 * 1 + 0.25 * 3 (an inverted update would give 0.25 * 1 + 0.75 * 3 = 2.5)
+    assert all(torch.allclose(p, torch.full_like(p, 1.5)) for p in ema.parameters())
+    assert all(torch.equal(p, torch.full_like(p, 3.0)) for p in model.parameters())
+
+
+def test_train_unlabelled_data_needs_an_unconditional_model(tmp_path):
+    np.savez(tmp_path / 'u.npz', arr_0=np.random.default_rng(0).integers(0, 256, (16, 16, 16, 3), dtype=np.uint8))
+    msg = fails(train_main, '--data', tmp_path / 'u.npz', '--out_dir', tmp_path / 'a', '--max_steps', 1, *QUICK)
+    assert 'has no labels' in msg and '--num_classes 0' in msg
+    train_main('--data', tmp_path / 'u.npz', '--num_classes', 0, '--out_dir', tmp_path / 'b', '--max_steps', 1, *QUICK)
+    ck = torch.load(tmp_path / 'b/forward.pt', weights_only=True)
+    assert ck['model_config']['num_classes'] == 0 and ck['train_config']['num_classes'] == 0
+    assert not any('class_embed' in k for k in ck['model'])
+
+
+def test_train_never_replaces_an_earlier_run_unless_asked(tmp_path):
+    train_main('--out_dir', tmp_path, '--max_steps', 2, *QUICK)
+    before = (tmp_path / 'forward_log.jsonl').read_text()
+    msg = fails(train_main, '--out_dir', tmp_path, '--max_steps', 2, *QUICK)
+    assert 'forward.pt exists' in msg and '--resume' in msg and '--overwrite' in msg
+    assert (tmp_path / 'forward_log.jsonl').read_text() == before   # nothing touched
+    train_main('--out_dir', tmp_path, '--max_steps', 1, *QUICK, '--overwrite')
+    assert [r['step'] for r in losses(tmp_path / 'forward_log.jsonl')] == [1]
+    assert torch.load(tmp_path / 'forward.pt', weights_only=True)['step'] == 1
+    assert 'one of them' in fails(train_main, '--out_dir', tmp_path, '--resume', tmp_path / 'forward.pt', '--overwrite')
+
+
+def test_train_resume_takes_the_saved_settings_and_refuses_contradictions(tmp_path):
+    train_main('--out_dir', tmp_path, '--max_steps', 4, *QUICK, '--stop_at', 2, '--noise_std', 0.1)
+    ck = tmp_path / 'forward.pt'
+    for args, flag, new, old in [(['--lr', 0.1], '--lr', '0.1', '0.001'), (['--batch_size', 16], '--batch_size', 16, 8),
+                                 (['--noise_std', 0.05], '--noise_std', 0.05, 0.1),
+                                 (['--preset', 'imagenet64'], '--preset', 'imagenet64', 'cpu'),
+                                 (['--max_steps', 10], '--max_steps', 10, 4)]:
+        msg = fails(train_main, '--resume', ck, *args)
+        assert f'{flag} {new} (the checkpoint has {old})' in msg, msg
+    assert 'is a forward checkpoint, but --stage is reverse' in fails(train_main, '--resume', ck, '--stage', 'reverse')
+    # only --resume: everything else (out_dir, batch size, lr, sigma, ...) comes from the checkpoint
+    train_main('--resume', ck, '--log_every', 2)   # a safe flag may change
+    saved = torch.load(ck, weights_only=True)
+    assert saved['step'] == 4 and saved['train_config']['noise_std'] == 0.1 and saved['train_config']['log_every'] == 2
+    assert 'the run is complete (step 4 of --max_steps 4)' in fails(train_main, '--resume', ck)
+    train_main('--out_dir', tmp_path / 'b', '--max_steps', 4, *QUICK, '--stop_at', 3)
+    assert 'already at step 3' in fails(train_main, '--resume', tmp_path / 'b/forward.pt', '--stop_at', 2)
+
+
+def test_train_resume_after_a_crash_logs_each_step_once(tmp_path):
+    train_main('--out_dir', tmp_path, '--max_steps', 4, *QUICK, '--stop_at', 2)
+    log = tmp_path / 'forward_log.jsonl'
+    with open(log, 'a') as f:   # a crash after logging step 3, before its checkpoint
+        f.write(json.dumps({'step': 3, 'loss': 99.0}) + '\n')
+    train_main('--resume', tmp_path / 'forward.pt')
+    rows = losses(log)
+    assert [r['step'] for r in rows] == [1, 2, 3, 4] and rows[2]['loss'] != 99.0
+
+
+def test_train_stops_a_diverged_run_without_saving_it(tmp_path, monkeypatch):
+    real = train.forward_loss
+
+    def nan_loss(*a, **k):   # every step non-finite, as after a divergence
+        loss, nll, traj = real(*a, **k)
+        return loss * float('nan'), nll, traj
+    monkeypatch.setattr(train, 'forward_loss', nan_loss)
+    with pytest.raises(SystemExit, match='3 non-finite steps in a row .--max_skips 3.*diverged'):
+        train_main('--out_dir', tmp_path, '--max_steps', 10, *QUICK, '--max_skips', 3, '--ckpt_every', 1)
+    assert [r['skipped'] for r in losses(tmp_path / 'forward_log.jsonl')] == [1, 2]  # the third step raised
+    assert not (tmp_path / 'forward.pt').exists()   # no checkpoint of a diverged run
+
+
+def test_train_logs_held_out_bits_per_dim(tmp_path):
+    train_main('--out_dir', tmp_path, '--max_steps', 2, *QUICK, '--eval_every', 1, '--eval_samples', 8)
+    rows = [json.loads(line) for line in open(tmp_path / 'forward_log.jsonl')]
+    val = [r for r in rows if 'val_bpd' in r]
+    assert [r['step'] for r in val] == [1, 2] and all(0 < r['val_bpd'] < 16 for r in val)
+    assert not any('bpd' in r for r in losses(tmp_path / 'forward_log.jsonl'))  # Gaussian noise: no bin constant
+
+
+def test_train_held_out_bits_per_dim_ignores_batching():
+    from data import Digits
+    from model import PRESETS, TarFlow
+    torch.manual_seed(0)
+    m, ds, ctx = TarFlow(PRESETS['cpu']), Digits(16, 'val'), torch.autocast('cpu', enabled=False)
+    a = train.heldout_bits_per_dim(m, ds, 12, 5, 0, 1, torch.device('cpu'), ctx)
+    b = train.heldout_bits_per_dim(m, ds, 12, 12, 0, 1, torch.device('cpu'), ctx)
+    assert a == pytest.approx(b, rel=1e-6)
+    # an untrained flow (near identity on pixels in [-1, 1]) has about 8 bits/dim: log2(256) for uniform data
+    assert 6 < a < 10
+
+
+def test_train_paper_presets_do_not_clip_gradients():
+    for name in ('imagenet64', 'imagenet64-1024', 'imagenet64-p4', 'imagenet128', 'afhq256'):
+        args, _ = train.get_args(['--preset', name])
+        assert train.fill_preset_defaults(args).grad_clip == 0 and train.TRAIN_PRESETS[name]['lr'] == 1e-4
+    assert train.fill_preset_defaults(train.get_args([])[0]).grad_clip == 1.0   # the CPU run at lr 2e-3
+
+
+@pytest.mark.parametrize('args,flag', [
+    (['--log_every', 0], '--log_every 0'), (['--ckpt_every', 0], '--ckpt_every 0'),
+    (['--max_steps', -1], '--max_steps -1'), (['--batch_size', 0], '--batch_size 0'),
+    (['--label_drop', 1.5], '--label_drop 1.5'), (['--lr', 'nan'], '--lr nan'), (['--max_skips', 0], '--max_skips 0')])
+def test_train_bad_numbers_are_argparse_errors(tmp_path, args, flag):
+    msg = fails(train_main, '--out_dir', tmp_path, *args)
+    assert f'error: {flag}: must be' in msg, msg
+    assert not os.listdir(tmp_path)
+
+
+def test_train_labels_are_dropped_at_the_requested_rate():
+    x, y = torch.zeros(4000, 3, 2, 2), torch.randint(10, (4000,))
+    for p in (0.0, 0.1, 0.5):
+        args = argparse.Namespace(batch_size=4000, seed=0, label_drop=p, stage='reverse', guidance_mode='train', w_max=3.0)
+        eps, yd, w = train.step_inputs(args, 0, x, y, 10, 0, 1)
+        dropped = yd < 0
+        assert abs(dropped.float().mean().item() - p) < 0.03 and torch.equal(yd[~dropped], y[~dropped])
+        assert (w[dropped] == 0).all() and eps.shape == x.shape
+    assert train.step_inputs(args, 0, x, y, 0, 0, 1)[1] is None   # unconditional: no labels at all
+
+
+def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
+    path = tmp_path / 'ck.pt'
+    atomic_write(str(path), lambda f: f.write(b'old'))
+
+    def broken(f):
+        f.write(b'half')
+        raise OSError(28, 'No space left on device')
+    with pytest.raises(OSError, match='No space'):
+        atomic_write(str(path), broken)
+    assert path.read_bytes() == b'old' and os.listdir(tmp_path) == ['ck.pt']   # no temporary left behind
+
+
+def test_sample_checks_output_paths_before_loading_or_sampling(tmp_path, monkeypatch):
+    torch.save(tiny_state_dict(), tmp_path / 'tiny.pth')
+    monkeypatch.setattr(sample, 'load_models', lambda *a, **k: pytest.fail('loaded before checking the outputs'))
+    monkeypatch.setattr(sample, 'sample_shard', lambda *a, **k: pytest.fail('sampled before checking the outputs'))
+    base = ['--ckpt', tmp_path / 'tiny.pth', '--noise_std', 0.05, '--num_samples', 3]
+    msg = fails(sample_main, *base, '--out', tmp_path / 'g.png', '--npz', tmp_path / 'nope' / 's.npz')
+    assert '--npz' in msg and 'nope' in msg
+    msg = fails(sample_main, *base, '--out', tmp_path / 'nope' / 'g.png')
+    assert '--out' in msg and 'nope' in msg
+    msg = fails(sample_main, *base, '--out', tmp_path)  # a folder
+    assert '--out' in msg and 'is a folder' in msg
+
+
+def test_sample_writes_the_npz_before_the_grid(tmp_path, monkeypatch):
+    torch.save(tiny_state_dict(), tmp_path / 'tiny.pth')
+
+    def unwritable(*a, **k):
+        raise OSError('disk full')
+    monkeypatch.setattr(sample, 'save_grid', unwritable)  # --out breaks after the check, at the very end
+    with pytest.raises(OSError, match='disk full'):
+        sample_main('--ckpt', tmp_path / 'tiny.pth', '--noise_std', 0.05, '--num_samples', 3, '--labels', '1',
+                    '--npz', tmp_path / 's.npz', '--out', tmp_path / 'g.png')
+    s = np.load(tmp_path / 's.npz')  # the samples survive
+    assert s['arr_0'].shape == (3, 8, 8, 3) and list(s['arr_1']) == [1, 1, 1]
+
+
+def test_sample_ml_tarflow_sigma_from_file_name_or_noise_std(tmp_path, capsys):
+    sd = tiny_state_dict()
+    for name, sigma in [('afhq_model_8_768_8_8_0.07.pth', 0.07), ('imagenet_model_4_1024_8_8_0.15.pth', 0.15)]:
+        torch.save(sd, tmp_path / name)
+        model, _ = sample.load_models(str(tmp_path / name))
+        assert model.cfg.noise_std == pytest.approx(sigma)
+        assert f'sigma = {sigma} (from the file name)' in capsys.readouterr().out
+    # both given and different: --noise_std wins, with a note
+    model, _ = sample.load_models(str(tmp_path / 'afhq_model_8_768_8_8_0.07.pth'), noise_std=0.1)
+    out = capsys.readouterr().out
+    assert model.cfg.noise_std == pytest.approx(0.1)
+    assert 'note: --noise_std 0.1 overrides the sigma 0.07' in out and 'sigma = 0.1 (from --noise_std)' in out
+    # no sigma anywhere: an error that says what to pass, not 0.05
+    torch.save(sd, tmp_path / 'tiny.pth')
+    assert '--noise_std' in fails(sample.load_models, str(tmp_path / 'tiny.pth'))
+    msg = fails(sample_main, '--ckpt', tmp_path / 'tiny.pth', '--num_samples', 2, '--out', tmp_path / 'g.png')
+    assert '--ckpt' in msg and 'tiny.pth' in msg and '--noise_std' in msg
+    sample_main('--ckpt', tmp_path / 'tiny.pth', '--noise_std', 0.05, '--num_samples', 2, '--out', tmp_path / 'g.png')
+    assert 'sigma = 0.05 (from --noise_std)' in capsys.readouterr().out
+    with pytest.raises(TypeError, match='noise_std'):  # the library call has no default either
+        load_ml_tarflow(sd)
+
+
+@pytest.mark.parametrize('args,flag,allowed', [
+    (['--batch_size', 0], '--batch_size', '>= 1'), (['--batch_size', -1], '--batch_size', '>= 1'),
+    (['--num_samples', 0], '--num_samples', '>= 1'), (['--num_samples', -3], '--num_samples', '>= 1'),
+    (['--labels', 'a,b'], '--labels', 'integer'), (['--labels', '1,,2'], '--labels', 'integer')])
+def test_sample_bad_numbers_are_argparse_errors(tmp_path, args, flag, allowed):
+    torch.save(tiny_state_dict(), tmp_path / 'tiny.pth')
+    msg = fails(sample_main, '--ckpt', tmp_path / 'tiny.pth', '--noise_std', 0.05, '--out', tmp_path / 'g.png', *args)
+    assert f'error: {flag} {args[1]}: ' in msg and allowed in msg, msg
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -597,7 +869,7 @@ def test_data_loader_batch_contents_and_rollover():
     L = Loader(ds, 8, seed=3)
     assert L.steps_per_epoch == 6
     batches = _take(L, 7)
-    assert L.state_dict() == {'epoch': 1, 'step': 1}
+    assert L.state_dict() == {'epoch': 1, 'step': 1, 'n': 50}
     for s, (x, y) in enumerate(batches):
         e, s = divmod(s, 6)
         idx = epoch_permutation(50, 3, e)[s * 8:(s + 1) * 8]
@@ -627,11 +899,13 @@ def test_data_loader_resume_equals_uninterrupted():
     first = Loader(ds, 8, seed=2, flip=True)
     _take(first, 5)
     state = first.state_dict()
-    assert state == {'epoch': 0, 'step': 5}
+    assert state == {'epoch': 0, 'step': 5, 'n': 50}
     resumed = Loader(ds, 8, seed=2, flip=True)
     resumed.load_state_dict(state)
     for a, b in zip(full[5:], _take(resumed, 7)):
         assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    with pytest.raises(ValueError, match='dataset of 50 items, but --data has 60'):   # a position in other data
+        Loader(_Ramp(60), 8).load_state_dict(state)
 
 
 def test_data_loader_flip_deterministic():
@@ -748,6 +1022,16 @@ def test_data_imagefolder_errors(tmp_path):
     (noimg / 'cls' / 'readme.txt').write_text('hi')
     with pytest.raises(ValueError, match='noimg'):
         ImageFolder(str(noimg), 8)
+
+
+def test_center_crop_offset_rounds_down():
+    size = 8
+    for h, w, rows, cols in [(8, 11, slice(0, 8), slice(1, 9)), (11, 8, slice(1, 9), slice(0, 8))]:
+        # the short side is already `size`, so the resize is a no-op; 11 - 8 = 3 is odd: offset 1, not 2
+        idx = np.arange(h * w).reshape(h, w)  # every pixel distinct
+        arr = np.stack([idx, 255 - idx, idx * 7 % 256], -1).astype(np.uint8)
+        out = center_crop(Image.fromarray(arr), size)
+        assert out.shape == (8, 8, 3) and np.array_equal(out, arr[rows, cols])
 
 
 # ----------------------------------------------------------------------------- array files
@@ -1242,6 +1526,74 @@ def test_fid_weight_loading_errors_and_search_order(fid_offline, monkeypatch):
     model = fid.load_inception(download=True)  # present in the cache, so no download is attempted
     assert model.fc is not None and not model.training
     assert torch.equal(model.fc.weight, sd['fc.weight'])
+
+
+def printed_fid(out):
+    """The number after 'FID ' in fid.py's output."""
+    return float(out.split('FID ')[1].split()[0])
+
+
+def test_fid_is_never_negative(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    for n in (200, 40):  # full rank and singular: a set against itself is 0 up to round-off, never below
+        mu, s = rng.standard_normal(64), _spd(64, n, n)
+        assert fid.frechet_distance(mu, s, mu, s) >= 0
+    # a covariance with a round-off-sized negative eigenvalue (accepted, see below) made the unclamped formula
+    # -2e-7 here, far from the last digits, printed 'FID -0.0000'
+    s = np.diag([1.0, 1.0, -1e-7])
+    assert 0 <= fid.frechet_distance(np.zeros(3), s, np.zeros(3), s) < 1e-6
+    fid.save_stats(tmp_path / 'a.npz', np.zeros(3), s, 40)
+    fid.main([str(tmp_path / 'a.npz'), str(tmp_path / 'a.npz')])
+    out = capsys.readouterr().out
+    assert '-0.0000' not in out and 0 <= printed_fid(out) < 1e-4
+
+
+def test_fid_rejects_a_covariance_that_is_not_positive_semi_definite(tmp_path):
+    with pytest.raises(ValueError, match='first statistics: sigma is not positive semi-definite.*smallest eigenvalue -1'):
+        fid.frechet_distance(np.zeros(4), -np.eye(4), np.zeros(4), np.eye(4))
+    with pytest.raises(ValueError, match='second statistics: sigma is not positive semi-definite.*smallest eigenvalue -2'):
+        fid.frechet_distance(np.zeros(2), np.eye(2), np.zeros(2), np.diag([1.0, -2.0]))
+    # round-off-sized negative eigenvalues (relative 1e-9) are tolerated: the distance is that of diag(1, 0)
+    assert fid.frechet_distance(np.zeros(2), np.diag([1.0, -1e-9]), np.zeros(2), np.diag([4.0, 0.0])) == \
+        pytest.approx(1.0, abs=1e-6)
+    # through the CLI, the error names the file
+    fid.save_stats(tmp_path / 'good.npz', np.zeros(4), np.eye(4), 40)
+    fid.save_stats(tmp_path / 'bad.npz', np.zeros(4), -np.eye(4), 40)
+    msg = fails(fid.main, [str(tmp_path / 'good.npz'), str(tmp_path / 'bad.npz')])
+    assert 'bad.npz: sigma is not positive semi-definite' in msg and 'smallest eigenvalue -1' in msg
+
+
+def test_fid_rejects_stats_files_that_are_not_covariances(tmp_path):
+    p = lambda name: str(tmp_path / name)
+    np.savez(p('asym.npz'), mu=np.zeros(2), sigma=np.array([[1.0, 0.5], [0.0, 1.0]]))
+    with pytest.raises(ValueError, match=r'asym.npz: sigma is not symmetric \(max \|sigma - sigma\^T\| = 0.5\)'):
+        fid.load_stats(p('asym.npz'))
+    with pytest.raises(ValueError, match='second statistics: sigma is not symmetric'):  # the API checks it too
+        fid.frechet_distance(np.zeros(2), np.eye(2), np.zeros(2), np.array([[1.0, 0.5], [0.0, 1.0]]))
+    np.savez(p('nan.npz'), mu=np.zeros(2), sigma=np.array([[1.0, np.nan], [np.nan, 1.0]]))
+    with pytest.raises(ValueError, match=r'nan.npz: mu must be \(D,\) and sigma \(D,D\), finite'):
+        fid.load_stats(p('nan.npz'))
+    np.savez(p('shape.npz'), mu=np.zeros(2), sigma=np.eye(3))
+    with pytest.raises(ValueError, match=r'shape.npz: mu must be \(D,\) and sigma \(D,D\), finite; got \(2,\) and \(3, 3\)'):
+        fid.load_stats(p('shape.npz'))
+
+
+def test_fid_warns_when_the_sample_counts_differ(tmp_path):
+    mu, sigma = np.zeros(3), np.eye(3)
+    fid.save_stats(tmp_path / 'a40.npz', mu, sigma, 40)
+    fid.save_stats(tmp_path / 'b50.npz', mu, sigma, 50)
+    fid.save_stats(tmp_path / 'c40.npz', mu, sigma, 40)
+    fid.save_stats(tmp_path / 'adm.npz', mu, sigma)  # reference statistics without a count: nothing to compare
+    with pytest.warns(UserWarning, match=r'40 images .*a40.npz.* with 50 .*b50.npz.*biased by the sample count'):
+        fid.main([str(tmp_path / 'a40.npz'), str(tmp_path / 'b50.npz')])
+    np.savez(tmp_path / 'ref30.npz', arr_0=_images(30, seed=1))
+    with pytest.warns(UserWarning, match=r'40 images \(samples\) with 30'):
+        r = fid.fid_from_samples(_images(40), str(tmp_path / 'ref30.npz'), inception=_FakeInception())
+    assert r['fid'] > 0  # a warning, not a failure
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        fid.main([str(tmp_path / 'a40.npz'), str(tmp_path / 'c40.npz')])
+        fid.main([str(tmp_path / 'a40.npz'), str(tmp_path / 'adm.npz')])
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -159,7 +159,8 @@ def resume_args(args, explicit, ckpt, path):
     if bad:
         raise ValueError(f'--resume {path}: a resume continues the saved run, but ' + '; '.join(bad) + '. Only these '
                          f'may change: {", ".join("--" + k for k in sorted(RESUME_SAFE - {"resume"}))}')
-    merged = {**vars(args), **{k: v for k, v in saved.items() if k in vars(args)}}   # keys added since keep defaults
+    per_job = {'resume', 'stop_at', 'overwrite'}   # belong to one invocation, never taken from the checkpoint
+    merged = {**vars(args), **{k: v for k, v in saved.items() if k in vars(args) and k not in per_job}}
     merged.update({k: getattr(args, k) for k in explicit})
     merged['stage'] = ckpt['kind']
     return argparse.Namespace(**merged)
