@@ -24,10 +24,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from data import atomic_write
-from model import PRESETS, BiFlow, TarFlow, reverse_config_for, reverse_loss, unpatchify
+from data import HelpFormatter, atomic_write
+from model import PRESETS, ReverseModel, TarFlow, reverse_config_for, reverse_loss, unpatchify
 from sample import generate
-from train import ema_update
+from train import ema_update, guidance_scales
 
 GUIDANCE = 1.0  # w of the guided rows; any w != 0 costs the same
 ROWS = {  # key: label. Training rows run at --batch_size, sampling rows at each of --sample_batches
@@ -60,7 +60,7 @@ ESTIMATE = dict(preset='imagenet64', gpu='H100 SXM', peak=989e12, mfu=0.4, gpus=
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     a = p.add_argument
     a('--preset', choices=sorted(PRESETS), default='cpu', help='model size (model.PRESETS); G from REVERSE_PRESETS')
     a('--device', default='auto', help="'auto' (cuda if available), 'cpu' or 'cuda'")
@@ -72,7 +72,7 @@ def get_args(argv=None):
     a('--budget', type=float, default=10.0, help='seconds per row after which timing stops (once 3 calls are in)')
     a('--dtype', choices=['auto', 'bf16', 'fp32'], default='auto', help='autocast dtype of every row; auto = bf16 '
       'on CUDA as train.py (sample.py samples in fp32: pass fp32 for its speed)')
-    a('--compile', action='store_true', help="torch.compile both training steps and G's one pass. The exact "
+    a('--compile', action=argparse.BooleanOptionalAction, default=False, help="torch.compile both training steps and G's one pass. The exact "
       "inverse stays eager: its single-token step slices the KV cache at the token's position, so it would recompile "
       "for every token")
     a('--threads', type=int, default=None, help="CPU threads; default 1 on CPU, for stable timings on a shared "
@@ -221,7 +221,7 @@ def main(argv=None):
     for block in fwd.blocks:
         torch.nn.init.normal_(block.proj_out.weight, std=0.2 / math.sqrt(cfg.channels))
     fwd.to(device).eval().requires_grad_(False)
-    rev = BiFlow(rcfg).to(device).eval()
+    rev = ReverseModel(rcfg).to(device).eval()
     nparams = {'forward': sum(p.numel() for p in fwd.parameters()), 'reverse': sum(p.numel() for p in rev.parameters())}
     if args.compile:
         rev.compile()  # in place, so that G.decode's self(...) runs the compiled forward
@@ -277,12 +277,11 @@ def main(argv=None):
                 fwd.nll(x + cfg.noise_std * eps, y)
         run('nll', B, nll)
     if 'rev_train' in args.rows:
-        model = BiFlow(rcfg).to(device).train()
+        model = ReverseModel(rcfg).to(device).train()
         if args.compile:
             model.compile()
         yr = y if ncls else torch.zeros(B, dtype=torch.long, device=device)
-        u = torch.rand(B, 2, device=device)  # train.py's draw: a quarter at w = 0, the rest uniform in [0, 3]
-        w = torch.where(u[:, 0] < 0.25, 0.0, 3.0 * u[:, 1])
+        w = guidance_scales(torch.rand(B, 2, device=device), 3.0)   # train.py's draw
         run('rev_train', B, train_step(model, lambda m: reverse_loss(m, fwd, x, yr, w, eps)[0], ctx, device))
         del model
 
@@ -309,9 +308,9 @@ def main(argv=None):
             'inverse_cfg_denoise': lambda: generate(fwd, None, z, yb, GUIDANCE, denoise=True),
             'naive': lambda: naive_reverse(fwd, z, yb, 0.0),
             'naive_cfg': lambda: naive_reverse(fwd, z, yb, GUIDANCE),
-            'nfe1': lambda: generate(rev, fwd, z, yb, 0.0, cfg_mode='train'),
-            'nfe1_cfg': lambda: generate(rev, fwd, z, yb, GUIDANCE, cfg_mode='train'),
-            'cfg_infer': lambda: generate(rev, fwd, z, yb, GUIDANCE, cfg_mode='inference'),
+            'nfe1': lambda: generate(rev, fwd, z, yb, 0.0, guidance_mode='train'),
+            'nfe1_cfg': lambda: generate(rev, fwd, z, yb, GUIDANCE, guidance_mode='train'),
+            'cfg_infer': lambda: generate(rev, fwd, z, yb, GUIDANCE, guidance_mode='inference'),
         }
         for key, fn in fns.items():
             if key in args.rows:

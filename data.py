@@ -12,9 +12,11 @@ and rank r takes the contiguous slice [r*b:(r+1)*b] of it, b = B // world_size.
 """
 import argparse
 import hashlib
+import math
 import os
 import random
 import tempfile
+import time
 import warnings
 
 import numpy as np
@@ -75,6 +77,48 @@ def check_writable(path: str, flag: str) -> None:
             pass
     except OSError as e:
         raise PermissionError(f'{flag} {path}: cannot write in {folder} ({e.strerror})') from e
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """--help as the scripts want it: the module docstring as written, and every flag's default."""
+
+
+class Progress:
+    """One line every `every` seconds on long work: 'what done/total (pct) | rate/s | ETA'; silent if not enabled
+    (ranks other than 0)."""
+
+    def __init__(self, total: int, what: str, enabled: bool = True, every: float = 30.0):
+        self.total, self.what, self.enabled, self.every = total, what, enabled, every
+        self.t0 = self.last = time.time()
+
+    def update(self, done: int) -> None:
+        now = time.time()
+        if not self.enabled or (now - self.last < self.every and done < self.total):
+            return
+        self.last = now
+        rate = done / max(now - self.t0, 1e-9)
+        print(f'{self.what} {done}/{self.total} ({100 * done / max(self.total, 1):.0f}%) | {rate:.1f}/s | '
+              f'ETA {hms((self.total - done) / max(rate, 1e-9))}', flush=True)
+
+
+def hms(seconds: float) -> str:
+    """A duration as h:mm:ss."""
+    s = round(seconds)
+    return f'{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}'
+
+
+def save_grid(images: np.ndarray, path: str, nrow: int, min_side: int = 64) -> None:
+    """uint8 images (B, H, W, C) -> one PNG, nrow per row with 2-pixel white borders, written atomically. Images
+    smaller than min_side are enlarged by an integer factor (nearest neighbour), so 16-pixel samples can be seen."""
+    s = max(1, min_side // images.shape[1])
+    images = images.repeat(s, axis=1).repeat(s, axis=2)
+    B, H, W, C = images.shape
+    rows = math.ceil(B / nrow)
+    grid = np.full((rows * (H + 2) + 2, nrow * (W + 2) + 2, C), 255, np.uint8)
+    for i, im in enumerate(images):
+        r, c = divmod(i, nrow)
+        grid[2 + r * (H + 2):2 + r * (H + 2) + H, 2 + c * (W + 2):2 + c * (W + 2) + W] = im
+    atomic_write(path, lambda f: Image.fromarray(grid.squeeze(-1) if C == 1 else grid).save(f, format='PNG'))
 
 
 def read_torch_file(path: str, flag: str):
@@ -335,14 +379,13 @@ def pack(src_dir: str, out: str, img_size: int, num_workers: int = 0, split: str
     # .npy is written through a memmap so ImageNet never has to fit in RAM
     images = (np.lib.format.open_memmap(tmp, 'w+', np.uint8, shape) if out.endswith('.npy')
               else np.empty(shape, np.uint8))
-    labels, bad = ds.targets[:n].copy(), []
+    labels, bad, progress = ds.targets[:n].copy(), [], Progress(n, 'packed')
     for i, arr, _ in DataLoader(_Indexed(ds, n), batch_size=None, num_workers=num_workers, collate_fn=_identity):
         if arr is None:
             bad.append(i)
         else:
             images[i] = arr
-        if (i + 1) % 10000 == 0:
-            print(f"packed {i + 1}/{n}")
+        progress.update(i + 1)
     if len(bad) == n:
         raise RuntimeError(f"pack: no image in {src_dir!r} could be read")
     # unreadable rows get ImageFolder's substitute (next readable file, its label), so the packed array serves
@@ -465,18 +508,12 @@ class Loader:
 # command line
 
 
-def save_grid(ds, out: str, per_class: int = 10, max_classes: int = 10, scale: int = 1) -> None:
+def show(ds, out: str, per_class: int = 10, max_classes: int = 10) -> None:
     """A PNG with one row per class (first items of each class), or the first items if unlabelled."""
     k = max(1, min(ds.num_classes, max_classes))
     rows = [np.flatnonzero(ds.targets == c)[:per_class] if ds.num_classes else
             np.arange(c * per_class, min(len(ds), (c + 1) * per_class)) for c in range(k)]
-    S = ds.img_size
-    grid = np.zeros((k * S, per_class * S, 3), np.uint8)
-    for r, idx in enumerate(rows):
-        for c, i in enumerate(idx):
-            grid[r * S:(r + 1) * S, c * S:(c + 1) * S] = ds[int(i)][0].permute(1, 2, 0).numpy()
-    img = Image.fromarray(grid)
-    img.resize((img.width * scale, img.height * scale), Image.NEAREST).save(out)
+    save_grid(np.stack([ds[int(i)][0].permute(1, 2, 0).numpy() for idx in rows for i in idx]), out, nrow=per_class)
     print(f"wrote {out} ({k} classes x {per_class})")
 
 
@@ -510,23 +547,25 @@ def digit_accuracy(files, img_size=16, steps=1500, seed=0):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     sub = p.add_subparsers(dest='cmd', required=True)
-    s = sub.add_parser('show', help='save a grid of dataset images, one row per class')
+    s = sub.add_parser('show', help='save a grid of dataset images, one row per class',
+                       formatter_class=HelpFormatter)
     s.add_argument('--data', default='digits', help="'digits', an image folder, or a .npz/.npy file")
     s.add_argument('--img_size', type=int, default=16, help='image side in pixels')
     s.add_argument('--split', default='train', help="digits split: 'train' or 'val'")
     s.add_argument('--per_class', type=int, default=10, help='images per row')
-    s.add_argument('--scale', type=int, default=4, help='nearest-neighbour upscaling of the PNG, for viewing')
     s.add_argument('--out', default='grid.png', help='output PNG path')
-    k = sub.add_parser('pack', help='centre-crop an image folder into one .npy (or ADM .npz) file')
+    k = sub.add_parser('pack', help='centre-crop an image folder into one .npy (or ADM .npz) file',
+                       formatter_class=HelpFormatter)
     k.add_argument('src', help="image folder in ImageNet layout SRC/<class>/<image>, or 'digits'")
     k.add_argument('out', help='output .npy (labels go to OUT.labels.npy) or .npz (arr_0, arr_1)')
     k.add_argument('--img_size', type=int, default=64, help='output side in pixels')
     k.add_argument('--workers', type=int, default=0, help='decoding processes (0 = in this process)')
     k.add_argument('--split', default='train', help="with SRC 'digits': 'train' or 'val'")
     k.add_argument('--limit', type=int, default=None, help='pack only the first LIMIT images')
-    c = sub.add_parser('score', help='class accuracy of digit samples (.npz with arr_0, arr_1) by a small CNN')
+    c = sub.add_parser('score', help='class accuracy of digit samples (.npz with arr_0, arr_1) by a small CNN',
+                       formatter_class=HelpFormatter)
     c.add_argument('files', nargs='+', help='sample files written by sample.py --npz; include a packed val split '
                    '(pack digits --split val) to see the classifier on real digits')
     c.add_argument('--img_size', type=int, default=16, help='image side in pixels')
@@ -536,7 +575,7 @@ def main():
         for f, acc in digit_accuracy(a.files, a.img_size, a.steps).items():
             print(f'{f}: {100 * acc:.1f}% read as the requested class')
     elif a.cmd == 'show':
-        save_grid(build_dataset(a.data, a.img_size, a.split), a.out, a.per_class, scale=a.scale)
+        show(build_dataset(a.data, a.img_size, a.split), a.out, a.per_class)
     else:
         pack(a.src, a.out, a.img_size, a.workers, a.split, a.limit)
 

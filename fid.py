@@ -31,9 +31,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
+from data import IMG_EXTENSIONS, Progress, atomic_write
+
 WEIGHTS_URL = 'https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth'
 WEIGHTS_NAMES = ('pt_inception-2015-12-05-6726825d.pth', 'weights-inception-2015-12-05-6726825d.pth')  # same file (pytorch-fid, torch-fidelity)
-IMAGE_EXTS = ('.png', '.jpg', '.jpeg', '.bmp', '.webp', '.tif', '.tiff', '.gif', '.ppm')
 
 # -----------------------------------------------------------------------------
 # Preprocessing
@@ -347,9 +348,9 @@ def _npz_batches(path, batch_size, key='arr_0'):
 
 def _folder_files(folder):
     """Sorted image files under folder (recursive), checked to be readable and of one size (from headers only)."""
-    files = sorted(os.path.join(r, f) for r, _, fs in os.walk(folder) for f in fs if f.lower().endswith(IMAGE_EXTS))
+    files = sorted(os.path.join(r, f) for r, _, fs in os.walk(folder) for f in fs if f.lower().endswith(IMG_EXTENSIONS))
     if not files:
-        raise ValueError(f'{folder}: no images ({" ".join(IMAGE_EXTS)}) found')
+        raise ValueError(f'{folder}: no images ({" ".join(IMG_EXTENSIONS)}) found')
     sizes = {}
     for f in files:  # headers are cheap: a stray file fails now, not after minutes of feature extraction
         try:
@@ -375,8 +376,8 @@ def _folder_batches(files, batch_size):
 def input_kind(path):
     """'folder', 'samples' (npz with uint8 arr_0) or 'stats' (npz with mu and sigma), checked cheaply; else an error."""
     if os.path.isdir(path):
-        if not any(f.lower().endswith(IMAGE_EXTS) for _, _, fs in os.walk(path) for f in fs):
-            raise ValueError(f'{path}: no images ({" ".join(IMAGE_EXTS)}) found')
+        if not any(f.lower().endswith(IMG_EXTENSIONS) for _, _, fs in os.walk(path) for f in fs):
+            raise ValueError(f'{path}: no images ({" ".join(IMG_EXTENSIONS)}) found')
         return 'folder'
     if not os.path.isfile(path):
         raise FileNotFoundError(f'{path}: no such file or folder')
@@ -392,10 +393,12 @@ def input_kind(path):
 # Statistics and distances
 
 @torch.inference_mode()
-def compute_statistics(batches, model, keep_logits=False):
-    """(mu, sigma, n, logits or None) of pool3 over uint8 NHWC batches; moments merged in float64 batch by batch."""
+def compute_statistics(batches, model, keep_logits=False, total=None):
+    """(mu, sigma, n, logits or None) of pool3 over uint8 NHWC batches; moments merged in float64 batch by batch.
+    total: the image count, for a progress line on large inputs."""
     device = next(model.parameters()).device
     n, mu, m2, logits = 0, None, None, []
+    progress = Progress(total or 0, 'Inception features', enabled=bool(total))
     for b in batches:
         out = model(torch.from_numpy(np.ascontiguousarray(b)).to(device).permute(0, 3, 1, 2))
         f = out['pool3'].double().cpu().numpy()  # (B,2048)
@@ -409,6 +412,7 @@ def compute_statistics(batches, model, keep_logits=False):
             mu, m2, n = mu + d * (nb / tot), m2 + c.T @ c + np.outer(d, d) * (n * nb / tot), tot
         if keep_logits and 'logits' in out:
             logits.append(out['logits'].float().cpu())
+        progress.update(n)
     if n < 2:
         raise ValueError(f'need at least 2 images for a covariance, got {n}')
     return mu, m2 / (n - 1), n, (torch.cat(logits) if logits else None)
@@ -485,9 +489,15 @@ def input_statistics(path, model=None, batch_size=50, device='cpu', keep_logits=
         _check_stats(mu, sigma, path)
         return dict(mu=mu, sigma=sigma, num_samples=n, logits=None)
     # validate the input before loading the network, then stream it
-    batches = _folder_batches(_folder_files(path), batch_size) if kind == 'folder' else _npz_batches(path, batch_size)
+    if kind == 'folder':
+        files = _folder_files(path)
+        batches, total = _folder_batches(files, batch_size), len(files)
+    else:
+        batches = _npz_batches(path, batch_size)
+        with zipfile.ZipFile(path) as z, z.open('arr_0.npy') as f:
+            total = _npy_header(f)[0][0]
     model = model if model is not None else load_inception(device=device)
-    mu, sigma, n, logits = compute_statistics(batches, model, keep_logits)
+    mu, sigma, n, logits = compute_statistics(batches, model, keep_logits, total)
     return dict(mu=mu, sigma=sigma, num_samples=n, logits=logits)
 
 def load_stats(path, model=None, batch_size=50, device='cpu'):
@@ -499,7 +509,7 @@ def fid_from_samples(samples, ref, inception=None, device='cpu', batch_size=50):
     """FID of uint8 (N,H,W,3) samples against ref (any input kind); IS too when the weights have the fc layer."""
     _check_images(samples, 'samples')
     model = inception if inception is not None else load_inception(device=device)
-    mu, sigma, n, logits = compute_statistics(_array_batches(samples, batch_size), model, keep_logits=True)
+    mu, sigma, n, logits = compute_statistics(_array_batches(samples, batch_size), model, True, len(samples))
     r = input_statistics(ref, model, batch_size, device)
     is_ = inception_score(logits)[0] if logits is not None and n >= 10 else None
     warn_if_sizes_differ(n, r['num_samples'], ('samples', ref))
@@ -509,7 +519,8 @@ def fid_from_samples(samples, ref, inception=None, device='cpu', batch_size=50):
 def save_stats(path, mu, sigma, num_samples=None):
     """Write mu/sigma in the pytorch-fid/ADM key layout (plus num_samples when known)."""
     extra = {} if num_samples is None else dict(num_samples=np.int64(num_samples))
-    np.savez(path, mu=np.asarray(mu, np.float64), sigma=np.asarray(sigma, np.float64), **extra)
+    atomic_write(path, lambda f: np.savez(f, mu=np.asarray(mu, np.float64), sigma=np.asarray(sigma, np.float64),
+                                          **extra))
 
 # -----------------------------------------------------------------------------
 

@@ -2,17 +2,19 @@
 TarFlow (the forward model F: data -> noise) and BiFlow (a learned, non-causal reverse model G ~ F^-1: noise -> data)
 in one file. No file I/O beyond state dicts and no distributed code: train.py, sample.py and bench.py drive this.
 
-    from model import TarFlow, FlowConfig, PRESETS
-    F = TarFlow(PRESETS['cpu'])
-    z, logdet, traj = F(x, y)                       # x (B, 3, H, W) in [-1, 1] plus noise; z (B, N, d) tokens
-    loss = F.nll(x, y).mean()                       # exact negative log-likelihood, nats per dimension
-    img = F.sample(labels, guidance=1.0, denoise=True)   # exact inverse, token by token, then Tweedie denoising
+    from model import PRESETS, TarFlow, ReverseModel, reverse_config_for
+    flow = TarFlow(PRESETS['cpu'])                   # F in the papers
+    z, logdet, traj = flow(x, y)                     # x (B, 3, H, W) in [-1, 1] plus noise; z (B, N, d) tokens
+    loss = flow.nll(x, y).mean()                     # exact negative log-likelihood, nats per dimension
+    img = flow.sample(labels, guidance=1.0, denoise=True)   # exact inverse, token by token, then Tweedie denoising
+    G = ReverseModel(reverse_config_for(flow.cfg))  # G ~ F^-1, trained by reverse_loss; G.decode(z, labels, w)
 
 Papers: TarFlow, "Normalizing Flows are Capable Generative Models" (Zhai et al., ICML 2025);
 BiFlow, "Bidirectional Normalizing Flow: From Data to Noise and Back" (Lu et al., 2025).
 """
 import math
 from dataclasses import dataclass, fields
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -22,8 +24,20 @@ import torch.nn.functional as F
 # Configs and presets
 
 
+class TokenGeometry:
+    """Image <-> token sizes, derived in one place for both configs: N tokens of d = C*p*p values."""
+
+    @property
+    def token_dim(self):
+        return self.in_channels * self.patch_size ** 2
+
+    @property
+    def num_tokens(self):
+        return (self.img_size // self.patch_size) ** 2
+
+
 @dataclass
-class FlowConfig:
+class FlowConfig(TokenGeometry):
     """The forward model. Names follow the paper's [P-Ch-T-K-sigma] table."""
     img_size: int = 16
     in_channels: int = 3
@@ -36,17 +50,9 @@ class FlowConfig:
     noise_std: float = 0.05     # sigma of the Gaussian noise the model is trained on; Tweedie denoising needs it
     norm_clip: float = 0.0      # > 0: alpha, mu = c*tanh(./c) (BiFlow's forward norm control); 0 = TarFlow exactly
 
-    @property
-    def token_dim(self):
-        return self.in_channels * self.patch_size ** 2
-
-    @property
-    def num_tokens(self):
-        return (self.img_size // self.patch_size) ** 2
-
 
 @dataclass
-class ReverseConfig:
+class ReverseConfig(TokenGeometry):
     """The reverse model G of BiFlow. Geometry and classes are copied from the forward model it inverts."""
     img_size: int = 16
     in_channels: int = 3
@@ -60,11 +66,15 @@ class ReverseConfig:
     align: str = 'hidden'       # 'hidden' (BiFlow, Eq. 2) | 'distill' (hidden states forced to token space) | 'naive'
     denoise: str = 'learned'    # 'learned' (extra block, clean target) | 'score' (Tweedie with F at sampling) | 'none'
     norm: bool = True           # reverse-side norm control: compare states after dividing by the target's RMS
-    guidance: str = 'train'     # 'train': w is an input and one pass gives the guided sample (Eq. 5) | 'inference'
+    guidance_mode: str = 'train'  # 'train': w is an input, one pass gives the guided sample (Eq. 5) | 'inference'
+
+
+RENAMED_KEYS = {'guidance': 'guidance_mode'}   # config keys of older checkpoints -> today's names
 
 
 def config_from_dict(cls, d):
     """Rebuild a dataclass config from the plain dict stored in a checkpoint; unknown keys are an error."""
+    d = {RENAMED_KEYS.get(k, k): v for k, v in d.items()}
     names = {f.name for f in fields(cls)}
     unknown = set(d) - names
     if unknown:
@@ -73,13 +83,17 @@ def config_from_dict(cls, d):
 
 
 # The seed's ImageNet 64 table [P-Ch-T-K-sigma] and the other reference runs, plus a preset that trains on a CPU.
+_IN = dict(num_blocks=8, layers_per_block=8, head_dim=64, num_classes=1000)   # T = K = 8 in every paper run
 PRESETS = {
-    'cpu': FlowConfig(16, 3, 2, 96, 4, 2, 32, 10, 0.05, 4.0),           # minutes on a laptop CPU; norm control on
-    'imagenet64': FlowConfig(64, 3, 2, 768, 8, 8, 64, 1000, 0.05),        # 2-768-8-8-0.05, FID 2.90
-    'imagenet64-1024': FlowConfig(64, 3, 2, 1024, 8, 8, 64, 1000, 0.05),  # 2-1024-8-8-0.05, FID 2.66
-    'imagenet64-p4': FlowConfig(64, 3, 4, 1024, 8, 8, 64, 1000, 0.05),    # 4-1024-8-8-0.05, FID 3.99
-    'imagenet128': FlowConfig(128, 3, 4, 1024, 8, 8, 64, 1000, 0.15),     # 4-1024-8-8-0.15
-    'afhq256': FlowConfig(256, 3, 8, 768, 8, 8, 64, 3, 0.07),             # 8-768-8-8-0.07 (Apple's released weights)
+    # minutes on a laptop CPU; norm control on, as the two-stage BiFlow recipe
+    'cpu': FlowConfig(img_size=16, patch_size=2, channels=96, num_blocks=4, layers_per_block=2, head_dim=32,
+                      num_classes=10, noise_std=0.05, norm_clip=4.0),
+    'imagenet64': FlowConfig(img_size=64, patch_size=2, channels=768, noise_std=0.05, **_IN),       # 2-768-8-8, FID 2.90
+    'imagenet64-1024': FlowConfig(img_size=64, patch_size=2, channels=1024, noise_std=0.05, **_IN),  # FID 2.66
+    'imagenet64-p4': FlowConfig(img_size=64, patch_size=4, channels=1024, noise_std=0.05, **_IN),    # FID 3.99
+    'imagenet128': FlowConfig(img_size=128, patch_size=4, channels=1024, noise_std=0.15, **_IN),     # 4-1024-8-8
+    'afhq256': FlowConfig(**{**_IN, 'num_classes': 3}, img_size=256, patch_size=8, channels=768,
+                          noise_std=0.07),                         # 8-768-8-8-0.07 (Apple's released weights)
 }
 # Reverse models by the same names. The CPU one has its forward model's size (0.9M); the others follow BiFlow-B (width
 # 768, 12 heads) with one 2-layer group per forward block plus a 2-layer denoiser (choices, see README).
@@ -185,6 +199,23 @@ class AttentionBlock(nn.Module):
 # The forward model: TarFlow
 
 
+class _CachedLayer(NamedTuple):
+    """One causal layer as the token-by-token inverse uses it: its modules, and views of its preallocated KV cache
+    (k_at[i] writes position i, k_upto[i] reads positions 0..i)."""
+    norm1: nn.Module
+    qkv: nn.Module
+    proj: nn.Module
+    norm2: nn.Module
+    fc1: nn.Module
+    fc2: nn.Module
+    heads: int
+    head_dim: int
+    k_at: tuple
+    v_at: tuple
+    k_upto: list
+    v_upto: list
+
+
 class MetaBlock(nn.Module):
     """One autoregressive affine flow: z_i = (x_i - mu(x_<i)) * exp(-alpha(x_<i)), z_0 = x_0, in its own token order."""
 
@@ -257,22 +288,24 @@ class MetaBlock(nn.Module):
         for layer in self.attn_blocks:
             a, m = layer.attention, layer.mlp
             k, v = z.new_empty(S * B, a.num_heads, N, a.head_dim), z.new_empty(S * B, a.num_heads, N, a.head_dim)
-            layers.append((a.norm, a.qkv, a.proj, m.norm, m.main[0], m.main[2], a.num_heads, a.head_dim,
-                           k.unbind(2), v.unbind(2), [k[:, :, :j + 1] for j in range(N)], [v[:, :, :j + 1] for j in range(N)]))
+            layers.append(_CachedLayer(a.norm, a.qkv, a.proj, m.norm, m.main[0], m.main[2], a.num_heads, a.head_dim,
+                                       k.unbind(2), v.unbind(2), [k[:, :, :j + 1] for j in range(N)],
+                                       [v[:, :, :j + 1] for j in range(N)]))
         c = self.clip
         w_out, b_out = (self.proj_out.weight / c, self.proj_out.bias / c) if c > 0 else (self.proj_out.weight, self.proj_out.bias)
         x = list(f32(self.permute(z)).unbind(1))    # N x (B, d): token i is final once step i-1 has written it
         for i in range(N - 1):
             h = (F.linear(x[i], self.proj_in.weight, self.proj_in.bias) + pc[i]).view(S * B, D)
-            for n1, qkv, proj, n2, fc1, fc2, H, hd, k_at, v_at, k_upto, v_upto in layers:
-                q, k, v = F.linear(F.layer_norm(h, (D,), n1.weight, n1.bias, n1.eps), qkv.weight, qkv.bias).view(
-                    S * B, 3, H, hd).unbind(1)
-                k_at[i].copy_(k)
-                v_at[i].copy_(v)
+            for L in layers:
+                q, k, v = F.linear(F.layer_norm(h, (D,), L.norm1.weight, L.norm1.bias, L.norm1.eps), L.qkv.weight,
+                                   L.qkv.bias).view(S * B, 3, L.heads, L.head_dim).unbind(1)   # each (S*B, H, hd)
+                L.k_at[i].copy_(k)
+                L.v_at[i].copy_(v)
                 q = q.unsqueeze(2) if qscale is None else q.unsqueeze(2) * qscale
-                h = h + F.linear(F.scaled_dot_product_attention(q, k_upto[i], v_upto[i]).view(S * B, D), proj.weight, proj.bias)
-                u = F.layer_norm(h, (D,), n2.weight, n2.bias, n2.eps)
-                h = h + F.linear(F.gelu(F.linear(u, fc1.weight, fc1.bias)), fc2.weight, fc2.bias)
+                att = F.scaled_dot_product_attention(q, L.k_upto[i], L.v_upto[i])         # token i attends to <= i
+                h = h + F.linear(att.view(S * B, D), L.proj.weight, L.proj.bias)
+                u = F.layer_norm(h, (D,), L.norm2.weight, L.norm2.bias, L.norm2.eps)
+                h = h + F.linear(F.gelu(F.linear(u, L.fc1.weight, L.fc1.bias)), L.fc2.weight, L.fc2.bias)
             out = f32(F.linear(h, w_out, b_out))                       # (S*B, 2d): alpha, mu of token i+1
             if c > 0:
                 out = out.tanh_().mul_(c)                              # norm control c*tanh(./c), 1/c folded above
@@ -413,7 +446,7 @@ class ReverseBlock(nn.Module):
         return x + g2 * self.mlp(x, mod=(s2, k2))
 
 
-class BiFlow(nn.Module):
+class ReverseModel(nn.Module):
     """G: z tokens -> clean image tokens in one pass. Layer group g stands for the inverse of forward block T-1-g; its
     projection head phi_g maps the hidden state to token space, where it is aligned with the forward state x^{T-1-g}
     (hidden alignment, Eq. 2). With learned denoising an extra group then maps the noisy x^0 to the clean image."""
@@ -422,9 +455,9 @@ class BiFlow(nn.Module):
         super().__init__()
         assert cfg.align in ('hidden', 'distill', 'naive'), f'align: {cfg.align}'
         assert cfg.denoise in ('learned', 'score', 'none'), f'denoise: {cfg.denoise}'
-        assert cfg.guidance in ('train', 'inference'), f'guidance: {cfg.guidance}'
+        assert cfg.guidance_mode in ('train', 'inference'), f'guidance_mode: {cfg.guidance_mode}'
         self.cfg = cfg
-        D, d, N = cfg.channels, cfg.in_channels * cfg.patch_size ** 2, (cfg.img_size // cfg.patch_size) ** 2
+        D, d, N = cfg.channels, cfg.token_dim, cfg.num_tokens
         self.proj_in = nn.Linear(d, D)
         self.pos_embed = nn.Parameter(torch.randn(1, N, D) * 0.02)
         self.class_embed = nn.Embedding(cfg.num_classes + 1, D)  # the last row is the null class
@@ -453,23 +486,23 @@ class BiFlow(nn.Module):
         y = torch.full_like(w, null, dtype=torch.long) if y is None else torch.where(y < 0, null, y)
         return self.class_embed(y) + self.w_embed(w.float().view(-1, 1))
 
-    def forward(self, z, y=None, w=None, cfg_infer=0.0):
+    def forward(self, z, y=None, w=None, inference_w=0.0):
         """z (B, N, d) -> predictions in token space: [phi_0(h), ..., phi_{A-1}(h), output] with A = num_aligned
-        (fewer for 'naive'), prediction g aligned with forward state x^{T-1-g}. cfg_infer > 0: inference-time CFG
+        (fewer for 'naive'), prediction g aligned with forward state x^{T-1-g}. inference_w > 0: inference-time CFG
         (Eq. 4), the conditional and null streams run as one batch and are combined after every layer group."""
         B = z.shape[0]
         w = torch.zeros(B, device=z.device) if w is None else w.to(z.device).float().expand(B)
         c = self.condition(y, w)
         h = self.proj_in(z) + self.pos_embed                        # (B, N, D)
-        if cfg_infer:
+        if inference_w:
             h = torch.cat([h, h])
             c = torch.cat([c, self.condition(None, torch.zeros_like(w))])
 
         def guide(h):
-            if not cfg_infer:
+            if not inference_w:
                 return h
             hc, hu = h.chunk(2)
-            hg = (1 + cfg_infer) * hc - cfg_infer * hu
+            hg = (1 + inference_w) * hc - inference_w * hu
             return torch.cat([hg, hg])
 
         preds = []
@@ -489,10 +522,10 @@ class BiFlow(nn.Module):
         preds.append(self.final(modulate(self.final_norm(h), shift, scale))[:B])
         return preds
 
-    def decode(self, z, y=None, w=None, cfg_infer=0.0, forward_model=None):
+    def decode(self, z, y=None, w=None, inference_w=0.0, forward_model=None):
         """One pass from z (B, N, d) to an image (B, C, H, W); score denoising needs the forward model."""
         c = self.cfg
-        x = unpatchify(self(z, y, w, cfg_infer)[-1].float(), c.patch_size, c.img_size)
+        x = unpatchify(self(z, y, w, inference_w)[-1].float(), c.patch_size, c.img_size)
         if c.denoise == 'score':
             if forward_model is None:
                 raise ValueError("this reverse model was trained with denoise='score': pass forward_model")
@@ -501,7 +534,7 @@ class BiFlow(nn.Module):
 
 
 @torch.no_grad()
-def inpaint(G: BiFlow, forward_model: TarFlow, x, redraw, y, noise, w=0.0, eps=None):
+def inpaint(G: ReverseModel, forward_model: TarFlow, x, redraw, y, noise, w=0.0, eps=None):
     """Training-free inpainting (Eq. 6): z' = M * F(x_m) + (1 - M) * noise, decoded in one pass. x (B, C, H, W), redraw
     (B, 1, H, W) True where pixels are to be regenerated; a token is kept only if none of its pixels is. -> (x', z')
 
@@ -522,7 +555,7 @@ def inpaint(G: BiFlow, forward_model: TarFlow, x, redraw, y, noise, w=0.0, eps=N
 
 
 @torch.no_grad()
-def edit(G: BiFlow, forward_model: TarFlow, x, y_src, y_dst, w=0.0, eps=None):
+def edit(G: ReverseModel, forward_model: TarFlow, x, y_src, y_dst, w=0.0, eps=None):
     """Class editing: encode x with its class y_src, decode the same noise with class y_dst."""
     eps = torch.randn_like(x) if eps is None else eps
     z, _, _ = forward_model(x + forward_model.cfg.noise_std * eps, y_src)
@@ -544,7 +577,7 @@ def forward_loss(forward_model: TarFlow, x, y, eps, noise='gaussian'):
     return nll.mean(), nll, traj
 
 
-def align_targets(G: BiFlow, traj, clean):
+def align_targets(G: ReverseModel, traj, clean):
     """The forward states G's predictions are compared with: x^{T-1}, ..., then the clean (learned denoising) or
     noisy x^0 for the output. traj = [x^0 (noisy), x^1, ..., x^T = z] in token space."""
     T = len(traj) - 1
@@ -563,7 +596,7 @@ def adaptive(d, c=0.01, p=1.0):
     return d / (d.detach() + c) ** p
 
 
-def reverse_loss(G: BiFlow, forward_model: TarFlow, x, y, w, eps, perceptual=None, weights=None, c=0.01, p=1.0):
+def reverse_loss(G: ReverseModel, forward_model: TarFlow, x, y, w, eps, perceptual=None, weights=None, c=0.01, p=1.0):
     """The stage-2 loss on a clean batch x (B, C, H, W) with labels y (-1 = dropped), guidance scales w (B,) and noise
     eps. F is frozen: its whole trajectory comes from one parallel forward pass. Returns (loss, per-term means)."""
     fc = forward_model.cfg
@@ -572,7 +605,7 @@ def reverse_loss(G: BiFlow, forward_model: TarFlow, x, y, w, eps, perceptual=Non
         _, _, traj = forward_model(x + fc.noise_std * eps, y)
     clean = patchify(x.float(), fc.patch_size)
     preds = G(traj[-1], y, w)
-    if raw.cfg.guidance == 'train' and bool((w > 0).any()):
+    if raw.cfg.guidance_mode == 'train' and bool((w > 0).any()):
         # Eq. 5: the guided prediction, recombined with the null-class prediction, must equal the conditional state,
         # i.e. G(z|c,w) = (1+w) x^i - w G(z|null) as classifier-free guidance would give.
         with torch.no_grad():
@@ -591,203 +624,3 @@ def reverse_loss(G: BiFlow, forward_model: TarFlow, x, y, w, eps, perceptual=Non
             terms[name] = d
             loss = loss + (weights or {}).get(name, 1.0) * adaptive(d, c, p).mean()
     return loss, {k: v.detach().mean() for k, v in terms.items()}
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Perceptual losses (optional, stage 2): LPIPS-VGG and ConvNeXt-V2 features on paired random-resized crops
-
-PERCEPTUAL_HINTS = {  # where the weights come from, for the error messages
-    'vgg': "download torchvision's VGG16 weights: https://download.pytorch.org/models/vgg16-397923af.pth",
-    'lpips': "get LPIPS' v0.1 linear weights lpips/weights/v0.1/vgg.pth (in the `lpips` PyPI package, or "
-             "https://github.com/richzhang/PerceptualSimilarity/raw/master/lpips/weights/v0.1/vgg.pth)",
-    'convnext': "download ConvNeXt-V2-Base 22k 224: "
-                "https://dl.fbaipublicfiles.com/convnext/convnextv2/im22k/convnextv2_base_22k_224_ema.pt",
-}
-
-
-def _unit(f, eps=1e-10):
-    """Unit-normalise over channels; vector_norm's backward is 0 (not NaN) where a feature vector is all zero."""
-    return f / (torch.linalg.vector_norm(f, dim=1, keepdim=True) + eps)
-
-
-class LPIPS(nn.Module):
-    """LPIPS v0.1 with a VGG16 trunk; keys match torchvision `features.*` and lpips `lin{k}.model.1.weight`."""
-    CFG = [64, 64, 'M', 128, 128, 'M', 256, 256, 256, 'M', 512, 512, 512, 'M', 512, 512, 512]  # VGG16 up to relu5_3
-    TAPS = (3, 8, 15, 22, 29)  # indices of relu1_2, relu2_2, relu3_3, relu4_3, relu5_3 in torchvision's features
-    CHANNELS = (64, 128, 256, 512, 512)
-
-    def __init__(self):
-        super().__init__()
-        layers, c = [], 3
-        for v in self.CFG:
-            if v == 'M':
-                layers.append(nn.MaxPool2d(2, 2))
-            else:
-                layers += [nn.Conv2d(c, v, 3, padding=1), nn.ReLU()]
-                c = v
-        self.features = nn.Sequential(*layers)  # 30 modules, indices 0..29 as in torchvision
-        for k, ch in enumerate(self.CHANNELS):  # 1x1 conv to one channel; ModuleDict+Identity reproduce lpips'
-            # key lin{k}.model.1.weight (index 0 was a train-time Dropout)
-            self.add_module(f'lin{k}', nn.ModuleDict({'model': nn.Sequential(nn.Identity(), nn.Conv2d(ch, 1, 1, bias=False))}))
-        # ScalingLayer: maps [-1,1] inputs to (roughly) ImageNet-normalised ones
-        self.register_buffer('shift', torch.tensor([-.030, -.088, -.188]).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer('scale', torch.tensor([.458, .448, .450]).view(1, 3, 1, 1), persistent=False)
-        self.requires_grad_(False)
-
-    def forward(self, a, b):
-        """a, b: (B,3,H,W) in [-1,1] -> (B,) distances."""
-        x = (torch.cat([a, b]) - self.shift) / self.scale  # (2B,3,H,W), one trunk pass for both
-        d = 0
-        for i, layer in enumerate(self.features):
-            x = layer(x)
-            if i in self.TAPS:
-                fa, fb = _unit(x).chunk(2)
-                lin = getattr(self, f'lin{self.TAPS.index(i)}')['model']
-                d = d + lin((fa - fb) ** 2).mean((2, 3))  # (B,1): weighted channel sum, spatial mean
-        return d[:, 0]
-
-
-class LayerNorm2d(nn.LayerNorm):
-    """LayerNorm over channels of a (B,C,H,W) tensor (the official 'channels_first' LayerNorm)."""
-    def forward(self, x):
-        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
-
-
-class GRN(nn.Module):
-    """Global Response Normalisation on channels-last (B,H,W,C) input, official param names/shapes."""
-    def __init__(self, dim):
-        super().__init__()
-        self.gamma = nn.Parameter(torch.zeros(1, 1, 1, dim))
-        self.beta = nn.Parameter(torch.zeros(1, 1, 1, dim))
-
-    def forward(self, x):
-        g = torch.linalg.vector_norm(x, dim=(1, 2), keepdim=True)  # (B,1,1,C) spatial L2 per channel
-        n = g / (g.mean(dim=-1, keepdim=True) + 1e-6)
-        return self.gamma * (x * n) + self.beta + x
-
-
-class Block(nn.Module):
-    """ConvNeXt-V2 block: dwconv7 -> LN -> MLP(4x) with GELU and GRN -> residual."""
-    def __init__(self, dim):
-        super().__init__()
-        self.dwconv = nn.Conv2d(dim, dim, 7, padding=3, groups=dim)
-        self.norm = nn.LayerNorm(dim, eps=1e-6)
-        self.pwconv1 = nn.Linear(dim, 4 * dim)
-        self.grn = GRN(4 * dim)
-        self.pwconv2 = nn.Linear(4 * dim, dim)
-
-    def forward(self, x):  # (B,C,H,W)
-        y = self.norm(self.dwconv(x).permute(0, 2, 3, 1))  # (B,H,W,C)
-        y = self.pwconv2(self.grn(F.gelu(self.pwconv1(y))))
-        return x + y.permute(0, 3, 1, 2)
-
-
-class ConvNeXtV2(nn.Module):
-    """ConvNeXt-V2 trunk with the official key names; the classifier head is left out (22k classes, unused)."""
-    def __init__(self, depths=(3, 3, 27, 3), dims=(128, 256, 512, 1024)):
-        super().__init__()
-        self.downsample_layers = nn.ModuleList([nn.Sequential(nn.Conv2d(3, dims[0], 4, stride=4), LayerNorm2d(dims[0], eps=1e-6))])
-        for i in range(3):
-            self.downsample_layers.append(nn.Sequential(LayerNorm2d(dims[i], eps=1e-6), nn.Conv2d(dims[i], dims[i + 1], 2, stride=2)))
-        self.stages = nn.ModuleList([nn.Sequential(*[Block(d) for _ in range(n)]) for n, d in zip(depths, dims)])
-        self.norm = nn.LayerNorm(dims[-1], eps=1e-6)
-        # the official recipe feeds [0,1] images normalised with ImageNet mean/std
-        self.register_buffer('mean', torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer('std', torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1), persistent=False)
-        self.requires_grad_(False)
-
-    def features(self, x):
-        """x: (B,3,H,W) in [-1,1] -> (B, dims[-1]) pooled, LayerNormed pre-classifier features."""
-        x = ((x + 1) / 2 - self.mean) / self.std
-        for down, stage in zip(self.downsample_layers, self.stages):
-            x = stage(down(x))  # (B,C,H/s,W/s)
-        return self.norm(x.mean((2, 3)))
-
-
-def _uniform(lo, hi, g):
-    return float(torch.empty(()).uniform_(lo, hi, generator=g))
-
-
-def _crop_box(h, w, scale, ratio, g):
-    """Sample (top, left, height, width) like torchvision's RandomResizedCrop, with a central fallback."""
-    for _ in range(10):
-        area = h * w * _uniform(*scale, g)
-        r = math.exp(_uniform(math.log(ratio[0]), math.log(ratio[1]), g))
-        cw, ch = round(math.sqrt(area * r)), round(math.sqrt(area / r))
-        if 0 < cw <= w and 0 < ch <= h:
-            top = int(torch.randint(0, h - ch + 1, (), generator=g))
-            left = int(torch.randint(0, w - cw + 1, (), generator=g))
-            return top, left, ch, cw
-    r = w / h  # fallback: the whole image, with aspect ratio clamped into range
-    cw, ch = (w, round(w / ratio[0])) if r < ratio[0] else (round(h * ratio[1]), h) if r > ratio[1] else (w, h)
-    return (h - ch) // 2, (w - cw) // 2, ch, cw
-
-
-def paired_random_resized_crop(a, b, size=224, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), generator=None):
-    """Crop a and b (B,C,H,W) with the same random box per sample, bicubic+antialias resize -> (B,C,size,size) each."""
-    assert a.shape == b.shape, (a.shape, b.shape)
-    H, W = a.shape[-2:]
-    outs = []
-    for i in range(a.shape[0]):
-        t, l, h, w = _crop_box(H, W, scale, ratio, generator)
-        pair = torch.stack([a[i], b[i]])[:, :, t:t + h, l:l + w]  # (2,C,h,w)
-        outs.append(F.interpolate(pair, size=(size, size), mode='bicubic', align_corners=False, antialias=True))
-    out = torch.stack(outs, dim=1)  # (2,B,C,size,size)
-    return out[0], out[1]
-
-
-def _check(sd, want, name):
-    """Raise ValueError naming --name unless sd has every tensor of want, with the same shape."""
-    sd = sd if isinstance(sd, dict) else {}
-    bad = [k for k, v in want.items() if not (isinstance(sd.get(k), torch.Tensor) and sd[k].shape == v.shape)]
-    if bad:
-        raise ValueError(f"--{name}: {len(bad)} of {len(want)} expected tensors missing or mis-shaped "
-                         f"(e.g. {bad[0]!r}); wrong file? {PERCEPTUAL_HINTS[name]}")
-
-
-class PerceptualLoss(nn.Module):
-    """Frozen LPIPS-VGG and ConvNeXt-V2 distances between paired random-resized crops of pred and target."""
-    def __init__(self, lpips=None, vgg=None, convnext=None, crop: int | None = 224, *,
-                 depths=(3, 3, 27, 3), dims=(128, 256, 512, 1024)):
-        """lpips, vgg, convnext: state dicts as their authors publish them (train.py reads the files)."""
-        super().__init__()
-        self.crop = crop  # None/0: no crop, compare whole images
-        self.lpips = self.convnext = None
-        if (lpips is None) != (vgg is None):
-            raise ValueError(f"LPIPS needs both --lpips and --vgg; {PERCEPTUAL_HINTS['lpips']}; {PERCEPTUAL_HINTS['vgg']}")
-        if lpips is not None:
-            self.lpips = LPIPS()
-            want = self.lpips.state_dict()
-            _check(vgg, {k: v for k, v in want.items() if k.startswith('features.')}, 'vgg')
-            _check(lpips, {k: v for k, v in want.items() if k.startswith('lin')}, 'lpips')
-            self.lpips.load_state_dict({k: vgg[k] if k.startswith('features.') else lpips[k] for k in want})
-        if convnext is not None:
-            self.convnext = ConvNeXtV2(depths, dims)  # defaults: ConvNeXt-V2-Base
-            sd = convnext.get('model', convnext) if isinstance(convnext, dict) else convnext
-            want = self.convnext.state_dict()
-            _check(sd, want, 'convnext')
-            self.convnext.load_state_dict({k: sd[k] for k in want})  # drops head.*
-
-    @classmethod
-    def random(cls, crop=32, depths=(1, 1, 1, 1), dims=(8, 16, 32, 64), seed=0):
-        """Randomly initialised LPIPS (positive lin weights) and a small ConvNeXt-V2, for tests."""
-        m = cls(None, None, None, crop)
-        with torch.random.fork_rng():
-            torch.manual_seed(seed)
-            m.lpips, m.convnext = LPIPS(), ConvNeXtV2(depths, dims)
-            for k in range(5):  # lpips' trained lin weights are non-negative; keep distances >= 0
-                getattr(m.lpips, f'lin{k}')['model'][1].weight.uniform_(0, 1)
-        return m
-
-    def forward(self, pred, target, generator=None):
-        """pred, target: (B,3,H,W) in [-1,1] -> dict of per-sample (B,) terms: 'lpips', 'convnext' (those configured)."""
-        if self.crop:
-            pred, target = paired_random_resized_crop(pred, target, self.crop, generator=generator)
-        out = {}
-        if self.lpips is not None:
-            out['lpips'] = self.lpips(pred, target)
-        if self.convnext is not None:
-            f = self.convnext.features(torch.cat([pred, target]))  # (2B,D)
-            fp, ft = f.chunk(2)
-            out['convnext'] = ((fp - ft) ** 2).sum(1)
-        return out

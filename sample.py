@@ -2,8 +2,8 @@
 Sample from a checkpoint of either stage (or a state dict saved by Apple's ml-tarflow): a PNG grid, an ADM .npz, FID.
 
     python sample.py --ckpt out/forward.pt                 # TarFlow: exact inverse + CFG + Tweedie denoising, a grid
-    python sample.py --ckpt out/reverse.pt --cfg 2         # BiFlow: one network pass with training-time guidance
-    python sample.py --ckpt out/reverse.pt --cfg_mode inference --cfg 2    # inference-time CFG (2-NFE), to compare
+    python sample.py --ckpt out/reverse.pt --guidance 2    # BiFlow: one network pass with training-time guidance
+    python sample.py --ckpt out/reverse.pt --guidance_mode inference --guidance 2   # inference-time CFG (2-NFE)
     torchrun --nproc_per_node=8 sample.py --ckpt out/reverse.pt --num_samples 50000 --npz samples.npz \\
         --fid VIRTUAL_imagenet64_labeled.npz              # FID-50K, labels uniformly random
     python sample.py --ckpt out/reverse.pt --inpaint img.png --mask mask.png --labels 3   # training-free uses of (F, G)
@@ -22,14 +22,27 @@ import torch
 import torch.distributed as dist
 from PIL import Image
 
-from model import BiFlow, FlowConfig, ReverseConfig, TarFlow, config_from_dict, edit, inpaint, load_ml_tarflow
-from data import atomic_write, check_writable, read_torch_file, setup_distributed
+import fid
+from data import (HelpFormatter, Progress, atomic_write, center_crop, check_writable, read_torch_file, save_grid,
+                  setup_distributed)
+from model import FlowConfig, ReverseConfig, ReverseModel, TarFlow, config_from_dict, edit, inpaint, load_ml_tarflow
+
+# Sample i of seed s uses noise from the generator seeded by s * 2**32 + i: one stream per (seed, index), never shared
+# between seeds for i < 2**32. The random labels come from their own stream, seeded apart from every noise stream.
+NOISE_SEEDS_PER_SEED = 2 ** 32
+LABEL_SEED_OFFSET = 12345
+
+
+def noise_seeds(seed, indices):
+    """The generator seeds of the noise of global sample indices under --seed."""
+    return [seed * NOISE_SEEDS_PER_SEED + int(i) for i in indices]
 
 
 def ml_tarflow_sigma(path, noise_std=None, verbose=True):
     """The sigma an ml-tarflow state dict was trained with: --noise_std, else the last field of Apple's file names
     (afhq_model_8_768_8_8_0.07.pth, imagenet_model_4_1024_8_8_0.15.pth). Their dicts do not record it, and a wrong
     sigma silently weakens or overdoes Tweedie denoising, so there is no default."""
+    # Apple's logs write the file as {dataset}_model_{P}_{Ch}_{T}_{K}_{sigma:.2f}.pth
     m = re.search(r'_(\d*\.\d+)\.pth?$', os.path.basename(path))
     named = float(m.group(1)) if m else None
     if noise_std is None and named is None:
@@ -47,69 +60,56 @@ def load_models(path, device='cpu', noise_std=None, verbose=True):
     """-> (model, forward_model): a TarFlow and None, or a BiFlow reverse model and its frozen TarFlow. EMA weights.
     noise_std overrides the sigma of a TarFlow; ml-tarflow state dicts need it unless their file name carries it."""
     ckpt = read_torch_file(path, '--ckpt')
+    # sampling uses the EMA weights, as the papers do; the raw weights are only for resuming training
     if isinstance(ckpt, dict) and ckpt.get('kind') == 'forward':
         model = TarFlow(config_from_dict(FlowConfig, ckpt['model_config']))
         model.load_state_dict(ckpt['ema'])
         forward_model = None
-    elif isinstance(ckpt, dict) and ckpt.get('kind') == 'reverse':
-        model = BiFlow(config_from_dict(ReverseConfig, ckpt['model_config']))
+    elif isinstance(ckpt, dict) and ckpt.get('kind') == 'reverse':   # G, plus the F it inverts (for score denoising,
+        model = ReverseModel(config_from_dict(ReverseConfig, ckpt['model_config']))
         model.load_state_dict(ckpt['ema'])
         forward_model = TarFlow(config_from_dict(FlowConfig, ckpt['forward_config']))
-        forward_model.load_state_dict(ckpt['forward'])
+        forward_model.load_state_dict(ckpt['forward'])                    # inpainting and editing)
         forward_model.to(device).eval()
-    elif isinstance(ckpt, dict) and any(k.endswith('proj_in.weight') for k in ckpt):
+    elif isinstance(ckpt, dict) and any(k.endswith('proj_in.weight') for k in ckpt):   # a bare state dict: Apple's
         try:
             model, forward_model = load_ml_tarflow(ckpt, ml_tarflow_sigma(path, noise_std, verbose)), None
         except ValueError as e:
             raise ValueError(f'--ckpt {path}: {e}') from None
     else:
         raise ValueError(f'--ckpt {path}: neither a train.py checkpoint nor an ml-tarflow state dict')
-    if noise_std is not None and isinstance(model, TarFlow):
+    if noise_std is not None and isinstance(model, TarFlow):   # Tweedie denoising's step is sigma^2: it must be right
         model.cfg.noise_std = noise_std
     return model.to(device).eval(), forward_model
 
 
-def shape_of(model):
-    """(num_tokens, token_dim) of the noise the model decodes."""
+def noise_for(seeds, model, device):
+    """z (B, N, d) for the given generator seeds, each sample from its own generator: the noise of sample i does not
+    depend on the batch size or the number of ranks."""
     c = model.cfg
-    return (c.img_size // c.patch_size) ** 2, c.in_channels * c.patch_size ** 2
-
-
-def noise_for(indices, model, device):
-    """z for global sample indices, each from its own generator: independent of batch size and rank count."""
-    N, d = shape_of(model)
-    return torch.stack([torch.randn(N, d, generator=torch.Generator().manual_seed(int(i))) for i in indices]).to(device)
+    return torch.stack([torch.randn(c.num_tokens, c.token_dim, generator=torch.Generator().manual_seed(s))
+                        for s in seeds]).to(device)
 
 
 @torch.no_grad()
-def generate(model, forward_model, z, labels, guidance=0.0, cfg_mode='auto', ramp=False, attn_temp=1.0,
+def generate(model, forward_model, z, labels, guidance=0.0, guidance_mode='auto', ramp=False, attn_temp=1.0,
              denoise=True):
     """Decode noise tokens z (B, N, d) into images in [-1, 1] (unclipped).
     TarFlow: exact inverse, CFG on alpha and mu, optional Tweedie denoising.
     BiFlow: one pass conditioned on w (training-time CFG, 1-NFE) or Eq. 4 inference-time CFG (2-NFE)."""
-    if isinstance(model, TarFlow):
+    if isinstance(model, TarFlow):   # N-1 sequential steps per block, then one backward pass for the score
         return model.sample(labels, guidance=guidance, ramp=ramp, attn_temp=attn_temp, denoise=denoise, z=z)
-    mode = model.cfg.guidance if cfg_mode == 'auto' else cfg_mode
-    if mode == 'train':
+    mode = model.cfg.guidance_mode if guidance_mode == 'auto' else guidance_mode
+    if mode == 'train':   # w is an input of G: the guided sample in a single pass
         return model.decode(z, labels, torch.full((len(z),), float(guidance)), forward_model=forward_model)
-    return model.decode(z, labels, cfg_infer=guidance, forward_model=forward_model)
+    return model.decode(z, labels, inference_w=guidance, forward_model=forward_model)   # cond + null streams
 
 
 def to_uint8(x):
     """[-1, 1] floats (B, C, H, W) -> uint8 (B, H, W, C) with rounding; non-finite values become mid-grey."""
+    # grey rather than dropped: the sample count stays N, and sample_shard counts the bad ones
     x = torch.nan_to_num(x.float(), nan=0.0, posinf=0.0, neginf=0.0)
     return ((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-
-
-def save_grid(images, path, nrow):
-    """uint8 (B, H, W, C) -> one PNG with nrow images per row, written atomically."""
-    B, H, W, C = images.shape
-    rows = math.ceil(B / nrow)
-    grid = np.full((rows * (H + 2) + 2, nrow * (W + 2) + 2, C), 255, np.uint8)
-    for i, im in enumerate(images):
-        r, c = divmod(i, nrow)
-        grid[2 + r * (H + 2):2 + r * (H + 2) + H, 2 + c * (W + 2):2 + c * (W + 2) + W] = im
-    atomic_write(path, lambda f: Image.fromarray(grid.squeeze(-1) if C == 1 else grid).save(f, format='PNG'))
 
 
 def grid_labels(num_classes, per_class=10, max_classes=10):
@@ -124,31 +124,36 @@ def generate_grid(model, forward_model, path, guidance=1.0, seed=0):
     device = next(model.parameters()).device
     labels = grid_labels(model.cfg.num_classes)
     n = len(labels) if labels is not None else 64
-    z = noise_for(range(seed * 2**32, seed * 2**32 + n), model, device)
+    # the same noise at every call, so that grids from successive checkpoints compare sample for sample
+    z = noise_for(noise_seeds(seed, range(n)), model, device)
     x = generate(model, forward_model, z, None if labels is None else labels.to(device), guidance)
     save_grid(to_uint8(x), path, nrow=10 if labels is not None else 8)
 
 
 def draw_labels(n, num_classes, seed):
     """Uniformly random labels for samples 0..n-1 (ADM, DiT and TarFlow's FID protocol), the same on every rank."""
-    if not num_classes:
+    if not num_classes:   # unconditional: no labels at all (arr_1 is then zeros)
         return None
-    return torch.randint(num_classes, (n,), generator=torch.Generator().manual_seed(seed + 12345))
+    return torch.randint(num_classes, (n,), generator=torch.Generator().manual_seed(seed + LABEL_SEED_OFFSET))
 
 
-def sample_shard(model, forward_model, n, rank, world, seed, batch_size, labels=None, **kw):
-    """Rank r decodes the contiguous global indices [r*ceil(n/W), ...) in batches. -> (uint8 NHWC, labels, #non-finite)"""
+def sample_shard(model, forward_model, n, rank, world, seed, batch_size, labels=None, progress=False, **kw):
+    """Rank r decodes the contiguous global indices [r*ceil(n/W), ...) in batches. -> (uint8 NHWC, labels, #non-finite)
+    progress: print samples done (this rank's count times the world size), samples/s and ETA."""
     device = next(model.parameters()).device
-    per = math.ceil(n / world)
+    per = math.ceil(n / world)   # the last rank may get fewer (even none); the total is exactly n
     idx = list(range(rank * per, min(n, (rank + 1) * per)))
+    # every rank draws all n labels from the same stream and takes its slice: the labels do not depend on W
     all_labels = labels if labels is not None else draw_labels(n, model.cfg.num_classes, seed)
-    out, bad = [], 0
+    out, bad, meter = [], 0, Progress(n, 'samples', enabled=progress)
     for s in range(0, len(idx), batch_size):
         bi = idx[s:s + batch_size]
         y = None if all_labels is None else all_labels[bi].to(device)
-        x = generate(model, forward_model, noise_for([seed * 2**32 + i for i in bi], model, device), y, **kw)
+        x = generate(model, forward_model, noise_for(noise_seeds(seed, bi), model, device), y, **kw)
+        # count, never drop or redraw: a sampler that diverges must show in the numbers
         bad += int((~torch.isfinite(x.flatten(1))).any(1).sum())
         out.append(to_uint8(x))
+        meter.update(min(n, (s + len(bi)) * world))
     H = model.cfg.img_size
     imgs = np.concatenate(out) if out else np.zeros((0, H, H, model.cfg.in_channels), np.uint8)
     lab = np.zeros(len(idx), np.int64) if all_labels is None else all_labels[idx].numpy()
@@ -159,6 +164,7 @@ def gather_shards(imgs, labels, bad, world):
     """All ranks' samples on rank 0 in global index order (others get None); non-finite counts summed."""
     if world == 1:
         return imgs, labels, bad
+    # shards are contiguous index ranges in rank order, so concatenation restores the global order
     objs = [None] * world
     dist.all_gather_object(objs, (imgs, labels, bad))
     if dist.get_rank():
@@ -168,8 +174,7 @@ def gather_shards(imgs, labels, bad, world):
 
 def distributed_fid(model, forward_model, ref, n, guidance, seed, rank, world, device, inception=None):
     """FID of n EMA samples against ref, for train.py's periodic monitor. Rank 0 gets the result, others None."""
-    import fid
-    was = model.training
+    was = model.training   # train.py passes its EMA model mid-training: restore its mode afterwards
     model.eval()
     imgs, labels, _ = gather_shards(*sample_shard(model, forward_model, n, rank, world, seed, 64, guidance=guidance),
                                     world)
@@ -181,65 +186,88 @@ def load_image(path, size):
     """An RGB image file, centre-cropped and resized to size, as (1, 3, size, size) in [-1, 1]."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f'image not found: {path}')
-    from data import center_crop
+    # the same ADM centre crop as the training data, so an image is seen as F saw its training set
     arr = np.array(center_crop(Image.open(path).convert("RGB"), size))
     return torch.from_numpy(arr).permute(2, 0, 1)[None].float() / 127.5 - 1
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    a = p.add_argument
-    a('--ckpt', required=True, help='a train.py checkpoint (forward or reverse) or an ml-tarflow state dict')
-    a('--out', default='samples.png', help='the PNG grid to write')
-    a('--num_samples', type=int, default=None, help='how many samples (default: a grid of 10 per class)')
-    a('--npz', default=None, help='also write the samples as an ADM .npz (arr_0 uint8 NHWC, arr_1 labels)')
-    a('--fid', default=None, help='compute FID of the samples against this reference (stats .npz, .npz or folder)')
-    a('--inception', default=None, help='path to pt_inception-2015-12-05-6726825d.pth for --fid')
-    a('--cfg', type=float, default=2.0, help='guidance scale w (0: none); x = (1+w) cond - w uncond')
-    a('--cfg_mode', choices=['auto', 'train', 'inference'], default='auto',
-      help='BiFlow: auto = as trained; train = w as input (1-NFE); inference = Eq. 4 CFG (2-NFE)')
-    a('--ramp', action='store_true', help='TarFlow: guidance grows linearly over token positions (used for its FID)')
-    a('--attn_temp', type=float, default=1.0, help='TarFlow: attention temperature of the guiding (unconditional) '
-      'stream; != 1 gives guidance for unconditional models')
-    a('--denoise', action=argparse.BooleanOptionalAction, default=True,
-      help='TarFlow: Tweedie denoising x + sigma^2 grad log p(x) after the exact inverse')
-    a('--noise_std', type=float, default=None, help='the sigma the model was trained with: overrides a checkpoint\'s; '
-      'needed for ml-tarflow state dicts unless their file name ends in it (afhq_model_8_768_8_8_0.07.pth)')
-    a('--labels', default=None, help='comma-separated class labels (cycled), instead of uniformly random ones')
-    a('--inpaint', default=None, help='image to complete: keep the noise of the known tokens, redraw the rest')
-    a('--mask', default=None, help='with --inpaint: image of the same size, white = region to regenerate')
-    a('--edit', default=None, help='image to re-draw as class --to_class (encoded with --labels as its class)')
-    a('--to_class', type=int, default=None, help='with --edit: the target class')
-    a('--batch_size', type=int, default=64, help='samples per forward batch on each rank')
-    a('--seed', type=int, default=0, help='noise and label seed')
-    a('--device', default='auto', help="'auto', 'cpu' or 'cuda'")
+def get_args(argv=None):
+    """-> (parser, args, labels or None). Flags in groups, each with its default in --help."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    g = p.add_argument_group('what to sample, and where it goes')
+    g.add_argument('--ckpt', required=True, help='a train.py checkpoint (forward or reverse) or an ml-tarflow state dict')
+    g.add_argument('--out', default='samples.png', help='the PNG grid to write (at most 100 samples)')
+    g.add_argument('--num_samples', type=int, default=None, help='how many samples (default: a grid of 10 per class)')
+    g.add_argument('--npz', default=None, help='also write the samples as an ADM .npz (arr_0 uint8 NHWC, arr_1 labels)')
+    g.add_argument('--labels', default=None, help='comma-separated class labels (cycled), instead of uniformly random '
+                   'ones')
+    g.add_argument('--seed', type=int, default=0, help='noise and label seed')
+    g = p.add_argument_group('guidance')
+    g.add_argument('--guidance', '--cfg', type=float, default=2.0, help='classifier-free guidance scale w (0: none); '
+                   'x = (1+w) cond - w uncond')
+    g.add_argument('--guidance_mode', '--cfg_mode', choices=['auto', 'train', 'inference'], default='auto',
+                   help='BiFlow: auto = as trained; train = w as input (1-NFE); inference = Eq. 4 CFG (2-NFE)')
+    g.add_argument('--ramp', action=argparse.BooleanOptionalAction, default=False,
+                   help='TarFlow: guidance grows linearly over token positions (used for its FID)')
+    g.add_argument('--attn_temp', type=float, default=1.0, help='TarFlow: attention temperature of the guiding '
+                   '(unconditional) stream; != 1 gives guidance for unconditional models')
+    g = p.add_argument_group('TarFlow denoising')
+    g.add_argument('--denoise', action=argparse.BooleanOptionalAction, default=True,
+                   help='Tweedie denoising x + sigma^2 grad log p(x) after the exact inverse')
+    g.add_argument('--noise_std', type=float, default=None, help="the sigma the model was trained with: overrides a "
+                   "checkpoint's; needed for ml-tarflow state dicts unless their file name ends in it "
+                   "(afhq_model_8_768_8_8_0.07.pth)")
+    g = p.add_argument_group('FID')
+    g.add_argument('--fid', default=None, help='compute FID of the samples against this reference (stats .npz, .npz '
+                   'or folder)')
+    g.add_argument('--inception', default=None, help='path to pt_inception-2015-12-05-6726825d.pth for --fid')
+    g = p.add_argument_group('inpainting and editing (a reverse checkpoint: it carries F and G)')
+    g.add_argument('--inpaint', default=None, help='image to complete: keep the noise of the known tokens, redraw the '
+                   'rest')
+    g.add_argument('--mask', default=None, help='with --inpaint: image of the same size, white = region to regenerate')
+    g.add_argument('--edit', default=None, help='image to re-draw as class --to_class (encoded with --labels as its '
+                   'class)')
+    g.add_argument('--to_class', type=int, default=None, help='with --edit: the target class')
+    g = p.add_argument_group('hardware')
+    g.add_argument('--batch_size', type=int, default=64, help='samples per forward batch on each rank')
+    g.add_argument('--device', default='auto', help="'auto', 'cpu' or 'cuda'")
     args = p.parse_args(argv)
+    # bad numbers fail here, in one line naming the flag, before any model is loaded
     if args.batch_size < 1:
         p.error(f'--batch_size {args.batch_size}: must be an integer >= 1')
     if args.num_samples is not None and args.num_samples < 1:
         p.error(f'--num_samples {args.num_samples}: must be an integer >= 1')
-    labels = None
+    labels = None   # None: uniformly random labels (the FID protocol), or a grid's rows
     if args.labels:
         try:
             labels = torch.tensor([int(s) for s in args.labels.split(',')])
         except ValueError:
             p.error(f'--labels {args.labels}: expected comma-separated integer class labels (0 .. num_classes-1)')
+    return p, args, labels
 
+
+def main(argv=None):
+    p, args, labels = get_args(argv)
+
+    # ---- processes, then the outputs: check what can be checked before minutes or hours of sampling
     rank, world, device = setup_distributed(args.device)
     if rank == 0:  # before loading and sampling: a FID-50K run must not end in a path it cannot write
         for flag, path in (('--out', args.out), ('--npz', args.npz)):
             if path is not None:
                 check_writable(path, flag)
-    if device.type == 'cuda':
+    if device.type == 'cuda':  # TF32 matmuls; sampling stays in fp32 otherwise (the inverse compounds errors)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+
+    # ---- the model(s): a TarFlow alone, or a reverse model G with the frozen F it was trained against
     model, forward_model = load_models(args.ckpt, device, args.noise_std, verbose=rank == 0)
     ncls = model.cfg.num_classes
-    kw = dict(guidance=args.cfg, cfg_mode=args.cfg_mode, ramp=args.ramp, attn_temp=args.attn_temp,
+    kw = dict(guidance=args.guidance, guidance_mode=args.guidance_mode, ramp=args.ramp, attn_temp=args.attn_temp,
               denoise=args.denoise)
     if labels is not None:
-        if ncls == 0 or labels.min() < 0 or labels.max() >= ncls:
+        if ncls == 0 or labels.min() < 0 or labels.max() >= ncls:   # only knowable once the model is loaded
             p.error(f'--labels {args.labels}: the model has {ncls} classes')
 
+    # ---- training-free uses of the pair (F, G): one image in, a grid of results out, in one process
     if args.inpaint or args.edit:
         if world > 1:
             p.error('--inpaint/--edit run in one process')
@@ -249,50 +277,53 @@ def main(argv=None):
             p.error('--inpaint/--edit on a class-conditional model need --labels (the class of the image)')
         src = load_image(args.inpaint or args.edit, model.cfg.img_size).to(device)
         y = None if labels is None else labels[:1].to(device)
+        # F encodes noisy data (it was trained on x + sigma*eps), so the encoding noise is seeded like the samples'
         eps = torch.randn(src.shape, generator=torch.Generator().manual_seed(args.seed)).to(device)
         if args.inpaint:
             if not args.mask:
                 p.error('--inpaint needs --mask')
-            n = args.num_samples or 8
+            n = args.num_samples or 8   # several completions of one image, each from its own noise
             redraw = (load_image(args.mask, model.cfg.img_size).to(device).mean(1, keepdim=True) > 0).expand(n, -1, -1, -1)
-            noise = noise_for(range(args.seed * 2**32, args.seed * 2**32 + n), model, device)
+            noise = noise_for(noise_seeds(args.seed, range(n)), model, device)
             x, _ = inpaint(model, forward_model, src.expand(n, -1, -1, -1), redraw, None if y is None else y.expand(n),
-                           noise, args.cfg, eps.expand(n, -1, -1, -1))
-            shown = torch.cat([src, torch.where(redraw[:1], torch.zeros_like(src), src), x])
+                           noise, args.guidance, eps.expand(n, -1, -1, -1))
+            shown = torch.cat([src, torch.where(redraw[:1], torch.zeros_like(src), src), x])   # input, hole, results
         else:
             if args.to_class is None or not 0 <= args.to_class < ncls:
                 p.error(f'--edit needs --to_class in [0, {ncls})')
-            x = edit(model, forward_model, src, y, torch.tensor([args.to_class], device=device), args.cfg, eps)
+            x = edit(model, forward_model, src, y, torch.tensor([args.to_class], device=device), args.guidance, eps)
             shown = torch.cat([src, x])
         save_grid(to_uint8(shown), args.out, nrow=len(shown))
         print(f'wrote {args.out}: the input, {"the masked input, " if args.inpaint else ""}{len(x)} result(s)')
         return
 
+    # ---- which samples: a look-at grid (a row per class), or N with labels drawn uniformly (the FID protocol)
     if args.num_samples is None:
         n = 100 if ncls else 64
         labels = grid_labels(ncls) if labels is None else labels
     else:
         n = args.num_samples
-    if labels is not None:
+    if labels is not None:   # --labels 3,5 cycles: 3, 5, 3, 5, ...
         labels = labels.repeat(math.ceil(n / len(labels)))[:n]
+    # each rank decodes its share of global indices; rank 0 alone writes and scores the whole set
     imgs, labs, bad = gather_shards(*sample_shard(model, forward_model, n, rank, world, args.seed, args.batch_size,
-                                                  labels, **kw), world)
+                                                  labels, progress=rank == 0 and n > args.batch_size, **kw), world)
     if rank == 0:
-        assert len(imgs) == n, (len(imgs), n)
+        assert len(imgs) == n, (len(imgs), n)   # exactly N, whatever the number of ranks
         if bad:
             print(f'WARNING: {bad} of {n} samples had non-finite values (kept, written as grey pixels)')
         if args.npz:  # first: the samples are the costly part, the grid is only a look at them
             atomic_write(args.npz, lambda f: np.savez(f, arr_0=imgs, arr_1=labs))
             print(f'wrote {args.npz}: arr_0 {imgs.shape} uint8, arr_1 labels ({"random" if args.labels is None else "given"})')
+        # the grid shows the first 100: for a class-conditional default run, one row per class
         save_grid(imgs[:min(n, 100)], args.out, nrow=10 if ncls else 8)
         print(f'wrote {min(n, 100)} of {n} samples to {args.out}')
-        if args.fid:
-            import fid
+        if args.fid:   # the distance is printed with N and the reference, so the number cannot be misread
             r = fid.fid_from_samples(imgs, args.fid, fid.load_inception(args.inception, device), device)
             print(f'FID {r["fid"]:.4f} on {n} samples vs {args.fid}' +
                   (f' | IS {r["inception_score"]:.3f}' if r.get('inception_score') is not None else ''))
     if world > 1:
-        dist.destroy_process_group()
+        dist.destroy_process_group()   # a clean exit: torchrun reports a rank that leaves the group open
 
 
 if __name__ == '__main__':

