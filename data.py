@@ -15,9 +15,11 @@ import hashlib
 import math
 import os
 import random
+import struct
 import tempfile
 import time
 import warnings
+import zipfile
 
 import numpy as np
 import torch
@@ -281,6 +283,9 @@ class ImageFolder(Dataset):
         path = self.files[i]
         try:
             with Image.open(path) as img:
+                # JPEG: decode at 1/2, 1/4 or 1/8 scale with the short side still >= img_size, the halvings ADM's BOX
+                # steps would make, for a fraction of the decoding time; a no-op for other formats
+                img.draft('RGB', (self.img_size, self.img_size))
                 return center_crop(_to_rgb(img), self.img_size)
         except Exception as e:  # truncated, corrupt, unsupported mode...: any failure means "unreadable"
             if path not in self.unreadable:
@@ -304,8 +309,33 @@ def labels_path(npy_path: str) -> str:
     return npy_path[:-len('.npy')] + '.labels.npy'
 
 
+MAX_COMPRESSED_NPZ = 2 ** 31   # unpacked bytes of a compressed arr_0 that each rank may hold in RAM
+
+
+def npz_memmap(path: str, key: str = 'arr_0'):
+    """A read-only memory map of array `key` of an .npz whose member is stored uncompressed (np.savez), else None
+    (np.savez_compressed). np.load cannot map inside a zip, but a stored member is the .npy file's bytes verbatim."""
+    with zipfile.ZipFile(path) as z:
+        info = z.getinfo(key + '.npy')
+    if info.compress_type != zipfile.ZIP_STORED:
+        return None
+    with open(path, 'rb') as f:
+        f.seek(info.header_offset)
+        head = f.read(30)   # the local header: its name and extra-field lengths may differ from the central directory's
+        if head[:4] != b'PK\x03\x04':
+            raise ValueError(f'{path}: damaged zip (no local header for {key}.npy)')
+        f.seek(info.header_offset + 30 + sum(struct.unpack('<HH', head[26:30])))
+        version = np.lib.format.read_magic(f)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read(f)
+        if dtype.hasobject:
+            return None   # pickled objects: np.load refuses them with its own message
+        return np.memmap(path, dtype, 'r', f.tell(), shape, 'F' if fortran else 'C')
+
+
 class ArrayDataset(Dataset):
-    """ADM .npz (arr_0 uint8 (N,H,W,3), optional arr_1 labels) or a packed .npy read by memory map."""
+    """ADM .npz (arr_0 uint8 (N,H,W,3), optional arr_1 labels) or a packed .npy, read by memory map: ImageNet 64 is
+    15.7 GB, which 8 ranks must not each load. A compressed .npz is read into RAM, and refused when large."""
 
     def __init__(self, path: str, img_size: int):
         if not os.path.isfile(path):
@@ -315,8 +345,15 @@ class ArrayDataset(Dataset):
             with np.load(path) as f:
                 if 'arr_0' not in f.files:
                     raise ValueError(f"{path}: no 'arr_0' (found {f.files}); expected ADM format")
-                self._arr = f['arr_0']
                 labels = f['arr_1'] if 'arr_1' in f.files else None
+                self._arr = npz_memmap(path)
+                if self._arr is None:
+                    size = f.zip.getinfo('arr_0.npy').file_size
+                    if size > MAX_COMPRESSED_NPZ:
+                        raise ValueError(f"{path}: arr_0 is compressed ({size / 2 ** 30:.1f} GiB unpacked), so every "
+                                         "rank would hold a copy in RAM; re-save it with np.savez (uncompressed, read "
+                                         "by memory map) or as an .npy")
+                    self._arr = f['arr_0']
         else:
             self._arr = np.load(path, mmap_mode='r')
             lp = labels_path(path)
@@ -339,14 +376,14 @@ class ArrayDataset(Dataset):
 
     def __getstate__(self):
         # a memmap is reopened lazily in each worker: pickling it would copy the whole array
-        return {**self.__dict__, '_arr': None} if not self.path.endswith('.npz') else self.__dict__
+        return {**self.__dict__, '_arr': None} if isinstance(self._arr, np.memmap) else self.__dict__
 
     def __len__(self):
         return self._len
 
     def __getitem__(self, i):
         if self._arr is None:
-            self._arr = np.load(self.path, mmap_mode='r')
+            self._arr = npz_memmap(self.path) if self.path.endswith('.npz') else np.load(self.path, mmap_mode='r')
         return torch.from_numpy(np.array(self._arr[i])).permute(2, 0, 1).contiguous(), int(self.targets[i])
 
 

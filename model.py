@@ -19,6 +19,7 @@ from typing import NamedTuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Configs and presets
@@ -318,6 +319,20 @@ class MetaBlock(nn.Module):
         return self.permute(torch.stack(x, 1))
 
 
+SCORE_BUDGET_BYTES = 8 * 2 ** 30   # activations the denoising backward may keep per chunk: small chunks at paper scale
+
+
+def score_activation_bytes(cfg: FlowConfig, checkpoint=True) -> int:
+    """Bytes of activations TarFlow.score keeps for its backward, per image (fp32, frozen weights). Per token and causal
+    layer: both LayerNorm inputs (2D), q, k, v (3D), the attention output (D), the GELU input (4D), the norms' mean
+    and rstd (4) and the attention's log-sum-exp (one per head); per flow, two token-sized tensors (2d). It matches the
+    saved tensors counted on the CPU (test_new_d.py). With checkpoint, one flow's worth plus each flow's input (T*d).
+    The backward's own gradient buffers come on top: a few D-wide tensors per token, small next to K layers."""
+    N, D, d, T, K = cfg.num_tokens, cfg.channels, cfg.token_dim, cfg.num_blocks, cfg.layers_per_block
+    flow = K * (10 * D + 4 + D // cfg.head_dim) + 2 * d          # floats per token kept by one flow
+    return 4 * N * (flow + T * d if checkpoint else T * flow)
+
+
 class TarFlow(nn.Module):
     """A stack of T autoregressive affine flows; block 0 is next to the data, block T-1 next to the noise."""
 
@@ -361,16 +376,24 @@ class TarFlow(nn.Module):
             x = block.reverse(x, y, guidance, ramp, attn_temp)
         return unpatchify(x, self.cfg.patch_size, self.cfg.img_size)
 
-    def score(self, x, y=None):
-        """grad_x log p(x) in fp32 (autocast off): the gradient of the summed log-density, so no mean to undo."""
+    def score(self, x, y=None, checkpoint=True):
+        """grad_x log p(x) in fp32 (autocast off): the gradient of the summed log-density, so no mean to undo. Only x
+        needs grad (frozen weights keep no Linear inputs). checkpoint: each flow's forward runs again during backward,
+        so the pass keeps one flow's activations instead of T (score_activation_bytes), for one more forward."""
         with torch.enable_grad(), torch.autocast(x.device.type, enabled=False):
             x = f32(x.detach()).requires_grad_(True)
-            z, logdet, _ = self(x, y)
-            logp = -0.5 * z.pow(2).sum() + logdet.sum()
+            h, logdet = patchify(x, self.cfg.patch_size), 0.              # (B, N, d)
+            for block in self.blocks:   # as forward(), without the trajectory
+                h, ld = (torch.utils.checkpoint.checkpoint(block, h, y, use_reentrant=False) if checkpoint
+                         else block(h, y))
+                logdet = logdet + ld
+            logp = -0.5 * h.pow(2).sum() + logdet.sum()
             return torch.autograd.grad(logp, x)[0]
 
-    def denoise(self, x, y=None, chunk=64):
-        """Tweedie / score-based denoising x + sigma^2 * grad log p(x), in chunks to bound activation memory."""
+    def denoise(self, x, y=None, chunk=None, budget_bytes=SCORE_BUDGET_BYTES):
+        """Tweedie / score-based denoising x + sigma^2 * grad log p(x), in chunks whose backward keeps at most
+        budget_bytes of activations (a chunk of 64 at imagenet64 would keep ~120 GiB without checkpointing)."""
+        chunk = chunk or max(1, budget_bytes // score_activation_bytes(self.cfg))
         s2 = self.cfg.noise_std ** 2
         ys = [None] * len(x.split(chunk)) if y is None else y.split(chunk)
         return torch.cat([f32(xc) + s2 * self.score(xc, yc) for xc, yc in zip(x.split(chunk), ys)])
@@ -381,8 +404,10 @@ class TarFlow(nn.Module):
         c = self.cfg
         if z is None:
             n = len(y) if y is not None else n
-            device = next(self.parameters()).device
-            z = torch.randn(n, c.num_tokens, c.token_dim, generator=generator, device=device)
+            # drawn where the generator lives (a CPU generator cannot fill a CUDA tensor), then moved to the model
+            z = torch.randn(n, c.num_tokens, c.token_dim, generator=generator,
+                            device=None if generator is None else generator.device)
+            z = z.to(next(self.parameters()).device)
         x = self.reverse(z, y, guidance, ramp, attn_temp)
         return self.denoise(x, y) if denoise else x
 

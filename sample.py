@@ -70,7 +70,7 @@ def load_models(path, device='cpu', noise_std=None, verbose=True):
         model.load_state_dict(ckpt['ema'])
         forward_model = TarFlow(config_from_dict(FlowConfig, ckpt['forward_config']))
         forward_model.load_state_dict(ckpt['forward'])                    # inpainting and editing)
-        forward_model.to(device).eval()
+        forward_model.to(device).eval().requires_grad_(False)
     elif isinstance(ckpt, dict) and any(k.endswith('proj_in.weight') for k in ckpt):   # a bare state dict: Apple's
         try:
             model, forward_model = load_ml_tarflow(ckpt, ml_tarflow_sigma(path, noise_std, verbose)), None
@@ -80,7 +80,9 @@ def load_models(path, device='cpu', noise_std=None, verbose=True):
         raise ValueError(f'--ckpt {path}: neither a train.py checkpoint nor an ml-tarflow state dict')
     if noise_std is not None and isinstance(model, TarFlow):   # Tweedie denoising's step is sigma^2: it must be right
         model.cfg.noise_std = noise_std
-    return model.to(device).eval(), forward_model
+    # frozen: the score is a gradient w.r.t. the input only, and weights that need grad would make its backward keep
+    # every Linear's input and compute weight gradients nobody reads
+    return model.to(device).eval().requires_grad_(False), forward_model
 
 
 def noise_for(seeds, model, device):
@@ -160,16 +162,37 @@ def sample_shard(model, forward_model, n, rank, world, seed, batch_size, labels=
     return imgs, lab, bad
 
 
-def gather_shards(imgs, labels, bad, world):
-    """All ranks' samples on rank 0 in global index order (others get None); non-finite counts summed."""
+def gather_shards(imgs, labels, bad, world, chunk_bytes=2 ** 26):
+    """All ranks' samples on rank 0 in global index order (others get None); non-finite counts summed. Only rank 0
+    receives, chunk_bytes per rank at a time, straight into the output: 50K samples at 256^2 are ~10 GB, which an
+    all-gather would copy to every rank."""
     if world == 1:
         return imgs, labels, bad
-    # shards are contiguous index ranges in rank order, so concatenation restores the global order
-    objs = [None] * world
-    dist.all_gather_object(objs, (imgs, labels, bad))
-    if dist.get_rank():
+    rank = dist.get_rank()
+    # NCCL moves CUDA tensors only (setup_distributed set this rank's device); gloo moves CPU tensors
+    dev = torch.device('cuda', torch.cuda.current_device()) if dist.get_backend() == 'nccl' else torch.device('cpu')
+    meta = [None] * world if rank == 0 else None
+    dist.gather_object((len(imgs), labels, bad), meta, dst=0)        # small: counts and labels
+    longest = torch.tensor(len(imgs), device=dev)
+    dist.all_reduce(longest, dist.ReduceOp.MAX)                      # every rank loops as often
+    shape = imgs.shape[1:]                                           # (H, W, C)
+    rows = max(1, min(int(longest), chunk_bytes // int(np.prod(shape))))   # images per rank and step
+    if rank == 0:
+        # shards are contiguous index ranges in rank order, so rank r's rows start after those of ranks < r
+        starts = np.cumsum([0] + [m[0] for m in meta])
+        out = np.empty((starts[-1], *shape), np.uint8)
+    for s in range(0, int(longest), rows):
+        piece = torch.zeros(rows, *shape, dtype=torch.uint8)         # one size on every rank, as gather needs
+        piece[:len(imgs[s:s + rows])] = torch.from_numpy(imgs[s:s + rows])
+        got = [torch.empty_like(piece, device=dev) for _ in range(world)] if rank == 0 else None
+        dist.gather(piece.to(dev), got, dst=0)
+        if rank == 0:
+            for r, g in enumerate(got):
+                k = min(rows, max(0, meta[r][0] - s))
+                out[starts[r] + s:starts[r] + s + k] = g[:k].cpu().numpy()
+    if rank:
         return None, None, None
-    return np.concatenate([o[0] for o in objs]), np.concatenate([o[1] for o in objs]), sum(o[2] for o in objs)
+    return out, np.concatenate([m[1] for m in meta]), sum(m[2] for m in meta)
 
 
 def distributed_fid(model, forward_model, ref, n, guidance, seed, rank, world, device, inception=None):
