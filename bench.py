@@ -180,8 +180,7 @@ def bf16_peak(device):
 
 def train_step(model, loss_fn, ctx, device):
     """One optimizer step as train.py takes it: autocast loss, backward, clipping, AdamW, EMA."""
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.95), weight_decay=1e-4,
-                            fused=device.type == 'cuda')
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.95), weight_decay=1e-4, fused=True)
     ema = copy.deepcopy(model).requires_grad_(False)
 
     def step():
@@ -190,9 +189,10 @@ def train_step(model, loss_fn, ctx, device):
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        if torch.isfinite(gnorm):  # as train.py; on CUDA this reads the norm back, a sync every step
-            opt.step()
-            ema_update(ema, model, 0.999)
+        bad = ~torch.isfinite(gnorm)   # as train.py: a non-finite step is skipped on the device, without a sync
+        opt.found_inf = bad.float()
+        opt.step()
+        ema_update(ema, model, 0.999, ok=~bad)
     return step
 
 

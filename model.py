@@ -12,6 +12,7 @@ in one file. No file I/O beyond state dicts and no distributed code: train.py, s
 Papers: TarFlow, "Normalizing Flows are Capable Generative Models" (Zhai et al., ICML 2025);
 BiFlow, "Bidirectional Normalizing Flow: From Data to Noise and Back" (Lu et al., 2025).
 """
+import contextlib
 import math
 from dataclasses import dataclass, fields
 from typing import NamedTuple
@@ -621,18 +622,23 @@ def adaptive(d, c=0.01, p=1.0):
     return d / (d.detach() + c) ** p
 
 
-def reverse_loss(G: ReverseModel, forward_model: TarFlow, x, y, w, eps, perceptual=None, weights=None, c=0.01, p=1.0):
+def reverse_loss(G: ReverseModel, forward_model: TarFlow, x, y, w, eps, perceptual=None, weights=None, c=0.01, p=1.0,
+                 generator=None, fp32_targets=True):
     """The stage-2 loss on a clean batch x (B, C, H, W) with labels y (-1 = dropped), guidance scales w (B,) and noise
-    eps. F is frozen: its whole trajectory comes from one parallel forward pass. Returns (loss, per-term means)."""
+    eps. F is frozen: its whole trajectory comes from one parallel forward pass, in fp32 even inside a bf16 autocast
+    unless fp32_targets=False (bf16 moves the states by 0.2-0.5%: the targets would be that far from F's own).
+    generator: a CPU generator for the perceptual crop boxes (train.py seeds it per step and rank). Returns (loss,
+    per-term means)."""
     fc = forward_model.cfg
     raw = getattr(G, 'module', G)  # G may be wrapped in DDP: call G (gradients sync), read the config from raw
-    with torch.no_grad():
+    with torch.no_grad(), torch.autocast(x.device.type, enabled=False) if fp32_targets else contextlib.nullcontext():
         _, _, traj = forward_model(x + fc.noise_std * eps, y)
     clean = patchify(x.float(), fc.patch_size)
     preds = G(traj[-1], y, w)
-    if raw.cfg.guidance_mode == 'train' and bool((w > 0).any()):
+    if raw.cfg.guidance_mode == 'train':
         # Eq. 5: the guided prediction, recombined with the null-class prediction, must equal the conditional state,
-        # i.e. G(z|c,w) = (1+w) x^i - w G(z|null) as classifier-free guidance would give.
+        # i.e. G(z|c,w) = (1+w) x^i - w G(z|null) as classifier-free guidance would give. Always run (at w = 0 it is
+        # the identity): skipping it when no w > 0 would read w on the host, a sync on every step.
         with torch.no_grad():
             uncond = raw(traj[-1], torch.full_like(y, -1), torch.zeros_like(w))
         wv = w.view(-1, 1, 1).float()
@@ -645,7 +651,7 @@ def reverse_loss(G: ReverseModel, forward_model: TarFlow, x, y, w, eps, perceptu
     if perceptual is not None:
         size = (fc.img_size, fc.img_size)
         img = unpatchify(preds[-1].float(), fc.patch_size, size[0])
-        for name, d in perceptual(img, x.float()).items():
+        for name, d in perceptual(img, x.float(), generator=generator).items():
             terms[name] = d
             loss = loss + (weights or {}).get(name, 1.0) * adaptive(d, c, p).mean()
     return loss, {k: v.detach().mean() for k, v in terms.items()}

@@ -16,6 +16,7 @@ A fresh run refuses an OUT_DIR that holds a run of the same stage unless --overw
 The file reads top to bottom: presets, flags, the resume rules, the per-step randomness, the loop.
 """
 import argparse
+import datetime
 import json
 import math
 import os
@@ -27,6 +28,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import fid
 from data import HelpFormatter, Loader, atomic_write, build_dataset, hms, read_torch_file, setup_distributed
 from model import (PRESETS, FlowConfig, ReverseConfig, ReverseModel, TarFlow, config_from_dict, forward_loss, patchify,
                    reverse_config_for, reverse_loss)
@@ -52,9 +54,10 @@ TRAIN_PRESETS = {
 # What a --resume may change: where and how often things are written, hardware, and paths to the same files (data,
 # weights) on another machine. Everything else defines the run and is taken from the checkpoint; a flag that
 # contradicts it is refused.
-RESUME_SAFE = {'resume', 'out_dir', 'stop_at', 'device', 'dtype', 'compile', 'num_workers', 'log_every',
-               'ckpt_every', 'sample_every', 'sample_guidance', 'eval_every', 'eval_samples', 'val_data', 'fid_ref',
-               'fid_every', 'fid_samples', 'inception', 'data', 'forward_ckpt', 'lpips', 'vgg', 'convnext', 'max_skips'}
+RESUME_SAFE = {'resume', 'out_dir', 'stop_at', 'device', 'dtype', 'target_dtype', 'compile', 'num_workers',
+               'log_every', 'ckpt_every', 'sample_every', 'sample_guidance', 'eval_every', 'eval_samples', 'val_data',
+               'fid_ref', 'fid_every', 'fid_samples', 'inception', 'data', 'forward_ckpt', 'lpips', 'vgg', 'convnext',
+               'max_skips'}
 
 
 def get_args(argv=None):
@@ -108,6 +111,9 @@ def get_args(argv=None):
     g.add_argument('--convnext', default=None, help='convnextv2_base_22k_224_ema.pt for the ConvNeXt feature loss')
     g.add_argument('--lpips_weight', type=float, default=0.4, help='weight of the LPIPS term')
     g.add_argument('--convnext_weight', type=float, default=0.1, help='weight of the ConvNeXt term')
+    g.add_argument('--target_dtype', choices=['fp32', 'bf16'], default='fp32', help="F's forward pass for the "
+                   'targets: fp32 (exact, as the flow math everywhere) or inside the bf16 autocast (faster; the states '
+                   'move by 0.3-2%%)')
     g = p.add_argument_group('logging, checkpoints and resuming')
     g.add_argument('--out_dir', default='out', help='where checkpoints, sample grids and the log go')
     g.add_argument('--overwrite', action=argparse.BooleanOptionalAction, default=False,
@@ -214,13 +220,14 @@ def step_inputs(args, step, x, y, num_classes, rank, world):
     """The random inputs of one step: training noise eps (x's shape), labels with --label_drop of them replaced by
     the null class -1 (None for an unconditional model), and stage 2's guidance scales w (B,): a quarter at 0, the
     rest uniform in [0, w_max], 0 where the label was dropped. All are drawn for the whole global batch from
-    (seed, step) and then sliced: one process and W ranks see the same numbers, and a resume continues the stream."""
+    (seed, step) and then sliced: one process and W ranks see the same numbers, and a resume continues the stream.
+    They are drawn on x's device (a GPU's own generator): no host-to-device copy, nothing for the step to wait on."""
     B, b = args.batch_size, args.batch_size // world
     # a prime stride keeps the streams of (seed, step) and (seed + 1, step') apart for any run shorter than 1M steps
-    g = torch.Generator(device='cpu').manual_seed(args.seed * 1_000_003 + step)
+    g = torch.Generator(device=x.device).manual_seed(args.seed * 1_000_003 + step)
     # draw for all B, keep this rank's rows: ranks stay disjoint and match a single process row for row
-    eps = torch.randn((B, *x.shape[1:]), generator=g)[rank * b:(rank + 1) * b].to(x.device, non_blocking=True)
-    u = torch.rand(B, 3, generator=g)[rank * b:(rank + 1) * b].to(x.device)   # label drop, w = 0?, w
+    eps = torch.randn((B, *x.shape[1:]), generator=g, device=x.device)[rank * b:(rank + 1) * b]
+    u = torch.rand(B, 3, generator=g, device=x.device)[rank * b:(rank + 1) * b]   # label drop, w = 0?, w
     y = torch.where(u[:, 0] < args.label_drop, -1, y) if num_classes else None
     w = torch.zeros_like(u[:, 1])
     if args.stage == 'reverse' and args.guidance_mode == 'train':
@@ -228,6 +235,14 @@ def step_inputs(args, step, x, y, num_classes, rank, world):
         if y is not None:
             w = torch.where(y < 0, 0.0, w)   # dropped labels train the null class, unguided
     return eps, y, w
+
+
+def crop_generator(seed, step, rank):
+    """The CPU generator of one rank's perceptual crop boxes at one step. Ranks crop differently (one global generator
+    gave every rank the same boxes), and a resume redraws the boxes of the uninterrupted run, whatever else used the
+    global RNG. The CPU generator keeps 32 bits of a seed: odd multipliers mix (seed, step) and rank into them, so one
+    rank's steps never share boxes, nor do two ranks at one step."""
+    return torch.Generator().manual_seed(((seed * 1_000_003 + step) * 0x9E3779B1 + rank * 0x85EBCA77) % 2**32)
 
 
 def guidance_scales(u, w_max):
@@ -251,10 +266,14 @@ def load_checkpoint_file(path, flag='--resume'):
 
 
 @torch.no_grad()
-def ema_update(ema, model, decay):
-    """ema <- decay * ema + (1 - decay) * model, over the parameters (neither model has buffers)."""
+def ema_update(ema, model, decay, ok=None):
+    """ema <- decay * ema + (1 - decay) * model, over the parameters (neither model has buffers). ok: a 0-dim tensor,
+    1 to update, 0 to keep the EMA as it is (a skipped step), decided on the device without a host sync."""
     e, m = list(ema.parameters()), list(model.parameters())
-    torch._foreach_lerp_(e, m, 1 - decay)
+    # ema + w (model - ema), as a lerp; a 0-dim tensor weight has no fast foreach lerp, so sub, scale and add
+    d = torch._foreach_sub(m, e)
+    torch._foreach_mul_(d, (1 - decay) * ok if ok is not None else 1 - decay)
+    torch._foreach_add_(e, d)
 
 
 def trim_log(path, step):
@@ -346,6 +365,7 @@ def main(argv=None):
             args.norm_clip, args.noise_std, args.num_classes = cfg.norm_clip, cfg.noise_std, cfg.num_classes
         model = TarFlow(cfg)
     else:
+        fck = None
         if resume:
             fcfg, fweights = resume['forward_config'], resume['forward']
         else:
@@ -355,6 +375,7 @@ def main(argv=None):
             fcfg, fweights = fck['model_config'], fck['ema']
         forward_model = TarFlow(config_from_dict(FlowConfig, fcfg))
         forward_model.load_state_dict(fweights)
+        del fweights, fck   # copied into F: free the file's tensors (a resume's go with `resume` below)
         forward_model.to(device).eval().requires_grad_(False)  # F is frozen: never trained, never updated
         if resume:
             cfg = config_from_dict(ReverseConfig, resume['model_config'])
@@ -366,9 +387,10 @@ def main(argv=None):
     # the EMA copy is what samples, evaluates and gets saved as 'ema'; it starts equal to the model
     ema = type(model)(cfg).to(device).requires_grad_(False)
     ema.load_state_dict(model.state_dict())
-    # TarFlow's optimizer: AdamW (0.9, 0.95), weight decay on every parameter (no groups)
+    # TarFlow's optimizer: AdamW (0.9, 0.95), weight decay on every parameter (no groups). Fused (CPU and CUDA): it
+    # takes AMP's found_inf flag, which skips a non-finite step on the device instead of a host-side `if`
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay,
-                            fused=device.type == 'cuda')
+                            fused=True)
 
     # ---- data: labels must match the model's classes; unlabelled data needs an unconditional model
     dataset = build_dataset(args.data, cfg.img_size, 'train', args.seed)
@@ -408,11 +430,13 @@ def main(argv=None):
     weights = {'lpips': args.lpips_weight, 'convnext': args.convnext_weight}
 
     # ---- wrappers: compile, then DDP; `raw` stays the plain module for saving, EMA and sampling
-    raw = model
+    raw, fwd = model, forward_model   # fwd: the F that computes stage 2's targets (forward_model saves and samples)
     if args.compile:
         model = torch.compile(model)  # compile before DDP, keep `raw` for saving, EMA and sampling
-    if world > 1:
-        model = DDP(model, device_ids=[device.index] if device.type == 'cuda' else None)
+        if forward_model is not None:   # F's pass is ~44% of a stage-2 step's FLOPs
+            fwd = torch.compile(forward_model)
+    if world > 1:   # bucket views: the gradients live in DDP's buckets, no second copy of them
+        model = DDP(model, device_ids=[device.index] if device.type == 'cuda' else None, gradient_as_bucket_view=True)
 
     # ---- the run's header: what trains, where, with which settings (all of them, so a log is self-describing)
     if master:
@@ -423,6 +447,22 @@ def main(argv=None):
               f'{world} rank(s) on {device}, {"bf16" if bf16 else "fp32"}')
         for k, v in sorted(vars(args).items()):
             print(f'  {k:16s} {v}')
+
+    # ---- the FID monitor's reference statistics, once per job and before the first step: recomputed at every
+    # evaluation, they kept the other ranks waiting in a collective past NCCL's timeout. A stats .npz is used as is.
+    fid_ref = args.fid_ref
+    if args.fid_ref and fid.input_kind(args.fid_ref) != 'stats':   # also checks the path now, not hours into the run
+        fid_ref = os.path.join(args.out_dir, 'fid_ref_stats.npz')
+        # a gloo group with a long timeout for the others' wait: a large reference can take NCCL's 10 minutes
+        group = dist.new_group(backend='gloo', timeout=datetime.timedelta(hours=12)) if world > 1 else None
+        if master:
+            print(f'FID reference statistics of {args.fid_ref} -> {fid_ref}')
+            ref = fid.input_statistics(args.fid_ref, fid.load_inception(args.inception, device), device=device)
+            fid.save_stats(fid_ref, ref['mu'], ref['sigma'], ref['num_samples'])
+            del ref
+        if world > 1:
+            dist.barrier(group=group)
+            dist.destroy_process_group(group)
 
     # ---- the side jobs of the loop: log rows, checkpoints, sample grids, FID; rank 0 writes, everyone syncs
     def log(row):
@@ -449,15 +489,17 @@ def main(argv=None):
             generate_grid(ema, forward_model, os.path.join(args.out_dir, f'{args.stage}_samples.png'),
                           guidance=args.sample_guidance, seed=args.seed)
 
-    def fid():
-        """FID of EMA samples drawn by every rank; rank 0 gets the number."""
-        return distributed_fid(ema, forward_model, args.fid_ref, args.fid_samples, guidance=args.sample_guidance,
+    def fid_monitor():
+        """FID of EMA samples drawn by every rank against the reference statistics; rank 0 gets the number."""
+        return distributed_fid(ema, forward_model, fid_ref, args.fid_samples, guidance=args.sample_guidance,
                                seed=args.seed, rank=rank, world=world, device=device, inception=args.inception)
 
     # ---- training loop
     it = iter(loader)
-    # acc: metric sums since the last log row, kept on the device; in_a_row: the current streak of skipped steps
-    acc, skipped, in_a_row, t0, seen = {}, 0, 0, time.time(), 0
+    # acc: metric sums since the last log row, kept on the device, like the skipped steps: their count, the current
+    # streak and the longest streak since the last row (a step never waits for the host to read them)
+    acc, t0, seen = {}, time.time(), 0
+    skipped, streak, worst = (torch.zeros((), dtype=torch.long, device=device) for _ in range(3))
     model.train()
     # the end of this job: --stop_at splits a run into jobs without touching its schedule
     stop = min(args.max_steps, args.stop_at or args.max_steps)
@@ -480,25 +522,24 @@ def main(argv=None):
             else:
                 if y is None:  # unconditional: index 0 is G's null class
                     y = torch.zeros(x.shape[0], dtype=torch.long, device=device)
-                # F's trajectory is computed inside, without gradients; terms: one distance per aligned depth
-                loss, terms = reverse_loss(model, forward_model, x, y, w, eps, perceptual, weights)
+                # F's trajectory is computed inside, without gradients (fp32 unless --target_dtype bf16); terms: one
+                # distance per aligned depth; the crop boxes come from (seed, step, rank), so a resume redraws them
+                loss, terms = reverse_loss(model, fwd, x, y, w, eps, perceptual, weights,
+                                           generator=crop_generator(args.seed, step, rank) if perceptual else None,
+                                           fp32_targets=args.target_dtype == 'fp32')
                 metrics = {'loss': loss.detach(), **terms}
-        # the update: backward (DDP averages gradients), clip, then step only on a finite gradient
+        # the update: backward (DDP averages gradients, so every rank agrees on finiteness), clip, then a step that is
+        # skipped on the device when the gradient is not finite: an `if` here would wait for the GPU on every step
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(raw.parameters(), args.grad_clip if args.grad_clip > 0 else math.inf)
-        if torch.isfinite(gnorm):  # DDP averaged the gradients, so every rank takes the same branch
-            opt.step()
-            ema_update(ema, raw, ema_decay(step, args.ema))
-            in_a_row = 0
-        else:
-            # the weights and the EMA stay as they were; a streak means divergence, not a bad batch
-            skipped, in_a_row = skipped + 1, in_a_row + 1
-            print0(f'step {step}: non-finite loss/gradient ({loss.item():.4g}, {gnorm.item():.4g}); update skipped')
-            if in_a_row >= args.max_skips:
-                raise SystemExit(f'stopping at step {step + 1}: {in_a_row} non-finite steps in a row (--max_skips '
-                                 f'{args.max_skips}); the run has diverged. {ckpt_path} keeps the last checkpoint '
-                                 'written before it (if any): lower --lr or set --grad_clip, then --resume it')
+        bad = ~torch.isfinite(gnorm)
+        opt.found_inf = bad.float()   # fused AdamW leaves weights, moments and step count alone where it is 1
+        opt.step()
+        ema_update(ema, raw, ema_decay(step, args.ema), ok=~bad)   # and the EMA stays as it was
+        # a streak means divergence, not a bad batch: it is checked at the log rows
+        skipped, streak = skipped + bad, (streak + 1) * bad
+        worst = torch.maximum(worst, streak)
         # accumulate on device; the values are read only when a row is logged
         metrics['gnorm'] = gnorm.detach()
         for k, v in metrics.items():
@@ -508,6 +549,14 @@ def main(argv=None):
 
         # the log row: means over the interval and over ranks, then diagnostics, then speed
         if step % args.log_every == 0 or step == stop:
+            # divergence is checked here, every --log_every steps, not after each step (that would sync every step)
+            n_skipped, longest = skipped.item(), worst.item()
+            if longest >= args.max_skips:
+                raise SystemExit(f'stopping at step {step}: {longest} non-finite steps in a row (--max_skips '
+                                 f'{args.max_skips}, checked at each log row); the run has diverged. {ckpt_path} keeps '
+                                 'the last checkpoint written before it (if any): lower --lr or set --grad_clip, then '
+                                 '--resume it')
+            worst = streak.clone()   # a streak that goes on counts in the next interval too
             keys = list(acc)   # the order metrics were added: loss, bits/dim or the stage-2 terms, gnorm
             vals = torch.stack([acc[k] for k in keys])
             if world > 1:
@@ -522,7 +571,7 @@ def main(argv=None):
                     row['recon_rmse'] = (rec.float() - patchify(x.float(), cfg.patch_size)).pow(2).mean().sqrt().item()
             row['gnorm'] = row.pop('gnorm')   # after the losses and their diagnostics: the fixed field order
             dt = time.time() - t0
-            row.update(lr=lr, img_per_s=seen / dt, ms_per_step=1000 * dt / cnt, skipped=skipped)
+            row.update(lr=lr, img_per_s=seen / dt, ms_per_step=1000 * dt / cnt, skipped=n_skipped)
             if args.stage == 'forward':  # per-block output norms: a flow that blows up shows here first
                 row['block_norms'] = [t.detach().float().pow(2).mean().item() for t in traj[1:]]
             eta = round((stop - step) * dt / cnt)   # from the last interval's speed
@@ -540,13 +589,13 @@ def main(argv=None):
             print0(f'step {step}: held-out {bpd:.4f} bits/dim (EMA, uniform dequantisation, '
                    f'{min(args.eval_samples, len(val))} images)')
             log({'step': step, 'val_bpd': bpd})
-        if (step % args.ckpt_every == 0 or step == stop) and in_a_row == 0:   # never save mid-divergence
+        if (step % args.ckpt_every == 0 or step == stop) and streak.item() == 0:   # never save mid-divergence
             save()
         if step % args.sample_every == 0 or step == stop:
             samples()
         # FID at the end of the run, not of a job: a --stop_at job would otherwise add a row the run never logs
         if args.fid_ref and (step % args.fid_every == 0 or step == args.max_steps):
-            r = fid()
+            r = fid_monitor()
             if master:
                 print(f'step {step}: FID {r["fid"]:.3f} on {r["num_samples"]} EMA samples vs {args.fid_ref}')
                 log({'step': step, 'fid': r['fid'], 'fid_samples': r['num_samples'], 'ref': args.fid_ref})
