@@ -327,7 +327,7 @@ def score_activation_bytes(cfg: FlowConfig, checkpoint=True) -> int:
     """Bytes of activations TarFlow.score keeps for its backward, per image (fp32, frozen weights). Per token and causal
     layer: both LayerNorm inputs (2D), q, k, v (3D), the attention output (D), the GELU input (4D), the norms' mean
     and rstd (4) and the attention's log-sum-exp (one per head); per flow, two token-sized tensors (2d). It matches the
-    saved tensors counted on the CPU (test_new_d.py). With checkpoint, one flow's worth plus each flow's input (T*d).
+    saved tensors counted on the CPU (a test pins it). With checkpoint, one flow's worth plus each flow's input (T*d).
     The backward's own gradient buffers come on top: a few D-wide tensors per token, small next to K layers."""
     N, D, d, T, K = cfg.num_tokens, cfg.channels, cfg.token_dim, cfg.num_blocks, cfg.layers_per_block
     flow = K * (10 * D + 4 + D // cfg.head_dim) + 2 * d          # floats per token kept by one flow

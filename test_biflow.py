@@ -7,12 +7,17 @@ sampling and its files, the data pipeline, FID and the perceptual networks. CPU 
 """
 import argparse
 import contextlib
+import copy
+import functools
 import importlib.util
+import inspect
 import io
 import json
 import os
+import pickle
 import subprocess
 import sys
+import textwrap
 import warnings
 from dataclasses import asdict, replace
 
@@ -25,6 +30,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import bench
+import data
 import fid
 import model
 import model as M
@@ -33,8 +39,9 @@ import train
 from data import (ArrayDataset, Digits, ImageFolder, Loader, atomic_write, build_dataset, center_crop, epoch_flips,
                   epoch_permutation, pack)
 from data import main as data_main
-from model import (FlowConfig, ReverseModel, TarFlow, adaptive, align_targets, edit, inpaint, load_ml_tarflow, patchify,
-                   reverse_config_for, reverse_loss, state_distance, unpatchify)
+from model import (SCORE_BUDGET_BYTES, FlowConfig, ReverseModel, TarFlow, adaptive, align_targets, edit, inpaint,
+                   load_ml_tarflow, patchify, reverse_config_for, reverse_loss, score_activation_bytes, state_distance,
+                   unpatchify)
 from perceptual import LPIPS, ConvNeXtV2, PerceptualLoss, load_weights, paired_random_resized_crop
 from train import ema_update
 
@@ -263,6 +270,79 @@ def test_ml_tarflow_import_names_the_damaged_tensor(tmp_path):
     assert '--ckpt' in msg and 'cut_0.05.pth' in msg and 'blocks.0.proj_out.weight has shape (23, 64)' in msg
 
 
+def saved_bytes_per_image(module, x, *args):
+    """Bytes of the tensors autograd keeps for the backward of module(x, *args) w.r.t. x, per image: unique storages,
+    weights excluded (the same for any batch)."""
+    params = {p.untyped_storage().data_ptr() for p in module.parameters()}
+    seen = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        if s.data_ptr() not in params:
+            seen[s.data_ptr()] = s.nbytes()
+        return t
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        module(x.detach().requires_grad_(True), *args)
+    return sum(seen.values()) / len(x)
+
+
+@pytest.mark.parametrize('cfg', [TINY, FlowConfig(img_size=16, patch_size=4, channels=64, num_blocks=2,
+                                                  layers_per_block=3, head_dim=32, num_classes=0)])
+def test_score_activation_bytes_match_the_saved_tensors(cfg):
+    f = make_flow(cfg).requires_grad_(False)
+    x = torch.randn(3, 3, cfg.img_size, cfg.img_size)
+    y = torch.arange(3) % cfg.num_classes if cfg.num_classes else None
+    full = saved_bytes_per_image(f, x, y)                        # the whole flow, as without checkpointing
+    assert abs(score_activation_bytes(cfg, checkpoint=False) / full - 1) < 0.1, (score_activation_bytes(cfg, False), full)
+    h = torch.randn(3, cfg.num_tokens, cfg.token_dim)
+    one = saved_bytes_per_image(f.blocks[0], h, y)                # what a checkpointed backward recomputes at a time
+    est = score_activation_bytes(cfg, checkpoint=True)
+    assert one <= est < 1.25 * one, (est, one)
+
+
+def test_score_activation_bytes_give_small_chunks_at_paper_scale():
+    from model import PRESETS
+    per = score_activation_bytes(PRESETS['imagenet64'])
+    assert 16 <= SCORE_BUDGET_BYTES // per <= 64                  # checkpointed: ~240 MiB per image
+    assert 64 * score_activation_bytes(PRESETS['imagenet64'], checkpoint=False) > 100 * 2 ** 30   # the old chunk
+
+
+def test_denoise_in_budget_sized_chunks_equals_one_chunk(monkeypatch):
+    f = make_flow()
+    x, y = torch.randn(7, 3, 8, 8), torch.tensor([0, 1, 2, 0, 1, 2, 0])
+    whole = f.denoise(x, y, chunk=7)
+    sizes = []
+    score = f.score
+    monkeypatch.setattr(f, 'score', lambda xc, yc: sizes.append(len(xc)) or score(xc, yc))
+    small = f.denoise(x, y, budget_bytes=2 * score_activation_bytes(TINY))
+    assert sizes == [2, 2, 2, 1]
+    assert torch.allclose(small, whole, atol=1e-6) and (whole - x).abs().max() > 1e-4
+    # checkpointing recomputes each flow in the backward: the same gradient
+    assert torch.allclose(score(x, y, checkpoint=True), score(x, y, checkpoint=False), atol=1e-6)
+    assert torch.allclose(f.denoise(x, None, chunk=3), f.denoise(x, None, chunk=7), atol=1e-6)
+
+
+def test_sample_with_a_cpu_generator_is_reproducible():
+    f = make_flow(scale=0.03)
+    y = torch.tensor([0, 1, 2])
+    a = f.sample(y, denoise=False, generator=torch.Generator().manual_seed(3))
+    b = f.sample(y, denoise=False, generator=torch.Generator().manual_seed(3))
+    z = torch.randn(3, TINY.num_tokens, TINY.token_dim, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(a, b) and torch.allclose(a, f.reverse(z, y))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
+def test_sample_on_cuda_with_a_cpu_generator():
+    f = make_flow(scale=0.03)
+    y = torch.tensor([0, 1, 2])
+    cpu = f.sample(y, denoise=False, generator=torch.Generator().manual_seed(3))
+    f.cuda()
+    gpu = f.sample(y.cuda(), denoise=False, generator=torch.Generator().manual_seed(3))
+    assert gpu.is_cuda and torch.allclose(gpu.cpu(), cpu, atol=1e-4)
+    gpu2 = f.sample(y.cuda(), denoise=False, generator=torch.Generator('cuda').manual_seed(3))
+    assert gpu2.is_cuda and torch.isfinite(gpu2).all()
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # model.py: the reverse model (BiFlow) and the stage-2 loss
 
@@ -427,6 +507,36 @@ def test_align_targets_pair_group_g_with_forward_state_T_minus_1_minus_g():
         assert got == want, (denoise, got)
 
 
+def test_reverse_loss_perceptual_terms_ignore_the_global_rng():
+    f, g = make_pair()
+    x, y, w, eps = batch()
+    perceptual = PerceptualLoss.random(crop=32, **SMALL)
+    out = []
+    for s in (1, 2):
+        torch.manual_seed(s)
+        loss, terms = reverse_loss(g, f, x, y, w, eps, perceptual, generator=train.crop_generator(0, 3, 0))
+        out.append((loss, terms['lpips'], terms['convnext']))
+    assert all(torch.equal(a, b) for a, b in zip(*out))
+
+
+def test_reverse_targets_are_fp32_under_bf16_autocast_unless_asked(monkeypatch):
+    f, g = make_pair()
+    x, y, w, eps = batch()
+    _, _, exact = f(x + TINY.noise_std * eps, y)   # fp32, no autocast
+    seen = []
+    real = M.align_targets
+    monkeypatch.setattr(M, 'align_targets', lambda G, traj, clean: seen.append(traj) or real(G, traj, clean))
+    for fp32 in (True, False):
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            reverse_loss(g, f, x, y, w, eps, fp32_targets=fp32)
+    fp32_traj, bf16_traj = seen
+    assert all(t.dtype == torch.float32 and torch.allclose(t, e, rtol=0, atol=1e-6) for t, e in zip(fp32_traj, exact))
+    rel = max(((t.float() - e).norm() / e.norm()).item() for t, e in zip(bf16_traj[1:], exact[1:]))
+    assert rel > 1e-4, rel   # bf16 really moves the states: the flag is what keeps them exact
+    assert train.get_args([])[0].target_dtype == 'fp32'
+    assert 'invalid choice' in fails(train_main, '--target_dtype', 'fp16')
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # perceptual.py: the frozen perceptual networks
 
@@ -549,6 +659,15 @@ def test_perceptual_adaptive_weight_normalises_scale():
     assert torch.allclose(w, loss.detach() / (loss.detach() + 0.01))
     w.sum().backward()
     assert torch.allclose(loss.grad, 1 / (loss.detach() + 0.01))  # weight is stop-gradient
+
+
+def test_perceptual_crops_differ_per_rank_and_repeat_per_step():
+    x = imgs(6, 3, 40, 40)
+    crop = lambda *key: paired_random_resized_crop(x, x, size=16, generator=train.crop_generator(*key))[0]
+    r0 = crop(0, 5, 0)
+    assert torch.equal(r0, crop(0, 5, 0))   # the same (seed, step, rank): the same boxes, whatever ran before
+    assert not torch.allclose(r0, crop(0, 5, 1))   # another rank crops elsewhere (it used to draw the same boxes)
+    assert not torch.allclose(r0, crop(0, 6, 0)) and not torch.allclose(r0, crop(1, 5, 0))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -825,6 +944,110 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
     assert path.read_bytes() == b'old' and os.listdir(tmp_path) == ['ck.pt']   # no temporary left behind
 
 
+def test_train_fid_reference_statistics_are_computed_once(trained, tmp_path, monkeypatch):
+    """Rank 0 used to recompute the reference's features at every evaluation while the other ranks waited."""
+    monkeypatch.setattr(fid, 'load_inception', lambda *a, **k: _FakeInception())
+    passes = []   # the inputs whose Inception features were computed (a stats .npz is only read)
+    real = fid.input_statistics
+
+    def counted(path, *a, **k):
+        if fid.input_kind(path) != 'stats':
+            passes.append(path)
+        return real(path, *a, **k)
+    monkeypatch.setattr(fid, 'input_statistics', counted)
+    ref = tmp_path / 'ref.npz'
+    np.savez(ref, arr_0=np.random.default_rng(0).integers(0, 256, (12, 16, 16, 3), dtype=np.uint8))
+    run = ['--stage', 'reverse', '--forward_ckpt', trained / 'forward.pt', '--max_steps', 2, *QUICK, '--fid_every', 1,
+           '--fid_samples', 12]
+    train_main(*run, '--out_dir', tmp_path / 'a', '--fid_ref', ref)
+    assert passes == [str(ref)]   # two evaluations, one pass over the reference
+    rows = [json.loads(line) for line in open(tmp_path / 'a/reverse_log.jsonl')]
+    a = [r for r in rows if 'fid' in r]
+    assert [r['step'] for r in a] == [1, 2] and all(np.isfinite(r['fid']) and r['ref'] == str(ref) for r in a)
+    stats = tmp_path / 'a/fid_ref_stats.npz'
+    assert fid.input_kind(str(stats)) == 'stats'
+    # a statistics file is used as it is: no pass over anything, no copy, the same numbers
+    train_main(*run, '--out_dir', tmp_path / 'b', '--fid_ref', stats)
+    assert passes == [str(ref)] and not (tmp_path / 'b/fid_ref_stats.npz').exists()
+    b = [r for r in (json.loads(line) for line in open(tmp_path / 'b/reverse_log.jsonl')) if 'fid' in r]
+    assert [r['fid'] for r in b] == pytest.approx([r['fid'] for r in a], rel=1e-9)
+
+
+def perceptual_from_files(monkeypatch):
+    """Stage 2's --lpips/--vgg/--convnext with small random networks: train.py loads 'files' and builds the loss as it
+    does with the published weights (the construction draws from the global RNG, as the real one does)."""
+    small = PerceptualLoss.random(crop=32, **SMALL)
+    lp, cx = small.lpips.state_dict(), small.convnext.state_dict()
+    files = {'vgg': {k: v for k, v in lp.items() if k.startswith('features.')},
+             'lpips': {k: v for k, v in lp.items() if k.startswith('lin')}, 'convnext': cx}
+    monkeypatch.setattr(train, 'load_weights', lambda path, flag: path and files[flag])
+    monkeypatch.setattr(train, 'PerceptualLoss', functools.partial(PerceptualLoss, crop=32, **SMALL))
+    return ['--lpips', 'l.pth', '--vgg', 'v.pth', '--convnext', 'c.pt']
+
+
+def test_train_reverse_resume_with_perceptual_terms_is_exact(trained, tmp_path, monkeypatch):
+    run = ['--stage', 'reverse', '--forward_ckpt', trained / 'forward.pt', '--max_steps', 4, *QUICK,
+           *perceptual_from_files(monkeypatch)]
+    train_main(*run, '--out_dir', tmp_path / 'a')
+    train_main(*run, '--out_dir', tmp_path / 'b', '--stop_at', 2)
+    torch.manual_seed(123)   # whatever the global RNG holds, the resumed run draws what the straight one drew
+    train_main('--resume', tmp_path / 'b/reverse.pt')
+    a, b = losses(tmp_path / 'a/reverse_log.jsonl'), losses(tmp_path / 'b/reverse_log.jsonl')
+    assert [r['step'] for r in b] == [1, 2, 3, 4] and {'lpips', 'convnext'} <= set(a[0])
+    for ra, rb in zip(a, b):
+        for k in ra:
+            if k not in ('img_per_s', 'ms_per_step'):
+                assert ra[k] == rb[k], (k, ra, rb)
+    ca, cb = (torch.load(tmp_path / f'{r}/reverse.pt', weights_only=True) for r in 'ab')
+    for key in ('model', 'ema'):
+        assert all(torch.equal(ca[key][k], cb[key][k]) for k in ca[key])
+
+
+def test_train_skipped_step_leaves_weights_ema_and_optimizer_bitwise_unchanged(tmp_path, monkeypatch):
+    calls, real_loss = [], train.forward_loss
+
+    def nan_at_step_2(*a, **k):   # the second step's loss is NaN, the others are fine
+        calls.append(1)
+        loss, nll, traj = real_loss(*a, **k)
+        return (loss * float('nan') if len(calls) == 2 else loss), nll, traj
+    monkeypatch.setattr(train, 'forward_loss', nan_at_step_2)
+    steps, real_step = [], torch.optim.AdamW.step
+
+    def recorded_step(self, *a, **k):   # the optimizer's state and weights around each step, and its skip flag
+        snapshot = lambda: (copy.deepcopy(self.state_dict()['state']),
+                            [p.detach().clone() for grp in self.param_groups for p in grp['params']])
+        before = snapshot()
+        out = real_step(self, *a, **k)
+        steps.append((self.found_inf.item(), before, snapshot()))
+        return out
+    monkeypatch.setattr(torch.optim.AdamW, 'step', recorded_step)
+    emas, real_ema = [], train.ema_update
+
+    def recorded_ema(ema, model, decay, ok=None):
+        before = [p.clone() for p in ema.parameters()]
+        real_ema(ema, model, decay, ok)
+        emas.append((before, [p.clone() for p in ema.parameters()]))
+    monkeypatch.setattr(train, 'ema_update', recorded_ema)
+    train_main('--out_dir', tmp_path, '--max_steps', 3, *QUICK)
+    assert [s[0] for s in steps] == [0.0, 1.0, 0.0] and len(emas) == 3   # no host-side `if`: every step steps
+
+    def same(a, b):
+        return len(a) == len(b) and all(torch.equal(u, v) for u, v in zip(a, b))
+    for i, (flag, (state0, params0), (state1, params1)) in enumerate(steps):
+        moments = lambda state: [v for s in state.values() for v in s.values()]   # exp_avg, exp_avg_sq, step
+        assert same(params0, params1) == same(moments(state0), moments(state1)) == same(*emas[i]) == (i == 1), i
+    assert [r['skipped'] for r in losses(tmp_path / 'forward_log.jsonl')] == [0, 1, 1]
+    assert torch.load(tmp_path / 'forward.pt', weights_only=True)['step'] == 3
+
+
+def test_train_divergence_is_checked_at_the_log_rows(tmp_path, monkeypatch):
+    real = train.forward_loss
+    monkeypatch.setattr(train, 'forward_loss', lambda *a, **k: (lambda r: (r[0] * float('nan'), *r[1:]))(real(*a, **k)))
+    with pytest.raises(SystemExit, match='stopping at step 4: 4 non-finite steps in a row .--max_skips 2, checked at'):
+        train_main('--out_dir', tmp_path, '--max_steps', 10, *QUICK, '--max_skips', 2, '--log_every', 4)
+    assert not (tmp_path / 'forward.pt').exists() and not (tmp_path / 'forward_log.jsonl').exists()
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # sample.py: grids, ADM .npz, sharding, inpainting and editing, ml-tarflow state dicts
 
@@ -937,6 +1160,72 @@ def test_sample_bad_numbers_are_argparse_errors(tmp_path, args, flag, allowed):
     torch.save(tiny_state_dict(), tmp_path / 'tiny.pth')
     msg = fails(sample_main, '--ckpt', tmp_path / 'tiny.pth', '--noise_std', 0.05, '--out', tmp_path / 'g.png', *args)
     assert f'error: {flag} {args[1]}: ' in msg and allowed in msg, msg
+
+
+def test_load_models_freezes_every_model_and_the_score_still_works(tmp_path):
+    torch.save(tiny_state_dict(), tmp_path / 'afhq_model_2_64_2_1_0.05.pth')
+    f, _ = sample.load_models(str(tmp_path / 'afhq_model_2_64_2_1_0.05.pth'), verbose=False)
+    assert not any(p.requires_grad for p in f.parameters())
+    x = torch.randn(2, 3, 8, 8)
+    out = f.denoise(x, torch.tensor([0, 2]))
+    assert torch.isfinite(out).all() and (out - x).abs().max() > 0
+    assert not any(p.grad is not None for p in f.parameters())
+    # a reverse checkpoint returns G and its F, both frozen
+    fwd = make_flow()
+    G = ReverseModel(reverse_config_for(TINY, denoise='score'))
+    torch.save(dict(kind='reverse', model_config=asdict(G.cfg), ema=G.state_dict(), forward_config=asdict(TINY),
+                    forward=fwd.state_dict()), tmp_path / 'reverse.pt')
+    G, F = sample.load_models(str(tmp_path / 'reverse.pt'))
+    assert not any(p.requires_grad for m in (G, F) for p in m.parameters())
+    z = torch.randn(2, TINY.num_tokens, TINY.token_dim)
+    assert torch.isfinite(sample.generate(G, F, z, torch.tensor([0, 1]))).all()   # score denoising with F frozen
+
+
+GATHER = textwrap.dedent('''
+    import sys
+    import numpy as np
+    import torch.distributed as dist
+    sys.path.insert(0, {here!r})
+    import sample
+
+    def everyone(*a, **k):
+        raise AssertionError('an all-gather sends every shard to every rank')
+    dist.init_process_group('gloo')
+    dist.all_gather_object = dist.all_gather = everyone
+    rank, world = dist.get_rank(), dist.get_world_size()
+    for n, kw in ((1, {{}}), (5, dict(chunk_bytes=2 * 48))):   # shards of 1 and 0 images; of 3 and 2, 2 a step
+        per = -(-n // world)
+        idx = np.arange(rank * per, min(n, (rank + 1) * per))
+        imgs = (idx[:, None, None, None] * 7 + np.arange(48).reshape(1, 4, 4, 3)).astype(np.uint8)
+        out = sample.gather_shards(imgs, idx * 10, rank + 1, world, **kw)
+        if rank:
+            assert out == (None, None, None), out
+        else:
+            np.savez(f'gathered{{n}}.npz', imgs=out[0], labels=out[1], bad=out[2])
+    dist.destroy_process_group()
+''')
+
+
+def test_gather_shards_assembles_on_rank_0_only(tmp_path):
+    (tmp_path / 'gather.py').write_text(GATHER.format(here=HERE))
+    torchrun(str(tmp_path / 'gather.py'), [], tmp_path, 29531)
+    for n in (5, 1):
+        g = np.load(tmp_path / f'gathered{n}.npz')
+        idx = np.arange(n)
+        assert np.array_equal(g['imgs'], (idx[:, None, None, None] * 7 + np.arange(48).reshape(1, 4, 4, 3))
+                              .astype(np.uint8))
+        assert list(g['labels']) == list(idx * 10) and int(g['bad']) == 3
+
+
+def test_sample_two_ranks_write_the_npz_of_one_process(tmp_path):
+    torch.save(tiny_state_dict(), tmp_path / 'afhq_model_2_64_2_1_0.05.pth')
+    args = ['--ckpt', tmp_path / 'afhq_model_2_64_2_1_0.05.pth', '--num_samples', 5, '--batch_size', 2,
+            '--out', tmp_path / 'g.png']
+    sample_main(*args, '--npz', tmp_path / 'one.npz')
+    torchrun('sample.py', [str(a) for a in args] + ['--npz', str(tmp_path / 'two.npz')], tmp_path, 29532)
+    a, b = np.load(tmp_path / 'one.npz'), np.load(tmp_path / 'two.npz')
+    assert a['arr_0'].shape == (5, 8, 8, 3) and np.array_equal(a['arr_1'], b['arr_1'])
+    assert np.abs(a['arr_0'].astype(int) - b['arr_0']).max() <= 1   # float noise in the uint8 rounding at most
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -1237,6 +1526,42 @@ def test_data_show_cli(tmp_path, monkeypatch):
     assert grid.shape == (10 * 66 + 2, 3 * 66 + 2, 3)  # 16-pixel images shown 4x larger, 2-pixel borders
     first = Digits(16)[0][0].permute(1, 2, 0).numpy()   # class 0's first image, enlarged by nearest neighbour
     assert np.array_equal(grid[2:66, 2:66], first.repeat(4, 0).repeat(4, 1))
+
+
+def test_array_dataset_memory_maps_an_uncompressed_npz(tmp_path, monkeypatch):
+    imgs = np.random.default_rng(0).integers(0, 256, (6, 8, 8, 3), dtype=np.uint8)
+    labels = np.array([0, 4, 1, 1, 2, 3])
+    np.savez(tmp_path / 'a.npz', arr_1=labels, arr_0=imgs)    # arr_0 second: its data starts deep in the file
+    ds = ArrayDataset(str(tmp_path / 'a.npz'), 8)
+    assert isinstance(ds._arr, np.memmap) and ds.num_classes == 5 and list(ds.targets) == list(labels)
+    assert len(pickle.dumps(ds)) < imgs.nbytes                  # DataLoader workers reopen the map, no copy
+    back = pickle.loads(pickle.dumps(ds))
+    for i in range(6):
+        assert torch.equal(back[i][0], torch.from_numpy(imgs[i]).permute(2, 0, 1)) and back[i][1] == labels[i]
+        assert torch.equal(ds[i][0], back[i][0])
+    np.savez_compressed(tmp_path / 'c.npz', imgs, labels)      # compressed: read into RAM while small
+    dc = ArrayDataset(str(tmp_path / 'c.npz'), 8)
+    assert not isinstance(dc._arr, np.memmap) and torch.equal(dc[3][0], ds[3][0])
+    monkeypatch.setattr(data, 'MAX_COMPRESSED_NPZ', imgs.nbytes - 1)
+    with pytest.raises(ValueError, match='c.npz.*compressed.*np.savez'):
+        ArrayDataset(str(tmp_path / 'c.npz'), 8)
+    assert isinstance(ArrayDataset(str(tmp_path / 'a.npz'), 8)._arr, np.memmap)   # no limit on a mapped file
+
+
+def test_imagefolder_decodes_large_jpegs_at_a_reduced_scale(tmp_path, monkeypatch):
+    (tmp_path / 'c').mkdir()
+    yy, xx = np.mgrid[0:192, 0:256]
+    smooth = np.stack([xx, yy, (xx + yy) // 2], -1).astype(np.uint8)
+    Image.fromarray(smooth).save(tmp_path / 'c' / 'a.jpg', quality=95)
+    Image.fromarray(smooth).save(tmp_path / 'c' / 'b.png')
+    full = center_crop(Image.open(tmp_path / 'c' / 'a.jpg').convert('RGB'), 16)
+    sizes = []
+    monkeypatch.setattr(data, 'center_crop', lambda img, size: sizes.append(img.size) or center_crop(img, size))
+    ds = ImageFolder(str(tmp_path), 16)
+    jpg, png = ds.load(0), ds.load(1)
+    assert sizes == [(32, 24), (256, 192)]   # JPEG at 1/8: the short side stays >= 16, as ADM's halvings leave it
+    assert jpg.shape == (16, 16, 3) and np.abs(jpg.astype(int) - full).mean() < 3
+    assert np.array_equal(png, center_crop(Image.fromarray(smooth), 16))   # other formats: unchanged
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -1603,6 +1928,12 @@ def test_fid_warns_when_the_sample_counts_differ(tmp_path):
         warnings.simplefilter('error')
         fid.main([str(tmp_path / 'a40.npz'), str(tmp_path / 'c40.npz')])
         fid.main([str(tmp_path / 'a40.npz'), str(tmp_path / 'adm.npz')])
+
+
+def test_fid_extracts_features_in_batches_of_200():
+    for fn in (fid.input_statistics, fid.load_stats, fid.fid_from_samples):
+        assert inspect.signature(fn).parameters['batch_size'].default == 200
+    assert fid.BATCH_SIZE == 200
 
 
 # ----------------------------------------------------------------------------------------------------------------------
