@@ -19,13 +19,15 @@ import math
 import statistics
 import time
 from contextlib import nullcontext
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from data import HelpFormatter, atomic_write
-from model import PRESETS, ReverseModel, TarFlow, reverse_config_for, reverse_loss, unpatchify
+from model import (PRESETS, SCORE_BUDGET_BYTES, ReverseModel, TarFlow, forward_loss, reverse_config_for,
+                   reverse_loss, score_activation_bytes, unpatchify)
 from sample import generate
 from train import ema_update, guidance_scales
 
@@ -44,7 +46,7 @@ ROWS = {  # key: label. Training rows run at --batch_size, sampling rows at each
     'nfe1_cfg': 'G 1-NFE, training-time CFG',
     'cfg_infer': 'G inference-time CFG (2-NFE)',
 }
-EXTRAS = ('estimate',)  # FLOPs of the imagenet64 training step and what an H100 would do with them
+EXTRAS = ('estimate', 'memory')  # imagenet64 FLOPs and H100 time; projected GPU memory of the paper presets
 # speed-ups: (label, slower row, faster row, target, batch the target applies to (None: every batch))
 RATIOS = [
     ('our inverse vs naive', 'naive', 'inverse', None, None),
@@ -134,6 +136,93 @@ def naive_reverse(model: TarFlow, z, y=None, guidance=0.0, ramp=False, attn_temp
     for block in reversed(model.blocks):
         x = naive_block_reverse(block, x, y, guidance, ramp, attn_temp)
     return unpatchify(x, model.cfg.patch_size, model.cfg.img_size)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Memory: a projection per GPU at the paper presets' sizes, from bytes measured on small probes
+
+
+def saved_bytes(fn):
+    """Bytes of the distinct tensors that autograd saves for the backward while fn() runs: what a training step keeps
+    until its backward (counted by storage, so views and re-saves count once)."""
+    seen = {}
+
+    def pack(t):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values())
+
+
+def _step_bytes(cfg, rcfg, bf16, batch=2):
+    """Per-image saved bytes of one training step of F (rcfg None) or G, measured on the CPU: the difference between
+    two batch sizes removes what does not grow with the batch (weights, and their bf16 copies)."""
+    torch.manual_seed(0)
+    fwd = TarFlow(cfg)
+    model = fwd if rcfg is None else ReverseModel(rcfg)
+    ctx = torch.autocast('cpu', dtype=torch.bfloat16) if bf16 else nullcontext()
+    out = []
+    for b in (batch, 2 * batch):
+        x, eps = torch.rand(b, 3, cfg.img_size, cfg.img_size) * 2 - 1, torch.randn(b, 3, cfg.img_size, cfg.img_size)
+        y, w = torch.randint(max(cfg.num_classes, 1), (b,)) if cfg.num_classes else None, torch.ones(b)
+
+        def step():
+            with ctx:
+                (forward_loss(fwd, x, y, eps)[0] if rcfg is None else reverse_loss(model, fwd, x, y, w, eps)[0])
+        out.append(saved_bytes(step))
+    return (out[1] - out[0]) / batch
+
+
+def activation_bytes(cfg, stage='forward', bf16=True, rpreset=None):
+    """Bytes one training image keeps for the backward at cfg's size, projected from probes of cfg's width and 16
+    tokens: per token, one layer costs the same whatever the token count (the attention kernels keep O(N) per token,
+    not the N x N scores) and the depth only repeats layers and flows. Measured probes: (flows T, layers K, denoiser
+    layers L) = (1,1,1), (1,2,1), (2,1,1), (1,1,2); the last two only for G."""
+    p = replace(cfg, img_size=4 * cfg.patch_size, num_blocks=1, layers_per_block=1)     # 16 tokens, one layer
+    if stage == 'forward':
+        one, two = (_step_bytes(replace(p, layers_per_block=k), None, bf16) for k in (1, 2))
+        layer, flow = two - one, one - (two - one)                    # per 16 tokens: a layer, a flow's own tensors
+        return cfg.num_tokens / 16 * cfg.num_blocks * (flow + cfg.layers_per_block * layer)
+    r = reverse_config_for(cfg, rpreset or 'imagenet64')
+
+    def rp(**kw):   # a G probe: one group of one layer and a one-layer denoiser, unless kw says otherwise
+        return replace(reverse_config_for(p, rpreset or 'imagenet64'), **{'num_blocks': 1, 'layers_per_block': 1,
+                                                                          'denoise_layers': 1, **kw})
+    base = _step_bytes(p, rp(), bf16)
+    layer = _step_bytes(p, rp(layers_per_block=2), bf16) - base
+    group = _step_bytes(replace(p, num_blocks=2), rp(num_blocks=2), bf16) - base - layer   # a group's head etc.
+    den = _step_bytes(p, rp(denoise_layers=2), bf16) - base
+    rest = base - group - layer - den
+    return cfg.num_tokens / 16 * (rest + r.num_blocks * (group + r.layers_per_block * layer) + r.denoise_layers * den)
+
+
+def memory_projection(name, world=8, fid_batch=256, num_samples=50_000):
+    """GiB per GPU of the paper run of preset `name` on `world` GPUs (and rank 0's host RAM for the 50K gather).
+    Training: fp32 weights, gradients, AdamW's two moments and the EMA (20 bytes a parameter), plus the saved
+    activations of the per-GPU batch under bf16 autocast. The allocator's peak adds the backward's temporaries of a
+    layer or two on top. Sampling: fp32 weights plus the KV cache of one flow (k and v of every layer, both CFG
+    streams), or the denoising chunk's activations (model.score_activation_bytes, checkpointed per flow)."""
+    from train import TRAIN_PRESETS
+    cfg, GiB = PRESETS[name], 2 ** 30
+    b = TRAIN_PRESETS[name]['batch_size'] // world
+    with torch.device('meta'):   # parameter counts without allocating them
+        pf = sum(p.numel() for p in TarFlow(cfg).parameters())
+        pg = sum(p.numel() for p in ReverseModel(reverse_config_for(cfg, name)).parameters())
+    act = activation_bytes(cfg)
+    if TRAIN_PRESETS[name]['grad_checkpoint']:   # one flow's activations, plus every flow's input (fp32)
+        act = act / cfg.num_blocks + cfg.num_blocks * cfg.num_tokens * cfg.token_dim * 4
+    cache = cfg.layers_per_block * 2 * (2 * fid_batch) * cfg.num_tokens * cfg.channels * 4
+    chunk = max(1, SCORE_BUDGET_BYTES // score_activation_bytes(cfg))
+    rows = {
+        'stage 1 training' + (' (checkpointed)' if TRAIN_PRESETS[name]['grad_checkpoint'] else ''):
+            (20 * pf + b * act) / GiB,
+        'stage 2 training': (20 * pg + 4 * pf + b * activation_bytes(cfg, 'reverse', rpreset=name)) / GiB,
+        f'exact inverse + CFG, batch {fid_batch}': (4 * pf + cache) / GiB,
+        f'denoising, chunk {chunk}': (4 * pf + chunk * score_activation_bytes(cfg)) / GiB,
+        f'{num_samples // 1000}K gather (rank 0 host RAM)': num_samples * cfg.img_size ** 2 * cfg.in_channels / GiB,
+    }
+    return dict(batch_per_gpu=b, params_forward=pf, params_reverse=pg, rows=rows)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -349,6 +438,15 @@ def main(argv=None):
               f'(FlopCounterMode, meta device); on an {e["gpu"]} ({e["peak"] / 1e12:.0f} TFLOP/s bf16) at '
               f'{100 * e["mfu"]:.0f}% MFU: {per_gpu:.0f} img/s per GPU, {per_gpu * e["gpus"]:.0f} on {e["gpus"]}; '
               f'{e["images"] / 1e6:.0f}M images (200 epochs: 1M steps x 256) in {days:.1f} days')
+
+    if 'memory' in args.rows:  # a projection, labelled as such: probes measured here, scaled to the paper sizes
+        print('memory projection per GPU, 8 GPUs, GiB (training: states + saved bf16 activations; probes measured on '
+              'this machine, see memory_projection)')
+        out['memory'] = {}
+        for name in ('imagenet64', 'imagenet64-1024', 'imagenet64-p4', 'imagenet128', 'afhq256'):
+            m = out['memory'][name] = memory_projection(name)
+            print(f'  {name} (batch {m["batch_per_gpu"]}/GPU; F {m["params_forward"] / 1e6:.0f}M, G '
+                  f'{m["params_reverse"] / 1e6:.0f}M): ' + ' | '.join(f'{k} {v:.1f}' for k, v in m['rows'].items()))
 
     out['total_s'] = time.perf_counter() - t_start
     print(f'total {out["total_s"]:.0f} s; wrote {args.json}')

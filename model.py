@@ -343,12 +343,15 @@ class TarFlow(nn.Module):
         self.cfg = cfg
         self.blocks = nn.ModuleList(MetaBlock(cfg, flip=t % 2 == 1) for t in range(cfg.num_blocks))
 
-    def forward(self, x, y=None, temp=None):
-        """x (B, C, H, W) -> z (B, N, d), log|det| summed over dimensions (B,), trajectory [x^0, x^1, ..., z]."""
+    def forward(self, x, y=None, temp=None, checkpoint=False):
+        """x (B, C, H, W) -> z (B, N, d), log|det| summed over dimensions (B,), trajectory [x^0, x^1, ..., z].
+        checkpoint: the backward recomputes each flow's activations, so it keeps one flow's instead of T (and the
+        flows' inputs, which the trajectory holds anyway), for one more forward pass."""
         h = patchify(f32(x), self.cfg.patch_size)
         traj, logdet = [h], 0.
         for block in self.blocks:
-            h, ld = block(h, y, temp)
+            h, ld = (torch.utils.checkpoint.checkpoint(block, h, y, temp, use_reentrant=False)
+                     if checkpoint and torch.is_grad_enabled() else block(h, y, temp))
             traj.append(h)
             logdet = logdet + ld
         return h, logdet, traj
@@ -383,12 +386,8 @@ class TarFlow(nn.Module):
         so the pass keeps one flow's activations instead of T (score_activation_bytes), for one more forward."""
         with torch.enable_grad(), torch.autocast(x.device.type, enabled=False):
             x = f32(x.detach()).requires_grad_(True)
-            h, logdet = patchify(x, self.cfg.patch_size), 0.              # (B, N, d)
-            for block in self.blocks:   # as forward(), without the trajectory
-                h, ld = (torch.utils.checkpoint.checkpoint(block, h, y, use_reentrant=False) if checkpoint
-                         else block(h, y))
-                logdet = logdet + ld
-            logp = -0.5 * h.pow(2).sum() + logdet.sum()
+            z, logdet, _ = self(x, y, checkpoint=checkpoint)
+            logp = -0.5 * z.pow(2).sum() + logdet.sum()
             return torch.autograd.grad(logp, x)[0]
 
     def denoise(self, x, y=None, chunk=None, budget_bytes=SCORE_BUDGET_BYTES):
@@ -588,17 +587,18 @@ def edit(G: ReverseModel, forward_model: TarFlow, x, y_src, y_dst, w=0.0, eps=No
     return G.decode(z, y_dst, torch.full((len(z),), float(w), device=z.device), forward_model=forward_model)
 
 
-def forward_loss(forward_model: TarFlow, x, y, eps, noise='gaussian'):
+def forward_loss(forward_model: TarFlow, x, y, eps, noise='gaussian', checkpoint=False):
     """The stage-1 loss on a clean batch x (B, C, H, W) in [-1, 1] (multiples of 1/127.5 from uint8), labels y and
     standard normal eps of x's shape. noise='gaussian': x + sigma*eps, the noisy data TarFlow learns so that it can
     sample and denoise; 'uniform': dequantisation x + u/128 with u = Phi(eps) ~ U(0, 1) inside the pixel's bin of width
     2/256 (the same stream, so the switch changes nothing else), whose NLL bounds the discrete one (bits/dim).
+    checkpoint: recompute each flow in the backward (TarFlow.forward), for models whose activations do not fit.
     -> (loss, nll (B,) in nats/dim without the 0.5*log(2*pi) constant, trajectory)."""
     if noise == 'gaussian':
         xn = x + getattr(forward_model, 'module', forward_model).cfg.noise_std * eps   # DDP wraps the model
     else:  # bin k of [0, 256) holds [k, k+1); its pixel value k/127.5 - 1 becomes (k + u)/128 - 1
         xn = ((x + 1) * 127.5 + 0.5 * (1 + torch.erf(eps / math.sqrt(2)))) / 128 - 1
-    z, logdet, traj = forward_model(xn, y)
+    z, logdet, traj = forward_model(xn, y, checkpoint=checkpoint)
     nll = TarFlow.nll_from(z, logdet)
     return nll.mean(), nll, traj
 

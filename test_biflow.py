@@ -89,6 +89,20 @@ def test_flow_inverse_of_forward_is_identity(clip):
     assert (f.reverse(z, y) - x).abs().max() < 1e-4
 
 
+def test_flow_checkpointed_forward_gives_the_same_loss_and_gradients():
+    f = make_flow()
+    x, y = torch.randn(3, 3, 8, 8), torch.tensor([0, 1, -1])
+    out = []
+    for ckpt in (False, True):
+        f.zero_grad()
+        loss, _, traj = M.forward_loss(f, x, y, torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(0)),
+                                       checkpoint=ckpt)
+        loss.backward()
+        out.append((loss.detach(), [p.grad.clone() for p in f.parameters()], len(traj)))
+    assert torch.equal(out[0][0], out[1][0]) and out[0][2] == out[1][2] == TINY.num_blocks + 1
+    assert all(torch.allclose(a, b, atol=1e-7) for a, b in zip(out[0][1], out[1][1]))
+
+
 def test_flow_logdet_equals_autograd_jacobian_float64():
     cfg = FlowConfig(img_size=4, in_channels=3, patch_size=2, channels=16, num_blocks=2, layers_per_block=1,
                      head_dim=8, num_classes=2)
@@ -1944,6 +1958,22 @@ BENCH_TINY = FlowConfig(img_size=8, patch_size=2, channels=32, num_blocks=2, lay
 
 
 BENCH_TINY_REVERSE = dict(channels=32, layers_per_block=1, denoise_layers=1, head_dim=16)
+
+
+@pytest.mark.parametrize('bf16', [False, True])
+def test_bench_memory_projection_matches_a_measured_step(bf16):
+    # the projection scales probes of 16 tokens and one layer; here a model of 64 tokens, 3 flows of 2 layers
+    cfg = replace(TINY, img_size=16, num_blocks=3, layers_per_block=2)
+    assert bench.activation_bytes(cfg, bf16=bf16) == pytest.approx(bench._step_bytes(cfg, None, bf16), rel=0.03)
+    rcfg = reverse_config_for(cfg, 'cpu')
+    assert bench.activation_bytes(cfg, 'reverse', bf16, rpreset='cpu') == \
+        pytest.approx(bench._step_bytes(cfg, rcfg, bf16), rel=0.03)
+
+
+def test_bench_memory_projection_fits_the_imagenet64_presets_in_80_gb():
+    for name in ('imagenet64', 'imagenet64-1024', 'imagenet64-p4'):
+        rows = bench.memory_projection(name)['rows']
+        assert len(rows) == 5 and all(0 < v < 0.85 * 80e9 / 2 ** 30 for v in rows.values()), (name, rows)
 
 
 @pytest.mark.parametrize('num_classes,norm_clip', [(3, 0.0), (3, 2.0), (0, 0.0)])

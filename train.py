@@ -38,26 +38,27 @@ from sample import distributed_fid, generate_grid
 # Optimisation defaults per preset. The paper runs follow TarFlow's recipes (AdamW (0.9, 0.95), lr 1e-4, batch 256,
 # warm-up of one epoch, cosine to 1e-6, no gradient clipping); the EMA is ours (TarFlow samples from the raw weights).
 # The CPU run is sized to finish in minutes on 2 cores; its higher lr is why it clips gradients.
-_PAPER = dict(lr=1e-4, grad_clip=0.0, ema=0.9999, eval_every=10_000, eval_samples=10_000)
+_PAPER = dict(lr=1e-4, grad_clip=0.0, ema=0.9999, eval_every=10_000, eval_samples=10_000, grad_checkpoint=False)
 TRAIN_PRESETS = {
     # 4000 steps of batch 32 (128k images, about 2 epochs of the digits' 60k) per stage
     'cpu': dict(batch_size=32, lr=2e-3, max_steps=4000, reverse_max_steps=4000, warmup_steps=100, grad_clip=1.0,
-                ema=0.999, eval_every=1000, eval_samples=1000),
+                ema=0.999, eval_every=1000, eval_samples=1000, grad_checkpoint=False),
     'imagenet64': dict(_PAPER, batch_size=256, max_steps=1_000_000, warmup_steps=5000),
-    'imagenet64-1024': dict(_PAPER, batch_size=256, max_steps=1_000_000, warmup_steps=5000),
+    # width 1024 keeps ~80 GiB of activations at 32 images per GPU: recompute each flow in the backward (bench.py)
+    'imagenet64-1024': dict(_PAPER, batch_size=256, max_steps=1_000_000, warmup_steps=5000, grad_checkpoint=True),
     'imagenet64-p4': dict(_PAPER, batch_size=256, max_steps=1_000_000, warmup_steps=5000),
     # ImageNet 128 and AFHQ 256: the batch sizes and epochs of Apple's recipes (one epoch of warm-up)
-    'imagenet128': dict(_PAPER, batch_size=768, max_steps=534_000, warmup_steps=1668),
+    'imagenet128': dict(_PAPER, batch_size=768, max_steps=534_000, warmup_steps=1668, grad_checkpoint=True),
     'afhq256': dict(_PAPER, batch_size=256, max_steps=250_000, warmup_steps=60),
 }
 
 # What a --resume may change: where and how often things are written, hardware, and paths to the same files (data,
 # weights) on another machine. Everything else defines the run and is taken from the checkpoint; a flag that
 # contradicts it is refused.
-RESUME_SAFE = {'resume', 'out_dir', 'stop_at', 'device', 'dtype', 'target_dtype', 'compile', 'num_workers',
-               'log_every', 'ckpt_every', 'sample_every', 'sample_guidance', 'eval_every', 'eval_samples', 'val_data',
-               'fid_ref', 'fid_every', 'fid_samples', 'inception', 'data', 'forward_ckpt', 'lpips', 'vgg', 'convnext',
-               'max_skips'}
+RESUME_SAFE = {'resume', 'out_dir', 'stop_at', 'device', 'dtype', 'target_dtype', 'compile', 'grad_checkpoint',
+               'num_workers', 'log_every', 'ckpt_every', 'sample_every', 'sample_guidance', 'eval_every',
+               'eval_samples', 'val_data', 'fid_ref', 'fid_every', 'fid_samples', 'inception', 'data', 'forward_ckpt',
+               'lpips', 'vgg', 'convnext', 'max_skips'}
 
 
 def get_args(argv=None):
@@ -147,6 +148,9 @@ def get_args(argv=None):
                    'CUDA')
     g.add_argument('--compile', action=argparse.BooleanOptionalAction, default=False, help='torch.compile the model '
                    '(GPU runs)')
+    g.add_argument('--grad_checkpoint', action=argparse.BooleanOptionalAction, default=None, help="stage 1: "
+                   "recompute each flow's activations in the backward (one more forward pass, about T times less "
+                   "activation memory; None: from --preset, on where bench.py projects more than 80 GB)")
     g.add_argument('--num_workers', type=int, default=None, help='data loader workers per rank (None: 0 on CPU, 8 on '
                    'CUDA)')
     args = p.parse_args(argv)
@@ -515,7 +519,7 @@ def main(argv=None):
         with ctx:
             if args.stage == 'forward':
                 # traj, the per-block states, feeds the block norms of the log row
-                loss, nll, traj = forward_loss(model, x, y, eps, args.noise_type)
+                loss, nll, traj = forward_loss(model, x, y, eps, args.noise_type, checkpoint=args.grad_checkpoint)
                 metrics = {'loss': loss.detach()}
                 if args.noise_type == 'uniform':   # the bin constant only applies to dequantised data
                     metrics['bpd'] = TarFlow.bits_per_dim(nll.detach()).mean()
