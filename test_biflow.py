@@ -143,6 +143,15 @@ def test_flow_kv_cache_inverse_equals_naive_inverse():
 
 
 @torch.no_grad()
+def test_flow_bf16_kv_cache_stays_close_to_the_fp32_inverse():
+    f, z, y = make_flow(scale=0.03), torch.randn(3, TINY.num_tokens, TINY.token_dim), torch.tensor([0, 2, -1])
+    ref = f.reverse(z, y, 1.0, True, 0.8)
+    assert torch.isfinite(ref).all() and torch.equal(f.reverse(z, y, 1.0, True, 0.8, kv_dtype=torch.float32), ref)
+    half = f.reverse(z, y, 1.0, True, 0.8, kv_dtype=torch.bfloat16)
+    assert half.dtype == torch.float32 and not torch.equal(half, ref)   # the cache really is bf16
+    assert (half - ref).abs().max() < 2e-2 * ref.abs().max()           # bf16 keeps ~3 significant digits
+
+
 def test_flow_guided_batch_equals_two_separate_passes():
     f = make_flow(scale=0.03)
     z = torch.randn(2, TINY.num_tokens, TINY.token_dim)
