@@ -6,6 +6,7 @@ side in one run, so each speed-up is a ratio measured on the same machine at the
     python bench.py --rows inverse_cfg,naive_cfg,nfe1_cfg    # a subset of rows, for a quick look
     python bench.py --threads 0                              # PyTorch's thread default (bench's on CPU: 1)
     python bench.py --preset imagenet64 --device cuda --compile --sample_batches 1,64   # paper size, with MFU
+    python bench.py --rows memory                            # projected GPU memory of the paper presets
 
 Models are randomly initialised: speed does not depend on training. A row is warm-up calls, then timed calls (with
 torch.cuda.synchronize() around each on CUDA); the median and the minimum are reported, and every ratio is a ratio of
@@ -38,6 +39,7 @@ ROWS = {  # key: label. Training rows run at --batch_size, sampling rows at each
     'rev_train': 'reverse stage: training step',
     'inverse': 'F exact inverse',
     'inverse_cfg': 'F exact inverse + CFG',
+    'inverse_cfg_static': 'F exact inverse + CFG, fixed-shape step (a CUDA graph on GPU)',
     'denoise': 'F Tweedie denoising',
     'inverse_cfg_denoise': 'F exact inverse + CFG + denoising',
     'naive': 'naive inverse (reference loop)',
@@ -53,6 +55,7 @@ RATIOS = [
     ('our inverse+CFG vs naive+CFG', 'naive_cfg', 'inverse_cfg', 2.0, None),
     ('1-NFE+CFG vs inverse+CFG+denoise', 'inverse_cfg_denoise', 'nfe1_cfg', 15.0, 1),
     ('1-NFE+CFG vs inverse+CFG', 'inverse_cfg', 'nfe1_cfg', None, None),
+    ('fixed-shape (graph) vs sliced step', 'inverse_cfg', 'inverse_cfg_static', None, None),
     ('1-NFE vs inverse', 'inverse', 'nfe1', None, None),
     ('training- vs inference-time CFG', 'cfg_infer', 'nfe1_cfg', None, None),
 ]
@@ -393,6 +396,7 @@ def main(argv=None):
         fns = {
             'inverse': lambda: generate(fwd, None, z, yb, 0.0, denoise=False),
             'inverse_cfg': lambda: generate(fwd, None, z, yb, GUIDANCE, denoise=False),
+            'inverse_cfg_static': lambda: generate(fwd, None, z, yb, GUIDANCE, denoise=False, static=True),
             'denoise': lambda: fwd.denoise(xb, yb),
             'inverse_cfg_denoise': lambda: generate(fwd, None, z, yb, GUIDANCE, denoise=True),
             'naive': lambda: naive_reverse(fwd, z, yb, 0.0),

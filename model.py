@@ -202,8 +202,8 @@ class AttentionBlock(nn.Module):
 
 
 class _CachedLayer(NamedTuple):
-    """One causal layer as the token-by-token inverse uses it: its modules, and views of its preallocated KV cache
-    (k_at[i] writes position i, k_upto[i] reads positions 0..i)."""
+    """One causal layer as the token-by-token inverse uses it: its modules, its preallocated KV cache k, v
+    (S*B, H, N, hd) and views of it (k_at[i] writes position i, k_upto[i] reads positions 0..i)."""
     norm1: nn.Module
     qkv: nn.Module
     proj: nn.Module
@@ -212,6 +212,8 @@ class _CachedLayer(NamedTuple):
     fc2: nn.Module
     heads: int
     head_dim: int
+    k: torch.Tensor
+    v: torch.Tensor
     k_at: tuple
     v_at: tuple
     k_upto: list
@@ -270,13 +272,16 @@ class MetaBlock(nn.Module):
         return self.permute(z), -alpha.sum(dim=(1, 2))
 
     @torch.no_grad()
-    def reverse(self, z, y=None, guidance=0.0, ramp=False, attn_temp=1.0, kv_dtype=None):
+    def reverse(self, z, y=None, guidance=0.0, ramp=False, attn_temp=1.0, kv_dtype=None, static=False):
         """Exact inverse, token by token with a KV cache. With guidance, the conditional and unconditional (null
         label, attention temperature attn_temp) streams run as one batch of 2B and alpha, mu are extrapolated.
         The step is latency-bound (one token, tiny matrices), so it calls the functional ops directly on weights
         looked up once, keeps activations 2-D, and reads the cache through views made once per block.
         kv_dtype: the cache's dtype (default z's, fp32); bfloat16 halves the cache (24 -> 12 GiB at imagenet64,
-        batch 256 with CFG) and the attention reads, while alpha, mu and the recursion stay fp32."""
+        batch 256 with CFG) and the attention reads, while alpha, mu and the recursion stay fp32.
+        static: every token runs the same fixed-shape step (the whole cache, a mask row for positions <= i, the
+        position as a tensor), the same math; on CUDA that step is captured once in a CUDA graph and replayed, which
+        removes the ~100 kernel launches per token that bound the inverse at small batch."""
         B, N, _ = z.shape
         kv_dtype = kv_dtype or z.dtype
         D = self.proj_in.out_features
@@ -284,36 +289,26 @@ class MetaBlock(nn.Module):
         S = 2 if guided else 1
         if guided and y is not None:
             y = torch.cat([y, torch.full_like(y, -1)])
-        pc = (self.permute(self.pos_embed, dim=0) + self.condition(y)).expand(S * B, N, D)   # pos moves with its patch
-        pc = pc.reshape(S, B, N, D).unbind(2)                          # N x (S, B, D): position + class, per stream
+        pcs = (self.permute(self.pos_embed, dim=0) + self.condition(y)).expand(S * B, N, D)   # pos moves with patch
+        pcs = pcs.reshape(S, B, N, D)                                   # position + class, per stream
+        pc = pcs.unbind(2)                                              # N x (S, B, D)
         qscale = None
         if guided and attn_temp != 1.0:
             qscale = torch.tensor([1.0, 1 / attn_temp], device=z.device).repeat_interleave(B).view(S * B, 1, 1, 1)
         layers = []
         for layer in self.attn_blocks:
             a, m = layer.attention, layer.mlp
-            k, v = (z.new_empty(S * B, a.num_heads, N, a.head_dim, dtype=kv_dtype) for _ in range(2))
+            # zeros, not empty: the static step reads the whole cache, and masked garbage could be NaN (0 * NaN)
+            k, v = (z.new_zeros(S * B, a.num_heads, N, a.head_dim, dtype=kv_dtype) for _ in range(2))
             layers.append(_CachedLayer(a.norm, a.qkv, a.proj, m.norm, m.main[0], m.main[2], a.num_heads, a.head_dim,
-                                       k.unbind(2), v.unbind(2), [k[:, :, :j + 1] for j in range(N)],
+                                       k, v, k.unbind(2), v.unbind(2), [k[:, :, :j + 1] for j in range(N)],
                                        [v[:, :, :j + 1] for j in range(N)]))
         c = self.clip
         w_out, b_out = (self.proj_out.weight / c, self.proj_out.bias / c) if c > 0 else (self.proj_out.weight, self.proj_out.bias)
         x = list(f32(self.permute(z)).unbind(1))    # N x (B, d): token i is final once step i-1 has written it
+        step = self._static_step(layers, pcs, w_out, b_out, qscale, kv_dtype) if static else None
         for i in range(N - 1):
-            h = (F.linear(x[i], self.proj_in.weight, self.proj_in.bias) + pc[i]).view(S * B, D)
-            for L in layers:
-                q, k, v = F.linear(F.layer_norm(h, (D,), L.norm1.weight, L.norm1.bias, L.norm1.eps), L.qkv.weight,
-                                   L.qkv.bias).view(S * B, 3, L.heads, L.head_dim).unbind(1)   # each (S*B, H, hd)
-                L.k_at[i].copy_(k)
-                L.v_at[i].copy_(v)
-                q = (q.unsqueeze(2) if qscale is None else q.unsqueeze(2) * qscale).to(kv_dtype)
-                att = F.scaled_dot_product_attention(q, L.k_upto[i], L.v_upto[i]).to(h.dtype)   # attends to <= i
-                h = h + F.linear(att.view(S * B, D), L.proj.weight, L.proj.bias)
-                u = F.layer_norm(h, (D,), L.norm2.weight, L.norm2.bias, L.norm2.eps)
-                h = h + F.linear(F.gelu(F.linear(u, L.fc1.weight, L.fc1.bias)), L.fc2.weight, L.fc2.bias)
-            out = f32(F.linear(h, w_out, b_out))                       # (S*B, 2d): alpha, mu of token i+1
-            if c > 0:
-                out = out.tanh_().mul_(c)                              # norm control c*tanh(./c), 1/c folded above
+            out = step(x[i], i) if step else self._token_step(layers, x[i], pc[i], i, w_out, b_out, qscale, kv_dtype)
             if guided:
                 g = guidance * (i + 1) / (N - 1) if ramp else guidance   # the ramp grows linearly over positions
                 oc, ou = out.chunk(2)
@@ -321,6 +316,62 @@ class MetaBlock(nn.Module):
             alpha, mu = out.chunk(2, dim=-1)
             x[i + 1] = torch.addcmul(mu, x[i + 1], alpha.exp())
         return self.permute(torch.stack(x, 1))
+
+    def _token_step(self, layers, xi, pci, i, w_out, b_out, qscale, kv_dtype, mask=None):
+        """(alpha, mu) of token i+1 from token i xi (B, d) and its position + class pci (S, B, D): the causal layers on
+        one token, writing its keys and values at position i. Sliced (i an int): attention reads the cache up to i.
+        Static (i a 1-element tensor, mask (1, 1, 1, N) True up to i): it reads the whole cache through the mask, so
+        every token runs on the same shapes. -> (S*B, 2d) in fp32."""
+        D, c = self.proj_in.out_features, self.clip
+        h = (F.linear(xi, self.proj_in.weight, self.proj_in.bias) + pci).reshape(-1, D)   # (S*B, D)
+        for L in layers:
+            q, k, v = F.linear(F.layer_norm(h, (D,), L.norm1.weight, L.norm1.bias, L.norm1.eps), L.qkv.weight,
+                               L.qkv.bias).view(len(h), 3, L.heads, L.head_dim).unbind(1)   # each (S*B, H, hd)
+            q = (q.unsqueeze(2) if qscale is None else q.unsqueeze(2) * qscale).to(kv_dtype)
+            if mask is None:
+                L.k_at[i].copy_(k)
+                L.v_at[i].copy_(v)
+                att = F.scaled_dot_product_attention(q, L.k_upto[i], L.v_upto[i])     # token i attends to <= i
+            else:
+                L.k.index_copy_(2, i, k.unsqueeze(2).to(kv_dtype))
+                L.v.index_copy_(2, i, v.unsqueeze(2).to(kv_dtype))
+                att = F.scaled_dot_product_attention(q, L.k, L.v, attn_mask=mask)     # the same, by the mask
+            h = h + F.linear(att.to(h.dtype).view(len(h), D), L.proj.weight, L.proj.bias)
+            u = F.layer_norm(h, (D,), L.norm2.weight, L.norm2.bias, L.norm2.eps)
+            h = h + F.linear(F.gelu(F.linear(u, L.fc1.weight, L.fc1.bias)), L.fc2.weight, L.fc2.bias)
+        out = f32(F.linear(h, w_out, b_out))                           # (S*B, 2d): alpha, mu of token i+1
+        return out.tanh_().mul_(c) if c > 0 else out                   # norm control c*tanh(./c), 1/c folded in
+
+    def _static_step(self, layers, pcs, w_out, b_out, qscale, kv_dtype):
+        """step(xi, i) -> (S*B, 2d): _token_step on fixed shapes, the position a device tensor. On CUDA the step is
+        captured once in a CUDA graph (after a warm-up on a side stream, as graphs need) and replayed per token."""
+        N, dev = pcs.shape[2], pcs.device
+        pos = torch.zeros(1, dtype=torch.long, device=dev)              # the token's position, as a tensor
+        arange = torch.arange(N, device=dev)
+
+        def run(xi):
+            mask = (arange <= pos).view(1, 1, 1, N)                     # attend to positions <= i
+            return self._token_step(layers, xi, pcs.index_select(2, pos).squeeze(2), pos, w_out, b_out, qscale,
+                                    kv_dtype, mask)
+        if dev.type != 'cuda':
+            return lambda xi, i: (pos.fill_(i), run(xi))[1]
+        static_x = torch.zeros(pcs.shape[1], w_out.shape[0] // 2, device=dev)   # (B, d)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):                                   # warm-up: writes position 0, rewritten later
+            for _ in range(2):
+                run(static_x)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_out = run(static_x)
+
+        def replay(xi, i):
+            static_x.copy_(xi)
+            pos.fill_(i)
+            graph.replay()
+            return static_out   # read by kernels queued before the next replay overwrites it (one stream)
+        return replay
 
 
 SCORE_BUDGET_BYTES = 8 * 2 ** 30   # activations the denoising backward may keep per chunk: small chunks at paper scale
@@ -376,11 +427,11 @@ class TarFlow(nn.Module):
         return (nll + 0.5 * math.log(2 * math.pi) + math.log(128)) / math.log(2)
 
     @torch.no_grad()
-    def reverse(self, z, y=None, guidance=0.0, ramp=False, attn_temp=1.0, kv_dtype=None):
-        """z (B, N, d) -> the noisy image (B, C, H, W): invert block T-1 first (kv_dtype: see MetaBlock.reverse)."""
+    def reverse(self, z, y=None, guidance=0.0, ramp=False, attn_temp=1.0, kv_dtype=None, static=False):
+        """z (B, N, d) -> the noisy image (B, C, H, W): invert block T-1 first (kv_dtype, static: MetaBlock.reverse)."""
         x = f32(z)
         for block in reversed(self.blocks):
-            x = block.reverse(x, y, guidance, ramp, attn_temp, kv_dtype)
+            x = block.reverse(x, y, guidance, ramp, attn_temp, kv_dtype, static)
         return unpatchify(x, self.cfg.patch_size, self.cfg.img_size)
 
     def score(self, x, y=None, checkpoint=True):
@@ -403,7 +454,7 @@ class TarFlow(nn.Module):
 
     @torch.no_grad()
     def sample(self, y=None, n=None, guidance=0.0, ramp=False, attn_temp=1.0, denoise=True, generator=None, z=None,
-               kv_dtype=None):
+               kv_dtype=None, static=False):
         """Draw z ~ N(0, I), invert exactly, optionally denoise. Class-conditional: pass labels y (B,)."""
         c = self.cfg
         if z is None:
@@ -412,7 +463,7 @@ class TarFlow(nn.Module):
             z = torch.randn(n, c.num_tokens, c.token_dim, generator=generator,
                             device=None if generator is None else generator.device)
             z = z.to(next(self.parameters()).device)
-        x = self.reverse(z, y, guidance, ramp, attn_temp, kv_dtype)
+        x = self.reverse(z, y, guidance, ramp, attn_temp, kv_dtype, static)
         return self.denoise(x, y) if denoise else x
 
 

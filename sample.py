@@ -95,13 +95,13 @@ def noise_for(seeds, model, device):
 
 @torch.no_grad()
 def generate(model, forward_model, z, labels, guidance=0.0, guidance_mode='auto', ramp=False, attn_temp=1.0,
-             denoise=True, kv_dtype=None):
+             denoise=True, kv_dtype=None, static=False):
     """Decode noise tokens z (B, N, d) into images in [-1, 1] (unclipped).
     TarFlow: exact inverse, CFG on alpha and mu, optional Tweedie denoising.
     BiFlow: one pass conditioned on w (training-time CFG, 1-NFE) or Eq. 4 inference-time CFG (2-NFE)."""
     if isinstance(model, TarFlow):   # N-1 sequential steps per block, then one backward pass for the score
         return model.sample(labels, guidance=guidance, ramp=ramp, attn_temp=attn_temp, denoise=denoise, z=z,
-                            kv_dtype=kv_dtype)
+                            kv_dtype=kv_dtype, static=static)
     mode = model.cfg.guidance_mode if guidance_mode == 'auto' else guidance_mode
     if mode == 'train':   # w is an input of G: the guided sample in a single pass
         return model.decode(z, labels, torch.full((len(z),), float(guidance)), forward_model=forward_model)
@@ -240,6 +240,9 @@ def get_args(argv=None):
                    help='Tweedie denoising x + sigma^2 grad log p(x) after the exact inverse')
     g.add_argument('--kv_dtype', choices=['fp32', 'bf16'], default='fp32', help="the exact inverse's KV cache: bf16 "
                    'halves its memory and reads (alpha, mu and the recursion stay fp32)')
+    g.add_argument('--cuda_graph', action=argparse.BooleanOptionalAction, default=False, help="run the exact "
+                   "inverse's per-token step on fixed shapes (whole cache, mask row), captured in a CUDA graph on GPU: "
+                   "no per-op launch cost (on CPU the same fixed-shape step runs eagerly)")
     g.add_argument('--noise_std', type=float, default=None, help="the sigma the model was trained with: overrides a "
                    "checkpoint's; needed for ml-tarflow state dicts unless their file name ends in it "
                    "(afhq_model_8_768_8_8_0.07.pth)")
@@ -288,7 +291,8 @@ def main(argv=None):
     model, forward_model = load_models(args.ckpt, device, args.noise_std, verbose=rank == 0)
     ncls = model.cfg.num_classes
     kw = dict(guidance=args.guidance, guidance_mode=args.guidance_mode, ramp=args.ramp, attn_temp=args.attn_temp,
-              denoise=args.denoise, kv_dtype=torch.bfloat16 if args.kv_dtype == 'bf16' else None)
+              denoise=args.denoise, kv_dtype=torch.bfloat16 if args.kv_dtype == 'bf16' else None,
+              static=args.cuda_graph)
     if labels is not None:
         if ncls == 0 or labels.min() < 0 or labels.max() >= ncls:   # only knowable once the model is loaded
             p.error(f'--labels {args.labels}: the model has {ncls} classes')

@@ -143,6 +143,26 @@ def test_flow_kv_cache_inverse_equals_naive_inverse():
 
 
 @torch.no_grad()
+@pytest.mark.parametrize('num_classes,clip', [(3, 0.0), (3, 2.0), (0, 0.0)])
+def test_flow_static_step_inverse_equals_the_sliced_one(num_classes, clip):
+    # the fixed-shape step (whole cache, mask row, position as a tensor) that --cuda_graph captures on GPU, run on CPU
+    f = make_flow(replace(TINY, num_classes=num_classes, norm_clip=clip), scale=0.05)
+    z = torch.randn(3, TINY.num_tokens, TINY.token_dim)
+    y = torch.tensor([0, 2, -1]) if num_classes else None
+    for kw in [{}, dict(guidance=1.0, ramp=True, attn_temp=0.8)]:
+        ref = f.reverse(z, y, **kw)
+        assert torch.isfinite(ref).all()
+        torch.testing.assert_close(f.reverse(z, y, **kw, static=True), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
+def test_flow_cuda_graph_inverse_equals_the_eager_one():
+    f = make_flow(scale=0.05).cuda()
+    z, y = torch.randn(4, TINY.num_tokens, TINY.token_dim, device='cuda'), torch.tensor([0, 1, 2, -1], device='cuda')
+    torch.testing.assert_close(f.reverse(z, y, 1.0, True, static=True), f.reverse(z, y, 1.0, True), rtol=1e-4,
+                               atol=1e-4)
+
+
 def test_flow_bf16_kv_cache_stays_close_to_the_fp32_inverse():
     f, z, y = make_flow(scale=0.03), torch.randn(3, TINY.num_tokens, TINY.token_dim), torch.tensor([0, 2, -1])
     ref = f.reverse(z, y, 1.0, True, 0.8)
