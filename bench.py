@@ -30,7 +30,7 @@ from data import HelpFormatter, atomic_write
 from model import (PRESETS, SCORE_BUDGET_BYTES, ReverseModel, TarFlow, forward_loss, reverse_config_for,
                    reverse_loss, score_activation_bytes, unpatchify)
 from sample import generate
-from train import ema_update, guidance_scales
+from train import TRAIN_PRESETS, ema_update, guidance_scales
 
 GUIDANCE = 1.0  # w of the guided rows; any w != 0 costs the same
 ROWS = {  # key: label. Training rows run at --batch_size, sampling rows at each of --sample_batches
@@ -206,7 +206,6 @@ def memory_projection(name, world=8, fid_batch=256, num_samples=50_000):
     activations of the per-GPU batch under bf16 autocast. The allocator's peak adds the backward's temporaries of a
     layer or two on top. Sampling: fp32 weights plus the KV cache of one flow (k and v of every layer, both CFG
     streams), or the denoising chunk's activations (model.score_activation_bytes, checkpointed per flow)."""
-    from train import TRAIN_PRESETS
     cfg, GiB = PRESETS[name], 2 ** 30
     b = TRAIN_PRESETS[name]['batch_size'] // world
     with torch.device('meta'):   # parameter counts without allocating them
