@@ -5,13 +5,17 @@ Data for TarFlow/BiFlow: a built-in digits dataset, ImageNet-style folders, arra
     python data.py pack /path/to/imagenet/train in64.npy --img_size 64  # folder -> one memory-mapped array file
     python data.py score samples.npz                                     # digits: share read as the requested class
 
-Every dataset returns (uint8 tensor (3, H, W), int label) and has .num_classes (0 if unlabelled) and .targets.
+Every image dataset returns (uint8 tensor (3, H, W), int label) and has .num_classes (0 if unlabelled) and .targets.
+A latent set (a folder written by encode: the VAE's posterior mean and std of each image and of its mirror image,
+computed once) returns (float32 (2, C, h, w) = [mean, std], int label) instead; the Loader serves the mirror image's
+own moments when it flips, and the trainer draws mean + std * noise each step.
 Loader turns a dataset into an endless stream of global batches that is the same for any number of ranks and
 continues exactly after a resume: the batch at (epoch e, step s) is epoch_permutation(n, seed, e)[s*B:(s+1)*B],
 and rank r takes the contiguous slice [r*b:(r+1)*b] of it, b = B // world_size.
 """
 import argparse
 import hashlib
+import json
 import math
 import os
 import random
@@ -37,10 +41,15 @@ def _hash_seed(*parts) -> int:
 
 
 def build_dataset(data: str, img_size: int, split: str = 'train', seed: int = 0) -> Dataset:
-    """'digits', an ImageNet-layout folder, or a .npz/.npy array file -> dataset (split/seed only matter for digits)."""
+    """'digits', an ImageNet-layout folder, a .npz/.npy array file, or a latent set (a folder written by encode)
+    -> dataset (split/seed only matter for digits). A latent set records its own sizes (.meta['img_size'],
+    .meta['latent_shape']), so img_size is not checked against it: the caller compares them with its model."""
     if data == 'digits':
         return Digits(img_size, split, seed)
     if os.path.isdir(data):
+        # before ImageFolder: a latent set's folder has no class subfolders, and an unfinished one must say so
+        if is_latent_set(data):
+            return LatentDataset(data)
         return ImageFolder(data, img_size)
     if data.endswith(('.npz', '.npy')):
         return ArrayDataset(data, img_size)
@@ -447,6 +456,68 @@ def pack(src_dir: str, out: str, img_size: int, num_workers: int = 0, split: str
         print(f"  unreadable: {ds.files[i]}")
 
 # -----------------------------------------------------------------------------
+# latent sets: images encoded once by the VAE (posterior moments of each image and of its mirror image)
+
+
+def is_latent_set(path: str) -> bool:
+    """A folder that encode wrote to (complete or not): it holds meta.json, progress.json or latents.npy."""
+    return any(os.path.exists(os.path.join(path, f)) for f in ('meta.json', 'progress.json', 'latents.npy'))
+
+
+def latent_norm(meta: dict):
+    """(mean, std), float32 tensors of shape (C,), of a latent set's meta: normalised = (latent - mean) / std, with
+    mean and std broadcast over (C, h, w) as mean[:, None, None]."""
+    return (torch.tensor(meta['norm']['mean'], dtype=torch.float32),
+            torch.tensor(meta['norm']['std'], dtype=torch.float32))
+
+
+class LatentDataset(Dataset):
+    """A latent set written by encode: OUT/latents.npy float32 (N, 2, 2, C, h, w) = [image, mirror image] x
+    [posterior mean, std], read by memory map (ImageNet 256 is 84 GB), OUT/labels.npy int64 (N,), OUT/meta.json.
+    item(i, flip) -> (float32 (2, C, h, w) = [mean, std] of image i, or of its mirror image if flip, label);
+    ds[i] is item(i, False). The trainer draws a posterior sample mean + std * noise and normalises it (latent_norm)."""
+
+    def __init__(self, path: str):
+        meta_path = os.path.join(path, 'meta.json')
+        if not os.path.isfile(meta_path):
+            if is_latent_set(path):
+                raise ValueError(f"latent set {path!r}: the encode that writes it did not finish (no meta.json); rerun "
+                                 "the same `data.py encode` command to resume it")
+            raise FileNotFoundError(f"latent set {path!r}: no meta.json (write one with `data.py encode`)")
+        with open(meta_path) as f:
+            meta = json.load(f)
+        if meta.get('format') != 'latents' or meta.get('version') != 1:
+            raise ValueError(f"{meta_path}: not a latent set of version 1 (format {meta.get('format')!r}, "
+                             f"version {meta.get('version')!r})")
+        self.path, self.meta, self.latent_shape = path, meta, tuple(meta['latent_shape'])
+        self._arr = np.load(os.path.join(path, 'latents.npy'), mmap_mode='r')
+        labels = np.load(os.path.join(path, 'labels.npy'))
+        n = meta['n']
+        if self._arr.dtype != np.float32 or self._arr.shape != (n, 2, 2, *self.latent_shape):
+            raise ValueError(f"{path}/latents.npy: expected float32 {(n, 2, 2, *self.latent_shape)} as meta.json says, "
+                             f"got {self._arr.dtype} {self._arr.shape}")
+        if labels.shape != (n,):
+            raise ValueError(f"{path}/labels.npy: expected {n} labels as meta.json says, got shape {labels.shape}")
+        self.targets = labels.astype(np.int64)
+        self.num_classes = int(meta['num_classes'])
+
+    def __getstate__(self):
+        # reopened lazily in each DataLoader worker: pickling the memmap would copy the whole array
+        return {**self.__dict__, '_arr': None}
+
+    def __len__(self):
+        return len(self.targets)
+
+    def item(self, i, flip=False):
+        if self._arr is None:
+            self._arr = np.load(os.path.join(self.path, 'latents.npy'), mmap_mode='r')
+        return torch.from_numpy(np.array(self._arr[i, int(flip)])), int(self.targets[i])
+
+    def __getitem__(self, i):
+        return self.item(i)
+
+
+# -----------------------------------------------------------------------------
 # deterministic, sharded, resumable loading
 
 
@@ -490,13 +561,18 @@ class _Flippable(Dataset):
 
     def __getitem__(self, key):
         i, flip = key
+        if isinstance(self.ds, LatentDataset):  # a latent's mirror image is not the mirror image's latent
+            return self.ds.item(i, flip)
         x, y = self.ds[i]
         return (x.flip(-1) if flip else x), y
 
 
 def _collate(items):
-    """uint8 images -> float32 in [-1, 1] inside the worker, so pinned memory holds the final tensor."""
-    x = torch.stack([x for x, _ in items]).float() / 127.5 - 1
+    """uint8 images -> float32 in [-1, 1] inside the worker, so pinned memory holds the final tensor; a latent set's
+    float32 moments pass through as they are, (B, 2, C, h, w)."""
+    x = torch.stack([x for x, _ in items])
+    if x.dtype == torch.uint8:
+        x = x.float() / 127.5 - 1
     return x, torch.tensor([y for _, y in items], dtype=torch.int64)
 
 
