@@ -664,8 +664,8 @@ def encode(src: str, out: str, vae, img_size: int, batch_size: int = 64, norm: s
     settings = {'source': src if src == 'digits' else os.path.abspath(src), 'split': split if src == 'digits' else None,
                 'img_size': img_size, 'n': n, 'latent_shape': [C, h, w], 'vae_fingerprint': vae.fingerprint,
                 'chunk': chunk}
-    # the ranks wait for each other at a few points, a slow file listing or the last chunk may take longer than
-    # NCCL's 10-minute timeout: a gloo group that waits up to 12 hours
+    # the ranks wait for each other at a few points, and a slow file listing or the last chunk may take longer than
+    # NCCL's 10-minute timeout: they wait in a gloo group with a 12-hour one
     group = dist.new_group(backend='gloo', timeout=datetime.timedelta(hours=12)) if world > 1 else None
 
     def sync():
