@@ -16,9 +16,11 @@ import math
 import os
 from dataclasses import dataclass, fields
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
 from data import HelpFormatter, read_torch_file
@@ -209,7 +211,7 @@ def read_safetensors(path):
                     continue
                 dtype, shape, (start, end) = _SAFETENSORS_DTYPES[info['dtype']], info['shape'], info['data_offsets']
                 nbytes = math.prod(shape) * dtype.itemsize
-                if end - start != nbytes or start < 0 or 8 + n + end > size:
+                if min(shape, default=0) < 0 or end - start != nbytes or start < 0 or 8 + n + end > size:
                     raise ValueError(f'{name}: data_offsets {start, end} do not hold {shape} {info["dtype"]}')
                 f.seek(8 + n + start)
                 raw = bytearray(f.read(nbytes))  # a fresh, writable, aligned buffer per tensor
@@ -279,8 +281,11 @@ def load_vae(path, device='cpu', flag='--vae'):
         cfg = VAEConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in c.items() if k in names})
     else:
         cfg = config_from_state_dict(sd) or VAEConfig()  # not a VAE: the default, so the error lists what is missing
-    with torch.device('meta'):  # no random init of weights that are replaced at once
-        vae = VAE(cfg)
+    try:
+        with torch.device('meta'):  # no random init of weights that are replaced at once
+            vae = VAE(cfg)
+    except (ValueError, TypeError, IndexError) as e:  # e.g. widths that norm_num_groups does not divide
+        raise ValueError(f'{flag} {weights}: cannot build an SD VAE of {cfg}: {e}') from e
     want = {k: tuple(v.shape) for k, v in vae.state_dict().items()}
     got = {k: tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__ for k, v in sd.items()}
     problems = [(what, sorted(keys)) for what, keys in [
@@ -296,7 +301,8 @@ def load_vae(path, device='cpu', flag='--vae'):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument('path', help='weight file (.safetensors, .bin, .pt) or diffusers folder')
-    p.add_argument('--image', default=None, help='round-trip this image (cropped to a multiple of 8), print the PSNR')
+    p.add_argument('--image', default=None, help='round-trip this image (cropped to a multiple of 8), print the PSNR '
+                   "(sd-vae-ft-mse's model card: 24.5 +/- 3.7 dB on COCO 2017 val at 256x256)")
     p.add_argument('--device', default='cpu')
     args = p.parse_args(argv)
     vae = load_vae(args.path, args.device, flag='path')
@@ -304,10 +310,9 @@ def main(argv=None):
     print(f'{vae.cfg}\nencoder {count["encoder"] / 1e6:.2f}M, decoder {count["decoder"] / 1e6:.2f}M parameters; '
           f'fingerprint {vae.fingerprint}')
     if args.image:
-        import numpy as np
-        from PIL import Image
+        f = 2 ** (len(vae.cfg.block_out_channels) - 1)  # the downsampling factor, 8
         img = np.asarray(Image.open(args.image).convert('RGB'))
-        img = img[:img.shape[0] // 8 * 8, :img.shape[1] // 8 * 8]
+        img = img[:img.shape[0] // f * f, :img.shape[1] // f * f]
         x = torch.from_numpy(img).permute(2, 0, 1)[None].float().div(127.5).sub(1).to(args.device)  # (1,3,H,W)
         with torch.no_grad():
             y = vae.decode(vae.encode(x)[0]).clamp(-1, 1)
