@@ -224,3 +224,15 @@ def test_vae_decode_flops_match_a_count_of_the_layers():
         vae.decode(torch.zeros(1, 4, hw, hw))
     c, n = TINY.block_out_channels[-1], hw * hw  # the mid block's attention: q k^T and (attention) v
     assert vae_decode_flops(TINY, hw) == 2 * (sum(macs) + 2 * n * n * c)
+
+
+def test_bench_vae_decode_row(tmp_path):
+    import bench
+    with torch.random.fork_rng():
+        out = bench.main(['--rows', 'vae_decode', '--sample_batches', '1,2', '--vae_latent', '1', '--repeats', '1',
+                          '--warmup', '0', '--budget', '0', '--device', 'cpu', '--threads', '0', '--json', str(tmp_path / 'b.json')])
+    assert set(out['rows']) == {'vae_decode_b1', 'vae_decode_b2'} and out['rows']['vae_decode_b2']['median_ms'] > 0
+    v = out['vae']
+    assert v['latent'] == 1 and round(v['decoder_params'] / 1e6) == 49
+    assert v['flops_per_image'] == vae_decode_flops(VAEConfig(), 1)
+    assert round(v['flops_per_image_256'] / 2e9) == 311  # multiply-adds; BiFlow quotes 308 G
