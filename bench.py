@@ -7,6 +7,7 @@ side in one run, so each speed-up is a ratio measured on the same machine at the
     python bench.py --threads 0                              # PyTorch's thread default (bench's on CPU: 1)
     python bench.py --preset imagenet64 --device cuda --compile --sample_batches 1,64   # paper size, with MFU
     python bench.py --rows memory                            # projected GPU memory of the paper presets
+    python bench.py --rows nfe1_cfg,vae_decode --device cuda # G's one pass vs the SD-VAE decoder (256x256 on CUDA)
 
 Models are randomly initialised: speed does not depend on training. A row is warm-up calls, then timed calls (with
 torch.cuda.synchronize() around each on CUDA); the median and the minimum are reported, and every ratio is a ratio of
@@ -31,6 +32,7 @@ from model import (PRESETS, SCORE_BUDGET_BYTES, ReverseModel, TarFlow, forward_l
                    reverse_loss, score_activation_bytes, unpatchify)
 from sample import generate
 from train import TRAIN_PRESETS, ema_update, guidance_scales
+from vae import VAE, vae_decode_flops
 
 GUIDANCE = 1.0  # w of the guided rows; any w != 0 costs the same
 ROWS = {  # key: label. Training rows run at --batch_size, sampling rows at each of --sample_batches
@@ -47,6 +49,7 @@ ROWS = {  # key: label. Training rows run at --batch_size, sampling rows at each
     'nfe1': 'G 1-NFE',
     'nfe1_cfg': 'G 1-NFE, training-time CFG',
     'cfg_infer': 'G inference-time CFG (2-NFE)',
+    'vae_decode': 'SD-VAE decoder (f8c4, random weights), per --vae_latent',
 }
 EXTRAS = ('estimate', 'memory')  # imagenet64 FLOPs and H100 time; projected GPU memory of the paper presets
 # speed-ups: (label, slower row, faster row, target, batch the target applies to (None: every batch))
@@ -85,6 +88,9 @@ def get_args(argv=None):
     a('--rows', default='all', help=f"comma-separated subset of: {','.join([*ROWS, *EXTRAS])}")
     a('--json', default='bench.json', help='where to write the results (atomically)')
     a('--seed', type=int, default=0, help='seed of the random weights and inputs')
+    a('--vae_latent', type=int, default=0, help="latent side of the vae_decode row (the image is 8x). 0: 32 on CUDA "
+      "(256x256, BiFlow's ImageNet setting), the preset's img_size/8 on CPU (2 at the cpu preset: a 16x16 image, "
+      "so that a batch-64 call takes seconds, not minutes)")
     args = p.parse_args(argv)
     args.rows = [*ROWS, *EXTRAS] if args.rows == 'all' else args.rows.split(',')
     bad = [r for r in args.rows if r not in ROWS and r not in EXTRAS]
@@ -334,12 +340,12 @@ def main(argv=None):
           f'G (BiFlow): {nparams["reverse"] / 1e6:.2f}M parameters; guided rows use w = {GUIDANCE}')
     print(f'{"row":46s} {"batch":>5s} {"median ms":>11s} {"min ms":>11s} {"img/s":>10s}')
 
-    def run(key, b, fn):
-        ts = measure(fn, device, args.warmup, args.repeats, args.budget)
+    def run(key, b, fn, label=None, warmup=args.warmup):
+        ts = measure(fn, device, warmup, args.repeats, args.budget)
         med, best = statistics.median(ts), min(ts)
         out['rows'][f'{key}_b{b}'] = dict(row=key, batch=b, median_ms=med * 1e3, min_ms=best * 1e3,
                                           img_per_s=b / med, calls=len(ts))
-        print(f'{ROWS[key]:46s} {b:5d} {med * 1e3:11.2f} {best * 1e3:11.2f} {b / med:10.1f}', flush=True)
+        print(f'{label or ROWS[key]:46s} {b:5d} {med * 1e3:11.2f} {best * 1e3:11.2f} {b / med:10.1f}', flush=True)
 
     # ---- training rows, each with its own trainable copy (updates must not touch the models timed for sampling)
     B = args.batch_size
@@ -410,6 +416,27 @@ def main(argv=None):
                     with ctx():
                         fn()
                 run(key, b, call)
+
+    if 'vae_decode' in args.rows:  # the frozen decoder a latent-space BiFlow runs after its one pass
+        hw = args.vae_latent or (32 if device.type == 'cuda' else max(1, cfg.img_size // 8))
+        vae = VAE().to(device).eval().requires_grad_(False)
+        for b in args.sample_batches:
+            zl = torch.randn(b, vae.cfg.latent_channels, hw, hw, device=device)
+
+            def decode(zl=zl):
+                with torch.no_grad(), ctx():
+                    vae.decode(zl)
+            # one warm-up call: it is the slowest row on CPU by far, and nothing in it needs more to settle
+            run('vae_decode', b, decode, f'SD-VAE decode, {hw}x{hw} latent -> {8 * hw}x{8 * hw}', min(args.warmup, 1))
+        params = sum(p.numel() for n, p in vae.named_parameters() if n.startswith(('decoder.', 'post_quant_conv.')))
+        flops, flops256 = vae_decode_flops(vae.cfg, hw), vae_decode_flops(vae.cfg, 32)
+        rate = flops * out['rows'][f'vae_decode_b{args.sample_batches[-1]}']['img_per_s']
+        out['vae'] = dict(latent=hw, decoder_params=params, flops_per_image=flops, flops_per_image_256=flops256,
+                          flop_per_s=rate)
+        print(f'  SD-VAE decoder: {params / 1e6:.2f}M parameters, {flops256 / 1e9:.0f} GFLOP per 256x256 image = '
+              f'{flops256 / 2e9:.0f}G multiply-adds (BiFlow quotes 49M and 308 GFLOPs: a count of multiply-adds); {flops / 1e9:.2f} '
+              f'GFLOP per {8 * hw}x{8 * hw} image, {rate / 1e12:.3f} TFLOP/s at batch {args.sample_batches[-1]}')
+        del vae
 
     # ---- speed-ups, as ratios of medians from this run
     rows = out['rows']
