@@ -161,6 +161,11 @@ def test_vae_errors_name_the_flag_the_file_and_the_download(tmp_path):
     torch.save(VAE(VAEConfig(block_out_channels=(16, 32), norm_num_groups=16)).state_dict(), tmp_path / 'g16.pt')
     with pytest.raises(ValueError, match=r'g16\.pt: cannot build'):
         load_vae(str(tmp_path / 'g16.pt'))
+    d = diffusers_folder(tmp_path / 'cfg')
+    with open(os.path.join(d, 'config.json'), 'w') as f:
+        f.write('{"block_out_channels": [16, ')
+    with pytest.raises(ValueError, match=r'vae/config\.json: not a diffusers config\.json'):
+        load_vae(d)
     # a truncated safetensors file, a garbage header, a header that points past the end
     data = open(os.path.join(TESTDATA, 'sd_vae_tiny.safetensors'), 'rb').read()
     n = int.from_bytes(data[:8], 'little')

@@ -73,30 +73,26 @@ class Attention(nn.Module):
         return x + self.to_out[0](o).transpose(1, 2).reshape(B, C, H, W)
 
 
-class Resample(nn.Module):
-    """x2 down: pad right/bottom by one, 3x3 conv stride 2 (as the original LDM code). x2 up: nearest, 3x3 conv."""
-    def __init__(self, c, down):
-        super().__init__()
-        self.down = down
-        self.conv = nn.Conv2d(c, c, 3, stride=2 if down else 1, padding=0 if down else 1)
-
-    def forward(self, x):
-        return self.conv(F.pad(x, (0, 1, 0, 1)) if self.down else F.interpolate(x, scale_factor=2.0, mode='nearest'))
-
-
 class Block(nn.Module):
-    """An encoder down block or a decoder up block: `n` ResnetBlocks, then the resampler (none on the last block)."""
+    """An encoder down block or a decoder up block: `n` ResnetBlocks, then a x2 resampler (none on the last block).
+    Down: pad right and bottom by one, 3x3 conv stride 2 (the original LDM code's asymmetric padding). Up: nearest
+    x2, 3x3 conv."""
     def __init__(self, cin, cout, n, groups, resample=None):  # resample: 'down', 'up' or None
         super().__init__()
         self.resnets = nn.ModuleList([ResnetBlock(cin if j == 0 else cout, cout, groups) for j in range(n)])
         self.resample = resample
-        if resample:  # keys down_blocks.{i}.downsamplers.0.conv / up_blocks.{i}.upsamplers.0.conv
-            self.add_module(f'{resample}samplers', nn.ModuleList([Resample(cout, resample == 'down')]))
+        if resample:  # diffusers' keys down_blocks.{i}.downsamplers.0.conv, up_blocks.{i}.upsamplers.0.conv
+            conv = nn.Conv2d(cout, cout, 3, stride=2) if resample == 'down' else nn.Conv2d(cout, cout, 3, padding=1)
+            self.add_module(f'{resample}samplers', nn.ModuleList([nn.ModuleDict({'conv': conv})]))
 
-    def forward(self, x):
+    def forward(self, x):  # (B,cin,H,W) -> (B,cout,H/2,W/2), (B,cout,2H,2W) or (B,cout,H,W)
         for r in self.resnets:
             x = r(x)
-        return getattr(self, f'{self.resample}samplers')[0](x) if self.resample else x
+        if self.resample == 'down':
+            return self.downsamplers[0]['conv'](F.pad(x, (0, 1, 0, 1)))
+        if self.resample == 'up':
+            return self.upsamplers[0]['conv'](F.interpolate(x, scale_factor=2.0, mode='nearest'))
+        return x
 
 
 class MidBlock(nn.Module):
@@ -168,7 +164,8 @@ class VAE(nn.Module):
 
     @property
     def fingerprint(self):
-        """12 hex digits of blake2b over the sorted names, shapes and fp32 bytes: which weights made a latent."""
+        """12 hex digits of blake2b over the sorted names, shapes and fp32 bytes: which weights made a latent.
+        Hashed at every read (about 1 s for the SD VAE on CPU), so it can never describe weights changed since."""
         h = hashlib.blake2b(digest_size=6)
         for k, v in sorted(self.state_dict().items()):
             h.update(f'{k}{tuple(v.shape)}'.encode())
@@ -264,7 +261,7 @@ def load_vae(path, device='cpu', flag='--vae'):
         if weights is None:
             raise FileNotFoundError(f'{flag} {path}: a folder without diffusion_pytorch_model.safetensors or .bin '
                                     f'(nor in vae/); {VAE_HINT}')
-    elif os.path.isfile(path):  # diffusers' file names it its folder: that folder's config.json is the file's
+    elif os.path.isfile(path):  # a file under diffusers' name: the config.json beside it describes it
         weights = path
         if os.path.basename(path).startswith('diffusion_pytorch_model.'):
             config = os.path.join(os.path.dirname(path), 'config.json')
@@ -275,10 +272,13 @@ def load_vae(path, device='cpu', flag='--vae'):
         raise ValueError(f'{flag} {weights}: holds a {type(sd).__name__}, not a state dict of the SD VAE')
     sd = convert_state_dict(sd)
     if config and os.path.isfile(config):  # a folder's config.json is authoritative (norm_num_groups is only there)
-        with open(config) as f:
-            c = json.load(f)
-        names = {f.name for f in fields(VAEConfig)}
-        cfg = VAEConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in c.items() if k in names})
+        try:
+            with open(config) as f:
+                c = json.load(f)
+            names = {f.name for f in fields(VAEConfig)}
+            cfg = VAEConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in c.items() if k in names})
+        except (ValueError, AttributeError) as e:  # not JSON, or not an object
+            raise ValueError(f'{flag} {config}: not a diffusers config.json ({e})') from e
     else:
         cfg = config_from_state_dict(sd) or VAEConfig()  # not a VAE: the default, so the error lists what is missing
     try:
@@ -305,13 +305,16 @@ def main(argv=None):
                    "(sd-vae-ft-mse's model card: 24.5 +/- 3.7 dB on COCO 2017 val at 256x256)")
     p.add_argument('--device', default='cpu')
     args = p.parse_args(argv)
-    vae = load_vae(args.path, args.device, flag='path')
+    try:
+        vae = load_vae(args.path, args.device, flag='path')
+    except (FileNotFoundError, ValueError) as e:
+        p.error(str(e))
     count = {part: sum(t.numel() for t in getattr(vae, part).parameters()) for part in ('encoder', 'decoder')}
     print(f'{vae.cfg}\nencoder {count["encoder"] / 1e6:.2f}M, decoder {count["decoder"] / 1e6:.2f}M parameters; '
           f'fingerprint {vae.fingerprint}')
     if args.image:
         f = 2 ** (len(vae.cfg.block_out_channels) - 1)  # the downsampling factor, 8
-        img = np.asarray(Image.open(args.image).convert('RGB'))
+        img = np.array(Image.open(args.image).convert('RGB'))  # (H,W,3) uint8, writable
         img = img[:img.shape[0] // f * f, :img.shape[1] // f * f]
         x = torch.from_numpy(img).permute(2, 0, 1)[None].float().div(127.5).sub(1).to(args.device)  # (1,3,H,W)
         with torch.no_grad():
