@@ -17,6 +17,7 @@ CFG as two sequential passes) from the same modules, checked to give the same ou
 import argparse
 import copy
 import json
+import functools
 import math
 import statistics
 import time
@@ -30,6 +31,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from data import HelpFormatter, atomic_write
 from model import (PRESETS, SCORE_BUDGET_BYTES, ReverseModel, TarFlow, forward_loss, reverse_config_for,
                    reverse_loss, score_activation_bytes, unpatchify)
+from perceptual import LPIPS, ConvNeXtV2, PerceptualLoss
 from sample import generate
 from train import TRAIN_PRESETS, ema_update, guidance_scales
 from vae import VAE, vae_decode_flops
@@ -173,7 +175,8 @@ def _step_bytes(cfg, rcfg, bf16, batch=2):
     ctx = torch.autocast('cpu', dtype=torch.bfloat16) if bf16 else nullcontext()
     out = []
     for b in (batch, 2 * batch):
-        x, eps = torch.rand(b, 3, cfg.img_size, cfg.img_size) * 2 - 1, torch.randn(b, 3, cfg.img_size, cfg.img_size)
+        shape = (b, cfg.in_channels, cfg.img_size, cfg.img_size)
+        x, eps = torch.rand(shape) * 2 - 1, torch.randn(shape)
         y, w = torch.randint(max(cfg.num_classes, 1), (b,)) if cfg.num_classes else None, torch.ones(b)
 
         def step():
@@ -206,7 +209,29 @@ def activation_bytes(cfg, stage='forward', bf16=True, rpreset=None):
     return cfg.num_tokens / 16 * (rest + r.num_blocks * (group + r.layers_per_block * layer) + r.denoise_layers * den)
 
 
-def memory_projection(name, world=8, fid_batch=256, num_samples=50_000):
+@functools.lru_cache
+def perceptual_bytes(bf16=True, latent_hw=32, crop=224):
+    """Bytes one image's perceptual terms keep for the backward in the latent setting (stage 2 with --lpips and
+    --convnext): the SD-VAE decoder from a latent_hw^2 latent, then LPIPS-VGG16 and ConvNeXt-V2-Base on the crop. All
+    three are convolutions and norms over the image (the decoder's one attention keeps O(N) too), so each is measured
+    on two small images and the difference scaled to the full pixel count: the weights, which are saved as well (the
+    input gradient needs them), cancel. Random weights, frozen, as in training."""
+    ctx = torch.autocast('cpu', dtype=torch.bfloat16) if bf16 else nullcontext()
+    torch.manual_seed(0)
+    vae = VAE().requires_grad_(False)
+    nets = PerceptualLoss(None, None, None, crop=None)
+    nets.lpips, nets.convnext = LPIPS(), ConvNeXtV2()
+    nets.requires_grad_(False)
+
+    def per_pixel(fn, shape, small, large):   # saved bytes per pixel of the last two dims, weights cancelled
+        x1, x2 = (torch.rand(*shape, s, s, requires_grad=True) for s in (small, large))
+        with ctx:
+            return (saved_bytes(lambda: fn(x2)) - saved_bytes(lambda: fn(x1))) / (large ** 2 - small ** 2)
+    return (per_pixel(vae.decode, (1, 4), 2, 4) * latent_hw ** 2 +
+            per_pixel(lambda x: nets(x, x.detach()), (1, 3), 32, 64) * crop ** 2)
+
+
+def memory_projection(name, world=8, fid_batch=256, num_samples=50_000, reverse_preset=None):
     """GiB per GPU of the paper run of preset `name` on `world` GPUs (and rank 0's host RAM for the 50K gather).
     Training: fp32 weights, gradients, AdamW's two moments and the EMA (20 bytes a parameter), plus the saved
     activations of the per-GPU batch under bf16 autocast. The allocator's peak adds the backward's temporaries of a
@@ -214,6 +239,7 @@ def memory_projection(name, world=8, fid_batch=256, num_samples=50_000):
     streams), or the denoising chunk's activations (model.score_activation_bytes, checkpointed per flow)."""
     cfg, GiB = PRESETS[name], 2 ** 30
     b = TRAIN_PRESETS[name]['batch_size'] // world
+    latent = cfg.in_channels == 4   # the SD-VAE presets: images are 8x the latent side, stage 2 decodes for LPIPS
     with torch.device('meta'):   # parameter counts without allocating them
         pf = sum(p.numel() for p in TarFlow(cfg).parameters())
         pg = sum(p.numel() for p in ReverseModel(reverse_config_for(cfg, name)).parameters())
@@ -226,9 +252,12 @@ def memory_projection(name, world=8, fid_batch=256, num_samples=50_000):
         'stage 1 training' + (' (checkpointed)' if TRAIN_PRESETS[name]['grad_checkpoint'] else ''):
             (20 * pf + b * act) / GiB,
         'stage 2 training': (20 * pg + 4 * pf + b * activation_bytes(cfg, 'reverse', rpreset=name)) / GiB,
+        **({f'+ perceptual terms on {b // TRAIN_PRESETS[name]["perceptual_every"]} images': (
+            b // TRAIN_PRESETS[name]['perceptual_every'] * perceptual_bytes()) / GiB} if latent else {}),
         f'exact inverse + CFG, batch {fid_batch}': (4 * pf + cache) / GiB,
         f'denoising, chunk {chunk}': (4 * pf + chunk * score_activation_bytes(cfg)) / GiB,
-        f'{num_samples // 1000}K gather (rank 0 host RAM)': num_samples * cfg.img_size ** 2 * cfg.in_channels / GiB,
+        f'{num_samples // 1000}K gather (rank 0 host RAM)': num_samples * (8 * cfg.img_size if latent else
+                                                                            cfg.img_size) ** 2 * 3 / GiB,
     }
     return dict(batch_per_gpu=b, params_forward=pf, params_reverse=pg, rows=rows)
 
@@ -266,6 +295,35 @@ def training_flops(cfg, batch=2):
         z, logdet, _ = model(x, y)
         TarFlow.nll_from(z, logdet).mean().backward()
     return fc.get_total_flops() / batch
+
+
+def latent_flops(name):
+    """FLOPs per image of each path of a latent preset (BiFlow's setting, 256x256 through the SD-VAE), counted by
+    FlopCounterMode on the meta device (dense attention): F's training step; G's (its step, F's pass for the targets,
+    the null-class pass of Eq. 5, and on every perceptual_every-th image the decoder twice, forward and the input
+    gradient, and its forward on the target: 3 decoder passes); the exact inverse with CFG (two streams of F's
+    forward: the cached token steps add up to one parallel pass), Tweedie denoising (F's score, checkpointed);
+    G's one pass; the VAE decode. The perceptual nets at 224 (about 60 GFLOPs) are left out."""
+    cfg = PRESETS[name]
+    with torch.device('meta'):
+        f, g = TarFlow(cfg), ReverseModel(reverse_config_for(cfg, name))
+        x = torch.zeros(1, cfg.in_channels, cfg.img_size, cfg.img_size)
+        z, y, w = torch.zeros(1, cfg.num_tokens, cfg.token_dim), torch.zeros(1, dtype=torch.long), torch.zeros(1)
+
+    def count(fn):
+        with FlopCounterMode(display=False) as fc:
+            fn()
+        return fc.get_total_flops()
+    fwd, one_pass = count(lambda: f(x, y)), count(lambda: g(z, y, w))
+    g_step = count(lambda: sum(p.sum() for p in g(z, y, w)).backward())
+    decode = vae_decode_flops(VAE().cfg, cfg.img_size)
+    f.requires_grad_(False)
+    xg = x.clone().requires_grad_()   # the score: a forward and the input gradient, plus the checkpoint's recompute
+    score = fwd + count(lambda: TarFlow.nll_from(*f(xg, y)[:2]).sum().backward())
+    return {'stage 1 training': training_flops(cfg, batch=1),
+            'stage 2 training': g_step + fwd + one_pass + 3 * decode / TRAIN_PRESETS[name]['perceptual_every'],
+            'exact inverse + CFG': 2 * fwd, 'Tweedie denoising': score,
+            'G one pass (1-NFE)': one_pass, 'VAE decode': decode}
 
 
 def bf16_peak(device):
@@ -469,11 +527,21 @@ def main(argv=None):
               f'{100 * e["mfu"]:.0f}% MFU: {per_gpu:.0f} img/s per GPU, {per_gpu * e["gpus"]:.0f} on {e["gpus"]}; '
               f'{e["images"] / 1e6:.0f}M images (200 epochs: 1M steps x 256) in {days:.1f} days')
 
+    if 'estimate' in args.rows:   # the same for BiFlow's latent setting: FLOPs per image of every path
+        e = ESTIMATE
+        out['latent_estimate'] = {}
+        for name in ('itarflow-b2', 'itarflow-xl2'):
+            fl = out['latent_estimate'][name] = latent_flops(name)
+            print(f'estimate, not a measurement: {name} (256x256 via the SD-VAE), GFLOP per image: ' + ' | '.join(
+                f'{k} {v / 1e9:.0f}' for k, v in fl.items()) + f'; at {100 * e["mfu"]:.0f}% MFU of an {e["gpu"]}: '
+                f'stage 1 {e["mfu"] * e["peak"] / fl["stage 1 training"]:.0f} img/s per GPU')
+
     if 'memory' in args.rows:  # a projection, labelled as such: probes measured here, scaled to the paper sizes
         print('memory projection per GPU, 8 GPUs, GiB (training: states + saved bf16 activations; probes measured on '
               'this machine, see memory_projection)')
         out['memory'] = {}
-        for name in ('imagenet64', 'imagenet64-1024', 'imagenet64-p4', 'imagenet128', 'afhq256'):
+        for name in ('imagenet64', 'imagenet64-1024', 'imagenet64-p4', 'imagenet128', 'afhq256', 'itarflow-b2',
+                     'itarflow-xl2'):
             m = out['memory'][name] = memory_projection(name)
             print(f'  {name} (batch {m["batch_per_gpu"]}/GPU; F {m["params_forward"] / 1e6:.0f}M, G '
                   f'{m["params_reverse"] / 1e6:.0f}M): ' + ' | '.join(f'{k} {v:.1f}' for k, v in m['rows'].items()))

@@ -86,6 +86,8 @@ def config_from_dict(cls, d):
 
 # The seed's ImageNet 64 table [P-Ch-T-K-sigma] and the other reference runs, plus a preset that trains on a CPU.
 _IN = dict(num_blocks=8, layers_per_block=8, head_dim=64, num_classes=1000)   # T = K = 8 in every paper run
+_LATENT = dict(img_size=32, in_channels=4, patch_size=2, num_blocks=8, head_dim=64, num_classes=1000,
+               noise_std=0.3, norm_clip=4.0)
 PRESETS = {
     # minutes on a laptop CPU; norm control on, as the two-stage BiFlow recipe
     'cpu': FlowConfig(img_size=16, patch_size=2, channels=96, num_blocks=4, layers_per_block=2, head_dim=32,
@@ -96,10 +98,23 @@ PRESETS = {
     'imagenet128': FlowConfig(img_size=128, patch_size=4, channels=1024, noise_std=0.15, **_IN),     # 4-1024-8-8
     'afhq256': FlowConfig(**{**_IN, 'num_classes': 3}, img_size=256, patch_size=8, channels=768,
                           noise_std=0.07),                         # 8-768-8-8-0.07 (Apple's released weights)
+    # BiFlow's setting: ImageNet 256 as SD-VAE latents (4 x 32 x 32, normalised per channel; see vae.py), patch 2 ->
+    # 256 tokens of 16 values. Sizes hit the paper's parameter counts (README): B = width 768 with T*K = 8*2 layers,
+    # XL = width 1152 with 8*5. Sigma 0.3 is STARFlow's latent noise, norm control is BiFlow's stage-1 recipe (the
+    # paper gives neither value).
+    'itarflow-b2': FlowConfig(**_LATENT, channels=768, layers_per_block=2),     # 121M (paper: 120M)
+    'itarflow-xl2': FlowConfig(**_LATENT, channels=1152, layers_per_block=5),   # 650M (paper: 690M)
 }
-# Reverse models by the same names. The CPU one has its forward model's size (0.9M); the others follow BiFlow-B (width
-# 768, 12 heads) with one 2-layer group per forward block plus a 2-layer denoiser (choices, see README).
-REVERSE_PRESETS = {'cpu': dict(channels=96, layers_per_block=1, denoise_layers=1, head_dim=32)}
+# Reverse models by the same names. The CPU one has its forward model's size (0.9M); the pixel ones follow BiFlow-B (width
+# 768, 12 heads) with one 2-layer group per forward block plus a 2-layer denoiser (choices, see README). BiFlow-B/2
+# is DiT-B/2's 12 layers: one per forward block plus a 4-layer denoiser, 130M (paper: 133M); the latent forward
+# presets name it as their reverse model.
+REVERSE_PRESETS = {'cpu': dict(channels=96, layers_per_block=1, denoise_layers=1, head_dim=32),
+                   'biflow-b2': dict(channels=768, layers_per_block=1, denoise_layers=4)}
+REVERSE_PRESETS['itarflow-b2'] = REVERSE_PRESETS['itarflow-xl2'] = REVERSE_PRESETS['biflow-b2']
+# The papers' names and parameter counts of the models these presets build, printed beside ours when a run starts.
+PAPER_MODELS = {('forward', 'itarflow-b2'): ('iTARFlow-B/2', 120e6), ('forward', 'itarflow-xl2'): ('iTARFlow-XL/2', 690e6),
+                **{('reverse', k): ('BiFlow-B/2', 133e6) for k in ('biflow-b2', 'itarflow-b2', 'itarflow-xl2')}}
 for _name in PRESETS:
     REVERSE_PRESETS.setdefault(_name, dict(channels=768, layers_per_block=2, denoise_layers=2))
 
@@ -678,12 +693,13 @@ def adaptive(d, c=0.01, p=1.0):
 
 
 def reverse_loss(G: ReverseModel, forward_model: TarFlow, x, y, w, eps, perceptual=None, weights=None, c=0.01, p=1.0,
-                 generator=None, fp32_targets=True):
+                 generator=None, fp32_targets=True, perceptual_every=1):
     """The stage-2 loss on a clean batch x (B, C, H, W) with labels y (-1 = dropped), guidance scales w (B,) and noise
     eps. F is frozen: its whole trajectory comes from one parallel forward pass, in fp32 even inside a bf16 autocast
     unless fp32_targets=False (bf16 moves the states by 0.2-0.5%: the targets would be that far from F's own).
-    generator: a CPU generator for the perceptual crop boxes (train.py seeds it per step and rank). Returns (loss,
-    per-term means)."""
+    generator: a CPU generator for the perceptual crop boxes (train.py seeds it per step and rank). perceptual_every:
+    the perceptual terms see rows 0, k, 2k, ... only (through the VAE decoder they cost several times G's step).
+    Returns (loss, per-term means)."""
     fc = forward_model.cfg
     raw = getattr(G, 'module', G)  # G may be wrapped in DDP: call G (gradients sync), read the config from raw
     with torch.no_grad(), torch.autocast(x.device.type, enabled=False) if fp32_targets else contextlib.nullcontext():
@@ -706,7 +722,8 @@ def reverse_loss(G: ReverseModel, forward_model: TarFlow, x, y, w, eps, perceptu
     if perceptual is not None:
         size = (fc.img_size, fc.img_size)
         img = unpatchify(preds[-1].float(), fc.patch_size, size[0])
-        for name, d in perceptual(img, x.float(), generator=generator).items():
+        k = perceptual_every
+        for name, d in perceptual(img[::k], x[::k].float(), generator=generator).items():
             terms[name] = d
             loss = loss + (weights or {}).get(name, 1.0) * adaptive(d, c, p).mean()
     return loss, {k: v.detach().mean() for k, v in terms.items()}

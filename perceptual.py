@@ -181,6 +181,7 @@ class PerceptualLoss(nn.Module):
         """lpips, vgg, convnext: state dicts as their authors publish them (train.py reads the files)."""
         super().__init__()
         self.crop = crop  # None/0: no crop, compare whole images
+        self.decode = None   # latent models: a frozen decoder to pixels (sample.LatentDecoder), set by train.py
         self.lpips = self.convnext = None
         if (lpips is None) != (vgg is None):
             raise ValueError(f"LPIPS needs both --lpips and --vgg; {PERCEPTUAL_HINTS['lpips']}; {PERCEPTUAL_HINTS['vgg']}")
@@ -209,7 +210,12 @@ class PerceptualLoss(nn.Module):
         return m
 
     def forward(self, pred, target, generator=None):
-        """pred, target: (B,3,H,W) in [-1,1] -> dict of per-sample (B,) terms: 'lpips', 'convnext' (those configured)."""
+        """pred, target: (B,3,H,W) in [-1,1] (latents (B,C,h,w) with a decoder set) -> dict of per-sample (B,) terms:
+        'lpips', 'convnext' (those configured)."""
+        if self.decode is not None:   # BiFlow's recipe: Dec(G's output) against Dec(clean latent); G gets the gradient
+            with torch.no_grad():
+                target = self.decode(target)
+            pred = self.decode(pred)
         if self.crop:
             pred, target = paired_random_resized_crop(pred, target, self.crop, generator=generator)
         out = {}

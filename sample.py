@@ -8,6 +8,7 @@ Sample from a checkpoint of either stage (or a state dict saved by Apple's ml-ta
         --fid VIRTUAL_imagenet64_labeled.npz              # FID-50K, labels uniformly random
     python sample.py --ckpt out/reverse.pt --inpaint img.png --mask mask.png --labels 3   # training-free uses of (F, G)
     python sample.py --ckpt out/reverse.pt --edit img.png --labels 3 --to_class 5
+    python sample.py --ckpt out256/reverse.pt --vae sd-vae-ft-mse     # latent checkpoints: decoded to 256x256 images
 
 Sample i is drawn from noise seeded by (--seed, i) and, unless --labels is given, a label drawn uniformly at random
 from a stream seeded by --seed: the output does not depend on the batch size or on the number of ranks.
@@ -23,8 +24,8 @@ import torch.distributed as dist
 from PIL import Image
 
 import fid
-from data import (HelpFormatter, Progress, atomic_write, center_crop, check_writable, read_torch_file, save_grid,
-                  setup_distributed)
+from data import (HelpFormatter, Progress, atomic_write, center_crop, check_writable, latent_norm, read_torch_file,
+                  save_grid, setup_distributed)
 from model import FlowConfig, ReverseConfig, ReverseModel, TarFlow, config_from_dict, edit, inpaint, load_ml_tarflow
 
 # Sample i of seed s uses noise from the generator seeded by s * 2**32 + i: one stream per (seed, index), never shared
@@ -56,9 +57,42 @@ def ml_tarflow_sigma(path, noise_std=None, verbose=True):
     return sigma
 
 
-def load_models(path, device='cpu', noise_std=None, verbose=True):
-    """-> (model, forward_model): a TarFlow and None, or a BiFlow reverse model and its frozen TarFlow. EMA weights.
-    noise_std overrides the sigma of a TarFlow; ml-tarflow state dicts need it unless their file name carries it."""
+class LatentDecoder(torch.nn.Module):
+    """The models' space -> pixels for checkpoints trained on latents: undo the per-channel normalisation recorded
+    with the latents (data.py encode), then the frozen SD-VAE decoder. (B, C, h, w) -> (B, 3, 8h, 8w) in [-1, 1]
+    (unclipped). Differentiable in its input: stage 2's perceptual terms see Dec(G's output)."""
+
+    def __init__(self, vae, latent):
+        super().__init__()
+        self.vae = vae.eval().requires_grad_(False)
+        self.img_size = latent['img_size']   # of the decoded images
+        mean, std = latent_norm(latent)
+        self.register_buffer('mean', mean.view(1, -1, 1, 1), persistent=False)
+        self.register_buffer('std', std.view(1, -1, 1, 1), persistent=False)
+
+    def forward(self, x):
+        return self.vae.decode(x.float() * self.std + self.mean)
+
+
+def latent_decoder(latent, path, device='cpu', what='the checkpoint'):
+    """The LatentDecoder of latent metadata (a checkpoint's or a latent set's 'latent' entry) from the VAE file at
+    path (--vae). The VAE must be the one the latents were encoded with: its weights' fingerprint is checked."""
+    from vae import load_vae   # latent runs only: pixel runs never need the VAE module's weights
+    want = latent['vae']
+    if path is None:
+        raise ValueError(f"{what} is trained on SD-VAE latents: pass --vae with the VAE they were encoded with "
+                         f"({want['name']}, fingerprint {want['fingerprint']}), a weight file or a diffusers folder")
+    vae = load_vae(path, device, flag='--vae')
+    if vae.fingerprint != want['fingerprint']:
+        raise ValueError(f"--vae {path}: its weights (fingerprint {vae.fingerprint}) are not the VAE {what}'s latents "
+                         f"were encoded with ({want['name']}, fingerprint {want['fingerprint']})")
+    return LatentDecoder(vae, latent).to(device)
+
+
+def load_models(path, device='cpu', noise_std=None, verbose=True, vae=None):
+    """-> (model, forward_model, decode): a TarFlow and None, or a BiFlow reverse model and its frozen TarFlow (EMA
+    weights); decode is None for pixel models, the LatentDecoder of a latent checkpoint (which needs vae, the --vae
+    path). noise_std overrides the sigma of a TarFlow; ml-tarflow state dicts need it unless their file name carries it."""
     ckpt = read_torch_file(path, '--ckpt')
     # sampling uses the EMA weights, as the papers do; the raw weights are only for resuming training
     if isinstance(ckpt, dict) and ckpt.get('kind') == 'forward':
@@ -80,9 +114,11 @@ def load_models(path, device='cpu', noise_std=None, verbose=True):
         raise ValueError(f'--ckpt {path}: neither a train.py checkpoint nor an ml-tarflow state dict')
     if noise_std is not None and isinstance(model, TarFlow):   # Tweedie denoising's step is sigma^2: it must be right
         model.cfg.noise_std = noise_std
+    latent = ckpt.get('latent') if isinstance(ckpt, dict) else None
+    decode = latent_decoder(latent, vae, device, f'--ckpt {path}') if latent else None
     # frozen: the score is a gradient w.r.t. the input only, and weights that need grad would make its backward keep
     # every Linear's input and compute weight gradients nobody reads
-    return model.to(device).eval().requires_grad_(False), forward_model
+    return model.to(device).eval().requires_grad_(False), forward_model, decode
 
 
 def noise_for(seeds, model, device):
@@ -122,14 +158,18 @@ def grid_labels(num_classes, per_class=10, max_classes=10):
     return torch.arange(min(num_classes, max_classes)).repeat_interleave(per_class)
 
 
-def generate_grid(model, forward_model, path, guidance=1.0, seed=0):
-    """A grid of one row per class (10 per row), written to path. Used by train.py during training."""
+def generate_grid(model, forward_model, path, guidance=1.0, seed=0, decode=None):
+    """A grid of one row per class (10 per row), written to path. Used by train.py during training. decode: the
+    LatentDecoder of a latent model (None for pixels)."""
     device = next(model.parameters()).device
     labels = grid_labels(model.cfg.num_classes)
     n = len(labels) if labels is not None else 64
     # the same noise at every call, so that grids from successive checkpoints compare sample for sample
     z = noise_for(noise_seeds(seed, range(n)), model, device)
     x = generate(model, forward_model, z, None if labels is None else labels.to(device), guidance)
+    if decode is not None:
+        with torch.no_grad():
+            x = torch.cat([decode(xb) for xb in x.split(16)])   # the VAE decoder's activations are large
     save_grid(to_uint8(x), path, nrow=10 if labels is not None else 8)
 
 
@@ -140,9 +180,11 @@ def draw_labels(n, num_classes, seed):
     return torch.randint(num_classes, (n,), generator=torch.Generator().manual_seed(seed + LABEL_SEED_OFFSET))
 
 
-def sample_shard(model, forward_model, n, rank, world, seed, batch_size, labels=None, progress=False, **kw):
+def sample_shard(model, forward_model, n, rank, world, seed, batch_size, labels=None, progress=False, decode=None,
+                 **kw):
     """Rank r decodes the contiguous global indices [r*ceil(n/W), ...) in batches. -> (uint8 NHWC, labels, #non-finite)
-    progress: print samples done (this rank's count times the world size), samples/s and ETA."""
+    progress: print samples done (this rank's count times the world size), samples/s and ETA. decode: a latent
+    model's LatentDecoder: Tweedie denoising happens in latent space, then the VAE decodes to pixels."""
     device = next(model.parameters()).device
     per = math.ceil(n / world)   # the last rank may get fewer (even none); the total is exactly n
     idx = list(range(rank * per, min(n, (rank + 1) * per)))
@@ -153,12 +195,15 @@ def sample_shard(model, forward_model, n, rank, world, seed, batch_size, labels=
         bi = idx[s:s + batch_size]
         y = None if all_labels is None else all_labels[bi].to(device)
         x = generate(model, forward_model, noise_for(noise_seeds(seed, bi), model, device), y, **kw)
+        if decode is not None:
+            with torch.no_grad():
+                x = decode(x)
         # count, never drop or redraw: a sampler that diverges must show in the numbers
         bad += int((~torch.isfinite(x.flatten(1))).any(1).sum())
         out.append(to_uint8(x))
         meter.update(min(n, (s + len(bi)) * world))
-    H = model.cfg.img_size
-    imgs = np.concatenate(out) if out else np.zeros((0, H, H, model.cfg.in_channels), np.uint8)
+    H = model.cfg.img_size if decode is None else decode.img_size
+    imgs = np.concatenate(out) if out else np.zeros((0, H, H, 3), np.uint8)
     lab = np.zeros(len(idx), np.int64) if all_labels is None else all_labels[idx].numpy()
     return imgs, lab, bad
 
@@ -196,12 +241,12 @@ def gather_shards(imgs, labels, bad, world, chunk_bytes=2 ** 26):
     return out, np.concatenate([m[1] for m in meta]), sum(m[2] for m in meta)
 
 
-def distributed_fid(model, forward_model, ref, n, guidance, seed, rank, world, device, inception=None):
+def distributed_fid(model, forward_model, ref, n, guidance, seed, rank, world, device, inception=None, decode=None):
     """FID of n EMA samples against ref, for train.py's periodic monitor. Rank 0 gets the result, others None."""
     was = model.training   # train.py passes its EMA model mid-training: restore its mode afterwards
     model.eval()
-    imgs, labels, _ = gather_shards(*sample_shard(model, forward_model, n, rank, world, seed, 64, guidance=guidance),
-                                    world)
+    imgs, labels, _ = gather_shards(*sample_shard(model, forward_model, n, rank, world, seed, 64, guidance=guidance,
+                                                  decode=decode), world)
     model.train(was)
     return fid.fid_from_samples(imgs, ref, fid.load_inception(inception, device), device) if imgs is not None else None
 
@@ -220,6 +265,8 @@ def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     g = p.add_argument_group('what to sample, and where it goes')
     g.add_argument('--ckpt', required=True, help='a train.py checkpoint (forward or reverse) or an ml-tarflow state dict')
+    g.add_argument('--vae', default=None, help='latent checkpoints: the SD-VAE their latents were encoded with (a '
+                   'weight file or a diffusers folder); samples are decoded to pixels after Tweedie denoising')
     g.add_argument('--out', default='samples.png', help='the PNG grid to write (at most 100 samples)')
     g.add_argument('--num_samples', type=int, default=None, help='how many samples (default: a grid of 10 per class)')
     g.add_argument('--npz', default=None, help='also write the samples as an ADM .npz (arr_0 uint8 NHWC, arr_1 labels)')
@@ -288,7 +335,7 @@ def main(argv=None):
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 
     # ---- the model(s): a TarFlow alone, or a reverse model G with the frozen F it was trained against
-    model, forward_model = load_models(args.ckpt, device, args.noise_std, verbose=rank == 0)
+    model, forward_model, decode = load_models(args.ckpt, device, args.noise_std, verbose=rank == 0, vae=args.vae)
     ncls = model.cfg.num_classes
     kw = dict(guidance=args.guidance, guidance_mode=args.guidance_mode, ramp=args.ramp, attn_temp=args.attn_temp,
               denoise=args.denoise, kv_dtype=torch.bfloat16 if args.kv_dtype == 'bf16' else None,
@@ -303,6 +350,8 @@ def main(argv=None):
             p.error('--inpaint/--edit run in one process')
         if forward_model is None:
             p.error('--inpaint/--edit need a reverse checkpoint (it carries both F and G)')
+        if decode is not None:
+            p.error('--inpaint/--edit work on pixel checkpoints (a latent one would need the VAE encoder here)')
         if ncls and labels is None:
             p.error('--inpaint/--edit on a class-conditional model need --labels (the class of the image)')
         src = load_image(args.inpaint or args.edit, model.cfg.img_size).to(device)
@@ -337,7 +386,8 @@ def main(argv=None):
         labels = labels.repeat(math.ceil(n / len(labels)))[:n]
     # each rank decodes its share of global indices; rank 0 alone writes and scores the whole set
     imgs, labs, bad = gather_shards(*sample_shard(model, forward_model, n, rank, world, args.seed, args.batch_size,
-                                                  labels, progress=rank == 0 and n > args.batch_size, **kw), world)
+                                                  labels, progress=rank == 0 and n > args.batch_size, decode=decode,
+                                                  **kw), world)
     if rank == 0:
         assert len(imgs) == n, (len(imgs), n)   # exactly N, whatever the number of ranks
         if bad:

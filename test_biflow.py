@@ -1176,11 +1176,11 @@ def test_sample_ml_tarflow_sigma_from_file_name_or_noise_std(tmp_path, capsys):
     sd = tiny_state_dict()
     for name, sigma in [('afhq_model_8_768_8_8_0.07.pth', 0.07), ('imagenet_model_4_1024_8_8_0.15.pth', 0.15)]:
         torch.save(sd, tmp_path / name)
-        model, _ = sample.load_models(str(tmp_path / name))
+        model, _, _ = sample.load_models(str(tmp_path / name))
         assert model.cfg.noise_std == pytest.approx(sigma)
         assert f'sigma = {sigma} (from the file name)' in capsys.readouterr().out
     # both given and different: --noise_std wins, with a note
-    model, _ = sample.load_models(str(tmp_path / 'afhq_model_8_768_8_8_0.07.pth'), noise_std=0.1)
+    model, _, _ = sample.load_models(str(tmp_path / 'afhq_model_8_768_8_8_0.07.pth'), noise_std=0.1)
     out = capsys.readouterr().out
     assert model.cfg.noise_std == pytest.approx(0.1)
     assert 'note: --noise_std 0.1 overrides the sigma 0.07' in out and 'sigma = 0.1 (from --noise_std)' in out
@@ -1207,7 +1207,7 @@ def test_sample_bad_numbers_are_argparse_errors(tmp_path, args, flag, allowed):
 
 def test_load_models_freezes_every_model_and_the_score_still_works(tmp_path):
     torch.save(tiny_state_dict(), tmp_path / 'afhq_model_2_64_2_1_0.05.pth')
-    f, _ = sample.load_models(str(tmp_path / 'afhq_model_2_64_2_1_0.05.pth'), verbose=False)
+    f, _, _ = sample.load_models(str(tmp_path / 'afhq_model_2_64_2_1_0.05.pth'), verbose=False)
     assert not any(p.requires_grad for p in f.parameters())
     x = torch.randn(2, 3, 8, 8)
     out = f.denoise(x, torch.tensor([0, 2]))
@@ -1218,7 +1218,7 @@ def test_load_models_freezes_every_model_and_the_score_still_works(tmp_path):
     G = ReverseModel(reverse_config_for(TINY, denoise='score'))
     torch.save(dict(kind='reverse', model_config=asdict(G.cfg), ema=G.state_dict(), forward_config=asdict(TINY),
                     forward=fwd.state_dict()), tmp_path / 'reverse.pt')
-    G, F = sample.load_models(str(tmp_path / 'reverse.pt'))
+    G, F, _ = sample.load_models(str(tmp_path / 'reverse.pt'))
     assert not any(p.requires_grad for m in (G, F) for p in m.parameters())
     z = torch.randn(2, TINY.num_tokens, TINY.token_dim)
     assert torch.isfinite(sample.generate(G, F, z, torch.tensor([0, 1]))).all()   # score denoising with F frozen

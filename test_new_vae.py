@@ -61,8 +61,9 @@ def test_vae_matches_diffusers(tmp_path):
     assert all(t.dtype == torch.float32 for t in got)
     assert got[0].shape == got[1].shape == (2, 4, 16, 16) and got[2].shape == (2, 3, 32, 32)
     for ours, ref in zip(got, (io['mean'], io['std'], io['decoded'])):
-        # fp32 vs diffusers' float64: diffusers' own fp32 run is 8e-6 off on decode, so 1e-4 is not round-off luck
-        torch.testing.assert_close(ours.double(), ref, rtol=0, atol=1e-4)
+        # fp32 against diffusers' float64, within 1e-5 of the output's scale (measured: 1.1e-6 on the moments, 2.3e-6
+        # on decode; diffusers' own fp32 run is 8e-6 off on decode, so an absolute 1e-5 would be round-off luck)
+        assert (ours.double() - ref).abs().max() <= 1e-5 * ref.abs().max()
     for ours, ref in zip(outputs(vae.double(), io['x'], io['mean']), (io['mean'], io['std'], io['decoded'])):
         torch.testing.assert_close(ours, ref, rtol=0, atol=1e-9)  # same math in float64: any deviation shows
 

@@ -29,20 +29,25 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import fid
-from data import HelpFormatter, Loader, atomic_write, build_dataset, hms, read_torch_file, setup_distributed
-from model import (PRESETS, FlowConfig, ReverseConfig, ReverseModel, TarFlow, config_from_dict, forward_loss, patchify,
-                   reverse_config_for, reverse_loss)
+from data import (HelpFormatter, LatentDataset, Loader, atomic_write, build_dataset, hms, latent_norm, read_torch_file,
+                  setup_distributed)
+from model import (PAPER_MODELS, PRESETS, FlowConfig, ReverseConfig, ReverseModel, TarFlow, config_from_dict,
+                   forward_loss, patchify, reverse_config_for, reverse_loss)
 from perceptual import PerceptualLoss, load_weights
-from sample import distributed_fid, generate_grid
+from sample import distributed_fid, generate_grid, latent_decoder
 
 # Optimisation defaults per preset. The paper runs follow TarFlow's recipes (AdamW (0.9, 0.95), lr 1e-4, batch 256,
 # warm-up of one epoch, cosine to 1e-6, no gradient clipping); the EMA is ours (TarFlow samples from the raw weights).
 # The CPU run is sized to finish in minutes on 2 cores; its higher lr is why it clips gradients.
-_PAPER = dict(lr=1e-4, grad_clip=0.0, ema=0.9999, eval_every=10_000, eval_samples=10_000, grad_checkpoint=False)
+_PAPER = dict(lr=1e-4, grad_clip=0.0, ema=0.9999, eval_every=10_000, eval_samples=10_000, grad_checkpoint=False,
+              perceptual_every=1)
+# The perceptual terms go through the VAE decoder (308 GFLOPs an image, and its activations at 256^2): on every 8th
+# image they add about half of G's step (README)
+_LATENT = dict(_PAPER, batch_size=1024, max_steps=200_000, warmup_steps=1251, perceptual_every=8)
 TRAIN_PRESETS = {
     # 4000 steps of batch 32 (128k images, about 2 epochs of the digits' 60k) per stage
     'cpu': dict(batch_size=32, lr=2e-3, max_steps=4000, reverse_max_steps=4000, warmup_steps=100, grad_clip=1.0,
-                ema=0.999, eval_every=1000, eval_samples=1000, grad_checkpoint=False),
+                ema=0.999, eval_every=1000, eval_samples=1000, grad_checkpoint=False, perceptual_every=1),
     'imagenet64': dict(_PAPER, batch_size=256, max_steps=1_000_000, warmup_steps=5000),
     # width 1024 keeps ~80 GiB of activations at 32 images per GPU: recompute each flow in the backward (bench.py)
     'imagenet64-1024': dict(_PAPER, batch_size=256, max_steps=1_000_000, warmup_steps=5000, grad_checkpoint=True),
@@ -50,6 +55,11 @@ TRAIN_PRESETS = {
     # ImageNet 128 and AFHQ 256: the batch sizes and epochs of Apple's recipes (one epoch of warm-up)
     'imagenet128': dict(_PAPER, batch_size=768, max_steps=534_000, warmup_steps=1668, grad_checkpoint=True),
     'afhq256': dict(_PAPER, batch_size=256, max_steps=250_000, warmup_steps=60),
+    # BiFlow's ablation length, 160 epochs of ImageNet at batch 1024 (its group's batch), one epoch of warm-up; both
+    # stages, as for the pixel presets (the paper gives no other schedule)
+    'itarflow-b2': _LATENT,
+    'itarflow-xl2': dict(_LATENT, grad_checkpoint=True),   # 64 of 80 GB without (bench.py): too close
+    'biflow-b2': _LATENT,
 }
 
 # What a --resume may change: where and how often things are written, hardware, and paths to the same files (data,
@@ -58,7 +68,7 @@ TRAIN_PRESETS = {
 RESUME_SAFE = {'resume', 'out_dir', 'stop_at', 'device', 'dtype', 'target_dtype', 'compile', 'grad_checkpoint',
                'num_workers', 'log_every', 'ckpt_every', 'sample_every', 'sample_guidance', 'eval_every',
                'eval_samples', 'val_data', 'fid_ref', 'fid_every', 'fid_samples', 'inception', 'data', 'forward_ckpt',
-               'lpips', 'vgg', 'convnext', 'max_skips'}
+               'lpips', 'vgg', 'convnext', 'max_skips', 'vae'}
 
 
 def get_args(argv=None):
@@ -68,12 +78,16 @@ def get_args(argv=None):
     g = p.add_argument_group('data')
     g.add_argument('--data', default='digits', help="'digits' (built-in, no download), an ImageFolder root, or a "
                    ".npz/.npy file")
+    g.add_argument('--vae', default=None, help='latent data (made by data.py encode): the SD-VAE it was encoded '
+                   'with (a weight file or a diffusers folder), to decode the sample grids and the FID monitor and for '
+                   "stage 2's perceptual terms")
     g.add_argument('--val_data', default=None, help="held-out images for stage 1's bits/dim (None: the digits' val "
                    "split when --data digits, else no evaluation)")
     g = p.add_argument_group('model and preset')
     g.add_argument('--stage', choices=['forward', 'reverse'], default='forward', help='forward: TarFlow by maximum '
                    'likelihood; reverse: BiFlow reverse model against a frozen forward checkpoint')
-    g.add_argument('--preset', choices=sorted(PRESETS), default='cpu', help='model size and optimisation defaults')
+    g.add_argument('--preset', choices=sorted(TRAIN_PRESETS), default='cpu', help='model size and optimisation '
+                   'defaults; the latent ones (itarflow-b2, itarflow-xl2, and biflow-b2 for stage 2) need latent --data')
     g.add_argument('--num_classes', type=int, default=None, help='stage 1: classes of the model (None: from --preset);'
                    ' 0 trains an unconditional model, e.g. on unlabelled data')
     g.add_argument('--noise_std', type=float, default=None, help='stage 1: sigma of the training noise (None: from '
@@ -112,6 +126,9 @@ def get_args(argv=None):
     g.add_argument('--convnext', default=None, help='convnextv2_base_22k_224_ema.pt for the ConvNeXt feature loss')
     g.add_argument('--lpips_weight', type=float, default=0.4, help='weight of the LPIPS term')
     g.add_argument('--convnext_weight', type=float, default=0.1, help='weight of the ConvNeXt term')
+    g.add_argument('--perceptual_every', type=int, default=None, help='the perceptual terms see every k-th image of '
+                   'the global batch (the same images for any number of ranks; None: from --preset, 8 for latents, '
+                   'where they run through the VAE decoder)')
     g.add_argument('--target_dtype', choices=['fp32', 'bf16'], default='fp32', help="F's forward pass for the "
                    'targets: fp32 (exact, as the flow math everywhere) or inside the bf16 autocast (faster; the states '
                    'move by 0.3-2%%)')
@@ -159,7 +176,7 @@ def get_args(argv=None):
         action.default = argparse.SUPPRESS
     explicit = set(vars(p.parse_args(argv)))
     # bad numbers fail here, in one line naming the flag, not as a traceback (or a silent no-op) steps later
-    for k in ('max_steps', 'batch_size', 'log_every', 'ckpt_every', 'sample_every', 'fid_every', 'fid_samples',
+    for k in ('max_steps', 'batch_size', 'perceptual_every', 'log_every', 'ckpt_every', 'sample_every', 'fid_every', 'fid_samples',
               'warmup_steps', 'eval_every', 'eval_samples', 'max_skips', 'stop_at', 'num_classes', 'num_workers'):
         v = getattr(args, k)
         low = 0 if k in ('warmup_steps', 'num_classes', 'num_workers') else 1   # 0 means "none" for these
@@ -239,6 +256,17 @@ def step_inputs(args, step, x, y, num_classes, rank, world):
         if y is not None:
             w = torch.where(y < 0, 0.0, w)   # dropped labels train the null class, unguided
     return eps, y, w
+
+
+def posterior_sample(args, step, moments, mean, std, rank, world):
+    """Latent data: a sample of each image's VAE posterior, mu + s * eps, normalised per channel ((. - mean) / std).
+    moments (b, 2, C, h, w) = [mu, s] of the image or its flip (the loader's choice). eps is drawn, like
+    step_inputs', for the global batch from (seed, step) and sliced, from a stream of its own (offset 2**40)."""
+    B, b = args.batch_size, args.batch_size // world
+    g = torch.Generator(device=moments.device).manual_seed(args.seed * 1_000_003 + step + 2 ** 40)
+    eps = torch.randn((B, *moments.shape[2:]), generator=g, device=moments.device)[rank * b:(rank + 1) * b]
+    mu, s = moments.unbind(1)
+    return (mu + s * eps - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)   # (b, C, h, w)
 
 
 def crop_generator(seed, step, rank):
@@ -324,6 +352,8 @@ def main(argv=None):
     args, explicit = get_args(argv)
     resume = load_checkpoint_file(args.resume) if args.resume else None
     args = fill_preset_defaults(resume_args(args, explicit, resume, args.resume) if resume else args)
+    if args.stage == 'forward' and args.preset not in PRESETS:
+        raise ValueError(f'--preset {args.preset} names a reverse model: stage 1 takes one of {", ".join(PRESETS)}')
     if args.stage == 'reverse' and not resume and not args.forward_ckpt:
         raise ValueError('--stage reverse needs --forward_ckpt (a checkpoint written by --stage forward)')
     if resume and resume['step'] >= args.max_steps:
@@ -338,6 +368,9 @@ def main(argv=None):
     print0 = print if master else (lambda *a, **k: None)
     if args.batch_size % world:
         raise ValueError(f'--batch_size {args.batch_size} is not divisible by the number of ranks ({world})')
+    if (args.lpips or args.convnext) and (args.batch_size // world) % args.perceptual_every:
+        raise ValueError(f'--perceptual_every {args.perceptual_every} must divide the batch of each rank '
+                         f'({args.batch_size // world}), so that the same images get the terms on any number of ranks')
     torch.manual_seed(args.seed)  # identical initial weights on every rank
     if device.type == 'cuda':
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -371,12 +404,13 @@ def main(argv=None):
     else:
         fck = None
         if resume:
-            fcfg, fweights = resume['forward_config'], resume['forward']
+            fcfg, fweights, forward_latent = resume['forward_config'], resume['forward'], resume.get('latent')
         else:
             fck = load_checkpoint_file(args.forward_ckpt, '--forward_ckpt')
             if fck['kind'] != 'forward':
                 raise ValueError(f'--forward_ckpt {args.forward_ckpt} is a {fck["kind"]} checkpoint, not a forward one')
             fcfg, fweights = fck['model_config'], fck['ema']
+            forward_latent = fck.get('latent')
         forward_model = TarFlow(config_from_dict(FlowConfig, fcfg))
         forward_model.load_state_dict(fweights)
         del fweights, fck   # copied into F: free the file's tensors (a resume's go with `resume` below)
@@ -398,6 +432,34 @@ def main(argv=None):
 
     # ---- data: labels must match the model's classes; unlabelled data needs an unconditional model
     dataset = build_dataset(args.data, cfg.img_size, 'train', args.seed)
+    # latent data (data.py encode): the model's geometry, the VAE and, in stage 2, F's latents must all agree with it
+    latent = None
+    if isinstance(dataset, LatentDataset):
+        m = dataset.meta
+        latent = {k: m[k] for k in ('img_size', 'latent_shape', 'vae', 'norm')}   # saved with the checkpoint
+        if tuple(m['latent_shape']) != (cfg.in_channels, cfg.img_size, cfg.img_size):
+            raise ValueError(f'--data {args.data} holds latents of shape {tuple(m["latent_shape"])} (C, h, w), but the '
+                             f'model takes {cfg.in_channels}x{cfg.img_size}x{cfg.img_size} (' +
+                             (f'--preset {args.preset})' if args.stage == 'forward' else 'the geometry of F)'))
+        if args.stage == 'forward' and (args.noise_type != 'gaussian' or args.val_data):
+            raise ValueError('--noise_type uniform and --val_data measure bits/dim of 8-bit pixels; latent data has no '
+                             'such bins: train latents with Gaussian noise, without --val_data')
+        if args.stage == 'reverse':   # G learns F's inverse on F's own data distribution
+            fl = forward_latent or {}
+            if fl.get('norm') != latent['norm'] or fl.get('vae', {}).get('fingerprint') != latent['vae']['fingerprint']:
+                raise ValueError(f'--data {args.data}: F was trained on other latents (another VAE or normalisation) '
+                                 'than these; stage 2 must see the data F was trained on')
+        mean, std = (t.to(device) for t in latent_norm(m))
+        decode = latent_decoder(latent, args.vae, device, f'--data {args.data}')   # checks the VAE's fingerprint
+    elif cfg.in_channels != 3:
+        raise ValueError(f'the model takes SD-VAE latents ({cfg.in_channels}x{cfg.img_size}x{cfg.img_size}), but '
+                         f'--data {args.data} is pixels: encode it once with `python data.py encode SRC OUT --vae PATH` '
+                         'and train on OUT')
+    else:
+        decode = None
+    if resume and resume.get('latent') != latent:
+        raise ValueError(f'--resume {args.resume} was trained on other data (latents: {resume.get("latent") is not None})'
+                         f' than --data {args.data} (latents: {latent is not None}, or another VAE or normalisation)')
     if cfg.num_classes and not dataset.num_classes:
         raise ValueError(f'--data {args.data} has no labels, but the model is class-conditional ({cfg.num_classes} '
                          'classes): pass --num_classes 0 to train an unconditional model' +
@@ -406,7 +468,7 @@ def main(argv=None):
         raise ValueError(f'--data {args.data} has {dataset.num_classes} classes; the model has {cfg.num_classes}')
     val = None   # stage 1's held-out set for bits/dim: the digits' val split, or --val_data
     if args.stage == 'forward':
-        val_data = args.val_data or ('digits' if args.data == 'digits' else None)
+        val_data = args.val_data or ('digits' if args.data == 'digits' else None)   # pixels only (checked above)
         val = val_data and build_dataset(val_data, cfg.img_size, 'val', args.seed)
     # decoding JPEGs needs workers on GPU; on CPU they would compete with the model for the same cores
     workers = args.num_workers if args.num_workers is not None else (8 if device.type == 'cuda' else 0)
@@ -430,6 +492,7 @@ def main(argv=None):
     perceptual = None
     if args.stage == 'reverse' and (args.lpips or args.convnext):
         perceptual = PerceptualLoss(*(load_weights(getattr(args, k), k) for k in ('lpips', 'vgg', 'convnext')))
+        perceptual.decode = decode   # latents: the terms compare decoded images (the frozen VAE, G gets the gradient)
         perceptual.to(device)
     weights = {'lpips': args.lpips_weight, 'convnext': args.convnext_weight}
 
@@ -447,8 +510,11 @@ def main(argv=None):
         os.makedirs(args.out_dir, exist_ok=True)
         if not continuing and os.path.exists(log_path):   # --overwrite: the old log goes with the old run
             os.remove(log_path)
-        print(f'{args.stage} model: {sum(p.numel() for p in raw.parameters()) / 1e6:.2f}M parameters, '
-              f'{world} rank(s) on {device}, {"bf16" if bf16 else "fp32"}')
+        name, paper = PAPER_MODELS.get((args.stage, args.preset), (None, None))
+        print(f'{args.stage} model: {sum(p.numel() for p in raw.parameters()) / 1e6:.2f}M parameters' +
+              (f' ({name} in the paper: {paper / 1e6:.0f}M)' if name else '') +
+              f', {world} rank(s) on {device}, {"bf16" if bf16 else "fp32"}' +
+              (f', latents of {latent["vae"]["name"]}' if latent else ''))
         for k, v in sorted(vars(args).items()):
             print(f'  {k:16s} {v}')
 
@@ -480,7 +546,7 @@ def main(argv=None):
         if master:
             ck = dict(kind=args.stage, model=raw.state_dict(), ema=ema.state_dict(), optimizer=opt.state_dict(),
                       step=step, model_config=asdict(cfg), train_config=vars(args), loader=loader.state_dict(),
-                      rng=torch.get_rng_state())
+                      rng=torch.get_rng_state(), latent=latent)   # latent: None for pixel data
             if forward_model is not None:
                 ck.update(forward_config=asdict(forward_model.cfg), forward=forward_model.state_dict())
             atomic_write(ckpt_path, lambda f: torch.save(ck, f))
@@ -491,12 +557,13 @@ def main(argv=None):
         """A grid of EMA samples, one row per class: the quickest look at whether training works."""
         if master:
             generate_grid(ema, forward_model, os.path.join(args.out_dir, f'{args.stage}_samples.png'),
-                          guidance=args.sample_guidance, seed=args.seed)
+                          guidance=args.sample_guidance, seed=args.seed, decode=decode)
 
     def fid_monitor():
         """FID of EMA samples drawn by every rank against the reference statistics; rank 0 gets the number."""
         return distributed_fid(ema, forward_model, fid_ref, args.fid_samples, guidance=args.sample_guidance,
-                               seed=args.seed, rank=rank, world=world, device=device, inception=args.inception)
+                               seed=args.seed, rank=rank, world=world, device=device, inception=args.inception,
+                               decode=decode)
 
     # ---- training loop
     it = iter(loader)
@@ -511,6 +578,8 @@ def main(argv=None):
         # a batch and this step's randomness: noise, dropped labels (CFG), guidance scales
         x, y = next(it)
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        if latent:   # (b, 2, C, h, w) posterior moments -> this step's normalised latent sample (b, C, h, w)
+            x = posterior_sample(args, step, x, mean, std, rank, world)
         eps, y, w = step_inputs(args, step, x, y, cfg.num_classes, rank, world)
         lr = lr_at(step, args)   # set by hand each step: the schedule is a function of the step, so resume is exact
         for group in opt.param_groups:
@@ -530,7 +599,8 @@ def main(argv=None):
                 # distance per aligned depth; the crop boxes come from (seed, step, rank), so a resume redraws them
                 loss, terms = reverse_loss(model, fwd, x, y, w, eps, perceptual, weights,
                                            generator=crop_generator(args.seed, step, rank) if perceptual else None,
-                                           fp32_targets=args.target_dtype == 'fp32')
+                                           fp32_targets=args.target_dtype == 'fp32',
+                                           perceptual_every=args.perceptual_every)
                 metrics = {'loss': loss.detach(), **terms}
         # the update: backward (DDP averages gradients, so every rank agrees on finiteness), clip, then a step that is
         # skipped on the device when the gradient is not finite: an `if` here would wait for the GPU on every step
