@@ -8,7 +8,7 @@ Sample from a checkpoint of either stage (or a state dict saved by Apple's ml-ta
         --fid VIRTUAL_imagenet64_labeled.npz              # FID-50K, labels uniformly random
     python sample.py --ckpt out/reverse.pt --inpaint img.png --mask mask.png --labels 3   # training-free uses of (F, G)
     python sample.py --ckpt out/reverse.pt --edit img.png --labels 3 --to_class 5
-    python sample.py --ckpt out256/reverse.pt --vae sd-vae-ft-mse     # latent checkpoints: decoded to 256x256 images
+    python sample.py --ckpt in256/reverse.pt --vae sd-vae-ft-mse.safetensors   # latents: decoded to 256x256 images
 
 Sample i is drawn from noise seeded by (--seed, i) and, unless --labels is given, a label drawn uniformly at random
 from a stream seeded by --seed: the output does not depend on the batch size or on the number of ranks.
@@ -27,6 +27,7 @@ import fid
 from data import (HelpFormatter, Progress, atomic_write, center_crop, check_writable, latent_norm, read_torch_file,
                   save_grid, setup_distributed)
 from model import FlowConfig, ReverseConfig, ReverseModel, TarFlow, config_from_dict, edit, inpaint, load_ml_tarflow
+from vae import load_vae
 
 # Sample i of seed s uses noise from the generator seeded by s * 2**32 + i: one stream per (seed, index), never shared
 # between seeds for i < 2**32. The random labels come from their own stream, seeded apart from every noise stream.
@@ -77,7 +78,6 @@ class LatentDecoder(torch.nn.Module):
 def latent_decoder(latent, path, device='cpu', what='the checkpoint'):
     """The LatentDecoder of latent metadata (a checkpoint's or a latent set's 'latent' entry) from the VAE file at
     path (--vae). The VAE must be the one the latents were encoded with: its weights' fingerprint is checked."""
-    from vae import load_vae   # latent runs only: pixel runs never need the VAE module's weights
     want = latent['vae']
     if path is None:
         raise ValueError(f"{what} is trained on SD-VAE latents: pass --vae with the VAE they were encoded with "

@@ -2,7 +2,7 @@
 Tests: exact flow math as properties on tiny shapes, the reverse model and its losses, training (DDP, resume),
 sampling and its files, the data pipeline, FID and the perceptual networks. CPU only, no network.
 
-    pytest test_biflow.py            # the whole suite, about 3 minutes on 2 cores
+    pytest test_biflow.py            # the whole suite, about 4 minutes on 2 cores
     pytest test_biflow.py -k flow    # a part of it
 """
 import argparse
@@ -15,9 +15,13 @@ import io
 import json
 import os
 import pickle
+import shlex
+import shutil
+import struct
 import subprocess
 import sys
 import textwrap
+import types
 import warnings
 from dataclasses import asdict, replace
 
@@ -36,13 +40,15 @@ import model
 import model as M
 import sample
 import train
-from data import (ArrayDataset, Digits, ImageFolder, Loader, atomic_write, build_dataset, center_crop, epoch_flips,
-                  epoch_permutation, pack)
+import vae
+from data import (LATENT_NORMS, ArrayDataset, Digits, ImageFolder, LatentDataset, Loader, atomic_write, build_dataset,
+                  center_crop, encode, epoch_flips, epoch_permutation, latent_norm, pack)
 from data import main as data_main
-from model import (SCORE_BUDGET_BYTES, FlowConfig, ReverseModel, TarFlow, adaptive, align_targets, edit, inpaint,
+from model import (PAPER_MODELS, PRESETS, SCORE_BUDGET_BYTES, FlowConfig, ReverseModel, TarFlow, adaptive, align_targets, edit, inpaint,
                    load_ml_tarflow, patchify, reverse_config_for, reverse_loss, score_activation_bytes, state_distance,
                    unpatchify)
 from perceptual import LPIPS, ConvNeXtV2, PerceptualLoss, load_weights, paired_random_resized_crop
+from vae import VAE, VAEConfig, config_from_state_dict, convert_state_dict, load_vae, read_safetensors, vae_decode_flops
 from train import ema_update
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -1605,6 +1611,661 @@ def test_imagefolder_decodes_large_jpegs_at_a_reduced_scale(tmp_path, monkeypatc
     assert sizes == [(32, 24), (256, 192)]   # JPEG at 1/8: the short side stays >= 16, as ADM's halvings leave it
     assert jpg.shape == (16, 16, 3) and np.abs(jpg.astype(int) - full).mean() < 3
     assert np.array_equal(png, center_crop(Image.fromarray(smooth), 16))   # other formats: unchanged
+
+
+# 40 digits of 16 pixels in chunks of 8, batches of 4: 5 chunks of 2 batches, latents 4x2x2
+ENC_SMALL = dict(img_size=16, batch_size=4, chunk=8, limit=40)
+
+
+ENC_CLI = ['--img_size', '16', '--batch_size', '4', '--chunk', '8', '--limit', '40', '--workers', '0', '--device', 'cpu']
+
+
+class StandInVAE:
+    """vae.py's interface on a fixed random 8x8 convolution of stride 8: 4 latent channels, downsampling 8. Not
+    mirror-symmetric, so the mirror image's latent differs from the mirrored latent. Counts its calls; with
+    fail_after it raises on the call after that many, as a kill part-way through a run would stop it."""
+
+    def __init__(self, seed=0, fail_after=None):
+        g = torch.Generator().manual_seed(seed)
+        self.weight = torch.randn(8, 3, 8, 8, generator=g) / 8
+        self.cfg = types.SimpleNamespace(latent_channels=4)
+        self.fingerprint = f'standin{seed}'
+        self.calls, self.fail_after = 0, fail_after
+
+    def encode(self, x):
+        self.calls += 1
+        if self.fail_after is not None and self.calls > self.fail_after:
+            raise RuntimeError('killed')
+        z = F.conv2d(x, self.weight.to(x.device), stride=8)
+        return z[:, :4], 0.05 + torch.sigmoid(z[:, 4:])
+
+
+def run_encode(out, vae=None, **kw):
+    vae = StandInVAE() if vae is None else vae
+    encode('digits', str(out), vae, **{**ENC_SMALL, 'vae_name': 'standin.pt', **kw})
+    return vae
+
+
+def files(out):
+    """{name: bytes} of a folder's files."""
+    return {f: open(os.path.join(out, f), 'rb').read() for f in sorted(os.listdir(out))}
+
+
+def pixels(i):
+    """Digit i as the encoder sees it: float (1, 3, 16, 16) in [-1, 1]."""
+    return Digits(16)[i][0][None].float() / 127.5 - 1
+
+
+def cli(*args):
+    """data.py's command line in this process, with the stand-in VAE as vae.load_vae; (SystemExit/None, stderr)."""
+    fake = types.ModuleType('vae')
+    fake.load_vae = lambda path, device: StandInVAE()
+    err, saved = io.StringIO(), sys.modules.get('vae')
+    sys.modules['vae'] = fake
+    try:
+        with contextlib.redirect_stderr(err):
+            data.main([str(a) for a in args])
+    finally:
+        if saved is None:
+            del sys.modules['vae']
+        else:
+            sys.modules['vae'] = saved
+
+
+def test_encode_writes_the_documented_set(tmp_path):
+    vae = run_encode(tmp_path / 'a')
+    assert vae.calls == 1 + 2 * 10   # one blank image for the latent shape, then each batch and its mirror images
+    assert sorted(os.listdir(tmp_path / 'a')) == ['labels.npy', 'latents.npy', 'meta.json']   # bookkeeping gone
+    meta = json.load(open(tmp_path / 'a' / 'meta.json'))
+    assert meta == {'format': 'latents', 'version': 1, 'n': 40, 'img_size': 16, 'latent_shape': [4, 2, 2],
+                    'num_classes': 10, 'source': 'digits', 'split': 'train',
+                    'vae': {'name': 'standin.pt', 'fingerprint': 'standin0'},
+                    'norm': {'kind': 'channel', 'mean': LATENT_NORMS['channel'][0], 'std': LATENT_NORMS['channel'][1]},
+                    'unreadable': 0}
+    lat, lab = np.load(tmp_path / 'a' / 'latents.npy'), np.load(tmp_path / 'a' / 'labels.npy')
+    assert lat.dtype == np.float32 and lat.shape == (40, 2, 2, 4, 2, 2)
+    assert lab.dtype == np.int64 and lab.tolist() == Digits(16).targets[:40].tolist()
+    ds = build_dataset(str(tmp_path / 'a'), 16)
+    assert isinstance(ds, LatentDataset) and len(ds) == 40 and ds.num_classes == 10 and ds.meta == meta
+
+
+def test_encode_resumes_after_a_kill_without_redoing_finished_chunks(tmp_path):
+    run_encode(tmp_path / 'straight')
+    # killed in the second batch of chunk 1: the probe, chunk 0's 2 batches (4 calls), chunk 1's first batch (2)
+    with pytest.raises(RuntimeError, match='killed'):
+        run_encode(tmp_path / 'killed', StandInVAE(fail_after=7))
+    assert os.listdir(tmp_path / 'killed' / 'done') == ['000000.json']   # chunk 0 only
+    assert not (tmp_path / 'killed' / 'meta.json').exists()
+    with pytest.raises(ValueError, match='did not finish.*rerun the same'):
+        build_dataset(str(tmp_path / 'killed'), 16)
+    (tmp_path / 'killed' / 'latents.npy.tmp999').write_bytes(b'')   # what a SIGKILL in an atomic write leaves
+    (tmp_path / 'killed' / 'done' / '000001.json.x1y2.tmp').write_bytes(b'{"chunk": 1')
+    resumed = run_encode(tmp_path / 'killed')
+    assert resumed.calls == 1 + 2 * 8   # chunks 1 to 4 only: chunk 0 was not encoded again
+    assert files(tmp_path / 'killed') == files(tmp_path / 'straight')
+
+
+def test_encode_image_folders_and_arrays_with_an_unreadable_file(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    for k in range(10):
+        os.makedirs(tmp_path / 'src' / f'c{k % 2}', exist_ok=True)
+        img = rng.integers(0, 256, (20, 28, 3), dtype=np.uint8)
+        Image.fromarray(img).save(tmp_path / 'src' / f'c{k % 2}' / f'{k}.png')
+    (tmp_path / 'src' / 'c0' / '3_broken.png').write_bytes(b'not a png')   # sorted between 2.png and 4.png
+    # decoded in a worker process (its warning goes to that process's stderr), counted all the same
+    encode(str(tmp_path / 'src'), str(tmp_path / 'a'), StandInVAE(), 16, batch_size=4, chunk=4, workers=1)
+    msg = capsys.readouterr().out
+    assert '1 unreadable' in msg and '3_broken.png' in msg
+    ds = LatentDataset(str(tmp_path / 'a'))
+    assert len(ds) == 11 and ds.num_classes == 2 and ds.meta['unreadable'] == 1
+    assert ds.targets.tolist() == [0] * 6 + [1] * 5
+    assert torch.equal(ds.item(2, True)[0], ds.item(3, True)[0])   # c0/3_broken.png: the next readable file's
+    with pytest.warns(UserWarning, match='3_broken'):   # a packed array serves the same images, so the same latents
+        data.pack(str(tmp_path / 'src'), str(tmp_path / 'p.npy'), 16)
+    encode(str(tmp_path / 'p.npy'), str(tmp_path / 'b'), StandInVAE(), 16, batch_size=4, chunk=4)
+    assert files(tmp_path / 'b')['latents.npy'] == files(tmp_path / 'a')['latents.npy']
+    assert files(tmp_path / 'b')['labels.npy'] == files(tmp_path / 'a')['labels.npy']
+
+
+def test_encode_mirror_moments_are_the_mirror_images_posterior(tmp_path):
+    vae = run_encode(tmp_path / 'a')
+    ds = LatentDataset(str(tmp_path / 'a'))
+    for i in [0, 9, 39]:
+        x = pixels(i)
+        (m, s), (fm, fs) = vae.encode(x), vae.encode(x.flip(-1))
+        item, flipped = ds.item(i, False)[0], ds.item(i, True)[0]
+        assert item.dtype == torch.float32 and item.shape == (2, 4, 2, 2) and ds.item(i, True)[1] == ds.targets[i]
+        assert torch.allclose(item, torch.cat([m, s]), atol=1e-6) and torch.equal(ds[i][0], item)
+        assert torch.allclose(flipped, torch.cat([fm, fs]), atol=1e-6)
+        assert (flipped[0] - m[0].flip(-1)).abs().max() > 0.1   # not the mirrored latent
+        assert (s > 0).all() and (fs > 0).all()
+
+
+def test_loader_serves_latent_moments_and_the_mirror_images_when_flipping(tmp_path):
+    run_encode(tmp_path / 'a')
+    ds = LatentDataset(str(tmp_path / 'a'))
+    flips = epoch_flips(40, 3, 0)
+    assert 0 < int(flips.sum()) < 40
+    for workers in (0, 1):   # a worker gets the dataset pickled: the memory map is reopened, not copied
+        L = Loader(ds, 8, seed=3, flip=True, num_workers=workers)
+        for s in range(5):
+            x, y = next(L)
+            idx = epoch_permutation(40, 3, 0)[s * 8:(s + 1) * 8]
+            assert x.dtype == torch.float32 and x.shape == (8, 2, 4, 2, 2) and y.dtype == torch.int64
+            assert torch.equal(x, torch.stack([ds.item(i, bool(flips[i]))[0] for i in idx.tolist()]))
+            assert torch.equal(y, torch.from_numpy(ds.targets[idx.numpy()]))
+    back = pickle.loads(pickle.dumps(ds))
+    assert back._arr is None and torch.equal(back.item(5, True)[0], ds.item(5, True)[0])
+    x, _ = next(Loader(ds, 8, seed=3))   # no flip: the images' own moments
+    assert torch.equal(x, torch.stack([ds[i][0] for i in epoch_permutation(40, 3, 0)[:8].tolist()]))
+
+
+def test_encode_two_ranks_write_the_same_bytes_as_one_process(tmp_path):
+    cli('encode', 'digits', tmp_path / 'one', '--vae', 'w/standin.pt', *ENC_CLI)
+    driver = tmp_path / 'driver.py'   # data.py's command line with the stand-in as vae.load_vae
+    driver.write_text(f"import sys, types\nsys.path.insert(0, {HERE!r})\nimport data, test_biflow as t\n"
+                      "sys.modules['vae'] = types.SimpleNamespace(load_vae=lambda path, device: t.StandInVAE())\n"
+                      "data.main(sys.argv[1:])\n")
+    r = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', '--master_port=29531',
+                        str(driver), 'encode', 'digits', str(tmp_path / 'two'), '--vae', 'w/standin.pt', *ENC_CLI],
+                       cwd=tmp_path, env=dict(os.environ, OMP_NUM_THREADS='1'), capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert 'encoded (rank 0 of 2)' in r.stdout and '5 to do by 2 rank(s)' in r.stdout
+    assert files(tmp_path / 'two') == files(tmp_path / 'one')
+
+
+def test_encode_refuses_a_complete_set_unless_overwrite(tmp_path):
+    out = tmp_path / 'a'
+    cli('encode', 'digits', out, '--vae', 'w/standin.pt', *ENC_CLI)
+    before = {f: (os.stat(out / f).st_mtime_ns, b) for f, b in files(out).items()}
+    with pytest.raises(FileExistsError, match=f'{out}.*complete.*pass --overwrite'):
+        cli('encode', 'digits', out, '--vae', 'w/standin.pt', *ENC_CLI)
+    assert {f: (os.stat(out / f).st_mtime_ns, b) for f, b in files(out).items()} == before   # nothing touched
+    cli('encode', 'digits', out, '--vae', 'w/standin.pt', *ENC_CLI, '--overwrite', '--norm', 'sd')
+    assert json.load(open(out / 'meta.json'))['norm']['kind'] == 'sd'
+    assert files(out)['latents.npy'] == before['latents.npy'][1]
+
+
+def test_encode_refuses_an_unfinished_set_made_with_other_settings(tmp_path):
+    out = tmp_path / 'a'
+    with pytest.raises(RuntimeError, match='killed'):
+        run_encode(out, StandInVAE(fail_after=7))
+    before = files(out / 'done')
+    for kw, what in [(dict(img_size=24), 'img_size 16.*img_size 24.*--img_size'), (dict(limit=32), 'n 40.*n 32'),
+                     (dict(vae=StandInVAE(seed=1)), "vae_fingerprint 'standin0'.*'standin1'.*--vae"),
+                     (dict(chunk=16), 'chunk 8.*chunk 16.*--chunk'), (dict(split='val'), "split 'train'.*'val'")]:
+        with pytest.raises(ValueError, match=f'{out}.*unfinished.*{what}.*--overwrite'):
+            run_encode(out, **kw)
+    assert files(out / 'done') == before
+    run_encode(out, vae=StandInVAE(seed=1), overwrite=True)   # --overwrite starts over with the new settings
+    assert json.load(open(out / 'meta.json'))['vae']['fingerprint'] == 'standin1'
+
+
+def test_encode_bad_inputs_fail_clearly(tmp_path):
+    for size in ('100', '0'):
+        with pytest.raises(SystemExit):
+            cli('encode', 'digits', tmp_path / 'a', '--vae', 'w', '--img_size', size)
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), pytest.raises(SystemExit):
+        data.main(['encode', 'digits', str(tmp_path / 'a'), '--vae', 'w', '--img_size', '100'])
+    assert '--img_size 100: must be a positive multiple of 8' in err.getvalue()
+    assert not (tmp_path / 'a').exists()
+    (tmp_path / 'mine').mkdir()
+    (tmp_path / 'mine' / 'notes.txt').write_text('not a latent set')
+    with pytest.raises(ValueError, match="mine.*'notes.txt'.*new or empty folder"):
+        run_encode(tmp_path / 'mine')
+    with pytest.raises(ValueError, match="SRC 'cifar'"):
+        encode('cifar', str(tmp_path / 'b'), StandInVAE(), 16)
+    with pytest.raises(ValueError, match='--norm channel.*3.*--norm compute'):
+        three = StandInVAE()
+        three.weight = three.weight[:6]
+        three.encode = lambda x: (F.conv2d(x, three.weight, stride=8)[:, :3], torch.ones(len(x), 3, 2, 2))
+        run_encode(tmp_path / 'c', three)
+    with pytest.raises(FileNotFoundError, match='no meta.json'):
+        LatentDataset(str(tmp_path))
+
+
+def test_encode_records_each_normalisation(tmp_path):
+    for kind in ('channel', 'sd', 'compute'):
+        run_encode(tmp_path / kind, norm=kind)
+    meta = {k: json.load(open(tmp_path / k / 'meta.json')) for k in ('channel', 'sd', 'compute')}
+    assert meta['channel']['norm']['mean'] == [0.86488, -0.27787343, 0.21616915, 0.3738409]
+    assert meta['channel']['norm']['std'] == [4.85503674, 5.31922414, 3.93725398, 3.9870003]
+    assert meta['sd']['norm'] == {'kind': 'sd', 'mean': [0.0] * 4, 'std': [1 / 0.18215] * 4}
+    lat = np.load(tmp_path / 'compute' / 'latents.npy').astype(np.float64)   # (N, 2, 2, C, h, w)
+    mean, std = lat[:, :, 0], lat[:, :, 1]
+    mu = mean.mean((0, 1, 3, 4))   # posterior samples mean + std * eps over images and mirror images
+    var = (mean ** 2).mean((0, 1, 3, 4)) + (std ** 2).mean((0, 1, 3, 4)) - mu ** 2
+    assert np.allclose(meta['compute']['norm']['mean'], mu, rtol=1e-9, atol=1e-12)
+    assert np.allclose(meta['compute']['norm']['std'], np.sqrt(var), rtol=1e-9)
+    m, s = latent_norm(meta['compute'])
+    assert m.dtype == s.dtype == torch.float32 and m.shape == s.shape == (4,)
+    # the normalised samples of this set: about zero mean and unit variance per channel
+    g = torch.Generator().manual_seed(0)
+    x = torch.from_numpy(lat[:, :, 0] + lat[:, :, 1] * torch.randn(lat[:, :, 0].shape, generator=g,
+                                                                   dtype=torch.float64).numpy())
+    z = (x.float() - m[:, None, None]) / s[:, None, None]
+    assert z.mean((0, 1, 3, 4)).abs().max() < 0.2 and ((z.var((0, 1, 3, 4)) - 1).abs() < 0.2).all()
+
+
+def test_encode_with_the_real_tiny_vae(tmp_path):
+    vae_mod = pytest.importorskip('vae')
+    torch.manual_seed(0)
+    net = vae_mod.VAE(vae_mod.VAEConfig(block_out_channels=(32, 32), layers_per_block=1))
+    torch.save(net.state_dict(), tmp_path / 'tiny_vae.pt')
+    vae = vae_mod.load_vae(str(tmp_path / 'tiny_vae.pt'), torch.device('cpu'))
+    data.main(['encode', 'digits', str(tmp_path / 'a'), '--vae', str(tmp_path / 'tiny_vae.pt'), '--img_size', '16',
+               '--limit', '12', '--batch_size', '4', '--chunk', '8', '--workers', '0', '--device', 'cpu',
+               '--norm', 'compute'])
+    ds = LatentDataset(str(tmp_path / 'a'))
+    C = vae.cfg.latent_channels
+    assert ds.meta['vae'] == {'name': 'tiny_vae.pt', 'fingerprint': vae.fingerprint}
+    assert ds.latent_shape == (C, 8, 8)   # two blocks downsample by 2: the shape comes from the VAE, not a constant
+    with torch.no_grad():
+        for i in (0, 11):
+            x = pixels(i)
+            (m, s), (fm, fs) = vae.encode(x), vae.encode(x.flip(-1))
+            assert torch.allclose(ds.item(i, False)[0], torch.cat([m, s]), atol=1e-5)
+            assert torch.allclose(ds.item(i, True)[0], torch.cat([fm, fs]), atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# vae.py: the SD VAE, pinned to diffusers; the latent setting (BiFlow's ImageNet 256) end to end
+
+
+TESTDATA = os.path.join(HERE, 'testdata')
+
+
+TINY_VAE = VAEConfig(block_out_channels=(32, 32), layers_per_block=1)  # the smallest VAE with the default 32 groups
+
+
+OLD_NAMES = {'to_q': 'query', 'to_k': 'key', 'to_v': 'value', 'to_out.0': 'proj_attn'}
+
+
+def fixture_io():
+    return torch.load(os.path.join(TESTDATA, 'sd_vae_tiny_io.pt'), weights_only=True)
+
+
+def diffusers_folder(root, weights='diffusion_pytorch_model.safetensors', sd=None):
+    """root/vae/{config.json, weights} as diffusers lays out a pipeline's VAE; the fixture's weights unless `sd`."""
+    d = os.path.join(root, 'vae')
+    os.makedirs(d, exist_ok=True)
+    with open(os.path.join(d, 'config.json'), 'w') as f:
+        f.write(fixture_io()['config_json'])
+    if sd is None:
+        shutil.copy(os.path.join(TESTDATA, 'sd_vae_tiny.safetensors'), os.path.join(d, weights))
+    else:
+        torch.save(sd, os.path.join(d, weights))
+    return d
+
+
+def outputs(vae, x, mean):
+    m, s = vae.encode(x)
+    return m, s, vae.decode(mean)
+
+
+def test_vae_matches_diffusers(tmp_path):
+    """Our VAE against diffusers' AutoencoderKL on the fixture in testdata/, made with diffusers 0.42.1 (torch 2.14.1,
+    safetensors 0.8.0) by a script kept out of the repository:
+      AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32), layers_per_block=1,
+      norm_num_groups=16, down_block_types=2 x DownEncoderBlock2D, up_block_types=2 x UpDecoderBlock2D), initialised
+      after torch.manual_seed(0); then, from torch.Generator().manual_seed(1), every GroupNorm weight set to
+      1 + 0.2 N(0,1) and every bias to 0.1 N(0,1) (so neither keeps its init), and every parameter rounded to fp16.
+      sd_vae_tiny.safetensors: those weights as F16, attention renamed to the old query/key/value/proj_attn.
+      sd_vae_tiny_io.pt: x = 2 U[0,1) - 1, (2,3,32,32), from the same generator; with the model in float64,
+      mean, std = encode(x).latent_dist.{mean,std} and decoded = decode(mean).sample, all float64; config_json =
+      save_config's config.json; diffusers = the version.
+      sd_vae_keys.json: state-dict key -> shape of AutoencoderKL(block_out_channels=(128, 256, 512, 512),
+      layers_per_block=2, latent_channels=4, norm_num_groups=32, 4 x DownEncoderBlock2D / UpDecoderBlock2D).
+    norm_num_groups=16 cannot be seen in tensor shapes: loading through the folder also tests config.json."""
+    io = fixture_io()
+    diffusers_folder(tmp_path)
+    vae = load_vae(str(tmp_path))  # found in the vae/ subfolder, as in a pipeline's folder
+    assert vae.cfg == VAEConfig(block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=16)
+    assert not vae.training and not any(p.requires_grad for p in vae.parameters())
+    assert all(p.dtype == torch.float32 for p in vae.parameters())
+    got = outputs(vae, io['x'].float(), io['mean'].float())
+    assert all(t.dtype == torch.float32 for t in got)
+    assert got[0].shape == got[1].shape == (2, 4, 16, 16) and got[2].shape == (2, 3, 32, 32)
+    for ours, ref in zip(got, (io['mean'], io['std'], io['decoded'])):
+        # fp32 against diffusers' float64, within 1e-5 of the output's scale (measured: 1.1e-6 on the moments, 2.3e-6
+        # on decode; diffusers' own fp32 run is 8e-6 off on decode, so an absolute 1e-5 would be round-off luck)
+        assert (ours.double() - ref).abs().max() <= 1e-5 * ref.abs().max()
+    for ours, ref in zip(outputs(vae.double(), io['x'], io['mean']), (io['mean'], io['std'], io['decoded'])):
+        torch.testing.assert_close(ours, ref, rtol=0, atol=1e-9)  # same math in float64: any deviation shows
+
+
+def test_vae_full_size_keys_match_diffusers_and_old_names_map_onto_them():
+    with open(os.path.join(TESTDATA, 'sd_vae_keys.json')) as f:
+        ref = {k: tuple(v) for k, v in json.load(f)['keys'].items()}
+    with torch.device('meta'):  # 84M parameters, nothing allocated
+        vae = VAE()
+    assert {k: tuple(v.shape) for k, v in vae.state_dict().items()} == ref
+    decoder = sum(p.numel() for n, p in vae.named_parameters() if n.startswith(('decoder.', 'post_quant_conv.')))
+    assert round(decoder / 1e6) == 49  # BiFlow's figure for the SD VAE decoder
+    # older uploads: query/key/value/proj_attn, as Linear (2-D) or 1x1-conv (4-D) weights
+    for conv in (False, True):
+        old = {}
+        for k, shape in ref.items():
+            if '.attentions.' in k:
+                for new, o in OLD_NAMES.items():
+                    k = k.replace(f'.{new}.', f'.{o}.')
+                shape = shape + (1, 1) if conv and len(shape) == 2 and not k.endswith('group_norm.weight') else shape
+            old[k] = torch.empty(shape, device='meta')
+        assert sum('.query.' in k or '.proj_attn.' in k for k in old) == 8  # 2 attentions x (query, proj_attn) x 2
+        assert {k: tuple(v.shape) for k, v in convert_state_dict(old).items()} == ref
+        assert config_from_state_dict(convert_state_dict(old)) == VAEConfig()
+
+
+def test_vae_loads_bin_file_and_folder_alike(tmp_path):
+    io = fixture_io()
+    st = os.path.join(diffusers_folder(tmp_path / 'st'), 'diffusion_pytorch_model.safetensors')
+    ref_vae = load_vae(str(tmp_path / 'st'))
+    ref = outputs(ref_vae, io['x'].float(), io['mean'].float())
+    # .bin with the current names and 1x1-conv attention weights, as a diffusers folder and as the bare file
+    sd = convert_state_dict(read_safetensors(os.path.join(TESTDATA, 'sd_vae_tiny.safetensors')))
+    sd = {k: v[..., None, None] if '.to_' in k and v.ndim == 2 else v for k, v in sd.items()}
+    assert sum(v.ndim == 4 for k, v in sd.items() if '.attentions.' in k) == 8
+    d = diffusers_folder(tmp_path / 'bin', 'diffusion_pytorch_model.bin', sd)
+    for path in (d, os.path.join(d, 'diffusion_pytorch_model.bin'), st):  # a file reads its folder's config.json
+        vae = load_vae(path)
+        assert vae.cfg == ref_vae.cfg and vae.fingerprint == ref_vae.fingerprint
+        for a, b in zip(outputs(vae, io['x'].float(), io['mean'].float()), ref):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    with torch.no_grad():
+        vae.decoder.conv_out.bias[0] += 2 ** -10
+    assert vae.fingerprint != ref_vae.fingerprint and len(vae.fingerprint) == 12
+
+
+@pytest.mark.parametrize('cfg', [TINY_VAE, VAEConfig(in_channels=1, out_channels=2, latent_channels=3,
+                                                 block_out_channels=(32, 64, 64), layers_per_block=2)])
+def test_vae_shapes_inferred_from_a_plain_state_dict(tmp_path, cfg):
+    torch.manual_seed(0)
+    vae = VAE(cfg)
+    torch.save(vae.state_dict(), tmp_path / 'tiny.pt')
+    got = load_vae(str(tmp_path / 'tiny.pt'))
+    assert got.cfg == cfg and got.fingerprint == vae.fingerprint
+    x = torch.rand(2, cfg.in_channels, 16, 16) * 2 - 1
+    f = 2 ** (len(cfg.block_out_channels) - 1)
+    mean, std = got.encode(x)
+    assert mean.shape == std.shape == (2, cfg.latent_channels, 16 // f, 16 // f)
+    assert got.decode(mean).shape == (2, cfg.out_channels, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(got.encode(x)[0], vae.encode(x)[0], rtol=0, atol=1e-6)
+
+
+def test_vae_logvar_is_clamped_like_diffusers():
+    vae = VAE(TINY_VAE).requires_grad_(False)
+    x = torch.zeros(1, 3, 8, 8)
+    for bias, logvar in ((1e4, 20.0), (-1e4, -30.0)):
+        vae.quant_conv.bias[4:] = bias  # the log-variance half of the moments
+        assert torch.equal(vae.encode(x)[1], torch.full((1, 4, 4, 4), logvar / 2).exp())
+
+
+def test_vae_errors_name_the_flag_the_file_and_the_download(tmp_path):
+    missing = str(tmp_path / 'nope.safetensors')
+    with pytest.raises(FileNotFoundError, match='--decoder_vae .*nope.safetensors.*sd-vae-ft-mse/resolve/main/'
+                       'diffusion_pytorch_model.safetensors.*sd-vae-ft-ema'):
+        load_vae(missing, flag='--decoder_vae')
+    with pytest.raises(FileNotFoundError, match='--vae .*a folder without .*huggingface.co'):
+        load_vae(str(tmp_path))
+    # a TarFlow checkpoint (a dict of a state dict and tensors)
+    with pytest.raises(ValueError, match=r'ml_tarflow_tiny\.pt: not an SD VAE.*missing keys, e\.g\. decoder.*'
+                       r'unexpected keys, e\.g\. logdets'):
+        load_vae(os.path.join(TESTDATA, 'ml_tarflow_tiny.pt'))
+    sd = VAE(TINY_VAE).state_dict()
+    sd['encoder.conv_out.weight'] = sd['encoder.conv_out.weight'][:, :16]
+    sd['decoder.extra.weight'] = torch.zeros(1)
+    del sd['quant_conv.bias']
+    torch.save(sd, tmp_path / 'bad.pt')
+    with pytest.raises(ValueError, match=r'bad\.pt: .*1 missing keys, e\.g\. quant_conv\.bias; 1 unexpected keys, '
+                       r'e\.g\. decoder\.extra\.weight; 1 mis-shaped keys, e\.g\. encoder\.conv_out\.weight '
+                       r'\(8, 16, 3, 3\) \(want \(8, 32, 3, 3\)\)'):
+        load_vae(str(tmp_path / 'bad.pt'))
+    torch.save([1, 2], tmp_path / 'list.pt')
+    with pytest.raises(ValueError, match=r'list\.pt: holds a list'):
+        load_vae(str(tmp_path / 'list.pt'))
+    # widths that the default 32 groups do not divide, with no config.json to say otherwise
+    torch.save(VAE(VAEConfig(block_out_channels=(16, 32), norm_num_groups=16)).state_dict(), tmp_path / 'g16.pt')
+    with pytest.raises(ValueError, match=r'g16\.pt: cannot build'):
+        load_vae(str(tmp_path / 'g16.pt'))
+    d = diffusers_folder(tmp_path / 'cfg')
+    with open(os.path.join(d, 'config.json'), 'w') as f:
+        f.write('{"block_out_channels": [16, ')
+    with pytest.raises(ValueError, match=r'vae/config\.json: not a diffusers config\.json'):
+        load_vae(d)
+    # a truncated safetensors file, a garbage header, a header that points past the end
+    data = open(os.path.join(TESTDATA, 'sd_vae_tiny.safetensors'), 'rb').read()
+    n = int.from_bytes(data[:8], 'little')
+    header = json.loads(data[8:8 + n])
+    k = next(k for k in header if k != '__metadata__')
+    header[k]['data_offsets'][1] += 2
+    bad = json.dumps(header).encode()
+    for name, blob in [('cut', data[:-100]), ('tiny', data[:5]), ('junk', struct.pack('<Q', 20) + b'{"a": [1, 2' + b' ' * 9),
+                       ('offsets', struct.pack('<Q', len(bad)) + bad + data[8 + n:])]:
+        path = tmp_path / f'{name}.safetensors'
+        path.write_bytes(blob)
+        with pytest.raises(ValueError, match=rf'{name}\.safetensors: not a valid safetensors file'):
+            load_vae(str(path))
+
+
+def test_read_safetensors_reads_every_dtype(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    want = {'F64': torch.randn(2, 3, generator=g, dtype=torch.float64), 'F32': torch.randn(5, generator=g),
+            'F16': torch.randn(1, 2, 2, generator=g).half(), 'BF16': torch.randn(3, generator=g).bfloat16(),
+            'I64': torch.tensor([-2 ** 40, 7]), 'I32': torch.tensor([[-5, 6]], dtype=torch.int32),
+            'I16': torch.tensor([-300], dtype=torch.int16), 'I8': torch.tensor([-128, 127], dtype=torch.int8),
+            'U8': torch.tensor([0, 255], dtype=torch.uint8), 'BOOL': torch.tensor([True, False, True]),
+            'scalar': torch.tensor(1.5), 'empty': torch.zeros(0, 3)}
+    header, blobs, offset = {'__metadata__': {'format': 'pt'}}, [], 0
+    for name, t in want.items():  # the layout as the safetensors spec writes it
+        raw = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b''
+        dtype = {'scalar': 'F32', 'empty': 'F32'}.get(name, name)
+        header[name] = dict(dtype=dtype, shape=list(t.shape), data_offsets=[offset, offset + len(raw)])
+        blobs.append(raw)
+        offset += len(raw)
+    h = json.dumps(header).encode()
+    (tmp_path / 'all.safetensors').write_bytes(struct.pack('<Q', len(h)) + h + b''.join(blobs))
+    got = read_safetensors(str(tmp_path / 'all.safetensors'))
+    assert set(got) == set(want)
+    for name, t in want.items():
+        assert got[name].dtype == t.dtype and got[name].shape == t.shape and torch.equal(got[name], t), name
+
+
+def test_vae_decode_is_differentiable_with_frozen_weights(tmp_path):
+    torch.save(VAE(TINY_VAE).state_dict(), tmp_path / 'tiny.pt')
+    vae = load_vae(str(tmp_path / 'tiny.pt'))
+    z = torch.randn(2, 4, 4, 4, requires_grad=True)
+    vae.decode(z).square().mean().backward()
+    assert z.grad is not None and torch.isfinite(z.grad).all() and z.grad.abs().sum() > 0
+    assert all(p.grad is None for p in vae.parameters())
+
+
+def test_vae_decode_flops_match_a_count_of_the_layers():
+    """FlopCounterMode on the meta device against 2 x multiply-adds of every conv, Linear and attention product."""
+    vae, macs = VAE(TINY_VAE), []
+
+    def count(module, inputs, out):
+        if isinstance(module, torch.nn.Conv2d):
+            macs.append(out.numel() * module.in_channels * module.kernel_size[0] * module.kernel_size[1])
+        elif isinstance(module, torch.nn.Linear):
+            macs.append(out.numel() * module.in_features)
+    for m in vae.modules():
+        m.register_forward_hook(count)
+    hw = 5
+    with torch.no_grad():
+        vae.decode(torch.zeros(1, 4, hw, hw))
+    c, n = TINY_VAE.block_out_channels[-1], hw * hw  # the mid block's attention: q k^T and (attention) v
+    assert vae_decode_flops(TINY_VAE, hw) == 2 * (sum(macs) + 2 * n * n * c)
+
+
+def test_bench_vae_decode_row(tmp_path):
+    import bench
+    with torch.random.fork_rng():
+        out = bench.main(['--rows', 'vae_decode', '--sample_batches', '1,2', '--vae_latent', '1', '--repeats', '1',
+                          '--warmup', '0', '--budget', '0', '--device', 'cpu', '--threads', '0', '--json', str(tmp_path / 'b.json')])
+    assert set(out['rows']) == {'vae_decode_b1', 'vae_decode_b2'} and out['rows']['vae_decode_b2']['median_ms'] > 0
+    v = out['vae']
+    assert v['latent'] == 1 and round(v['decoder_params'] / 1e6) == 49
+    assert v['flops_per_image'] == vae_decode_flops(VAEConfig(), 1)
+    assert round(v['flops_per_image_256'] / 2e9) == 311  # multiply-adds; BiFlow quotes 308 G
+
+
+def test_latent_presets_have_the_papers_parameter_counts():
+    """iTARFlow-B/2 and XL/2 (stage 1) and BiFlow-B/2 (stage 2, against each) within 10% of the counts the paper
+    reports, on 4 x 32 x 32 latents in 256 tokens; counted on the meta device (nothing allocated)."""
+    with torch.device('meta'):
+        for (stage, preset), (name, paper) in PAPER_MODELS.items():
+            f = PRESETS['itarflow-b2' if stage == 'reverse' and preset == 'biflow-b2' else preset]
+            assert (f.in_channels, f.img_size, f.num_tokens, f.token_dim) == (4, 32, 256, 16)
+            m = TarFlow(f) if stage == 'forward' else ReverseModel(reverse_config_for(f, preset))
+            n = sum(p.numel() for p in m.parameters())
+            assert abs(n / paper - 1) < 0.10, (stage, preset, name, n, paper)
+
+
+def test_posterior_sample_is_normalised_and_the_same_for_any_world_size():
+    """mu + s*eps, normalised per channel; ranks slice one global draw, so 2 ranks see what 1 process sees."""
+    args = argparse.Namespace(batch_size=6, seed=3)
+    g = torch.Generator().manual_seed(0)
+    moments = torch.stack([torch.randn(6, 4, 2, 2, generator=g), torch.rand(6, 4, 2, 2, generator=g)], 1)
+    mean, std = torch.tensor([1., -1., 0., 2.]), torch.tensor([2., 4., 1., 0.5])
+    one = train.posterior_sample(args, 7, moments, mean, std, 0, 1)
+    two = torch.cat([train.posterior_sample(args, 7, moments[r * 3:(r + 1) * 3], mean, std, r, 2) for r in range(2)])
+    assert torch.equal(one, two) and one.shape == (6, 4, 2, 2)
+    eps = (one * std.view(1, -1, 1, 1) + mean.view(1, -1, 1, 1) - moments[:, 0]) / moments[:, 1]
+    assert torch.allclose(eps, torch.randn(6, 4, 2, 2, generator=torch.Generator().manual_seed(3 * 1_000_003 + 7 +
+                                                                                               2 ** 40)), atol=1e-4)
+    assert not torch.equal(one, train.posterior_sample(args, 8, moments, mean, std, 0, 1))   # a new draw each step
+
+
+LATENT = {'img_size': 16, 'latent_shape': [4, 8, 8], 'vae': {'name': 'tiny.pt', 'fingerprint': None},
+          'norm': {'kind': 'channel', 'mean': [0.5, -0.5, 0.0, 1.0], 'std': [2.0, 1.0, 0.5, 3.0]}}
+
+
+def test_perceptual_terms_see_decoded_latents_and_train_g_only():
+    """BiFlow's stage-2 recipe in latent space: LPIPS/ConvNeXt on Dec(G's output) vs Dec(clean latent). The VAE is
+    frozen (no gradient), G gets one, and the terms equal those computed on the decoded images directly."""
+    torch.manual_seed(0)
+    vae = VAE(TINY_VAE)
+    dec = sample.LatentDecoder(vae, LATENT)
+    fcfg = FlowConfig(img_size=8, in_channels=4, patch_size=2, channels=32, num_blocks=2, layers_per_block=1,
+                      head_dim=16, num_classes=3, noise_std=0.3)
+    F = TarFlow(fcfg).requires_grad_(False)
+    G = ReverseModel(reverse_config_for(fcfg, 'cpu', channels=32, head_dim=16))
+    for p in G.final.parameters():   # the zero-initialised output layer would give G no gradient below it
+        torch.nn.init.normal_(p, std=0.02)
+    perc = PerceptualLoss.random(crop=32, **SMALL)
+    perc.decode = dec
+    x, y, w = torch.randn(2, 4, 8, 8), torch.tensor([0, 2]), torch.zeros(2)
+    eps = torch.randn_like(x)
+    loss, terms = reverse_loss(G, F, x, y, w, eps, perc, {'lpips': 1.0, 'convnext': 1.0},
+                               generator=torch.Generator().manual_seed(1))
+    loss.backward()
+    assert {'lpips', 'convnext'} <= set(terms) and all(torch.isfinite(v) for v in terms.values())
+    assert all(p.grad is None for p in vae.parameters())
+    assert G.final.weight.grad.abs().sum() > 0
+    # the same numbers as the perceptual loss on the decoded images, with the same crop boxes
+    out = model.unpatchify(G(F(x + 0.3 * eps, y)[2][-1], y, w)[-1].detach(), 2, 8)
+    perc.decode = None
+    with torch.no_grad():
+        direct = perc(dec(out), dec(x), generator=torch.Generator().manual_seed(1))
+    assert torch.allclose(direct['lpips'].mean(), terms['lpips'], rtol=1e-4, atol=1e-6)
+
+
+def test_latent_path_end_to_end(tmp_path, monkeypatch):
+    """The BiFlow setting at toy size with a tiny random VAE: encode digits, train both stages (stage 2 with the
+    perceptual terms through the decoder, both with the FID monitor on decoded samples), sample both stages to
+    decoded images with FID; and the refusals: no --vae, another VAE, latents of the wrong shape, pixels for a latent
+    preset."""
+    torch.manual_seed(0)
+    vae_file, other_vae = tmp_path / 'tiny_vae.pt', tmp_path / 'other_vae.pt'
+    torch.save(VAE(TINY_VAE).state_dict(), vae_file)
+    torch.save(VAE(TINY_VAE).state_dict(), other_vae)   # same architecture, other weights
+    lat = tmp_path / 'lat'
+    data.main(['encode', 'digits', str(lat), '--vae', str(vae_file), '--img_size', '16', '--limit', '48',
+               '--batch_size', '16', '--workers', '0'])
+    meta = json.load(open(lat / 'meta.json'))
+    assert meta['latent_shape'] == [4, 8, 8] and meta['img_size'] == 16
+    monkeypatch.setitem(model.PRESETS, 'tinylat', FlowConfig(img_size=8, in_channels=4, patch_size=2, channels=32,
+                                                             num_blocks=2, layers_per_block=1, head_dim=16,
+                                                             num_classes=10, noise_std=0.3, norm_clip=4.0))
+    monkeypatch.setitem(model.REVERSE_PRESETS, 'tinylat', dict(channels=32, layers_per_block=1, denoise_layers=1,
+                                                               head_dim=16))
+    monkeypatch.setitem(train.TRAIN_PRESETS, 'tinylat', dict(train.TRAIN_PRESETS['cpu'], perceptual_every=2))
+    monkeypatch.setattr(fid, 'load_inception', lambda *a, **k: _FakeInception())
+    ref = tmp_path / 'ref_stats.npz'
+    imgs = np.random.default_rng(0).integers(0, 256, (20, 16, 16, 3), dtype=np.uint8)
+    fid.save_stats(ref, *fid.compute_statistics(fid._array_batches(imgs, 8), _FakeInception())[:2], 20)
+    run = tmp_path / 'run'
+    common = ['--data', lat, '--vae', vae_file, '--preset', 'tinylat', '--out_dir', run, '--max_steps', 3, *QUICK,
+              '--fid_ref', ref, '--fid_every', 3, '--fid_samples', 6]
+    train_main(*common)
+    train_main('--stage', 'reverse', '--forward_ckpt', run / 'forward.pt', *common, *perceptual_from_files(monkeypatch))
+    for stage in ('forward', 'reverse'):
+        ck = torch.load(run / f'{stage}.pt', weights_only=True)
+        assert ck['latent'] == {k: meta[k] for k in ('img_size', 'latent_shape', 'vae', 'norm')}
+        rows = [json.loads(line) for line in open(run / f'{stage}_log.jsonl')]
+        assert all(np.isfinite(r['loss']) for r in rows if 'loss' in r) and any('fid' in r for r in rows)
+        assert Image.open(run / f'{stage}_samples.png').size == (10 * 66 + 2, 10 * 66 + 2)   # decoded 16 px, shown 4x
+    assert {'lpips', 'convnext'} <= set(rows[0])   # stage 2's perceptual terms, through the decoder
+    for stage in ('forward', 'reverse'):
+        sample_main('--ckpt', run / f'{stage}.pt', '--vae', vae_file, '--num_samples', 4, '--batch_size', 3,
+                    '--npz', tmp_path / f'{stage}.npz', '--out', tmp_path / f'{stage}.png', '--fid', ref)
+        out = np.load(tmp_path / f'{stage}.npz')
+        assert out['arr_0'].shape == (4, 16, 16, 3) and out['arr_0'].dtype == np.uint8
+    # refusals, each naming the flag or file
+    ck = run / 'reverse.pt'
+    assert '--vae' in fails(sample_main, '--ckpt', ck, '--out', tmp_path / 'x.png')
+    assert 'fingerprint' in fails(sample_main, '--ckpt', ck, '--vae', other_vae, '--out', tmp_path / 'x.png')
+    other = ['--out_dir', tmp_path / 'other', '--max_steps', 1, *QUICK]
+    assert 'holds latents of shape (4, 8, 8)' in fails(train_main, '--data', lat, '--vae', vae_file, *other)
+    assert 'data.py encode' in fails(train_main, '--preset', 'tinylat', *other)
+    assert '--vae' in fails(train_main, '--data', lat, '--preset', 'tinylat', *other)
+    assert 'fingerprint' in fails(train_main, '--data', lat, '--vae', other_vae, '--preset', 'tinylat', *other)
+
+
+def readme_commands(title):
+    """The commands of one README section: its indented lines, continuations joined, as (script, argv)."""
+    text = open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'README.md')).read()
+    body = text.split(f'## {title}\n', 1)[1].split('\n## ', 1)[0]
+    lines = [ln.strip() for ln in body.splitlines() if ln.startswith('    ') and not ln.startswith('    -')]
+    cmds, cur = [], ''
+    for ln in lines:
+        cur += ln.rstrip('\\').strip() + ' '
+        if not ln.endswith('\\'):
+            cmds.append(shlex.split(cur.split('#')[0]))
+            cur = ''
+    out = []
+    for c in cmds:
+        i = next((k for k, w in enumerate(c) if w.endswith('.py')), None)
+        if i is not None:
+            out.append((c[i], c[i + 1:]))
+    return out
+
+
+def test_readme_latent_commands_parse_with_the_scripts_parsers(tmp_path, monkeypatch):
+    """README's ImageNet 256 commands use flags and values the scripts accept (each is parsed, nothing runs)."""
+    cmds = readme_commands('ImageNet 256 in latent space (the BiFlow setting)')
+    assert [s for s, _ in cmds] == ['vae.py', 'data.py', 'train.py', 'train.py', 'sample.py']
+    monkeypatch.chdir(tmp_path)
+    seen = {}
+    for script, argv in cmds:
+        if script == 'train.py':
+            args, _ = train.get_args(argv)
+            assert args.preset in ('itarflow-b2', 'biflow-b2') and args.vae and args.data == 'in256_latents'
+        elif script == 'sample.py':
+            _, args, _ = sample.get_args(argv)
+            assert args.vae and args.num_samples == 50000 and args.fid
+        elif script == 'data.py':   # encode parses, then would load the VAE: stop there
+            monkeypatch.setattr(vae, 'load_vae', lambda path, *a, **k: seen.setdefault('encode', path) and 1 / 0)
+            with pytest.raises(ZeroDivisionError):
+                data.main(argv)
+        else:
+            monkeypatch.setattr(vae, 'load_vae', lambda path, *a, **k: seen.setdefault('vae', path) and 1 / 0)
+            with pytest.raises(ZeroDivisionError):
+                vae.main(argv)
+    assert seen == {'vae': 'sd-vae-ft-mse.safetensors', 'encode': 'sd-vae-ft-mse.safetensors'}
 
 
 # ----------------------------------------------------------------------------------------------------------------------

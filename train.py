@@ -8,6 +8,8 @@ torchrun, on CPU or GPUs. One code path: DDP when launched by torchrun (gloo on 
     torchrun --nproc_per_node=8 train.py --preset imagenet64 --data /path/to/imagenet/train
     torchrun --nproc_per_node=8 train.py --stage reverse --preset imagenet64 --data /path/to/imagenet/train \\
         --forward_ckpt out/forward.pt
+    torchrun --nproc_per_node=8 train.py --preset itarflow-b2 --data in256_latents --vae sd-vae-ft-mse.safetensors \\
+        --out_dir in256                                        # BiFlow's setting: SD-VAE latents (data.py encode)
 
 Writes OUT_DIR/{stage}.pt (atomic, resumable with --resume), OUT_DIR/{stage}_samples.png and OUT_DIR/{stage}_log.jsonl
 (one JSON row per --log_every steps: loss and its terms, grad norm, lr, speed; stage 1 adds held-out bits/dim rows).
@@ -41,8 +43,8 @@ from sample import distributed_fid, generate_grid, latent_decoder
 # The CPU run is sized to finish in minutes on 2 cores; its higher lr is why it clips gradients.
 _PAPER = dict(lr=1e-4, grad_clip=0.0, ema=0.9999, eval_every=10_000, eval_samples=10_000, grad_checkpoint=False,
               perceptual_every=1)
-# The perceptual terms go through the VAE decoder (308 GFLOPs an image, and its activations at 256^2): on every 8th
-# image they add about half of G's step (README)
+# The perceptual terms run through the VAE decoder (622 GFLOPs and about 1 GB of saved activations an image at
+# 256^2): on every 8th image they about double a step's FLOPs (bench.py's estimate)
 _LATENT = dict(_PAPER, batch_size=1024, max_steps=200_000, warmup_steps=1251, perceptual_every=8)
 TRAIN_PRESETS = {
     # 4000 steps of batch 32 (128k images, about 2 epochs of the digits' 60k) per stage
