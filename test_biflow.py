@@ -2174,17 +2174,36 @@ def test_perceptual_terms_see_decoded_latents_and_train_g_only():
 
 
 def test_latent_path_end_to_end(tmp_path, monkeypatch):
-    """The BiFlow setting at toy size with a tiny random VAE: encode digits, train both stages (stage 2 with the
-    perceptual terms through the decoder, both with the FID monitor on decoded samples), sample both stages to
-    decoded images with FID; and the refusals: no --vae, another VAE, latents of the wrong shape, pixels for a latent
-    preset."""
+    """The BiFlow setting at toy size with a tiny random VAE: encode digits (an encode killed part-way and rerun ends
+    byte-identical to an uninterrupted one), train both stages (stage 2 with the perceptual terms through the decoder,
+    both with the FID monitor on decoded samples), sample both stages to decoded images with FID; and the refusals:
+    no --vae, another VAE, latents of the wrong shape, pixels for a latent preset."""
     torch.manual_seed(0)
     vae_file, other_vae = tmp_path / 'tiny_vae.pt', tmp_path / 'other_vae.pt'
     torch.save(VAE(TINY_VAE).state_dict(), vae_file)
     torch.save(VAE(TINY_VAE).state_dict(), other_vae)   # same architecture, other weights
-    lat = tmp_path / 'lat'
-    data.main(['encode', 'digits', str(lat), '--vae', str(vae_file), '--img_size', '16', '--limit', '48',
-               '--batch_size', '16', '--workers', '0'])
+    lat, killed = tmp_path / 'lat', tmp_path / 'killed'
+    enc = ['--vae', str(vae_file), '--img_size', '16', '--limit', '48', '--batch_size', '8', '--chunk', '16',
+           '--workers', '0']
+    data.main(['encode', 'digits', str(lat), *enc])
+    real_encode, calls = VAE.encode, []
+
+    def dies_on_the_fifth_call(self, x):   # chunk 0 done (2 batches of images and mirrors), chunk 1 half-way
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt('killed')
+        return real_encode(self, x)
+    monkeypatch.setattr(VAE, 'encode', dies_on_the_fifth_call)
+    with pytest.raises(KeyboardInterrupt):
+        data.main(['encode', 'digits', str(killed), *enc])
+    assert not (killed / 'meta.json').exists()
+    calls.clear()
+    monkeypatch.setattr(VAE, 'encode', lambda self, x: calls.append(1) or real_encode(self, x))
+    data.main(['encode', 'digits', str(killed), *enc])   # the same command resumes
+    assert len(calls) == 2 * 4   # chunks 1 and 2 only: the finished chunk 0 is not encoded again
+    monkeypatch.setattr(VAE, 'encode', real_encode)
+    for f in ('latents.npy', 'labels.npy', 'meta.json'):
+        assert (lat / f).read_bytes() == (killed / f).read_bytes(), f
     meta = json.load(open(lat / 'meta.json'))
     assert meta['latent_shape'] == [4, 8, 8] and meta['img_size'] == 16
     monkeypatch.setitem(model.PRESETS, 'tinylat', FlowConfig(img_size=8, in_channels=4, patch_size=2, channels=32,
