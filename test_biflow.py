@@ -2188,19 +2188,19 @@ def test_latent_path_end_to_end(tmp_path, monkeypatch):
     data.main(['encode', 'digits', str(lat), *enc])
     real_encode, calls = VAE.encode, []
 
-    def dies_on_the_fifth_call(self, x):   # chunk 0 done (2 batches of images and mirrors), chunk 1 half-way
-        calls.append(1)
-        if len(calls) == 5:
+    def dies_on_the_seventh_call(self, x):   # one call for the latent shape, chunk 0 done (2 batches of images and
+        calls.append(1)                       # mirrors), chunk 1 half-way
+        if len(calls) == 7:
             raise KeyboardInterrupt('killed')
         return real_encode(self, x)
-    monkeypatch.setattr(VAE, 'encode', dies_on_the_fifth_call)
+    monkeypatch.setattr(VAE, 'encode', dies_on_the_seventh_call)
     with pytest.raises(KeyboardInterrupt):
         data.main(['encode', 'digits', str(killed), *enc])
     assert not (killed / 'meta.json').exists()
     calls.clear()
     monkeypatch.setattr(VAE, 'encode', lambda self, x: calls.append(1) or real_encode(self, x))
     data.main(['encode', 'digits', str(killed), *enc])   # the same command resumes
-    assert len(calls) == 2 * 4   # chunks 1 and 2 only: the finished chunk 0 is not encoded again
+    assert len(calls) == 1 + 2 * 4   # the shape, then chunks 1 and 2 only: the finished chunk 0 is not redone
     monkeypatch.setattr(VAE, 'encode', real_encode)
     for f in ('latents.npy', 'labels.npy', 'meta.json'):
         assert (lat / f).read_bytes() == (killed / f).read_bytes(), f
