@@ -1,6 +1,7 @@
 """
 Tests: exact flow math as properties on tiny shapes, the reverse model and its losses, training (DDP, resume),
-sampling and its files, the data pipeline, FID and the perceptual networks. CPU only, no network.
+sampling and its files, the data pipeline, FID, the perceptual networks, the SD VAE and the latent setting. CPU only,
+no network.
 
     pytest test_biflow.py            # the whole suite, about 4 minutes on 2 cores
     pytest test_biflow.py -k flow    # a part of it
