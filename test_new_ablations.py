@@ -125,7 +125,7 @@ def test_markdown_table_from_results():
     assert '101.0' in md and '|Δ| = 2.50' in md
     assert 'w = 0 | w = 1 | w = 2' in md and '70.0% (n=300)' in md and '50.0% / 80.0' in md
     assert '    python train.py --out_dir OUT/F_clip' in md
-    assert 'Wall time of the script: 7.0 min' in md
+    assert 'summed over the 1 side-by-side jobs: 7 min' in md
 
 
 def test_write_md_keeps_prose_and_replaces_only_the_table(tmp_path):
@@ -180,16 +180,20 @@ def test_train_status_marks_done_and_partial(tmp_path):
     assert ablations.train_status(p) == 'done'
 
 
-def test_train_commands_share_seed_data_and_steps(tmp_path):
-    cmds = ablations.train_commands(str(tmp_path), ablations.sizes(quick=False))
+@pytest.mark.parametrize('both_sides', [False, True])
+def test_train_commands_share_seed_data_and_steps(tmp_path, both_sides):
+    cmds = ablations.train_commands(str(tmp_path), ablations.sizes(quick=False), both_sides)
     rev = {k: v for k, v in cmds.items() if v[0] == 'reverse'}
-    assert set(rev) == set(ablations.REVERSE)
+    assert set(rev) == set(ablations.REVERSE) - (set() if both_sides else ablations.NOCLIP)
+    assert ('F_noclip' in cmds) == both_sides
     for name, (_, flags) in rev.items():
         assert flags[flags.index('--max_steps') + 1] == str(ablations.sizes(quick=False)['g_steps'])
         assert '--seed' not in flags and '--data' not in flags and '--batch_size' not in flags   # all the defaults
         fwd = flags[flags.index('--forward_ckpt') + 1]
         assert fwd.endswith(('F_noclip/forward.pt' if name == 'G_nonorm' else 'F_clip/forward.pt'))
-    assert cmds['F_noclip'][1][:2] == ['--norm_clip', '0'] and cmds['F_clip'][1] == []
+    assert cmds['F_clip'][1] == [] and (not both_sides or cmds['F_noclip'][1][:2] == ['--norm_clip', '0'])
+    rows = ablations.design(both_sides)[2]
+    assert {r[3] for r in rows} <= set(cmds) | set(ablations.DERIVED)   # every row's model is trained or derived
 
 
 def test_sample_key_and_command():

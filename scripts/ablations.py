@@ -1,5 +1,5 @@
 """
-    OMP_NUM_THREADS=2 nice -n 19 python scripts/ablations.py --out /work/abl_run --md scripts/ABLATIONS.md
+    nice -n 19 python scripts/ablations.py --out /work/abl_run --md scripts/ABLATIONS.md
 
 BiFlow's ablation table (and TarFlow's guidance sweep) at small scale, on the built-in digits, in one resumable run:
 
@@ -65,9 +65,15 @@ REVERSE = {
     'G_naive': ('F_clip', ['--align', 'naive']),
     'G_score': ('F_clip', ['--denoise', 'score']),
     'G_cfginf': ('F_clip', ['--guidance_mode', 'inference']),
-    # the paper's "norm control: none" turns off both sides: F trained without clipping, G without normalisation
+    # norm control off on G's side only: no normalisation of the states, against the clipped F
+    'G_nonorm_rev': ('F_clip', ['--no-reverse_norm']),
+    # the paper's "norm control: none" turns off both sides: F trained without clipping, G without normalisation.
+    # Only with --forward_norm_row: the second F is a whole stage 1 (see NOCLIP)
     'G_nonorm': ('F_noclip', ['--no-reverse_norm']),
 }
+# The runs that need the F without norm control: 4000 more stage-1 steps, 16 min on an idle 2-core machine but over
+# an hour on a shared one, which is more than the rest of the ablation together; hence an option.
+NOCLIP = {'F_noclip', 'G_nonorm'}
 # Models made from a trained one rather than trained: denoise 'none' and 'score' train identically (the same targets,
 # with the noisy x^0 for the output, the same parameters, the same random stream; test_new_ablations.py checks the
 # losses are equal) and differ only in whether F's Tweedie step follows G at sampling. So 'none' is G_score's
@@ -86,6 +92,7 @@ ROWS = [
     ('denoising', 'score-based (F\'s Tweedie step on G\'s output)', 42.62, 'G_score', 0.0),
     ('denoising', 'learned (BiFlow)', 31.88, 'G_hidden', 0.0),
     ('norm control', 'none (F without clip, G without normalisation)', 45.54, 'G_nonorm', 0.0),
+    ('norm control', 'none on G\'s side only (F clipped, G without normalisation)', 45.54, 'G_nonorm_rev', 0.0),
     ('norm control', 'clip + normalise (BiFlow)', 31.88, 'G_hidden', 0.0),
     ('CFG', f'inference-time, w = {W_CFG:g}', 6.90, 'G_cfginf', W_CFG),
     ('CFG', f'training-time, w = {W_CFG:g}', 6.79, 'G_hidden', W_CFG),
@@ -98,7 +105,7 @@ def sizes(quick):
     if quick:
         return dict(f_steps=30, g_steps=20, n=48, n_sweep_f=16, n_sweep_g=16, ref=200, classifier_steps=60,
                     timing_reps=2, extra_train=['--eval_samples', '64', '--log_every', '10'])
-    return dict(f_steps=None, g_steps=500, n=1000, n_sweep_f=300, n_sweep_g=1000, ref=1000, classifier_steps=1500,
+    return dict(f_steps=None, g_steps=700, n=500, n_sweep_f=300, n_sweep_g=500, ref=1000, classifier_steps=1500,
                 timing_reps=7, extra_train=[])
 
 
@@ -184,13 +191,22 @@ def train(runner, out, name, stage, flags):
     return ckpt
 
 
-def train_commands(out, sz):
+def design(forward_norm_row):
+    """-> (forward, reverse, rows) of this run: without forward_norm_row, the runs and rows that need F_noclip are
+    left out (the paper's both-sides row), and the G-side-only row stands in for it."""
+    keep = lambda name: forward_norm_row or name not in NOCLIP   # noqa: E731
+    return ({k: v for k, v in FORWARD.items() if keep(k)}, {k: v for k, v in REVERSE.items() if keep(k)},
+            [r for r in ROWS if keep(r[3])])
+
+
+def train_commands(out, sz, forward_norm_row=False):
     """The train.py flags of every model (the commands in the table)."""
     cmds = {}
+    forward, reverse, _ = design(forward_norm_row)
     f_steps = ['--max_steps', str(sz['f_steps'])] if sz['f_steps'] else []
-    for name, flags in FORWARD.items():
+    for name, flags in forward.items():
         cmds[name] = ('forward', flags + f_steps + sz['extra_train'])
-    for name, (fwd, flags) in REVERSE.items():
+    for name, (fwd, flags) in reverse.items():
         cmds[name] = ('reverse', ['--stage', 'reverse', '--forward_ckpt', os.path.join(out, fwd, 'forward.pt'),
                                   '--max_steps', str(sz['g_steps'])] + flags + sz['extra_train'])
     return cmds
@@ -366,12 +382,14 @@ def plot_alignment(logs, path, size=(640, 300)):
         d.text((x0, 4), name, fill='black', font=font)
         steps = [r['step'] for r in rows if 'step' in r]
         smax = max(steps) if steps else 1
-        for e in range(int(np.floor(lo)), int(np.ceil(hi)) + 1):   # decade ticks
-            y = bottom - (e - lo) / (hi - lo) * (bottom - top)
-            if top <= y <= bottom:
-                d.line([x0 - 3, y, x0, y], fill='black')
-                d.text((x0 - 38, y - 5), f'1e{e}', fill='black', font=font)
+        for e in range(int(np.floor(lo)), int(np.ceil(hi)) + 1):   # ticks at 1, 2, 5 per decade
+            for m in (1, 2, 5):
+                y = bottom - (e + np.log10(m) - lo) / (hi - lo) * (bottom - top)
+                if top <= y <= bottom:
+                    d.line([x0 - 3, y, x0, y], fill='black')
+                    d.text((x0 - 38, y - 5), f'{m * 10.0 ** e:g}', fill='black', font=font)
         d.text((x1 - 60, bottom + 6), f'step {smax}', fill='black', font=font)
+        d.text((x0, bottom + 6), 'distance (log scale)', fill='black', font=font)
         for j, k in enumerate(align_keys(rows)):
             pts = [(x0 + r['step'] / smax * (x1 - x0), bottom - (np.log10(r[k]) - lo) / (hi - lo) * (bottom - top))
                    for r in rows if r.get(k, 0) > 0]
@@ -428,7 +446,9 @@ def fmt(v, spec='.1f', suffix=''):
 def markdown(res):
     """The generated part of ABLATIONS.md: the ablation table, the FID noise, the sweep, the commands, the times."""
     L = []
-    L.append('| ablation | setting | paper FID-50K (B/2) | FID-1000 | read as class | NFE | ms/image (batch 1) |')
+    n, ref = res.get('sizes', {}).get('n', 1000), res.get('sizes', {}).get('ref', 1000)
+    L.append(f'| ablation | setting | paper FID-50K (B/2) | FID ({n} samples vs {ref} held-out) | read as class | NFE | '
+             'ms/image (batch 1) |')
     L.append('|---|---|---|---|---|---|---|')
     for r in res['rows']:
         L.append(f"| {r['group']} | {r['setting']} | {r['paper']:.2f} | {fmt(r.get('fid'))} | "
@@ -440,7 +460,7 @@ def markdown(res):
         L.append(f"FID noise: the same model ({nz['model']}, w = {nz['w']:g}) sampled with seeds 0 and 1 gives FID "
                  f"{fmt(nz['fid'][0], '.2f')} and {fmt(nz['fid'][1], '.2f')} (|Δ| = {fmt(nz['delta_fid'], '.2f')}), "
                  f"read-as-class {fmt(100 * nz['acc'][0], '.1f')}% and {fmt(100 * nz['acc'][1], '.1f')}%. "
-                 f"Gaps smaller than a few times |Δ| are not resolved by FID-1000.")
+                 f"Gaps smaller than a few times |Δ| are not resolved by this FID.")
     sw = res.get('sweep') or {}
     if sw:
         L.append('')
@@ -468,7 +488,9 @@ def markdown(res):
         groups = {}
         for k, v in wt.items():
             groups[k.split(' ')[0]] = groups.get(k.split(' ')[0], 0) + v
-        L.append(f"Wall time of the script: {tot / 60:.1f} min in all (" +
+        el = res.get('elapsed')
+        L.append((f'Wall time of the script: {el / 60:.0f} min from start to report (all invocations). ' if el else '') +
+                 f"Its commands' times, summed over the {res.get('jobs', 1)} side-by-side jobs: {tot / 60:.0f} min (" +
                  ', '.join(f'{k} {v / 60:.1f}' for k, v in sorted(groups.items())) + ' min).')
     return '\n'.join(L) + '\n'
 
@@ -501,6 +523,9 @@ def main(argv=None):
                    '(accuracy against w; FID only where a point equals a table row)')
     p.add_argument('--jobs', type=int, default=2, help='commands run side by side (a stage-2 run waits for its F, a '
                    'sample command for its model)')
+    p.add_argument('--forward_norm_row', action=argparse.BooleanOptionalAction, default=False, help='also train an F '
+                   'with --norm_clip 0 (a whole stage 1) and the norm-control row with both sides off against it, as '
+                   "the paper's; without it, only G's side is turned off")
     p.add_argument('--threads', type=int, default=1, help="threads of each command: on a shared machine one thread "
                    "per job never stalls at a barrier waiting for a core someone else holds")
     a = p.parse_args(argv)
@@ -512,13 +537,14 @@ def main(argv=None):
     torch.set_num_threads(a.threads)
 
     # ---- every command as a job in one pool; each job first waits for what it needs
-    cmds = train_commands(out, sz)
+    cmds = train_commands(out, sz, a.forward_norm_row)
+    FWD, REV, rows_ = design(a.forward_norm_row)
     ckpts, futs = {}, {}
 
     def train_job(name):
         stage, flags = cmds[name]
         if stage == 'reverse':
-            futs[REVERSE[name][0]].result()   # its F first
+            futs[REV[name][0]].result()   # its F first
         ckpt = train(runner, out, name, stage, flags)
         ckpts[name] = ckpt if ckpt and train_status(ckpt) == 'done' else None
         for d, (src, _) in DERIVED.items():
@@ -531,22 +557,24 @@ def main(argv=None):
         return draw_samples(runner, out, ckpts, model, w, seed, n, ramp, stats if fid_ else None)
 
     ref_npz, stats = os.path.join(out, f'ref_val{sz["ref"]}.npz'), os.path.join(out, f'ref_val{sz["ref"]}_stats.npz')
-    table_jobs = [(model, w, 0) for _, _, _, model, w in ROWS] + [('G_hidden', 0.0, 1)]   # seed 1: the FID noise
+    table_jobs = [(model, w, 0) for _, _, _, model, w in rows_] + [('G_hidden', 0.0, 1)]   # seed 1: the FID noise
     table_jobs = list(dict.fromkeys(table_jobs))
     sweep_specs = [('F exact inverse, constant w', 'F_clip', False, sz['n_sweep_f']),
                    ('F exact inverse, ramped w', 'F_clip', True, sz['n_sweep_f']),
                    ('G one pass (training-time CFG)', 'G_hidden', False, sz['n_sweep_g'])]
     late = 'G_nonorm'   # the only run on the second F: queued behind the others' samples, so no job idles waiting
     with ThreadPoolExecutor(a.jobs) as pool:
-        for name in FORWARD:
+        for name in FWD:
             futs[name] = pool.submit(train_job, name)
         futs['ref'] = pool.submit(reference, runner, out, sz)
-        for name in REVERSE:
+        for name in REV:
             if name != late:
                 futs[name] = pool.submit(train_job, name)
         sfuts = {(m, w, s): pool.submit(sample_job, m, w, s, sz['n']) for m, w, s in table_jobs if m != late}
-        futs[late] = pool.submit(train_job, late)
-        sfuts.update({(m, w, s): pool.submit(sample_job, m, w, s, sz['n']) for m, w, s in table_jobs if m == late})
+        if late in REV:
+            futs[late] = pool.submit(train_job, late)
+            sfuts.update({(m, w, s): pool.submit(sample_job, m, w, s, sz['n']) for m, w, s in table_jobs
+                          if m == late})
         wfuts = {}
         if a.sweep:
             for label, model, ramp, n in sweep_specs:
@@ -566,7 +594,7 @@ def main(argv=None):
     files = [npz for f in list(sfuts.values()) + list(wfuts.values()) for _, npz in [f.result()] if npz]
     acc = score_accuracy(runner, sorted(set(files + [ref_npz])), sz['classifier_steps']) if files else {}
     res['classifier_on_reference'] = acc.get(ref_npz)
-    for group, setting, paper, model, w in ROWS:
+    for group, setting, paper, model, w in rows_:
         key, npz = sfuts[(model, w, 0)].result()
         row = dict(group=group, setting=setting, paper=paper, model=model, w=w, key=key)
         if npz:
@@ -593,11 +621,15 @@ def main(argv=None):
                                f"{sz['n_sweep_f']} for F, {sz['n_sweep_g']} for G, no --fid")
     res['forward_bpd'] = {name: next((r['val_bpd'] for r in reversed(read_log(os.path.join(out, name,
                                                                                           'forward_log.jsonl')))
-                                      if 'val_bpd' in r), None) for name in FORWARD}
-    logs = {name: read_log(os.path.join(out, name, 'reverse_log.jsonl')) for name in REVERSE}
+                                      if 'val_bpd' in r), None) for name in FWD}
+    logs = {name: read_log(os.path.join(out, name, 'reverse_log.jsonl')) for name in REV}
     res['final_terms'] = {name: {k: rows[-1][k] for k in align_keys(rows) + ['recon_rmse'] if k in rows[-1]}
                           for name, rows in logs.items() if rows}
     res['walltimes'] = read_json(runner.times_path, {})
+    inv = read_json(os.path.join(out, 'invocations.json'), [])   # [start, end] of every invocation, for the wall time
+    inv.append([t_start, time.time()])
+    write_json(os.path.join(out, 'invocations.json'), inv)
+    res['elapsed'] = sum(e - s for s, e in inv)
     res['commands'] = list(dict.fromkeys(res['commands']))   # a model shared by several rows is listed once
 
     write_json(os.path.join(out, 'results.json'), res)
