@@ -25,8 +25,8 @@ the next, and a crash or divergence in one run is recorded and the others go on;
 digit classifier and the batch-1 timings run in this process at the end, so the classifier is trained once for all.
 
 Sizes (sizes()): 700 stage-2 steps, 500 samples per FID. Measured on a shared 2-core machine where each job got
-about 20 img/s, FID's Inception ran at about 2 images/s and the stage-2 loss sits on a plateau until about step 350
-(at the preset's lr; ABLATIONS.md), these fit about 80 minutes with two jobs side by side.
+about 20 img/s, FID's Inception ran at about 2 images/s and the stage-2 loss sits on a plateau for the first 300-600
+steps depending on the setting (ABLATIONS.md), these fit about 80 minutes with two jobs side by side.
 """
 import argparse
 import json
@@ -405,7 +405,7 @@ def plot_alignment(logs, path, size=(640, 300)):
     img.save(path)
 
 
-def plot_sweep(curves, path, size=(640, 260), key='acc', label='read as class'):
+def plot_sweep(curves, path, size=(640, 260), key='acc', label='read as class (%)'):
     """Accuracy (or FID) against w, one line per sampler (name -> [(w, value)]), with Pillow."""
     W, H = size
     img = Image.new('RGB', size, 'white')
@@ -480,7 +480,7 @@ def markdown(res):
                 cells.append(a + (f" / {p['fid']:.1f}" if p.get('fid') is not None else '') + f" (n={p.get('n', '?')})")
             L.append(f'| {name} | ' + ' | '.join(cells) + ' |')
         L.append('')
-        L.append('Cells: read as class / FID-1000 where computed, (n = samples).')
+        L.append('Cells: read as class / FID where computed (the table\'s), (n = samples).')
     L.append('')
     L.append('Commands (OUT = the --out folder):')
     L.append('')
