@@ -1,5 +1,5 @@
 """
-    nice -n 19 python scripts/ablations.py --out /work/abl_run --md scripts/ABLATIONS.md
+    nice -n 19 python scripts/ablations.py --out ../ablations --md scripts/ABLATIONS.md
 
 BiFlow's ablation table (and TarFlow's guidance sweep) at small scale, on the built-in digits, in one resumable run:
 
@@ -12,7 +12,7 @@ BiFlow's ablation table (and TarFlow's guidance sweep) at small scale, on the bu
 4. results.json in --out, a markdown table (ablations_table.md, and into --md between its table markers), the
    per-depth alignment plot (align_depths.png) and the guidance-sweep plot (guidance_sweep.png).
 
-    python scripts/ablations.py --quick --out /tmp/abl_quick    # every phase with tiny step and sample counts
+    python scripts/ablations.py --quick --out /tmp/ablations_quick    # every phase with tiny step and sample counts
 
 Resuming: run the same command again. Every step writes one output file, and that file is its marker: a finished
 training run (its checkpoint at max_steps), a sample file (.npz), a score (.json beside the .npz), a timing. An
@@ -115,7 +115,7 @@ def sizes(quick):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# small helpers: json files written atomically, commands run and timed
+# small utilities: json files written atomically, commands run and timed
 
 
 def read_json(path, default=None):
@@ -130,7 +130,7 @@ def write_json(path, obj):
 
 
 def show(cmd):
-    """A command as a reader would type it from the repository root (paths under --out shortened to OUT)."""
+    """A command as a reader would type it from the repository root."""
     return ' '.join(cmd)
 
 
