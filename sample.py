@@ -26,7 +26,8 @@ from PIL import Image
 import fid
 from data import (HelpFormatter, Progress, atomic_write, center_crop, check_writable, latent_norm, read_torch_file,
                   save_grid, setup_distributed)
-from model import FlowConfig, ReverseConfig, ReverseModel, TarFlow, config_from_dict, edit, inpaint, load_ml_tarflow
+from model import (FlowConfig, ReverseConfig, ReverseModel, TarFlow, config_from_dict, edit, inpaint, load_ml_tarflow,
+                   unpatchify)
 from vae import load_vae
 
 # Sample i of seed s uses noise from the generator seeded by s * 2**32 + i: one stream per (seed, index), never shared
@@ -260,6 +261,41 @@ def load_image(path, size):
     return torch.from_numpy(arr).permute(2, 0, 1)[None].float() / 127.5 - 1
 
 
+@torch.no_grad()
+def draw_trajectory(forward_model, path, labels, z, guidance=0.0, ramp=False, denoise=True, reverse_model=None):
+    """A picture of sampling as a trajectory: for each sample a row z = x^T, x^{T-1}, ..., x^0, clean image along F's
+    exact inverse (one MetaBlock.reverse per column), and, given G, a row beneath of what G's heads predict at the
+    same depths (prediction g is aligned with x^{T-1-g}, model.align_targets), its output in the last column.
+    z (B, N, d), labels (B,) or None. z and the states x^T..x^1 are not images and their scale grows with depth, so
+    each is shown min-max normalised over its own pixels; x^0, G's prediction of it and the clean images are images
+    in [-1, 1] and are shown as such (clipped), so the noise left before denoising stays visible."""
+    c = forward_model.cfg
+    img = lambda t: unpatchify(t.float(), c.patch_size, c.img_size)   # noqa: E731 (tokens -> (B, C, H, W))
+    stretch = lambda x: (x - x.amin((1, 2, 3), keepdim=True)) / (   # noqa: E731 (own range -> [-1, 1])
+        x.amax((1, 2, 3), keepdim=True) - x.amin((1, 2, 3), keepdim=True)).clamp(min=1e-8) * 2 - 1
+    states, x = [z], z.float()
+    for block in reversed(forward_model.blocks):   # x^T -> x^{T-1} -> ... -> x^0, as TarFlow.reverse
+        x = block.reverse(x, labels, guidance, ramp)
+        states.append(x)
+    x0 = img(states[-1])
+    cols = [stretch(img(s)) for s in states[:-1]] + [x0, forward_model.denoise(x0, labels) if denoise else x0]
+    rows = [torch.stack(cols, 1)]   # (B, T + 2, C, H, W)
+    if reverse_model is not None:
+        train_w = reverse_model.cfg.guidance_mode == 'train'
+        preds = reverse_model(z, labels, torch.full((len(z),), float(guidance)) if train_w else None,
+                              0.0 if train_w else guidance)
+        out = reverse_model.decode(z, labels, torch.full((len(z),), float(guidance)) if train_w else None,
+                                   0.0 if train_w else guidance, forward_model)
+        T = len(states) - 1
+        # column j holds x^{T-j}; head g predicts x^{T-1-g}, so it goes to column g + 1 ('naive' has no heads)
+        gcols = [stretch(img(z))] + [torch.zeros_like(x0) - 1 for _ in range(T)] + [out]
+        for g, p in enumerate(preds[:-1]):
+            gcols[g + 1] = stretch(img(p)) if g + 1 < T else img(p)
+        rows.append(torch.stack(gcols, 1))
+    grid = torch.stack(rows, 1).flatten(0, 2)   # sample by sample: F's row, then G's
+    save_grid(to_uint8(grid.clamp(-1, 1)), path, nrow=len(cols))
+
+
 def get_args(argv=None):
     """-> (parser, args, labels or None). Flags in groups, each with its default in --help."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
@@ -273,6 +309,8 @@ def get_args(argv=None):
     g.add_argument('--labels', default=None, help='comma-separated class labels (cycled), instead of uniformly random '
                    'ones')
     g.add_argument('--seed', type=int, default=0, help='noise and label seed')
+    g.add_argument('--trajectory', default=None, help="write a PNG of F's exact inverse block by block (and G's "
+                   'predictions at the same depths, for a reverse checkpoint) for --num_samples (default 4) samples')
     g = p.add_argument_group('guidance')
     g.add_argument('--guidance', '--cfg', type=float, default=2.0, help='classifier-free guidance scale w (0: none); '
                    'x = (1+w) cond - w uncond')
@@ -343,6 +381,18 @@ def main(argv=None):
     if labels is not None:
         if ncls == 0 or labels.min() < 0 or labels.max() >= ncls:   # only knowable once the model is loaded
             p.error(f'--labels {args.labels}: the model has {ncls} classes')
+
+    if args.trajectory:   # a look at the path from z to the image, not a sampler: one process, a few samples
+        if decode is not None:
+            p.error('--trajectory draws the states of pixel models (a latent model\'s states are latents)')
+        n = args.num_samples or 4
+        y = None if not ncls else (labels if labels is not None else torch.arange(n) % ncls).repeat(n)[:n].to(device)
+        tarflow, G = (forward_model, model) if forward_model is not None else (model, None)
+        draw_trajectory(tarflow, args.trajectory, y, noise_for(noise_seeds(args.seed, range(n)), tarflow, device),
+                        args.guidance, args.ramp, args.denoise, G)
+        print(f'wrote {args.trajectory}: {n} samples, z to the image along the exact inverse' +
+              (", G's predictions beneath each" if G is not None else ''))
+        return
 
     # ---- training-free uses of the pair (F, G): one image in, a grid of results out, in one process
     if args.inpaint or args.edit:
