@@ -33,7 +33,6 @@ import json
 import os
 import statistics
 import re
-import shutil
 import subprocess
 import sys
 import threading
@@ -48,7 +47,6 @@ import torch  # noqa: E402
 from PIL import Image, ImageDraw, ImageFont  # noqa: E402
 
 import data  # noqa: E402
-import fid  # noqa: E402
 import sample  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------------------------------
