@@ -1,5 +1,5 @@
 """
-    nice -n 19 python scripts/ablations.py --out ../ablations --md scripts/ABLATIONS.md
+    nice -n 19 python scripts/ablations.py --out ../ablations --md README.md
 
 BiFlow's ablation table (and TarFlow's guidance sweep) at small scale, on the built-in digits, in one resumable run:
 
@@ -26,7 +26,7 @@ digit classifier and the batch-1 timings run in this process at the end, so the 
 
 Sizes (sizes()): 700 stage-2 steps, 500 samples per FID. Measured on a shared 2-core machine where each job got
 about 20 img/s, FID's Inception ran at about 2 images/s and the stage-2 loss sits on a plateau for the first 300-600
-steps depending on the setting (ABLATIONS.md), these fit about 80 minutes with two jobs side by side.
+steps depending on the setting (README's ablation section), these fit about 80 minutes with two jobs side by side.
 """
 import argparse
 import json
@@ -103,7 +103,7 @@ ROWS = [
 
 
 def sizes(quick):
-    """Step and sample counts. The full sizes fit about an hour of 2 busy CPU cores (see ABLATIONS.md); --quick runs
+    """Step and sample counts. The full sizes fit about an hour of 2 busy CPU cores (see README's ablation section); --quick runs
     every phase in a few minutes, for testing the pipeline only."""
     if quick:
         return dict(f_steps=30, g_steps=20, n=48, n_sweep_f=16, n_sweep_g=16, ref=200, classifier_steps=60,
@@ -447,7 +447,7 @@ def fmt(v, spec='.1f', suffix=''):
 
 
 def markdown(res):
-    """The generated part of ABLATIONS.md: the ablation table, the FID noise, the sweep, the commands, the times."""
+    """The generated part of README's ablation section: the ablation table, the FID noise, the sweep, the commands, the times."""
     L = []
     n, ref = res.get('sizes', {}).get('n', 1000), res.get('sizes', {}).get('ref', 1000)
     L.append(f'| ablation | setting | paper FID-50K (B/2) | FID ({n} samples vs {ref} held-out) | read as class | NFE | '
