@@ -35,6 +35,8 @@ import torch.distributed as dist
 from PIL import Image, ImageDraw, ImageFont
 from torch.utils.data import DataLoader, Dataset
 
+from vae import load_vae
+
 IMG_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.pgm', '.bmp', '.tif', '.tiff', '.webp', '.gif')
 
 
@@ -955,7 +957,6 @@ def main(argv=None):
         if device.type == 'cuda':   # fp32 throughout: cuDNN would otherwise run the VAE's convolutions in TF32
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
         _check_out(a.out, None, a.overwrite)   # before the VAE is loaded: a refusal comes at once
-        from vae import load_vae   # here, not at the top: vae.py imports data.py
         encode(a.src, a.out, load_vae(a.vae, device), a.img_size, a.batch_size, a.norm, a.limit, a.overwrite, a.split,
                a.chunk, a.workers, os.path.basename(os.path.normpath(a.vae)), rank, world, device)
         if world > 1:

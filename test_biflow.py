@@ -1661,19 +1661,14 @@ def pixels(i):
 
 
 def cli(*args):
-    """data.py's command line in this process, with the stand-in VAE as vae.load_vae; (SystemExit/None, stderr)."""
-    fake = types.ModuleType('vae')
-    fake.load_vae = lambda path, device: StandInVAE()
-    err, saved = io.StringIO(), sys.modules.get('vae')
-    sys.modules['vae'] = fake
+    """data.py's command line in this process, with the stand-in VAE as data.load_vae; (SystemExit/None, stderr)."""
+    err, saved = io.StringIO(), data.load_vae
+    data.load_vae = lambda path, device: StandInVAE()
     try:
         with contextlib.redirect_stderr(err):
             data.main([str(a) for a in args])
     finally:
-        if saved is None:
-            del sys.modules['vae']
-        else:
-            sys.modules['vae'] = saved
+        data.load_vae = saved
 
 
 def test_encode_writes_the_documented_set(tmp_path):
@@ -1766,9 +1761,9 @@ def test_loader_serves_latent_moments_and_the_mirror_images_when_flipping(tmp_pa
 
 def test_encode_two_ranks_write_the_same_bytes_as_one_process(tmp_path):
     cli('encode', 'digits', tmp_path / 'one', '--vae', 'w/standin.pt', *ENC_CLI)
-    driver = tmp_path / 'driver.py'   # data.py's command line with the stand-in as vae.load_vae
-    driver.write_text(f"import sys, types\nsys.path.insert(0, {HERE!r})\nimport data, test_biflow as t\n"
-                      "sys.modules['vae'] = types.SimpleNamespace(load_vae=lambda path, device: t.StandInVAE())\n"
+    driver = tmp_path / 'driver.py'   # data.py's command line with the stand-in as data.load_vae
+    driver.write_text(f"import sys\nsys.path.insert(0, {HERE!r})\nimport data, test_biflow as t\n"
+                      "data.load_vae = lambda path, device: t.StandInVAE()\n"
                       "data.main(sys.argv[1:])\n")
     r = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', '--master_port=29531',
                         str(driver), 'encode', 'digits', str(tmp_path / 'two'), '--vae', 'w/standin.pt', *ENC_CLI],
@@ -2281,7 +2276,7 @@ def test_readme_latent_commands_parse_with_the_scripts_parsers(tmp_path, monkeyp
             _, args, _ = sample.get_args(argv)
             assert args.vae and args.num_samples == 50000 and args.fid
         elif script == 'data.py':   # encode parses, then would load the VAE: stop there
-            monkeypatch.setattr(vae, 'load_vae', lambda path, *a, **k: seen.setdefault('encode', path) and 1 / 0)
+            monkeypatch.setattr(data, 'load_vae', lambda path, *a, **k: seen.setdefault('encode', path) and 1 / 0)
             with pytest.raises(ZeroDivisionError):
                 data.main(argv)
         else:

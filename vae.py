@@ -23,7 +23,6 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
-from data import HelpFormatter, read_torch_file
 
 VAE_HINT = ('download the SD VAE, e.g. https://huggingface.co/stabilityai/sd-vae-ft-mse/resolve/main/'
             'diffusion_pytorch_model.safetensors (or the same file from stabilityai/sd-vae-ft-ema)')
@@ -249,6 +248,15 @@ def config_from_state_dict(sd):
     return VAEConfig(ends[0][1], ends[1][0], ends[2][0], tuple(ch), layers)
 
 
+def _torch_file(path, flag):
+    """A .bin/.pt state dict, loaded safely (weights_only: a file can never run code). vae.py imports nothing of the
+    project (data.py imports it to encode), so this is its own small copy of data.read_torch_file."""
+    try:
+        return torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:
+        raise ValueError(f'{flag} {path}: not a loadable torch file ({type(e).__name__})') from e
+
+
 def load_vae(path, device='cpu', flag='--vae'):
     """A frozen fp32 VAE in eval mode from a weight file (.safetensors, or .bin/.pt/.pth) or a diffusers folder
     (config.json + diffusion_pytorch_model.safetensors/.bin, here or in vae/)."""
@@ -267,7 +275,7 @@ def load_vae(path, device='cpu', flag='--vae'):
             config = os.path.join(os.path.dirname(path), 'config.json')
     else:
         raise FileNotFoundError(f'{flag} {path}: no such file or folder; {VAE_HINT}')
-    sd = read_safetensors(weights) if weights.endswith('.safetensors') else read_torch_file(weights, flag)
+    sd = read_safetensors(weights) if weights.endswith('.safetensors') else _torch_file(weights, flag)
     if not isinstance(sd, dict):
         raise ValueError(f'{flag} {weights}: holds a {type(sd).__name__}, not a state dict of the SD VAE')
     sd = convert_state_dict(sd)
@@ -299,11 +307,11 @@ def load_vae(path, device='cpu', flag='--vae'):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('path', help='weight file (.safetensors, .bin, .pt) or diffusers folder')
     p.add_argument('--image', default=None, help='round-trip this image (cropped to a multiple of 8), print the PSNR '
                    "(sd-vae-ft-mse's model card: 24.5 +/- 3.7 dB on COCO 2017 val at 256x256)")
-    p.add_argument('--device', default='cpu')
+    p.add_argument('--device', default='cpu', help="'cpu' or 'cuda'")
     args = p.parse_args(argv)
     try:
         vae = load_vae(args.path, args.device, flag='path')
