@@ -178,8 +178,9 @@ def get_args(argv=None):
         action.default = argparse.SUPPRESS
     explicit = set(vars(p.parse_args(argv)))
     # bad numbers fail here, in one line naming the flag, not as a traceback (or a silent no-op) steps later
-    for k in ('max_steps', 'batch_size', 'perceptual_every', 'log_every', 'ckpt_every', 'sample_every', 'fid_every', 'fid_samples',
-              'warmup_steps', 'eval_every', 'eval_samples', 'max_skips', 'stop_at', 'num_classes', 'num_workers'):
+    for k in ('max_steps', 'batch_size', 'perceptual_every', 'log_every', 'ckpt_every', 'sample_every', 'fid_every',
+              'fid_samples', 'warmup_steps', 'eval_every', 'eval_samples', 'max_skips', 'stop_at', 'num_classes',
+              'num_workers'):
         v = getattr(args, k)
         low = 0 if k in ('warmup_steps', 'num_classes', 'num_workers') else 1   # 0 means "none" for these
         if v is not None and v < low:
