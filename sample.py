@@ -452,8 +452,9 @@ def main(argv=None):
             r = fid.fid_from_samples(imgs, args.fid, fid.load_inception(args.inception, device), device)
             print(f'FID {r["fid"]:.4f} on {n} samples vs {args.fid}' +
                   (f' | IS {r["inception_score"]:.3f}' if r.get('inception_score') is not None else ''))
-    if world > 1:
-        dist.destroy_process_group()   # a clean exit: torchrun reports a rank that leaves the group open
+    if world > 1:   # a clean exit, together: rank 0 may still be writing and scoring when the others get here
+        dist.barrier()
+        dist.destroy_process_group()   # torchrun reports a rank that leaves the group open
 
 
 if __name__ == '__main__':

@@ -335,7 +335,7 @@ def timing(runner, out, ckpts, model, w, reps):
     key = f'{model}-w{w:g}'
     if key not in t and ckpts.get(model):
         t0 = time.time()
-        m, fm = sample.load_models(ckpts[model], verbose=False)
+        m, fm, _ = sample.load_models(ckpts[model], verbose=False)   # pixel models: no decoder
         fcfg = (fm or m).cfg
         t[key] = dict(nfe=nfe(m, fcfg), ms=time_batch1(m, fm, w, reps))
         write_json(path, t)
