@@ -1219,6 +1219,39 @@ def test_sample_grid_npz_and_sharding(trained, tmp_path):
         assert msg in fails(sample_main, *args), args
 
 
+def test_sample_checks_the_fid_reference_before_sampling(trained, tmp_path, monkeypatch, capsys):
+    """A reference of the wrong dimension, or not a covariance, is refused before the first sample is drawn."""
+    monkeypatch.setattr(fid, 'load_inception', lambda *a, **k: _FakeInception())   # 12 features
+    drawn = []
+    monkeypatch.setattr(sample, 'sample_shard', lambda *a, **k: drawn.append(1))
+    fid.save_stats(tmp_path / 'd4.npz', np.zeros(4), np.eye(4), 40)
+    fid.save_stats(tmp_path / 'npsd.npz', np.zeros(12), -np.eye(12), 40)
+    run = ['--ckpt', trained / 'forward.pt', '--num_samples', 4, '--npz', tmp_path / 's.npz', '--out', tmp_path / 'g.png']
+    assert 'd4.npz: statistics of 4 features, but the Inception compares 12' in fails(
+        sample_main, *run, '--fid', tmp_path / 'd4.npz')
+    assert 'npsd.npz: sigma is not positive semi-definite' in fails(sample_main, *run, '--fid', tmp_path / 'npsd.npz')
+    assert 'nope: no such file or folder' in fails(sample_main, *run, '--fid', tmp_path / 'nope')
+    assert not drawn and not (tmp_path / 's.npz').exists()
+
+
+def test_refusals_reach_the_user_as_one_line_from_each_script(trained, tmp_path):
+    """The scripts' own entry points (run_cli under __main__), as real processes side by side: exit code 2, one
+    line on stderr, no traceback."""
+    (tmp_path / 'bad.pt').write_text('not a checkpoint')
+    (tmp_path / 'file').write_text('x')
+    np.savez(tmp_path / 'nan.npz', mu=np.full(4, np.nan), sigma=np.eye(4))
+    fid.save_stats(tmp_path / 'good.npz', np.zeros(4), np.eye(4), 40)
+    runs = {'train.py': ['--resume', 'bad.pt'], 'sample.py': ['--ckpt', trained / 'forward.pt', '--npz', 'no/s.npz'],
+            'data.py': ['encode', 'digits', 'file', '--vae', 'x.pt'], 'fid.py': ['nan.npz', 'good.npz']}
+    procs = {name: script(name, *args, cwd=tmp_path) for name, args in runs.items()}
+    msgs = {'train.py': '--resume bad.pt: not a loadable torch file', 'sample.py': '--npz no/s.npz: folder',
+            'data.py': 'encode OUT file: is a file', 'fid.py': 'nan.npz: mu must be (D,) and sigma (D,D), finite'}
+    for name, p in procs.items():
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 2 and err.startswith(f'{name}: error: {msgs[name]}'), (name, err)
+        assert err.count('\n') == 1 and 'Traceback' not in err, (name, err)
+
+
 def test_sample_inpaint_refuses_a_mask_that_does_not_line_up(trained, tmp_path):
     """The mask is cropped as the image is, so it must have the image's size; and a hole that falls outside the
     centre crop would leave nothing to complete: both are refused before anything is written."""
@@ -1532,6 +1565,35 @@ def test_data_imagefolder_modes_and_labels(tmp_path):
             assert x.shape == (3, 8, 8) and x.dtype == torch.uint8 and y == ds.targets[i]
     assert (ds[4][0] == 255).all()  # 16-bit white stays white (scaled, not clipped garbage)
     assert ds.num_unreadable == 0
+
+
+def test_data_32bit_and_float_images_are_scaled_not_clipped(tmp_path):
+    """PIL modes I (32-bit) and F (float): scaled from the range they are stored in, the same in ImageFolder, pack
+    and encode; values with no such range are refused by name (the file is skipped as unreadable)."""
+    ramp = np.arange(256, dtype=np.float64).reshape(16, 16)   # the 8-bit levels each pixel should come out as
+    (tmp_path / 'a').mkdir()
+    for name, arr in [('i16', ramp * 257), ('i8', ramp), ('f1', ramp / 255), ('f255', ramp)]:
+        im = Image.fromarray(arr.astype(np.int32 if name[0] == 'i' else np.float32))
+        assert im.mode == ('I' if name[0] == 'i' else 'F')
+        im.save(tmp_path / 'a' / f'{name}.tif')
+    Image.fromarray(ramp.astype(np.uint8)).save(tmp_path / 'a' / 'l8.png')   # the same image in mode L
+    Image.fromarray((ramp - 1).astype(np.float32)).save(tmp_path / 'a' / 'neg.tif')   # -1 .. 254: no range
+    ds = ImageFolder(str(tmp_path), 16)
+    names = [os.path.basename(f) for f in ds.files]
+    want = np.repeat(ramp.astype(np.uint8)[None], 3, 0)
+    for name in ('f1.tif', 'f255.tif', 'i16.tif', 'i8.tif', 'l8.png'):
+        assert np.array_equal(ds.load(names.index(name)).transpose(2, 0, 1), want), name
+    with pytest.warns(UserWarning, match=r'neg.tif: UsageError: PIL mode F image with values in \[-1, 254\]'):
+        assert ds.load(names.index('neg.tif')) is None
+    with pytest.warns(UserWarning, match='neg.tif'):
+        pack(str(tmp_path), str(tmp_path / 'p.npy'), 16)
+    packed = np.load(tmp_path / 'p.npy')
+    assert all(np.array_equal(packed[names.index(n)], want.transpose(1, 2, 0)) for n in ('i16.tif', 'f1.tif'))
+    with pytest.warns(UserWarning, match='neg.tif'):
+        encode(str(tmp_path), str(tmp_path / 'lat'), StandInVAE(), img_size=16, batch_size=8, vae_name='standin.pt')
+    lat = np.load(tmp_path / 'lat' / 'latents.npy')
+    for name in ('f1.tif', 'f255.tif', 'i16.tif', 'i8.tif'):   # encoded from the same pixels as the mode-L image
+        assert np.array_equal(lat[names.index(name)], lat[names.index('l8.png')]), name
 
 
 def test_data_imagefolder_center_crop(tmp_path):
@@ -1867,6 +1929,38 @@ def test_encode_two_ranks_write_the_same_bytes_as_one_process(tmp_path):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert 'encoded (rank 0 of 2)' in r.stdout and '5 to do by 2 rank(s)' in r.stdout
     assert files(tmp_path / 'two') == files(tmp_path / 'one')
+
+
+def test_encode_refusals_are_one_line_errors(tmp_path):
+    """Every refusal of data.py encode's command line: exit code 2, one line naming the input, no traceback."""
+    (tmp_path / 'empty').mkdir()
+    (tmp_path / 'flat').mkdir()
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tmp_path / 'flat' / 'a.png')   # images, no classes
+    (tmp_path / 'file').write_text('x')
+    cli('encode', 'digits', tmp_path / 'done', '--vae', 'w/standin.pt', *ENC_CLI)
+    with pytest.raises(RuntimeError, match='killed'):
+        run_encode(tmp_path / 'half', StandInVAE(fail_after=7))
+    for args, msg in [(['empty', 'o1'], 'has no class subfolders'), (['flat', 'o2'], 'has no class subfolders'),
+                      (['digits', 'file'], 'is a file, expected a folder'),
+                      (['digits', 'done'], 'already holds a complete latent set'),
+                      (['digits', 'half', '--img_size', 24], 'made with img_size 16, but this one has img_size 24')]:
+        args = [tmp_path / a if a in ('empty', 'flat', 'file', 'done', 'half', 'o1', 'o2') else a for a in args]
+        cli_args = ['encode', *args[:2], '--vae', 'w/standin.pt', *ENC_CLI, *args[2:]]
+        assert msg in fails(cli, *cli_args), args
+
+
+def test_encode_out_is_locked_while_an_encode_runs(tmp_path):
+    out = tmp_path / 'lat'
+    out.mkdir()
+    with data.RunLock() as held:   # another encode's lock (a second open file: flock excludes it too)
+        held.acquire(str(out / 'encode.lock'), 'lat')
+        with pytest.raises(data.UsageError, match=f'encode OUT {out} is in use by another run'):
+            run_encode(out)
+        assert os.listdir(out) == ['encode.lock']   # nothing written
+    # what a kill -9 leaves: the file, unlocked; the next encode takes it over, and removes it when done
+    (out / 'encode.lock').write_text('pid 1 on a killed run')
+    run_encode(out)
+    assert sorted(os.listdir(out)) == ['labels.npy', 'latents.npy', 'meta.json']
 
 
 def test_encode_refuses_a_complete_set_unless_overwrite(tmp_path):
@@ -2712,6 +2806,27 @@ def test_fid_rejects_a_covariance_that_is_not_positive_semi_definite(tmp_path):
     fid.save_stats(tmp_path / 'bad.npz', np.zeros(4), -np.eye(4), 40)
     msg = fails(fid.main, [str(tmp_path / 'good.npz'), str(tmp_path / 'bad.npz')])
     assert 'bad.npz: sigma is not positive semi-definite' in msg and 'smallest eigenvalue -1' in msg
+
+
+def test_fid_refusals_are_one_line_errors(tmp_path, monkeypatch):
+    monkeypatch.setattr(fid, 'load_inception', lambda *a, **k: _FakeInception())
+    np.savez(tmp_path / 'one.npz', arr_0=np.zeros((1, 8, 8, 3), np.uint8))
+    np.savez(tmp_path / 'float.npz', arr_0=np.zeros((4, 8, 8, 3), np.float32))
+    np.savez(tmp_path / 'gray.npz', arr_0=np.zeros((4, 8, 8), np.uint8))
+    (tmp_path / 'mixed').mkdir()
+    for i, size in enumerate((8, 9)):
+        Image.fromarray(np.zeros((size, size, 3), np.uint8)).save(tmp_path / 'mixed' / f'{i}.png')
+    fid.save_stats(tmp_path / 'good.npz', np.zeros(4), np.eye(4), 40)
+    np.savez(tmp_path / 'nan.npz', mu=np.full(4, np.nan), sigma=np.eye(4))
+    fid.save_stats(tmp_path / 'npsd.npz', np.zeros(4), -np.eye(4), 40)
+    for inputs, msg in [(['one.npz', '--save_stats', 's.npz'], 'need at least 2 images'),
+                        (['mixed', '--save_stats', 's.npz'], 'differs from'),
+                        (['float.npz', 'good.npz'], 'float.npz: arr_0 must be a non-empty uint8 array'),
+                        (['gray.npz', 'good.npz'], 'gray.npz: arr_0 must be a non-empty uint8 array'),
+                        (['nan.npz', 'good.npz'], 'nan.npz: mu must be (D,) and sigma (D,D), finite'),
+                        (['good.npz', 'npsd.npz'], 'npsd.npz: sigma is not positive semi-definite')]:
+        args = [str(tmp_path / a) if a.endswith('.npz') or a == 'mixed' else a for a in inputs]
+        assert msg in fails(fid.main, args), inputs
 
 
 def test_fid_rejects_stats_files_that_are_not_covariances(tmp_path):
