@@ -578,6 +578,19 @@ _SETTING_FLAGS = {'source': 'SRC', 'split': '--split', 'img_size': '--img_size',
                   'latent_shape': '--vae', 'vae_fingerprint': '--vae', 'chunk': '--chunk'}
 
 
+def _settings_fingerprint(out: str, vae, overwrite: bool) -> str:
+    """The VAE's fingerprint in an encode's settings. An unfinished encode in OUT that recorded an older
+    version's weights-only fingerprint which this VAE matches (VAE.matches) keeps it, and so resumes."""
+    new = vae.fingerprint
+    try:
+        with open(os.path.join(out, 'progress.json')) as f:
+            old = json.load(f).get('vae_fingerprint')
+    except (OSError, ValueError, AttributeError):   # none, or unreadable: _check_out says which
+        return new
+    # a stand-in VAE with only a fingerprint (tests) is compared by it alone
+    return old if not overwrite and old != new and hasattr(vae, 'matches') and vae.matches(old) else new
+
+
 def _check_out(out: str, settings: dict | None, overwrite: bool) -> None:
     """Refuse an OUT that encode must not write into; reads only (every rank runs it before rank 0 writes). Without
     settings (before the VAE is loaded), only what needs none: a foreign folder, a complete set."""
@@ -664,7 +677,8 @@ def encode(src: str, out: str, vae, img_size: int, batch_size: int = 64, norm: s
         raise ValueError(f"--norm channel: its statistics are for the 4 channels of sd-vae-ft-mse, but --vae "
                          f"{vae_name} has {C}; use --norm compute")
     settings = {'source': src if src == 'digits' else os.path.abspath(src), 'split': split if src == 'digits' else None,
-                'img_size': img_size, 'n': n, 'latent_shape': [C, h, w], 'vae_fingerprint': vae.fingerprint,
+                'img_size': img_size, 'n': n, 'latent_shape': [C, h, w],
+                'vae_fingerprint': _settings_fingerprint(out, vae, overwrite),
                 'chunk': chunk}
     # the ranks wait for each other at a few points, and a slow file listing or the last chunk may take longer than
     # NCCL's 10-minute timeout: they wait in a gloo group with a 12-hour one

@@ -205,15 +205,41 @@ class VAE(nn.Module):
         stage-2 losses go through it); it runs in the caller's autocast (bf16 is fine, fp16 can overflow)."""
         return self.decoder(self.post_quant_conv(z))
 
+    def _fingerprints(self):
+        """(config and weights, weights only): 12 hex digits of blake2b each, over the sorted
+        names, shapes and fp32 bytes of the weights, the first also over the config, in one pass.
+        Hashed at every read (about 1 s for the SD VAE on CPU), so they can never describe weights
+        changed since."""
+        full, weights = hashlib.blake2b(digest_size=6), hashlib.blake2b(digest_size=6)
+        # the config first, as canonical JSON: norm_num_groups changes the function, no shape
+        cfg = json.dumps(asdict(self.cfg), sort_keys=True)
+        full.update(f'vae.py config {cfg}\n'.encode())
+        for k, v in sorted(self.state_dict().items()):
+            for h in (full, weights):
+                h.update(f'{k}{tuple(v.shape)}'.encode())
+                h.update(v.detach().float().cpu().contiguous().numpy().tobytes())
+        return full.hexdigest(), weights.hexdigest()
+
     @property
     def fingerprint(self):
-        """12 hex digits of blake2b over the sorted names, shapes and fp32 bytes: which weights made a latent.
-        Hashed at every read (about 1 s for the SD VAE on CPU), so it can never describe weights changed since."""
-        h = hashlib.blake2b(digest_size=6)
-        for k, v in sorted(self.state_dict().items()):
-            h.update(f'{k}{tuple(v.shape)}'.encode())
-            h.update(v.detach().float().cpu().contiguous().numpy().tobytes())
-        return h.hexdigest()
+        """Which network made a latent: 12 hex digits over the config and the weights. Check a
+        recorded one with matches(), which also takes the weights-only one older files hold."""
+        return self._fingerprints()[0]
+
+    @property
+    def weights_fingerprint(self):
+        """12 hex digits over the weights alone: the fingerprint that older versions recorded (it
+        cannot see norm_num_groups)."""
+        return self._fingerprints()[1]
+
+    def matches(self, recorded):
+        """Whether a fingerprint recorded with latents or a checkpoint names this VAE: its
+        fingerprint; or its weights-only one (older versions' files), but only when the config is
+        the one the weights' shapes imply, the released norm_num_groups 32. A weights-only
+        fingerprint cannot tell which groups encoded, and 32 is all it could be trusted for."""
+        full, weights = self._fingerprints()
+        return recorded == full or (
+            recorded == weights and self.cfg == config_from_state_dict(self.state_dict()))
 
 
 def vae_decode_flops(cfg: VAEConfig = VAEConfig(), latent_hw: int = 32):
@@ -375,8 +401,10 @@ def main(argv=None):
     except (FileNotFoundError, ValueError) as e:
         p.error(str(e))
     count = {part: sum(t.numel() for t in getattr(vae, part).parameters()) for part in ('encoder', 'decoder')}
-    print(f'{vae.cfg}\nencoder {count["encoder"] / 1e6:.2f}M, decoder {count["decoder"] / 1e6:.2f}M parameters; '
-          f'fingerprint {vae.fingerprint}')
+    full, weights = vae._fingerprints()
+    print(f'{vae.cfg}\nencoder {count["encoder"] / 1e6:.2f}M, '
+          f'decoder {count["decoder"] / 1e6:.2f}M parameters; fingerprint {full} (of the weights alone, as older versions recorded it: '
+          f'{weights})')
     if args.image:
         f = 2 ** (len(vae.cfg.block_out_channels) - 1)  # the downsampling factor, 8
         img = np.array(Image.open(args.image).convert('RGB'))  # (H,W,3) uint8, writable
