@@ -579,8 +579,9 @@ _SETTING_FLAGS = {'source': 'SRC', 'split': '--split', 'img_size': '--img_size',
 
 
 def _settings_fingerprint(out: str, vae, overwrite: bool) -> str:
-    """The VAE's fingerprint in an encode's settings. An unfinished encode in OUT that recorded an older
-    version's weights-only fingerprint which this VAE matches (VAE.matches) keeps it, and so resumes."""
+    """The VAE's fingerprint in an encode's settings. An unfinished encode in OUT that recorded an
+    older version's weights-only fingerprint, which this VAE matches (VAE.matches), keeps it: it
+    resumes."""
     new = vae.fingerprint
     try:
         with open(os.path.join(out, 'progress.json')) as f:
@@ -588,7 +589,8 @@ def _settings_fingerprint(out: str, vae, overwrite: bool) -> str:
     except (OSError, ValueError, AttributeError):   # none, or unreadable: _check_out says which
         return new
     # a stand-in VAE with only a fingerprint (tests) is compared by it alone
-    return old if not overwrite and old != new and hasattr(vae, 'matches') and vae.matches(old) else new
+    resumable = not overwrite and old != new and hasattr(vae, 'matches') and vae.matches(old)
+    return old if resumable else new
 
 
 def _check_out(out: str, settings: dict | None, overwrite: bool) -> None:

@@ -356,7 +356,7 @@ def load_vae(path, device='cpu', flag='--vae'):
         try:
             with open(config) as f:
                 c = json.load(f)
-        except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+        except ValueError as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
             raise ValueError(f'{flag} {config}: not a diffusers config.json, not JSON ({e})') from e
         if not isinstance(c, dict):
             raise ValueError(f'{flag} {config}: not a diffusers config.json, which is a JSON '
@@ -403,8 +403,8 @@ def main(argv=None):
     count = {part: sum(t.numel() for t in getattr(vae, part).parameters()) for part in ('encoder', 'decoder')}
     full, weights = vae._fingerprints()
     print(f'{vae.cfg}\nencoder {count["encoder"] / 1e6:.2f}M, '
-          f'decoder {count["decoder"] / 1e6:.2f}M parameters; fingerprint {full} (of the weights alone, as older versions recorded it: '
-          f'{weights})')
+          f'decoder {count["decoder"] / 1e6:.2f}M parameters; fingerprint {full} '
+          f'(of the weights alone, as older versions recorded it: {weights})')
     if args.image:
         f = 2 ** (len(vae.cfg.block_out_channels) - 1)  # the downsampling factor, 8
         img = np.array(Image.open(args.image).convert('RGB'))  # (H,W,3) uint8, writable
