@@ -211,7 +211,9 @@ class VAE(nn.Module):
         Hashed at every read (about 1 s for the SD VAE on CPU), so they can never describe weights
         changed since."""
         full, weights = hashlib.blake2b(digest_size=6), hashlib.blake2b(digest_size=6)
-        # the config first, as canonical JSON: norm_num_groups changes the function, no shape
+        # the config first, as canonical JSON: norm_num_groups changes the function, no shape.
+        # A field added to VAEConfig must leave this text unchanged at its default value, or no
+        # recorded fingerprint would match again
         cfg = json.dumps(asdict(self.cfg), sort_keys=True)
         full.update(f'vae.py config {cfg}\n'.encode())
         for k, v in sorted(self.state_dict().items()):
