@@ -688,6 +688,20 @@ _SETTING_FLAGS = {'source': 'SRC', 'split': '--split', 'img_size': '--img_size',
                   'latent_shape': '--vae', 'vae_fingerprint': '--vae', 'chunk': '--chunk'}
 
 
+def _settings_fingerprint(out: str, vae, overwrite: bool) -> str:
+    """The VAE's fingerprint in an encode's settings. An unfinished encode in OUT that recorded an
+    older version's weights-only fingerprint, which this VAE matches (VAE.matches), keeps it: it
+    resumes."""
+    new = vae.fingerprint
+    try:
+        with open(os.path.join(out, 'progress.json')) as f:
+            old = json.load(f).get('vae_fingerprint')
+    except (OSError, ValueError, AttributeError):   # none, or unreadable: _check_out says which
+        return new
+    resumable = not overwrite and old != new and vae.matches(old)
+    return old if resumable else new
+
+
 def _check_out(out: str, settings: dict | None, overwrite: bool) -> None:
     """Refuse an OUT that encode must not write into; reads only (every rank runs it before rank 0 writes). Without
     settings (before the VAE is loaded), only what needs none: a foreign folder, a complete set."""
@@ -775,7 +789,8 @@ def encode(src: str, out: str, vae, img_size: int, batch_size: int = 64, norm: s
         raise UsageError(f"--norm channel: its statistics are for the 4 channels of sd-vae-ft-mse, but --vae "
                          f"{vae_name} has {C}; use --norm compute")
     settings = {'source': src if src == 'digits' else os.path.abspath(src), 'split': split if src == 'digits' else None,
-                'img_size': img_size, 'n': n, 'latent_shape': [C, h, w], 'vae_fingerprint': vae.fingerprint,
+                'img_size': img_size, 'n': n, 'latent_shape': [C, h, w],
+                'vae_fingerprint': _settings_fingerprint(out, vae, overwrite),
                 'chunk': chunk}
     # one encode at a time writes into OUT (rank 0 holds the lock for all ranks), taken before the checks of what
     # OUT holds, so that two encodes started together cannot both pass them

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from data import read_torch_file
+from data import UsageError, read_torch_file
 
 PERCEPTUAL_HINTS = {  # where the weights come from, for the error messages
     'vgg': "download torchvision's VGG16 weights: https://download.pytorch.org/models/vgg16-397923af.pth",
@@ -170,7 +170,7 @@ def _check(sd, want, name):
     sd = sd if isinstance(sd, dict) else {}
     bad = [k for k, v in want.items() if not (isinstance(sd.get(k), torch.Tensor) and sd[k].shape == v.shape)]
     if bad:
-        raise ValueError(f"--{name}: {len(bad)} of {len(want)} expected tensors missing or mis-shaped "
+        raise UsageError(f"--{name}: {len(bad)} of {len(want)} expected tensors missing or mis-shaped "
                          f"(e.g. {bad[0]!r}); wrong file? {PERCEPTUAL_HINTS[name]}")
 
 
@@ -184,7 +184,7 @@ class PerceptualLoss(nn.Module):
         self.decode = None   # latent models: a frozen decoder to pixels (sample.LatentDecoder), set by train.py
         self.lpips = self.convnext = None
         if (lpips is None) != (vgg is None):
-            raise ValueError(f"LPIPS needs both --lpips and --vgg; {PERCEPTUAL_HINTS['lpips']}; {PERCEPTUAL_HINTS['vgg']}")
+            raise UsageError(f"LPIPS needs both --lpips and --vgg; {PERCEPTUAL_HINTS['lpips']}; {PERCEPTUAL_HINTS['vgg']}")
         if lpips is not None:
             self.lpips = LPIPS()
             want = self.lpips.state_dict()

@@ -25,10 +25,9 @@ from PIL import Image
 
 import fid
 from data import (HelpFormatter, Progress, UsageError, atomic_write, center_crop, check_writable, latent_norm,
-                  read_torch_file, run_cli, save_grid, setup_distributed)
+                  read_torch_file, read_vae, run_cli, save_grid, setup_distributed)
 from model import (FlowConfig, ReverseConfig, ReverseModel, TarFlow, config_from_dict, edit, inpaint, load_ml_tarflow,
                    unpatchify)
-from vae import load_vae
 
 # Sample i of seed s uses noise from the generator seeded by s * 2**32 + i: one stream per (seed, index), never shared
 # between seeds for i < 2**32. The random labels come from their own stream, seeded apart from every noise stream.
@@ -78,15 +77,25 @@ class LatentDecoder(torch.nn.Module):
 
 def latent_decoder(latent, path, device='cpu', what='the checkpoint'):
     """The LatentDecoder of latent metadata (a checkpoint's or a latent set's 'latent' entry) from the VAE file at
-    path (--vae). The VAE must be the one the latents were encoded with: its weights' fingerprint is checked."""
+    path (--vae). The VAE must be the one the latents were encoded with: VAE.matches checks the
+    recorded fingerprint (of config and weights; older files': of the weights, for 32 groups)."""
     want = latent['vae']
     if path is None:
         raise UsageError(f"{what} is trained on SD-VAE latents: pass --vae with the VAE they were encoded with "
                          f"({want['name']}, fingerprint {want['fingerprint']}), a weight file or a diffusers folder")
-    vae = load_vae(path, device, flag='--vae')
-    if vae.fingerprint != want['fingerprint']:
-        raise UsageError(f"--vae {path}: its weights (fingerprint {vae.fingerprint}) are not the VAE {what}'s latents "
-                         f"were encoded with ({want['name']}, fingerprint {want['fingerprint']})")
+    vae = read_vae(path, device)   # a file that is no SD VAE is refused in one line
+    if not vae.matches(want['fingerprint']):
+        if want['fingerprint'] == vae.weights_fingerprint:   # an older file's, and not 32 groups
+            raise UsageError(
+                f"--vae {path}: has the weights {what}'s latents were encoded with "
+                f"({want['name']}, weights-only fingerprint {want['fingerprint']}, as older "
+                "versions recorded it), but that fingerprint vouches only for norm_num_groups 32 "
+                f"and this VAE's config.json has {vae.cfg.norm_num_groups}; use the VAE with 32 "
+                "groups, or re-encode the latents with this one")
+        raise UsageError(
+            f"--vae {path}: is not the VAE {what}'s latents were encoded with ({want['name']}, "
+            f"fingerprint {want['fingerprint']}): its fingerprint of config and weights is "
+            f"{vae.fingerprint}")
     return LatentDecoder(vae, latent).to(device)
 
 

@@ -469,13 +469,14 @@ def train(argv, lock):
         if args.stage == 'forward' and (args.noise_type != 'gaussian' or args.val_data):
             raise UsageError('--noise_type uniform and --val_data measure bits/dim of 8-bit pixels; latent data has no '
                              'such bins: train latents with Gaussian noise, without --val_data')
-        if args.stage == 'reverse':   # G learns F's inverse on F's own data distribution
-            fl = forward_latent or {}
-            if fl.get('norm') != latent['norm'] or fl.get('vae', {}).get('fingerprint') != latent['vae']['fingerprint']:
-                raise UsageError(f'--data {args.data}: F was trained on other latents (another VAE or normalisation) '
-                                 'than these; stage 2 must see the data F was trained on')
         mean, std = (t.to(device) for t in latent_norm(m))
         decode = latent_decoder(latent, args.vae, device, f'--data {args.data}')   # checks the VAE's fingerprint
+        if args.stage == 'reverse':   # G learns F's inverse on F's own data distribution
+            # F's recorded VAE against the one that made these latents (an older file records an older fingerprint)
+            fl = forward_latent or {}
+            if fl.get('norm') != latent['norm'] or not decode.vae.matches(fl.get('vae', {}).get('fingerprint')):
+                raise UsageError(f'--data {args.data}: F was trained on other latents (another VAE or normalisation) '
+                                 'than these; stage 2 must see the data F was trained on')
     elif cfg.in_channels != 3:
         raise UsageError(f'the model takes SD-VAE latents ({cfg.in_channels}x{cfg.img_size}x{cfg.img_size}), but '
                          f'--data {args.data} is pixels: encode it once with `python data.py encode SRC OUT --vae PATH` '

@@ -14,7 +14,7 @@ import hashlib
 import json
 import math
 import os
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 
 import numpy as np
 import torch
@@ -37,6 +37,46 @@ class VAEConfig:
     block_out_channels: tuple = (128, 256, 512, 512)
     layers_per_block: int = 2
     norm_num_groups: int = 32
+
+
+def _count(v):
+    """A positive int; JSON's true and 2.0 are not counts (Python's bool is an int)."""
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+
+# diffusers' AutoencoderKL config.json fields that VAEConfig does not hold: the one value this VAE
+# implements of each (any other changes the network's function). Fields named neither here nor in
+# VAEConfig (sample_size, scaling_factor, latents_mean, force_upcast, ...) do not change it.
+_FIXED = {'_class_name': 'AutoencoderKL', 'act_fn': 'silu', 'use_quant_conv': True,
+          'use_post_quant_conv': True, 'mid_block_add_attention': True}
+_BLOCK_TYPES = {'down_block_types': 'DownEncoderBlock2D', 'up_block_types': 'UpDecoderBlock2D'}
+_COUNTS = ('in_channels', 'out_channels', 'latent_channels', 'layers_per_block', 'norm_num_groups')
+
+
+def config_problem(values):
+    """The first field of values (a VAEConfig's, or a diffusers config.json's as JSON gives them)
+    that this VAE cannot build or does not implement, as one line 'field value: expected ...';
+    None if there is none."""
+    for k in _COUNTS:
+        if k in values and not _count(values[k]):
+            return f'{k} {values[k]!r}: expected a positive integer'
+    ch = values.get('block_out_channels')
+    if 'block_out_channels' in values and not (
+            isinstance(ch, (list, tuple)) and ch and all(map(_count, ch))):
+        return (f'block_out_channels {ch!r}: expected a non-empty list of positive integers, '
+                'one width per block')
+    g = values.get('norm_num_groups')
+    if ch and g and any(c % g for c in ch):
+        return (f'norm_num_groups {g!r}: expected a divisor of every block_out_channels entry '
+                f'{list(ch)} (GroupNorm splits each width into that many groups)')
+    for k, want in _FIXED.items():
+        if k in values and values[k] != want:
+            return f'{k} {values[k]!r}: expected {want!r}, the only value this VAE implements'
+    for k, want in _BLOCK_TYPES.items():
+        if k in values and (not isinstance(values[k], list) or set(values[k]) - {want}
+                            or ch and len(values[k]) != len(ch)):
+            return f'{k} {values[k]!r}: expected {want!r} once per block_out_channels entry'
+    return None
 
 
 def _norm(c, groups):
@@ -144,7 +184,11 @@ class VAE(nn.Module):
     """AutoencoderKL. Build it with load_vae; a bare VAE(cfg) has random weights (benchmarks, tests)."""
     def __init__(self, cfg: VAEConfig = VAEConfig()):
         super().__init__()
-        self.cfg = cfg
+        problem = config_problem(asdict(cfg))
+        if problem:
+            raise ValueError(problem)
+        # a list of widths as a tuple: equal configs compare (and fingerprint) equal
+        self.cfg = cfg = replace(cfg, block_out_channels=tuple(cfg.block_out_channels))
         self.encoder, self.decoder = Encoder(cfg), Decoder(cfg)
         self.quant_conv = nn.Conv2d(2 * cfg.latent_channels, 2 * cfg.latent_channels, 1)
         self.post_quant_conv = nn.Conv2d(cfg.latent_channels, cfg.latent_channels, 1)
@@ -161,15 +205,43 @@ class VAE(nn.Module):
         stage-2 losses go through it); it runs in the caller's autocast (bf16 is fine, fp16 can overflow)."""
         return self.decoder(self.post_quant_conv(z))
 
+    def _fingerprints(self):
+        """(config and weights, weights only): 12 hex digits of blake2b each, over the sorted
+        names, shapes and fp32 bytes of the weights, the first also over the config, in one pass.
+        Hashed at every read (about 1 s for the SD VAE on CPU), so they can never describe weights
+        changed since."""
+        full, weights = hashlib.blake2b(digest_size=6), hashlib.blake2b(digest_size=6)
+        # the config first, as canonical JSON: norm_num_groups changes the function, no shape.
+        # A field added to VAEConfig must leave this text unchanged at its default value, or no
+        # recorded fingerprint would match again
+        cfg = json.dumps(asdict(self.cfg), sort_keys=True)
+        full.update(f'vae.py config {cfg}\n'.encode())
+        for k, v in sorted(self.state_dict().items()):
+            for h in (full, weights):
+                h.update(f'{k}{tuple(v.shape)}'.encode())
+                h.update(v.detach().float().cpu().contiguous().numpy().tobytes())
+        return full.hexdigest(), weights.hexdigest()
+
     @property
     def fingerprint(self):
-        """12 hex digits of blake2b over the sorted names, shapes and fp32 bytes: which weights made a latent.
-        Hashed at every read (about 1 s for the SD VAE on CPU), so it can never describe weights changed since."""
-        h = hashlib.blake2b(digest_size=6)
-        for k, v in sorted(self.state_dict().items()):
-            h.update(f'{k}{tuple(v.shape)}'.encode())
-            h.update(v.detach().float().cpu().contiguous().numpy().tobytes())
-        return h.hexdigest()
+        """Which network made a latent: 12 hex digits over the config and the weights. Check a
+        recorded one with matches(), which also takes the weights-only one older files hold."""
+        return self._fingerprints()[0]
+
+    @property
+    def weights_fingerprint(self):
+        """12 hex digits over the weights alone: the fingerprint that older versions recorded (it
+        cannot see norm_num_groups)."""
+        return self._fingerprints()[1]
+
+    def matches(self, recorded):
+        """Whether a fingerprint recorded with latents or a checkpoint names this VAE: its
+        fingerprint; or its weights-only one (older versions' files), but only when the config is
+        the one the weights' shapes imply, the released norm_num_groups 32. A weights-only
+        fingerprint cannot tell which groups encoded, and 32 is all it could be trusted for."""
+        full, weights = self._fingerprints()
+        return recorded == full or (
+            recorded == weights and self.cfg == config_from_state_dict(self.state_dict()))
 
 
 def vae_decode_flops(cfg: VAEConfig = VAEConfig(), latent_hw: int = 32):
@@ -279,21 +351,34 @@ def load_vae(path, device='cpu', flag='--vae'):
     if not isinstance(sd, dict):
         raise ValueError(f'{flag} {weights}: holds a {type(sd).__name__}, not a state dict of the SD VAE')
     sd = convert_state_dict(sd)
-    if config and os.path.isfile(config):  # a folder's config.json is authoritative (norm_num_groups is only there)
+    # the config from the shapes (not a VAE: the default, so the error lists what is missing)
+    cfg = config_from_state_dict(sd) or VAEConfig()
+    # a folder's config.json is authoritative (norm_num_groups is only there), field by field
+    if config and os.path.isfile(config):
         try:
             with open(config) as f:
                 c = json.load(f)
-            names = {f.name for f in fields(VAEConfig)}
-            cfg = VAEConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in c.items() if k in names})
-        except (ValueError, AttributeError) as e:  # not JSON, or not an object
-            raise ValueError(f'{flag} {config}: not a diffusers config.json ({e})') from e
-    else:
-        cfg = config_from_state_dict(sd) or VAEConfig()  # not a VAE: the default, so the error lists what is missing
+        except ValueError as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            raise ValueError(f'{flag} {config}: not a diffusers config.json, not JSON ({e})') from e
+        if not isinstance(c, dict):
+            raise ValueError(f'{flag} {config}: not a diffusers config.json, which is a JSON '
+                             f'object, but a {type(c).__name__}')
+        problem = config_problem(c)
+        if problem:
+            raise ValueError(f'{flag} {config}: {problem}')
+        # a field it lacks keeps the value that the weights' shapes imply
+        names = {f.name for f in fields(VAEConfig)}
+        cfg = replace(cfg, **{k: tuple(v) if isinstance(v, list) else v
+                              for k, v in c.items() if k in names})
+        problem = config_problem(asdict(cfg))  # its groups against a width from the shapes
+        if problem:
+            raise ValueError(f'{flag} {config}: {problem}')
     try:
         with torch.device('meta'):  # no random init of weights that are replaced at once
             vae = VAE(cfg)
-    except (ValueError, TypeError, IndexError) as e:  # e.g. widths that norm_num_groups does not divide
-        raise ValueError(f'{flag} {weights}: cannot build an SD VAE of {cfg}: {e}') from e
+    except ValueError as e:  # e.g. widths that the default 32 groups do not divide, no config.json
+        raise ValueError(f'{flag} {weights}: cannot build an SD VAE of {cfg}: {e}; a diffusers '
+                         'config.json beside the weights sets norm_num_groups') from e
     want = {k: tuple(v.shape) for k, v in vae.state_dict().items()}
     got = {k: tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__ for k, v in sd.items()}
     problems = [(what, sorted(keys)) for what, keys in [
@@ -318,8 +403,10 @@ def main(argv=None):
     except (FileNotFoundError, ValueError) as e:
         p.error(str(e))
     count = {part: sum(t.numel() for t in getattr(vae, part).parameters()) for part in ('encoder', 'decoder')}
-    print(f'{vae.cfg}\nencoder {count["encoder"] / 1e6:.2f}M, decoder {count["decoder"] / 1e6:.2f}M parameters; '
-          f'fingerprint {vae.fingerprint}')
+    full, weights = vae._fingerprints()
+    print(f'{vae.cfg}\nencoder {count["encoder"] / 1e6:.2f}M, '
+          f'decoder {count["decoder"] / 1e6:.2f}M parameters; fingerprint {full} '
+          f'(of the weights alone, as older versions recorded it: {weights})')
     if args.image:
         f = 2 ** (len(vae.cfg.block_out_channels) - 1)  # the downsampling factor, 8
         img = np.array(Image.open(args.image).convert('RGB'))  # (H,W,3) uint8, writable
