@@ -53,20 +53,45 @@ def _hash_seed(*parts) -> int:
     return int.from_bytes(digest, 'little') >> 1
 
 
-def build_dataset(data: str, img_size: int, split: str = 'train', seed: int = 0) -> Dataset:
-    """'digits', an ImageNet-layout folder, a .npz/.npy array file, or a latent set (a folder written by encode)
-    -> dataset (split/seed only matter for digits). A latent set records its own sizes (.meta['img_size'],
-    .meta['latent_shape']), so img_size is not checked against it: the caller compares them with its model."""
-    if data == 'digits':
-        return Digits(img_size, split, seed)
-    if os.path.isdir(data):
+def open_source(src: str, img_size: int, split: str = 'train', seed: int = 0, flag: str = '--data',
+                latents: bool = True) -> Dataset:
+    """The one place a data source is named: a built-in dataset (BUILTIN, where split and seed apply), an
+    ImageNet-layout folder, a .npz/.npy array file, or (if latents) a latent set, a folder written by encode.
+    build_dataset (training), pack and encode read their sources through it. A latent set records its own sizes
+    (.meta['img_size'], .meta['latent_shape']), so img_size is not checked against it: the caller compares them
+    with its model. Every dataset says whether a mirror image is a training image of its class (.mirrors) and
+    which held-out split it has (.heldout(), None if it has none)."""
+    if src in BUILTIN:
+        return BUILTIN[src](img_size, split, seed)
+    if os.path.isdir(src):
         # before ImageFolder: a latent set's folder has no class subfolders, and an unfinished one must say so
-        if is_latent_set(data):
-            return LatentDataset(data)
-        return ImageFolder(data, img_size)
-    if data.endswith(('.npz', '.npy')):
-        return ArrayDataset(data, img_size)
-    raise UsageError(f"--data {data!r}: expected 'digits', an existing image folder, or a .npz/.npy file")
+        if is_latent_set(src):
+            if not latents:
+                raise UsageError(f"{flag} {src!r}: is a latent set already; give the images it was encoded from")
+            return LatentDataset(src)
+        return ImageFolder(src, img_size)
+    if src.endswith(('.npz', '.npy')):
+        return ArrayDataset(src, img_size)
+    raise UsageError(f"{flag} {src!r}: expected {', '.join(map(repr, BUILTIN))}, an existing image folder, or a "
+                     ".npz/.npy file")
+
+
+def build_dataset(data: str, img_size: int, split: str = 'train', seed: int = 0) -> Dataset:
+    """--data -> a dataset to train on (see open_source)."""
+    return open_source(data, img_size, split, seed)
+
+
+class Source(Dataset):
+    """What every data source says of itself, beside (item, label) pairs, .num_classes (0 if unlabelled) and
+    .targets: whether training may flip its images (.mirrors), its held-out split (.heldout()), and image i as
+    uint8 (H, W, 3) for pack (.load(i); None if unreadable)."""
+    mirrors = True
+
+    def heldout(self):
+        return None
+
+    def load(self, i):
+        return self[i][0].permute(1, 2, 0).numpy()
 
 # -----------------------------------------------------------------------------
 # files and processes: the few helpers every script shares (model.py does no I/O and no distributed work)
@@ -256,9 +281,10 @@ def setup_distributed(device_arg: str):
 # built-in digits
 
 
-class Digits(Dataset):
+class Digits(Source):
     """The ten digits in Pillow's built-in font, random colours/size/position/rotation, deterministic per index."""
     SIZES = {'train': 60000, 'val': 10000}
+    mirrors = False   # a mirrored digit is no digit: never flipped in training
     _glyphs = None  # per-process cache: digit -> tight 'L' mask at high resolution
 
     def __init__(self, img_size: int = 16, split: str = 'train', seed: int = 0):
@@ -272,6 +298,10 @@ class Digits(Dataset):
 
     def __len__(self):
         return self.SIZES[self.split]
+
+    def heldout(self):
+        """The val split, drawn as this one is (stage 1's held-out bits/dim)."""
+        return Digits(self.img_size, 'val', self.seed)
 
     def load(self, i):
         """uint8 (H, W, 3), as ImageFolder.load, so pack() can write a digits split to an array file."""
@@ -327,6 +357,8 @@ class Digits(Dataset):
             if abs(float((fg - bg) @ luma)) >= 100:
                 return fg, bg
 
+BUILTIN = {'digits': Digits}   # built-in datasets by name (no download), each built as (img_size, split, seed)
+
 # -----------------------------------------------------------------------------
 # image folders and array files
 
@@ -370,7 +402,7 @@ def center_crop(img: Image.Image, size: int) -> np.ndarray:
     return arr[top:top + size, left:left + size]
 
 
-class ImageFolder(Dataset):
+class ImageFolder(Source):
     """root/<class>/<image> (ImageNet layout), labels = index in the sorted class names, ADM centre crop."""
 
     def __init__(self, root: str, img_size: int):
@@ -457,7 +489,7 @@ def npz_memmap(path: str, key: str = 'arr_0'):
         return np.memmap(path, dtype, 'r', f.tell(), shape, 'F' if fortran else 'C')
 
 
-class ArrayDataset(Dataset):
+class ArrayDataset(Source):
     """ADM .npz (arr_0 uint8 (N,H,W,3), optional arr_1 labels) or a packed .npy, read by memory map: ImageNet 64 is
     15.7 GB, which 8 ranks must not each load. A compressed .npz is read into RAM, and refused when large."""
 
@@ -534,7 +566,7 @@ def pack(src_dir: str, out: str, img_size: int, num_workers: int = 0, split: str
     src_dir 'digits' writes the first `limit` images of a built-in split instead (e.g. FID reference images)."""
     if not out.endswith(('.npy', '.npz')):
         raise UsageError(f"pack output {out!r}: must end in .npy or .npz")
-    ds = Digits(img_size, split) if src_dir == 'digits' else ImageFolder(src_dir, img_size)
+    ds = open_source(src_dir, img_size, split, flag='pack SRC', latents=False)
     n = len(ds) if limit is None else min(limit, len(ds))
     shape, tmp = (n, img_size, img_size, 3), f"{out}.tmp{os.getpid()}"
     # .npy is written through a memmap so ImageNet never has to fit in RAM
@@ -598,7 +630,7 @@ def latent_norm(meta: dict):
             torch.tensor(meta['norm']['std'], dtype=torch.float32))
 
 
-class LatentDataset(Dataset):
+class LatentDataset(Source):
     """A latent set written by encode: OUT/latents.npy float32 (N, 2, 2, C, h, w) = [image, mirror image] x
     [posterior mean, std], read by memory map (ImageNet 256 is 84 GB), OUT/labels.npy int64 (N,), OUT/meta.json.
     item(i, flip) -> (float32 (2, C, h, w) = [mean, std] of image i, or of its mirror image if flip, label);
@@ -668,19 +700,6 @@ class _Readable(Dataset):
 def _encode_collate(items):
     return (torch.tensor([it[0] for it in items]), torch.stack([it[1] for it in items]),
             torch.tensor([it[2] for it in items], dtype=torch.int64), torch.tensor([it[3] for it in items]))
-
-
-def _encode_source(src: str, img_size: int, split: str) -> Dataset:
-    """encode's SRC -> image dataset: 'digits', an image folder, or an array file (not a latent set)."""
-    if src == 'digits':
-        return Digits(img_size, split)
-    if os.path.isdir(src):
-        if is_latent_set(src):
-            raise UsageError(f"encode SRC {src!r}: is a latent set already; give the images it was encoded from")
-        return ImageFolder(src, img_size)
-    if src.endswith(('.npz', '.npy')):
-        return ArrayDataset(src, img_size)
-    raise UsageError(f"encode SRC {src!r}: expected 'digits', an existing image folder, or a .npz/.npy file")
 
 
 # the flags that set each recorded setting, for the message when a rerun's settings differ from the unfinished set's
@@ -779,7 +798,7 @@ def encode(src: str, out: str, vae, img_size: int, batch_size: int = 64, norm: s
         raise UsageError(f"--norm {norm!r}: expected 'channel', 'sd' or 'compute'")
     device = torch.device(device)
     _check_out(out, None, overwrite)   # a complete set is refused at once, before SRC is listed
-    ds = _encode_source(src, img_size, split)
+    ds = open_source(src, img_size, split, flag='encode SRC', latents=False)
     n = len(ds) if limit is None else min(limit, len(ds))
     if n == 0:
         raise UsageError(f"encode SRC {src!r}: holds no images")
@@ -788,7 +807,7 @@ def encode(src: str, out: str, vae, img_size: int, batch_size: int = 64, norm: s
     if norm == 'channel' and C != len(LATENT_NORMS['channel'][0]):
         raise UsageError(f"--norm channel: its statistics are for the 4 channels of sd-vae-ft-mse, but --vae "
                          f"{vae_name} has {C}; use --norm compute")
-    settings = {'source': src if src == 'digits' else os.path.abspath(src), 'split': split if src == 'digits' else None,
+    settings = {'source': src if src in BUILTIN else os.path.abspath(src), 'split': split if src in BUILTIN else None,
                 'img_size': img_size, 'n': n, 'latent_shape': [C, h, w],
                 'vae_fingerprint': _settings_fingerprint(out, vae, overwrite),
                 'chunk': chunk}
@@ -883,7 +902,7 @@ def _finish(out, ds, src, split, n, img_size, latent_shape, norm, vae_name, fing
         mean, std = (mean * C, std * C) if len(mean) == 1 else (mean, std)
     bad = [i for m in marks for i in m['unreadable']]
     meta = {'format': 'latents', 'version': 1, 'n': n, 'img_size': img_size, 'latent_shape': latent_shape,
-            'num_classes': int(ds.num_classes), 'source': src, **({'split': split} if src == 'digits' else {}),
+            'num_classes': int(ds.num_classes), 'source': src, **({'split': split} if src in BUILTIN else {}),
             'vae': {'name': vae_name, 'fingerprint': fingerprint}, 'norm': {'kind': norm, 'mean': mean, 'std': std},
             'unreadable': len(bad)}
     atomic_write(os.path.join(out, 'meta.json'), lambda f: f.write((json.dumps(meta, indent=1) + '\n').encode()))

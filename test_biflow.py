@@ -1568,6 +1568,30 @@ def test_data_imagefolder_modes_and_labels(tmp_path):
     assert ds.num_unreadable == 0
 
 
+def test_data_sources_resolve_through_one_registry(tmp_path, monkeypatch):
+    """A dataset added to BUILTIN is read by training, pack and encode alike, and its own properties (mirror images
+    allowed, no held-out split), not its name, decide what train.py does with it."""
+    class Shapes(Digits):   # the digits under another name, flippable, without a held-out split
+        mirrors = True
+
+        def heldout(self):
+            return None
+    monkeypatch.setitem(data.BUILTIN, 'shapes', Shapes)
+    assert isinstance(build_dataset('shapes', 16), Shapes)
+    pack('shapes', str(tmp_path / 's.npz'), 16, limit=4)
+    assert np.array_equal(np.load(tmp_path / 's.npz')['arr_0'][2], Shapes(16).load(2))
+    encode('shapes', str(tmp_path / 'lat'), StandInVAE(), **ENC_SMALL, vae_name='standin.pt')
+    assert json.load(open(tmp_path / 'lat' / 'meta.json'))['source'] == 'shapes'
+    flips = []
+    monkeypatch.setattr(train, 'Loader', lambda *a, flip, **k: flips.append(flip) or Loader(*a, flip=flip, **k))
+    for name in ('shapes', 'digits'):
+        train_main('--data', name, '--out_dir', tmp_path / name, '--max_steps', 1, *QUICK)
+    assert flips == [True, False]
+    evaluated = [any('val_bpd' in json.loads(r) for r in open(tmp_path / n / 'forward_log.jsonl'))
+                 for n in ('shapes', 'digits')]
+    assert evaluated == [False, True]
+
+
 def test_data_32bit_and_float_images_are_scaled_not_clipped(tmp_path):
     """PIL modes I (32-bit) and F (float): scaled from the range they are stored in, the same in ImageFolder, pack
     and encode; values with no such range are refused by name (the file is skipped as unreadable)."""

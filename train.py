@@ -174,8 +174,7 @@ def get_args(argv=None):
                    'CUDA)')
     args = p.parse_args(argv)
     # the flags given on the command line: parse again with every default suppressed
-    for action in p._actions:
-        action.default = argparse.SUPPRESS
+    p.set_defaults(**{k: argparse.SUPPRESS for k in vars(args)})
     explicit = set(vars(p.parse_args(argv)))
     # bad numbers fail here, in one line naming the flag, not as a traceback (or a silent no-op) steps later
     for k in ('max_steps', 'batch_size', 'perceptual_every', 'log_every', 'ckpt_every', 'sample_every', 'fid_every',
@@ -489,8 +488,9 @@ def train(argv, lock):
     check_labels(dataset, cfg, f'--data {args.data}')
     val = None   # stage 1's held-out set for bits/dim: the digits' val split, or --val_data
     if args.stage == 'forward':
-        val_data = args.val_data or ('digits' if args.data == 'digits' else None)   # pixels only (checked above)
-        val = val_data and build_dataset(val_data, cfg.img_size, 'val', args.seed)
+        # --val_data, or the data's own held-out split (the digits' val split); pixels only (checked above)
+        val_data = args.val_data or f'the held-out split of {args.data}'
+        val = build_dataset(args.val_data, cfg.img_size, 'val', args.seed) if args.val_data else dataset.heldout()
         # checked now, as --data is: a bad held-out set must not end the run at its first evaluation
         if isinstance(val, LatentDataset):
             raise UsageError(f'--val_data {val_data}: a latent set; bits/dim are measured on 8-bit pixel images')
@@ -500,7 +500,7 @@ def train(argv, lock):
     workers = args.num_workers if args.num_workers is not None else (8 if device.type == 'cuda' else 0)
     # each rank gets its slice of one global batch, in an order that a resume continues exactly
     loader = Loader(dataset, args.batch_size, rank, world, args.seed, num_workers=workers,
-                    pin_memory=device.type == 'cuda', flip=args.data != 'digits')
+                    pin_memory=device.type == 'cuda', flip=dataset.mirrors)
     # ---- resume: weights, optimizer moments, data position, RNG; the log is cut back to the checkpoint's step
     step = 0
     if resume:
