@@ -173,9 +173,11 @@ def get_args(argv=None):
     g.add_argument('--num_workers', type=int, default=None, help='data loader workers per rank (None: 0 on CPU, 8 on '
                    'CUDA)')
     args = p.parse_args(argv)
-    # the flags given on the command line: parse again with every default suppressed
-    p.set_defaults(**{k: argparse.SUPPRESS for k in vars(args)})
-    explicit = set(vars(p.parse_args(argv)))
+    # the flags given on the command line: parse again into a namespace that has every attribute already, so that
+    # argparse fills in no default and only the given flags change
+    unset = object()
+    given = p.parse_args(argv, namespace=argparse.Namespace(**{k: unset for k in vars(args)}))
+    explicit = {k for k, v in vars(given).items() if v is not unset}
     # bad numbers fail here, in one line naming the flag, not as a traceback (or a silent no-op) steps later
     for k in ('max_steps', 'batch_size', 'perceptual_every', 'log_every', 'ckpt_every', 'sample_every', 'fid_every',
               'fid_samples', 'warmup_steps', 'eval_every', 'eval_samples', 'max_skips', 'stop_at', 'num_classes',
