@@ -361,13 +361,9 @@ def check_labels(dataset, cfg, flag):
                          f'model has {cfg.num_classes}')
 
 
-def main(argv=None):
-    with RunLock() as lock:   # released however train() ends; the OS drops it if the process is killed
-        train(argv, lock)
-
-
-def train(argv, lock):
-    # ---- settings: the command line and the preset, or the saved run's when resuming
+def settings(argv):
+    """-> (args, resume): the flags with their preset's defaults, or, with --resume, the saved run's settings (and
+    the loaded checkpoint), checked against each other."""
     args, explicit = get_args(argv)
     resume = load_checkpoint_file(args.resume) if args.resume else None
     args = fill_preset_defaults(resume_args(args, explicit, resume, args.resume) if resume else args)
@@ -380,26 +376,31 @@ def train(argv, lock):
                          f'{args.max_steps}); nothing to do')
     if resume and args.stop_at is not None and args.stop_at <= resume['step']:
         raise UsageError(f'--stop_at {args.stop_at}: the checkpoint is already at step {resume["step"]}')
+    return args, resume
 
-    # ---- processes and numerics: one rank per GPU (or CPU process); bf16 autocast on GPU, fp32 flow math always
+
+def processes(args):
+    """-> (rank, world, device, bf16): one rank per GPU (or CPU process), the same initial weights on every rank;
+    TF32 and bf16 autocast on GPU."""
     rank, world, device = setup_distributed(args.device)
-    master = rank == 0
-    print0 = print if master else (lambda *a, **k: None)
     if args.batch_size % world:
         raise UsageError(f'--batch_size {args.batch_size} is not divisible by the number of ranks ({world})')
     if (args.lpips or args.convnext) and (args.batch_size // world) % args.perceptual_every:
         raise UsageError(f'--perceptual_every {args.perceptual_every} must divide the batch of each rank '
-                         f'({args.batch_size // world}), so that the same images get the terms on any number of ranks')
-    torch.manual_seed(args.seed)  # identical initial weights on every rank
+                         f'({args.batch_size // world}), so that the same images get the terms on any number of '
+                         'ranks')
+    torch.manual_seed(args.seed)
     if device.type == 'cuda':
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    bf16 = args.dtype == 'bf16' or (args.dtype == 'auto' and device.type == 'cuda')
-    ctx = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+    return rank, world, device, args.dtype == 'bf16' or (args.dtype == 'auto' and device.type == 'cuda')
 
-    # ---- files: one run at a time writes a stage's files (a lock, rank 0's for all ranks, taken before the check
-    # below, so that two runs started together cannot both pass it); a fresh run never replaces an earlier one
-    # unless asked to (resuming from the file this run writes continues it; from elsewhere it must not clobber)
+
+def claim_outputs(args, resume, lock, master):
+    """-> (checkpoint path, log path, continuing). One run at a time writes a stage's files: the lock (rank 0's,
+    for all ranks) is taken before the check for an earlier run, so that two runs started together cannot both
+    pass it. A fresh run never replaces an earlier one unless asked to; resuming from the file this run writes
+    continues it, and resuming from elsewhere must not clobber the run that is here."""
     ckpt_path = os.path.join(args.out_dir, f'{args.stage}.pt')
     log_path = os.path.join(args.out_dir, f'{args.stage}_log.jsonl')
     if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
@@ -408,161 +409,271 @@ def train(argv, lock):
         os.makedirs(args.out_dir, exist_ok=True)
         lock.acquire(os.path.join(args.out_dir, f'{args.stage}.lock'), f'--out_dir {args.out_dir} ({args.stage} '
                      'stage)')
-    continuing = resume and os.path.abspath(args.resume) == os.path.abspath(ckpt_path)
+    continuing = bool(resume) and os.path.abspath(args.resume) == os.path.abspath(ckpt_path)
     if not continuing and not args.overwrite:
         for path in (ckpt_path, log_path):
             if os.path.exists(path):
                 raise FileExistsError(f'{path} exists (an earlier run): continue it with --resume {ckpt_path}, '
                                       f'pick another --out_dir, or pass --overwrite to replace it')
+    return ckpt_path, log_path, continuing
 
-    # ---- models: on resume the checkpoint defines them (a reverse checkpoint carries its frozen F)
-    forward_model = None
+
+def build_models(args, resume, device):
+    """-> (model, ema, flow, cfg, flow_latent): the model this stage trains and its EMA copy (what samples,
+    evaluates and is saved as 'ema'; it starts equal to the model); in stage 2 the frozen F (EMA weights of
+    --forward_ckpt, or the copy a reverse checkpoint carries) and the latent metadata F was trained on. On resume
+    the checkpoint defines the models."""
+    flow, flow_latent = None, None
     if args.stage == 'forward':
         if resume:
             cfg = config_from_dict(FlowConfig, resume['model_config'])
         else:
-            cfg = replace(PRESETS[args.preset], **{k: getattr(args, k) for k in ('norm_clip', 'noise_std',
-                                                                                  'num_classes')
-                                                   if getattr(args, k) is not None})
+            given = {k: getattr(args, k) for k in ('norm_clip', 'noise_std', 'num_classes')
+                     if getattr(args, k) is not None}
+            cfg = replace(PRESETS[args.preset], **given)
             # record what the model was built with, so that the saved train_config says what ran
             args.norm_clip, args.noise_std, args.num_classes = cfg.norm_clip, cfg.noise_std, cfg.num_classes
         model = TarFlow(cfg)
     else:
-        fck = None
         if resume:
-            fcfg, fweights, forward_latent = resume['forward_config'], resume['forward'], resume.get('latent')
+            fcfg, fweights, flow_latent = resume['forward_config'], resume['forward'], resume.get('latent')
         else:
             fck = load_checkpoint_file(args.forward_ckpt, '--forward_ckpt')
             if fck['kind'] != 'forward':
-                raise UsageError(f'--forward_ckpt {args.forward_ckpt} is a {fck["kind"]} checkpoint, not a forward one')
-            fcfg, fweights = fck['model_config'], fck['ema']
-            forward_latent = fck.get('latent')
-        forward_model = TarFlow(config_from_dict(FlowConfig, fcfg))
-        forward_model.load_state_dict(fweights)
-        del fweights, fck   # copied into F: free the file's tensors (a resume's go with `resume` below)
-        forward_model.to(device).eval().requires_grad_(False)  # F is frozen: never trained, never updated
+                raise UsageError(f'--forward_ckpt {args.forward_ckpt} is a {fck["kind"]} checkpoint, not a forward '
+                                 'one')
+            fcfg, fweights, flow_latent = fck['model_config'], fck['ema'], fck.get('latent')
+            del fck   # F's weights are copied below: free the rest of the file
+        flow = TarFlow(config_from_dict(FlowConfig, fcfg))
+        flow.load_state_dict(fweights)
+        flow.to(device).eval().requires_grad_(False)  # F is frozen: never trained, never updated
         if resume:
             cfg = config_from_dict(ReverseConfig, resume['model_config'])
         else:
-            cfg = reverse_config_for(forward_model.cfg, args.preset, align=args.align, denoise=args.denoise,
+            cfg = reverse_config_for(flow.cfg, args.preset, align=args.align, denoise=args.denoise,
                                      norm=args.reverse_norm, guidance_mode=args.guidance_mode)
         model = ReverseModel(cfg)
     model.to(device)
-    # the EMA copy is what samples, evaluates and gets saved as 'ema'; it starts equal to the model
     ema = type(model)(cfg).to(device).requires_grad_(False)
     ema.load_state_dict(model.state_dict())
-    # TarFlow's optimizer: AdamW (0.9, 0.95), weight decay on every parameter (no groups). Fused (CPU and CUDA): it
-    # takes AMP's found_inf flag, which skips a non-finite step on the device instead of a host-side `if`
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay,
-                            fused=True)
+    return model, ema, flow, cfg, flow_latent
 
-    # ---- data: labels must match the model's classes; unlabelled data needs an unconditional model
+
+def load_data(args, cfg, flow_latent, resume, device):
+    """-> (dataset, latent, decode, norm, val), each input checked against the model before the first step:
+    latent data (data.py encode) must fit the model's geometry, the VAE and, in stage 2, F's latents (latent: the
+    metadata saved with the checkpoint; decode: its LatentDecoder; norm: its per-channel (mean, std)); labels
+    must match the model's classes; val is stage 1's held-out set for bits/dim (--val_data, or the data's own
+    held-out split), checked as the data is."""
     dataset = build_dataset(args.data, cfg.img_size, 'train', args.seed)
-    # latent data (data.py encode): the model's geometry, the VAE and, in stage 2, F's latents must all agree with it
-    latent = None
+    latent = decode = norm = None
     if isinstance(dataset, LatentDataset):
         m = dataset.meta
-        latent = {k: m[k] for k in ('img_size', 'latent_shape', 'vae', 'norm')}   # saved with the checkpoint
+        latent = {k: m[k] for k in ('img_size', 'latent_shape', 'vae', 'norm')}
         if tuple(m['latent_shape']) != (cfg.in_channels, cfg.img_size, cfg.img_size):
-            raise UsageError(f'--data {args.data} holds latents of shape {tuple(m["latent_shape"])} (C, h, w), but the '
-                             f'model takes {cfg.in_channels}x{cfg.img_size}x{cfg.img_size} (' +
+            raise UsageError(f'--data {args.data} holds latents of shape {tuple(m["latent_shape"])} (C, h, w), but '
+                             f'the model takes {cfg.in_channels}x{cfg.img_size}x{cfg.img_size} (' +
                              (f'--preset {args.preset})' if args.stage == 'forward' else 'the geometry of F)'))
         if args.stage == 'forward' and (args.noise_type != 'gaussian' or args.val_data):
-            raise UsageError('--noise_type uniform and --val_data measure bits/dim of 8-bit pixels; latent data has no '
-                             'such bins: train latents with Gaussian noise, without --val_data')
-        mean, std = (t.to(device) for t in latent_norm(m))
+            raise UsageError('--noise_type uniform and --val_data measure bits/dim of 8-bit pixels; latent data has '
+                             'no such bins: train latents with Gaussian noise, without --val_data')
+        norm = tuple(t.to(device) for t in latent_norm(m))
         decode = latent_decoder(latent, args.vae, device, f'--data {args.data}')   # checks the VAE's fingerprint
         if args.stage == 'reverse':   # G learns F's inverse on F's own data distribution
             # F's recorded VAE against the one that made these latents (an older file records an older fingerprint)
-            fl = forward_latent or {}
+            fl = flow_latent or {}
             if fl.get('norm') != latent['norm'] or not decode.vae.matches(fl.get('vae', {}).get('fingerprint')):
-                raise UsageError(f'--data {args.data}: F was trained on other latents (another VAE or normalisation) '
-                                 'than these; stage 2 must see the data F was trained on')
+                raise UsageError(f'--data {args.data}: F was trained on other latents (another VAE or '
+                                 'normalisation) than these; stage 2 must see the data F was trained on')
     elif cfg.in_channels != 3:
         raise UsageError(f'the model takes SD-VAE latents ({cfg.in_channels}x{cfg.img_size}x{cfg.img_size}), but '
-                         f'--data {args.data} is pixels: encode it once with `python data.py encode SRC OUT --vae PATH` '
-                         'and train on OUT')
-    else:
-        decode = None
+                         f'--data {args.data} is pixels: encode it once with `python data.py encode SRC OUT --vae '
+                         'PATH` and train on OUT')
     if resume and resume.get('latent') != latent:
-        raise UsageError(f'--resume {args.resume} was trained on other data (latents: {resume.get("latent") is not None})'
-                         f' than --data {args.data} (latents: {latent is not None}, or another VAE or normalisation)')
+        raise UsageError(f'--resume {args.resume} was trained on other data (latents: '
+                         f'{resume.get("latent") is not None}) than --data {args.data} (latents: '
+                         f'{latent is not None}, or another VAE or normalisation)')
     check_labels(dataset, cfg, f'--data {args.data}')
-    val = None   # stage 1's held-out set for bits/dim: the digits' val split, or --val_data
-    if args.stage == 'forward':
-        # --val_data, or the data's own held-out split (the digits' val split); pixels only (checked above)
+    val = None
+    if args.stage == 'forward':   # pixels only (checked above)
         val_data = args.val_data or f'the held-out split of {args.data}'
         val = build_dataset(args.val_data, cfg.img_size, 'val', args.seed) if args.val_data else dataset.heldout()
-        # checked now, as --data is: a bad held-out set must not end the run at its first evaluation
         if isinstance(val, LatentDataset):
             raise UsageError(f'--val_data {val_data}: a latent set; bits/dim are measured on 8-bit pixel images')
         if val is not None:
             check_labels(val, cfg, f'--val_data {val_data}')
+    return dataset, latent, decode, norm, val
+
+
+def restore(resume, model, ema, opt, loader):
+    """Continue a run exactly: weights, EMA, optimizer moments, data position and RNG. -> the step."""
+    model.load_state_dict(resume['model'])
+    ema.load_state_dict(resume['ema'])
+    opt.load_state_dict(resume['optimizer'])
+    loader.load_state_dict(resume['loader'])
+    torch.set_rng_state(resume['rng'])
+    return resume['step']
+
+
+def print_header(args, model, world, device, bf16, latent):
+    """What trains, where, with which settings (all of them, so that a log is self-describing)."""
+    name, paper = PAPER_MODELS.get((args.stage, args.preset), (None, None))
+    print(f'{args.stage} model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters' +
+          (f' ({name} in the paper: {paper / 1e6:.0f}M)' if name else '') +
+          f', {world} rank(s) on {device}, {"bf16" if bf16 else "fp32"}' +
+          (f', latents of {latent["vae"]["name"]}' if latent else ''))
+    for k, v in sorted(vars(args).items()):
+        print(f'  {k:16s} {v}')
+
+
+def fid_reference(args, device, master, world):
+    """The FID monitor's reference statistics, checked against the network and computed once per job before the
+    first step (recomputed at every evaluation, they kept the other ranks waiting past NCCL's timeout). A stats
+    .npz is used as it is. -> its path, or None without --fid_ref."""
+    if not args.fid_ref:
+        return None
+    if master:
+        fid.check_reference(args.fid_ref, fid.load_inception(args.inception, device))
+    if fid.input_kind(args.fid_ref) == 'stats':
+        return args.fid_ref
+    path = os.path.join(args.out_dir, 'fid_ref_stats.npz')
+    # a gloo group with a long timeout for the others' wait: a large reference can take NCCL's 10 minutes
+    group = dist.new_group(backend='gloo', timeout=datetime.timedelta(hours=12)) if world > 1 else None
+    if master:
+        print(f'FID reference statistics of {args.fid_ref} -> {path}')
+        ref = fid.input_statistics(args.fid_ref, fid.load_inception(args.inception, device), device=device)
+        fid.save_stats(path, ref['mu'], ref['sigma'], ref['num_samples'])
+    if world > 1:
+        dist.barrier(group=group)
+        dist.destroy_process_group(group)
+    return path
+
+
+def wrap(model, flow, args, world, device):
+    """-> (the model to step, the F that computes stage 2's targets): compiled with --compile (F's pass is ~44% of
+    a stage-2 step's FLOPs), then the model in DDP over several ranks, with bucket views (the gradients live in
+    DDP's buckets, no second copy of them)."""
+    flow_fn = flow
+    if args.compile:
+        model = torch.compile(model)
+        if flow is not None:
+            flow_fn = torch.compile(flow)
+    if world > 1:
+        model = DDP(model, device_ids=[device.index] if device.type == 'cuda' else None, gradient_as_bucket_view=True)
+    return model, flow_fn
+
+
+def perceptual_terms(args, decode, device):
+    """Stage 2's optional perceptual terms (frozen networks, weights from local files), or None. On latents they
+    compare decoded images: the frozen VAE decodes, G gets the gradient."""
+    if args.stage != 'reverse' or not (args.lpips or args.convnext):
+        return None
+    perceptual = PerceptualLoss(*(load_weights(getattr(args, k), k) for k in ('lpips', 'vgg', 'convnext')))
+    perceptual.decode = decode
+    return perceptual.to(device)
+
+
+def stage_loss(args, model, flow_fn, x, y, w, eps, perceptual, step, rank):
+    """-> (loss, metrics, traj) of one step: stage 1 the exact NLL of the noisy data (traj, the per-block states,
+    feeds the log row's block norms), stage 2 the alignment of G with F's trajectory (traj None). F's trajectory
+    is computed inside, without gradients (fp32 unless --target_dtype bf16); the stage-2 terms are one distance per
+    aligned depth, and the crop boxes of the perceptual terms come from (seed, step, rank), so a resume redraws
+    them."""
+    if args.stage == 'forward':
+        loss, nll, traj = forward_loss(model, x, y, eps, args.noise_type, checkpoint=args.grad_checkpoint)
+        metrics = {'loss': loss.detach()}
+        if args.noise_type == 'uniform':   # the bin constant only applies to dequantised data
+            metrics['bpd'] = TarFlow.bits_per_dim(nll.detach()).mean()
+        return loss, metrics, traj
+    loss, terms = reverse_loss(model, flow_fn, x, y, w, eps, perceptual,
+                               {'lpips': args.lpips_weight, 'convnext': args.convnext_weight},
+                               generator=crop_generator(args.seed, step, rank) if perceptual else None,
+                               fp32_targets=args.target_dtype == 'fp32', perceptual_every=args.perceptual_every)
+    return loss, {'loss': loss.detach(), **terms}, None
+
+
+def update(loss, model, ema, opt, step, args):
+    """Backward (DDP averages the gradients, so every rank agrees on finiteness), clip, then an optimizer and EMA
+    step that is skipped on the device when the gradient is not finite: an `if` would wait for the GPU on every
+    step. -> (gradient norm, bad), 0-dim tensors on the device."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip if args.grad_clip > 0 else math.inf)
+    bad = ~torch.isfinite(gnorm)
+    opt.found_inf = bad.float()   # fused AdamW leaves weights, moments and step count alone where it is 1
+    opt.step()
+    ema_update(ema, model, ema_decay(step, args.ema), ok=~bad)   # and the EMA stays as it was
+    return gnorm, bad
+
+
+@torch.no_grad()
+def recon_rmse(G, flow, x, y, eps):
+    """The log row's reconstruction error |G(F(x + sigma eps)) - x| (rms, over pixels) at w = 0, of the EMA G."""
+    _, _, traj = flow(x + flow.cfg.noise_std * eps, y)
+    rec = G(traj[-1], y)[-1]
+    return (rec.float() - patchify(x.float(), G.cfg.patch_size)).pow(2).mean().sqrt().item()
+
+
+def interval_means(acc, cnt, world):
+    """The metric sums of an interval of cnt steps -> their means over the steps and the ranks, in the order the
+    metrics were added (loss, bits/dim or the stage-2 terms, gnorm). One reduction, one read from the device."""
+    keys = list(acc)
+    vals = torch.stack([acc[k] for k in keys])
+    if world > 1:
+        dist.all_reduce(vals)
+        vals /= world
+    return {k: v / cnt for k, v in zip(keys, vals.tolist())}
+
+
+def print_row(row, max_steps, eta):
+    """One line per log row: the important fields first, 4 significant digits, 'skipped' only when not 0."""
+    fields = [f'{k} {"[" + ", ".join(map(fmt, v)) + "]" if isinstance(v, list) else fmt(v)}'
+              for k, v in row.items() if k != 'step' and not (k == 'skipped' and not v)]
+    step = row['step']
+    print(f'step {step}/{max_steps} ({100 * step / max_steps:.0f}%) | ' + ' | '.join(fields) + f' | ETA {hms(eta)}')
+
+
+def main(argv=None):
+    with RunLock() as lock:   # released however train() ends; the OS drops it if the process is killed
+        train(argv, lock)
+
+
+def train(argv, lock):
+    args, resume = settings(argv)
+    rank, world, device, bf16 = processes(args)
+    master = rank == 0
+    print0 = print if master else (lambda *a, **k: None)
+    ctx = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()   # fp32 flow math always
+    ckpt_path, log_path, continuing = claim_outputs(args, resume, lock, master)
+
+    # ---- models, optimizer, data, the resumed state
+    model, ema, flow, cfg, flow_latent = build_models(args, resume, device)
+    # TarFlow's optimizer: AdamW (0.9, 0.95), weight decay on every parameter (no groups). Fused (CPU and CUDA): it
+    # takes AMP's found_inf flag, which skips a non-finite step on the device instead of a host-side `if`
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay,
+                            fused=True)
+    dataset, latent, decode, norm, val = load_data(args, cfg, flow_latent, resume, device)
     # decoding JPEGs needs workers on GPU; on CPU they would compete with the model for the same cores
     workers = args.num_workers if args.num_workers is not None else (8 if device.type == 'cuda' else 0)
     # each rank gets its slice of one global batch, in an order that a resume continues exactly
     loader = Loader(dataset, args.batch_size, rank, world, args.seed, num_workers=workers,
                     pin_memory=device.type == 'cuda', flip=dataset.mirrors)
-    # ---- resume: weights, optimizer moments, data position, RNG; the log is cut back to the checkpoint's step
     step = 0
     if resume:
-        model.load_state_dict(resume['model'])
-        ema.load_state_dict(resume['ema'])
-        opt.load_state_dict(resume['optimizer'])
-        loader.load_state_dict(resume['loader'])
-        torch.set_rng_state(resume['rng'])
-        step = resume['step']
-        if master:
+        step = restore(resume, model, ema, opt, loader)
+        if master:   # the rows a crashed run logged after its checkpoint go
             trim_log(log_path, step)
         print0(f'resumed from {args.resume} at step {step}')
     del resume   # the loaded tensors are copied into the models: free them
-    # optional perceptual terms of stage 2 (frozen networks, weights from local files)
-    perceptual = None
-    if args.stage == 'reverse' and (args.lpips or args.convnext):
-        perceptual = PerceptualLoss(*(load_weights(getattr(args, k), k) for k in ('lpips', 'vgg', 'convnext')))
-        perceptual.decode = decode   # latents: the terms compare decoded images (the frozen VAE, G gets the gradient)
-        perceptual.to(device)
-    weights = {'lpips': args.lpips_weight, 'convnext': args.convnext_weight}
+    perceptual = perceptual_terms(args, decode, device)
 
-    # ---- wrappers: compile, then DDP; `raw` stays the plain module for saving, EMA and sampling
-    raw, fwd = model, forward_model   # fwd: the F that computes stage 2's targets (forward_model saves and samples)
-    if args.compile:
-        model = torch.compile(model)  # compile before DDP, keep `raw` for saving, EMA and sampling
-        if forward_model is not None:   # F's pass is ~44% of a stage-2 step's FLOPs
-            fwd = torch.compile(forward_model)
-    if world > 1:   # bucket views: the gradients live in DDP's buckets, no second copy of them
-        model = DDP(model, device_ids=[device.index] if device.type == 'cuda' else None, gradient_as_bucket_view=True)
-
-    # ---- the run's header: what trains, where, with which settings (all of them, so a log is self-describing)
+    # `raw` stays the plain module for saving, EMA and sampling
+    raw, (model, flow_fn) = model, wrap(model, flow, args, world, device)
     if master:
-        os.makedirs(args.out_dir, exist_ok=True)
         if not continuing and os.path.exists(log_path):   # --overwrite: the old log goes with the old run
             os.remove(log_path)
-        name, paper = PAPER_MODELS.get((args.stage, args.preset), (None, None))
-        print(f'{args.stage} model: {sum(p.numel() for p in raw.parameters()) / 1e6:.2f}M parameters' +
-              (f' ({name} in the paper: {paper / 1e6:.0f}M)' if name else '') +
-              f', {world} rank(s) on {device}, {"bf16" if bf16 else "fp32"}' +
-              (f', latents of {latent["vae"]["name"]}' if latent else ''))
-        for k, v in sorted(vars(args).items()):
-            print(f'  {k:16s} {v}')
-
-    # ---- the FID monitor's reference statistics, once per job and before the first step: recomputed at every
-    # evaluation, they kept the other ranks waiting in a collective past NCCL's timeout. A stats .npz is used as is.
-    fid_ref = args.fid_ref
-    if args.fid_ref and master:   # the reference against the network, now, not at the first evaluation
-        fid.check_reference(args.fid_ref, fid.load_inception(args.inception, device))
-    if args.fid_ref and fid.input_kind(args.fid_ref) != 'stats':
-        fid_ref = os.path.join(args.out_dir, 'fid_ref_stats.npz')
-        # a gloo group with a long timeout for the others' wait: a large reference can take NCCL's 10 minutes
-        group = dist.new_group(backend='gloo', timeout=datetime.timedelta(hours=12)) if world > 1 else None
-        if master:
-            print(f'FID reference statistics of {args.fid_ref} -> {fid_ref}')
-            ref = fid.input_statistics(args.fid_ref, fid.load_inception(args.inception, device), device=device)
-            fid.save_stats(fid_ref, ref['mu'], ref['sigma'], ref['num_samples'])
-            del ref
-        if world > 1:
-            dist.barrier(group=group)
-            dist.destroy_process_group(group)
+        print_header(args, raw, world, device, bf16, latent)
+    fid_ref = fid_reference(args, device, master, world)
 
     # ---- the side jobs of the loop: log rows, checkpoints, sample grids, FID; rank 0 writes, everyone syncs
     def log(row):
@@ -577,8 +688,8 @@ def train(argv, lock):
             ck = dict(kind=args.stage, model=raw.state_dict(), ema=ema.state_dict(), optimizer=opt.state_dict(),
                       step=step, model_config=asdict(cfg), train_config=vars(args), loader=loader.state_dict(),
                       rng=torch.get_rng_state(), latent=latent)   # latent: None for pixel data
-            if forward_model is not None:
-                ck.update(forward_config=asdict(forward_model.cfg), forward=forward_model.state_dict())
+            if flow is not None:
+                ck.update(forward_config=asdict(flow.cfg), forward=flow.state_dict())
             atomic_write(ckpt_path, lambda f: torch.save(ck, f))
         if world > 1:   # no rank runs ahead (and could fail) while rank 0 is still writing
             dist.barrier()
@@ -586,12 +697,12 @@ def train(argv, lock):
     def samples():
         """A grid of EMA samples, one row per class: the quickest look at whether training works."""
         if master:
-            generate_grid(ema, forward_model, os.path.join(args.out_dir, f'{args.stage}_samples.png'),
+            generate_grid(ema, flow, os.path.join(args.out_dir, f'{args.stage}_samples.png'),
                           guidance=args.sample_guidance, seed=args.seed, decode=decode)
 
     def fid_monitor():
         """FID of EMA samples drawn by every rank against the reference statistics; rank 0 gets the number."""
-        return distributed_fid(ema, forward_model, fid_ref, args.fid_samples, guidance=args.sample_guidance,
+        return distributed_fid(ema, flow, fid_ref, args.fid_samples, guidance=args.sample_guidance,
                                seed=args.seed, rank=rank, world=world, device=device, inception=args.inception,
                                decode=decode)
 
@@ -609,38 +720,16 @@ def train(argv, lock):
         x, y = next(it)
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         if latent:   # (b, 2, C, h, w) posterior moments -> this step's normalised latent sample (b, C, h, w)
-            x = posterior_sample(args, step, x, mean, std, rank, world)
+            x = posterior_sample(args, step, x, *norm, rank, world)
         eps, y, w = step_inputs(args, step, x, y, cfg.num_classes, rank, world)
         lr = lr_at(step, args)   # set by hand each step: the schedule is a function of the step, so resume is exact
         for group in opt.param_groups:
             group['lr'] = lr
-        # the loss: stage 1 the exact NLL of the noisy data, stage 2 the alignment of G with F's trajectory
+        if args.stage == 'reverse' and y is None:  # unconditional: index 0 is G's null class
+            y = torch.zeros(x.shape[0], dtype=torch.long, device=device)
         with ctx:
-            if args.stage == 'forward':
-                # traj, the per-block states, feeds the block norms of the log row
-                loss, nll, traj = forward_loss(model, x, y, eps, args.noise_type, checkpoint=args.grad_checkpoint)
-                metrics = {'loss': loss.detach()}
-                if args.noise_type == 'uniform':   # the bin constant only applies to dequantised data
-                    metrics['bpd'] = TarFlow.bits_per_dim(nll.detach()).mean()
-            else:
-                if y is None:  # unconditional: index 0 is G's null class
-                    y = torch.zeros(x.shape[0], dtype=torch.long, device=device)
-                # F's trajectory is computed inside, without gradients (fp32 unless --target_dtype bf16); terms: one
-                # distance per aligned depth; the crop boxes come from (seed, step, rank), so a resume redraws them
-                loss, terms = reverse_loss(model, fwd, x, y, w, eps, perceptual, weights,
-                                           generator=crop_generator(args.seed, step, rank) if perceptual else None,
-                                           fp32_targets=args.target_dtype == 'fp32',
-                                           perceptual_every=args.perceptual_every)
-                metrics = {'loss': loss.detach(), **terms}
-        # the update: backward (DDP averages gradients, so every rank agrees on finiteness), clip, then a step that is
-        # skipped on the device when the gradient is not finite: an `if` here would wait for the GPU on every step
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        gnorm = torch.nn.utils.clip_grad_norm_(raw.parameters(), args.grad_clip if args.grad_clip > 0 else math.inf)
-        bad = ~torch.isfinite(gnorm)
-        opt.found_inf = bad.float()   # fused AdamW leaves weights, moments and step count alone where it is 1
-        opt.step()
-        ema_update(ema, raw, ema_decay(step, args.ema), ok=~bad)   # and the EMA stays as it was
+            loss, metrics, traj = stage_loss(args, model, flow_fn, x, y, w, eps, perceptual, step, rank)
+        gnorm, bad = update(loss, raw, ema, opt, step, args)
         # a streak means divergence, not a bad batch: it is checked at the log rows
         skipped, streak = skipped + bad, (streak + 1) * bad
         worst = torch.maximum(worst, streak)
@@ -657,33 +746,21 @@ def train(argv, lock):
             n_skipped, longest = skipped.item(), worst.item()
             if longest >= args.max_skips:
                 raise SystemExit(f'stopping at step {step}: {longest} non-finite steps in a row (--max_skips '
-                                 f'{args.max_skips}, checked at each log row); the run has diverged. {ckpt_path} keeps '
-                                 'the last checkpoint written before it (if any): lower --lr or set --grad_clip, then '
-                                 '--resume it')
+                                 f'{args.max_skips}, checked at each log row); the run has diverged. {ckpt_path} '
+                                 'keeps the last checkpoint written before it (if any): lower --lr or set '
+                                 '--grad_clip, then --resume it')
             worst = streak.clone()   # a streak that goes on counts in the next interval too
-            keys = list(acc)   # the order metrics were added: loss, bits/dim or the stage-2 terms, gnorm
-            vals = torch.stack([acc[k] for k in keys])
-            if world > 1:
-                dist.all_reduce(vals)
-                vals /= world
             cnt = (step - 1) % args.log_every + 1   # steps in this interval (the last one can be shorter)
-            row = {'step': step, **{k: v / cnt for k, v in zip(keys, vals.tolist())}}
+            row = {'step': step, **interval_means(acc, cnt, world)}
+            gnorm = row.pop('gnorm')   # after the losses and their diagnostics: the fixed field order
             if args.stage == 'reverse':
-                with torch.no_grad():  # reconstruction |G(F(x)) - x| with the EMA model at w = 0
-                    _, _, tr = forward_model(x + forward_model.cfg.noise_std * eps, y)
-                    rec = ema(tr[-1], y)[-1]
-                    row['recon_rmse'] = (rec.float() - patchify(x.float(), cfg.patch_size)).pow(2).mean().sqrt().item()
-            row['gnorm'] = row.pop('gnorm')   # after the losses and their diagnostics: the fixed field order
+                row['recon_rmse'] = recon_rmse(ema, flow, x, y, eps)
             dt = time.time() - t0
-            row.update(lr=lr, img_per_s=seen / dt, ms_per_step=1000 * dt / cnt, skipped=n_skipped)
+            row.update(gnorm=gnorm, lr=lr, img_per_s=seen / dt, ms_per_step=1000 * dt / cnt, skipped=n_skipped)
             if args.stage == 'forward':  # per-block output norms: a flow that blows up shows here first
                 row['block_norms'] = [t.detach().float().pow(2).mean().item() for t in traj[1:]]
-            eta = round((stop - step) * dt / cnt)   # from the last interval's speed
-            # one line per row: the important fields first, 4 significant digits, 'skipped' only when not 0
-            print0(f'step {step}/{args.max_steps} ({100 * step / args.max_steps:.0f}%) | ' + ' | '.join(
-                f'{k} {"[" + ", ".join(map(fmt, v)) + "]" if isinstance(v, list) else fmt(v)}'
-                for k, v in row.items() if k != 'step' and not (k == 'skipped' and not v)) +
-                f' | ETA {hms(eta)}')
+            if master:
+                print_row(row, args.max_steps, round((stop - step) * dt / cnt))   # ETA from the last interval
             log(row)   # the jsonl row keeps full precision
             acc, seen, t0 = {}, 0, time.time()   # a new interval
         # checkpoint, then held-out bits/dim (stage 1), grid and FID, each on its own interval and at the end: the
