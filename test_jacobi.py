@@ -1,0 +1,164 @@
+"""
+Tests of the parallel (Jacobi / Gauss-Seidel-Jacobi) exact inverse of TarFlow: exactness as properties on tiny
+shapes in float64, the guidance modes, segments, the non-finite fallback, G's initial guess, the planner and the
+sampler's flags. CPU only, a few seconds.
+
+    pytest test_jacobi.py
+"""
+from dataclasses import replace
+
+import pytest
+import torch
+
+import model as M
+import sample
+from model import ParallelInverse, ReverseModel, TarFlow, plan_inverse, reverse_config_for, reverse_guesses
+from test_biflow import TINY, make_flow, one_thread  # noqa: F401  (one_thread: the autouse fixture)
+
+N, D = TINY.num_tokens, TINY.token_dim
+GUIDANCE_MODES = [{}, dict(guidance=1.5), dict(guidance=2.0, ramp=True), dict(guidance=1.0, attn_temp=0.7),
+                  dict(guidance=2.0, ramp=True, attn_temp=0.8)]
+EXACT = 1e-11   # float64: the same math as the sequential inverse, up to round-off
+
+
+def flow64(**kw):
+    return make_flow(replace(TINY, **kw), dtype=torch.float64, scale=0.03)
+
+
+def noise(b=3, seed=1):
+    return torch.randn(b, N, D, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def labels(ncls):
+    return torch.tensor([0, 2, -1]) if ncls else None
+
+
+@torch.no_grad()
+@pytest.mark.parametrize('init', ['z', 'random', 'far'])
+def test_jacobi_token_0_exact_from_the_start_and_tokens_0_to_k_after_k_passes(init):
+    f = flow64()
+    z, y = noise(), labels(3)
+    guess = {'z': None, 'random': noise(seed=7), 'far': 5 * noise(seed=8)}[init]
+    for block in f.blocks:
+        ref = block.permute(block.reverse(z, y, guidance=1.5, ramp=True))   # in the block's own order
+        for k in (0, 1, 2, 5, N - 1):
+            x, info = block.reverse_parallel(z, y, guidance=1.5, ramp=True, tol=0.0, max_passes=k, init=guess)
+            x = block.permute(x)
+            assert (x[:, :k + 1] - ref[:, :k + 1]).abs().max() < EXACT, (init, k)
+            assert info.passes.eq(k).all() and info.fallbacks == 0
+        assert (x - ref).abs().max() < EXACT    # N-1 passes: the sequential result
+
+
+@torch.no_grad()
+@pytest.mark.parametrize('ncls,clip', [(3, 0.0), (3, 2.0), (0, 0.0)])
+def test_jacobi_with_tol_0_equals_the_sequential_inverse_in_every_guidance_mode(ncls, clip):
+    f = flow64(num_classes=ncls, norm_clip=clip)
+    z, y = noise(), labels(ncls)
+    for kw in GUIDANCE_MODES:
+        ref = f.reverse(z, y, **kw)
+        for segment in (None, 5, 2, [None, 4, 1]):   # plain Jacobi, segments, one per flow
+            x, infos = f.reverse_parallel(z, y, **kw, segment=segment, tol=0.0)
+            assert (x - ref).abs().max() < EXACT, (kw, segment)
+            assert all(i.fallbacks == 0 for i in infos)
+    # the guidance modes really differ from each other, so each comparison above tests something
+    assert (f.reverse(z, y, **GUIDANCE_MODES[-1]) - f.reverse(z, y)).abs().max() > 1e-3
+
+
+@torch.no_grad()
+def test_jacobi_segment_1_is_the_sequential_inverse():
+    f = flow64()
+    z, y = noise(), labels(3)
+    for block in f.blocks:
+        x, info = block.reverse_parallel(z, y, guidance=1.5, segment=1)
+        assert torch.equal(x, block.reverse(z, y, guidance=1.5)) and info.passes.eq(N - 1).all()
+    # segments of 2 tokens: each exact after 2 passes through the KV cache of the finished ones
+    x, info = f.blocks[1].reverse_parallel(z, y, guidance=1.5, segment=2, tol=0.0)
+    assert (x - f.blocks[1].reverse(z, y, guidance=1.5)).abs().max() < EXACT
+    assert info.passes.eq(2 * ((N - 1) // 2) + (N - 1) % 2).all()
+
+
+@torch.no_grad()
+def test_jacobi_converges_with_a_tolerance_and_converged_samples_stop():
+    f = flow64()
+    z, y = noise(), labels(3)
+    block = f.blocks[0]
+    ref = block.reverse(z, y, guidance=1.0)
+    x, info = block.reverse_parallel(z, y, guidance=1.0, tol=1e-9)
+    assert (x - ref).abs().max() < 1e-7 and info.passes.max() < N - 1   # converged well before the N-1 cap
+    assert info.changes[-1] <= 1e-9 < info.changes[0]
+    start = z.clone()
+    start[1] = ref[1]              # sample 1 starts at its solution: one pass shows no change, and it stops
+    x2, info2 = block.reverse_parallel(z, y, guidance=1.0, tol=1e-9, init=start)
+    assert info2.passes[1] == 1 and info2.passes[0] > 1 and (x2 - ref).abs().max() < 1e-7
+
+
+@torch.no_grad()
+def test_jacobi_non_finite_pass_falls_back_to_the_sequential_inverse_and_is_counted():
+    f = flow64()
+    z, y = noise(), labels(3)
+    guess = z.clone()
+    guess[2, 5] = float('nan')     # a broken guess (G's, say) for sample 2: its first pass is non-finite
+    for segment in (None, 4):
+        ref = f.blocks[0].reverse(z, y, guidance=1.0)
+        x, info = f.blocks[0].reverse_parallel(z, y, guidance=1.0, segment=segment, tol=0.0, init=guess)
+        assert info.fallbacks == 1 and torch.isfinite(x).all()
+        assert (x - ref).abs().max() < EXACT   # sample 2 from reverse(), the others from their passes
+    guess[0, 3] = float('inf')
+    _, infos = f.reverse_parallel(z, y, tol=0.0, init=[guess, None, None])
+    assert [i.fallbacks for i in infos] == [2, 0, 0]
+
+
+@torch.no_grad()
+def test_jacobi_recursion_stays_fp32_under_bf16_autocast():
+    f, z, y = make_flow(scale=0.05), noise().float(), labels(3)
+    ref = f.reverse(z, y, guidance=1.0)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        x, _ = f.reverse_parallel(z, y, guidance=1.0, tol=0.0, segment=[None, 3, None])
+    assert x.dtype == torch.float32 and torch.isfinite(x).all()
+    assert (x - ref).abs().max() < 5e-2 * ref.abs().max()   # bf16 matmuls, fp32 alpha, mu and recursion
+
+
+@pytest.mark.parametrize('align,denoise', [('hidden', 'learned'), ('hidden', 'score'), ('naive', 'learned')])
+@torch.no_grad()
+def test_jacobi_from_the_reverse_models_guess(align, denoise):
+    f = flow64()
+    torch.manual_seed(0)
+    G = ReverseModel(reverse_config_for(TINY, channels=32, layers_per_block=1, denoise_layers=1, head_dim=16,
+                                        align=align, denoise=denoise)).eval()
+    z, y = noise(), torch.tensor([0, 2, 1])
+    guesses = [g if g is None else g.double() for g in reverse_guesses(G, z.float(), y, 1.0)]   # G runs in fp32
+    have = [g is not None for g in guesses]
+    assert have == {('hidden', 'learned'): [True] * 3, ('hidden', 'score'): [True] * 3,
+                    ('naive', 'learned'): [False] * 3}[(align, denoise)]
+    assert all(g.shape == z.shape for g in guesses if g is not None)
+    x, _ = f.reverse_parallel(z, y, guidance=1.0, tol=0.0, init=guesses)
+    assert (x - f.reverse(z, y, guidance=1.0)).abs().max() < EXACT
+
+
+@torch.no_grad()
+def test_jacobi_planner_picks_a_tried_strategy_per_flow_and_the_sampler_is_exact():
+    f = flow64()
+    z, y = noise(), labels(3)
+    plans = plan_inverse(f, z, y, guidance=1.0, tol=0.0, candidates=[N, 4, 1], repeats=1)
+    assert len(plans) == TINY.num_blocks
+    for p in plans:
+        assert p.choice in (N, 4, 1) and set(p.seconds) == set(p.passes) == {N, 4, 1}
+        assert p.passes[1] == (N - 1, N - 1) and p.passes[N][1] <= N - 1
+    inv = ParallelInverse('auto', tol=0.0, candidates=[N, 4, 1])
+    for _ in range(2):   # planned on the first batch, kept for the second
+        x = inv(f, z, y, 1.0)
+        assert (x - f.reverse(z, y, guidance=1.0)).abs().max() < EXACT
+    assert len(inv.plan) == TINY.num_blocks and len(inv.infos) == 2
+    stats = inv.passes_per_flow()
+    assert len(stats) == TINY.num_blocks and all(mx <= N - 1 and fb == 0 for _, mx, fb in stats)
+
+
+def test_jacobi_bad_settings_are_one_line_value_errors():
+    f, z = flow64(), noise()
+    for kw in [dict(segment=0), dict(tol=-1.0), dict(max_passes=-2)]:
+        with pytest.raises(ValueError, match='reverse_parallel'):
+            f.blocks[0].reverse_parallel(z, **kw)
+    with pytest.raises(ValueError, match='one per flow'):
+        f.reverse_parallel(z, segment=[None, 2])
+    with pytest.raises(ValueError, match="init 'G'"):
+        ParallelInverse(init='G')(f, z)
