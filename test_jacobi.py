@@ -162,3 +162,66 @@ def test_jacobi_bad_settings_are_one_line_value_errors():
         f.reverse_parallel(z, segment=[None, 2])
     with pytest.raises(ValueError, match="init 'G'"):
         ParallelInverse(init='G')(f, z)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# sample.py: the sampler-selection flags
+
+
+def checkpoints(tmp_path):
+    """A forward checkpoint, a reverse one (F and a random G) and an ml-tarflow state dict, on tiny shapes."""
+    from dataclasses import asdict
+    f = make_flow(scale=0.03)
+    torch.manual_seed(0)
+    g = ReverseModel(reverse_config_for(TINY, channels=32, layers_per_block=1, denoise_layers=1, head_dim=16))
+    fck, gck, mck = (str(tmp_path / n) for n in ('forward.pt', 'reverse.pt', 'tiny_model_0.05.pth'))
+    torch.save(dict(kind='forward', model_config=asdict(TINY), ema=f.state_dict()), fck)
+    torch.save(dict(kind='reverse', model_config=asdict(g.cfg), ema=g.state_dict(), forward_config=asdict(TINY),
+                    forward=f.state_dict()), gck)
+    torch.save(ml_tarflow_state_dict(), mck)
+    return fck, gck, mck
+
+
+def ml_tarflow_state_dict():
+    from test_biflow import tiny_state_dict
+    return tiny_state_dict()
+
+
+def run_sample(capsys, *args):
+    with torch.no_grad():
+        sample.main(['--device', 'cpu', '--num_samples', '4', '--batch_size', '2', '--no-denoise', '--guidance', '1',
+                     *map(str, args)])
+    return capsys.readouterr().out
+
+
+def test_jacobi_sample_flags_every_checkpoint_kind(tmp_path, capsys):
+    import numpy as np
+    fck, gck, mck = checkpoints(tmp_path)
+    npz = {k: str(tmp_path / f'{k}.npz') for k in ('seq', 'par', 'G', 'ml')}
+    png = str(tmp_path / 's.png')
+    run_sample(capsys, '--ckpt', fck, '--inverse', 'sequential', '--npz', npz['seq'], '--out', png)
+    out = run_sample(capsys, '--ckpt', fck, '--jacobi_tol', '0', '--npz', npz['par'], '--out', png)   # the defaults
+    assert 'inverse plan, flow 0: ' in out and 'inverse passes per flow (rank 0, 2 batches' in out
+    out = run_sample(capsys, '--ckpt', gck, '--exact', '--jacobi_init', 'G', '--segment', '16,4,1', '--jacobi_tol',
+                     '0', '--npz', npz['G'], '--out', png)
+    assert 'inverse plan' not in out and '0: mean 15.0 max 15 | 1: mean 15.0 max 15 | 2: mean 15.0 max 15' in out
+    seq = np.load(npz['seq'])['arr_0'].astype(int)
+    for k in ('par', 'G'):   # exact passes: the same images up to a rounding flip of one level
+        assert np.abs(np.load(npz[k])['arr_0'].astype(int) - seq).max() <= 1
+    out = run_sample(capsys, '--ckpt', mck, '--segment', '4', '--npz', npz['ml'], '--out', png)
+    assert 'inverse passes per flow' in out
+
+
+@pytest.mark.parametrize('args,msg', [
+    (['--segment', '0'], '--segment 0:'), (['--segment', 'x'], '--segment x:'),
+    (['--jacobi_tol', '-1'], '--jacobi_tol -1.0: must be >= 0'),
+    (['--jacobi_max_passes', '0'], '--jacobi_max_passes 0:'),
+    (['--jacobi_init', 'G'], '--jacobi_init G: needs a reverse checkpoint'),
+    (['--exact'], '--exact: samples a reverse checkpoint'),
+    (['--segment', '4,4'], '--segment 4,4: give one length per flow (3)')])
+def test_jacobi_sample_bad_flags_are_one_line_errors(tmp_path, capsys, args, msg):
+    fck = checkpoints(tmp_path)[0]
+    with pytest.raises(SystemExit) as e:
+        sample.main(['--ckpt', fck, '--device', 'cpu', *args])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and msg in err[-1], err
