@@ -403,7 +403,7 @@ class MetaBlock(nn.Module):
 
     @torch.no_grad()
     def reverse_parallel(self, z, y=None, guidance=0.0, ramp=False, attn_temp=1.0, segment=None, tol=1e-4,
-                         max_passes=None, init=None):
+                         max_passes=None, init=None, cached=True):
         """Exact inverse as the fixed point x_j = mu_j(x_<j) + exp(alpha_j(x_<j)) * z_j of all tokens at once
         (GS-Jacobi, Liu & Qin 2025, Eq. 9-10): each pass computes alpha, mu of every unsolved token from the last
         iterate, with the guided alpha, mu, fp32 recursion and norm control of reverse(). Token 0 is exact from the
@@ -412,6 +412,8 @@ class MetaBlock(nn.Module):
         the finished ones through a KV cache (Gauss-Seidel across, Jacobi inside); 1 is reverse() itself.
         tol: a sample stops updating in a segment once its largest change in a pass is <= tol (0: only at the
         fixed point or the cap). max_passes: cap per segment (at most its length; 0 returns the initial guess).
+        cached: pass k starts at token k, reading the exact tokens before it from a KV cache (fewer FLOPs per
+        pass; the same result); False: every pass covers its whole segment (plain causal attention for one).
         init: a guess of the output (B, N, d) in raster order (None: z). A pass giving a sample non-finite values
         leaves it untouched, and that sample is redone by reverse() afterwards (InverseInfo.fallbacks).
         -> (x (B, N, d) raster order, InverseInfo)."""
@@ -427,29 +429,31 @@ class MetaBlock(nn.Module):
         x = zp.clone() if init is None else f32(self.permute(init)).clone()
         x[:, 0] = zp[:, 0]                                              # token 0 passes unchanged: exact at once
         streams = self._streams(y, guidance, attn_temp, B, N)
-        one = s >= N - 1                                # one segment: plain causal attention, no cache
-        cache = None if one else [[None, None, (streams[2] * B, N)] for _ in self.attn_blocks]
+        cache = [[None, None, (streams[2] * B, N)] for _ in self.attn_blocks] if cached or s < N - 1 else None
         passes = torch.zeros(B, dtype=torch.long, device=z.device)
         bad = torch.zeros(B, dtype=torch.bool, device=z.device)
         changes = []
-        self._segments(x, zp, s, tol, max_passes, streams, cache, guidance, ramp, passes, bad, changes)
+        self._segments(x, zp, s, tol, max_passes, streams, cache, guidance, ramp, passes, bad, changes, cached)
         x = self.permute(x)
         idx = bad.nonzero().squeeze(1)
         if len(idx):                                    # the sequential inverse for the samples a pass broke
             x[idx] = self.reverse(z[idx], None if y is None else y[idx], guidance, ramp, attn_temp).to(x.dtype)
         return x, InverseInfo(passes.cpu(), len(idx), [float(c) for c in changes])
 
-    def _segments(self, x, zp, s, tol, max_passes, streams, cache, guidance, ramp, passes, bad, changes):
+    def _segments(self, x, zp, s, tol, max_passes, streams, cache, guidance, ramp, passes, bad, changes, shrink):
         """Fixed segments [a, a+s) in order, Jacobi passes inside each until every sample's largest change is <= tol
-        or the cap (at most the segment's length, after which it is exact). Updates x, passes, bad, changes."""
+        or the cap (at most the segment's length, after which it is exact). Pass k of a segment starts at token
+        a+k: tokens a..a+k-1 are exact by then, and their keys and values, computed from exact inputs, are in the
+        cache (shrink False: every pass starts at a). Updates x, passes, bad, changes."""
         N = x.shape[1]
         for a in range(1, N, s):                        # tokens [a, b), computed from inputs [a-1, b-1)
             b = min(a + s, N)
             act = (~bad).nonzero().squeeze(1)           # samples still updating in this segment
-            for _ in range(b - a if max_passes is None else min(max_passes, b - a)):
+            for k in range(b - a if max_passes is None else min(max_passes, b - a)):
                 if len(act) == 0:
                     break
-                step, act = self._update(x, zp, act, a, b, streams, cache, guidance, ramp, passes, bad, changes)
+                lo = a + k if shrink else a             # the first token not yet exact
+                step, act = self._update(x, zp, act, lo, b, streams, cache, guidance, ramp, passes, bad, changes)
                 act = act[(step > tol).any(1)]
 
     def _update(self, x, zp, act, a, b, streams, cache, guidance, ramp, passes, bad, changes):
@@ -592,7 +596,7 @@ class TarFlow(nn.Module):
 
     @torch.no_grad()
     def reverse_parallel(self, z, y=None, guidance=0.0, ramp=False, attn_temp=1.0, segment=None, tol=1e-4,
-                         max_passes=None, init=None):
+                         max_passes=None, init=None, cached=True):
         """z (B, N, d) -> (the noisy image (B, C, H, W), [InverseInfo of block t for t = 0..T-1]): block T-1 first,
         each by MetaBlock.reverse_parallel. segment: one length for every flow, or a sequence of T indexed by block
         (1: that flow sequential). init: None, or T guesses indexed by block (guess t of block t's output x^t,
@@ -606,7 +610,7 @@ class TarFlow(nn.Module):
         x, infos = f32(z), [None] * T
         for t in reversed(range(T)):
             x, infos[t] = self.blocks[t].reverse_parallel(x, y, guidance, ramp, attn_temp, segs[t], tol, max_passes,
-                                                          guesses[t])
+                                                          guesses[t], cached)
         return unpatchify(x, self.cfg.patch_size, self.cfg.img_size), infos
 
     def score(self, x, y=None, checkpoint=True):

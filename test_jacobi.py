@@ -41,8 +41,9 @@ def test_jacobi_token_0_exact_from_the_start_and_tokens_0_to_k_after_k_passes(in
     guess = {'z': None, 'random': noise(seed=7), 'far': 5 * noise(seed=8)}[init]
     for block in f.blocks:
         ref = block.permute(block.reverse(z, y, guidance=1.5, ramp=True))   # in the block's own order
-        for k in (0, 1, 2, 5, N - 1):
-            x, info = block.reverse_parallel(z, y, guidance=1.5, ramp=True, tol=0.0, max_passes=k, init=guess)
+        for k, cached in [(0, True), (1, True), (2, False), (5, True), (5, False), (N - 1, True)]:
+            x, info = block.reverse_parallel(z, y, guidance=1.5, ramp=True, tol=0.0, max_passes=k, init=guess,
+                                             cached=cached)
             x = block.permute(x)
             assert (x[:, :k + 1] - ref[:, :k + 1]).abs().max() < EXACT, (init, k)
             assert info.passes.eq(k).all() and info.fallbacks == 0
@@ -56,8 +57,8 @@ def test_jacobi_with_tol_0_equals_the_sequential_inverse_in_every_guidance_mode(
     z, y = noise(), labels(ncls)
     for kw in GUIDANCE_MODES:
         ref = f.reverse(z, y, **kw)
-        for segment in (None, 5, 2, [None, 4, 1]):   # plain Jacobi, segments, one per flow
-            x, infos = f.reverse_parallel(z, y, **kw, segment=segment, tol=0.0)
+        for segment, cached in [(None, True), (None, False), (5, True), ([None, 4, 1], False)]:
+            x, infos = f.reverse_parallel(z, y, **kw, segment=segment, tol=0.0, cached=cached)
             assert (x - ref).abs().max() < EXACT, (kw, segment)
             assert all(i.fallbacks == 0 for i in infos)
     # the guidance modes really differ from each other, so each comparison above tests something
