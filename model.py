@@ -237,9 +237,10 @@ class _CachedLayer(NamedTuple):
 
 
 class InverseInfo(NamedTuple):
-    """What one flow's parallel inverse did: passes (B,) per sample, summed over segments (a sequential flow
-    counts its N-1 steps); fallbacks, the samples a non-finite pass sent to the sequential inverse; changes, the
-    largest change over the batch in each pass, in order (the convergence picture)."""
+    """What one flow's parallel inverse did: passes (B,) per sample, summed over segments (a
+    sequential flow counts its N-1 steps); fallbacks, the samples a non-finite pass sent to the
+    sequential inverse; changes, the largest change over the batch in each pass, in order (the
+    convergence picture)."""
     passes: torch.Tensor
     fallbacks: int
     changes: list
@@ -398,68 +399,79 @@ class MetaBlock(nn.Module):
             return static_out   # read by kernels queued before the next replay overwrites it (one stream)
         return replay
 
-    # ------------------------------------------------------------------------------------------------------------------
-    # The parallel exact inverse: the same alpha, mu as reverse(), solved as a fixed point by Jacobi passes
+    # ----------------------------------------------------------------------------------------------
+    # The parallel exact inverse: reverse()'s alpha, mu, solved as a fixed point by Jacobi passes
 
     @torch.no_grad()
-    def reverse_parallel(self, z, y=None, guidance=0.0, ramp=False, attn_temp=1.0, segment=None, tol=1e-4,
-                         max_passes=None, init=None, cached=True):
-        """Exact inverse as the fixed point x_j = mu_j(x_<j) + exp(alpha_j(x_<j)) * z_j of all tokens at once
-        (GS-Jacobi, Liu & Qin 2025, Eq. 9-10): each pass computes alpha, mu of every unsolved token from the last
-        iterate, with the guided alpha, mu, fp32 recursion and norm control of reverse(). Token 0 is exact from the
-        start and tokens 0..k after k passes, so a segment of L tokens is exact after at most L passes.
-        segment: tokens solved together (None: all, plain Jacobi); shorter segments run in order, each attending to
-        the finished ones through a KV cache (Gauss-Seidel across, Jacobi inside); 1 is reverse() itself.
-        tol: a sample stops updating in a segment once its largest change in a pass is <= tol (0: only at the
-        fixed point or the cap). max_passes: cap per segment (at most its length; 0 returns the initial guess).
-        cached: pass k starts at token k, reading the exact tokens before it from a KV cache (fewer FLOPs per
-        pass; the same result); False: every pass covers its whole segment (plain causal attention for one).
-        init: a guess of the output (B, N, d) in raster order (None: z). A pass giving a sample non-finite values
-        leaves it untouched, and that sample is redone by reverse() afterwards (InverseInfo.fallbacks).
-        -> (x (B, N, d) raster order, InverseInfo)."""
+    def reverse_parallel(self, z, y=None, guidance=0.0, ramp=False, attn_temp=1.0, segment=None,
+                         tol=1e-4, max_passes=None, init=None, cached=True):
+        """Exact inverse as the fixed point x_j = mu_j(x_<j) + exp(alpha_j(x_<j)) * z_j of all
+        tokens at once (GS-Jacobi, Liu & Qin 2025, Eq. 9-10): each pass computes alpha, mu of every
+        unsolved token from the last iterate, with the guided alpha, mu, fp32 recursion and norm
+        control of reverse(). Token 0 is exact from the start and tokens 0..k after k passes, so a
+        segment of L tokens is exact after at most L passes.
+        segment: tokens solved together (None: all, plain Jacobi); shorter segments run in order,
+            each attending to the finished ones through a KV cache (Gauss-Seidel across, Jacobi
+            inside); 1 is reverse() itself.
+        tol: a sample stops updating in a segment once its largest change in a pass is <= tol
+            (0: only at the fixed point or the cap).
+        max_passes: cap per segment (at most its length; 0 returns the initial guess).
+        init: a guess of the output (B, N, d) in raster order (None: z).
+        cached: pass k starts at token k, reading the exact tokens before it from a KV cache (fewer
+            FLOPs per pass, the same result); False: every pass covers its whole segment.
+        A pass giving a sample non-finite values leaves it untouched, and that sample is redone by
+        reverse() afterwards (InverseInfo.fallbacks). -> (x (B, N, d) raster order, InverseInfo)."""
         B, N, _ = z.shape
         s = N if segment is None else int(segment)
         if s < 1 or tol < 0 or (max_passes is not None and max_passes < 0):
-            raise ValueError(f'reverse_parallel: segment {segment}, tol {tol}, max_passes {max_passes}: '
-                             'need segment >= 1, tol >= 0, max_passes >= 0')
-        if s == 1 and max_passes != 0:   # one token per segment, one pass each: reverse(), its tuned step
+            raise ValueError(f'reverse_parallel: segment {segment}, tol {tol}, max_passes '
+                             f'{max_passes}: need segment >= 1, tol >= 0, max_passes >= 0')
+        if s == 1 and max_passes != 0:   # one token per segment, one pass each: reverse() itself
             x = self.reverse(z, y, guidance, ramp, attn_temp)
             return x, InverseInfo(torch.full((B,), N - 1, dtype=torch.long), 0, [])
-        zp = f32(self.permute(z))                                       # (B, N, d) in this block's order
+        zp = f32(self.permute(z))                       # (B, N, d) in this block's order
         x = zp.clone() if init is None else f32(self.permute(init)).clone()
-        x[:, 0] = zp[:, 0]                                              # token 0 passes unchanged: exact at once
+        x[:, 0] = zp[:, 0]                              # token 0 passes unchanged: exact at once
         streams = self._streams(y, guidance, attn_temp, B, N)
-        cache = [[None, None, (streams[2] * B, N)] for _ in self.attn_blocks] if cached or s < N - 1 else None
+        kv_size = (streams[2] * B, N)
+        cache = [[None, None, kv_size] for _ in self.attn_blocks] if cached or s < N - 1 else None
         passes = torch.zeros(B, dtype=torch.long, device=z.device)
         bad = torch.zeros(B, dtype=torch.bool, device=z.device)
         changes = []
-        self._segments(x, zp, s, tol, max_passes, streams, cache, guidance, ramp, passes, bad, changes, cached)
+        self._segments(x, zp, s, tol, max_passes, streams, cache, guidance, ramp, passes, bad,
+                       changes, cached)
         x = self.permute(x)
         idx = bad.nonzero().squeeze(1)
-        if len(idx):                                    # the sequential inverse for the samples a pass broke
-            x[idx] = self.reverse(z[idx], None if y is None else y[idx], guidance, ramp, attn_temp).to(x.dtype)
+        if len(idx):                                    # reverse() for the samples a pass broke
+            yb = None if y is None else y[idx]
+            x[idx] = self.reverse(z[idx], yb, guidance, ramp, attn_temp).to(x.dtype)
         return x, InverseInfo(passes.cpu(), len(idx), [float(c) for c in changes])
 
-    def _segments(self, x, zp, s, tol, max_passes, streams, cache, guidance, ramp, passes, bad, changes, shrink):
-        """Fixed segments [a, a+s) in order, Jacobi passes inside each until every sample's largest change is <= tol
-        or the cap (at most the segment's length, after which it is exact). Pass k of a segment starts at token
-        a+k: tokens a..a+k-1 are exact by then, and their keys and values, computed from exact inputs, are in the
-        cache (shrink False: every pass starts at a). Updates x, passes, bad, changes."""
+    def _segments(self, x, zp, s, tol, max_passes, streams, cache, guidance, ramp, passes, bad,
+                  changes, shrink):
+        """Fixed segments [a, a+s) in order, Jacobi passes inside each until every sample's largest
+        change is <= tol or the cap (at most the segment's length, after which it is exact). Pass k
+        of a segment starts at token a+k: tokens a..a+k-1 are exact by then, and their keys and
+        values, computed from exact inputs, are in the cache (shrink False: every pass starts at a).
+        Updates x, passes, bad, changes."""
         N = x.shape[1]
-        for a in range(1, N, s):                        # tokens [a, b), computed from inputs [a-1, b-1)
+        for a in range(1, N, s):                        # tokens [a, b), from inputs [a-1, b-1)
             b = min(a + s, N)
             act = (~bad).nonzero().squeeze(1)           # samples still updating in this segment
             for k in range(b - a if max_passes is None else min(max_passes, b - a)):
                 if len(act) == 0:
                     break
                 lo = a + k if shrink else a             # the first token not yet exact
-                step, act = self._update(x, zp, act, lo, b, streams, cache, guidance, ramp, passes, bad, changes)
+                step, act = self._update(x, zp, act, lo, b, streams, cache, guidance, ramp, passes,
+                                         bad, changes)
                 act = act[(step > tol).any(1)]
 
     def _update(self, x, zp, act, a, b, streams, cache, guidance, ramp, passes, bad, changes):
-        """One pass over tokens [a, b) of samples act, written into x where finite; a sample with a non-finite value
-        is marked bad and left as it was. -> (change (Ba', L) per token of the finite samples, those samples)."""
-        new = self._jacobi_pass(x, zp, act, a - 1, b - a, streams, cache, guidance, ramp)   # (Ba, L, d)
+        """One pass over tokens [a, b) of samples act, written into x where finite; a sample with a
+        non-finite value is marked bad and left as it was. -> (change (Ba', L) per token of the
+        finite samples, those samples)."""
+        new = self._jacobi_pass(x, zp, act, a - 1, b - a, streams, cache, guidance, ramp)
+        # new (Ba, L, d)
         ok = torch.isfinite(new).flatten(1).all(1)
         step = (new - x[act, a:b]).abs().amax(-1)       # (Ba, L) largest change of each token
         x[act[ok], a:b] = new[ok]
@@ -469,9 +481,9 @@ class MetaBlock(nn.Module):
         return step[ok], act[ok]
 
     def _streams(self, y, guidance, attn_temp, B, N):
-        """The streams reverse() runs as one batch: position + class (S*B, N, D) and the attention temperature per
-        row as the factor 1/temperature on the queries (S*B,) or None. Guided: S = 2, rows B.. are the null label
-        with temperature attn_temp."""
+        """The streams reverse() runs as one batch: position + class (S*B, N, D) and the attention
+        temperature per row as the factor 1/temperature on the queries (S*B,) or None. Guided: S =
+        2, rows B.. are the null label with temperature attn_temp."""
         guided = guidance != 0
         S = 2 if guided else 1
         if guided and y is not None:
@@ -479,42 +491,49 @@ class MetaBlock(nn.Module):
         pcs = (self.permute(self.pos_embed, dim=0) + self.condition(y)).expand(S * B, N, -1)
         temp = None
         if guided and attn_temp != 1.0:
-            temp = torch.tensor([1.0, 1 / attn_temp], device=self.pos_embed.device).repeat_interleave(B)
+            temp = torch.tensor([1.0, 1 / attn_temp], device=self.pos_embed.device)
+            temp = temp.repeat_interleave(B)
         return pcs, temp, S
 
     def _jacobi_pass(self, x, zp, act, p0, L, streams, cache, guidance, ramp):
-        """One Jacobi pass of samples act (Ba,) over input positions p0..p0+L-1 of the iterate x (B, N, d): the
-        causal layers on those tokens (attending to positions < p0 through cache), then the new tokens
-        p0+1..p0+L = mu + exp(alpha) * z with the guided alpha, mu. -> (Ba, L, d) fp32."""
+        """One Jacobi pass of samples act (Ba,) over input positions p0..p0+L-1 of the iterate x (B,
+        N, d): the causal layers on those tokens (attending to positions < p0 through cache), then
+        the new tokens p0+1..p0+L = mu + exp(alpha) * z with the guided alpha, mu. -> (Ba, L, d)
+        fp32."""
         pcs, temp, S = streams
         B, N = x.shape[:2]
         rows = act if S == 1 else torch.cat([act, act + B])               # (S*Ba,) both streams
         full = len(act) == B                            # every sample: slices instead of gathers
         xa = x[:, p0:p0 + L] if full else x[act, p0:p0 + L]                # (Ba, L, d)
-        h = self.proj_in(xa).repeat(S, 1, 1) + (pcs[:, p0:p0 + L] if full else pcs[rows, p0:p0 + L])   # (S*Ba, L, D)
+        pc = pcs[:, p0:p0 + L] if full else pcs[rows, p0:p0 + L]
+        h = self.proj_in(xa).repeat(S, 1, 1) + pc                          # (S*Ba, L, D)
         for j, layer in enumerate(self.attn_blocks):
             kv = None if cache is None else cache[j]
-            h = h + self._window_attention(layer.attention, h, None if temp is None else temp[rows], kv, rows, p0,
-                                           full)
+            t = None if temp is None else temp[rows]
+            h = h + self._window_attention(layer.attention, h, t, kv, rows, p0, full)
             h = h + layer.mlp(h)
-        alpha, mu = self.affine(self.proj_out(h))        # (S*Ba, L, d): of tokens p0+1..p0+L, norm control applied
+        alpha, mu = self.affine(self.proj_out(h))   # (S*Ba, L, d), tokens p0+1..p0+L, norm control
         if S == 2:
             g = guidance
-            if ramp:                                    # w grows linearly with the token's position, as reverse()
-                g = guidance * torch.arange(p0 + 1, p0 + L + 1, device=x.device, dtype=alpha.dtype).view(L, 1) / (N - 1)
+            if ramp:                                    # w grows linearly with the token's position
+                pos = torch.arange(p0 + 1, p0 + L + 1, device=x.device, dtype=alpha.dtype)
+                g = guidance * pos.view(L, 1) / (N - 1)
             (ac, au), (mc, mu_u) = alpha.chunk(2), mu.chunk(2)
-            alpha, mu = torch.lerp(au, ac, 1 + g), torch.lerp(mu_u, mc, 1 + g)   # cond + g * (cond - uncond)
-        return torch.addcmul(mu, zp[:, p0 + 1:p0 + L + 1] if full else zp[act, p0 + 1:p0 + L + 1], alpha.exp())
+            alpha, mu = torch.lerp(au, ac, 1 + g), torch.lerp(mu_u, mc, 1 + g)   # c + g * (c - u)
+        zt = zp[:, p0 + 1:p0 + L + 1] if full else zp[act, p0 + 1:p0 + L + 1]   # (Ba, L, d)
+        return torch.addcmul(mu, zt, alpha.exp())
 
     @staticmethod
     def _window_attention(att, h, temp, kv, rows, p0, full):
-        """Causal self-attention of the tokens at positions p0..p0+L-1, h (R, L, D), over positions <= their own.
-        kv None: the window starts at 0 and nothing is kept. Else kv = [k, v, (S*B, N)]: caches (S*B, H, N, hd),
-        made at the first call; the window's keys and values are written at p0.. of rows, and the attention reads
-        positions < p0 from them (the finished segments)."""
+        """Causal self-attention of the tokens at positions p0..p0+L-1, h (R, L, D), over positions
+        <= their own. kv None: the window starts at 0 and nothing is kept. Else kv = [k, v, (S*B,
+        N)]: caches (S*B, H, N, hd), made at the first call; the window's keys and values are
+        written at p0.. of rows, and the attention reads positions < p0 from them (the finished
+        segments)."""
         R, L, D = h.shape
-        q, k, v = att.qkv(att.norm(h)).reshape(R, L, 3 * att.num_heads, att.head_dim).transpose(1, 2).chunk(3, dim=1)
-        if temp is not None:                            # (R, H, L, hd) each; temp holds 1/temperature
+        qkv = att.qkv(att.norm(h)).reshape(R, L, 3 * att.num_heads, att.head_dim)
+        q, k, v = qkv.transpose(1, 2).chunk(3, dim=1)   # (R, H, L, hd) each
+        if temp is not None:                            # temp holds 1/temperature
             q = q * temp.view(R, 1, 1, 1)
         if kv is None:
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
@@ -529,8 +548,10 @@ class MetaBlock(nn.Module):
             else:
                 K[rows, :, p0:p0 + L], V[rows, :, p0:p0 + L] = k, v
                 keys, vals = K[rows, :, :p0 + L], V[rows, :, :p0 + L]
-            mask = torch.ones(L, p0 + L, dtype=torch.bool, device=h.device).tril(p0)   # key j <= position p0+i
-            o = F.scaled_dot_product_attention(q, keys.to(q.dtype), vals.to(q.dtype), attn_mask=mask)
+            # query i (position p0+i) sees keys j <= p0+i
+            mask = torch.ones(L, p0 + L, dtype=torch.bool, device=h.device).tril(p0)
+            keys, vals = keys.to(q.dtype), vals.to(q.dtype)
+            o = F.scaled_dot_product_attention(q, keys, vals, attn_mask=mask)
         return att.proj(o.transpose(1, 2).reshape(R, L, D))
 
 
@@ -595,22 +616,23 @@ class TarFlow(nn.Module):
         return unpatchify(x, self.cfg.patch_size, self.cfg.img_size)
 
     @torch.no_grad()
-    def reverse_parallel(self, z, y=None, guidance=0.0, ramp=False, attn_temp=1.0, segment=None, tol=1e-4,
-                         max_passes=None, init=None, cached=True):
-        """z (B, N, d) -> (the noisy image (B, C, H, W), [InverseInfo of block t for t = 0..T-1]): block T-1 first,
-        each by MetaBlock.reverse_parallel. segment: one length for every flow, or a sequence of T indexed by block
-        (1: that flow sequential). init: None, or T guesses indexed by block (guess t of block t's output x^t,
-        raster order; None entries start from the flow's input), e.g. reverse_guesses(G, ...)."""
+    def reverse_parallel(self, z, y=None, guidance=0.0, ramp=False, attn_temp=1.0, segment=None,
+                         tol=1e-4, max_passes=None, init=None, cached=True):
+        """z (B, N, d) -> (the noisy image (B, C, H, W), [InverseInfo of block t for t = 0..T-1]):
+        block T-1 first, each by MetaBlock.reverse_parallel. segment: one length for every flow, or
+        a sequence of T indexed by block (1: that flow sequential). init: None, or T guesses indexed
+        by block (guess t of block t's output x^t, raster order; None entries start from the flow's
+        input), e.g. reverse_guesses(G, ...)."""
         T = len(self.blocks)
         segs = list(segment) if isinstance(segment, (list, tuple)) else [segment] * T
         guesses = [None] * T if init is None else list(init)
         if len(segs) != T or len(guesses) != T:
-            raise ValueError(f'reverse_parallel: {len(segs)} segment lengths and {len(guesses)} guesses for {T} flows; '
-                             'give one per flow')
+            raise ValueError(f'reverse_parallel: {len(segs)} segment lengths and {len(guesses)} '
+                             f'guesses for {T} flows; give one per flow')
         x, infos = f32(z), [None] * T
         for t in reversed(range(T)):
-            x, infos[t] = self.blocks[t].reverse_parallel(x, y, guidance, ramp, attn_temp, segs[t], tol, max_passes,
-                                                          guesses[t], cached)
+            x, infos[t] = self.blocks[t].reverse_parallel(x, y, guidance, ramp, attn_temp, segs[t],
+                                                          tol, max_passes, guesses[t], cached)
         return unpatchify(x, self.cfg.patch_size, self.cfg.img_size), infos
 
     def score(self, x, y=None, checkpoint=True):
@@ -646,15 +668,16 @@ class TarFlow(nn.Module):
         return self.denoise(x, y) if denoise else x
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# The parallel exact inverse's strategy: per flow, the fastest of sequential, Jacobi and segment lengths, as measured
+# --------------------------------------------------------------------------------------------------
+# The parallel inverse's strategy: per flow, the fastest of sequential, Jacobi, segments, measured
 
 
 @torch.no_grad()
 def reverse_guesses(G: 'ReverseModel', z, y=None, guidance=0.0):
-    """G's prediction of every flow's output, the initial guesses of TarFlow.reverse_parallel: [guess of x^t for
-    t = 0..T-1] (raster order, None where G has no head for x^t). Head g is aligned with x^{T-1-g}
-    (align_targets); without learned denoising G's output is the noisy x^0."""
+    """G's prediction of every flow's output, the initial guesses of TarFlow.reverse_parallel:
+    [guess of x^t for t = 0..T-1] (raster order, None where G has no head for x^t). Head g is
+    aligned with x^{T-1-g} (align_targets); without learned denoising G's output is the noisy x^0.
+    """
     T = G.cfg.num_blocks
     train_w = G.cfg.guidance_mode == 'train'
     preds = G(z, y, torch.full((len(z),), float(guidance), device=z.device) if train_w else None,
@@ -668,7 +691,8 @@ def reverse_guesses(G: 'ReverseModel', z, y=None, guidance=0.0):
 
 
 def segment_candidates(N, shortest=4):
-    """Segment lengths the planner tries: N (plain Jacobi), N/2, N/4, ... down to `shortest`, and 1 (sequential)."""
+    """Segment lengths the planner tries: N (plain Jacobi), N/2, N/4, ... down to `shortest`, and 1
+    (sequential)."""
     out, s = [], N
     while s >= shortest:
         out.append(s)
@@ -677,20 +701,21 @@ def segment_candidates(N, shortest=4):
 
 
 class FlowPlan(NamedTuple):
-    """The planner's measurements of one flow: seconds and passes (mean, max over the batch) per segment length
-    tried (1 = sequential), and the choice, the fastest."""
+    """The planner's measurements of one flow: seconds and passes (mean, max over the batch) per
+    segment length tried (1 = sequential), and the choice, the fastest."""
     seconds: dict
     passes: dict
     choice: int
 
 
 @torch.no_grad()
-def plan_inverse(flow: TarFlow, z, y=None, guidance=0.0, ramp=False, attn_temp=1.0, tol=1e-4, max_passes=None,
-                 init=None, candidates=None, repeats=2):
-    """Choose each flow's inverse on one batch by running every candidate segment length (segment_candidates) on
-    it, `repeats` times, and keeping the fastest (least of its times): the passes a flow needs and the cost of a
-    pass against a sequential step are both in that time, on this device at this batch. Flows are planned from
-    T-1 down, each on the exact (sequential) output of the one before. -> [FlowPlan of block t for t = 0..T-1]."""
+def plan_inverse(flow: TarFlow, z, y=None, guidance=0.0, ramp=False, attn_temp=1.0, tol=1e-4,
+                 max_passes=None, init=None, candidates=None, repeats=2):
+    """Choose each flow's inverse on one batch by running every candidate segment length
+    (segment_candidates) on it, `repeats` times, and keeping the fastest (least of its times): the
+    passes a flow needs and the cost of a pass against a sequential step are both in that time, on
+    this device at this batch. Flows are planned from T-1 down, each on the exact (sequential)
+    output of the one before. -> [FlowPlan of block t for t = 0..T-1]."""
     T, N = len(flow.blocks), flow.cfg.num_tokens
     candidates = candidates or segment_candidates(N)
     guesses = [None] * T if init is None else init
@@ -702,8 +727,8 @@ def plan_inverse(flow: TarFlow, z, y=None, guidance=0.0, ramp=False, attn_temp=1
             for _ in range(repeats):
                 sync()
                 t0 = time.perf_counter()
-                out, info = flow.blocks[t].reverse_parallel(x, y, guidance, ramp, attn_temp, s, tol, max_passes,
-                                                            guesses[t])
+                out, info = flow.blocks[t].reverse_parallel(x, y, guidance, ramp, attn_temp, s, tol,
+                                                            max_passes, guesses[t])
                 sync()
                 seconds[s] = min(seconds.get(s, math.inf), time.perf_counter() - t0)
             passes[s] = (info.passes.float().mean().item(), info.passes.max().item())
@@ -716,8 +741,9 @@ def plan_inverse(flow: TarFlow, z, y=None, guidance=0.0, ramp=False, attn_temp=1
 
 class ParallelInverse:
     """TarFlow's exact inverse with a per-flow strategy: segment 'auto' plans it on the first batch
-    (plan_inverse) and keeps it, else an int or one per flow. init 'G' starts each flow from a reverse model's
-    prediction (reverse_guesses). Every batch's InverseInfo is kept, for passes_per_flow()."""
+    (plan_inverse) and keeps it, else an int or one per flow. init 'G' starts each flow from a
+    reverse model's prediction (reverse_guesses). Every batch's InverseInfo is kept, for
+    passes_per_flow()."""
 
     def __init__(self, segment='auto', tol=1e-4, max_passes=None, init='z', candidates=None):
         if init not in ('z', 'G'):
@@ -726,15 +752,17 @@ class ParallelInverse:
         self.candidates, self.plan, self.infos = candidates, None, []
 
     def __call__(self, flow, z, y=None, guidance=0.0, ramp=False, attn_temp=1.0, G=None):
-        """z (B, N, d) -> the noisy image (B, C, H, W). G: the reverse model, needed for init 'G'."""
+        """z (B, N, d) -> the noisy image (B, C, H, W). G: the reverse model, needed for init 'G'.
+        """
         if self.init == 'G' and G is None:
-            raise ValueError("ParallelInverse: init 'G' needs the reverse model G (a reverse checkpoint)")
+            raise ValueError("ParallelInverse: init 'G' needs the reverse model G (a reverse ckpt)")
         guesses = reverse_guesses(G, z, y, guidance) if self.init == 'G' else None
         if self.segment == 'auto' and self.plan is None:
-            self.plan = plan_inverse(flow, z, y, guidance, ramp, attn_temp, self.tol, self.max_passes, guesses,
-                                     self.candidates)
+            self.plan = plan_inverse(flow, z, y, guidance, ramp, attn_temp, self.tol,
+                                     self.max_passes, guesses, self.candidates)
         segs = [p.choice for p in self.plan] if self.segment == 'auto' else self.segment
-        x, infos = flow.reverse_parallel(z, y, guidance, ramp, attn_temp, segs, self.tol, self.max_passes, guesses)
+        x, infos = flow.reverse_parallel(z, y, guidance, ramp, attn_temp, segs, self.tol,
+                                         self.max_passes, guesses)
         self.infos.append(infos)
         return x
 
@@ -743,7 +771,8 @@ class ParallelInverse:
         out = []
         for t in range(len(self.infos[0])):
             p = torch.cat([infos[t].passes for infos in self.infos]).float()
-            out.append((p.mean().item(), int(p.max().item()), sum(infos[t].fallbacks for infos in self.infos)))
+            fallbacks = sum(infos[t].fallbacks for infos in self.infos)
+            out.append((p.mean().item(), int(p.max().item()), fallbacks))
         return out
 
 
