@@ -346,8 +346,8 @@ def latent_flops(name):
 
 
 def plot_changes(curves, path, tol=None, size=(640, 300)):
-    """The change per pass (largest over the batch, log scale) against the pass, a line per label (name -> [changes]),
-    drawn with Pillow; a grey line at tol."""
+    """The change per pass (largest over the batch, log scale) against the pass, a line per label
+    (name -> [changes]), drawn with Pillow; a grey line at tol."""
     from PIL import Image, ImageDraw, ImageFont
     W, H = size
     img = Image.new('RGB', size, 'white')
@@ -383,8 +383,9 @@ def plot_changes(curves, path, tol=None, size=(640, 300)):
 
 @torch.no_grad()
 def jacobi_curves(fwd, rev, z, y, w):
-    """Each flow's change per pass, plain Jacobi to a tolerance of 1e-6 from its exact (sequential) input, from z
-    and (with G) from G's guess: {label: [largest change over the batch, per pass]}."""
+    """Each flow's change per pass, plain Jacobi to a tolerance of 1e-6 from its exact (sequential)
+    input, from z and (with G) from G's guess: {label: [largest change over the batch, per pass]}.
+    """
     guesses = reverse_guesses(rev, z, y, w) if rev is not None else [None] * len(fwd.blocks)
     curves, x = {}, z
     for t in reversed(range(len(fwd.blocks))):
@@ -410,11 +411,12 @@ class OpCount(TorchDispatchMode):
 
 @torch.no_grad()
 def jacobi_projection(name='imagenet64', passes=(8, 32, 128)):
-    """Kernel launches per batch and FLOPs per sample of one flow's inverse + CFG at preset `name`, sequential
-    against parallel (plain Jacobi) at each pass count in passes. Launches: operators counted on the CPU on a
-    narrow model of the preset's depth (the count depends on neither width nor batch): per token step (from two
-    token counts) and per pass (from 1 and 2 passes). FLOPs: FlopCounterMode on the meta device; the sequential
-    steps add up to one parallel pass (both streams), each Jacobi pass is one."""
+    """Kernel launches per batch and FLOPs per sample of one flow's inverse + CFG at preset `name`,
+    sequential against parallel (plain Jacobi) at each pass count in passes. Launches: operators
+    counted on the CPU on a narrow model of the preset's depth (the count depends on neither width
+    nor batch): per token step (from two token counts) and per pass (from 1 and 2 passes). FLOPs:
+    FlopCounterMode on the meta device; the sequential steps add up to one parallel pass (both
+    streams), each Jacobi pass is one."""
     cfg = PRESETS[name]
     narrow = [replace(cfg, channels=64, img_size=s * cfg.patch_size, num_blocks=1) for s in (4, 8)]
 
@@ -451,7 +453,8 @@ def bf16_peak(device):
 
 
 def jacobi_report(row, inv):
-    """Print and record a parallel row's plan (segment length per flow, 1 = sequential) and passes per flow."""
+    """Print and record a parallel row's plan (segment length per flow, 1 = sequential) and passes
+    per flow."""
     stats = inv.passes_per_flow()
     row['jacobi'] = dict(choice=[p.choice for p in inv.plan], passes=[(m, mx) for m, mx, _ in stats],
                          fallbacks=sum(fb for _, _, fb in stats),

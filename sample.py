@@ -26,8 +26,8 @@ from PIL import Image
 import fid
 from data import (HelpFormatter, Progress, atomic_write, center_crop, check_writable, latent_norm, read_torch_file,
                   save_grid, setup_distributed)
-from model import (FlowConfig, ParallelInverse, ReverseConfig, ReverseModel, TarFlow, config_from_dict, edit, inpaint,
-                   load_ml_tarflow, unpatchify)
+from model import (FlowConfig, ParallelInverse, ReverseConfig, ReverseModel, TarFlow,
+                   config_from_dict, edit, inpaint, load_ml_tarflow, unpatchify)
 from vae import load_vae
 
 # Sample i of seed s uses noise from the generator seeded by s * 2**32 + i: one stream per (seed, index), never shared
@@ -134,15 +134,15 @@ def noise_for(seeds, model, device):
 def generate(model, forward_model, z, labels, guidance=0.0, guidance_mode='auto', ramp=False, attn_temp=1.0,
              denoise=True, kv_dtype=None, static=False, inverse=None, exact=False):
     """Decode noise tokens z (B, N, d) into images in [-1, 1] (unclipped).
-    TarFlow: exact inverse, CFG on alpha and mu, optional Tweedie denoising. inverse: a model.ParallelInverse
-    (Jacobi passes per flow), None for the sequential token loop. exact: for BiFlow, F's exact inverse instead
-    of G's pass (started from G's predictions when inverse.init is 'G').
+    TarFlow: exact inverse, CFG on alpha and mu, optional Tweedie denoising. inverse: a
+    model.ParallelInverse (Jacobi passes per flow), None for the sequential token loop. exact: for
+    BiFlow, F's exact inverse instead of G's pass (from G's predictions when inverse.init is 'G').
     BiFlow: one pass conditioned on w (training-time CFG, 1-NFE) or Eq. 4 inference-time CFG (2-NFE)."""
     if isinstance(model, TarFlow) or exact:
         flow, G = (model, None) if isinstance(model, TarFlow) else (forward_model, model)
         if inverse is None:   # N-1 sequential steps per block, then one backward pass for the score
-            return flow.sample(labels, guidance=guidance, ramp=ramp, attn_temp=attn_temp, denoise=denoise, z=z,
-                               kv_dtype=kv_dtype, static=static)
+            return flow.sample(labels, guidance=guidance, ramp=ramp, attn_temp=attn_temp,
+                               denoise=denoise, z=z, kv_dtype=kv_dtype, static=static)
         x = inverse(flow, z, labels, guidance, ramp, attn_temp, G=G)
         return flow.denoise(x, labels) if denoise else x
     mode = model.cfg.guidance_mode if guidance_mode == 'auto' else guidance_mode
@@ -152,17 +152,20 @@ def generate(model, forward_model, z, labels, guidance=0.0, guidance_mode='auto'
 
 
 def log_inverse(inverse, what):
-    """Print the parallel inverse's strategy per flow (the planner's measurements with --segment auto) and the
-    passes each flow took, mean and max over the samples, with the sequential fallbacks."""
+    """Print the parallel inverse's strategy per flow (the planner's measurements with --segment
+    auto) and the passes each flow took, mean and max over the samples, with the sequential
+    fallbacks."""
     if inverse.plan is not None:
         for t, pl in enumerate(inverse.plan):
             tried = ', '.join(f'{"seq" if s == 1 else s}: {1e3 * sec:.1f} ms/{pl.passes[s][1]}'
                               for s, sec in pl.seconds.items())
-            print(f'inverse plan, flow {t}: {"sequential" if pl.choice == 1 else f"segment {pl.choice}"} '
-                  f'(first batch, ms/max passes by segment length: {tried})')
+            choice = 'sequential' if pl.choice == 1 else f'segment {pl.choice}'
+            print(f'inverse plan, flow {t}: {choice} (first batch, ms/max passes by segment '
+                  f'length: {tried})')
     stats = inverse.passes_per_flow()
     print(f'inverse passes per flow ({what}; flow 0 next to the data): ' + ' | '.join(
-        f'{t}: mean {m:.1f} max {mx}' + (f', {fb} fell back' if fb else '') for t, (m, mx, fb) in enumerate(stats)))
+        f'{t}: mean {m:.1f} max {mx}' + (f', {fb} fell back' if fb else '')
+        for t, (m, mx, fb) in enumerate(stats)))
 
 
 def to_uint8(x):
@@ -348,22 +351,26 @@ def get_args(argv=None):
     g.add_argument('--cuda_graph', action=argparse.BooleanOptionalAction, default=False, help="run the exact "
                    "inverse's per-token step on fixed shapes (whole cache, mask row), captured in a CUDA graph on GPU: "
                    "no per-op launch cost (on CPU the same fixed-shape step runs eagerly)")
-    g.add_argument('--inverse', choices=['parallel', 'sequential'], default='parallel', help="the exact inverse: "
-                   "parallel = Jacobi passes over each flow's tokens, the strategy per flow set by --segment; "
-                   "sequential = the token-by-token loop (--kv_dtype, --cuda_graph apply to it)")
-    g.add_argument('--segment', default='auto', help="--inverse parallel: tokens solved together in each flow. "
-                   "auto = time every strategy on the first batch and keep the fastest per flow (printed); an "
-                   "integer for every flow (the token count: plain Jacobi; 1: sequential); or one per flow, "
-                   "comma-separated from block 0 (next to the data), e.g. 64,64,64,1")
-    g.add_argument('--jacobi_tol', type=float, default=1e-3, help='--inverse parallel: a sample stops once the '
-                   "largest change of its tokens in a pass is <= this (in the flow's token space); 0: exact passes "
-                   'to the cap')
-    g.add_argument('--jacobi_max_passes', type=int, default=None, help='--inverse parallel: at most this many passes '
-                   "per segment (default: the segment's length, after which it is exact)")
-    g.add_argument('--jacobi_init', choices=['z', 'G'], default='z', help="--inverse parallel: each flow's first "
-                   "guess, its input z or (with --exact, a reverse checkpoint) G's prediction of its output")
-    g.add_argument('--exact', action='store_true', help="a reverse checkpoint: sample its F's exact inverse (and "
-                   "Tweedie denoising) instead of G's one pass")
+    g.add_argument('--inverse', choices=['parallel', 'sequential'], default='parallel',
+                   help="the exact inverse: parallel = Jacobi passes over each flow's tokens, the "
+                   "strategy per flow set by --segment; sequential = the token-by-token loop "
+                   "(--kv_dtype, --cuda_graph apply to it)")
+    g.add_argument('--segment', default='auto', help='--inverse parallel: tokens solved together '
+                   'in each flow. auto = time every strategy on the first batch and keep the fastest '
+                   'per flow (printed); an integer for every flow (the token count: plain Jacobi; 1: '
+                   'sequential); or one per flow, comma-separated from block 0 (next to the data), '
+                   'e.g. 64,64,64,1')
+    g.add_argument('--jacobi_tol', type=float, default=1e-3, help='--inverse parallel: a sample '
+                   'stops once the largest change of its tokens in a pass is <= this (in the '
+                   "flow's token space); 0: exact passes to the cap")
+    g.add_argument('--jacobi_max_passes', type=int, default=None, help='--inverse parallel: at '
+                   "most this many passes per segment (default: the segment's length, after which it is "
+                   'exact)')
+    g.add_argument('--jacobi_init', choices=['z', 'G'], default='z', help='--inverse parallel: '
+                   "each flow's first guess, its input z or (with --exact, a reverse checkpoint) G's "
+                   'prediction of its output')
+    g.add_argument('--exact', action='store_true', help="a reverse checkpoint: sample its F's "
+                   "exact inverse (and Tweedie denoising) instead of G's one pass")
     g.add_argument('--noise_std', type=float, default=None, help="the sigma the model was trained with: overrides a "
                    "checkpoint's; needed for ml-tarflow state dicts unless their file name ends in it "
                    "(afhq_model_8_768_8_8_0.07.pth)")
@@ -397,8 +404,8 @@ def get_args(argv=None):
         except ValueError:
             segs = [0]
         if min(segs) < 1:
-            p.error(f"--segment {args.segment}: 'auto', an integer >= 1, or one such integer per flow, "
-                    'comma-separated')
+            p.error(f"--segment {args.segment}: 'auto', an integer >= 1, or one such integer per "
+                    'flow, comma-separated')
         args.segment = segs[0] if len(segs) == 1 else segs
     labels = None   # None: uniformly random labels (the FID protocol), or a grid's rows
     if args.labels:
@@ -429,14 +436,19 @@ def main(argv=None):
               static=args.cuda_graph)
     exact = forward_model is None or args.exact   # the samples come from F's exact inverse
     if args.exact and forward_model is None:
-        p.error('--exact: samples a reverse checkpoint by its F; a forward checkpoint is sampled exactly already')
-    if args.jacobi_init == 'G' and (forward_model is None or not args.exact or args.inverse != 'parallel'):
-        p.error('--jacobi_init G: needs a reverse checkpoint with --exact and --inverse parallel (G makes the guess)')
-    if isinstance(args.segment, list) and exact and len(args.segment) != (forward_model or model).cfg.num_blocks:
-        p.error(f'--segment {",".join(map(str, args.segment))}: give one length per flow '
-                f'({(forward_model or model).cfg.num_blocks}), or one for all')
-    inverse = ParallelInverse(args.segment, args.jacobi_tol, args.jacobi_max_passes, args.jacobi_init) \
-        if exact and args.inverse == 'parallel' else None
+        p.error('--exact: samples a reverse checkpoint by its F; a forward checkpoint is sampled '
+                'exactly already')
+    if args.jacobi_init == 'G' and (not args.exact or args.inverse != 'parallel'):
+        p.error('--jacobi_init G: needs a reverse checkpoint with --exact and --inverse parallel '
+                '(G makes the guess)')
+    T = (forward_model or model).cfg.num_blocks
+    if isinstance(args.segment, list) and exact and len(args.segment) != T:
+        p.error(f'--segment {",".join(map(str, args.segment))}: give one length per flow ({T}), '
+                'or one for all')
+    inverse = None
+    if exact and args.inverse == 'parallel':
+        inverse = ParallelInverse(args.segment, args.jacobi_tol, args.jacobi_max_passes,
+                                  args.jacobi_init)
     kw.update(inverse=inverse, exact=args.exact)
     if labels is not None:
         if ncls == 0 or labels.min() < 0 or labels.max() >= ncls:   # only knowable once the model is loaded
