@@ -30,8 +30,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from data import HelpFormatter, atomic_write
-from model import (PRESETS, SCORE_BUDGET_BYTES, ParallelInverse, ReverseModel, TarFlow, forward_loss,
-                   reverse_config_for, reverse_guesses, reverse_loss, score_activation_bytes, unpatchify)
+from model import (PRESETS, SCORE_BUDGET_BYTES, ParallelInverse, ReverseModel, TarFlow,
+                   forward_loss, reverse_config_for, reverse_guesses, reverse_loss,
+                   score_activation_bytes, unpatchify)
 from perceptual import LPIPS, ConvNeXtV2, PerceptualLoss
 from sample import generate, load_models
 from train import TRAIN_PRESETS, ema_update, guidance_scales
@@ -58,7 +59,9 @@ ROWS = {  # key: label. Training rows run at --batch_size, sampling rows at each
     'cfg_infer': 'G inference-time CFG (2-NFE)',
     'vae_decode': 'SD-VAE decoder (f8c4, random weights), per --vae_latent',
 }
-EXTRAS = ('estimate', 'memory', 'jacobi_projection')  # imagenet64 FLOPs and H100 time; projected GPU memory of the paper presets
+# imagenet64 FLOPs and H100 time; projected GPU memory of the paper presets; the parallel inverse's
+# launches and FLOPs at imagenet64
+EXTRAS = ('estimate', 'memory', 'jacobi_projection')
 # speed-ups: (label, slower row, faster row, target, batch the target applies to (None: every batch))
 RATIOS = [
     ('our inverse vs naive', 'naive', 'inverse', None, None),
@@ -70,7 +73,8 @@ RATIOS = [
     ('parallel vs sequential inverse', 'inverse', 'inverse_par', None, None),
     ('parallel vs sequential inverse + CFG', 'inverse_cfg', 'inverse_par_cfg', 2.0, 1),
     ("parallel + CFG: G's guess vs z", 'inverse_par_cfg', 'inverse_par_cfg_g', None, None),
-    ('parallel vs sequential, + CFG + denoising', 'inverse_cfg_denoise', 'inverse_par_cfg_denoise', None, None),
+    ('parallel vs sequential, + CFG + denoising', 'inverse_cfg_denoise', 'inverse_par_cfg_denoise',
+     None, None),
     ('parallel + CFG vs naive + CFG', 'naive_cfg', 'inverse_par_cfg', None, None),
     ('training- vs inference-time CFG', 'cfg_infer', 'nfe1_cfg', None, None),
 ]
@@ -100,13 +104,14 @@ def get_args(argv=None):
     a('--rows', default='all', help=f"comma-separated subset of: {','.join([*ROWS, *EXTRAS])}")
     a('--json', default='bench.json', help='where to write the results (atomically)')
     a('--seed', type=int, default=0, help='seed of the random weights and inputs')
-    a('--ckpt', default=None, help="a forward or reverse checkpoint whose F (and G) replace the random ones: the "
-      "parallel inverse's passes depend on the weights (random ones converge in fewer passes than a trained F's "
-      "flow next to the noise)")
-    a('--jacobi_tol', type=float, default=1e-3, help="the parallel rows' tolerance on the change per pass "
-      '(sample.py --jacobi_tol)')
-    a('--jacobi_plot', default=None, help="write a PNG of the change per pass against the pass, one line per flow "
-      "(plain Jacobi to a tolerance of 1e-6, from z and from G's guess), e.g. scripts/jacobi_passes.png")
+    a('--ckpt', default=None, help='a forward or reverse checkpoint whose F (and G) replace the '
+      "random ones in the sampling rows: the parallel inverse's passes depend on the weights "
+      "(random ones converge in fewer passes than a trained F's flow next to the noise)")
+    a('--jacobi_tol', type=float, default=1e-3, help="the parallel rows' tolerance on the change "
+      'per pass (sample.py --jacobi_tol)')
+    a('--jacobi_plot', default=None, help='write a PNG of the change per pass against the pass, '
+      "one line per flow (plain Jacobi to 1e-6, from z and from G's guess), e.g. "
+      'scripts/jacobi_passes.png')
     a('--vae_latent', type=int, default=0, help="latent side of the vae_decode row (the image is 8x). 0: 32 on CUDA "
       "(256x256, BiFlow's ImageNet setting), the preset's img_size/8 on CPU (2 at the cpu preset: a 16x16 image, "
       "so that a batch-64 call takes seconds, not minutes)")
@@ -352,13 +357,15 @@ def plot_changes(curves, path, tol=None, size=(640, 300)):
     W, H = size
     img = Image.new('RGB', size, 'white')
     d, font = ImageDraw.Draw(img), ImageFont.load_default()
-    vals = [v for c in curves.values() for v in c if v > 0 and math.isfinite(v)] + ([tol] if tol else [])
+    vals = [v for c in curves.values() for v in c if v > 0 and math.isfinite(v)]
+    vals += [tol] if tol else []
     lo, hi = math.floor(math.log10(min(vals))), math.ceil(math.log10(max(vals)))
     hi = hi if hi > lo else lo + 1
     x0, x1, top, bottom = 50, W - 150, 20, H - 30
     pmax = max(len(c) for c in curves.values())
     d.rectangle([x0, top, x1, bottom], outline='black')
-    d.text((x0, 4), 'largest change in a pass (log) against the pass, per flow', fill='black', font=font)
+    d.text((x0, 4), 'largest change in a pass (log) against the pass, per flow', fill='black',
+           font=font)
 
     def xy(p, v):
         return x0 + p / pmax * (x1 - x0), bottom - (math.log10(v) - lo) / (hi - lo) * (bottom - top)
@@ -370,8 +377,8 @@ def plot_changes(curves, path, tol=None, size=(640, 300)):
         d.text((xy(p, 1)[0] - 4, bottom + 6), str(p), fill='black', font=font)
     if tol:
         d.line([xy(0, tol), xy(pmax, tol)], fill=(170, 170, 170))
-    colours = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
-               (227, 119, 194), (127, 127, 127)]
+    colours = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
+               (140, 86, 75), (227, 119, 194), (127, 127, 127)]
     for j, (name, c) in enumerate(curves.items()):
         pts = [xy(p + 1, v) for p, v in enumerate(c) if v > 0 and math.isfinite(v)]
         col = colours[j % len(colours)]
@@ -392,7 +399,8 @@ def jacobi_curves(fwd, rev, z, y, w):
         block = fwd.blocks[t]
         curves[f'flow {t}, from z'] = block.reverse_parallel(x, y, w, tol=1e-6)[1].changes
         if guesses[t] is not None:
-            curves[f"flow {t}, from G"] = block.reverse_parallel(x, y, w, tol=1e-6, init=guesses[t])[1].changes
+            info = block.reverse_parallel(x, y, w, tol=1e-6, init=guesses[t])[1]
+            curves[f'flow {t}, from G'] = info.changes
         x = block.reverse(x, y, w)
     return curves
 
@@ -429,8 +437,8 @@ def jacobi_projection(name='imagenet64', passes=(8, 32, 128)):
         return oc.n
     seq = [ops(c, lambda b, z, y: b.reverse(z, y, GUIDANCE)) for c in narrow]
     step = (seq[1] - seq[0]) / (narrow[1].num_tokens - narrow[0].num_tokens)
-    par = [ops(narrow[0], lambda b, z, y, k=k: b.reverse_parallel(z, y, GUIDANCE, tol=0.0, max_passes=k))
-           for k in (1, 2)]
+    par = [ops(narrow[0], lambda b, z, y, k=k: b.reverse_parallel(z, y, GUIDANCE, tol=0.0,
+                                                                  max_passes=k)) for k in (1, 2)]
     per_pass = par[1] - par[0]
     with torch.device('meta'):
         block = TarFlow(cfg).blocks[0]
@@ -441,8 +449,10 @@ def jacobi_projection(name='imagenet64', passes=(8, 32, 128)):
     rows = {'sequential': dict(launches=(N - 1) * step + seq[0] - (narrow[0].num_tokens - 1) * step,
                                gflop=flops / 1e9)}
     for p in passes:
-        rows[f'parallel, {p} passes'] = dict(launches=par[0] - per_pass + p * per_pass, gflop=p * flops / 1e9)
-    return dict(preset=name, tokens=N, launches_per_step=step, launches_per_pass=per_pass, rows=rows)
+        rows[f'parallel, {p} passes'] = dict(launches=par[0] + (p - 1) * per_pass,
+                                             gflop=p * flops / 1e9)
+    return dict(preset=name, tokens=N, launches_per_step=step, launches_per_pass=per_pass,
+                rows=rows)
 
 
 def bf16_peak(device):
@@ -456,13 +466,16 @@ def jacobi_report(row, inv):
     """Print and record a parallel row's plan (segment length per flow, 1 = sequential) and passes
     per flow."""
     stats = inv.passes_per_flow()
-    row['jacobi'] = dict(choice=[p.choice for p in inv.plan], passes=[(m, mx) for m, mx, _ in stats],
-                         fallbacks=sum(fb for _, _, fb in stats),
-                         plan_ms={t: {s: 1e3 * v for s, v in p.seconds.items()} for t, p in enumerate(inv.plan)})
+    fallbacks = sum(fb for _, _, fb in stats)
+    row['jacobi'] = dict(choice=[p.choice for p in inv.plan],
+                         passes=[(m, mx) for m, mx, _ in stats],
+                         fallbacks=fallbacks,
+                         plan_ms={t: {s: 1e3 * v for s, v in p.seconds.items()}
+                                  for t, p in enumerate(inv.plan)})
     print('  strategy per flow (0 = next to the data): ' + ', '.join(
-        f'{t}: {"seq" if p.choice == 1 else p.choice}' for t, p in enumerate(inv.plan)) + '; passes mean/max: ' +
-        ', '.join(f'{m:.1f}/{mx}' for m, mx, _ in stats) + (f'; {row["jacobi"]["fallbacks"]} fell back'
-                                                            if row['jacobi']['fallbacks'] else ''))
+        f'{t}: {"seq" if p.choice == 1 else p.choice}' for t, p in enumerate(inv.plan)) +
+        '; passes mean/max: ' + ', '.join(f'{m:.1f}/{mx}' for m, mx, _ in stats) +
+        (f'; {fallbacks} fell back' if fallbacks else ''))
 
 
 def train_step(model, loss_fn, ctx, device):
@@ -498,7 +511,8 @@ def main(argv=None):
     ctx = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else nullcontext
     torch.manual_seed(args.seed)
     cfg = PRESETS[args.preset]
-    loaded = load_models(args.ckpt, device, verbose=False) if args.ckpt else None   # (model, F or None, decode)
+    # (model, F or None, decode) of a checkpoint, for the sampling rows
+    loaded = load_models(args.ckpt, device, verbose=False) if args.ckpt else None
     if loaded:
         cfg = (loaded[1] or loaded[0]).cfg
     rcfg = reverse_config_for(cfg, args.preset)
@@ -512,7 +526,7 @@ def main(argv=None):
         torch.nn.init.normal_(block.proj_out.weight, std=0.2 / math.sqrt(cfg.channels))
     fwd.to(device).eval().requires_grad_(False)
     rev = ReverseModel(rcfg).to(device).eval()
-    if loaded:   # the sampling rows use the checkpoint's weights (the training rows build their own models)
+    if loaded:   # the sampling rows use its weights (the training rows build their own models)
         fwd, rev = (loaded[0], rev) if loaded[1] is None else (loaded[1], loaded[0])
     trained_g = loaded is not None and loaded[1] is not None
     nparams = {'forward': sum(p.numel() for p in fwd.parameters()), 'reverse': sum(p.numel() for p in rev.parameters())}
@@ -525,15 +539,16 @@ def main(argv=None):
     def images(b):
         return torch.rand(b, cfg.in_channels, cfg.img_size, cfg.img_size, device=device) * 2 - 1
 
-    out = dict(preset=args.preset, ckpt=args.ckpt, jacobi_tol=args.jacobi_tol, device=str(device), device_name=bf16_peak(device)[1], dtype='bf16' if bf16 else
+    out = dict(preset=args.preset, ckpt=args.ckpt, jacobi_tol=args.jacobi_tol,
+               device=str(device), device_name=bf16_peak(device)[1], dtype='bf16' if bf16 else
                'fp32', torch=torch.__version__, threads=torch.get_num_threads(), compile=args.compile,
                batch_size=args.batch_size, sample_batches=args.sample_batches, repeats=args.repeats,
                warmup=args.warmup, guidance=GUIDANCE, params=nparams, rows={}, ratios={}, checks={})
     print(f'bench: preset {args.preset} on {device} ({out["threads"]} threads), {out["dtype"]}, torch '
           f'{torch.__version__}{", compiled" if args.compile else ""}; median and min of >= {args.repeats} timed calls '
           f'(>= 1 s, <= {args.budget:g} s) after {args.warmup} warm-up; a shared machine is noisy: read medians')
-    print(f'weights: {args.ckpt or "random"} (G: {"trained" if trained_g else "random"}); parallel rows: '
-          f'tolerance {args.jacobi_tol:g}, strategy planned on an untimed first call')
+    print(f'weights: {args.ckpt or "random"} (G: {"trained" if trained_g else "random"}); '
+          f'parallel rows: tolerance {args.jacobi_tol:g}, strategy planned on a first, untimed call')
     print(f'F (TarFlow): {nparams["forward"] / 1e6:.2f}M parameters, {N} tokens x {d}; '
           f'G (BiFlow): {nparams["reverse"] / 1e6:.2f}M parameters; guided rows use w = {GUIDANCE}')
     print(f'{"row":46s} {"batch":>5s} {"median ms":>11s} {"min ms":>11s} {"img/s":>10s}')
@@ -609,32 +624,33 @@ def main(argv=None):
             'cfg_infer': lambda: generate(rev, fwd, z, yb, GUIDANCE, guidance_mode='inference'),
         }
         invs = {}
-        for key, w, den, init in [('inverse_par', 0.0, False, 'z'), ('inverse_par_cfg', GUIDANCE, False, 'z'),
+        for key, w, den, init in [('inverse_par', 0.0, False, 'z'),
+                                  ('inverse_par_cfg', GUIDANCE, False, 'z'),
                                   ('inverse_par_cfg_g', GUIDANCE, False, 'G'),
                                   ('inverse_par_cfg_denoise', GUIDANCE, True, 'z')]:
             inv = invs[key] = ParallelInverse('auto', args.jacobi_tol, init=init)
-            fns[key] = functools.partial(generate, rev if init == 'G' else fwd, fwd, z, yb, w, denoise=den,
-                                         inverse=inv, exact=init == 'G')
+            fns[key] = functools.partial(generate, rev if init == 'G' else fwd, fwd, z, yb, w,
+                                         denoise=den, inverse=inv, exact=init == 'G')
         for key, fn in fns.items():
             if key in args.rows:
                 def call(fn=fn):
                     with ctx():
                         return fn()
                 if key in invs:
-                    call()   # the planner times every strategy on this first call; the rows time the choice
+                    call()   # the planner times every strategy on this call; the row, the choice
                 run(key, b, call)
                 if key in invs:
                     jacobi_report(out['rows'][f'{key}_b{b}'], invs[key])
-        if 'inverse_par_cfg' in args.rows:   # the samples, before denoising, against the sequential inverse's
+        if 'inverse_par_cfg' in args.rows:   # samples before denoising against the sequential ones
             with ctx():
                 ref = generate(fwd, None, z, yb, GUIDANCE, denoise=False)
                 for key in ('inverse_par_cfg', 'inverse_par_cfg_g'):
                     if key in args.rows:
                         err = (fns[key]() - ref).abs().max().item()
-                        out['checks'][f'{key}_b{b} within 1e-3 of sequential'] = dict(max_abs_diff=err,
-                                                                                    met=err <= 1e-3)
-                        print(f'  check: {ROWS[key]} vs sequential, batch {b}: max |diff| {err:.1e} '
-                              f'(target <= 1e-3: {"met" if err <= 1e-3 else "NOT met"})')
+                        out['checks'][f'{key}_b{b} within 1e-3 of sequential'] = dict(
+                            max_abs_diff=err, met=err <= 1e-3)
+                        print(f'  check: {ROWS[key]} vs sequential, batch {b}: max |diff| '
+                              f'{err:.1e} (target <= 1e-3: {"met" if err <= 1e-3 else "NOT met"})')
 
     if 'vae_decode' in args.rows:  # the frozen decoder a latent-space BiFlow runs after its one pass
         hw = args.vae_latent or (32 if device.type == 'cuda' else max(1, cfg.img_size // 8))
@@ -707,19 +723,20 @@ def main(argv=None):
             print(f'  {name} (batch {m["batch_per_gpu"]}/GPU; F {m["params_forward"] / 1e6:.0f}M, G '
                   f'{m["params_reverse"] / 1e6:.0f}M): ' + ' | '.join(f'{k} {v:.1f}' for k, v in m['rows'].items()))
 
-    if 'jacobi_projection' in args.rows:   # launches and FLOPs at paper size, labelled as a projection
+    if 'jacobi_projection' in args.rows:   # launches and FLOPs at paper size, as a projection
         jp = out['jacobi_projection'] = jacobi_projection()
-        print(f'projection, not a measurement: one flow of {jp["preset"]} ({jp["tokens"]} tokens), inverse + CFG, '
-              f'{jp["launches_per_step"]:.0f} kernel launches per token step, {jp["launches_per_pass"]:.0f} per '
-              'Jacobi pass: ' + ' | '.join(f'{k}: {v["launches"]:.0f} launches per batch, {v["gflop"]:.1f} GFLOP '
-                                          'per sample' for k, v in jp['rows'].items()))
+        print(f'projection, not a measurement: one flow of {jp["preset"]} ({jp["tokens"]} tokens), '
+              f'inverse + CFG, {jp["launches_per_step"]:.0f} kernel launches per token step, '
+              f'{jp["launches_per_pass"]:.0f} per Jacobi pass:')
+        for k, v in jp['rows'].items():
+            print(f'  {k}: {v["launches"]:.0f} launches per batch, {v["gflop"]:.1f} GFLOP/sample')
     if args.jacobi_plot:
         zc = torch.randn(64, N, d, device=device, generator=None)
         curves = jacobi_curves(fwd, rev if trained_g else None, zc, labels(64), GUIDANCE)
         plot_changes(curves, args.jacobi_plot, args.jacobi_tol)
         out['jacobi_curves'] = curves
-        print(f'wrote {args.jacobi_plot}: change per pass per flow, batch 64, w = {GUIDANCE:g}; passes to 1e-6: ' +
-              ', '.join(f'{k} {len(v)}' for k, v in curves.items()))
+        print(f'wrote {args.jacobi_plot}: change per pass per flow, batch 64, w = {GUIDANCE:g}; '
+              'passes to 1e-6: ' + ', '.join(f'{k} {len(v)}' for k, v in curves.items()))
     out['total_s'] = time.perf_counter() - t_start
     print(f'total {out["total_s"]:.0f} s; wrote {args.json}')
     atomic_write(args.json, lambda f: f.write(json.dumps(out, indent=1).encode()))
