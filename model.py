@@ -690,14 +690,14 @@ def reverse_guesses(G: 'ReverseModel', z, y=None, guidance=0.0):
     return guesses
 
 
-def segment_candidates(N, shortest=4):
-    """Segment lengths the planner tries: N (plain Jacobi), N/2, N/4, ... down to `shortest`, and 1
-    (sequential)."""
-    out, s = [], N
+def segment_candidates(N, shortest=8):
+    """Segment lengths the planner tries: 1 (sequential) first, then N (plain Jacobi), N/2, N/4, ...
+    down to `shortest` (shorter ones pay a pass's fixed cost for a few tokens)."""
+    out, s = [1], N
     while s >= shortest:
         out.append(s)
         s //= 2
-    return out + [1]
+    return out
 
 
 class FlowPlan(NamedTuple):
@@ -712,10 +712,11 @@ class FlowPlan(NamedTuple):
 def plan_inverse(flow: TarFlow, z, y=None, guidance=0.0, ramp=False, attn_temp=1.0, tol=1e-4,
                  max_passes=None, init=None, candidates=None, repeats=2):
     """Choose each flow's inverse on one batch by running every candidate segment length
-    (segment_candidates) on it, `repeats` times, and keeping the fastest (least of its times): the
-    passes a flow needs and the cost of a pass against a sequential step are both in that time, on
-    this device at this batch. Flows are planned from T-1 down, each on the exact (sequential)
-    output of the one before. -> [FlowPlan of block t for t = 0..T-1]."""
+    (segment_candidates) on it, `repeats` times (once if it took 1.5x the best so far), and keeping
+    the fastest (least of its times): the passes a flow needs and the cost of a pass against a
+    sequential step are both in that time, on this device at this batch. Flows are planned from T-1
+    down, each on the exact (sequential) output of the one before. -> [FlowPlan of block t, t =
+    0..T-1]."""
     T, N = len(flow.blocks), flow.cfg.num_tokens
     candidates = candidates or segment_candidates(N)
     guesses = [None] * T if init is None else init
@@ -724,7 +725,9 @@ def plan_inverse(flow: TarFlow, z, y=None, guidance=0.0, ramp=False, attn_temp=1
     for t in reversed(range(T)):
         seconds, passes = {}, {}
         for s in candidates:
-            for _ in range(repeats):
+            for r in range(repeats):
+                if r and seconds[s] > 1.5 * min(seconds.values()):
+                    break                               # a clear loser needs no second timing
                 sync()
                 t0 = time.perf_counter()
                 out, info = flow.blocks[t].reverse_parallel(x, y, guidance, ramp, attn_temp, s, tol,
