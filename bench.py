@@ -30,8 +30,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from data import HelpFormatter, atomic_write
-from model import (PRESETS, SCORE_BUDGET_BYTES, ParallelInverse, ReverseModel, TarFlow,
-                   forward_loss, reverse_config_for, reverse_guesses, reverse_loss,
+from model import (JACOBI_TOL, PRESETS, SCORE_BUDGET_BYTES, ParallelInverse, ReverseModel,
+                   TarFlow, forward_loss, reverse_config_for, reverse_guesses, reverse_loss,
                    score_activation_bytes, unpatchify)
 from perceptual import LPIPS, ConvNeXtV2, PerceptualLoss
 from sample import generate, load_models
@@ -107,8 +107,8 @@ def get_args(argv=None):
     a('--ckpt', default=None, help='a forward or reverse checkpoint whose F (and G) replace the '
       "random ones in the sampling rows: the parallel inverse's passes depend on the weights "
       "(random ones converge in fewer passes than a trained F's flow next to the noise)")
-    a('--jacobi_tol', type=float, default=1e-3, help="the parallel rows' tolerance on the change "
-      'per pass (sample.py --jacobi_tol)')
+    a('--jacobi_tol', type=float, default=JACOBI_TOL, help="the parallel rows' tolerance on the "
+      'change per pass (sample.py --jacobi_tol)')
     a('--jacobi_plot', default=None, help='write a PNG of the change per pass against the pass, '
       "one line per flow (plain Jacobi to 1e-6, from z and from G's guess), e.g. "
       'scripts/jacobi_passes.png')
@@ -364,8 +364,8 @@ def plot_changes(curves, path, tol=None, size=(640, 300)):
     x0, x1, top, bottom = 50, W - 150, 20, H - 30
     pmax = max(len(c) for c in curves.values())
     d.rectangle([x0, top, x1, bottom], outline='black')
-    d.text((x0, 4), 'largest change in a pass (log) against the pass, per flow', fill='black',
-           font=font)
+    title = 'largest change in a pass (log scale) against the pass, per flow'
+    d.text((x0, 4), title + (f'; grey: tolerance {tol:g}' if tol else ''), fill='black', font=font)
 
     def xy(p, v):
         return x0 + p / pmax * (x1 - x0), bottom - (math.log10(v) - lo) / (hi - lo) * (bottom - top)
@@ -548,7 +548,7 @@ def main(argv=None):
           f'{torch.__version__}{", compiled" if args.compile else ""}; median and min of >= {args.repeats} timed calls '
           f'(>= 1 s, <= {args.budget:g} s) after {args.warmup} warm-up; a shared machine is noisy: read medians')
     print(f'weights: {args.ckpt or "random"} (G: {"trained" if trained_g else "random"}); '
-          f'parallel rows: tolerance {args.jacobi_tol:g}, strategy planned on a first, untimed call')
+          f'parallel rows: tolerance {args.jacobi_tol:g}, strategy planned on an untimed call')
     print(f'F (TarFlow): {nparams["forward"] / 1e6:.2f}M parameters, {N} tokens x {d}; '
           f'G (BiFlow): {nparams["reverse"] / 1e6:.2f}M parameters; guided rows use w = {GUIDANCE}')
     print(f'{"row":46s} {"batch":>5s} {"median ms":>11s} {"min ms":>11s} {"img/s":>10s}')

@@ -26,8 +26,8 @@ from PIL import Image
 import fid
 from data import (HelpFormatter, Progress, atomic_write, center_crop, check_writable, latent_norm, read_torch_file,
                   save_grid, setup_distributed)
-from model import (FlowConfig, ParallelInverse, ReverseConfig, ReverseModel, TarFlow,
-                   config_from_dict, edit, inpaint, load_ml_tarflow, unpatchify)
+from model import (JACOBI_TOL, FlowConfig, ParallelInverse, ReverseConfig, ReverseModel,
+                   TarFlow, config_from_dict, edit, inpaint, load_ml_tarflow, unpatchify)
 from vae import load_vae
 
 # Sample i of seed s uses noise from the generator seeded by s * 2**32 + i: one stream per (seed, index), never shared
@@ -356,19 +356,19 @@ def get_args(argv=None):
                    "strategy per flow set by --segment; sequential = the token-by-token loop "
                    "(--kv_dtype, --cuda_graph apply to it)")
     g.add_argument('--segment', default='auto', help='--inverse parallel: tokens solved together '
-                   'in each flow. auto = time every strategy on the first batch and keep the fastest '
-                   'per flow (printed); an integer for every flow (the token count: plain Jacobi; 1: '
-                   'sequential); or one per flow, comma-separated from block 0 (next to the data), '
-                   'e.g. 64,64,64,1')
-    g.add_argument('--jacobi_tol', type=float, default=1e-3, help='--inverse parallel: a sample '
-                   'stops once the largest change of its tokens in a pass is <= this (in the '
-                   "flow's token space); 0: exact passes to the cap")
+                   'in each flow. auto = time every strategy on the first batch and keep the '
+                   'fastest per flow (printed); an integer for every flow (the token count: plain '
+                   'Jacobi; 1: sequential); or one per flow, comma-separated from block 0 (next to '
+                   'the data), e.g. 64,64,64,1')
+    g.add_argument('--jacobi_tol', type=float, default=JACOBI_TOL, help='--inverse parallel: a '
+                   'sample stops once the largest change of its tokens in a pass is <= this (in '
+                   "the flow's token space); 0: exact passes to the cap")
     g.add_argument('--jacobi_max_passes', type=int, default=None, help='--inverse parallel: at '
-                   "most this many passes per segment (default: the segment's length, after which it is "
-                   'exact)')
+                   "most this many passes per segment (default: the segment's length, after which "
+                   'it is exact)')
     g.add_argument('--jacobi_init', choices=['z', 'G'], default='z', help='--inverse parallel: '
-                   "each flow's first guess, its input z or (with --exact, a reverse checkpoint) G's "
-                   'prediction of its output')
+                   "each flow's first guess, its input z or (with --exact, a reverse checkpoint) "
+                   "G's prediction of its output")
     g.add_argument('--exact', action='store_true', help="a reverse checkpoint: sample its F's "
                    "exact inverse (and Tweedie denoising) instead of G's one pass")
     g.add_argument('--noise_std', type=float, default=None, help="the sigma the model was trained with: overrides a "
