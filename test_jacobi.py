@@ -73,7 +73,7 @@ def test_jacobi_with_tol_0_equals_the_sequential_inverse_in_every_guidance_mode(
     z, y = noise(), labels(ncls)
     for kw in GUIDANCE_MODES:
         ref = f.reverse(z, y, **kw)
-        for segment, cached in [(None, True), (None, False), (5, True), ([None, 4, 1], False)]:
+        for segment, cached in [(None, True), (5, False), ([None, 4, 1], True)]:
             x, infos = f.reverse_parallel(z, y, **kw, segment=segment, tol=0.0, cached=cached)
             assert (x - ref).abs().max() < EXACT, (kw, segment)
             assert all(i.fallbacks == 0 for i in infos)
