@@ -410,7 +410,7 @@ class MetaBlock(nn.Module):
 
     @torch.no_grad()
     def reverse_parallel(self, z, y=None, guidance=0.0, ramp=False, attn_temp=1.0, segment=None,
-                         tol=JACOBI_TOL, max_passes=None, init=None, cached=True):
+                         tol=JACOBI_TOL, max_passes=None, init=None, cached=True, deadline=None):
         """Exact inverse as the fixed point x_j = mu_j(x_<j) + exp(alpha_j(x_<j)) * z_j of all
         tokens at once (GS-Jacobi, Liu & Qin 2025, Eq. 9-10): each pass computes alpha, mu of every
         unsolved token from the last iterate, with the guided alpha, mu, fp32 recursion and norm
@@ -425,6 +425,8 @@ class MetaBlock(nn.Module):
         init: a guess of the output (B, N, d) in raster order (None: z).
         cached: pass k starts at token k, reading the exact tokens before it from a KV cache (fewer
             FLOPs per pass, the same result); False: every pass covers its whole segment.
+        deadline: a time.perf_counter() value past which a pass raises TimeoutError (the planner's
+            cut-off for a strategy already slower than the best).
         A pass giving a sample non-finite values leaves it untouched, and that sample is redone by
         reverse() afterwards (InverseInfo.fallbacks). -> (x (B, N, d) raster order, InverseInfo)."""
         B, N, _ = z.shape
@@ -445,7 +447,7 @@ class MetaBlock(nn.Module):
         bad = torch.zeros(B, dtype=torch.bool, device=z.device)
         changes = []
         self._segments(x, zp, s, tol, max_passes, streams, cache, guidance, ramp, passes, bad,
-                       changes, cached)
+                       changes, cached, deadline)
         x = self.permute(x)
         idx = bad.nonzero().squeeze(1)
         if len(idx):                                    # reverse() for the samples a pass broke
@@ -454,7 +456,7 @@ class MetaBlock(nn.Module):
         return x, InverseInfo(passes.cpu(), len(idx), [float(c) for c in changes])
 
     def _segments(self, x, zp, s, tol, max_passes, streams, cache, guidance, ramp, passes, bad,
-                  changes, shrink):
+                  changes, shrink, deadline=None):
         """Fixed segments [a, a+s) in order, Jacobi passes inside each until every sample's largest
         change is <= tol or the cap (at most the segment's length, after which it is exact). Pass k
         of a segment starts at token a+k: tokens a..a+k-1 are exact by then, and their keys and
@@ -471,6 +473,8 @@ class MetaBlock(nn.Module):
                 step, act = self._update(x, zp, act, lo, b, streams, cache, guidance, ramp, passes,
                                          bad, changes)
                 act = act[(step > tol).any(1)]
+                if deadline is not None and time.perf_counter() > deadline:
+                    raise TimeoutError('reverse_parallel: past its deadline')
 
     def _update(self, x, zp, act, a, b, streams, cache, guidance, ramp, passes, bad, changes):
         """One pass over tokens [a, b) of samples act, written into x where finite; a sample with a
@@ -708,7 +712,8 @@ def segment_candidates(N, shortest=8):
 
 class FlowPlan(NamedTuple):
     """The planner's measurements of one flow: seconds and passes (mean, max over the batch) per
-    segment length tried (1 = sequential), and the choice, the fastest."""
+    segment length tried (1 = sequential), and the choice, the fastest. A strategy cut off at 1.5x
+    the best time has passes None and the seconds it ran."""
     seconds: dict
     passes: dict
     choice: int
@@ -718,13 +723,13 @@ class FlowPlan(NamedTuple):
 def plan_inverse(flow: TarFlow, z, y=None, guidance=0.0, ramp=False, attn_temp=1.0,
                  tol=JACOBI_TOL, max_passes=None, init=None, candidates=None, repeats=2):
     """Choose each flow's inverse on one batch by running every candidate segment length
-    (segment_candidates) on it, `repeats` times (once if it took 1.5x the best so far), and keeping
+    (segment_candidates) on it, `repeats` times (once, and cut off, past 1.5x the best), and keeping
     the fastest (least of its times): the passes a flow needs and the cost of a pass against a
     sequential step are both in that time, on this device at this batch. Flows are planned from T-1
     down, each on the exact (sequential) output of the one before. -> [FlowPlan of block t, t =
     0..T-1]."""
     T, N = len(flow.blocks), flow.cfg.num_tokens
-    candidates = candidates or segment_candidates(N)
+    candidates = [1] + [s for s in candidates or segment_candidates(N) if s != 1]   # 1 first
     guesses = [None] * T if init is None else init
     sync = torch.cuda.synchronize if z.is_cuda else (lambda: None)
     x, plans = f32(z), [None] * T
@@ -736,15 +741,20 @@ def plan_inverse(flow: TarFlow, z, y=None, guidance=0.0, ramp=False, attn_temp=1
                     break                               # a clear loser needs no second timing
                 sync()
                 t0 = time.perf_counter()
-                out, info = flow.blocks[t].reverse_parallel(x, y, guidance, ramp, attn_temp, s, tol,
-                                                            max_passes, guesses[t])
+                best = min(seconds.values(), default=math.inf)
+                try:                                    # cut off once slower than the best so far
+                    out, info = flow.blocks[t].reverse_parallel(
+                        x, y, guidance, ramp, attn_temp, s, tol, max_passes, guesses[t],
+                        deadline=t0 + 1.5 * best if s != 1 and best < math.inf else None)
+                    passes[s] = (info.passes.float().mean().item(), info.passes.max().item())
+                except TimeoutError:
+                    passes.setdefault(s, None)
                 sync()
                 seconds[s] = min(seconds.get(s, math.inf), time.perf_counter() - t0)
-            passes[s] = (info.passes.float().mean().item(), info.passes.max().item())
             if s == 1:
                 exact = out
         plans[t] = FlowPlan(seconds, passes, min(seconds, key=seconds.get))
-        x = exact if 1 in candidates else out
+        x = exact
     return plans
 
 

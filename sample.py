@@ -157,11 +157,12 @@ def log_inverse(inverse, what):
     fallbacks."""
     if inverse.plan is not None:
         for t, pl in enumerate(inverse.plan):
-            tried = ', '.join(f'{"seq" if s == 1 else s}: {1e3 * sec:.1f} ms/{pl.passes[s][1]}'
+            tried = ', '.join(f'{"seq" if s == 1 else s}: {1e3 * sec:.1f} ms/' +
+                              ('cut' if pl.passes[s] is None else str(pl.passes[s][1]))
                               for s, sec in pl.seconds.items())
             choice = 'sequential' if pl.choice == 1 else f'segment {pl.choice}'
-            print(f'inverse plan, flow {t}: {choice} (first batch, ms/max passes by segment '
-                  f'length: {tried})')
+            print(f'inverse plan, flow {t}: {choice} (first batch; ms/max passes by segment '
+                  f"length, 'cut' = stopped past 1.5x the best: {tried})")
     stats = inverse.passes_per_flow()
     print(f'inverse passes per flow ({what}; flow 0 next to the data): ' + ' | '.join(
         f'{t}: mean {m:.1f} max {mx}' + (f', {fb} fell back' if fb else '')
