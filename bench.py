@@ -381,10 +381,9 @@ def plot_changes(curves, path, tol=None, size=(640, 300)):
                (140, 86, 75), (227, 119, 194), (127, 127, 127)]
     for j, (name, c) in enumerate(curves.items()):
         pts = [xy(p + 1, v) for p, v in enumerate(c) if v > 0 and math.isfinite(v)]
-        flow = name.split(',')[0]                       # one colour per flow, lighter from G's guess
-        col = colours[[n.split(',')[0] for n in curves].index(flow) // 2 % len(colours)] \
-            if any('from G' in n for n in curves) else colours[j % len(colours)]
-        if 'from G' in name:
+        flows = list(dict.fromkeys(n.split(',')[0] for n in curves))   # one colour per flow
+        col = colours[flows.index(name.split(',')[0]) % len(colours)]
+        if 'from G' in name:                            # lighter from G's guess
             col = tuple((v + 2 * 255) // 3 for v in col)
         if len(pts) > 1:
             d.line(pts, fill=col, width=2)
