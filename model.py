@@ -412,9 +412,9 @@ class MetaBlock(nn.Module):
     def reverse_parallel(self, z, y=None, guidance=0.0, ramp=False, attn_temp=1.0, segment=None,
                          tol=JACOBI_TOL, max_passes=None, init=None, cached=True, deadline=None):
         """Exact inverse as the fixed point x_j = mu_j(x_<j) + exp(alpha_j(x_<j)) * z_j of all
-        tokens at once (GS-Jacobi, Liu & Qin 2025, Eq. 9-10): each pass computes alpha, mu of every
-        unsolved token from the last iterate, with the guided alpha, mu, fp32 recursion and norm
-        control of reverse(). Token 0 is exact from the start and tokens 0..k after k passes, so a
+        tokens at once (GS-Jacobi, Liu & Qin 2025, arXiv 2505.12849): each pass computes alpha, mu
+        of every unsolved token from the last iterate, with the guided alpha, mu, fp32 recursion and
+        norm control of reverse(). Token 0 is exact from the start and tokens 0..k after k passes, so a
         segment of L tokens is exact after at most L passes.
         segment: tokens solved together (None: all, plain Jacobi); shorter segments run in order,
             each attending to the finished ones through a KV cache (Gauss-Seidel across, Jacobi
