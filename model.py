@@ -414,8 +414,8 @@ class MetaBlock(nn.Module):
         """Exact inverse as the fixed point x_j = mu_j(x_<j) + exp(alpha_j(x_<j)) * z_j of all
         tokens at once (GS-Jacobi, Liu & Qin 2025, arXiv 2505.12849): each pass computes alpha, mu
         of every unsolved token from the last iterate, with the guided alpha, mu, fp32 recursion and
-        norm control of reverse(). Token 0 is exact from the start and tokens 0..k after k passes, so a
-        segment of L tokens is exact after at most L passes.
+        norm control of reverse(). Token 0 is exact from the start and tokens 0..k after k passes,
+        so a segment of L tokens is exact after at most L passes.
         segment: tokens solved together (None: all, plain Jacobi); shorter segments run in order,
             each attending to the finished ones through a KV cache (Gauss-Seidel across, Jacobi
             inside); 1 is reverse() itself.
