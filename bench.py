@@ -688,8 +688,8 @@ def main(argv=None):
             continue
         out['ratios'][label] = got
         line = '   '.join(f'{k}: {v:7.1f}x' for k, v in got.items())
-        if target:
-            judged = {k: v for k, v in got.items() if tb is None or k == f'b{tb}'}
+        judged = {k: v for k, v in got.items() if tb is None or k == f'b{tb}'}
+        if target and judged:   # a target at a batch this run did not time is not judged
             verdicts = {k: v >= target for k, v in judged.items()}
             out['checks'][f'{label} >= {target:g}x'] = verdicts
             line += f'   target >= {target:g}x ' + ('' if tb is None else f'at b{tb}') + ': ' + \

@@ -200,6 +200,13 @@ def test_jacobi_planner_picks_a_tried_strategy_per_flow_and_the_sampler_is_exact
     assert len(stats) == TINY.num_blocks and all(mx <= N - 1 and fb == 0 for _, mx, fb in stats)
 
 
+@torch.no_grad()
+def test_jacobi_deadline_stops_a_strategy_for_the_planner():
+    f, z = flow64(), noise()
+    with pytest.raises(TimeoutError):
+        f.blocks[0].reverse_parallel(z, tol=0.0, deadline=0.0)   # long past: stops after a pass
+
+
 def test_jacobi_bad_settings_are_one_line_value_errors():
     f, z = flow64(), noise()
     for kw in [dict(segment=0), dict(tol=-1.0), dict(max_passes=-2)]:
