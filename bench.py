@@ -26,13 +26,15 @@ from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from data import HelpFormatter, atomic_write
-from model import (PRESETS, SCORE_BUDGET_BYTES, ReverseModel, TarFlow, forward_loss, reverse_config_for,
-                   reverse_loss, score_activation_bytes, unpatchify)
+from model import (JACOBI_TOL, PRESETS, SCORE_BUDGET_BYTES, ParallelInverse, ReverseModel,
+                   TarFlow, forward_loss, reverse_config_for, reverse_guesses, reverse_loss,
+                   score_activation_bytes, unpatchify)
 from perceptual import LPIPS, ConvNeXtV2, PerceptualLoss
-from sample import generate
+from sample import generate, load_models
 from train import TRAIN_PRESETS, ema_update, guidance_scales
 from vae import VAE, vae_decode_flops
 
@@ -46,6 +48,10 @@ ROWS = {  # key: label. Training rows run at --batch_size, sampling rows at each
     'inverse_cfg_static': 'F exact inverse + CFG, fixed-shape step (a CUDA graph on GPU)',
     'denoise': 'F Tweedie denoising',
     'inverse_cfg_denoise': 'F exact inverse + CFG + denoising',
+    'inverse_par': 'F parallel inverse (auto strategy), from z',
+    'inverse_par_cfg': 'F parallel inverse + CFG (auto), from z',
+    'inverse_par_cfg_g': "F parallel inverse + CFG (auto), from G's guess",
+    'inverse_par_cfg_denoise': 'F parallel inverse + CFG (auto) + denoising',
     'naive': 'naive inverse (reference loop)',
     'naive_cfg': 'naive inverse + CFG (2 sequential streams)',
     'nfe1': 'G 1-NFE',
@@ -53,7 +59,9 @@ ROWS = {  # key: label. Training rows run at --batch_size, sampling rows at each
     'cfg_infer': 'G inference-time CFG (2-NFE)',
     'vae_decode': 'SD-VAE decoder (f8c4, random weights), per --vae_latent',
 }
-EXTRAS = ('estimate', 'memory')  # imagenet64 FLOPs and H100 time; projected GPU memory of the paper presets
+# imagenet64 FLOPs and H100 time; projected GPU memory of the paper presets; the parallel inverse's
+# launches and FLOPs at imagenet64
+EXTRAS = ('estimate', 'memory', 'jacobi_projection')
 # speed-ups: (label, slower row, faster row, target, batch the target applies to (None: every batch))
 RATIOS = [
     ('our inverse vs naive', 'naive', 'inverse', None, None),
@@ -62,6 +70,12 @@ RATIOS = [
     ('1-NFE+CFG vs inverse+CFG', 'inverse_cfg', 'nfe1_cfg', None, None),
     ('fixed-shape (graph) vs sliced step', 'inverse_cfg', 'inverse_cfg_static', None, None),
     ('1-NFE vs inverse', 'inverse', 'nfe1', None, None),
+    ('parallel vs sequential inverse', 'inverse', 'inverse_par', None, None),
+    ('parallel vs sequential inverse + CFG', 'inverse_cfg', 'inverse_par_cfg', 2.0, 1),
+    ("parallel + CFG: G's guess vs z", 'inverse_par_cfg', 'inverse_par_cfg_g', None, None),
+    ('parallel vs sequential, + CFG + denoising', 'inverse_cfg_denoise', 'inverse_par_cfg_denoise',
+     None, None),
+    ('parallel + CFG vs naive + CFG', 'naive_cfg', 'inverse_par_cfg', None, None),
     ('training- vs inference-time CFG', 'cfg_infer', 'nfe1_cfg', None, None),
 ]
 # dense bf16 tensor-core peaks (no sparsity), FLOP/s, matched in order against torch.cuda.get_device_name()
@@ -90,6 +104,14 @@ def get_args(argv=None):
     a('--rows', default='all', help=f"comma-separated subset of: {','.join([*ROWS, *EXTRAS])}")
     a('--json', default='bench.json', help='where to write the results (atomically)')
     a('--seed', type=int, default=0, help='seed of the random weights and inputs')
+    a('--ckpt', default=None, help='a forward or reverse checkpoint whose F (and G) replace the '
+      "random ones in the sampling rows: the parallel inverse's passes depend on the weights "
+      "(random ones converge in fewer passes than a trained F's flow next to the noise)")
+    a('--jacobi_tol', type=float, default=JACOBI_TOL, help="the parallel rows' tolerance on the "
+      'change per pass (sample.py --jacobi_tol)')
+    a('--jacobi_plot', default=None, help='write a PNG of the change per pass against the pass, '
+      "one line per flow (plain Jacobi to 1e-6, from z and from G's guess), e.g. "
+      'scripts/jacobi_passes.png')
     a('--vae_latent', type=int, default=0, help="latent side of the vae_decode row (the image is 8x). 0: 32 on CUDA "
       "(256x256, BiFlow's ImageNet setting), the preset's img_size/8 on CPU (2 at the cpu preset: a 16x16 image, "
       "so that a batch-64 call takes seconds, not minutes)")
@@ -99,6 +121,8 @@ def get_args(argv=None):
     if bad:
         p.error(f'--rows: unknown {bad}; choose from {[*ROWS, *EXTRAS]}')
     args.sample_batches = [int(b) for b in args.sample_batches.split(',')]
+    if args.jacobi_tol < 0:
+        p.error(f'--jacobi_tol {args.jacobi_tol}: must be >= 0')
     return args
 
 
@@ -326,11 +350,135 @@ def latent_flops(name):
             'G one pass (1-NFE)': one_pass, 'VAE decode': decode}
 
 
+def plot_changes(curves, path, tol=None, size=(640, 300)):
+    """The change per pass (largest over the batch, log scale) against the pass, a line per label
+    (name -> [changes]), drawn with Pillow; a grey line at tol."""
+    from PIL import Image, ImageDraw, ImageFont
+    W, H = size
+    img = Image.new('RGB', size, 'white')
+    d, font = ImageDraw.Draw(img), ImageFont.load_default()
+    vals = [v for c in curves.values() for v in c if v > 0 and math.isfinite(v)]
+    vals += [tol] if tol else []
+    lo, hi = math.floor(math.log10(min(vals))), math.ceil(math.log10(max(vals)))
+    hi = hi if hi > lo else lo + 1
+    x0, x1, top, bottom = 50, W - 150, 20, H - 30
+    pmax = max(len(c) for c in curves.values())
+    d.rectangle([x0, top, x1, bottom], outline='black')
+    title = 'largest change in a pass (log scale) against the pass, per flow'
+    d.text((x0, 4), title + (f'; grey: tolerance {tol:g}' if tol else ''), fill='black', font=font)
+
+    def xy(p, v):
+        return x0 + p / pmax * (x1 - x0), bottom - (math.log10(v) - lo) / (hi - lo) * (bottom - top)
+    for e in range(lo, hi + 1):
+        y = xy(1, 10.0 ** e)[1]
+        d.line([x0 - 3, y, x0, y], fill='black')
+        d.text((4, y - 5), f'1e{e}', fill='black', font=font)
+    for p in range(0, pmax + 1, max(1, pmax // 8)):
+        d.text((xy(p, 1)[0] - 4, bottom + 6), str(p), fill='black', font=font)
+    if tol:
+        d.line([xy(0, tol), xy(pmax, tol)], fill=(170, 170, 170))
+    colours = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
+               (140, 86, 75), (227, 119, 194), (127, 127, 127)]
+    for j, (name, c) in enumerate(curves.items()):
+        pts = [xy(p + 1, v) for p, v in enumerate(c) if v > 0 and math.isfinite(v)]
+        flows = list(dict.fromkeys(n.split(',')[0] for n in curves))   # one colour per flow
+        col = colours[flows.index(name.split(',')[0]) % len(colours)]
+        if 'from G' in name:                            # lighter from G's guess
+            col = tuple((v + 2 * 255) // 3 for v in col)
+        if len(pts) > 1:
+            d.line(pts, fill=col, width=2)
+        d.text((x1 + 10, top + 14 * j), f'{name} ({len(c)})', fill=col, font=font)
+    img.save(path)
+
+
+@torch.no_grad()
+def jacobi_curves(fwd, rev, z, y, w):
+    """Each flow's change per pass, plain Jacobi to a tolerance of 1e-6 from its exact (sequential)
+    input, from z and (with G) from G's guess: {label: [largest change over the batch, per pass]}.
+    """
+    guesses = reverse_guesses(rev, z, y, w) if rev is not None else [None] * len(fwd.blocks)
+    curves, x = {}, z
+    for t in reversed(range(len(fwd.blocks))):
+        block = fwd.blocks[t]
+        curves[f'flow {t}, from z'] = block.reverse_parallel(x, y, w, tol=1e-6)[1].changes
+        if guesses[t] is not None:
+            info = block.reverse_parallel(x, y, w, tol=1e-6, init=guesses[t])[1]
+            curves[f'flow {t}, from G'] = info.changes
+        x = block.reverse(x, y, w)
+    return curves
+
+
+class OpCount(TorchDispatchMode):
+    """Counts the operators that run kernels (views excluded): on CUDA, one launch each."""
+
+    def __init__(self):
+        super().__init__()
+        self.n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.n += not func.is_view
+        return func(*args, **(kwargs or {}))
+
+
+@torch.no_grad()
+def jacobi_projection(name='imagenet64', passes=(8, 32, 128)):
+    """Kernel launches per batch and FLOPs per sample of one flow's inverse + CFG at preset `name`,
+    sequential against parallel (plain Jacobi) at each pass count in passes. Launches: operators
+    counted on the CPU on a narrow model of the preset's depth (the count depends on neither width
+    nor batch): per token step (from two token counts) and per pass (from 1 and 2 passes). FLOPs:
+    FlopCounterMode on the meta device; the sequential steps add up to one parallel pass (both
+    streams), each Jacobi pass is one."""
+    cfg = PRESETS[name]
+    narrow = [replace(cfg, channels=64, img_size=s * cfg.patch_size, num_blocks=1) for s in (4, 8)]
+
+    def ops(c, fn):
+        torch.manual_seed(0)
+        block = TarFlow(c).blocks[0].eval()
+        z, y = torch.randn(1, c.num_tokens, c.token_dim), torch.zeros(1, dtype=torch.long)
+        with OpCount() as oc:
+            fn(block, z, y)
+        return oc.n
+    seq = [ops(c, lambda b, z, y: b.reverse(z, y, GUIDANCE)) for c in narrow]
+    step = (seq[1] - seq[0]) / (narrow[1].num_tokens - narrow[0].num_tokens)
+    par = [ops(narrow[0], lambda b, z, y, k=k: b.reverse_parallel(z, y, GUIDANCE, tol=0.0,
+                                                                  max_passes=k)) for k in (1, 2)]
+    per_pass = par[1] - par[0]
+    with torch.device('meta'):
+        block = TarFlow(cfg).blocks[0]
+        with FlopCounterMode(display=False) as fc:
+            block(torch.zeros(2, cfg.num_tokens, cfg.token_dim), torch.zeros(2, dtype=torch.long))
+    flops = fc.get_total_flops()   # one pass of both streams for one sample = sequential's total
+    N = cfg.num_tokens
+    rows = {'sequential': dict(launches=(N - 1) * step + seq[0] - (narrow[0].num_tokens - 1) * step,
+                               gflop=flops / 1e9)}
+    for p in passes:
+        rows[f'parallel, {p} passes'] = dict(launches=par[0] + (p - 1) * per_pass,
+                                             gflop=p * flops / 1e9)
+    return dict(preset=name, tokens=N, launches_per_step=step, launches_per_pass=per_pass,
+                rows=rows)
+
+
 def bf16_peak(device):
     if device.type != 'cuda':
         return None, 'none (not CUDA)'
     name = torch.cuda.get_device_name(device)
     return next(((v, name) for k, v in BF16_PEAK if k in name), (None, f'unknown ({name})'))
+
+
+def jacobi_report(row, inv):
+    """Print and record a parallel row's plan (segment length per flow, 1 = sequential) and passes
+    per flow."""
+    stats = inv.passes_per_flow()
+    fallbacks = sum(fb for _, _, fb in stats)
+    row['jacobi'] = dict(choice=[p.choice for p in inv.plan],
+                         passes=[(m, mx) for m, mx, _ in stats],
+                         fallbacks=fallbacks,
+                         plan_ms={t: {s: 1e3 * v for s, v in p.seconds.items()}
+                                  for t, p in enumerate(inv.plan)})
+    print('  strategy per flow (0 = next to the data): ' + ', '.join(
+        f'{t}: {"seq" if p.choice == 1 else p.choice}' for t, p in enumerate(inv.plan)) +
+        '; passes mean/max: ' + ', '.join(f'{m:.1f}/{mx}' for m, mx, _ in stats) +
+        (f'; {fallbacks} fell back' if fallbacks else ''))
 
 
 def train_step(model, loss_fn, ctx, device):
@@ -366,6 +514,10 @@ def main(argv=None):
     ctx = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else nullcontext
     torch.manual_seed(args.seed)
     cfg = PRESETS[args.preset]
+    # (model, F or None, decode) of a checkpoint, for the sampling rows
+    loaded = load_models(args.ckpt, device, verbose=False) if args.ckpt else None
+    if loaded:
+        cfg = (loaded[1] or loaded[0]).cfg
     rcfg = reverse_config_for(cfg, args.preset)
     N, d = cfg.num_tokens, cfg.token_dim
     ncls = cfg.num_classes
@@ -377,6 +529,9 @@ def main(argv=None):
         torch.nn.init.normal_(block.proj_out.weight, std=0.2 / math.sqrt(cfg.channels))
     fwd.to(device).eval().requires_grad_(False)
     rev = ReverseModel(rcfg).to(device).eval()
+    if loaded:   # the sampling rows use its weights (the training rows build their own models)
+        fwd, rev = (loaded[0], rev) if loaded[1] is None else (loaded[1], loaded[0])
+    trained_g = loaded is not None and loaded[1] is not None
     nparams = {'forward': sum(p.numel() for p in fwd.parameters()), 'reverse': sum(p.numel() for p in rev.parameters())}
     if args.compile:
         rev.compile()  # in place, so that G.decode's self(...) runs the compiled forward
@@ -387,13 +542,16 @@ def main(argv=None):
     def images(b):
         return torch.rand(b, cfg.in_channels, cfg.img_size, cfg.img_size, device=device) * 2 - 1
 
-    out = dict(preset=args.preset, device=str(device), device_name=bf16_peak(device)[1], dtype='bf16' if bf16 else
+    out = dict(preset=args.preset, ckpt=args.ckpt, jacobi_tol=args.jacobi_tol,
+               device=str(device), device_name=bf16_peak(device)[1], dtype='bf16' if bf16 else
                'fp32', torch=torch.__version__, threads=torch.get_num_threads(), compile=args.compile,
                batch_size=args.batch_size, sample_batches=args.sample_batches, repeats=args.repeats,
                warmup=args.warmup, guidance=GUIDANCE, params=nparams, rows={}, ratios={}, checks={})
     print(f'bench: preset {args.preset} on {device} ({out["threads"]} threads), {out["dtype"]}, torch '
           f'{torch.__version__}{", compiled" if args.compile else ""}; median and min of >= {args.repeats} timed calls '
           f'(>= 1 s, <= {args.budget:g} s) after {args.warmup} warm-up; a shared machine is noisy: read medians')
+    print(f'weights: {args.ckpt or "random"} (G: {"trained" if trained_g else "random"}); '
+          f'parallel rows: tolerance {args.jacobi_tol:g}, strategy planned on an untimed call')
     print(f'F (TarFlow): {nparams["forward"] / 1e6:.2f}M parameters, {N} tokens x {d}; '
           f'G (BiFlow): {nparams["reverse"] / 1e6:.2f}M parameters; guided rows use w = {GUIDANCE}')
     print(f'{"row":46s} {"batch":>5s} {"median ms":>11s} {"min ms":>11s} {"img/s":>10s}')
@@ -468,12 +626,34 @@ def main(argv=None):
             'nfe1_cfg': lambda: generate(rev, fwd, z, yb, GUIDANCE, guidance_mode='train'),
             'cfg_infer': lambda: generate(rev, fwd, z, yb, GUIDANCE, guidance_mode='inference'),
         }
+        invs = {}
+        for key, w, den, init in [('inverse_par', 0.0, False, 'z'),
+                                  ('inverse_par_cfg', GUIDANCE, False, 'z'),
+                                  ('inverse_par_cfg_g', GUIDANCE, False, 'G'),
+                                  ('inverse_par_cfg_denoise', GUIDANCE, True, 'z')]:
+            inv = invs[key] = ParallelInverse('auto', args.jacobi_tol, init=init)
+            fns[key] = functools.partial(generate, rev if init == 'G' else fwd, fwd, z, yb, w,
+                                         denoise=den, inverse=inv, exact=init == 'G')
         for key, fn in fns.items():
             if key in args.rows:
                 def call(fn=fn):
                     with ctx():
-                        fn()
+                        return fn()
+                if key in invs:
+                    call()   # the planner times every strategy on this call; the row, the choice
                 run(key, b, call)
+                if key in invs:
+                    jacobi_report(out['rows'][f'{key}_b{b}'], invs[key])
+        if 'inverse_par_cfg' in args.rows:   # samples before denoising against the sequential ones
+            with ctx():
+                ref = generate(fwd, None, z, yb, GUIDANCE, denoise=False)
+                for key in ('inverse_par_cfg', 'inverse_par_cfg_g'):
+                    if key in args.rows:
+                        err = (fns[key]() - ref).abs().max().item()
+                        out['checks'][f'{key}_b{b} within 1e-3 of sequential'] = dict(
+                            max_abs_diff=err, met=err <= 1e-3)
+                        print(f'  check: {ROWS[key]} vs sequential, batch {b}: max |diff| '
+                              f'{err:.1e} (target <= 1e-3: {"met" if err <= 1e-3 else "NOT met"})')
 
     if 'vae_decode' in args.rows:  # the frozen decoder a latent-space BiFlow runs after its one pass
         hw = args.vae_latent or (32 if device.type == 'cuda' else max(1, cfg.img_size // 8))
@@ -508,8 +688,8 @@ def main(argv=None):
             continue
         out['ratios'][label] = got
         line = '   '.join(f'{k}: {v:7.1f}x' for k, v in got.items())
-        if target:
-            judged = {k: v for k, v in got.items() if tb is None or k == f'b{tb}'}
+        judged = {k: v for k, v in got.items() if tb is None or k == f'b{tb}'}
+        if target and judged:   # a target at a batch this run did not time is not judged
             verdicts = {k: v >= target for k, v in judged.items()}
             out['checks'][f'{label} >= {target:g}x'] = verdicts
             line += f'   target >= {target:g}x ' + ('' if tb is None else f'at b{tb}') + ': ' + \
@@ -546,6 +726,20 @@ def main(argv=None):
             print(f'  {name} (batch {m["batch_per_gpu"]}/GPU; F {m["params_forward"] / 1e6:.0f}M, G '
                   f'{m["params_reverse"] / 1e6:.0f}M): ' + ' | '.join(f'{k} {v:.1f}' for k, v in m['rows'].items()))
 
+    if 'jacobi_projection' in args.rows:   # launches and FLOPs at paper size, as a projection
+        jp = out['jacobi_projection'] = jacobi_projection()
+        print(f'projection, not a measurement: one flow of {jp["preset"]} ({jp["tokens"]} tokens), '
+              f'inverse + CFG, {jp["launches_per_step"]:.0f} kernel launches per token step, '
+              f'{jp["launches_per_pass"]:.0f} per Jacobi pass:')
+        for k, v in jp['rows'].items():
+            print(f'  {k}: {v["launches"]:.0f} launches per batch, {v["gflop"]:.1f} GFLOP/sample')
+    if args.jacobi_plot:
+        zc = torch.randn(64, N, d, device=device, generator=None)
+        curves = jacobi_curves(fwd, rev if trained_g else None, zc, labels(64), GUIDANCE)
+        plot_changes(curves, args.jacobi_plot, args.jacobi_tol)
+        out['jacobi_curves'] = curves
+        print(f'wrote {args.jacobi_plot}: change per pass per flow, batch 64, w = {GUIDANCE:g}; '
+              'passes to 1e-6: ' + ', '.join(f'{k} {len(v)}' for k, v in curves.items()))
     out['total_s'] = time.perf_counter() - t_start
     print(f'total {out["total_s"]:.0f} s; wrote {args.json}')
     atomic_write(args.json, lambda f: f.write(json.dumps(out, indent=1).encode()))

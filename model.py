@@ -14,6 +14,7 @@ BiFlow, "Bidirectional Normalizing Flow: From Data to Noise and Back" (Lu et al.
 """
 import contextlib
 import math
+import time
 from dataclasses import dataclass, fields
 from typing import NamedTuple
 
@@ -235,6 +236,22 @@ class _CachedLayer(NamedTuple):
     v_upto: list
 
 
+# The parallel inverse's default tolerance on the change per pass. On the CPU preset's trained F at
+# w = 2, the images' largest difference from the sequential inverse's came out about equal to it
+# (plain Jacobi in all 4 flows: 9.5e-4 at 1e-3, 2.9e-3 at 3e-3): half the 1e-3 target.
+JACOBI_TOL = 5e-4
+
+
+class InverseInfo(NamedTuple):
+    """What one flow's parallel inverse did: passes (B,) per sample, summed over segments (a
+    sequential flow counts its N-1 steps); fallbacks, the samples a non-finite pass sent to the
+    sequential inverse; changes, the largest change over the batch in each pass, in order (the
+    convergence picture)."""
+    passes: torch.Tensor
+    fallbacks: int
+    changes: list
+
+
 class MetaBlock(nn.Module):
     """One autoregressive affine flow: z_i = (x_i - mu(x_<i)) * exp(-alpha(x_<i)), z_0 = x_0, in its own token order."""
 
@@ -388,6 +405,165 @@ class MetaBlock(nn.Module):
             return static_out   # read by kernels queued before the next replay overwrites it (one stream)
         return replay
 
+    # ----------------------------------------------------------------------------------------------
+    # The parallel exact inverse: reverse()'s alpha, mu, solved as a fixed point by Jacobi passes
+
+    @torch.no_grad()
+    def reverse_parallel(self, z, y=None, guidance=0.0, ramp=False, attn_temp=1.0, segment=None,
+                         tol=JACOBI_TOL, max_passes=None, init=None, cached=True, deadline=None):
+        """Exact inverse as the fixed point x_j = mu_j(x_<j) + exp(alpha_j(x_<j)) * z_j of all
+        tokens at once (GS-Jacobi, Liu & Qin 2025, arXiv 2505.12849): each pass computes alpha, mu
+        of every unsolved token from the last iterate, with the guided alpha, mu, fp32 recursion and
+        norm control of reverse(). Token 0 is exact from the start and tokens 0..k after k passes,
+        so a segment of L tokens is exact after at most L passes.
+        segment: tokens solved together (None: all, plain Jacobi); shorter segments run in order,
+            each attending to the finished ones through a KV cache (Gauss-Seidel across, Jacobi
+            inside); 1 is reverse() itself.
+        tol: a sample stops updating in a segment once its largest change in a pass is <= tol
+            (0: only at the fixed point or the cap).
+        max_passes: cap per segment (at most its length; 0 returns the initial guess).
+        init: a guess of the output (B, N, d) in raster order (None: z).
+        cached: pass k starts at token k, reading the exact tokens before it from a KV cache (fewer
+            FLOPs per pass, the same result); False: every pass covers its whole segment.
+        deadline: a time.perf_counter() value past which a pass raises TimeoutError (the planner's
+            cut-off for a strategy already slower than the best).
+        A pass giving a sample non-finite values leaves it untouched, and that sample is redone by
+        reverse() afterwards (InverseInfo.fallbacks). -> (x (B, N, d) raster order, InverseInfo)."""
+        B, N, _ = z.shape
+        s = N if segment is None else int(segment)
+        if s < 1 or tol < 0 or (max_passes is not None and max_passes < 0):
+            raise ValueError(f'reverse_parallel: segment {segment}, tol {tol}, max_passes '
+                             f'{max_passes}: need segment >= 1, tol >= 0, max_passes >= 0')
+        if s == 1 and max_passes != 0:   # one token per segment, one pass each: reverse() itself
+            x = self.reverse(z, y, guidance, ramp, attn_temp)
+            return x, InverseInfo(torch.full((B,), N - 1, dtype=torch.long), 0, [])
+        zp = f32(self.permute(z))                       # (B, N, d) in this block's order
+        x = zp.clone() if init is None else f32(self.permute(init)).clone()
+        x[:, 0] = zp[:, 0]                              # token 0 passes unchanged: exact at once
+        streams = self._streams(y, guidance, attn_temp, B, N)
+        kv_size = (streams[2] * B, N)
+        cache = [[None, None, kv_size] for _ in self.attn_blocks] if cached or s < N - 1 else None
+        passes = torch.zeros(B, dtype=torch.long, device=z.device)
+        bad = torch.zeros(B, dtype=torch.bool, device=z.device)
+        changes = []
+        self._segments(x, zp, s, tol, max_passes, streams, cache, guidance, ramp, passes, bad,
+                       changes, cached, deadline)
+        x = self.permute(x)
+        idx = bad.nonzero().squeeze(1)
+        if len(idx):                                    # reverse() for the samples a pass broke
+            yb = None if y is None else y[idx]
+            x[idx] = self.reverse(z[idx], yb, guidance, ramp, attn_temp).to(x.dtype)
+        return x, InverseInfo(passes.cpu(), len(idx), [float(c) for c in changes])
+
+    def _segments(self, x, zp, s, tol, max_passes, streams, cache, guidance, ramp, passes, bad,
+                  changes, shrink, deadline=None):
+        """Fixed segments [a, a+s) in order, Jacobi passes inside each until every sample's largest
+        change is <= tol or the cap (at most the segment's length, after which it is exact). Pass k
+        of a segment starts at token a+k: tokens a..a+k-1 are exact by then, and their keys and
+        values, computed from exact inputs, are in the cache (shrink False: every pass starts at a).
+        Updates x, passes, bad, changes."""
+        N = x.shape[1]
+        for a in range(1, N, s):                        # tokens [a, b), from inputs [a-1, b-1)
+            b = min(a + s, N)
+            act = (~bad).nonzero().squeeze(1)           # samples still updating in this segment
+            for k in range(b - a if max_passes is None else min(max_passes, b - a)):
+                if len(act) == 0:
+                    break
+                lo = a + k if shrink else a             # the first token not yet exact
+                step, act = self._update(x, zp, act, lo, b, streams, cache, guidance, ramp, passes,
+                                         bad, changes)
+                act = act[(step > tol).any(1)]
+                if deadline is not None and time.perf_counter() > deadline:
+                    raise TimeoutError('reverse_parallel: past its deadline')
+
+    def _update(self, x, zp, act, a, b, streams, cache, guidance, ramp, passes, bad, changes):
+        """One pass over tokens [a, b) of samples act, written into x where finite; a sample with a
+        non-finite value is marked bad and left as it was. -> (change (Ba', L) per token of the
+        finite samples, those samples)."""
+        new = self._jacobi_pass(x, zp, act, a - 1, b - a, streams, cache, guidance, ramp)
+        # new (Ba, L, d)
+        ok = torch.isfinite(new).flatten(1).all(1)
+        step = (new - x[act, a:b]).abs().amax(-1)       # (Ba, L) largest change of each token
+        x[act[ok], a:b] = new[ok]
+        passes[act] += 1
+        bad[act[~ok]] = True
+        changes.append(step[ok].max() if ok.any() else step.new_tensor(float('nan')))
+        return step[ok], act[ok]
+
+    def _streams(self, y, guidance, attn_temp, B, N):
+        """The streams reverse() runs as one batch: position + class (S*B, N, D) and the attention
+        temperature per row as the factor 1/temperature on the queries (S*B,) or None. Guided: S =
+        2, rows B.. are the null label with temperature attn_temp."""
+        guided = guidance != 0
+        S = 2 if guided else 1
+        if guided and y is not None:
+            y = torch.cat([y, torch.full_like(y, -1)])
+        pcs = (self.permute(self.pos_embed, dim=0) + self.condition(y)).expand(S * B, N, -1)
+        temp = None
+        if guided and attn_temp != 1.0:
+            temp = torch.tensor([1.0, 1 / attn_temp], device=self.pos_embed.device)
+            temp = temp.repeat_interleave(B)
+        return pcs, temp, S
+
+    def _jacobi_pass(self, x, zp, act, p0, L, streams, cache, guidance, ramp):
+        """One Jacobi pass of samples act (Ba,) over input positions p0..p0+L-1 of the iterate x (B,
+        N, d): the causal layers on those tokens (attending to positions < p0 through cache), then
+        the new tokens p0+1..p0+L = mu + exp(alpha) * z with the guided alpha, mu. -> (Ba, L, d)
+        fp32."""
+        pcs, temp, S = streams
+        B, N = x.shape[:2]
+        rows = act if S == 1 else torch.cat([act, act + B])               # (S*Ba,) both streams
+        full = len(act) == B                            # every sample: slices instead of gathers
+        xa = x[:, p0:p0 + L] if full else x[act, p0:p0 + L]                # (Ba, L, d)
+        pc = pcs[:, p0:p0 + L] if full else pcs[rows, p0:p0 + L]
+        h = self.proj_in(xa).repeat(S, 1, 1) + pc                          # (S*Ba, L, D)
+        for j, layer in enumerate(self.attn_blocks):
+            kv = None if cache is None else cache[j]
+            t = None if temp is None else temp[rows]
+            h = h + self._window_attention(layer.attention, h, t, kv, rows, p0, full)
+            h = h + layer.mlp(h)
+        alpha, mu = self.affine(self.proj_out(h))   # (S*Ba, L, d), tokens p0+1..p0+L, norm control
+        if S == 2:
+            g = guidance
+            if ramp:                                    # w grows linearly with the token's position
+                pos = torch.arange(p0 + 1, p0 + L + 1, device=x.device, dtype=alpha.dtype)
+                g = guidance * pos.view(L, 1) / (N - 1)
+            (ac, au), (mc, mu_u) = alpha.chunk(2), mu.chunk(2)
+            alpha, mu = torch.lerp(au, ac, 1 + g), torch.lerp(mu_u, mc, 1 + g)   # c + g * (c - u)
+        zt = zp[:, p0 + 1:p0 + L + 1] if full else zp[act, p0 + 1:p0 + L + 1]   # (Ba, L, d)
+        return torch.addcmul(mu, zt, alpha.exp())
+
+    @staticmethod
+    def _window_attention(att, h, temp, kv, rows, p0, full):
+        """Causal self-attention of the tokens at positions p0..p0+L-1, h (R, L, D), over positions
+        <= their own. kv None: the window starts at 0 and nothing is kept. Else kv = [k, v, (S*B,
+        N)]: caches (S*B, H, N, hd), made at the first call; the window's keys and values are
+        written at p0.. of rows, and the attention reads positions < p0 from them (the finished
+        segments)."""
+        R, L, D = h.shape
+        qkv = att.qkv(att.norm(h)).reshape(R, L, 3 * att.num_heads, att.head_dim)
+        q, k, v = qkv.transpose(1, 2).chunk(3, dim=1)   # (R, H, L, hd) each
+        if temp is not None:                            # temp holds 1/temperature
+            q = q * temp.view(R, 1, 1, 1)
+        if kv is None:
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            if kv[0] is None:
+                SB, N = kv[2]
+                kv[0], kv[1] = (k.new_zeros(SB, att.num_heads, N, att.head_dim) for _ in range(2))
+            K, V = kv[0], kv[1]
+            if full:                                    # every row: slices, no gather
+                K[:, :, p0:p0 + L], V[:, :, p0:p0 + L] = k, v
+                keys, vals = K[:, :, :p0 + L], V[:, :, :p0 + L]
+            else:
+                K[rows, :, p0:p0 + L], V[rows, :, p0:p0 + L] = k, v
+                keys, vals = K[rows, :, :p0 + L], V[rows, :, :p0 + L]
+            # query i (position p0+i) sees keys j <= p0+i
+            mask = torch.ones(L, p0 + L, dtype=torch.bool, device=h.device).tril(p0)
+            keys, vals = keys.to(q.dtype), vals.to(q.dtype)
+            o = F.scaled_dot_product_attention(q, keys, vals, attn_mask=mask)
+        return att.proj(o.transpose(1, 2).reshape(R, L, D))
+
 
 SCORE_BUDGET_BYTES = 8 * 2 ** 30   # activations the denoising backward may keep per chunk: small chunks at paper scale
 
@@ -449,6 +625,26 @@ class TarFlow(nn.Module):
             x = block.reverse(x, y, guidance, ramp, attn_temp, kv_dtype, static)
         return unpatchify(x, self.cfg.patch_size, self.cfg.img_size)
 
+    @torch.no_grad()
+    def reverse_parallel(self, z, y=None, guidance=0.0, ramp=False, attn_temp=1.0, segment=None,
+                         tol=JACOBI_TOL, max_passes=None, init=None, cached=True):
+        """z (B, N, d) -> (the noisy image (B, C, H, W), [InverseInfo of block t for t = 0..T-1]):
+        block T-1 first, each by MetaBlock.reverse_parallel. segment: one length for every flow, or
+        a sequence of T indexed by block (1: that flow sequential). init: None, or T guesses indexed
+        by block (guess t of block t's output x^t, raster order; None entries start from the flow's
+        input), e.g. reverse_guesses(G, ...)."""
+        T = len(self.blocks)
+        segs = list(segment) if isinstance(segment, (list, tuple)) else [segment] * T
+        guesses = [None] * T if init is None else list(init)
+        if len(segs) != T or len(guesses) != T:
+            raise ValueError(f'reverse_parallel: {len(segs)} segment lengths and {len(guesses)} '
+                             f'guesses for {T} flows; give one per flow')
+        x, infos = f32(z), [None] * T
+        for t in reversed(range(T)):
+            x, infos[t] = self.blocks[t].reverse_parallel(x, y, guidance, ramp, attn_temp, segs[t],
+                                                          tol, max_passes, guesses[t], cached)
+        return unpatchify(x, self.cfg.patch_size, self.cfg.img_size), infos
+
     def score(self, x, y=None, checkpoint=True):
         """grad_x log p(x) in fp32 (autocast off): the gradient of the summed log-density, so no mean to undo. Only x
         needs grad (frozen weights keep no Linear inputs). checkpoint: each flow's forward runs again during backward,
@@ -480,6 +676,124 @@ class TarFlow(nn.Module):
             z = z.to(next(self.parameters()).device)
         x = self.reverse(z, y, guidance, ramp, attn_temp, kv_dtype, static)
         return self.denoise(x, y) if denoise else x
+
+
+# --------------------------------------------------------------------------------------------------
+# The parallel inverse's strategy: per flow, the fastest of sequential, Jacobi, segments, measured
+
+
+@torch.no_grad()
+def reverse_guesses(G: 'ReverseModel', z, y=None, guidance=0.0):
+    """G's prediction of every flow's output, the initial guesses of TarFlow.reverse_parallel:
+    [guess of x^t for t = 0..T-1] (raster order, None where G has no head for x^t). Head g is
+    aligned with x^{T-1-g} (align_targets); without learned denoising G's output is the noisy x^0.
+    """
+    T = G.cfg.num_blocks
+    train_w = G.cfg.guidance_mode == 'train'
+    preds = G(z, y, torch.full((len(z),), float(guidance), device=z.device) if train_w else None,
+              0.0 if train_w else guidance)
+    guesses = [None] * T
+    for g in range(len(G.heads)):
+        guesses[T - 1 - g] = preds[g].float()
+    if G.cfg.denoise != 'learned':
+        guesses[0] = preds[-1].float()
+    return guesses
+
+
+def segment_candidates(N, shortest=8):
+    """Segment lengths the planner tries: 1 (sequential) first, then N (plain Jacobi), N/2, N/4, ...
+    down to `shortest` (shorter ones pay a pass's fixed cost for a few tokens)."""
+    out, s = [1], N
+    while s >= shortest:
+        out.append(s)
+        s //= 2
+    return out
+
+
+class FlowPlan(NamedTuple):
+    """The planner's measurements of one flow: seconds and passes (mean, max over the batch) per
+    segment length tried (1 = sequential), and the choice, the fastest. A strategy cut off at 1.5x
+    the best time has passes None and the seconds it ran."""
+    seconds: dict
+    passes: dict
+    choice: int
+
+
+@torch.no_grad()
+def plan_inverse(flow: TarFlow, z, y=None, guidance=0.0, ramp=False, attn_temp=1.0,
+                 tol=JACOBI_TOL, max_passes=None, init=None, candidates=None, repeats=2):
+    """Choose each flow's inverse on one batch by running every candidate segment length
+    (segment_candidates) on it, `repeats` times (once, and cut off, past 1.5x the best), and keeping
+    the fastest (least of its times): the passes a flow needs and the cost of a pass against a
+    sequential step are both in that time, on this device at this batch. Flows are planned from T-1
+    down, each on the exact (sequential) output of the one before. -> [FlowPlan of block t, t =
+    0..T-1]."""
+    T, N = len(flow.blocks), flow.cfg.num_tokens
+    candidates = [1] + [s for s in candidates or segment_candidates(N) if s != 1]   # 1 first
+    guesses = [None] * T if init is None else init
+    sync = torch.cuda.synchronize if z.is_cuda else (lambda: None)
+    x, plans = f32(z), [None] * T
+    for t in reversed(range(T)):
+        seconds, passes = {}, {}
+        for s in candidates:
+            for r in range(repeats):
+                if r and seconds[s] > 1.5 * min(seconds.values()):
+                    break                               # a clear loser needs no second timing
+                sync()
+                t0 = time.perf_counter()
+                best = min(seconds.values(), default=math.inf)
+                try:                                    # cut off once slower than the best so far
+                    out, info = flow.blocks[t].reverse_parallel(
+                        x, y, guidance, ramp, attn_temp, s, tol, max_passes, guesses[t],
+                        deadline=t0 + 1.5 * best if s != 1 and best < math.inf else None)
+                    passes[s] = (info.passes.float().mean().item(), info.passes.max().item())
+                except TimeoutError:
+                    passes.setdefault(s, None)
+                sync()
+                seconds[s] = min(seconds.get(s, math.inf), time.perf_counter() - t0)
+            if s == 1:
+                exact = out
+        plans[t] = FlowPlan(seconds, passes, min(seconds, key=seconds.get))
+        x = exact
+    return plans
+
+
+class ParallelInverse:
+    """TarFlow's exact inverse with a per-flow strategy: segment 'auto' plans it on the first batch
+    (plan_inverse) and keeps it, else an int or one per flow. init 'G' starts each flow from a
+    reverse model's prediction (reverse_guesses). Every batch's InverseInfo is kept, for
+    passes_per_flow()."""
+
+    def __init__(self, segment='auto', tol=JACOBI_TOL, max_passes=None, init='z',
+                 candidates=None):
+        if init not in ('z', 'G'):
+            raise ValueError(f"ParallelInverse: init {init!r}: 'z' or 'G'")
+        self.segment, self.tol, self.max_passes, self.init = segment, tol, max_passes, init
+        self.candidates, self.plan, self.infos = candidates, None, []
+
+    def __call__(self, flow, z, y=None, guidance=0.0, ramp=False, attn_temp=1.0, G=None):
+        """z (B, N, d) -> the noisy image (B, C, H, W). G: the reverse model, needed for init 'G'.
+        """
+        if self.init == 'G' and G is None:
+            raise ValueError("ParallelInverse: init 'G' needs the reverse model G (a reverse ckpt)")
+        guesses = reverse_guesses(G, z, y, guidance) if self.init == 'G' else None
+        if self.segment == 'auto' and self.plan is None:
+            self.plan = plan_inverse(flow, z, y, guidance, ramp, attn_temp, self.tol,
+                                     self.max_passes, guesses, self.candidates)
+        segs = [p.choice for p in self.plan] if self.segment == 'auto' else self.segment
+        x, infos = flow.reverse_parallel(z, y, guidance, ramp, attn_temp, segs, self.tol,
+                                         self.max_passes, guesses)
+        self.infos.append(infos)
+        return x
+
+    def passes_per_flow(self):
+        """[(mean, max) over every sample so far, fallbacks] per block t (t = 0..T-1)."""
+        out = []
+        for t in range(len(self.infos[0])):
+            p = torch.cat([infos[t].passes for infos in self.infos]).float()
+            fallbacks = sum(infos[t].fallbacks for infos in self.infos)
+            out.append((p.mean().item(), int(p.max().item()), fallbacks))
+        return out
 
 
 def load_ml_tarflow(state_dict, noise_std, norm_clip=0.0) -> TarFlow:

@@ -26,8 +26,8 @@ from PIL import Image
 import fid
 from data import (HelpFormatter, Progress, UsageError, atomic_write, center_crop, check_writable, latent_norm,
                   read_torch_file, read_vae, run_cli, save_grid, setup_distributed)
-from model import (FlowConfig, ReverseConfig, ReverseModel, TarFlow, config_from_dict, edit, inpaint, load_ml_tarflow,
-                   unpatchify)
+from model import (JACOBI_TOL, FlowConfig, ParallelInverse, ReverseConfig, ReverseModel,
+                   TarFlow, config_from_dict, edit, inpaint, load_ml_tarflow, unpatchify)
 
 # Sample i of seed s uses noise from the generator seeded by s * 2**32 + i: one stream per (seed, index), never shared
 # between seeds for i < 2**32. The random labels come from their own stream, seeded apart from every noise stream.
@@ -141,17 +141,41 @@ def noise_for(seeds, model, device):
 
 @torch.no_grad()
 def generate(model, forward_model, z, labels, guidance=0.0, guidance_mode='auto', ramp=False, attn_temp=1.0,
-             denoise=True, kv_dtype=None, static=False):
+             denoise=True, kv_dtype=None, static=False, inverse=None, exact=False):
     """Decode noise tokens z (B, N, d) into images in [-1, 1] (unclipped).
-    TarFlow: exact inverse, CFG on alpha and mu, optional Tweedie denoising.
+    TarFlow: exact inverse, CFG on alpha and mu, optional Tweedie denoising. inverse: a
+    model.ParallelInverse (Jacobi passes per flow), None for the sequential token loop. exact: for
+    BiFlow, F's exact inverse instead of G's pass (from G's predictions when inverse.init is 'G').
     BiFlow: one pass conditioned on w (training-time CFG, 1-NFE) or Eq. 4 inference-time CFG (2-NFE)."""
-    if isinstance(model, TarFlow):   # N-1 sequential steps per block, then one backward pass for the score
-        return model.sample(labels, guidance=guidance, ramp=ramp, attn_temp=attn_temp, denoise=denoise, z=z,
-                            kv_dtype=kv_dtype, static=static)
+    if isinstance(model, TarFlow) or exact:
+        flow, G = (model, None) if isinstance(model, TarFlow) else (forward_model, model)
+        if inverse is None:   # N-1 sequential steps per block, then one backward pass for the score
+            return flow.sample(labels, guidance=guidance, ramp=ramp, attn_temp=attn_temp,
+                               denoise=denoise, z=z, kv_dtype=kv_dtype, static=static)
+        x = inverse(flow, z, labels, guidance, ramp, attn_temp, G=G)
+        return flow.denoise(x, labels) if denoise else x
     mode = model.cfg.guidance_mode if guidance_mode == 'auto' else guidance_mode
     if mode == 'train':   # w is an input of G: the guided sample in a single pass
         return model.decode(z, labels, torch.full((len(z),), float(guidance)), forward_model=forward_model)
     return model.decode(z, labels, inference_w=guidance, forward_model=forward_model)   # cond + null streams
+
+
+def log_inverse(inverse, what):
+    """Print the parallel inverse's strategy per flow (the planner's measurements with --segment
+    auto) and the passes each flow took, mean and max over the samples, with the sequential
+    fallbacks."""
+    if inverse.plan is not None:
+        for t, pl in enumerate(inverse.plan):
+            tried = ', '.join(f'{"seq" if s == 1 else s}: {1e3 * sec:.1f} ms/' +
+                              ('cut' if pl.passes[s] is None else str(pl.passes[s][1]))
+                              for s, sec in pl.seconds.items())
+            choice = 'sequential' if pl.choice == 1 else f'segment {pl.choice}'
+            print(f'inverse plan, flow {t}: {choice} (first batch; ms/max passes by segment '
+                  f"length, 'cut' = stopped past 1.5x the best: {tried})")
+    stats = inverse.passes_per_flow()
+    print(f'inverse passes per flow ({what}; flow 0 next to the data): ' + ' | '.join(
+        f'{t}: mean {m:.1f} max {mx}' + (f', {fb} fell back' if fb else '')
+        for t, (m, mx, fb) in enumerate(stats)))
 
 
 def to_uint8(x):
@@ -346,6 +370,26 @@ def get_args(argv=None):
     g.add_argument('--cuda_graph', action=argparse.BooleanOptionalAction, default=False, help="run the exact "
                    "inverse's per-token step on fixed shapes (whole cache, mask row), captured in a CUDA graph on GPU: "
                    "no per-op launch cost (on CPU the same fixed-shape step runs eagerly)")
+    g.add_argument('--inverse', choices=['parallel', 'sequential'], default='parallel',
+                   help="the exact inverse: parallel = Jacobi passes over each flow's tokens, the "
+                   "strategy per flow set by --segment; sequential = the token-by-token loop "
+                   "(--kv_dtype, --cuda_graph apply to it)")
+    g.add_argument('--segment', default='auto', help='--inverse parallel: tokens solved together '
+                   'in each flow. auto = time every strategy on the first batch and keep the '
+                   'fastest per flow (printed); an integer for every flow (the token count: plain '
+                   'Jacobi; 1: sequential); or one per flow, comma-separated from block 0 (next to '
+                   'the data), e.g. 64,64,64,1')
+    g.add_argument('--jacobi_tol', type=float, default=JACOBI_TOL, help='--inverse parallel: a '
+                   'sample stops once the largest change of its tokens in a pass is <= this (in '
+                   "the flow's token space); 0: exact passes to the cap")
+    g.add_argument('--jacobi_max_passes', type=int, default=None, help='--inverse parallel: at '
+                   "most this many passes per segment (default: the segment's length, after which "
+                   'it is exact)')
+    g.add_argument('--jacobi_init', choices=['z', 'G'], default='z', help='--inverse parallel: '
+                   "each flow's first guess, its input z or (with --exact, a reverse checkpoint) "
+                   "G's prediction of its output")
+    g.add_argument('--exact', action='store_true', help="a reverse checkpoint: sample its F's "
+                   "exact inverse (and Tweedie denoising) instead of G's one pass")
     g.add_argument('--noise_std', type=float, default=None, help="the sigma the model was trained with: overrides a "
                    "checkpoint's; needed for ml-tarflow state dicts unless their file name ends in it "
                    "(afhq_model_8_768_8_8_0.07.pth)")
@@ -374,6 +418,19 @@ def get_args(argv=None):
         if sizes['--inpaint'] != sizes['--mask']:
             p.error(f'--mask {args.mask}: is {"x".join(map(str, sizes["--mask"]))} pixels, but --inpaint '
                     f'{args.inpaint} is {"x".join(map(str, sizes["--inpaint"]))}; give a mask of the same size')
+    if args.jacobi_tol < 0:
+        p.error(f'--jacobi_tol {args.jacobi_tol}: must be >= 0')
+    if args.jacobi_max_passes is not None and args.jacobi_max_passes < 1:
+        p.error(f'--jacobi_max_passes {args.jacobi_max_passes}: must be an integer >= 1')
+    if args.segment != 'auto':
+        try:
+            segs = [int(v) for v in args.segment.split(',')]
+        except ValueError:
+            segs = [0]
+        if min(segs) < 1:
+            p.error(f"--segment {args.segment}: 'auto', an integer >= 1, or one such integer per "
+                    'flow, comma-separated')
+        args.segment = segs[0] if len(segs) == 1 else segs
     labels = None   # None: uniformly random labels (the FID protocol), or a grid's rows
     if args.labels:
         try:
@@ -405,6 +462,22 @@ def main(argv=None):
     kw = dict(guidance=args.guidance, guidance_mode=args.guidance_mode, ramp=args.ramp, attn_temp=args.attn_temp,
               denoise=args.denoise, kv_dtype=torch.bfloat16 if args.kv_dtype == 'bf16' else None,
               static=args.cuda_graph)
+    exact = forward_model is None or args.exact   # the samples come from F's exact inverse
+    if args.exact and forward_model is None:
+        p.error('--exact: samples a reverse checkpoint by its F; a forward checkpoint is sampled '
+                'exactly already')
+    if args.jacobi_init == 'G' and (not args.exact or args.inverse != 'parallel'):
+        p.error('--jacobi_init G: needs a reverse checkpoint with --exact and --inverse parallel '
+                '(G makes the guess)')
+    T = (forward_model or model).cfg.num_blocks
+    if isinstance(args.segment, list) and exact and len(args.segment) != T:
+        p.error(f'--segment {",".join(map(str, args.segment))}: give one length per flow ({T}), '
+                'or one for all')
+    inverse = None
+    if exact and args.inverse == 'parallel':
+        inverse = ParallelInverse(args.segment, args.jacobi_tol, args.jacobi_max_passes,
+                                  args.jacobi_init)
+    kw.update(inverse=inverse, exact=args.exact)
     if labels is not None:
         if ncls == 0 or labels.min() < 0 or labels.max() >= ncls:   # only knowable once the model is loaded
             p.error(f'--labels {args.labels}: the model has {ncls} classes')
@@ -474,6 +547,8 @@ def main(argv=None):
         if args.npz:  # first: the samples are the costly part, the grid is only a look at them
             atomic_write(args.npz, lambda f: np.savez(f, arr_0=imgs, arr_1=labs))
             print(f'wrote {args.npz}: arr_0 {imgs.shape} uint8, arr_1 labels ({"random" if args.labels is None else "given"})')
+        if inverse is not None:
+            log_inverse(inverse, f'rank 0, {len(inverse.infos)} batches')
         # the grid shows the first 100: for a class-conditional default run, one row per class
         save_grid(imgs[:min(n, 100)], args.out, nrow=10 if ncls else 8)
         print(f'wrote {min(n, 100)} of {n} samples to {args.out}')
