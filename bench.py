@@ -25,7 +25,6 @@ from contextlib import nullcontext
 from dataclasses import replace
 
 import torch
-import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -131,45 +130,12 @@ def get_args(argv=None):
 
 
 @torch.no_grad()
-def naive_block_reverse(block, z, y=None, guidance=0.0, ramp=False, attn_temp=1.0):
-    """MetaBlock.reverse as Apple's ml-tarflow runs it: each layer keeps its keys/values in Python lists and
-    re-concatenates the whole cache with torch.cat at every token, and with guidance the conditional and
-    unconditional streams are two sequential passes with separate caches. Same math, same modules."""
-    B, N, _ = z.shape
-    x = block.permute(z.float()).clone()
-    pos = block.permute(block.pos_embed, dim=0)
-    streams = [(block.condition(y), None)]
-    if guidance:
-        streams.append((block.condition(None), None if attn_temp == 1.0 else attn_temp))  # null label, temperature
-    caches = [[([], []) for _ in block.attn_blocks] for _ in streams]
-    for i in range(N - 1):
-        outs = []
-        for (cond, temp), cache in zip(streams, caches):
-            h = block.proj_in(x[:, i:i + 1]) + pos[i:i + 1] + cond
-            for layer, (ks, vs) in zip(block.attn_blocks, cache):
-                att = layer.attention
-                q, k, v = att.qkv(att.norm(h)).reshape(B, 1, 3 * att.num_heads, att.head_dim).transpose(1, 2).chunk(3, 1)
-                q = q if temp is None else q / temp
-                ks.append(k)
-                vs.append(v)
-                o = F.scaled_dot_product_attention(q, torch.cat(ks, 2), torch.cat(vs, 2))  # no mask: 1 query
-                h = h + att.proj(o.transpose(1, 2).reshape(B, 1, -1))
-                h = h + layer.mlp(h)
-            outs.append(block.affine(block.proj_out(h)))
-        alpha, mu = outs[0]
-        if guidance:
-            g = guidance * (i + 1) / (N - 1) if ramp else guidance
-            alpha, mu = alpha + g * (alpha - outs[1][0]), mu + g * (mu - outs[1][1])
-        x[:, i + 1:i + 2] = x[:, i + 1:i + 2] * torch.exp(alpha) + mu
-    return block.permute(x)
-
-
-@torch.no_grad()
 def naive_reverse(model: TarFlow, z, y=None, guidance=0.0, ramp=False, attn_temp=1.0):
-    """TarFlow.reverse with the naive block loop: z (B, N, d) -> noisy image (B, C, H, W)."""
+    """TarFlow.reverse with each block's reference loop (MetaBlock.reverse_reference): z (B, N, d) -> the noisy
+    image (B, C, H, W)."""
     x = z.float()
     for block in reversed(model.blocks):
-        x = naive_block_reverse(block, x, y, guidance, ramp, attn_temp)
+        x = block.reverse_reference(x, y, guidance, ramp, attn_temp)
     return unpatchify(x, model.cfg.patch_size, model.cfg.img_size)
 
 

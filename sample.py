@@ -354,9 +354,9 @@ def get_args(argv=None):
     g.add_argument('--trajectory', default=None, help="write a PNG of F's exact inverse block by block (and G's "
                    'predictions at the same depths, for a reverse checkpoint) for --num_samples (default 4) samples')
     g = p.add_argument_group('guidance')
-    g.add_argument('--guidance', '--cfg', type=float, default=2.0, help='classifier-free guidance scale w (0: none); '
+    g.add_argument('--guidance', type=float, default=2.0, help='classifier-free guidance scale w (0: none); '
                    'x = (1+w) cond - w uncond')
-    g.add_argument('--guidance_mode', '--cfg_mode', choices=['auto', 'train', 'inference'], default='auto',
+    g.add_argument('--guidance_mode', choices=['auto', 'train', 'inference'], default='auto',
                    help='BiFlow: auto = as trained; train = w as input (1-NFE); inference = Eq. 4 CFG (2-NFE)')
     g.add_argument('--ramp', action=argparse.BooleanOptionalAction, default=False,
                    help='TarFlow: guidance grows linearly over token positions (used for its FID)')

@@ -144,14 +144,14 @@ def test_flow_blocks_are_causal_in_their_own_order():
 
 
 @torch.no_grad()
-def test_flow_kv_cache_inverse_equals_naive_inverse():
+def test_flow_fast_inverse_equals_the_reference_inverse():
     f = make_flow(scale=0.03)
     z = torch.randn(3, TINY.num_tokens, TINY.token_dim)
     y = torch.tensor([0, 2, 1])
     for block in f.blocks:
         for kw in [{}, dict(guidance=1.5), dict(guidance=2.0, ramp=True, attn_temp=0.7)]:
             fast = block.reverse(z, y, **kw)
-            slow = bench.naive_block_reverse(block, z, y, **kw)
+            slow = block.reverse_reference(z, y, **kw)
             assert (fast - slow).abs().max() < 1e-5, kw
 
 
@@ -210,7 +210,7 @@ def test_flow_unconditional_attention_temperature_guidance():
     assert (plain - f.reverse(z)).abs().max() < 1e-5
     hot = f.reverse(z, guidance=1.0, attn_temp=2.0)
     assert (hot - plain).abs().max() > 1e-4
-    assert (f.blocks[0].reverse(z, None, 1.0, False, 2.0) - bench.naive_block_reverse(f.blocks[0], z, None, 1.0, False,
+    assert (f.blocks[0].reverse(z, None, 1.0, False, 2.0) - f.blocks[0].reverse_reference(z, None, 1.0, False,
                                                                                  2.0)).abs().max() < 1e-5
 
 
@@ -729,12 +729,11 @@ def batch(B=4, seed=0):
                                                                                                   generator=gen)
 
 
-def test_reverse_config_of_older_checkpoints_still_loads():
-    old = asdict(reverse_config_for(TINY))
-    old['guidance'] = old.pop('guidance_mode')   # the key's name before it was renamed
-    assert M.config_from_dict(M.ReverseConfig, old) == reverse_config_for(TINY)
-    with pytest.raises(ValueError, match='unknown config keys'):
-        M.config_from_dict(M.ReverseConfig, {**old, 'nope': 1})
+def test_reverse_config_round_trips_and_refuses_unknown_keys():
+    d = asdict(reverse_config_for(TINY))
+    assert M.config_from_dict(M.ReverseConfig, d) == reverse_config_for(TINY)
+    with pytest.raises(ValueError, match=r"unknown config keys \['nope'\]"):
+        M.config_from_dict(M.ReverseConfig, {**d, 'nope': 1})
 
 
 @pytest.mark.parametrize('denoise', ['learned', 'score', 'none'])
