@@ -964,19 +964,19 @@ class ReverseModel(nn.Module):
         preds.append(self.final(modulate(self.final_norm(h), shift, scale))[:B])
         return preds
 
-    def decode(self, z, y=None, w=None, inference_w=0.0, forward_model=None):
+    def decode(self, z, y=None, w=None, inference_w=0.0, flow=None):
         """One pass from z (B, N, d) to an image (B, C, H, W); score denoising needs the forward model."""
         c = self.cfg
         x = unpatchify(self(z, y, w, inference_w)[-1].float(), c.patch_size, c.img_size)
         if c.denoise == 'score':
-            if forward_model is None:
-                raise ValueError("this reverse model was trained with denoise='score': pass forward_model")
-            x = forward_model.denoise(x, y)
+            if flow is None:
+                raise ValueError("this reverse model was trained with denoise='score': pass flow")
+            x = flow.denoise(x, y)
         return x
 
 
 @torch.no_grad()
-def inpaint(G: ReverseModel, forward_model: TarFlow, x, redraw, y, noise, w=0.0, eps=None):
+def inpaint(G: ReverseModel, flow: TarFlow, x, redraw, y, noise, w=0.0, eps=None):
     """Training-free inpainting (Eq. 6): z' = M * F(x_m) + (1 - M) * noise, decoded in one pass. x (B, C, H, W), redraw
     (B, 1, H, W) True where pixels are to be regenerated; a token is kept only if none of its pixels is. -> (x', z')
 
@@ -986,25 +986,25 @@ def inpaint(G: ReverseModel, forward_model: TarFlow, x, redraw, y, noise, w=0.0,
     tokens sit after the hole and are conditioned on it, and a fill of the image's own colour is closer to a plausible
     completion than mid-grey (far off for a dark or saturated image), so their z stay closer to typical. The mean
     reads known pixels only (0 if there are none), so x' and z' do not depend on the hidden ones at all."""
-    fc = forward_model.cfg
+    fc = flow.cfg
     eps = torch.randn_like(x) if eps is None else eps
     known = ~redraw.expand_as(x)
     fill = torch.where(known, x, 0.).sum((2, 3), keepdim=True) / known.sum((2, 3), keepdim=True).clamp(min=1)
-    z, _, _ = forward_model(torch.where(known, x, fill) + fc.noise_std * eps, y)
+    z, _, _ = flow(torch.where(known, x, fill) + fc.noise_std * eps, y)
     keep = ~patchify(redraw.float(), fc.patch_size).bool().any(-1, keepdim=True)   # (B, N, 1)
     z = torch.where(keep, z, noise)
-    return G.decode(z, y, torch.full((len(z),), float(w), device=z.device), forward_model=forward_model), z
+    return G.decode(z, y, torch.full((len(z),), float(w), device=z.device), flow=flow), z
 
 
 @torch.no_grad()
-def edit(G: ReverseModel, forward_model: TarFlow, x, y_src, y_dst, w=0.0, eps=None):
+def edit(G: ReverseModel, flow: TarFlow, x, y_src, y_dst, w=0.0, eps=None):
     """Class editing: encode x with its class y_src, decode the same noise with class y_dst."""
     eps = torch.randn_like(x) if eps is None else eps
-    z, _, _ = forward_model(x + forward_model.cfg.noise_std * eps, y_src)
-    return G.decode(z, y_dst, torch.full((len(z),), float(w), device=z.device), forward_model=forward_model)
+    z, _, _ = flow(x + flow.cfg.noise_std * eps, y_src)
+    return G.decode(z, y_dst, torch.full((len(z),), float(w), device=z.device), flow=flow)
 
 
-def forward_loss(forward_model: TarFlow, x, y, eps, noise='gaussian', checkpoint=False):
+def forward_loss(flow: TarFlow, x, y, eps, noise='gaussian', checkpoint=False):
     """The stage-1 loss on a clean batch x (B, C, H, W) in [-1, 1] (multiples of 1/127.5 from uint8), labels y and
     standard normal eps of x's shape. noise='gaussian': x + sigma*eps, the noisy data TarFlow learns so that it can
     sample and denoise; 'uniform': dequantisation x + u/128 with u = Phi(eps) ~ U(0, 1) inside the pixel's bin of width
@@ -1012,10 +1012,10 @@ def forward_loss(forward_model: TarFlow, x, y, eps, noise='gaussian', checkpoint
     checkpoint: recompute each flow in the backward (TarFlow.forward), for models whose activations do not fit.
     -> (loss, nll (B,) in nats/dim without the 0.5*log(2*pi) constant, trajectory)."""
     if noise == 'gaussian':
-        xn = x + getattr(forward_model, 'module', forward_model).cfg.noise_std * eps   # DDP wraps the model
+        xn = x + getattr(flow, 'module', flow).cfg.noise_std * eps   # DDP wraps the model
     else:  # bin k of [0, 256) holds [k, k+1); its pixel value k/127.5 - 1 becomes (k + u)/128 - 1
         xn = ((x + 1) * 127.5 + 0.5 * (1 + torch.erf(eps / math.sqrt(2)))) / 128 - 1
-    z, logdet, traj = forward_model(xn, y, checkpoint=checkpoint)
+    z, logdet, traj = flow(xn, y, checkpoint=checkpoint)
     nll = TarFlow.nll_from(z, logdet)
     return nll.mean(), nll, traj
 
@@ -1039,7 +1039,7 @@ def adaptive(d, c=0.01, p=1.0):
     return d / (d.detach() + c) ** p
 
 
-def reverse_loss(G: ReverseModel, forward_model: TarFlow, x, y, w, eps, perceptual=None, weights=None, c=0.01, p=1.0,
+def reverse_loss(G: ReverseModel, flow: TarFlow, x, y, w, eps, perceptual=None, weights=None, c=0.01, p=1.0,
                  generator=None, fp32_targets=True, perceptual_every=1):
     """The stage-2 loss on a clean batch x (B, C, H, W) with labels y (-1 = dropped), guidance scales w (B,) and noise
     eps. F is frozen: its whole trajectory comes from one parallel forward pass, in fp32 even inside a bf16 autocast
@@ -1047,10 +1047,10 @@ def reverse_loss(G: ReverseModel, forward_model: TarFlow, x, y, w, eps, perceptu
     generator: a CPU generator for the perceptual crop boxes (train.py seeds it per step and rank). perceptual_every:
     the perceptual terms see rows 0, k, 2k, ... only (through the VAE decoder they cost several times G's step).
     Returns (loss, per-term means)."""
-    fc = forward_model.cfg
+    fc = flow.cfg
     raw = getattr(G, 'module', G)  # G may be wrapped in DDP: call G (gradients sync), read the config from raw
     with torch.no_grad(), torch.autocast(x.device.type, enabled=False) if fp32_targets else contextlib.nullcontext():
-        _, _, traj = forward_model(x + fc.noise_std * eps, y)
+        _, _, traj = flow(x + fc.noise_std * eps, y)
     clean = patchify(x.float(), fc.patch_size)
     preds = G(traj[-1], y, w)
     if raw.cfg.guidance_mode == 'train':

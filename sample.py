@@ -100,7 +100,7 @@ def latent_decoder(latent, path, device='cpu', what='the checkpoint'):
 
 
 def load_models(path, device='cpu', noise_std=None, verbose=True, vae=None):
-    """-> (model, forward_model, decode): a TarFlow and None, or a BiFlow reverse model and its frozen TarFlow (EMA
+    """-> (model, flow, decode): a TarFlow and None, or a BiFlow reverse model and its frozen TarFlow (EMA
     weights); decode is None for pixel models, the LatentDecoder of a latent checkpoint (which needs vae, the --vae
     path). noise_std overrides the sigma of a TarFlow; ml-tarflow state dicts need it unless their file name carries it."""
     ckpt = read_torch_file(path, '--ckpt')
@@ -108,16 +108,16 @@ def load_models(path, device='cpu', noise_std=None, verbose=True, vae=None):
     if isinstance(ckpt, dict) and ckpt.get('kind') == 'forward':
         model = TarFlow(config_from_dict(FlowConfig, ckpt['model_config']))
         model.load_state_dict(ckpt['ema'])
-        forward_model = None
+        flow = None
     elif isinstance(ckpt, dict) and ckpt.get('kind') == 'reverse':   # G, plus the F it inverts (for score denoising,
         model = ReverseModel(config_from_dict(ReverseConfig, ckpt['model_config']))
         model.load_state_dict(ckpt['ema'])
-        forward_model = TarFlow(config_from_dict(FlowConfig, ckpt['forward_config']))
-        forward_model.load_state_dict(ckpt['forward'])                    # inpainting and editing)
-        forward_model.to(device).eval().requires_grad_(False)
+        flow = TarFlow(config_from_dict(FlowConfig, ckpt['forward_config']))
+        flow.load_state_dict(ckpt['forward'])                    # inpainting and editing)
+        flow.to(device).eval().requires_grad_(False)
     elif isinstance(ckpt, dict) and any(k.endswith('proj_in.weight') for k in ckpt):   # a bare state dict: Apple's
         try:
-            model, forward_model = load_ml_tarflow(ckpt, ml_tarflow_sigma(path, noise_std, verbose)), None
+            model, flow = load_ml_tarflow(ckpt, ml_tarflow_sigma(path, noise_std, verbose)), None
         except ValueError as e:
             raise UsageError(f'--ckpt {path}: {e}') from None
     else:
@@ -128,7 +128,7 @@ def load_models(path, device='cpu', noise_std=None, verbose=True, vae=None):
     decode = latent_decoder(latent, vae, device, f'--ckpt {path}') if latent else None
     # frozen: the score is a gradient w.r.t. the input only, and weights that need grad would make its backward keep
     # every Linear's input and compute weight gradients nobody reads
-    return model.to(device).eval().requires_grad_(False), forward_model, decode
+    return model.to(device).eval().requires_grad_(False), flow, decode
 
 
 def noise_for(seeds, model, device):
@@ -140,7 +140,7 @@ def noise_for(seeds, model, device):
 
 
 @torch.no_grad()
-def generate(model, forward_model, z, labels, guidance=0.0, guidance_mode='auto', ramp=False, attn_temp=1.0,
+def generate(model, flow, z, labels, guidance=0.0, guidance_mode='auto', ramp=False, attn_temp=1.0,
              denoise=True, kv_dtype=None, static=False, inverse=None, exact=False):
     """Decode noise tokens z (B, N, d) into images in [-1, 1] (unclipped).
     TarFlow: exact inverse, CFG on alpha and mu, optional Tweedie denoising. inverse: a
@@ -148,7 +148,7 @@ def generate(model, forward_model, z, labels, guidance=0.0, guidance_mode='auto'
     BiFlow, F's exact inverse instead of G's pass (from G's predictions when inverse.init is 'G').
     BiFlow: one pass conditioned on w (training-time CFG, 1-NFE) or Eq. 4 inference-time CFG (2-NFE)."""
     if isinstance(model, TarFlow) or exact:
-        flow, G = (model, None) if isinstance(model, TarFlow) else (forward_model, model)
+        flow, G = (model, None) if isinstance(model, TarFlow) else (flow, model)
         if inverse is None:   # N-1 sequential steps per block, then one backward pass for the score
             return flow.sample(labels, guidance=guidance, ramp=ramp, attn_temp=attn_temp,
                                denoise=denoise, z=z, kv_dtype=kv_dtype, static=static)
@@ -156,8 +156,8 @@ def generate(model, forward_model, z, labels, guidance=0.0, guidance_mode='auto'
         return flow.denoise(x, labels) if denoise else x
     mode = model.cfg.guidance_mode if guidance_mode == 'auto' else guidance_mode
     if mode == 'train':   # w is an input of G: the guided sample in a single pass
-        return model.decode(z, labels, torch.full((len(z),), float(guidance)), forward_model=forward_model)
-    return model.decode(z, labels, inference_w=guidance, forward_model=forward_model)   # cond + null streams
+        return model.decode(z, labels, torch.full((len(z),), float(guidance)), flow=flow)
+    return model.decode(z, labels, inference_w=guidance, flow=flow)   # cond + null streams
 
 
 def log_inverse(inverse, what):
@@ -192,7 +192,7 @@ def grid_labels(num_classes, per_class=10, max_classes=10):
     return torch.arange(min(num_classes, max_classes)).repeat_interleave(per_class)
 
 
-def generate_grid(model, forward_model, path, guidance=1.0, seed=0, decode=None):
+def generate_grid(model, flow, path, guidance=1.0, seed=0, decode=None):
     """A grid of one row per class (10 per row), written to path. Used by train.py during training. decode: the
     LatentDecoder of a latent model (None for pixels)."""
     device = next(model.parameters()).device
@@ -200,7 +200,7 @@ def generate_grid(model, forward_model, path, guidance=1.0, seed=0, decode=None)
     n = len(labels) if labels is not None else 64
     # the same noise at every call, so that grids from successive checkpoints compare sample for sample
     z = noise_for(noise_seeds(seed, range(n)), model, device)
-    x = generate(model, forward_model, z, None if labels is None else labels.to(device), guidance)
+    x = generate(model, flow, z, None if labels is None else labels.to(device), guidance)
     if decode is not None:
         with torch.no_grad():
             x = torch.cat([decode(xb) for xb in x.split(16)])   # the VAE decoder's activations are large
@@ -214,7 +214,7 @@ def draw_labels(n, num_classes, seed):
     return torch.randint(num_classes, (n,), generator=torch.Generator().manual_seed(seed + LABEL_SEED_OFFSET))
 
 
-def sample_shard(model, forward_model, n, rank, world, seed, batch_size, labels=None, progress=False, decode=None,
+def sample_shard(model, flow, n, rank, world, seed, batch_size, labels=None, progress=False, decode=None,
                  **kw):
     """Rank r decodes the contiguous global indices [r*ceil(n/W), ...) in batches. -> (uint8 NHWC, labels, #non-finite)
     progress: print samples done (this rank's count times the world size), samples/s and ETA. decode: a latent
@@ -228,7 +228,7 @@ def sample_shard(model, forward_model, n, rank, world, seed, batch_size, labels=
     for s in range(0, len(idx), batch_size):
         bi = idx[s:s + batch_size]
         y = None if all_labels is None else all_labels[bi].to(device)
-        x = generate(model, forward_model, noise_for(noise_seeds(seed, bi), model, device), y, **kw)
+        x = generate(model, flow, noise_for(noise_seeds(seed, bi), model, device), y, **kw)
         if decode is not None:
             with torch.no_grad():
                 x = decode(x)
@@ -275,11 +275,11 @@ def gather_shards(imgs, labels, bad, world, chunk_bytes=2 ** 26):
     return out, np.concatenate([m[1] for m in meta]), sum(m[2] for m in meta)
 
 
-def distributed_fid(model, forward_model, ref, n, guidance, seed, rank, world, device, inception=None, decode=None):
+def distributed_fid(model, flow, ref, n, guidance, seed, rank, world, device, inception=None, decode=None):
     """FID of n EMA samples against ref, for train.py's periodic monitor. Rank 0 gets the result, others None."""
     was = model.training   # train.py passes its EMA model mid-training: restore its mode afterwards
     model.eval()
-    imgs, labels, _ = gather_shards(*sample_shard(model, forward_model, n, rank, world, seed, 64, guidance=guidance,
+    imgs, labels, _ = gather_shards(*sample_shard(model, flow, n, rank, world, seed, 64, guidance=guidance,
                                                   decode=decode), world)
     model.train(was)
     return fid.fid_from_samples(imgs, ref, fid.load_inception(inception, device), device) if imgs is not None else None
@@ -304,30 +304,30 @@ def load_image(path, size):
 
 
 @torch.no_grad()
-def draw_trajectory(forward_model, path, labels, z, guidance=0.0, ramp=False, denoise=True, reverse_model=None):
+def draw_trajectory(flow, path, labels, z, guidance=0.0, ramp=False, denoise=True, reverse_model=None):
     """A picture of sampling as a trajectory: for each sample a row z = x^T, x^{T-1}, ..., x^0, clean image along F's
     exact inverse (one MetaBlock.reverse per column), and, given G, a row beneath of what G's heads predict at the
     same depths (prediction g is aligned with x^{T-1-g}, model.align_targets), its output in the last column.
     z (B, N, d), labels (B,) or None. z and the states x^T..x^1 are not images and their scale grows with depth, so
     each is shown min-max normalised over its own pixels; x^0, G's prediction of it and the clean images are images
     in [-1, 1] and are shown as such (clipped), so the noise left before denoising stays visible."""
-    c = forward_model.cfg
+    c = flow.cfg
     img = lambda t: unpatchify(t.float(), c.patch_size, c.img_size)   # noqa: E731 (tokens -> (B, C, H, W))
     stretch = lambda x: (x - x.amin((1, 2, 3), keepdim=True)) / (   # noqa: E731 (own range -> [-1, 1])
         x.amax((1, 2, 3), keepdim=True) - x.amin((1, 2, 3), keepdim=True)).clamp(min=1e-8) * 2 - 1
     states, x = [z], z.float()
-    for block in reversed(forward_model.blocks):   # x^T -> x^{T-1} -> ... -> x^0, as TarFlow.reverse
+    for block in reversed(flow.blocks):   # x^T -> x^{T-1} -> ... -> x^0, as TarFlow.reverse
         x = block.reverse(x, labels, guidance, ramp)
         states.append(x)
     x0 = img(states[-1])
-    cols = [stretch(img(s)) for s in states[:-1]] + [x0, forward_model.denoise(x0, labels) if denoise else x0]
+    cols = [stretch(img(s)) for s in states[:-1]] + [x0, flow.denoise(x0, labels) if denoise else x0]
     rows = [torch.stack(cols, 1)]   # (B, T + 2, C, H, W)
     if reverse_model is not None:
         train_w = reverse_model.cfg.guidance_mode == 'train'
         preds = reverse_model(z, labels, torch.full((len(z),), float(guidance)) if train_w else None,
                               0.0 if train_w else guidance)
         out = reverse_model.decode(z, labels, torch.full((len(z),), float(guidance)) if train_w else None,
-                                   0.0 if train_w else guidance, forward_model)
+                                   0.0 if train_w else guidance, flow)
         T = len(states) - 1
         # column j holds x^{T-j}; head g predicts x^{T-1-g}, so it goes to column g + 1 ('naive' has no heads)
         gcols = [stretch(img(z))] + [torch.zeros_like(x0) - 1 for _ in range(T)] + [out]
@@ -457,19 +457,19 @@ def main(argv=None):
         fid.check_reference(args.fid, inception)
 
     # ---- the model(s): a TarFlow alone, or a reverse model G with the frozen F it was trained against
-    model, forward_model, decode = load_models(args.ckpt, device, args.noise_std, verbose=rank == 0, vae=args.vae)
+    model, flow, decode = load_models(args.ckpt, device, args.noise_std, verbose=rank == 0, vae=args.vae)
     ncls = model.cfg.num_classes
     kw = dict(guidance=args.guidance, guidance_mode=args.guidance_mode, ramp=args.ramp, attn_temp=args.attn_temp,
               denoise=args.denoise, kv_dtype=torch.bfloat16 if args.kv_dtype == 'bf16' else None,
               static=args.cuda_graph)
-    exact = forward_model is None or args.exact   # the samples come from F's exact inverse
-    if args.exact and forward_model is None:
+    exact = flow is None or args.exact   # the samples come from F's exact inverse
+    if args.exact and flow is None:
         p.error('--exact: samples a reverse checkpoint by its F; a forward checkpoint is sampled '
                 'exactly already')
     if args.jacobi_init == 'G' and (not args.exact or args.inverse != 'parallel'):
         p.error('--jacobi_init G: needs a reverse checkpoint with --exact and --inverse parallel '
                 '(G makes the guess)')
-    T = (forward_model or model).cfg.num_blocks
+    T = (flow or model).cfg.num_blocks
     if isinstance(args.segment, list) and exact and len(args.segment) != T:
         p.error(f'--segment {",".join(map(str, args.segment))}: give one length per flow ({T}), '
                 'or one for all')
@@ -487,7 +487,7 @@ def main(argv=None):
             p.error('--trajectory draws the states of pixel models (a latent model\'s states are latents)')
         n = args.num_samples or 4
         y = None if not ncls else (labels if labels is not None else torch.arange(n) % ncls).repeat(n)[:n].to(device)
-        tarflow, G = (forward_model, model) if forward_model is not None else (model, None)
+        tarflow, G = (flow, model) if flow is not None else (model, None)
         draw_trajectory(tarflow, args.trajectory, y, noise_for(noise_seeds(args.seed, range(n)), tarflow, device),
                         args.guidance, args.ramp, args.denoise, G)
         print(f'wrote {args.trajectory}: {n} samples, z to the image along the exact inverse' +
@@ -498,7 +498,7 @@ def main(argv=None):
     if args.inpaint or args.edit:
         if world > 1:
             p.error('--inpaint/--edit run in one process')
-        if forward_model is None:
+        if flow is None:
             p.error('--inpaint/--edit need a reverse checkpoint (it carries both F and G)')
         if decode is not None:
             p.error('--inpaint/--edit work on pixel checkpoints (a latent one would need the VAE encoder here)')
@@ -516,13 +516,13 @@ def main(argv=None):
             if not redraw.any():
                 p.error(f'--mask {args.mask}: has no white pixel inside the centre crop, so nothing to complete')
             noise = noise_for(noise_seeds(args.seed, range(n)), model, device)
-            x, _ = inpaint(model, forward_model, src.expand(n, -1, -1, -1), redraw, None if y is None else y.expand(n),
+            x, _ = inpaint(model, flow, src.expand(n, -1, -1, -1), redraw, None if y is None else y.expand(n),
                            noise, args.guidance, eps.expand(n, -1, -1, -1))
             shown = torch.cat([src, torch.where(redraw[:1], torch.zeros_like(src), src), x])   # input, hole, results
         else:
             if args.to_class is None or not 0 <= args.to_class < ncls:
                 p.error(f'--edit needs --to_class in [0, {ncls})')
-            x = edit(model, forward_model, src, y, torch.tensor([args.to_class], device=device), args.guidance, eps)
+            x = edit(model, flow, src, y, torch.tensor([args.to_class], device=device), args.guidance, eps)
             shown = torch.cat([src, x])
         save_grid(to_uint8(shown), args.out, nrow=len(shown))
         print(f'wrote {args.out}: the input, {"the masked input, " if args.inpaint else ""}{len(x)} result(s)')
@@ -537,7 +537,7 @@ def main(argv=None):
     if labels is not None:   # --labels 3,5 cycles: 3, 5, 3, 5, ...
         labels = labels.repeat(math.ceil(n / len(labels)))[:n]
     # each rank decodes its share of global indices; rank 0 alone writes and scores the whole set
-    imgs, labs, bad = gather_shards(*sample_shard(model, forward_model, n, rank, world, args.seed, args.batch_size,
+    imgs, labs, bad = gather_shards(*sample_shard(model, flow, n, rank, world, args.seed, args.batch_size,
                                                   labels, progress=rank == 0 and n > args.batch_size, decode=decode,
                                                   **kw), world)
     if rank == 0:

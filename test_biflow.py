@@ -751,7 +751,7 @@ def test_reverse_every_switch_gives_finite_loss_and_gradients_everywhere(align, 
         assert p.grad is not None, name
     assert all(p.grad is None for p in f.parameters())
     out = g.decode(torch.randn(2, TINY.num_tokens, TINY.token_dim), torch.tensor([0, 1]), torch.tensor([0.0, 1.0]),
-                   forward_model=f)
+                   flow=f)
     assert out.shape == (2, 3, 8, 8)
 
 
@@ -806,8 +806,8 @@ def test_reverse_ablation_switches_change_what_they_say():
     with torch.no_grad():
         g.final.weight.normal_(0, 0.1)
     raw = unpatchify(g(z, y, w)[-1], 2, 8)
-    assert torch.allclose(g.decode(z, y, w, forward_model=f), f.denoise(raw, y), atol=1e-6)
-    with pytest.raises(ValueError, match='forward_model'):
+    assert torch.allclose(g.decode(z, y, w, flow=f), f.denoise(raw, y), atol=1e-6)
+    with pytest.raises(ValueError, match='flow'):
         g.decode(z, y, w)
     # alignment: distillation routes the hidden state through token space, hidden alignment only reads it
     for align, depends in [('hidden', False), ('distill', True)]:
@@ -3630,7 +3630,7 @@ def test_trajectory_columns_are_the_exact_inverse_and_g_heads(tmp_path, align, d
         zc = cell(png, 2 * i, 0, 8, scale)
         assert zc.min() == 0 and zc.max() == 255
     # G's row: its one-pass output in the last column, its heads at their depths
-    out = g.decode(z, y, torch.zeros(2), forward_model=f)
+    out = g.decode(z, y, torch.zeros(2), flow=f)
     preds = g(z, y, torch.zeros(2))
     for i in range(2):
         assert np.array_equal(cell(png, 2 * i + 1, T + 1, 8, scale), sample.to_uint8(out.clamp(-1, 1))[i])
@@ -3773,7 +3773,7 @@ def test_denoise_none_and_score_train_identically():
     assert torch.equal(l1, l2) and t1.keys() == t2.keys()
     z = torch.randn(2, ABL_TINY.num_tokens, ABL_TINY.token_dim)
     out_none = gs[1].decode(z, y[:2], torch.zeros(2))
-    assert torch.allclose(gs[0].decode(z, y[:2], torch.zeros(2), forward_model=f), f.denoise(out_none, y[:2]))
+    assert torch.allclose(gs[0].decode(z, y[:2], torch.zeros(2), flow=f), f.denoise(out_none, y[:2]))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
