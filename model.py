@@ -300,7 +300,6 @@ class MetaBlock(nn.Module):
         return self.permute(z), -alpha.sum(dim=(1, 2))
 
     @torch.no_grad()
-    @torch.no_grad()
     def reverse_reference(self, z, y=None, guidance=0.0, ramp=False, attn_temp=1.0):
         """The exact inverse as written down, and as Apple's ml-tarflow runs it: token i+1 of the permuted x is
         x_{i+1} = z_{i+1} * exp(alpha_i) + mu_i, with (alpha, mu) from the causal layers on tokens 0..i, each layer
@@ -337,6 +336,7 @@ class MetaBlock(nn.Module):
             x[:, i + 1:i + 2] = x[:, i + 1:i + 2] * torch.exp(alpha) + mu
         return self.permute(x)
 
+    @torch.no_grad()
     def reverse(self, z, y=None, guidance=0.0, ramp=False, attn_temp=1.0, kv_dtype=None, static=False):
         """Exact inverse, token by token with a KV cache: reverse_reference's math, made fast (a test keeps the two
         equal). With guidance, the conditional and unconditional streams run as one batch of 2B. The step is
