@@ -229,5 +229,8 @@ def test_probe_matches_f_on_its_own_inverse_and_separates_splits():
     assert set(r) == {f'align{i}' for i in range(TINY.num_blocks)} | {'out', 'cycle'}
     assert all(v > 1e-3 for v in r.values())  # a random G is far from F everywhere
     x, yx, _, eps = batch()
+    m = probe_reverse.z_metric(f, x, yx.clamp(min=0), eps)
+    assert abs(m['noise_x'] - m['content_x']) < 1e-4 * m['noise_x']   # equal-sized x^0 errors
+    assert m['noise'] > 0 and m['content'] > 0
     e = probe_reverse.data_gap(g, f, x, yx.clamp(min=0), eps)
     assert set(e) >= {'out', 'align0'} and all(v > 1e-3 for v in e.values())

@@ -110,6 +110,30 @@ def batched(fn, n, bs, *tensors):
     return acc
 
 
+@torch.no_grad()
+def z_metric(flow, x, y, eps, blur=3, seed=0):
+    """How the cycle term's z-space distance weighs two kinds of x^0 error of equal size: a fresh
+    draw of the sigma-noise (what the learned denoiser removes) and a change of the image content
+    (the clean image box-blurred over blur x blur pixels, rescaled to the same norm); the fresh
+    noise is drawn from seed.
+    -> {kind: |F(x^0 + delta) - z|^2 / |z|^2, kind_x: |delta|^2 / |x^0|^2}, means over the batch."""
+    s = flow.cfg.noise_std
+    x0 = x + s * eps
+    z, _, _ = flow(x0, y)
+    fresh = torch.randn(eps.shape, generator=torch.Generator().manual_seed(seed))
+    noise = s * (fresh - eps)
+    padded = torch.nn.functional.pad(x, (blur // 2,) * 4, mode='replicate')
+    content = torch.nn.functional.avg_pool2d(padded, blur, stride=1) - x
+    scale = noise.flatten(1).norm(dim=1) / content.flatten(1).norm(dim=1)
+    content = content * scale.view(-1, 1, 1, 1)
+    out = {}
+    for kind, d in (('noise', noise), ('content', content)):
+        zd, _, _ = flow(x0 + d, y)
+        out[kind] = ((zd - z).pow(2).sum((1, 2)) / z.pow(2).sum((1, 2))).mean().item()
+        out[kind + '_x'] = (d.pow(2).sum((1, 2, 3)) / x0.pow(2).sum((1, 2, 3))).mean().item()
+    return out
+
+
 def gap(args):
     G, flow, _ = sample.load_models(args.ckpt)
     n, c = args.n, flow.cfg
@@ -126,6 +150,8 @@ def gap(args):
         res[name] = batched(
             lambda a, b, e: data_gap(G, flow, a, b, e), n, args.batch_size, x, yx, eps
         )
+    held = images('val', args.heldout_from, min(n, 200), c.img_size, args.seed)
+    res['z_metric'] = z_metric(flow, *held, seed=args.seed)
     res['step'] = torch.load(args.ckpt, weights_only=True, map_location='cpu')['step']
     print(json.dumps(res, indent=1))
     if args.json:
