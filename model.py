@@ -1039,20 +1039,62 @@ def adaptive(d, c=0.01, p=1.0):
     return d / (d.detach() + c) ** p
 
 
+def noisy_x0_index(G: ReverseModel) -> int:
+    """Which of G's predictions stands for the noisy x^0, the state F's first block reads: the last
+    head with learned denoising, else the output. Naive distillation with learned denoising has no
+    such prediction."""
+    if G.cfg.denoise != 'learned':
+        return len(G.heads)
+    if len(G.heads) < G.num_aligned:
+        raise ValueError("the cycle term needs G's prediction of the noisy x^0, which naive "
+                         "distillation with learned denoising does not make")
+    return len(G.heads) - 1
+
+
+def cycle_loss(G: ReverseModel, flow: TarFlow, z, y, preds=None, fp32=True):
+    """Cycle consistency on prior noise: ||F(G(z)) - z||^2 per sample (B,), for z (B, N, d) drawn
+    from N(0, I) and labels y (-1 = null class), at guidance w = 0 (the only scale at which F's
+    inverse is G's target). G's prediction of the noisy x^0 goes through the frozen F in one
+    parallel pass, so the gradient reaches G through F's Jacobian; F must be frozen (requires_grad
+    False), or this raises. It is zero exactly when that prediction is F^-1(z), F being a bijection.
+    preds: G's predictions for z if already computed (one batched pass with the data). fp32: F's
+    pass with autocast off, as for the targets. With norm control, divided by |z|^2."""
+    raw = getattr(G, 'module', G)
+    if any(q.requires_grad for q in flow.parameters()):
+        raise ValueError('cycle_loss: F must be frozen (requires_grad_(False)), so that only G '
+                         'gets a gradient')
+    if preds is None:
+        preds = G(z, y, torch.zeros(len(z), device=z.device))
+    fc = flow.cfg
+    x0 = unpatchify(preds[noisy_x0_index(raw)].float(), fc.patch_size, fc.img_size)
+    with torch.autocast(z.device.type, enabled=False) if fp32 else contextlib.nullcontext():
+        zc, _, _ = flow(x0, y)
+    return state_distance(zc, z, raw.cfg.norm)
+
+
 def reverse_loss(G: ReverseModel, flow: TarFlow, x, y, w, eps, perceptual=None, weights=None, c=0.01, p=1.0,
-                 generator=None, fp32_targets=True, perceptual_every=1):
+                 generator=None, fp32_targets=True, perceptual_every=1, cycle=0.0, prior=None):
     """The stage-2 loss on a clean batch x (B, C, H, W) with labels y (-1 = dropped), guidance scales w (B,) and noise
     eps. F is frozen: its whole trajectory comes from one parallel forward pass, in fp32 even inside a bf16 autocast
     unless fp32_targets=False (bf16 moves the states by 0.2-0.5%: the targets would be that far from F's own).
     generator: a CPU generator for the perceptual crop boxes (train.py seeds it per step and rank). perceptual_every:
     the perceptual terms see rows 0, k, 2k, ... only (through the VAE decoder they cost several times G's step).
+    cycle > 0: add cycle * the adaptively weighted cycle_loss on prior = (z, y_z), prior noise z
+    (k, N, d) and its labels, which G sees in the same pass as the data (one batch of B + k rows);
+    the data terms are unchanged.
     Returns (loss, per-term means)."""
     fc = flow.cfg
     raw = getattr(G, 'module', G)  # G may be wrapped in DDP: call G (gradients sync), read the config from raw
     with torch.no_grad(), torch.autocast(x.device.type, enabled=False) if fp32_targets else contextlib.nullcontext():
         _, _, traj = flow(x + fc.noise_std * eps, y)
     clean = patchify(x.float(), fc.patch_size)
-    preds = G(traj[-1], y, w)
+    if cycle > 0:   # data and prior rows in one pass of G (DDP allows one forward per backward)
+        zp, yp = prior
+        wp = torch.zeros(len(zp), dtype=w.dtype, device=w.device)   # the cycle holds at w = 0 only
+        both = G(torch.cat([traj[-1], zp]), torch.cat([y, yp]), torch.cat([w, wp]))
+        preds, prior_preds = [q[:len(x)] for q in both], [q[len(x):] for q in both]
+    else:
+        preds = G(traj[-1], y, w)
     if raw.cfg.guidance_mode == 'train':
         # Eq. 5: the guided prediction, recombined with the null-class prediction, must equal the conditional state,
         # i.e. G(z|c,w) = (1+w) x^i - w G(z|null) as classifier-free guidance would give. Always run (at w = 0 it is
@@ -1066,6 +1108,9 @@ def reverse_loss(G: ReverseModel, flow: TarFlow, x, y, w, eps, perceptual=None, 
              enumerate(zip(preds[:-1], targets[:-1]))}
     terms['out'] = state_distance(preds[-1], targets[-1], raw.cfg.norm)
     loss = sum(adaptive(d, c, p).mean() for d in terms.values())
+    if cycle > 0:
+        terms['cycle'] = cycle_loss(raw, flow, *prior, prior_preds, fp32_targets)
+        loss = loss + cycle * adaptive(terms['cycle'], c, p).mean()
     if perceptual is not None:
         size = (fc.img_size, fc.img_size)
         img = unpatchify(preds[-1].float(), fc.patch_size, size[0])

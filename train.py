@@ -131,6 +131,13 @@ def get_args(argv=None):
     g.add_argument('--perceptual_every', type=int, default=None, help='the perceptual terms see every k-th image of '
                    'the global batch (the same images for any number of ranks; None: from --preset, 8 for latents, '
                    'where they run through the VAE decoder)')
+    g.add_argument('--cycle', type=float, default=0.0,
+                   help='weight of the cycle term ||F(G(z)) - z||^2 on prior noise z ~ N(0, I) at '
+                   'w = 0, through the frozen F (model.cycle_loss), added to the data-pair terms '
+                   'with the same adaptive weighting; 0: off')
+    g.add_argument('--cycle_batch', type=int, default=None,
+                   help='prior noise draws per rank and step for --cycle (None: the per-rank '
+                   "batch); their labels are the batch's first ones")
     g.add_argument('--target_dtype', choices=['fp32', 'bf16'], default='fp32', help="F's forward pass for the "
                    'targets: fp32 (exact, as the flow math everywhere) or inside the bf16 autocast (faster; the states '
                    'move by 0.3-2%%)')
@@ -181,18 +188,21 @@ def get_args(argv=None):
     # bad numbers fail here, in one line naming the flag, not as a traceback (or a silent no-op) steps later
     for k in ('max_steps', 'batch_size', 'perceptual_every', 'log_every', 'ckpt_every', 'sample_every', 'fid_every',
               'fid_samples', 'warmup_steps', 'eval_every', 'eval_samples', 'max_skips', 'stop_at', 'num_classes',
-              'num_workers'):
+              'num_workers', 'cycle_batch'):
         v = getattr(args, k)
         low = 0 if k in ('warmup_steps', 'num_classes', 'num_workers') else 1   # 0 means "none" for these
         if v is not None and v < low:
             p.error(f'--{k} {v}: must be an integer >= {low}')
     for k, lo, hi in (('label_drop', 0, 1), ('ema', 0, 1), ('lr', 0, math.inf), ('noise_std', 0, math.inf),
-                      ('grad_clip', 0, math.inf), ('norm_clip', 0, math.inf), ('w_max', 0, math.inf)):
+                      ('grad_clip', 0, math.inf), ('norm_clip', 0, math.inf),
+                      ('w_max', 0, math.inf), ('cycle', 0, math.inf)):
         v = getattr(args, k)
         if v is not None and not lo <= v <= hi:  # also refuses nan
             p.error(f'--{k} {v}: must be in [{lo}, {hi}]')
     if args.lpips and not args.vgg:
         p.error('--lpips needs --vgg (the VGG16 trunk weights)')
+    if args.cycle and args.stage == 'forward':
+        p.error('--cycle is a stage-2 term (--stage reverse)')
     if args.resume and args.overwrite:
         p.error('--resume continues a run, --overwrite replaces one: pass one of them')
     return args, explicit
@@ -271,6 +281,18 @@ def posterior_sample(args, step, moments, mean, std, rank, world):
     eps = torch.randn((B, *moments.shape[2:]), generator=g, device=moments.device)[rank * b:(rank + 1) * b]
     mu, s = moments.unbind(1)
     return (mu + s * eps - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)   # (b, C, h, w)
+
+
+def prior_noise(args, step, shape, y, rank, world, device):
+    """--cycle's prior noise z ~ N(0, I) of one step: --cycle_batch draws per rank (None: the rank's
+    batch), (k, N, d), with the labels of the rank's first k rows. Drawn, like step_inputs', for all
+    ranks from (seed, step) and sliced, from a stream of its own (offset 2**41): the data's noise,
+    labels and scales are the same with and without the term."""
+    b = args.batch_size // world
+    k = min(args.cycle_batch or b, b)
+    g = torch.Generator(device=device).manual_seed(args.seed * 1_000_003 + step + 2 ** 41)
+    z = torch.randn((k * world, *shape), generator=g, device=device)[rank * k:(rank + 1) * k]
+    return z, y[:k]
 
 
 def crop_generator(seed, step, rank):
@@ -573,7 +595,7 @@ def perceptual_terms(args, decode, device):
     return perceptual.to(device)
 
 
-def stage_loss(args, model, flow_fn, x, y, w, eps, perceptual, step, rank):
+def stage_loss(args, cfg, model, flow_fn, x, y, w, eps, perceptual, step, rank, world):
     """-> (loss, metrics, traj) of one step: stage 1 the exact NLL of the noisy data (traj, the per-block states,
     feeds the log row's block norms), stage 2 the alignment of G with F's trajectory (traj None). F's trajectory
     is computed inside, without gradients (fp32 unless --target_dtype bf16); the stage-2 terms are one distance per
@@ -585,10 +607,14 @@ def stage_loss(args, model, flow_fn, x, y, w, eps, perceptual, step, rank):
         if args.noise_type == 'uniform':   # the bin constant only applies to dequantised data
             metrics['bpd'] = TarFlow.bits_per_dim(nll.detach()).mean()
         return loss, metrics, traj
+    # --cycle: prior noise and labels, G's rows beside the data's in the same pass
+    prior = prior_noise(args, step, (cfg.num_tokens, cfg.token_dim), y, rank, world, x.device) if args.cycle \
+        else None
     loss, terms = reverse_loss(model, flow_fn, x, y, w, eps, perceptual,
                                {'lpips': args.lpips_weight, 'convnext': args.convnext_weight},
                                generator=crop_generator(args.seed, step, rank) if perceptual else None,
-                               fp32_targets=args.target_dtype == 'fp32', perceptual_every=args.perceptual_every)
+                               fp32_targets=args.target_dtype == 'fp32', perceptual_every=args.perceptual_every,
+                               cycle=args.cycle, prior=prior)
     return loss, {'loss': loss.detach(), **terms}, None
 
 
@@ -728,7 +754,7 @@ def train(argv, lock):
         if args.stage == 'reverse' and y is None:  # unconditional: index 0 is G's null class
             y = torch.zeros(x.shape[0], dtype=torch.long, device=device)
         with ctx:
-            loss, metrics, traj = stage_loss(args, model, flow_fn, x, y, w, eps, perceptual, step, rank)
+            loss, metrics, traj = stage_loss(args, cfg, model, flow_fn, x, y, w, eps, perceptual, step, rank, world)
         gnorm, bad = update(loss, raw, ema, opt, step, args)
         # a streak means divergence, not a bad batch: it is checked at the log rows
         skipped, streak = skipped + bad, (streak + 1) * bad
