@@ -3,11 +3,9 @@ Data for TarFlow/BiFlow: a built-in digits dataset, ImageNet-style folders, arra
 
     python data.py show --data digits --img_size 16 --out grid.png    # look at the data: one row per class
     python data.py pack /path/to/imagenet/train in64.npy --img_size 64  # folder -> one memory-mapped array file
-    python data.py score samples.npz                                     # digits: share read as the requested class
-    torchrun --nproc_per_node=8 data.py encode /path/to/imagenet/train in256_latents --vae sd-vae-ft-mse --img_size 256
 
 Every image dataset returns (uint8 tensor (3, H, W), int label) and has .num_classes (0 if unlabelled) and .targets.
-A latent set (a folder written by encode: the VAE's posterior mean and std of each image and of its mirror image,
+A latent set (a folder written by `vae.py encode`: the VAE's posterior mean and std of each image and of its mirror image,
 computed once) returns (float32 (2, C, h, w) = [mean, std], int label) instead; the Loader serves the mirror image's
 own moments when it flips, and the trainer draws mean + std * noise each step. An encode killed part-way resumes
 where it stopped when run again with the same command.
@@ -22,7 +20,6 @@ import json
 import math
 import os
 import random
-import shutil
 import socket
 import struct
 import sys
@@ -42,7 +39,6 @@ import torch.distributed as dist
 from PIL import Image, ImageDraw, ImageFont
 from torch.utils.data import DataLoader, Dataset
 
-from vae import load_vae
 
 IMG_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.pgm', '.bmp', '.tif', '.tiff', '.webp', '.gif')
 
@@ -255,14 +251,6 @@ def read_torch_file(path: str, flag: str):
         return torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:  # not a torch file, or one that needs pickled code (never loaded, for safety)
         raise UsageError(f'{flag} {path}: not a loadable torch file ({type(e).__name__})') from e
-
-
-def read_vae(path: str, device='cpu'):
-    """vae.load_vae of --vae, with its refusals (not an SD VAE, a broken config.json) as UsageError."""
-    try:
-        return load_vae(path, device)
-    except ValueError as e:
-        raise UsageError(str(e)) from e
 
 
 def setup_distributed(device_arg: str):
@@ -603,19 +591,7 @@ def pack(src_dir: str, out: str, img_size: int, num_workers: int = 0, split: str
         print(f"  unreadable: {ds.files[i]}")
 
 # -----------------------------------------------------------------------------
-# latent sets: images encoded once by the VAE (posterior moments of each image and of its mirror image)
-
-# normalised latent = (latent - mean) / std, per channel; --norm compute measures them on the encoded set instead
-LATENT_NORMS = {
-    # BiFlow's group's per-channel statistics of sd-vae-ft-mse latents
-    'channel': ([0.86488, -0.27787343, 0.21616915, 0.3738409], [4.85503674, 5.31922414, 3.93725398, 3.9870003]),
-    # Stable Diffusion's single scale factor 0.18215 for every channel, no shift
-    'sd': ([0.0], [1 / 0.18215]),
-}
-ENCODE_CHUNK = 1024   # images per unit of work: what a rank flushes and marks done, whatever the number of ranks
-# everything encode writes in OUT (and the temporary files of its atomic writes, named after these)
-LATENT_FILES = ('meta.json', 'progress.json', 'latents.npy', 'labels.npy', 'done')
-ENCODE_LOCK = 'encode.lock'   # held by the running encode (RunLock), removed when it ends
+# latent sets: images encoded once by the VAE (vae.py encode writes them), read here
 
 
 def is_latent_set(path: str) -> bool:
@@ -641,8 +617,8 @@ class LatentDataset(Source):
         if not os.path.isfile(meta_path):
             if is_latent_set(path):
                 raise UsageError(f"latent set {path!r}: the encode that writes it did not finish (no meta.json); rerun "
-                                 "the same `data.py encode` command to resume it")
-            raise FileNotFoundError(f"latent set {path!r}: no meta.json (write one with `data.py encode`)")
+                                 "the same `vae.py encode` command to resume it")
+            raise FileNotFoundError(f"latent set {path!r}: no meta.json (write one with `vae.py encode`)")
         with open(meta_path) as f:
             meta = json.load(f)
         if meta.get('format') != 'latents' or meta.get('version') != 1:
@@ -675,243 +651,6 @@ class LatentDataset(Source):
     def __getitem__(self, i):
         return self.item(i)
 
-
-class _Readable(Dataset):
-    """(i, uint8 (3, H, W), label, readable) per image: the item the dataset serves (ImageFolder's substitute for an
-    unreadable file) and whether image i itself could be read, so encode can count failures made in its workers."""
-
-    def __init__(self, ds):
-        self.ds = ds
-
-    def __len__(self):
-        return len(self.ds)
-
-    def __getitem__(self, i):
-        if isinstance(self.ds, ImageFolder):
-            arr = self.ds.load(i)   # decoded once when readable; the substitute is only looked for when not
-            if arr is None:
-                x, y = self.ds[i]
-                return i, x, y, False
-            return i, torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous(), int(self.ds.targets[i]), True
-        x, y = self.ds[i]
-        return i, x, y, True
-
-
-def _encode_collate(items):
-    return (torch.tensor([it[0] for it in items]), torch.stack([it[1] for it in items]),
-            torch.tensor([it[2] for it in items], dtype=torch.int64), torch.tensor([it[3] for it in items]))
-
-
-# the flags that set each recorded setting, for the message when a rerun's settings differ from the unfinished set's
-_SETTING_FLAGS = {'source': 'SRC', 'split': '--split', 'img_size': '--img_size', 'n': 'SRC/--limit',
-                  'latent_shape': '--vae', 'vae_fingerprint': '--vae', 'chunk': '--chunk'}
-
-
-def _settings_fingerprint(out: str, vae, overwrite: bool) -> str:
-    """The VAE's fingerprint in an encode's settings. An unfinished encode in OUT that recorded an
-    older version's weights-only fingerprint, which this VAE matches (VAE.matches), keeps it: it
-    resumes."""
-    new = vae.fingerprint
-    try:
-        with open(os.path.join(out, 'progress.json')) as f:
-            old = json.load(f).get('vae_fingerprint')
-    except (OSError, ValueError, AttributeError):   # none, or unreadable: _check_out says which
-        return new
-    resumable = not overwrite and old != new and vae.matches(old)
-    return old if resumable else new
-
-
-def _check_out(out: str, settings: dict | None, overwrite: bool) -> None:
-    """Refuse an OUT that encode must not write into; reads only (every rank runs it before rank 0 writes). Without
-    settings (before the VAE is loaded), only what needs none: a foreign folder, a complete set."""
-    if not os.path.exists(out):
-        return
-    if not os.path.isdir(out):
-        raise UsageError(f"encode OUT {out}: is a file, expected a folder (new, empty, or an unfinished latent set)")
-    names = os.listdir(out)
-    foreign = sorted(x for x in names if x != ENCODE_LOCK and
-                     not any(x == f or x.startswith(f + '.') for f in LATENT_FILES))
-    if foreign:
-        raise UsageError(f"encode OUT {out}: holds {foreign[0]!r}, which is no part of a latent set; give a new or "
-                         "empty folder")
-    if overwrite:
-        return
-    if 'meta.json' in names:
-        raise FileExistsError(f"encode OUT {out}: already holds a complete latent set (meta.json); pass --overwrite to "
-                              "re-encode it")
-    if settings is None:
-        return
-    if 'progress.json' in names:
-        with open(os.path.join(out, 'progress.json')) as f:
-            old = json.load(f)
-        for k, v in settings.items():
-            if old.get(k) != v:
-                raise UsageError(f"encode OUT {out}: holds an unfinished encode made with {k} {old.get(k)!r}, but this "
-                                 f"one has {k} {v!r} ({_SETTING_FLAGS[k]}); rerun with the first settings to resume "
-                                 "it, or pass --overwrite to start over")
-    elif 'latents.npy' in names or 'done' in names:  # progress.json is written first, so someone removed it
-        raise UsageError(f"encode OUT {out}: holds latents.npy or done/ but no progress.json, so it cannot be "
-                         "resumed; pass --overwrite to start over")
-
-
-def _prepare_out(out: str, settings: dict, overwrite: bool, shape: tuple) -> None:
-    """Rank 0, before any rank encodes: OUT with progress.json, done/, and the zero-filled latents.npy and labels.npy
-    (each created under a temporary name and renamed, so an existing one is always whole)."""
-    os.makedirs(out, exist_ok=True)
-    # meta.json first: a crash part-way leaves an unfinished set, never a complete-looking mix. Without --overwrite,
-    # only the temporary files of a killed run go (no rank writes yet, so none is in use)
-    for name in sorted(os.listdir(out), key=lambda x: not x.startswith('meta.json')):
-        path = os.path.join(out, name)
-        if name != ENCODE_LOCK and (overwrite or name not in LATENT_FILES):
-            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
-    done = os.path.join(out, 'done')
-    for name in os.listdir(done) if os.path.isdir(done) else []:
-        if not name.endswith('.json'):   # a mark's temporary file
-            os.remove(os.path.join(done, name))
-    progress = os.path.join(out, 'progress.json')
-    if not os.path.isfile(progress):   # first, so any other file of an unfinished set comes with its settings
-        atomic_write(progress, lambda f: f.write(json.dumps(settings, indent=1).encode()))
-    lat, lab = os.path.join(out, 'latents.npy'), os.path.join(out, 'labels.npy')
-    if not (os.path.isfile(lat) and os.path.isfile(lab)):
-        shutil.rmtree(os.path.join(out, 'done'), ignore_errors=True)   # marks without their arrays mean nothing
-        for path, dtype, shp in ((lat, np.float32, shape), (lab, np.int64, shape[:1])):
-            tmp = f'{path}.tmp{os.getpid()}'
-            # a memory map, sparse until written, so ImageNet never has to fit in RAM; dropped (closed) at once
-            np.lib.format.open_memmap(tmp, 'w+', dtype, shp).flush()
-            os.replace(tmp, path)
-    os.makedirs(os.path.join(out, 'done'), exist_ok=True)
-
-
-def _marker(out: str, c: int) -> str:
-    return os.path.join(out, 'done', f'{c:06d}.json')
-
-
-def encode(src: str, out: str, vae, img_size: int, batch_size: int = 64, norm: str = 'channel',
-           limit: int | None = None, overwrite: bool = False, split: str = 'train', chunk: int = ENCODE_CHUNK,
-           workers: int = 0, vae_name: str = 'vae', rank: int = 0, world: int = 1, device='cpu') -> None:
-    """Encode SRC's images (ADM centre crop) and their mirror images into the latent set OUT (see LatentDataset):
-    vae.encode(x in [-1, 1], (B, 3, H, W)) -> (mean, std), each (B, C, h, w). The images are split into chunks of
-    `chunk`; the ranks share the chunks not done yet, and each finished chunk is flushed and then marked done
-    (OUT/done/<chunk>.json, with its unreadable images and its sums for --norm compute). A rerun after a kill
-    redoes only unmarked chunks; rank 0 writes meta.json, atomically and last, once every chunk is done."""
-    if norm not in ('channel', 'sd', 'compute'):
-        raise UsageError(f"--norm {norm!r}: expected 'channel', 'sd' or 'compute'")
-    device = torch.device(device)
-    _check_out(out, None, overwrite)   # a complete set is refused at once, before SRC is listed
-    ds = open_source(src, img_size, split, flag='encode SRC', latents=False)
-    n = len(ds) if limit is None else min(limit, len(ds))
-    if n == 0:
-        raise UsageError(f"encode SRC {src!r}: holds no images")
-    with torch.no_grad():   # the latent shape from one blank image: the VAE decides its channels and downsampling
-        C, h, w = vae.encode(torch.zeros(1, 3, img_size, img_size, device=device))[0].shape[1:]
-    if norm == 'channel' and C != len(LATENT_NORMS['channel'][0]):
-        raise UsageError(f"--norm channel: its statistics are for the 4 channels of sd-vae-ft-mse, but --vae "
-                         f"{vae_name} has {C}; use --norm compute")
-    settings = {'source': src if src in BUILTIN else os.path.abspath(src), 'split': split if src in BUILTIN else None,
-                'img_size': img_size, 'n': n, 'latent_shape': [C, h, w],
-                'vae_fingerprint': _settings_fingerprint(out, vae, overwrite),
-                'chunk': chunk}
-    # one encode at a time writes into OUT (rank 0 holds the lock for all ranks), taken before the checks of what
-    # OUT holds, so that two encodes started together cannot both pass them
-    lock = RunLock()
-    if rank == 0:
-        os.makedirs(out, exist_ok=True)
-        lock.acquire(os.path.join(out, ENCODE_LOCK), f'encode OUT {out}')
-    try:
-        # the ranks wait for each other at a few points, and a slow file listing or the last chunk may take longer than
-        # NCCL's 10-minute timeout: they wait in a gloo group with a 12-hour one
-        group = dist.new_group(backend='gloo', timeout=datetime.timedelta(hours=12)) if world > 1 else None
-
-        def sync():
-            if group is not None:
-                dist.barrier(group=group)
-
-        _check_out(out, settings, overwrite)   # every rank, before anything is written: each fails with the message
-        sync()
-        if rank == 0:
-            _prepare_out(out, settings, overwrite, (n, 2, 2, C, h, w))
-        sync()
-        chunks = math.ceil(n / chunk)
-        todo = [c for c in range(chunks) if not os.path.isfile(_marker(out, c))]
-        sync()   # every rank has read the same marks before any rank adds one
-        mine = todo[rank::world]   # the unfinished chunks, dealt round-robin: balanced after a resume too
-        lat = np.load(os.path.join(out, 'latents.npy'), mmap_mode='r+')
-        lab = np.load(os.path.join(out, 'labels.npy'), mmap_mode='r+')
-        bounds = {c: (c * chunk, min(n, (c + 1) * chunk)) for c in mine}
-        batches = [list(range(s, min(s + batch_size, bounds[c][1]))) for c in mine
-                   for s in range(bounds[c][0], bounds[c][1], batch_size)]   # never across a chunk's end
-        loader = DataLoader(_Readable(ds), batch_sampler=batches, collate_fn=_encode_collate, num_workers=workers,
-                            pin_memory=device.type == 'cuda')
-        total = sum(e - s for s, e in bounds.values())
-        if rank == 0:
-            print(f"encoding {n} images of {img_size}x{img_size} from {src} into {out}: latents {C}x{h}x{w}, "
-                  f"{chunks - len(todo)} of {chunks} chunks done before, {len(todo)} to do by {world} rank(s)",
-                  flush=True)
-        progress = Progress(total, 'encoded' + (f' (rank 0 of {world})' if world > 1 else ''), enabled=rank == 0)
-        done, bad, sums = 0, [], np.zeros((3, C))
-        with torch.no_grad():
-            for idx, x, y, readable in loader:
-                x = x.to(device, non_blocking=True).float() / 127.5 - 1   # as the Loader's pixels
-                mean, std = vae.encode(x)
-                fmean, fstd = vae.encode(x.flip(-1))   # the mirror image's own posterior, not the mirrored latent
-                m = torch.stack([torch.stack([mean, std], 1), torch.stack([fmean, fstd], 1)], 1).float().cpu().numpy()
-                if m.shape[1:] != (2, 2, C, h, w):
-                    raise UsageError(f"--vae {vae_name}: encoded {tuple(mean.shape)} and {tuple(std.shape)} from "
-                                     f"{tuple(x.shape)}, expected ({len(x)}, {C}, {h}, {w}) each")
-                i0, i1 = int(idx[0]), int(idx[-1]) + 1
-                lat[i0:i1], lab[i0:i1] = m, y.numpy()
-                bad += idx[~readable].tolist()
-                # per-channel sums for --norm compute, over images, mirror images, positions
-                m64 = m.astype(np.float64)
-                sums += np.stack([m64[:, :, 0].sum((0, 1, 3, 4)), (m64[:, :, 0] ** 2).sum((0, 1, 3, 4)),
-                                  (m64[:, :, 1] ** 2).sum((0, 1, 3, 4))])
-                c = i0 // chunk
-                if i1 == bounds[c][1]:   # the chunk is whole: on disk first, then marked done
-                    lat.flush()
-                    lab.flush()
-                    mark = {'chunk': c, 'unreadable': bad, 'sum_mean': sums[0].tolist(),
-                            'sum_mean_sq': sums[1].tolist(), 'sum_std_sq': sums[2].tolist()}
-                    atomic_write(_marker(out, c), lambda f: f.write(json.dumps(mark).encode()))
-                    bad, sums = [], np.zeros((3, C))
-                done += i1 - i0
-                progress.update(done)
-        del lat, lab
-        sync()   # every chunk is marked
-        if rank == 0:
-            _finish(out, ds, src, split, n, img_size, [C, h, w], norm, vae_name, vae.fingerprint, chunks)
-        if group is not None:
-            dist.destroy_process_group(group)
-    finally:
-        lock.release()
-
-
-def _finish(out, ds, src, split, n, img_size, latent_shape, norm, vae_name, fingerprint, chunks) -> None:
-    """Rank 0, once every chunk is marked: the normalisation, meta.json (atomically, last), then the bookkeeping."""
-    marks = []
-    for c in range(chunks):
-        if not os.path.isfile(_marker(out, c)):
-            raise UsageError(f"encode OUT {out}: chunk {c} was not finished by any rank; rerun the same command")
-        with open(_marker(out, c)) as f:
-            marks.append(json.load(f))
-    C, h, w = latent_shape
-    if norm == 'compute':   # posterior samples mean + std * eps: E[x] = E[mean], Var[x] = E[mean^2] + E[std^2] - E[x]^2
-        s = np.array([[m['sum_mean'], m['sum_mean_sq'], m['sum_std_sq']] for m in marks]).sum(0) / (n * 2 * h * w)
-        mean, std = s[0].tolist(), np.sqrt(s[1] + s[2] - s[0] ** 2).tolist()
-    else:
-        mean, std = LATENT_NORMS[norm]
-        mean, std = (mean * C, std * C) if len(mean) == 1 else (mean, std)
-    bad = [i for m in marks for i in m['unreadable']]
-    meta = {'format': 'latents', 'version': 1, 'n': n, 'img_size': img_size, 'latent_shape': latent_shape,
-            'num_classes': int(ds.num_classes), 'source': src, **({'split': split} if src in BUILTIN else {}),
-            'vae': {'name': vae_name, 'fingerprint': fingerprint}, 'norm': {'kind': norm, 'mean': mean, 'std': std},
-            'unreadable': len(bad)}
-    atomic_write(os.path.join(out, 'meta.json'), lambda f: f.write((json.dumps(meta, indent=1) + '\n').encode()))
-    os.remove(os.path.join(out, 'progress.json'))
-    shutil.rmtree(os.path.join(out, 'done'))
-    print(f"encoded {n} images of {img_size}x{img_size} from {src} into {out}: latents {C}x{h}x{w}, norm {norm}; "
-          f"{len(bad)} unreadable" + (" (each replaced by the next readable file)" if bad else ""), flush=True)
-    for i in bad:
-        print(f"  unreadable: {ds.files[i]}")
 
 
 # -----------------------------------------------------------------------------
@@ -1027,100 +766,26 @@ def show(ds, out: str, per_class: int = 10, max_classes: int = 10) -> None:
     print(f"wrote {out} ({k} classes x {per_class})")
 
 
-def digit_accuracy(files, img_size=16, steps=1500, seed=0):
-    """Share of samples (ADM .npz: arr_0 images, arr_1 requested labels) that a small CNN, trained here on the
-    digits' train split, reads as their requested class: a quick quality number for the CPU recipe. -> {file: acc}"""
-    nn = torch.nn
-    torch.manual_seed(seed)
-    net = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(32, 64, 3, padding=1),
-                        nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(64 * (img_size // 4) ** 2, 128), nn.ReLU(),
-                        nn.Linear(128, 10))
-    opt = torch.optim.Adam(net.parameters(), 1e-3)
-    batches = iter(Loader(Digits(img_size), 128, seed=seed + 1))
-    for _ in range(steps):
-        x, y = next(batches)
-        x = x + 0.05 * torch.randn_like(x) * torch.rand(len(x), 1, 1, 1)  # samples may keep a little noise
-        loss = torch.nn.functional.cross_entropy(net(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    net.eval()
-    out = {}
-    for f in files:
-        with np.load(f) as z:
-            if 'arr_1' not in z.files:
-                raise UsageError(f'{f}: needs arr_1 (the requested labels) beside arr_0')
-            x = torch.from_numpy(z['arr_0']).permute(0, 3, 1, 2).float() / 127.5 - 1
-            with torch.no_grad():
-                out[f] = float((net(x).argmax(1).numpy() == z['arr_1']).mean())
-    return out
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     sub = p.add_subparsers(dest='cmd', required=True)
-    s = sub.add_parser('show', help='save a grid of dataset images, one row per class',
+    show_cmd = sub.add_parser('show', help='save a grid of dataset images, one row per class',
                        formatter_class=HelpFormatter)
-    s.add_argument('--data', default='digits', help="'digits', an image folder, or a .npz/.npy file")
-    s.add_argument('--img_size', type=int, default=16, help='image side in pixels')
-    s.add_argument('--split', default='train', help="digits split: 'train' or 'val'")
-    s.add_argument('--per_class', type=int, default=10, help='images per row')
-    s.add_argument('--out', default='grid.png', help='output PNG path')
-    k = sub.add_parser('pack', help='centre-crop an image folder into one .npy (or ADM .npz) file',
+    show_cmd.add_argument('--data', default='digits', help="'digits', an image folder, or a .npz/.npy file")
+    show_cmd.add_argument('--img_size', type=int, default=16, help='image side in pixels')
+    show_cmd.add_argument('--split', default='train', help="digits split: 'train' or 'val'")
+    show_cmd.add_argument('--per_class', type=int, default=10, help='images per row')
+    show_cmd.add_argument('--out', default='grid.png', help='output PNG path')
+    pack_cmd = sub.add_parser('pack', help='centre-crop an image folder into one .npy (or ADM .npz) file',
                        formatter_class=HelpFormatter)
-    k.add_argument('src', help="image folder in ImageNet layout SRC/<class>/<image>, or 'digits'")
-    k.add_argument('out', help='output .npy (labels go to OUT.labels.npy) or .npz (arr_0, arr_1)')
-    k.add_argument('--img_size', type=int, default=64, help='output side in pixels')
-    k.add_argument('--workers', type=int, default=0, help='decoding processes (0 = in this process)')
-    k.add_argument('--split', default='train', help="with SRC 'digits': 'train' or 'val'")
-    k.add_argument('--limit', type=int, default=None, help='pack only the first LIMIT images')
-    e = sub.add_parser('encode', help='encode images and their mirror images once into VAE posterior moments (a '
-                       'latent set to train on); under torchrun the ranks share the work; a rerun resumes',
-                       formatter_class=HelpFormatter)
-    e.add_argument('src', help="image folder in ImageNet layout SRC/<class>/<image>, a .npz/.npy array file, or "
-                   "'digits'")
-    e.add_argument('out', help='output folder: latents.npy (N, 2, 2, C, h, w) = [image, mirror image] x [mean, std], '
-                   'labels.npy, meta.json (written last: the set is complete)')
-    e.add_argument('--vae', required=True, help='VAE weights (e.g. sd-vae-ft-mse), read by vae.load_vae')
-    e.add_argument('--img_size', type=int, default=256, help='centre-crop side in pixels, a multiple of 8')
-    e.add_argument('--batch_size', type=int, default=64, help='images per VAE call on each rank (their mirror '
-                   'images go in a second call)')
-    e.add_argument('--norm', choices=['channel', 'sd', 'compute'], default='channel',
-                   help="per-channel normalisation recorded in meta.json: 'channel' = BiFlow's statistics of "
-                   "sd-vae-ft-mse, 'sd' = Stable Diffusion's scale 0.18215, 'compute' = measured on this set")
-    e.add_argument('--limit', type=int, default=None, help='encode only the first LIMIT images')
-    e.add_argument('--split', default='train', help="with SRC 'digits': 'train' or 'val'")
-    e.add_argument('--chunk', type=int, default=ENCODE_CHUNK, help='images per unit of work (flushed and marked '
-                   'done together); a resume needs the same value')
-    e.add_argument('--workers', type=int, default=4, help='decoding processes per rank (0 = in the rank itself)')
-    e.add_argument('--overwrite', action='store_true', help='replace a complete or unfinished latent set in OUT')
-    e.add_argument('--device', default='auto', help="'auto' (cuda if available), 'cuda' or 'cpu'")
-    c = sub.add_parser('score', help='class accuracy of digit samples (.npz with arr_0, arr_1) by a small CNN',
-                       formatter_class=HelpFormatter)
-    c.add_argument('files', nargs='+', help='sample files written by sample.py --npz; include a packed val split '
-                   '(pack digits --split val) to see the classifier on real digits')
-    c.add_argument('--img_size', type=int, default=16, help='image side in pixels')
-    c.add_argument('--steps', type=int, default=1500, help='classifier training steps (batch 128)')
+    pack_cmd.add_argument('src', help="image folder in ImageNet layout SRC/<class>/<image>, or 'digits'")
+    pack_cmd.add_argument('out', help='output .npy (labels go to OUT.labels.npy) or .npz (arr_0, arr_1)')
+    pack_cmd.add_argument('--img_size', type=int, default=64, help='output side in pixels')
+    pack_cmd.add_argument('--workers', type=int, default=0, help='decoding processes (0 = in this process)')
+    pack_cmd.add_argument('--split', default='train', help="with SRC 'digits': 'train' or 'val'")
+    pack_cmd.add_argument('--limit', type=int, default=None, help='pack only the first LIMIT images')
     a = p.parse_args(argv)
-    if a.cmd == 'encode':
-        if a.img_size <= 0 or a.img_size % 8:
-            p.error(f'--img_size {a.img_size}: must be a positive multiple of 8 (the VAE downsamples by 8)')
-        for flag, v, low in (('--batch_size', a.batch_size, 1), ('--limit', a.limit, 1), ('--chunk', a.chunk, 1),
-                             ('--workers', a.workers, 0)):
-            if v is not None and v < low:
-                p.error(f'{flag} {v}: must be an integer >= {low}')
-        rank, world, device = setup_distributed(a.device)
-        if device.type == 'cuda':   # fp32 throughout: cuDNN would otherwise run the VAE's convolutions in TF32
-            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-        _check_out(a.out, None, a.overwrite)   # before the VAE is loaded: a refusal comes at once
-        encode(a.src, a.out, read_vae(a.vae, device), a.img_size, a.batch_size, a.norm, a.limit, a.overwrite, a.split,
-               a.chunk, a.workers, os.path.basename(os.path.normpath(a.vae)), rank, world, device)
-        if world > 1:
-            dist.destroy_process_group()   # a clean exit: torchrun reports a rank that leaves the group open
-    elif a.cmd == 'score':
-        for f, acc in digit_accuracy(a.files, a.img_size, a.steps).items():
-            print(f'{f}: {100 * acc:.1f}% read as the requested class')
-    elif a.cmd == 'show':
+    if a.cmd == 'show':
         ds = build_dataset(a.data, a.img_size, a.split)
         if isinstance(ds, LatentDataset):
             p.error(f'--data {a.data}: a latent set; showing its images would need the VAE decoder')

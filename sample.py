@@ -25,9 +25,10 @@ from PIL import Image
 
 import fid
 from data import (HelpFormatter, Progress, UsageError, atomic_write, center_crop, check_writable, latent_norm,
-                  read_torch_file, read_vae, run_cli, save_grid, setup_distributed)
+                  read_torch_file, run_cli, save_grid, setup_distributed)
 from model import (JACOBI_TOL, FlowConfig, ParallelInverse, ReverseConfig, ReverseModel,
                    TarFlow, config_from_dict, edit, inpaint, load_ml_tarflow, unpatchify)
+from vae import load_vae
 
 # Sample i of seed s uses noise from the generator seeded by s * 2**32 + i: one stream per (seed, index), never shared
 # between seeds for i < 2**32. The random labels come from their own stream, seeded apart from every noise stream.
@@ -60,7 +61,7 @@ def ml_tarflow_sigma(path, noise_std=None, verbose=True):
 
 class LatentDecoder(torch.nn.Module):
     """The models' space -> pixels for checkpoints trained on latents: undo the per-channel normalisation recorded
-    with the latents (data.py encode), then the frozen SD-VAE decoder. (B, C, h, w) -> (B, 3, 8h, 8w) in [-1, 1]
+    with the latents (vae.py encode), then the frozen SD-VAE decoder. (B, C, h, w) -> (B, 3, 8h, 8w) in [-1, 1]
     (unclipped). Differentiable in its input: stage 2's perceptual terms see Dec(G's output)."""
 
     def __init__(self, vae, latent):
@@ -83,7 +84,7 @@ def latent_decoder(latent, path, device='cpu', what='the checkpoint'):
     if path is None:
         raise UsageError(f"{what} is trained on SD-VAE latents: pass --vae with the VAE they were encoded with "
                          f"({want['name']}, fingerprint {want['fingerprint']}), a weight file or a diffusers folder")
-    vae = read_vae(path, device)   # a file that is no SD VAE is refused in one line
+    vae = load_vae(path, device)   # a file that is no SD VAE is refused in one line
     if not vae.matches(want['fingerprint']):
         if want['fingerprint'] == vae.weights_fingerprint:   # an older file's, and not 32 groups
             raise UsageError(

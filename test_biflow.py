@@ -44,19 +44,21 @@ import model as M
 import sample
 import train
 import vae
-from data import (LATENT_NORMS, ArrayDataset, Digits, ImageFolder, LatentDataset, Loader, atomic_write, build_dataset,
-                  center_crop, encode, epoch_flips, epoch_permutation, latent_norm, pack)
+from data import (ArrayDataset, Digits, ImageFolder, LatentDataset, Loader, atomic_write, build_dataset,
+                  center_crop, epoch_flips, epoch_permutation, latent_norm, pack)
 from data import main as data_main
 from model import (PAPER_MODELS, PRESETS, SCORE_BUDGET_BYTES, FlowConfig, ParallelInverse, ReverseModel, TarFlow, adaptive,
                    align_targets, cycle_loss, edit, inpaint, plan_inverse, reverse_guesses,
                    load_ml_tarflow, patchify, reverse_config_for, reverse_loss, score_activation_bytes, state_distance,
                    unpatchify)
 from perceptual import LPIPS, ConvNeXtV2, PerceptualLoss, load_weights, paired_random_resized_crop
-from vae import VAE, VAEConfig, config_from_state_dict, convert_state_dict, load_vae, read_safetensors, vae_decode_flops
+from vae import (LATENT_NORMS, VAE, VAEConfig, config_from_state_dict, convert_state_dict, encode, load_vae,
+                 read_safetensors, vae_decode_flops)
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), 'scripts'))
 import ablations  # noqa: E402  (scripts/ is not a package: the scripts are imported from their folder)
 import probe_reverse  # noqa: E402
+import score_digits  # noqa: E402
 from train import ema_update
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -1740,10 +1742,10 @@ def test_refusals_reach_the_user_as_one_line_from_each_script(trained, tmp_path)
     np.savez(tmp_path / 'nan.npz', mu=np.full(4, np.nan), sigma=np.eye(4))
     fid.save_stats(tmp_path / 'good.npz', np.zeros(4), np.eye(4), 40)
     runs = {'train.py': ['--resume', 'bad.pt'], 'sample.py': ['--ckpt', trained / 'forward.pt', '--npz', 'no/s.npz'],
-            'data.py': ['encode', 'digits', 'file', '--vae', 'x.pt'], 'fid.py': ['nan.npz', 'good.npz']}
+            'vae.py': ['encode', 'digits', 'file', '--vae', 'x.pt'], 'fid.py': ['nan.npz', 'good.npz']}
     procs = {name: script(name, *args, cwd=tmp_path) for name, args in runs.items()}
     msgs = {'train.py': '--resume bad.pt: not a loadable torch file', 'sample.py': '--npz no/s.npz: folder',
-            'data.py': 'encode OUT file: is a file', 'fid.py': 'nan.npz: mu must be (D,) and sigma (D,D), finite'}
+            'vae.py': 'encode OUT file: is a file', 'fid.py': 'nan.npz: mu must be (D,) and sigma (D,D), finite'}
     for name, p in procs.items():
         _, err = p.communicate(timeout=300)
         assert p.returncode == 2 and err.startswith(f'{name}: error: {msgs[name]}'), (name, err)
@@ -2237,8 +2239,8 @@ def test_data_array_errors(tmp_path):
         build_dataset('cifar', 8)
 
 
-def test_data_digit_accuracy_scores_real_digits_and_needs_labels(tmp_path):
-    from data import digit_accuracy
+def test_score_digits_reads_real_digits_and_needs_labels(tmp_path):
+    digit_accuracy = score_digits.digit_accuracy
     pack('digits', str(tmp_path / 'val.npz'), 16, split='val', limit=200)
     with np.load(tmp_path / 'val.npz') as z:
         np.savez(tmp_path / 'shuffled.npz', arr_0=z['arr_0'], arr_1=(z['arr_1'] + 1) % 10)  # every label wrong
@@ -2343,14 +2345,14 @@ def pixels(i):
 
 
 def cli(*args):
-    """data.py's command line in this process, with the stand-in VAE as data.load_vae; (SystemExit/None, stderr)."""
-    err, saved = io.StringIO(), data.load_vae
-    data.load_vae = lambda path, device: StandInVAE()
+    """vae.py's command line in this process, with the stand-in VAE as vae.load_vae; (SystemExit/None, stderr)."""
+    err, saved = io.StringIO(), vae.load_vae
+    vae.load_vae = lambda path, device: StandInVAE()
     try:
         with contextlib.redirect_stderr(err):
-            data.main([str(a) for a in args])
+            vae.main([str(a) for a in args])
     finally:
-        data.load_vae = saved
+        vae.load_vae = saved
 
 
 def test_encode_writes_the_documented_set(tmp_path):
@@ -2443,10 +2445,10 @@ def test_loader_serves_latent_moments_and_the_mirror_images_when_flipping(tmp_pa
 
 def test_encode_two_ranks_write_the_same_bytes_as_one_process(tmp_path):
     cli('encode', 'digits', tmp_path / 'one', '--vae', 'w/standin.pt', *ENC_CLI)
-    driver = tmp_path / 'driver.py'   # data.py's command line with the stand-in as data.load_vae
-    driver.write_text(f"import sys\nsys.path.insert(0, {HERE!r})\nimport data, test_biflow as t\n"
-                      "data.load_vae = lambda path, device: t.StandInVAE()\n"
-                      "data.main(sys.argv[1:])\n")
+    driver = tmp_path / 'driver.py'   # vae.py's command line with the stand-in as vae.load_vae
+    driver.write_text(f"import sys\nsys.path.insert(0, {HERE!r})\nimport vae, test_biflow as t\n"
+                      "vae.load_vae = lambda path, device: t.StandInVAE()\n"
+                      "vae.main(sys.argv[1:])\n")
     r = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', '--master_port=29531',
                         str(driver), 'encode', 'digits', str(tmp_path / 'two'), '--vae', 'w/standin.pt', *ENC_CLI],
                        cwd=tmp_path, env=dict(os.environ, OMP_NUM_THREADS='1'), capture_output=True, text=True,
@@ -2457,7 +2459,7 @@ def test_encode_two_ranks_write_the_same_bytes_as_one_process(tmp_path):
 
 
 def test_encode_refusals_are_one_line_errors(tmp_path):
-    """Every refusal of data.py encode's command line: exit code 2, one line naming the input, no traceback."""
+    """Every refusal of vae.py encode's command line: exit code 2, one line naming the input, no traceback."""
     (tmp_path / 'empty').mkdir()
     (tmp_path / 'flat').mkdir()
     Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tmp_path / 'flat' / 'a.png')   # images, no classes
@@ -2521,7 +2523,7 @@ def test_encode_bad_inputs_fail_clearly(tmp_path):
             cli('encode', 'digits', tmp_path / 'a', '--vae', 'w', '--img_size', size)
     err = io.StringIO()
     with contextlib.redirect_stderr(err), pytest.raises(SystemExit):
-        data.main(['encode', 'digits', str(tmp_path / 'a'), '--vae', 'w', '--img_size', '100'])
+        vae.main(['encode', 'digits', str(tmp_path / 'a'), '--vae', 'w', '--img_size', '100'])
     assert '--img_size 100: must be a positive multiple of 8' in err.getvalue()
     assert not (tmp_path / 'a').exists()
     (tmp_path / 'mine').mkdir()
@@ -2568,9 +2570,9 @@ def test_encode_with_the_real_tiny_vae(tmp_path):
     net = vae_mod.VAE(vae_mod.VAEConfig(block_out_channels=(32, 32), layers_per_block=1))
     torch.save(net.state_dict(), tmp_path / 'tiny_vae.pt')
     vae = vae_mod.load_vae(str(tmp_path / 'tiny_vae.pt'), torch.device('cpu'))
-    data.main(['encode', 'digits', str(tmp_path / 'a'), '--vae', str(tmp_path / 'tiny_vae.pt'), '--img_size', '16',
-               '--limit', '12', '--batch_size', '4', '--chunk', '8', '--workers', '0', '--device', 'cpu',
-               '--norm', 'compute'])
+    vae_mod.main(['encode', 'digits', str(tmp_path / 'a'), '--vae', str(tmp_path / 'tiny_vae.pt'), '--img_size',
+                  '16', '--limit', '12', '--batch_size', '4', '--chunk', '8', '--workers', '0', '--device',
+                  'cpu', '--norm', 'compute'])
     ds = LatentDataset(str(tmp_path / 'a'))
     C = vae.cfg.latent_channels
     assert ds.meta['vae'] == {'name': 'tiny_vae.pt', 'fingerprint': vae.fingerprint}
@@ -2898,7 +2900,7 @@ def test_latent_path_end_to_end(tmp_path, monkeypatch):
     lat, killed = tmp_path / 'lat', tmp_path / 'killed'
     enc = ['--vae', str(vae_file), '--img_size', '16', '--limit', '48', '--batch_size', '8', '--chunk', '16',
            '--workers', '0']
-    data.main(['encode', 'digits', str(lat), *enc])
+    vae.main(['encode', 'digits', str(lat), *enc])
     real_encode, calls = VAE.encode, []
 
     def dies_on_the_seventh_call(self, x):   # one call for the latent shape, chunk 0 done (2 batches of images and
@@ -2908,11 +2910,11 @@ def test_latent_path_end_to_end(tmp_path, monkeypatch):
         return real_encode(self, x)
     monkeypatch.setattr(VAE, 'encode', dies_on_the_seventh_call)
     with pytest.raises(KeyboardInterrupt):
-        data.main(['encode', 'digits', str(killed), *enc])
+        vae.main(['encode', 'digits', str(killed), *enc])
     assert not (killed / 'meta.json').exists()
     calls.clear()
     monkeypatch.setattr(VAE, 'encode', lambda self, x: calls.append(1) or real_encode(self, x))
-    data.main(['encode', 'digits', str(killed), *enc])   # the same command resumes
+    vae.main(['encode', 'digits', str(killed), *enc])   # the same command resumes
     assert len(calls) == 1 + 2 * 4   # the shape, then chunks 1 and 2 only: the finished chunk 0 is not redone
     monkeypatch.setattr(VAE, 'encode', real_encode)
     for f in ('latents.npy', 'labels.npy', 'meta.json'):
@@ -2952,7 +2954,7 @@ def test_latent_path_end_to_end(tmp_path, monkeypatch):
     assert 'fingerprint' in fails(sample_main, '--ckpt', ck, '--vae', other_vae, '--out', tmp_path / 'x.png')
     other = ['--out_dir', tmp_path / 'other', '--max_steps', 1, *QUICK]
     assert 'holds latents of shape (4, 8, 8)' in fails(train_main, '--data', lat, '--vae', vae_file, *other)
-    assert 'data.py encode' in fails(train_main, '--preset', 'tinylat', *other)
+    assert 'vae.py encode' in fails(train_main, '--preset', 'tinylat', *other)
     assert '--vae' in fails(train_main, '--data', lat, '--preset', 'tinylat', *other)
     assert 'fingerprint' in fails(train_main, '--data', lat, '--vae', other_vae, '--preset', 'tinylat', *other)
 
@@ -2979,7 +2981,7 @@ def readme_commands(title):
 def test_readme_latent_commands_parse_with_the_scripts_parsers(tmp_path, monkeypatch):
     """README's ImageNet 256 commands use flags and values the scripts accept (each is parsed, nothing runs)."""
     cmds = readme_commands('ImageNet 256 in latent space (the BiFlow setting)')
-    assert [s for s, _ in cmds] == ['vae.py', 'data.py', 'train.py', 'train.py', 'sample.py']
+    assert [s for s, _ in cmds] == ['vae.py', 'vae.py', 'train.py', 'train.py', 'sample.py']
     monkeypatch.chdir(tmp_path)
     seen = {}
     for script, argv in cmds:
@@ -2989,15 +2991,12 @@ def test_readme_latent_commands_parse_with_the_scripts_parsers(tmp_path, monkeyp
         elif script == 'sample.py':
             _, args, _ = sample.get_args(argv)
             assert args.vae and args.num_samples == 50000 and args.fid
-        elif script == 'data.py':   # encode parses, then would load the VAE: stop there
-            monkeypatch.setattr(data, 'load_vae', lambda path, *a, **k: seen.setdefault('encode', path) and 1 / 0)
-            with pytest.raises(ZeroDivisionError):
-                data.main(argv)
-        else:
-            monkeypatch.setattr(vae, 'load_vae', lambda path, *a, **k: seen.setdefault('vae', path) and 1 / 0)
+        else:   # vae.py check and encode parse, then would load the VAE: stop there
+            monkeypatch.setattr(vae, 'load_vae',
+                                lambda path, *a, **k: seen.setdefault(argv[0], path) and 1 / 0)
             with pytest.raises(ZeroDivisionError):
                 vae.main(argv)
-    assert seen == {'vae': 'sd-vae-ft-mse.safetensors', 'encode': 'sd-vae-ft-mse.safetensors'}
+    assert seen == {'check': 'sd-vae-ft-mse.safetensors', 'encode': 'sd-vae-ft-mse.safetensors'}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -3133,7 +3132,7 @@ def test_latent_decoder_undoes_the_mean_and_the_std(tmp_path):
 
 @pytest.mark.parametrize('norm', ['channel', 'compute'])
 def test_encode_then_normalise_then_decode_is_the_vae_round_trip(tmp_path, norm):
-    """data.py encode (the normalisation it records) -> train.posterior_sample (the normalisation F
+    """vae.py encode (the normalisation it records) -> train.posterior_sample (the normalisation F
     and G see) -> LatentDecoder gives vae.decode(posterior mean) of each image: the three users of
     (mean, std) agree. The posterior std is set to 0, so the sample is the mean. 'channel' has means
     up to 0.86; 'compute' records the set's own."""
@@ -3341,8 +3340,8 @@ BAD_CONFIGS = [
 def test_vae_config_json_is_checked_field_by_field(tmp_path, capsys, field, value, allowed):
     """Each bad value is one ValueError line naming the file, the field, the value and what is
     allowed, before anything is built (norm_num_groups 0 was a ZeroDivisionError, latent_channels
-    -4 a RuntimeError, block_out_channels "32" a formatting error); `python vae.py PATH` reports it
-    through argparse, exit code 2, no traceback."""
+    -4 a RuntimeError, block_out_channels "32" a formatting error); `python vae.py check PATH`
+    reports it in one line, exit code 2, no traceback."""
     d = folder(tmp_path / 'v', int_vae().state_dict(), cfg_json(TINY_VAE, **{field: value}))
     with pytest.raises(ValueError) as e:
         load_vae(d)
@@ -3350,7 +3349,7 @@ def test_vae_config_json_is_checked_field_by_field(tmp_path, capsys, field, valu
     assert msg.startswith(f"--vae {os.path.join(d, 'config.json')}: {field} {value!r}: ")
     assert f'expected {allowed}' in msg and '\n' not in msg
     with pytest.raises(SystemExit) as e:
-        vae.main([d])
+        data.run_cli(vae.main, ['check', d])
     err = capsys.readouterr().err
     assert e.value.code == 2 and 'Traceback' not in err
     assert err.splitlines()[-1].endswith(f': error: {msg.replace("--vae", "path", 1)}')

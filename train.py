@@ -9,7 +9,7 @@ torchrun, on CPU or GPUs. One code path: DDP when launched by torchrun (gloo on 
     torchrun --nproc_per_node=8 train.py --stage reverse --preset imagenet64 --data /path/to/imagenet/train \\
         --forward_ckpt out/forward.pt
     torchrun --nproc_per_node=8 train.py --preset itarflow-b2 --data in256_latents --vae sd-vae-ft-mse.safetensors \\
-        --out_dir in256                                        # BiFlow's setting: SD-VAE latents (data.py encode)
+        --out_dir in256                                        # BiFlow's setting: SD-VAE latents (vae.py encode)
 
 Writes OUT_DIR/{stage}.pt (atomic, resumable with --resume), OUT_DIR/{stage}_samples.png and OUT_DIR/{stage}_log.jsonl
 (one JSON row per --log_every steps: loss and its terms, grad norm, lr, speed; stage 1 adds held-out bits/dim rows).
@@ -80,7 +80,7 @@ def get_args(argv=None):
     g = p.add_argument_group('data')
     g.add_argument('--data', default='digits', help="'digits' (built-in, no download), an ImageFolder root, or a "
                    ".npz/.npy file")
-    g.add_argument('--vae', default=None, help='latent data (made by data.py encode): the SD-VAE it was encoded '
+    g.add_argument('--vae', default=None, help='latent data (made by vae.py encode): the SD-VAE it was encoded '
                    'with (a weight file or a diffusers folder), to decode the sample grids and the FID monitor and for '
                    "stage 2's perceptual terms")
     g.add_argument('--val_data', default=None, help="held-out images for stage 1's bits/dim (None: the digits' val "
@@ -483,7 +483,7 @@ def build_models(args, resume, device):
 
 def load_data(args, cfg, flow_latent, resume, device):
     """-> (dataset, latent, decode, norm, val), each input checked against the model before the first step:
-    latent data (data.py encode) must fit the model's geometry, the VAE and, in stage 2, F's latents (latent: the
+    latent data (vae.py encode) must fit the model's geometry, the VAE and, in stage 2, F's latents (latent: the
     metadata saved with the checkpoint; decode: its LatentDecoder; norm: its per-channel (mean, std)); labels
     must match the model's classes; val is stage 1's held-out set for bits/dim (--val_data, or the data's own
     held-out split), checked as the data is."""
@@ -509,7 +509,7 @@ def load_data(args, cfg, flow_latent, resume, device):
                                  'normalisation) than these; stage 2 must see the data F was trained on')
     elif cfg.in_channels != 3:
         raise UsageError(f'the model takes SD-VAE latents ({cfg.in_channels}x{cfg.img_size}x{cfg.img_size}), but '
-                         f'--data {args.data} is pixels: encode it once with `python data.py encode SRC OUT --vae '
+                         f'--data {args.data} is pixels: encode it once with `python vae.py encode SRC OUT --vae '
                          'PATH` and train on OUT')
     if resume and resume.get('latent') != latent:
         raise UsageError(f'--resume {args.resume} was trained on other data (latents: '

@@ -1,27 +1,40 @@
 """
-The Stable Diffusion VAE (AutoencoderKL f8c4) in plain PyTorch: BiFlow's latent models flow in its 4-channel
-latents, and its frozen decoder turns their samples into images. Weights come from a local file, as released:
+The Stable Diffusion VAE (AutoencoderKL f8c4) in plain PyTorch: BiFlow's latent models flow in its
+4-channel latents, and its frozen decoder turns their samples into images. Weights come from a local
+file, as released. Encoding a dataset once into such latents is here too:
 
-    python vae.py diffusion_pytorch_model.safetensors        # check a download: config, parameters, fingerprint
-    python vae.py sd-vae-ft-mse/ --image cat.png              # a diffusers folder; round-trip an image, print PSNR
+    python vae.py check diffusion_pytorch_model.safetensors   # a download: config, size, fingerprint
+    python vae.py check sd-vae-ft-mse/ --image cat.png         # a diffusers folder; round-trip, PSNR
+    torchrun --nproc_per_node=8 vae.py encode /path/to/imagenet/train in256_latents \\
+        --vae sd-vae-ft-mse.safetensors --img_size 256        # a latent set; a rerun resumes
 
-From Python: `vae = load_vae(path, device)`; `mean, std = vae.encode(x)`; `x = vae.decode(z)`. z is the unscaled
-latent (multiplying it by SD's 0.18215 is the caller's business). State-dict keys are diffusers' current
-AutoencoderKL names; older uploads (attention `query/key/value/proj_attn`, 1x1-conv weights) are renamed on load.
+From Python: `vae = load_vae(path, device)`; `mean, std = vae.encode(x)`; `x = vae.decode(z)`. z is
+the unscaled latent (multiplying it by SD's 0.18215 is the caller's business). State-dict keys are
+diffusers' current AutoencoderKL names; older uploads (attention `query/key/value/proj_attn`, 1x1-conv
+weights) are renamed on load. `encode` writes a latent set (see data.LatentDataset): each image's and
+its mirror image's posterior mean and std, in chunks that are flushed and marked done, so an encode
+killed part-way resumes where it stopped when run again with the same command.
 """
 import argparse
+import datetime
 import hashlib
 import json
 import math
 import os
+import shutil
 from dataclasses import asdict, dataclass, fields, replace
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
+from torch.utils.data import DataLoader, Dataset
 from torch.utils.flop_counter import FlopCounterMode
+
+from data import (BUILTIN, HelpFormatter, ImageFolder, Progress, RunLock, UsageError, atomic_write,
+                  open_source, read_torch_file, run_cli, setup_distributed)
 
 
 VAE_HINT = ('download the SD VAE, e.g. https://huggingface.co/stabilityai/sd-vae-ft-mse/resolve/main/'
@@ -92,8 +105,8 @@ class ResnetBlock(nn.Module):
         self.conv_shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else None
 
     def forward(self, x):  # (B,cin,H,W) -> (B,cout,H,W)
-        h = self.conv2(F.silu(self.norm2(self.conv1(F.silu(self.norm1(x))))))
-        return (x if self.conv_shortcut is None else self.conv_shortcut(x)) + h
+        res = self.conv2(F.silu(self.norm2(self.conv1(F.silu(self.norm1(x))))))
+        return (x if self.conv_shortcut is None else self.conv_shortcut(x)) + res
 
 
 class Attention(nn.Module):
@@ -106,8 +119,8 @@ class Attention(nn.Module):
 
     def forward(self, x):  # (B,C,H,W)
         B, C, H, W = x.shape
-        h = self.group_norm(x).flatten(2).transpose(1, 2)  # (B,HW,C)
-        q, k, v = (f(h)[:, None] for f in (self.to_q, self.to_k, self.to_v))  # (B,1,HW,C): one head of width C
+        tokens = self.group_norm(x).flatten(2).transpose(1, 2)  # (B,HW,C)
+        q, k, v = (proj(tokens)[:, None] for proj in (self.to_q, self.to_k, self.to_v))  # (B,1,HW,C): one head of width C
         o = F.scaled_dot_product_attention(q, k, v)[:, 0]  # softmax(q k^T / sqrt(C)) v, (B,HW,C)
         return x + self.to_out[0](o).transpose(1, 2).reshape(B, C, H, W)
 
@@ -217,9 +230,9 @@ class VAE(nn.Module):
         cfg = json.dumps(asdict(self.cfg), sort_keys=True)
         full.update(f'vae.py config {cfg}\n'.encode())
         for k, v in sorted(self.state_dict().items()):
-            for h in (full, weights):
-                h.update(f'{k}{tuple(v.shape)}'.encode())
-                h.update(v.detach().float().cpu().contiguous().numpy().tobytes())
+            for digest in (full, weights):
+                digest.update(f'{k}{tuple(v.shape)}'.encode())
+                digest.update(v.detach().float().cpu().contiguous().numpy().tobytes())
         return full.hexdigest(), weights.hexdigest()
 
     @property
@@ -269,23 +282,23 @@ def read_safetensors(path):
     size = os.path.getsize(path)
     try:
         with open(path, 'rb') as f:
-            n = int.from_bytes(f.read(8), 'little')
-            if size < 8 or 8 + n > size:
-                raise ValueError(f'header of {n} bytes in a {size}-byte file')
-            header = json.loads(f.read(n))
+            header_len = int.from_bytes(f.read(8), 'little')
+            if size < 8 or 8 + header_len > size:
+                raise ValueError(f'header of {header_len} bytes in a {size}-byte file')
+            header = json.loads(f.read(header_len))
             out = {}
             for name, info in header.items():
                 if name == '__metadata__':
                     continue
                 dtype, shape, (start, end) = _SAFETENSORS_DTYPES[info['dtype']], info['shape'], info['data_offsets']
                 nbytes = math.prod(shape) * dtype.itemsize
-                if min(shape, default=0) < 0 or end - start != nbytes or start < 0 or 8 + n + end > size:
+                if min(shape, default=0) < 0 or end - start != nbytes or start < 0 or 8 + header_len + end > size:
                     raise ValueError(f'{name}: data_offsets {start, end} do not hold {shape} {info["dtype"]}')
-                f.seek(8 + n + start)
+                f.seek(8 + header_len + start)
                 raw = bytearray(f.read(nbytes))  # a fresh, writable, aligned buffer per tensor
                 out[name] = torch.frombuffer(raw, dtype=dtype).reshape(shape) if nbytes else torch.empty(shape, dtype=dtype)
     except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
-        raise ValueError(f'{path}: not a valid safetensors file, truncated or corrupt ({e})') from e
+        raise UsageError(f'{path}: not a valid safetensors file, truncated or corrupt ({e})') from e
     return out
 
 
@@ -320,15 +333,6 @@ def config_from_state_dict(sd):
     return VAEConfig(ends[0][1], ends[1][0], ends[2][0], tuple(ch), layers)
 
 
-def _torch_file(path, flag):
-    """A .bin/.pt state dict, loaded safely (weights_only: a file can never run code). vae.py imports nothing of the
-    project (data.py imports it to encode), so this is its own small copy of data.read_torch_file."""
-    try:
-        return torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:
-        raise ValueError(f'{flag} {path}: not a loadable torch file ({type(e).__name__})') from e
-
-
 def load_vae(path, device='cpu', flag='--vae'):
     """A frozen fp32 VAE in eval mode from a weight file (.safetensors, or .bin/.pt/.pth) or a diffusers folder
     (config.json + diffusion_pytorch_model.safetensors/.bin, here or in vae/)."""
@@ -347,9 +351,9 @@ def load_vae(path, device='cpu', flag='--vae'):
             config = os.path.join(os.path.dirname(path), 'config.json')
     else:
         raise FileNotFoundError(f'{flag} {path}: no such file or folder; {VAE_HINT}')
-    sd = read_safetensors(weights) if weights.endswith('.safetensors') else _torch_file(weights, flag)
+    sd = read_safetensors(weights) if weights.endswith('.safetensors') else read_torch_file(weights, flag)
     if not isinstance(sd, dict):
-        raise ValueError(f'{flag} {weights}: holds a {type(sd).__name__}, not a state dict of the SD VAE')
+        raise UsageError(f'{flag} {weights}: holds a {type(sd).__name__}, not a state dict of the SD VAE')
     sd = convert_state_dict(sd)
     # the config from the shapes (not a VAE: the default, so the error lists what is missing)
     cfg = config_from_state_dict(sd) or VAEConfig()
@@ -357,27 +361,27 @@ def load_vae(path, device='cpu', flag='--vae'):
     if config and os.path.isfile(config):
         try:
             with open(config) as f:
-                c = json.load(f)
+                given = json.load(f)
         except ValueError as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-            raise ValueError(f'{flag} {config}: not a diffusers config.json, not JSON ({e})') from e
-        if not isinstance(c, dict):
-            raise ValueError(f'{flag} {config}: not a diffusers config.json, which is a JSON '
-                             f'object, but a {type(c).__name__}')
-        problem = config_problem(c)
+            raise UsageError(f'{flag} {config}: not a diffusers config.json, not JSON ({e})') from e
+        if not isinstance(given, dict):
+            raise UsageError(f'{flag} {config}: not a diffusers config.json, which is a JSON '
+                             f'object, but a {type(given).__name__}')
+        problem = config_problem(given)
         if problem:
-            raise ValueError(f'{flag} {config}: {problem}')
+            raise UsageError(f'{flag} {config}: {problem}')
         # a field it lacks keeps the value that the weights' shapes imply
         names = {f.name for f in fields(VAEConfig)}
         cfg = replace(cfg, **{k: tuple(v) if isinstance(v, list) else v
-                              for k, v in c.items() if k in names})
+                              for k, v in given.items() if k in names})
         problem = config_problem(asdict(cfg))  # its groups against a width from the shapes
         if problem:
-            raise ValueError(f'{flag} {config}: {problem}')
+            raise UsageError(f'{flag} {config}: {problem}')
     try:
         with torch.device('meta'):  # no random init of weights that are replaced at once
             vae = VAE(cfg)
     except ValueError as e:  # e.g. widths that the default 32 groups do not divide, no config.json
-        raise ValueError(f'{flag} {weights}: cannot build an SD VAE of {cfg}: {e}; a diffusers '
+        raise UsageError(f'{flag} {weights}: cannot build an SD VAE of {cfg}: {e}; a diffusers '
                          'config.json beside the weights sets norm_num_groups') from e
     want = {k: tuple(v.shape) for k, v in vae.state_dict().items()}
     got = {k: tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__ for k, v in sd.items()}
@@ -385,38 +389,351 @@ def load_vae(path, device='cpu', flag='--vae'):
         ('missing', want.keys() - got.keys()), ('unexpected', got.keys() - want.keys()),
         ('mis-shaped', [f'{k} {got[k]} (want {want[k]})' for k in want.keys() & got.keys() if got[k] != want[k]])] if keys]
     if problems:
-        raise ValueError(f'{flag} {weights}: not an SD VAE (AutoencoderKL) of {cfg}: ' + '; '.join(
+        raise UsageError(f'{flag} {weights}: not an SD VAE (AutoencoderKL) of {cfg}: ' + '; '.join(
             f'{len(keys)} {what} keys, e.g. {", ".join(keys[:4])}' for what, keys in problems))
     vae.load_state_dict({k: v.to(device=device, dtype=torch.float32) for k, v in sd.items()}, assign=True)
     return vae.eval().requires_grad_(False)
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('path', help='weight file (.safetensors, .bin, .pt) or diffusers folder')
-    p.add_argument('--image', default=None, help='round-trip this image (cropped to a multiple of 8), print the PSNR '
-                   "(sd-vae-ft-mse's model card: 24.5 +/- 3.7 dB on COCO 2017 val at 256x256)")
-    p.add_argument('--device', default='cpu', help="'cpu' or 'cuda'")
-    args = p.parse_args(argv)
+# -----------------------------------------------------------------------------
+# encode: a dataset's images, once, into a latent set (data.LatentDataset reads it)
+
+# normalised latent = (latent - mean) / std, per channel; --norm compute measures them on the encoded set instead
+LATENT_NORMS = {
+    # BiFlow's group's per-channel statistics of sd-vae-ft-mse latents
+    'channel': ([0.86488, -0.27787343, 0.21616915, 0.3738409], [4.85503674, 5.31922414, 3.93725398, 3.9870003]),
+    # Stable Diffusion's single scale factor 0.18215 for every channel, no shift
+    'sd': ([0.0], [1 / 0.18215]),
+}
+ENCODE_CHUNK = 1024   # images per unit of work: what a rank flushes and marks done, whatever the number of ranks
+# everything encode writes in OUT (and the temporary files of its atomic writes, named after these)
+LATENT_FILES = ('meta.json', 'progress.json', 'latents.npy', 'labels.npy', 'done')
+ENCODE_LOCK = 'encode.lock'   # held by the running encode (RunLock), removed when it ends
+
+
+
+class _Readable(Dataset):
+    """(i, uint8 (3, H, W), label, readable) per image: the item the dataset serves (ImageFolder's substitute for an
+    unreadable file) and whether image i itself could be read, so encode can count failures made in its workers."""
+
+    def __init__(self, ds):
+        self.ds = ds
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, i):
+        if isinstance(self.ds, ImageFolder):
+            arr = self.ds.load(i)   # decoded once when readable; the substitute is only looked for when not
+            if arr is None:
+                x, y = self.ds[i]
+                return i, x, y, False
+            return i, torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous(), int(self.ds.targets[i]), True
+        x, y = self.ds[i]
+        return i, x, y, True
+
+
+def _encode_collate(items):
+    return (torch.tensor([it[0] for it in items]), torch.stack([it[1] for it in items]),
+            torch.tensor([it[2] for it in items], dtype=torch.int64), torch.tensor([it[3] for it in items]))
+
+
+# the flags that set each recorded setting, for the message when a rerun's settings differ from the unfinished set's
+_SETTING_FLAGS = {'source': 'SRC', 'split': '--split', 'img_size': '--img_size', 'n': 'SRC/--limit',
+                  'latent_shape': '--vae', 'vae_fingerprint': '--vae', 'chunk': '--chunk'}
+
+
+def _settings_fingerprint(out: str, vae, overwrite: bool) -> str:
+    """The VAE's fingerprint in an encode's settings. An unfinished encode in OUT that recorded an
+    older version's weights-only fingerprint, which this VAE matches (VAE.matches), keeps it: it
+    resumes."""
+    new = vae.fingerprint
     try:
-        vae = load_vae(args.path, args.device, flag='path')
-    except (FileNotFoundError, ValueError) as e:
-        p.error(str(e))
-    count = {part: sum(t.numel() for t in getattr(vae, part).parameters()) for part in ('encoder', 'decoder')}
+        with open(os.path.join(out, 'progress.json')) as f:
+            old = json.load(f).get('vae_fingerprint')
+    except (OSError, ValueError, AttributeError):   # none, or unreadable: _check_out says which
+        return new
+    resumable = not overwrite and old != new and vae.matches(old)
+    return old if resumable else new
+
+
+def _check_out(out: str, settings: dict | None, overwrite: bool) -> None:
+    """Refuse an OUT that encode must not write into; reads only (every rank runs it before rank 0 writes). Without
+    settings (before the VAE is loaded), only what needs none: a foreign folder, a complete set."""
+    if not os.path.exists(out):
+        return
+    if not os.path.isdir(out):
+        raise UsageError(f"encode OUT {out}: is a file, expected a folder (new, empty, or an unfinished latent set)")
+    names = os.listdir(out)
+    foreign = sorted(name for name in names if name != ENCODE_LOCK and
+                     not any(name == f or name.startswith(f + '.') for f in LATENT_FILES))
+    if foreign:
+        raise UsageError(f"encode OUT {out}: holds {foreign[0]!r}, which is no part of a latent set; give a new or "
+                         "empty folder")
+    if overwrite:
+        return
+    if 'meta.json' in names:
+        raise FileExistsError(f"encode OUT {out}: already holds a complete latent set (meta.json); pass --overwrite to "
+                              "re-encode it")
+    if settings is None:
+        return
+    if 'progress.json' in names:
+        with open(os.path.join(out, 'progress.json')) as f:
+            old = json.load(f)
+        for k, v in settings.items():
+            if old.get(k) != v:
+                raise UsageError(f"encode OUT {out}: holds an unfinished encode made with {k} {old.get(k)!r}, but this "
+                                 f"one has {k} {v!r} ({_SETTING_FLAGS[k]}); rerun with the first settings to resume "
+                                 "it, or pass --overwrite to start over")
+    elif 'latents.npy' in names or 'done' in names:  # progress.json is written first, so someone removed it
+        raise UsageError(f"encode OUT {out}: holds latents.npy or done/ but no progress.json, so it cannot be "
+                         "resumed; pass --overwrite to start over")
+
+
+def _prepare_out(out: str, settings: dict, overwrite: bool, shape: tuple) -> None:
+    """Rank 0, before any rank encodes: OUT with progress.json, done/, and the zero-filled latents.npy and labels.npy
+    (each created under a temporary name and renamed, so an existing one is always whole)."""
+    os.makedirs(out, exist_ok=True)
+    # meta.json first: a crash part-way leaves an unfinished set, never a complete-looking mix. Without --overwrite,
+    # only the temporary files of a killed run go (no rank writes yet, so none is in use)
+    for name in sorted(os.listdir(out), key=lambda name: not name.startswith('meta.json')):
+        path = os.path.join(out, name)
+        if name != ENCODE_LOCK and (overwrite or name not in LATENT_FILES):
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+    done = os.path.join(out, 'done')
+    for name in os.listdir(done) if os.path.isdir(done) else []:
+        if not name.endswith('.json'):   # a mark's temporary file
+            os.remove(os.path.join(done, name))
+    progress = os.path.join(out, 'progress.json')
+    if not os.path.isfile(progress):   # first, so any other file of an unfinished set comes with its settings
+        atomic_write(progress, lambda f: f.write(json.dumps(settings, indent=1).encode()))
+    lat, lab = os.path.join(out, 'latents.npy'), os.path.join(out, 'labels.npy')
+    if not (os.path.isfile(lat) and os.path.isfile(lab)):
+        shutil.rmtree(os.path.join(out, 'done'), ignore_errors=True)   # marks without their arrays mean nothing
+        for path, dtype, shp in ((lat, np.float32, shape), (lab, np.int64, shape[:1])):
+            tmp = f'{path}.tmp{os.getpid()}'
+            # a memory map, sparse until written, so ImageNet never has to fit in RAM; dropped (closed) at once
+            np.lib.format.open_memmap(tmp, 'w+', dtype, shp).flush()
+            os.replace(tmp, path)
+    os.makedirs(os.path.join(out, 'done'), exist_ok=True)
+
+
+def _marker(out: str, j: int) -> str:
+    """The mark that chunk j is encoded and flushed."""
+    return os.path.join(out, 'done', f'{j:06d}.json')
+
+
+def encode(src: str, out: str, vae, img_size: int, batch_size: int = 64, norm: str = 'channel',
+           limit: int | None = None, overwrite: bool = False, split: str = 'train', chunk: int = ENCODE_CHUNK,
+           workers: int = 0, vae_name: str = 'vae', rank: int = 0, world: int = 1, device='cpu') -> None:
+    """Encode SRC's images (ADM centre crop) and their mirror images into the latent set OUT (see LatentDataset):
+    vae.encode(x in [-1, 1], (B, 3, H, W)) -> (mean, std), each (B, C, h, w). The images are split into chunks of
+    `chunk`; the ranks share the chunks not done yet, and each finished chunk is flushed and then marked done
+    (OUT/done/<chunk>.json, with its unreadable images and its sums for --norm compute). A rerun after a kill
+    redoes only unmarked chunks; rank 0 writes meta.json, atomically and last, once every chunk is done."""
+    if norm not in ('channel', 'sd', 'compute'):
+        raise UsageError(f"--norm {norm!r}: expected 'channel', 'sd' or 'compute'")
+    device = torch.device(device)
+    _check_out(out, None, overwrite)   # a complete set is refused at once, before SRC is listed
+    ds = open_source(src, img_size, split, flag='encode SRC', latents=False)
+    n = len(ds) if limit is None else min(limit, len(ds))
+    if n == 0:
+        raise UsageError(f"encode SRC {src!r}: holds no images")
+    with torch.no_grad():   # the latent shape from one blank image: the VAE decides its channels and downsampling
+        C, h, w = vae.encode(torch.zeros(1, 3, img_size, img_size, device=device))[0].shape[1:]
+    if norm == 'channel' and C != len(LATENT_NORMS['channel'][0]):
+        raise UsageError(f"--norm channel: its statistics are for the 4 channels of sd-vae-ft-mse, but --vae "
+                         f"{vae_name} has {C}; use --norm compute")
+    settings = {'source': src if src in BUILTIN else os.path.abspath(src), 'split': split if src in BUILTIN else None,
+                'img_size': img_size, 'n': n, 'latent_shape': [C, h, w],
+                'vae_fingerprint': _settings_fingerprint(out, vae, overwrite),
+                'chunk': chunk}
+    # one encode at a time writes into OUT (rank 0 holds the lock for all ranks), taken before the checks of what
+    # OUT holds, so that two encodes started together cannot both pass them
+    lock = RunLock()
+    if rank == 0:
+        os.makedirs(out, exist_ok=True)
+        lock.acquire(os.path.join(out, ENCODE_LOCK), f'encode OUT {out}')
+    try:
+        # the ranks wait for each other at a few points, and a slow file listing or the last chunk may take longer than
+        # NCCL's 10-minute timeout: they wait in a gloo group with a 12-hour one
+        group = dist.new_group(backend='gloo', timeout=datetime.timedelta(hours=12)) if world > 1 else None
+
+        def sync():
+            if group is not None:
+                dist.barrier(group=group)
+
+        _check_out(out, settings, overwrite)   # every rank, before anything is written: each fails with the message
+        sync()
+        if rank == 0:
+            _prepare_out(out, settings, overwrite, (n, 2, 2, C, h, w))
+        sync()
+        chunks = math.ceil(n / chunk)
+        todo = [j for j in range(chunks) if not os.path.isfile(_marker(out, j))]
+        sync()   # every rank has read the same marks before any rank adds one
+        mine = todo[rank::world]   # the unfinished chunks, dealt round-robin: balanced after a resume too
+        lat = np.load(os.path.join(out, 'latents.npy'), mmap_mode='r+')
+        lab = np.load(os.path.join(out, 'labels.npy'), mmap_mode='r+')
+        bounds = {j: (j * chunk, min(n, (j + 1) * chunk)) for j in mine}
+        batches = [list(range(s, min(s + batch_size, bounds[j][1]))) for j in mine
+                   for s in range(bounds[j][0], bounds[j][1], batch_size)]   # never across a chunk's end
+        loader = DataLoader(_Readable(ds), batch_sampler=batches, collate_fn=_encode_collate, num_workers=workers,
+                            pin_memory=device.type == 'cuda')
+        total = sum(end - start for start, end in bounds.values())
+        if rank == 0:
+            print(f"encoding {n} images of {img_size}x{img_size} from {src} into {out}: latents {C}x{h}x{w}, "
+                  f"{chunks - len(todo)} of {chunks} chunks done before, {len(todo)} to do by {world} rank(s)",
+                  flush=True)
+        progress = Progress(total, 'encoded' + (f' (rank 0 of {world})' if world > 1 else ''), enabled=rank == 0)
+        done, bad, sums = 0, [], np.zeros((3, C))
+        with torch.no_grad():
+            for idx, x, y, readable in loader:
+                x = x.to(device, non_blocking=True).float() / 127.5 - 1   # as the Loader's pixels
+                mean, std = vae.encode(x)
+                fmean, fstd = vae.encode(x.flip(-1))   # the mirror image's own posterior, not the mirrored latent
+                moments = torch.stack([torch.stack([mean, std], 1), torch.stack([fmean, fstd], 1)], 1).float().cpu().numpy()
+                if moments.shape[1:] != (2, 2, C, h, w):
+                    raise UsageError(f"--vae {vae_name}: encoded {tuple(mean.shape)} and {tuple(std.shape)} from "
+                                     f"{tuple(x.shape)}, expected ({len(x)}, {C}, {h}, {w}) each")
+                i0, i1 = int(idx[0]), int(idx[-1]) + 1
+                lat[i0:i1], lab[i0:i1] = moments, y.numpy()
+                bad += idx[~readable].tolist()
+                # per-channel sums for --norm compute, over images, mirror images, positions
+                m64 = moments.astype(np.float64)
+                sums += np.stack([m64[:, :, 0].sum((0, 1, 3, 4)), (m64[:, :, 0] ** 2).sum((0, 1, 3, 4)),
+                                  (m64[:, :, 1] ** 2).sum((0, 1, 3, 4))])
+                j = i0 // chunk
+                if i1 == bounds[j][1]:   # the chunk is whole: on disk first, then marked done
+                    lat.flush()
+                    lab.flush()
+                    mark = {'chunk': j, 'unreadable': bad, 'sum_mean': sums[0].tolist(),
+                            'sum_mean_sq': sums[1].tolist(), 'sum_std_sq': sums[2].tolist()}
+                    atomic_write(_marker(out, j), lambda f: f.write(json.dumps(mark).encode()))
+                    bad, sums = [], np.zeros((3, C))
+                done += i1 - i0
+                progress.update(done)
+        del lat, lab
+        sync()   # every chunk is marked
+        if rank == 0:
+            _finish(out, ds, src, split, n, img_size, [C, h, w], norm, vae_name, vae.fingerprint, chunks)
+        if group is not None:
+            dist.destroy_process_group(group)
+    finally:
+        lock.release()
+
+
+def _finish(out, ds, src, split, n, img_size, latent_shape, norm, vae_name, fingerprint, chunks) -> None:
+    """Rank 0, once every chunk is marked: the normalisation, meta.json (atomically, last), then the bookkeeping."""
+    marks = []
+    for j in range(chunks):
+        if not os.path.isfile(_marker(out, j)):
+            raise UsageError(f"encode OUT {out}: chunk {j} was not finished by any rank; rerun the same command")
+        with open(_marker(out, j)) as f:
+            marks.append(json.load(f))
+    C, h, w = latent_shape
+    if norm == 'compute':   # posterior samples mean + std * eps: E[x] = E[mean], Var[x] = E[mean^2] + E[std^2] - E[x]^2
+        avg = np.array([[mark['sum_mean'], mark['sum_mean_sq'], mark['sum_std_sq']] for mark in marks])
+        avg = avg.sum(0) / (n * 2 * h * w)   # E[mean], E[mean^2], E[std^2] per channel
+        mean, std = avg[0].tolist(), np.sqrt(avg[1] + avg[2] - avg[0] ** 2).tolist()
+    else:
+        mean, std = LATENT_NORMS[norm]
+        mean, std = (mean * C, std * C) if len(mean) == 1 else (mean, std)
+    bad = [i for mark in marks for i in mark['unreadable']]
+    meta = {'format': 'latents', 'version': 1, 'n': n, 'img_size': img_size, 'latent_shape': latent_shape,
+            'num_classes': int(ds.num_classes), 'source': src, **({'split': split} if src in BUILTIN else {}),
+            'vae': {'name': vae_name, 'fingerprint': fingerprint}, 'norm': {'kind': norm, 'mean': mean, 'std': std},
+            'unreadable': len(bad)}
+    atomic_write(os.path.join(out, 'meta.json'), lambda f: f.write((json.dumps(meta, indent=1) + '\n').encode()))
+    os.remove(os.path.join(out, 'progress.json'))
+    shutil.rmtree(os.path.join(out, 'done'))
+    print(f"encoded {n} images of {img_size}x{img_size} from {src} into {out}: latents {C}x{h}x{w}, norm {norm}; "
+          f"{len(bad)} unreadable" + (" (each replaced by the next readable file)" if bad else ""), flush=True)
+    for i in bad:
+        print(f"  unreadable: {ds.files[i]}")
+
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    sub = p.add_subparsers(dest='cmd', required=True)
+    check = sub.add_parser('check', help='load a VAE: its config, parameters and fingerprint; '
+                           'optionally round-trip an image', formatter_class=HelpFormatter)
+    check.add_argument('path', help='weight file (.safetensors, .bin, .pt) or diffusers folder')
+    check.add_argument('--image', default=None, help='round-trip this image (cropped to a multiple '
+                       "of 8), print the PSNR (sd-vae-ft-mse's model card: 24.5 +/- 3.7 dB on COCO "
+                       '2017 val at 256x256)')
+    check.add_argument('--device', default='cpu', help="'cpu' or 'cuda'")
+    enc = sub.add_parser('encode', help='encode images and their mirror images once into VAE '
+                         'posterior moments (a latent set to train on); under torchrun the ranks '
+                         'share the work; a rerun resumes', formatter_class=HelpFormatter)
+    enc.add_argument('src', help='image folder in ImageNet layout SRC/<class>/<image>, a .npz/.npy '
+                     "array file, or 'digits'")
+    enc.add_argument('out', help='output folder: latents.npy (N, 2, 2, C, h, w) = [image, mirror '
+                     'image] x [mean, std], labels.npy, meta.json (written last: the set is complete)')
+    enc.add_argument('--vae', required=True, help='VAE weights (e.g. sd-vae-ft-mse), read by load_vae')
+    enc.add_argument('--img_size', type=int, default=256,
+                     help='centre-crop side in pixels, a multiple of 8')
+    enc.add_argument('--batch_size', type=int, default=64, help='images per VAE call on each rank '
+                     '(their mirror images go in a second call)')
+    enc.add_argument('--norm', choices=['channel', 'sd', 'compute'], default='channel',
+                     help="per-channel normalisation recorded in meta.json: 'channel' = BiFlow's "
+                     "statistics of sd-vae-ft-mse, 'sd' = Stable Diffusion's scale 0.18215, "
+                     "'compute' = measured on this set")
+    enc.add_argument('--limit', type=int, default=None, help='encode only the first LIMIT images')
+    enc.add_argument('--split', default='train', help="with SRC 'digits': 'train' or 'val'")
+    enc.add_argument('--chunk', type=int, default=ENCODE_CHUNK, help='images per unit of work '
+                     '(flushed and marked done together); a resume needs the same value')
+    enc.add_argument('--workers', type=int, default=4,
+                     help='decoding processes per rank (0 = in the rank itself)')
+    enc.add_argument('--overwrite', action='store_true',
+                     help='replace a complete or unfinished latent set in OUT')
+    enc.add_argument('--device', default='auto', help="'auto' (cuda if available), 'cuda' or 'cpu'")
+    args = p.parse_args(argv)
+    if args.cmd == 'check':
+        check_vae(args.path, args.image, args.device)
+    else:
+        encode_main(p, args)
+
+
+def check_vae(path, image, device):
+    """Print a VAE's config, parameter counts and fingerprints; with an image, its round-trip PSNR."""
+    vae = load_vae(path, device, flag='path')
+    count = {part: sum(t.numel() for t in getattr(vae, part).parameters())
+             for part in ('encoder', 'decoder')}
     full, weights = vae._fingerprints()
     print(f'{vae.cfg}\nencoder {count["encoder"] / 1e6:.2f}M, '
           f'decoder {count["decoder"] / 1e6:.2f}M parameters; fingerprint {full} '
           f'(of the weights alone, as older versions recorded it: {weights})')
-    if args.image:
-        f = 2 ** (len(vae.cfg.block_out_channels) - 1)  # the downsampling factor, 8
-        img = np.array(Image.open(args.image).convert('RGB'))  # (H,W,3) uint8, writable
-        img = img[:img.shape[0] // f * f, :img.shape[1] // f * f]
-        x = torch.from_numpy(img).permute(2, 0, 1)[None].float().div(127.5).sub(1).to(args.device)  # (1,3,H,W)
+    if image:
+        down = 2 ** (len(vae.cfg.block_out_channels) - 1)  # the downsampling factor, 8
+        img = np.array(Image.open(image).convert('RGB'))  # (H, W, 3) uint8, writable
+        img = img[:img.shape[0] // down * down, :img.shape[1] // down * down]
+        # (1, 3, H, W) in [-1, 1]
+        x = torch.from_numpy(img).permute(2, 0, 1)[None].float().div(127.5).sub(1).to(device)
         with torch.no_grad():
             y = vae.decode(vae.encode(x)[0]).clamp(-1, 1)
-        mse = ((y - x) / 2).pow(2).mean().item()  # on [0,1]
-        print(f'{args.image} {tuple(x.shape[2:])}: PSNR of decode(mean) {10 * math.log10(1 / mse):.2f} dB')
+        mse = ((y - x) / 2).pow(2).mean().item()  # on [0, 1]
+        print(f'{image} {tuple(x.shape[2:])}: PSNR of decode(mean) {10 * math.log10(1 / mse):.2f} dB')
+
+
+def encode_main(p, a):
+    """`vae.py encode`: check the flags and OUT before the VAE loads, then encode on every rank."""
+    if a.img_size <= 0 or a.img_size % 8:
+        p.error(f'--img_size {a.img_size}: must be a positive multiple of 8 (the VAE downsamples by 8)')
+    for flag, v, low in (('--batch_size', a.batch_size, 1), ('--limit', a.limit, 1),
+                         ('--chunk', a.chunk, 1), ('--workers', a.workers, 0)):
+        if v is not None and v < low:
+            p.error(f'{flag} {v}: must be an integer >= {low}')
+    rank, world, device = setup_distributed(a.device)
+    if device.type == 'cuda':   # fp32 throughout: cuDNN would otherwise run the convolutions in TF32
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    _check_out(a.out, None, a.overwrite)   # before the VAE is loaded: a refusal comes at once
+    encode(a.src, a.out, load_vae(a.vae, device), a.img_size, a.batch_size, a.norm, a.limit,
+           a.overwrite, a.split, a.chunk, a.workers, os.path.basename(os.path.normpath(a.vae)),
+           rank, world, device)
+    if world > 1:
+        dist.destroy_process_group()   # a clean exit: torchrun reports a rank that leaves the group open
 
 
 if __name__ == '__main__':
-    main()
+    run_cli(main)

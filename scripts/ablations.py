@@ -8,7 +8,7 @@ BiFlow's ablation table (and TarFlow's guidance sweep) at small scale, on the bu
 2. one stage-2 run per setting, all against the same frozen F (that row against its own F of the same length), with
    the same steps, seed and data;
 3. samples of every model with their FID against 1000 held-out digits (sample.py --npz --fid), the share read as
-   the requested class (data.digit_accuracy), NFE and ms/image at batch 1;
+   the requested class (scripts/score_digits.py), NFE and ms/image at batch 1;
 4. results.json in --out, a markdown table (ablations_table.md, and into --md between its table markers), the
    per-depth alignment plot (align_depths.png) and the guidance-sweep plot (guidance_sweep.png).
 
@@ -48,6 +48,7 @@ from PIL import Image, ImageDraw, ImageFont  # noqa: E402
 
 import data  # noqa: E402
 import sample  # noqa: E402
+from score_digits import digit_accuracy  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------------------------------
 # the experiment: what is trained, what is sampled, what the paper reports
@@ -291,7 +292,7 @@ def score_accuracy(runner, npzs, steps):
     todo = [p for p in npzs if 'acc' not in read_json(p[:-4] + '.json', {})]
     if todo:
         t0 = time.time()
-        for p, acc in data.digit_accuracy(todo, steps=steps).items():
+        for p, acc in digit_accuracy(todo, steps=steps).items():
             s = read_json(p[:-4] + '.json', {})
             s['acc'] = acc
             write_json(p[:-4] + '.json', s)
