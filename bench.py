@@ -22,16 +22,17 @@ import math
 import statistics
 import time
 from contextlib import nullcontext
-from dataclasses import replace
+from dataclasses import dataclass, replace
+from typing import Callable
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from data import HelpFormatter, atomic_write
-from model import (JACOBI_TOL, PRESETS, SCORE_BUDGET_BYTES, ParallelInverse, ReverseModel,
-                   TarFlow, forward_loss, reverse_config_for, reverse_guesses, reverse_loss,
-                   score_activation_bytes, unpatchify)
+from model import (JACOBI_TOL, PRESETS, SCORE_BUDGET_BYTES, FlowConfig, ParallelInverse,
+                   ReverseConfig, ReverseModel, TarFlow, forward_loss, reverse_config_for,
+                   reverse_guesses, reverse_loss, score_activation_bytes, unpatchify)
 from perceptual import LPIPS, ConvNeXtV2, PerceptualLoss
 from sample import generate, load_models
 from train import TRAIN_PRESETS, ema_update, guidance_scales
@@ -465,250 +466,386 @@ def train_step(model, loss_fn, ctx, device):
     return step
 
 
-def main(argv=None):
-    args = get_args(argv)
-    t_start = time.perf_counter()
-    device = torch.device('cuda' if torch.cuda.is_available() else 'cpu') if args.device == 'auto' else \
-        torch.device(args.device)
+# ----------------------------------------------------------------------------------------------------------------------
+# One run: what every row shares, then a function per group of rows, in the order they print
+
+
+@dataclass
+class Session:
+    """What the rows of one run share: the flags, the device, the autocast context (a factory), F's
+    and G's configs, the models the sampling rows time, and the results that go to --json."""
+    args: argparse.Namespace
+    device: torch.device
+    ctx: Callable                  # () -> bf16 autocast, or a null context in fp32
+    cfg: FlowConfig
+    rcfg: ReverseConfig
+    fwd: TarFlow
+    rev: ReverseModel
+    trained_g: bool                # G's weights come from --ckpt
+    out: dict
+
+    def labels(self, batch):
+        if not self.cfg.num_classes:
+            return None
+        return torch.randint(self.cfg.num_classes, (batch,), device=self.device)
+
+    def images(self, batch):
+        shape = (batch, self.cfg.in_channels, self.cfg.img_size, self.cfg.img_size)
+        return torch.rand(shape, device=self.device) * 2 - 1
+
+    def time_row(self, key, batch, fn, label=None, warmup=None):
+        """Time fn as row `key` at `batch` (--warmup warm-up calls unless warmup is given): record
+        the row in out['rows'] and print its line of the table."""
+        args = self.args
+        warmup = args.warmup if warmup is None else warmup
+        ts = measure(fn, self.device, warmup, args.repeats, args.budget)
+        med, best = statistics.median(ts), min(ts)
+        self.out['rows'][f'{key}_b{batch}'] = dict(row=key, batch=batch, median_ms=med * 1e3,
+                                                   min_ms=best * 1e3, img_per_s=batch / med,
+                                                   calls=len(ts))
+        print(f'{label or ROWS[key]:46s} {batch:5d} {med * 1e3:11.2f} {best * 1e3:11.2f} '
+              f'{batch / med:10.1f}', flush=True)
+
+
+def setup_device(args):
+    """The device of --device, with --threads set, and TF32 matmuls on CUDA as train.py uses."""
+    if args.device == 'auto':
+        device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    else:
+        device = torch.device(args.device)
     threads = (1 if device.type == 'cpu' else 0) if args.threads is None else args.threads
     if threads:
         torch.set_num_threads(threads)
     if device.type == 'cuda':
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    bf16 = args.dtype == 'bf16' or (args.dtype == 'auto' and device.type == 'cuda')
-    ctx = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else nullcontext
-    torch.manual_seed(args.seed)
+    return device
+
+
+def timed_models(args, device):
+    """-> (cfg, rcfg, F, G, whether G is trained): the models the sampling rows time, in eval mode.
+    Random F has non-zero output weights, so that the inverse does real work (std 0.2/sqrt(width),
+    0.02 at the cpu preset, keeps it finite); random G is as initialised (speed does not depend on
+    the weights). With --ckpt its F (and G) replace the random ones."""
     cfg = PRESETS[args.preset]
-    # (model, F or None, decode) of a checkpoint, for the sampling rows
+    # (model, F or None, decode) of a checkpoint
     loaded = load_models(args.ckpt, device, verbose=False) if args.ckpt else None
     if loaded:
         cfg = (loaded[1] or loaded[0]).cfg
     rcfg = reverse_config_for(cfg, args.preset)
-    N, d = cfg.num_tokens, cfg.token_dim
-    ncls = cfg.num_classes
-
-    # the models that are timed in eval mode: F with non-zero output weights, so the inverse does real work (std
-    # 0.2/sqrt(width), 0.02 at the cpu preset, keeps it finite), G as initialised (speed does not depend on weights)
     fwd = TarFlow(cfg)
     for block in fwd.blocks:
         torch.nn.init.normal_(block.proj_out.weight, std=0.2 / math.sqrt(cfg.channels))
     fwd.to(device).eval().requires_grad_(False)
     rev = ReverseModel(rcfg).to(device).eval()
-    if loaded:   # the sampling rows use its weights (the training rows build their own models)
+    if loaded:   # only the sampling rows use its weights: the training rows build their own models
         fwd, rev = (loaded[0], rev) if loaded[1] is None else (loaded[1], loaded[0])
-    trained_g = loaded is not None and loaded[1] is not None
-    nparams = {'forward': sum(p.numel() for p in fwd.parameters()), 'reverse': sum(p.numel() for p in rev.parameters())}
+    return cfg, rcfg, fwd, rev, loaded is not None and loaded[1] is not None
+
+
+def start_session(args):
+    """Device, seed and models of the run, and its results so far: the settings and parameter
+    counts."""
+    device = setup_device(args)
+    bf16 = args.dtype == 'bf16' or (args.dtype == 'auto' and device.type == 'cuda')
+    ctx = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else nullcontext
+    torch.manual_seed(args.seed)
+    cfg, rcfg, fwd, rev, trained_g = timed_models(args, device)
+    params = {'forward': sum(p.numel() for p in fwd.parameters()),
+              'reverse': sum(p.numel() for p in rev.parameters())}
     if args.compile:
         rev.compile()  # in place, so that G.decode's self(...) runs the compiled forward
-
-    def labels(b):
-        return torch.randint(ncls, (b,), device=device) if ncls else None
-
-    def images(b):
-        return torch.rand(b, cfg.in_channels, cfg.img_size, cfg.img_size, device=device) * 2 - 1
-
     out = dict(preset=args.preset, ckpt=args.ckpt, jacobi_tol=args.jacobi_tol,
                device=str(device), device_name=bf16_peak(device)[1], dtype='bf16' if bf16 else
                'fp32', torch=torch.__version__, threads=torch.get_num_threads(), compile=args.compile,
                batch_size=args.batch_size, sample_batches=args.sample_batches, repeats=args.repeats,
-               warmup=args.warmup, guidance=GUIDANCE, params=nparams, rows={}, ratios={}, checks={})
-    print(f'bench: preset {args.preset} on {device} ({out["threads"]} threads), {out["dtype"]}, torch '
-          f'{torch.__version__}{", compiled" if args.compile else ""}; median and min of >= {args.repeats} timed calls '
-          f'(>= 1 s, <= {args.budget:g} s) after {args.warmup} warm-up; a shared machine is noisy: read medians')
-    print(f'weights: {args.ckpt or "random"} (G: {"trained" if trained_g else "random"}); '
+               warmup=args.warmup, guidance=GUIDANCE, params=params, rows={}, ratios={}, checks={})
+    return Session(args, device, ctx, cfg, rcfg, fwd, rev, trained_g, out)
+
+
+def print_header(session):
+    """The run's settings, the models' sizes and the table's column heads."""
+    args, out, params = session.args, session.out, session.out['params']
+    print(f'bench: preset {args.preset} on {session.device} ({out["threads"]} threads), '
+          f'{out["dtype"]}, torch {torch.__version__}{", compiled" if args.compile else ""}; '
+          f'median and min of >= {args.repeats} timed calls (>= 1 s, <= {args.budget:g} s) after '
+          f'{args.warmup} warm-up; a shared machine is noisy: read medians')
+    print(f'weights: {args.ckpt or "random"} (G: {"trained" if session.trained_g else "random"}); '
           f'parallel rows: tolerance {args.jacobi_tol:g}, strategy planned on an untimed call')
-    print(f'F (TarFlow): {nparams["forward"] / 1e6:.2f}M parameters, {N} tokens x {d}; '
-          f'G (BiFlow): {nparams["reverse"] / 1e6:.2f}M parameters; guided rows use w = {GUIDANCE}')
+    print(f'F (TarFlow): {params["forward"] / 1e6:.2f}M parameters, {session.cfg.num_tokens} tokens x '
+          f'{session.cfg.token_dim}; G (BiFlow): {params["reverse"] / 1e6:.2f}M parameters; '
+          f'guided rows use w = {GUIDANCE}')
     print(f'{"row":46s} {"batch":>5s} {"median ms":>11s} {"min ms":>11s} {"img/s":>10s}')
 
-    def run(key, b, fn, label=None, warmup=args.warmup):
-        ts = measure(fn, device, warmup, args.repeats, args.budget)
-        med, best = statistics.median(ts), min(ts)
-        out['rows'][f'{key}_b{b}'] = dict(row=key, batch=b, median_ms=med * 1e3, min_ms=best * 1e3,
-                                          img_per_s=b / med, calls=len(ts))
-        print(f'{label or ROWS[key]:46s} {b:5d} {med * 1e3:11.2f} {best * 1e3:11.2f} {b / med:10.1f}', flush=True)
 
-    # ---- training rows, each with its own trainable copy (updates must not touch the models timed for sampling)
-    B = args.batch_size
-    x, y, eps = images(B), labels(B), torch.randn(B, cfg.in_channels, cfg.img_size, cfg.img_size, device=device)
+def report_mfu(row, cfg, device):
+    """Add the FLOPs per training image and the MFU against the device's bf16 peak to the fwd_train
+    row, and print them."""
+    flops = training_flops(cfg)
+    peak, name = bf16_peak(device)
+    row.update(flops_per_image=flops, device_bf16_peak=peak,
+               mfu=flops * row['img_per_s'] / peak if peak else None)
+    print(f'  {flops / 1e9:.3f} GFLOP per training image (FlopCounterMode; forward + backward), '
+          f'{flops * row["img_per_s"] / 1e12:.3f} TFLOP/s achieved; MFU vs bf16 peak: ' +
+          (f'{100 * row["mfu"]:.1f}% of {peak / 1e12:.0f} TFLOP/s ({name})' if peak else name))
+
+
+def training_rows(session):
+    """The fwd_train, nll and rev_train rows at --batch_size. Each training step updates its own
+    trainable copy: updates must not touch the models timed for sampling. The batch is drawn even
+    when no training row runs, so that the sampling rows' inputs depend only on --seed."""
+    args, cfg, ctx, device = session.args, session.cfg, session.ctx, session.device
+    batch = args.batch_size
+    x, y = session.images(batch), session.labels(batch)
+    eps = torch.randn(batch, cfg.in_channels, cfg.img_size, cfg.img_size, device=device)
     if 'fwd_train' in args.rows:
         model = TarFlow(cfg).to(device).train()
         if args.compile:
             model.compile()
 
-        def nll_loss(m):
-            z, logdet, _ = m(x + cfg.noise_std * eps, y)
+        def nll_loss(net):
+            z, logdet, _ = net(x + cfg.noise_std * eps, y)
             return TarFlow.nll_from(z, logdet).mean()
-        run('fwd_train', B, train_step(model, nll_loss, ctx, device))
-        flops = training_flops(cfg)
-        row = out['rows'][f'fwd_train_b{B}']
-        peak, name = bf16_peak(device)
-        row.update(flops_per_image=flops, device_bf16_peak=peak,
-                   mfu=flops * row['img_per_s'] / peak if peak else None)
-        print(f'  {flops / 1e9:.3f} GFLOP per training image (FlopCounterMode; forward + backward), '
-              f'{flops * row["img_per_s"] / 1e12:.3f} TFLOP/s achieved; MFU vs bf16 peak: ' +
-              (f'{100 * row["mfu"]:.1f}% of {peak / 1e12:.0f} TFLOP/s ({name})' if peak else name))
+        session.time_row('fwd_train', batch, train_step(model, nll_loss, ctx, device))
+        report_mfu(session.out['rows'][f'fwd_train_b{batch}'], cfg, device)
         del model
     if 'nll' in args.rows:
         def nll():
             with torch.no_grad(), ctx():
-                fwd.nll(x + cfg.noise_std * eps, y)
-        run('nll', B, nll)
+                session.fwd.nll(x + cfg.noise_std * eps, y)
+        session.time_row('nll', batch, nll)
     if 'rev_train' in args.rows:
-        model = ReverseModel(rcfg).to(device).train()
+        model = ReverseModel(session.rcfg).to(device).train()
         if args.compile:
             model.compile()
-        yr = y if ncls else torch.zeros(B, dtype=torch.long, device=device)
-        w = guidance_scales(torch.rand(B, 2, device=device), 3.0)   # train.py's draw
-        run('rev_train', B, train_step(model, lambda m: reverse_loss(m, fwd, x, yr, w, eps)[0], ctx, device))
+        yr = y if cfg.num_classes else torch.zeros(batch, dtype=torch.long, device=device)
+        w = guidance_scales(torch.rand(batch, 2, device=device), 3.0)   # train.py's draw
+        step = train_step(model, lambda net: reverse_loss(net, session.fwd, x, yr, w, eps)[0], ctx,
+                          device)
+        session.time_row('rev_train', batch, step)
         del model
 
-    # ---- sampling rows
-    if 'naive' in args.rows or 'naive_cfg' in args.rows:  # apples to apples: the baseline must compute our output
-        zc, yc = torch.randn(2, N, d, device=device), labels(2)
-        tf32, torch.backends.cuda.matmul.allow_tf32 = torch.backends.cuda.matmul.allow_tf32, False  # exact fp32 here
-        for w in (0.0, GUIDANCE):
-            ours, naive = fwd.reverse(zc, yc, w), naive_reverse(fwd, zc, yc, w)
-            err, scale = (ours - naive).abs().max().item(), ours.abs().max().item()
-            out['checks'][f'naive_equals_ours_w{w:g}'] = dict(max_abs_diff=err, max_abs=scale)
-            if not (math.isfinite(scale) and err <= 1e-4 * max(1.0, scale)):
-                raise RuntimeError(f'naive baseline differs from MetaBlock.reverse at w={w}: max |diff| {err:.3g} '
-                                   f'(max |x| {scale:.3g}); the comparison would not be apples to apples')
-        torch.backends.cuda.matmul.allow_tf32 = tf32
-        print(f'  check: naive baseline equals MetaBlock.reverse (max |diff| '
-              f'{max(c["max_abs_diff"] for c in out["checks"].values()):.1e}, fp32)')
-    for b in args.sample_batches:
-        z, yb, xb = torch.randn(b, N, d, device=device), labels(b), images(b)
-        fns = {
-            'inverse': lambda: generate(fwd, None, z, yb, 0.0, denoise=False),
-            'inverse_cfg': lambda: generate(fwd, None, z, yb, GUIDANCE, denoise=False),
-            'inverse_cfg_static': lambda: generate(fwd, None, z, yb, GUIDANCE, denoise=False, static=True),
-            'denoise': lambda: fwd.denoise(xb, yb),
-            'inverse_cfg_denoise': lambda: generate(fwd, None, z, yb, GUIDANCE, denoise=True),
-            'naive': lambda: naive_reverse(fwd, z, yb, 0.0),
-            'naive_cfg': lambda: naive_reverse(fwd, z, yb, GUIDANCE),
-            'nfe1': lambda: generate(rev, fwd, z, yb, 0.0, guidance_mode='train'),
-            'nfe1_cfg': lambda: generate(rev, fwd, z, yb, GUIDANCE, guidance_mode='train'),
-            'cfg_infer': lambda: generate(rev, fwd, z, yb, GUIDANCE, guidance_mode='inference'),
-        }
-        invs = {}
-        for key, w, den, init in [('inverse_par', 0.0, False, 'z'),
-                                  ('inverse_par_cfg', GUIDANCE, False, 'z'),
-                                  ('inverse_par_cfg_g', GUIDANCE, False, 'G'),
-                                  ('inverse_par_cfg_denoise', GUIDANCE, True, 'z')]:
-            inv = invs[key] = ParallelInverse('auto', args.jacobi_tol, init=init)
-            fns[key] = functools.partial(generate, rev if init == 'G' else fwd, fwd, z, yb, w,
-                                         denoise=den, inverse=inv, exact=init == 'G')
-        for key, fn in fns.items():
+
+def check_naive_baseline(session):
+    """Apples to apples: the naive baseline must compute our output, in exact fp32 (TF32 off), at
+    w = 0 and w = GUIDANCE; raises RuntimeError if it does not."""
+    fwd, cfg, checks = session.fwd, session.cfg, session.out['checks']
+    zc = torch.randn(2, cfg.num_tokens, cfg.token_dim, device=session.device)
+    yc = session.labels(2)
+    tf32, torch.backends.cuda.matmul.allow_tf32 = torch.backends.cuda.matmul.allow_tf32, False
+    for w in (0.0, GUIDANCE):
+        ours, naive = fwd.reverse(zc, yc, w), naive_reverse(fwd, zc, yc, w)
+        err, scale = (ours - naive).abs().max().item(), ours.abs().max().item()
+        checks[f'naive_equals_ours_w{w:g}'] = dict(max_abs_diff=err, max_abs=scale)
+        if not (math.isfinite(scale) and err <= 1e-4 * max(1.0, scale)):
+            raise RuntimeError(f'naive baseline differs from MetaBlock.reverse at w={w}: max |diff| '
+                               f'{err:.3g} (max |x| {scale:.3g}); the comparison would not be '
+                               'apples to apples')
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    print(f'  check: naive baseline equals MetaBlock.reverse (max |diff| '
+          f'{max(check["max_abs_diff"] for check in checks.values()):.1e}, fp32)')
+
+
+def sampling_calls(session, z, yb, xb):
+    """-> (calls, inverses): every sampling row's call on noise z, labels yb and images xb, keyed by
+    row in the order the rows print, and the ParallelInverse of each parallel row."""
+    fwd, rev, tol = session.fwd, session.rev, session.args.jacobi_tol
+    calls = {
+        'inverse': lambda: generate(fwd, None, z, yb, 0.0, denoise=False),
+        'inverse_cfg': lambda: generate(fwd, None, z, yb, GUIDANCE, denoise=False),
+        'inverse_cfg_static': lambda: generate(fwd, None, z, yb, GUIDANCE, denoise=False,
+                                               static=True),
+        'denoise': lambda: fwd.denoise(xb, yb),
+        'inverse_cfg_denoise': lambda: generate(fwd, None, z, yb, GUIDANCE, denoise=True),
+        'naive': lambda: naive_reverse(fwd, z, yb, 0.0),
+        'naive_cfg': lambda: naive_reverse(fwd, z, yb, GUIDANCE),
+        'nfe1': lambda: generate(rev, fwd, z, yb, 0.0, guidance_mode='train'),
+        'nfe1_cfg': lambda: generate(rev, fwd, z, yb, GUIDANCE, guidance_mode='train'),
+        'cfg_infer': lambda: generate(rev, fwd, z, yb, GUIDANCE, guidance_mode='inference'),
+    }
+    inverses = {}
+    for key, w, den, init in [('inverse_par', 0.0, False, 'z'),
+                              ('inverse_par_cfg', GUIDANCE, False, 'z'),
+                              ('inverse_par_cfg_g', GUIDANCE, False, 'G'),
+                              ('inverse_par_cfg_denoise', GUIDANCE, True, 'z')]:
+        inv = inverses[key] = ParallelInverse('auto', tol, init=init)
+        calls[key] = functools.partial(generate, rev if init == 'G' else fwd, fwd, z, yb, w,
+                                       denoise=den, inverse=inv, exact=init == 'G')
+    return calls, inverses
+
+
+def check_parallel_matches_sequential(session, batch, z, yb, calls):
+    """The parallel rows' samples before denoising, within 1e-3 of the sequential inverse's."""
+    args, checks = session.args, session.out['checks']
+    with session.ctx():
+        ref = generate(session.fwd, None, z, yb, GUIDANCE, denoise=False)
+        for key in ('inverse_par_cfg', 'inverse_par_cfg_g'):
+            if key in args.rows:
+                err = (calls[key]() - ref).abs().max().item()
+                checks[f'{key}_b{batch} within 1e-3 of sequential'] = dict(max_abs_diff=err,
+                                                                            met=err <= 1e-3)
+                print(f'  check: {ROWS[key]} vs sequential, batch {batch}: max |diff| {err:.1e} '
+                      f'(target <= 1e-3: {"met" if err <= 1e-3 else "NOT met"})')
+
+
+def sampling_rows(session):
+    """The sampling rows of --rows at each of --sample_batches; a parallel row's strategy is planned
+    on an untimed call first, and its line is followed by its plan and passes."""
+    args, cfg = session.args, session.cfg
+    for batch in args.sample_batches:
+        z = torch.randn(batch, cfg.num_tokens, cfg.token_dim, device=session.device)
+        yb, xb = session.labels(batch), session.images(batch)
+        calls, inverses = sampling_calls(session, z, yb, xb)
+        for key, fn in calls.items():
             if key in args.rows:
                 def call(fn=fn):
-                    with ctx():
+                    with session.ctx():
                         return fn()
-                if key in invs:
+                if key in inverses:
                     call()   # the planner times every strategy on this call; the row, the choice
-                run(key, b, call)
-                if key in invs:
-                    jacobi_report(out['rows'][f'{key}_b{b}'], invs[key])
-        if 'inverse_par_cfg' in args.rows:   # samples before denoising against the sequential ones
-            with ctx():
-                ref = generate(fwd, None, z, yb, GUIDANCE, denoise=False)
-                for key in ('inverse_par_cfg', 'inverse_par_cfg_g'):
-                    if key in args.rows:
-                        err = (fns[key]() - ref).abs().max().item()
-                        out['checks'][f'{key}_b{b} within 1e-3 of sequential'] = dict(
-                            max_abs_diff=err, met=err <= 1e-3)
-                        print(f'  check: {ROWS[key]} vs sequential, batch {b}: max |diff| '
-                              f'{err:.1e} (target <= 1e-3: {"met" if err <= 1e-3 else "NOT met"})')
+                session.time_row(key, batch, call)
+                if key in inverses:
+                    jacobi_report(session.out['rows'][f'{key}_b{batch}'], inverses[key])
+        if 'inverse_par_cfg' in args.rows:
+            check_parallel_matches_sequential(session, batch, z, yb, calls)
 
-    if 'vae_decode' in args.rows:  # the frozen decoder a latent-space BiFlow runs after its one pass
-        hw = args.vae_latent or (32 if device.type == 'cuda' else max(1, cfg.img_size // 8))
-        vae = VAE().to(device).eval().requires_grad_(False)
-        for b in args.sample_batches:
-            zl = torch.randn(b, vae.cfg.latent_channels, hw, hw, device=device)
 
-            def decode(zl=zl):
-                with torch.no_grad(), ctx():
-                    vae.decode(zl)
-            # one warm-up call: it is the slowest row on CPU by far, and nothing in it needs more to settle
-            run('vae_decode', b, decode, f'SD-VAE decode, {hw}x{hw} latent -> {8 * hw}x{8 * hw}', min(args.warmup, 1))
-        params = sum(p.numel() for n, p in vae.named_parameters() if n.startswith(('decoder.', 'post_quant_conv.')))
-        flops, flops256 = vae_decode_flops(vae.cfg, hw), vae_decode_flops(vae.cfg, 32)
-        rate = flops * out['rows'][f'vae_decode_b{args.sample_batches[-1]}']['img_per_s']
-        out['vae'] = dict(latent=hw, decoder_params=params, flops_per_image=flops, flops_per_image_256=flops256,
-                          flop_per_s=rate)
-        print(f'  SD-VAE decoder: {params / 1e6:.2f}M parameters, {flops256 / 1e9:.0f} GFLOP per 256x256 image = '
-              f'{flops256 / 2e9:.0f}G multiply-adds (BiFlow quotes 49M and 308 GFLOPs: a count of multiply-adds); {flops / 1e9:.2f} '
-              f'GFLOP per {8 * hw}x{8 * hw} image, {rate / 1e12:.3f} TFLOP/s at batch {args.sample_batches[-1]}')
-        del vae
+def vae_decode_rows(session):
+    """The frozen SD-VAE decoder that a latent-space BiFlow runs after its one pass, at each of
+    --sample_batches, then its parameters, FLOPs and FLOP rate."""
+    args, device, out = session.args, session.device, session.out
+    hw = args.vae_latent or (32 if device.type == 'cuda' else max(1, session.cfg.img_size // 8))
+    vae = VAE().to(device).eval().requires_grad_(False)
+    for batch in args.sample_batches:
+        zl = torch.randn(batch, vae.cfg.latent_channels, hw, hw, device=device)
 
-    # ---- speed-ups, as ratios of medians from this run
+        def decode(zl=zl):
+            with torch.no_grad(), session.ctx():
+                vae.decode(zl)
+        # one warm-up call: it is the slowest row on CPU by far, and nothing in it needs more
+        session.time_row('vae_decode', batch, decode,
+                         f'SD-VAE decode, {hw}x{hw} latent -> {8 * hw}x{8 * hw}', min(args.warmup, 1))
+    params = sum(p.numel() for name, p in vae.named_parameters()
+                 if name.startswith(('decoder.', 'post_quant_conv.')))
+    flops, flops256 = vae_decode_flops(vae.cfg, hw), vae_decode_flops(vae.cfg, 32)
+    rate = flops * out['rows'][f'vae_decode_b{args.sample_batches[-1]}']['img_per_s']
+    out['vae'] = dict(latent=hw, decoder_params=params, flops_per_image=flops,
+                      flops_per_image_256=flops256, flop_per_s=rate)
+    print(f'  SD-VAE decoder: {params / 1e6:.2f}M parameters, {flops256 / 1e9:.0f} GFLOP per 256x256 '
+          f'image = {flops256 / 2e9:.0f}G multiply-adds (BiFlow quotes 49M and 308 GFLOPs: a count of '
+          f'multiply-adds); {flops / 1e9:.2f} GFLOP per {8 * hw}x{8 * hw} image, '
+          f'{rate / 1e12:.3f} TFLOP/s at batch {args.sample_batches[-1]}')
+
+
+def speedup_rows(out, batches):
+    """Every speed-up of RATIOS that this run timed both rows of, as a ratio of medians per batch,
+    and its target's verdict; a target at a batch this run did not time is not judged."""
     rows = out['rows']
     if any(f'{slow}_b{b}' in rows and f'{fast}_b{b}' in rows for _, slow, fast, _, _ in RATIOS
-           for b in args.sample_batches):
+           for b in batches):
         print('speed-ups (ratio of medians, this run)')
     for label, slow, fast, target, tb in RATIOS:
         got = {f'b{b}': rows[f'{slow}_b{b}']['median_ms'] / rows[f'{fast}_b{b}']['median_ms']
-               for b in args.sample_batches if f'{slow}_b{b}' in rows and f'{fast}_b{b}' in rows}
+               for b in batches if f'{slow}_b{b}' in rows and f'{fast}_b{b}' in rows}
         if not got:
             continue
         out['ratios'][label] = got
         line = '   '.join(f'{k}: {v:7.1f}x' for k, v in got.items())
         judged = {k: v for k, v in got.items() if tb is None or k == f'b{tb}'}
-        if target and judged:   # a target at a batch this run did not time is not judged
+        if target and judged:
             verdicts = {k: v >= target for k, v in judged.items()}
             out['checks'][f'{label} >= {target:g}x'] = verdicts
             line += f'   target >= {target:g}x ' + ('' if tb is None else f'at b{tb}') + ': ' + \
                 ', '.join(f'{k} {"met" if v else "NOT met"}' for k, v in verdicts.items())
         print(f'  {label:40s} {line}')
 
-    if 'estimate' in args.rows:  # a back-of-envelope for the paper run, labelled as such
-        e = ESTIMATE
-        flops = training_flops(PRESETS[e['preset']])
-        per_gpu = e['mfu'] * e['peak'] / flops
-        days = e['images'] / (per_gpu * e['gpus']) / 86400
-        out['estimate'] = dict(e, flops_per_image=flops, images_per_s_per_gpu=per_gpu, days=days)
-        print(f'estimate, not a measurement: {e["preset"]} training = {flops / 1e12:.2f} TFLOP per image '
-              f'(FlopCounterMode, meta device); on an {e["gpu"]} ({e["peak"] / 1e12:.0f} TFLOP/s bf16) at '
-              f'{100 * e["mfu"]:.0f}% MFU: {per_gpu:.0f} img/s per GPU, {per_gpu * e["gpus"]:.0f} on {e["gpus"]}; '
-              f'{e["images"] / 1e6:.0f}M images (200 epochs: 1M steps x 256) in {days:.1f} days')
 
-    if 'estimate' in args.rows:   # the same for BiFlow's latent setting: FLOPs per image of every path
-        e = ESTIMATE
-        out['latent_estimate'] = {}
-        for name in ('itarflow-b2', 'itarflow-xl2'):
-            fl = out['latent_estimate'][name] = latent_flops(name)
-            print(f'estimate, not a measurement: {name} (256x256 via the SD-VAE), GFLOP per image: ' + ' | '.join(
-                f'{k} {v / 1e9:.0f}' for k, v in fl.items()) + f'; at {100 * e["mfu"]:.0f}% MFU of an {e["gpu"]}: '
-                f'stage 1 {e["mfu"] * e["peak"] / fl["stage 1 training"]:.0f} img/s per GPU')
+def estimate_rows(out):
+    """Back-of-envelope estimates for the paper runs, labelled as such: imagenet64's training time
+    on ESTIMATE's GPUs, and the FLOPs per image of every path of BiFlow's latent setting."""
+    e = ESTIMATE
+    flops = training_flops(PRESETS[e['preset']])
+    per_gpu = e['mfu'] * e['peak'] / flops
+    days = e['images'] / (per_gpu * e['gpus']) / 86400
+    out['estimate'] = dict(e, flops_per_image=flops, images_per_s_per_gpu=per_gpu, days=days)
+    print(f'estimate, not a measurement: {e["preset"]} training = {flops / 1e12:.2f} TFLOP per image '
+          f'(FlopCounterMode, meta device); on an {e["gpu"]} ({e["peak"] / 1e12:.0f} TFLOP/s bf16) at '
+          f'{100 * e["mfu"]:.0f}% MFU: {per_gpu:.0f} img/s per GPU, {per_gpu * e["gpus"]:.0f} on '
+          f'{e["gpus"]}; {e["images"] / 1e6:.0f}M images (200 epochs: 1M steps x 256) in {days:.1f} '
+          'days')
+    out['latent_estimate'] = {}
+    for name in ('itarflow-b2', 'itarflow-xl2'):
+        fl = out['latent_estimate'][name] = latent_flops(name)
+        print(f'estimate, not a measurement: {name} (256x256 via the SD-VAE), GFLOP per image: ' +
+              ' | '.join(f'{k} {v / 1e9:.0f}' for k, v in fl.items()) +
+              f'; at {100 * e["mfu"]:.0f}% MFU of an {e["gpu"]}: stage 1 '
+              f'{e["mfu"] * e["peak"] / fl["stage 1 training"]:.0f} img/s per GPU')
 
-    if 'memory' in args.rows:  # a projection, labelled as such: probes measured here, scaled to the paper sizes
-        print('memory projection per GPU, 8 GPUs, GiB (training: states + saved bf16 activations; probes measured on '
-              'this machine, see memory_projection)')
-        out['memory'] = {}
-        for name in ('imagenet64', 'imagenet64-1024', 'imagenet64-p4', 'imagenet128', 'afhq256', 'itarflow-b2',
-                     'itarflow-xl2'):
-            m = out['memory'][name] = memory_projection(name)
-            print(f'  {name} (batch {m["batch_per_gpu"]}/GPU; F {m["params_forward"] / 1e6:.0f}M, G '
-                  f'{m["params_reverse"] / 1e6:.0f}M): ' + ' | '.join(f'{k} {v:.1f}' for k, v in m['rows'].items()))
 
-    if 'jacobi_projection' in args.rows:   # launches and FLOPs at paper size, as a projection
-        jp = out['jacobi_projection'] = jacobi_projection()
-        print(f'projection, not a measurement: one flow of {jp["preset"]} ({jp["tokens"]} tokens), '
-              f'inverse + CFG, {jp["launches_per_step"]:.0f} kernel launches per token step, '
-              f'{jp["launches_per_pass"]:.0f} per Jacobi pass:')
-        for k, v in jp['rows'].items():
-            print(f'  {k}: {v["launches"]:.0f} launches per batch, {v["gflop"]:.1f} GFLOP/sample')
+def memory_rows(out):
+    """The projected GPU memory of the paper presets (memory_projection), labelled as such: probes
+    measured on this machine, scaled to the paper sizes."""
+    print('memory projection per GPU, 8 GPUs, GiB (training: states + saved bf16 activations; '
+          'probes measured on this machine, see memory_projection)')
+    out['memory'] = {}
+    for name in ('imagenet64', 'imagenet64-1024', 'imagenet64-p4', 'imagenet128', 'afhq256',
+                 'itarflow-b2', 'itarflow-xl2'):
+        m = out['memory'][name] = memory_projection(name)
+        print(f'  {name} (batch {m["batch_per_gpu"]}/GPU; F {m["params_forward"] / 1e6:.0f}M, G '
+              f'{m["params_reverse"] / 1e6:.0f}M): ' +
+              ' | '.join(f'{k} {v:.1f}' for k, v in m['rows'].items()))
+
+
+def jacobi_projection_rows(out):
+    """The parallel inverse's kernel launches and FLOPs at paper size (jacobi_projection), labelled
+    as a projection."""
+    jp = out['jacobi_projection'] = jacobi_projection()
+    print(f'projection, not a measurement: one flow of {jp["preset"]} ({jp["tokens"]} tokens), '
+          f'inverse + CFG, {jp["launches_per_step"]:.0f} kernel launches per token step, '
+          f'{jp["launches_per_pass"]:.0f} per Jacobi pass:')
+    for k, v in jp['rows'].items():
+        print(f'  {k}: {v["launches"]:.0f} launches per batch, {v["gflop"]:.1f} GFLOP/sample')
+
+
+def write_jacobi_plot(session):
+    """--jacobi_plot: the change per pass of every flow at batch 64, from z and (with a trained G)
+    from G's guess, drawn to the PNG and kept in the results."""
+    args, cfg = session.args, session.cfg
+    zc = torch.randn(64, cfg.num_tokens, cfg.token_dim, device=session.device, generator=None)
+    curves = jacobi_curves(session.fwd, session.rev if session.trained_g else None, zc,
+                           session.labels(64), GUIDANCE)
+    plot_changes(curves, args.jacobi_plot, args.jacobi_tol)
+    session.out['jacobi_curves'] = curves
+    print(f'wrote {args.jacobi_plot}: change per pass per flow, batch 64, w = {GUIDANCE:g}; '
+          'passes to 1e-6: ' + ', '.join(f'{k} {len(v)}' for k, v in curves.items()))
+
+
+def main(argv=None):
+    """Run the rows of --rows in the table's order, print them, and write the results to --json;
+    -> the results."""
+    args = get_args(argv)
+    t_start = time.perf_counter()
+    session = start_session(args)
+    out = session.out
+    print_header(session)
+    training_rows(session)
+    if 'naive' in args.rows or 'naive_cfg' in args.rows:
+        check_naive_baseline(session)
+    sampling_rows(session)
+    if 'vae_decode' in args.rows:
+        vae_decode_rows(session)
+    speedup_rows(out, args.sample_batches)
+    if 'estimate' in args.rows:
+        estimate_rows(out)
+    if 'memory' in args.rows:
+        memory_rows(out)
+    if 'jacobi_projection' in args.rows:
+        jacobi_projection_rows(out)
     if args.jacobi_plot:
-        zc = torch.randn(64, N, d, device=device, generator=None)
-        curves = jacobi_curves(fwd, rev if trained_g else None, zc, labels(64), GUIDANCE)
-        plot_changes(curves, args.jacobi_plot, args.jacobi_tol)
-        out['jacobi_curves'] = curves
-        print(f'wrote {args.jacobi_plot}: change per pass per flow, batch 64, w = {GUIDANCE:g}; '
-              'passes to 1e-6: ' + ', '.join(f'{k} {len(v)}' for k, v in curves.items()))
+        write_jacobi_plot(session)
     out['total_s'] = time.perf_counter() - t_start
     print(f'total {out["total_s"]:.0f} s; wrote {args.json}')
-    atomic_write(args.json, lambda f: f.write(json.dumps(out, indent=1).encode()))
+    atomic_write(args.json, lambda file: file.write(json.dumps(out, indent=1).encode()))
     return out
 
 
