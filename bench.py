@@ -84,8 +84,8 @@ ESTIMATE = dict(preset='imagenet64', gpu='H100 SXM', peak=989e12, mfu=0.4, gpus=
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    a = p.add_argument
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    a = parser.add_argument
     a('--preset', choices=sorted(PRESETS), default='cpu', help='model size (model.PRESETS); G from REVERSE_PRESETS')
     a('--device', default='auto', help="'auto' (cuda if available), 'cpu' or 'cuda'")
     a('--batch_size', type=int, default=32, help='batch of the training and NLL rows (TarFlow: 256 over 8 GPUs)')
@@ -115,14 +115,14 @@ def get_args(argv=None):
     a('--vae_latent', type=int, default=0, help="latent side of the vae_decode row (the image is 8x). 0: 32 on CUDA "
       "(256x256, BiFlow's ImageNet setting), the preset's img_size/8 on CPU (2 at the cpu preset: a 16x16 image, "
       "so that a batch-64 call takes seconds, not minutes)")
-    args = p.parse_args(argv)
+    args = parser.parse_args(argv)
     args.rows = [*ROWS, *EXTRAS] if args.rows == 'all' else args.rows.split(',')
-    bad = [r for r in args.rows if r not in ROWS and r not in EXTRAS]
+    bad = [row for row in args.rows if row not in ROWS and row not in EXTRAS]
     if bad:
-        p.error(f'--rows: unknown {bad}; choose from {[*ROWS, *EXTRAS]}')
+        parser.error(f'--rows: unknown {bad}; choose from {[*ROWS, *EXTRAS]}')
     args.sample_batches = [int(b) for b in args.sample_batches.split(',')]
     if args.jacobi_tol < 0:
-        p.error(f'--jacobi_tol {args.jacobi_tol}: must be >= 0')
+        parser.error(f'--jacobi_tol {args.jacobi_tol}: must be >= 0')
     return args
 
 
@@ -134,10 +134,10 @@ def get_args(argv=None):
 def naive_reverse(model: TarFlow, z, y=None, guidance=0.0, ramp=False, attn_temp=1.0):
     """TarFlow.reverse with each block's reference loop (MetaBlock.reverse_reference): z (B, N, d) -> the noisy
     image (B, C, H, W)."""
-    x = z.float()
+    tokens = z.float()
     for block in reversed(model.blocks):
-        x = block.reverse_reference(x, y, guidance, ramp, attn_temp)
-    return unpatchify(x, model.cfg.patch_size, model.cfg.img_size)
+        tokens = block.reverse_reference(tokens, y, guidance, ramp, attn_temp)
+    return unpatchify(tokens, model.cfg.patch_size, model.cfg.img_size)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -149,10 +149,10 @@ def saved_bytes(fn):
     until its backward (counted by storage, so views and re-saves count once)."""
     seen = {}
 
-    def pack(t):
-        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    def pack(tensor):
+        seen[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         fn()
     return sum(seen.values())
 
@@ -182,22 +182,24 @@ def activation_bytes(cfg, stage='forward', bf16=True, rpreset=None):
     tokens: per token, one layer costs the same whatever the token count (the attention kernels keep O(N) per token,
     not the N x N scores) and the depth only repeats layers and flows. Measured probes: (flows T, layers K, denoiser
     layers L) = (1,1,1), (1,2,1), (2,1,1), (1,1,2); the last two only for G."""
-    p = replace(cfg, img_size=4 * cfg.patch_size, num_blocks=1, layers_per_block=1)     # 16 tokens, one layer
+    probe = replace(cfg, img_size=4 * cfg.patch_size, num_blocks=1, layers_per_block=1)     # 16 tokens, one layer
     if stage == 'forward':
-        one, two = (_step_bytes(replace(p, layers_per_block=k), None, bf16) for k in (1, 2))
+        one, two = (_step_bytes(replace(probe, layers_per_block=layers), None, bf16)
+                    for layers in (1, 2))
         layer, flow = two - one, one - (two - one)                    # per 16 tokens: a layer, a flow's own tensors
         return cfg.num_tokens / 16 * cfg.num_blocks * (flow + cfg.layers_per_block * layer)
-    r = reverse_config_for(cfg, rpreset or 'imagenet64')
+    rev_cfg = reverse_config_for(cfg, rpreset or 'imagenet64')
 
     def rp(**kw):   # a G probe: one group of one layer and a one-layer denoiser, unless kw says otherwise
-        return replace(reverse_config_for(p, rpreset or 'imagenet64'), **{'num_blocks': 1, 'layers_per_block': 1,
+        return replace(reverse_config_for(probe, rpreset or 'imagenet64'), **{'num_blocks': 1, 'layers_per_block': 1,
                                                                           'denoise_layers': 1, **kw})
-    base = _step_bytes(p, rp(), bf16)
-    layer = _step_bytes(p, rp(layers_per_block=2), bf16) - base
-    group = _step_bytes(replace(p, num_blocks=2), rp(num_blocks=2), bf16) - base - layer   # a group's head etc.
-    den = _step_bytes(p, rp(denoise_layers=2), bf16) - base
+    base = _step_bytes(probe, rp(), bf16)
+    layer = _step_bytes(probe, rp(layers_per_block=2), bf16) - base
+    group = _step_bytes(replace(probe, num_blocks=2), rp(num_blocks=2), bf16) - base - layer   # a group's head etc.
+    den = _step_bytes(probe, rp(denoise_layers=2), bf16) - base
     rest = base - group - layer - den
-    return cfg.num_tokens / 16 * (rest + r.num_blocks * (group + r.layers_per_block * layer) + r.denoise_layers * den)
+    return cfg.num_tokens / 16 * (rest + rev_cfg.num_blocks * (group + rev_cfg.layers_per_block * layer)
+                                  + rev_cfg.denoise_layers * den)
 
 
 @functools.lru_cache
@@ -215,7 +217,7 @@ def perceptual_bytes(bf16=True, latent_hw=32, crop=224):
     nets.requires_grad_(False)
 
     def per_pixel(fn, shape, small, large):   # saved bytes per pixel of the last two dims, weights cancelled
-        x1, x2 = (torch.rand(*shape, s, s, requires_grad=True) for s in (small, large))
+        x1, x2 = (torch.rand(*shape, side, side, requires_grad=True) for side in (small, large))
         with ctx:
             return (saved_bytes(lambda: fn(x2)) - saved_bytes(lambda: fn(x1))) / (large ** 2 - small ** 2)
     return (per_pixel(vae.decode, (1, 4), 2, 4) * latent_hw ** 2 +
@@ -232,8 +234,8 @@ def memory_projection(name, world=8, fid_batch=256, num_samples=50_000, reverse_
     b = TRAIN_PRESETS[name]['batch_size'] // world
     latent = cfg.in_channels == 4   # the SD-VAE presets: images are 8x the latent side, stage 2 decodes for LPIPS
     with torch.device('meta'):   # parameter counts without allocating them
-        pf = sum(p.numel() for p in TarFlow(cfg).parameters())
-        pg = sum(p.numel() for p in ReverseModel(reverse_config_for(cfg, name)).parameters())
+        pf = sum(param.numel() for param in TarFlow(cfg).parameters())
+        pg = sum(param.numel() for param in ReverseModel(reverse_config_for(cfg, name)).parameters())
     act = activation_bytes(cfg)
     if TRAIN_PRESETS[name]['grad_checkpoint']:   # one flow's activations, plus every flow's input (fp32)
         act = act / cfg.num_blocks + cfg.num_blocks * cfg.num_tokens * cfg.token_dim * 4
@@ -297,7 +299,7 @@ def latent_flops(name):
     G's one pass; the VAE decode. The perceptual nets at 224 (about 60 GFLOPs) are left out."""
     cfg = PRESETS[name]
     with torch.device('meta'):
-        f, g = TarFlow(cfg), ReverseModel(reverse_config_for(cfg, name))
+        fwd, rev = TarFlow(cfg), ReverseModel(reverse_config_for(cfg, name))
         x = torch.zeros(1, cfg.in_channels, cfg.img_size, cfg.img_size)
         z, y, w = torch.zeros(1, cfg.num_tokens, cfg.token_dim), torch.zeros(1, dtype=torch.long), torch.zeros(1)
 
@@ -305,15 +307,15 @@ def latent_flops(name):
         with FlopCounterMode(display=False) as fc:
             fn()
         return fc.get_total_flops()
-    fwd, one_pass = count(lambda: f(x, y)), count(lambda: g(z, y, w))
-    g_step = count(lambda: sum(p.sum() for p in g(z, y, w)).backward())
+    f_pass, one_pass = count(lambda: fwd(x, y)), count(lambda: rev(z, y, w))
+    g_step = count(lambda: sum(output.sum() for output in rev(z, y, w)).backward())
     decode = vae_decode_flops(VAE().cfg, cfg.img_size)
-    f.requires_grad_(False)
+    fwd.requires_grad_(False)
     xg = x.clone().requires_grad_()   # the score: a forward and the input gradient, plus the checkpoint's recompute
-    score = fwd + count(lambda: TarFlow.nll_from(*f(xg, y)[:2]).sum().backward())
+    score = f_pass + count(lambda: TarFlow.nll_from(*fwd(xg, y)[:2]).sum().backward())
     return {'stage 1 training': training_flops(cfg, batch=1),
-            'stage 2 training': g_step + fwd + one_pass + 3 * decode / TRAIN_PRESETS[name]['perceptual_every'],
-            'exact inverse + CFG': 2 * fwd, 'Tweedie denoising': score,
+            'stage 2 training': g_step + f_pass + one_pass + 3 * decode / TRAIN_PRESETS[name]['perceptual_every'],
+            'exact inverse + CFG': 2 * f_pass, 'Tweedie denoising': score,
             'G one pass (1-NFE)': one_pass, 'VAE decode': decode}
 
 
@@ -321,40 +323,43 @@ def plot_changes(curves, path, tol=None, size=(640, 300)):
     """The change per pass (largest over the batch, log scale) against the pass, a line per label
     (name -> [changes]), drawn with Pillow; a grey line at tol."""
     from PIL import Image, ImageDraw, ImageFont
-    W, H = size
+    width, height = size
     img = Image.new('RGB', size, 'white')
-    d, font = ImageDraw.Draw(img), ImageFont.load_default()
-    vals = [v for c in curves.values() for v in c if v > 0 and math.isfinite(v)]
+    draw, font = ImageDraw.Draw(img), ImageFont.load_default()
+    vals = [change for changes in curves.values() for change in changes
+            if change > 0 and math.isfinite(change)]
     vals += [tol] if tol else []
     lo, hi = math.floor(math.log10(min(vals))), math.ceil(math.log10(max(vals)))
     hi = hi if hi > lo else lo + 1
-    x0, x1, top, bottom = 50, W - 150, 20, H - 30
-    pmax = max(len(c) for c in curves.values())
-    d.rectangle([x0, top, x1, bottom], outline='black')
+    x0, x1, top, bottom = 50, width - 150, 20, height - 30
+    pmax = max(len(changes) for changes in curves.values())
+    draw.rectangle([x0, top, x1, bottom], outline='black')
     title = 'largest change in a pass (log scale) against the pass, per flow'
-    d.text((x0, 4), title + (f'; grey: tolerance {tol:g}' if tol else ''), fill='black', font=font)
+    draw.text((x0, 4), title + (f'; grey: tolerance {tol:g}' if tol else ''), fill='black', font=font)
 
-    def xy(p, v):
-        return x0 + p / pmax * (x1 - x0), bottom - (math.log10(v) - lo) / (hi - lo) * (bottom - top)
-    for e in range(lo, hi + 1):
-        y = xy(1, 10.0 ** e)[1]
-        d.line([x0 - 3, y, x0, y], fill='black')
-        d.text((4, y - 5), f'1e{e}', fill='black', font=font)
-    for p in range(0, pmax + 1, max(1, pmax // 8)):
-        d.text((xy(p, 1)[0] - 4, bottom + 6), str(p), fill='black', font=font)
+    def xy(npass, change):   # pixel coordinates of a change after npass passes
+        return (x0 + npass / pmax * (x1 - x0),
+                bottom - (math.log10(change) - lo) / (hi - lo) * (bottom - top))
+    for exponent in range(lo, hi + 1):
+        tick = xy(1, 10.0 ** exponent)[1]
+        draw.line([x0 - 3, tick, x0, tick], fill='black')
+        draw.text((4, tick - 5), f'1e{exponent}', fill='black', font=font)
+    for npass in range(0, pmax + 1, max(1, pmax // 8)):
+        draw.text((xy(npass, 1)[0] - 4, bottom + 6), str(npass), fill='black', font=font)
     if tol:
-        d.line([xy(0, tol), xy(pmax, tol)], fill=(170, 170, 170))
+        draw.line([xy(0, tol), xy(pmax, tol)], fill=(170, 170, 170))
     colours = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
                (140, 86, 75), (227, 119, 194), (127, 127, 127)]
-    for j, (name, c) in enumerate(curves.items()):
-        pts = [xy(p + 1, v) for p, v in enumerate(c) if v > 0 and math.isfinite(v)]
-        flows = list(dict.fromkeys(n.split(',')[0] for n in curves))   # one colour per flow
+    flows = list(dict.fromkeys(label.split(',')[0] for label in curves))   # one colour per flow
+    for j, (name, changes) in enumerate(curves.items()):
+        pts = [xy(npass + 1, change) for npass, change in enumerate(changes)
+               if change > 0 and math.isfinite(change)]
         col = colours[flows.index(name.split(',')[0]) % len(colours)]
         if 'from G' in name:                            # lighter from G's guess
-            col = tuple((v + 2 * 255) // 3 for v in col)
+            col = tuple((channel + 2 * 255) // 3 for channel in col)
         if len(pts) > 1:
-            d.line(pts, fill=col, width=2)
-        d.text((x1 + 10, top + 14 * j), f'{name} ({len(c)})', fill=col, font=font)
+            draw.line(pts, fill=col, width=2)
+        draw.text((x1 + 10, top + 14 * j), f'{name} ({len(changes)})', fill=col, font=font)
     img.save(path)
 
 
@@ -364,14 +369,14 @@ def jacobi_curves(fwd, rev, z, y, w):
     input, from z and (with G) from G's guess: {label: [largest change over the batch, per pass]}.
     """
     guesses = reverse_guesses(rev, z, y, w) if rev is not None else [None] * len(fwd.blocks)
-    curves, x = {}, z
+    curves, tokens = {}, z   # tokens: flow t's exact input
     for t in reversed(range(len(fwd.blocks))):
         block = fwd.blocks[t]
-        curves[f'flow {t}, from z'] = block.reverse_parallel(x, y, w, tol=1e-6)[1].changes
+        curves[f'flow {t}, from z'] = block.reverse_parallel(tokens, y, w, tol=1e-6)[1].changes
         if guesses[t] is not None:
-            info = block.reverse_parallel(x, y, w, tol=1e-6, init=guesses[t])[1]
+            info = block.reverse_parallel(tokens, y, w, tol=1e-6, init=guesses[t])[1]
             curves[f'flow {t}, from G'] = info.changes
-        x = block.reverse(x, y, w)
+        tokens = block.reverse(tokens, y, w)
     return curves
 
 
@@ -380,10 +385,10 @@ class OpCount(TorchDispatchMode):
 
     def __init__(self):
         super().__init__()
-        self.n = 0
+        self.count = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.n += not func.is_view
+        self.count += not func.is_view
         return func(*args, **(kwargs or {}))
 
 
@@ -396,19 +401,20 @@ def jacobi_projection(name='imagenet64', passes=(8, 32, 128)):
     FlopCounterMode on the meta device; the sequential steps add up to one parallel pass (both
     streams), each Jacobi pass is one."""
     cfg = PRESETS[name]
-    narrow = [replace(cfg, channels=64, img_size=s * cfg.patch_size, num_blocks=1) for s in (4, 8)]
+    narrow = [replace(cfg, channels=64, img_size=side * cfg.patch_size, num_blocks=1)
+              for side in (4, 8)]
 
-    def ops(c, fn):
+    def ops(probe, fn):
         torch.manual_seed(0)
-        block = TarFlow(c).blocks[0].eval()
-        z, y = torch.randn(1, c.num_tokens, c.token_dim), torch.zeros(1, dtype=torch.long)
+        block = TarFlow(probe).blocks[0].eval()
+        z, y = torch.randn(1, probe.num_tokens, probe.token_dim), torch.zeros(1, dtype=torch.long)
         with OpCount() as oc:
             fn(block, z, y)
-        return oc.n
-    seq = [ops(c, lambda b, z, y: b.reverse(z, y, GUIDANCE)) for c in narrow]
+        return oc.count
+    seq = [ops(probe, lambda block, z, y: block.reverse(z, y, GUIDANCE)) for probe in narrow]
     step = (seq[1] - seq[0]) / (narrow[1].num_tokens - narrow[0].num_tokens)
-    par = [ops(narrow[0], lambda b, z, y, k=k: b.reverse_parallel(z, y, GUIDANCE, tol=0.0,
-                                                                  max_passes=k)) for k in (1, 2)]
+    par = [ops(narrow[0], lambda block, z, y, npass=npass: block.reverse_parallel(
+        z, y, GUIDANCE, tol=0.0, max_passes=npass)) for npass in (1, 2)]
     per_pass = par[1] - par[0]
     with torch.device('meta'):
         block = TarFlow(cfg).blocks[0]
@@ -418,9 +424,9 @@ def jacobi_projection(name='imagenet64', passes=(8, 32, 128)):
     N = cfg.num_tokens
     rows = {'sequential': dict(launches=(N - 1) * step + seq[0] - (narrow[0].num_tokens - 1) * step,
                                gflop=flops / 1e9)}
-    for p in passes:
-        rows[f'parallel, {p} passes'] = dict(launches=par[0] + (p - 1) * per_pass,
-                                             gflop=p * flops / 1e9)
+    for npass in passes:
+        rows[f'parallel, {npass} passes'] = dict(launches=par[0] + (npass - 1) * per_pass,
+                                                 gflop=npass * flops / 1e9)
     return dict(preset=name, tokens=N, launches_per_step=step, launches_per_pass=per_pass,
                 rows=rows)
 
@@ -429,7 +435,8 @@ def bf16_peak(device):
     if device.type != 'cuda':
         return None, 'none (not CUDA)'
     name = torch.cuda.get_device_name(device)
-    return next(((v, name) for k, v in BF16_PEAK if k in name), (None, f'unknown ({name})'))
+    return next(((peak, name) for model, peak in BF16_PEAK if model in name),
+                (None, f'unknown ({name})'))
 
 
 def jacobi_report(row, inv):
@@ -437,14 +444,15 @@ def jacobi_report(row, inv):
     per flow."""
     stats = inv.passes_per_flow()
     fallbacks = sum(fb for _, _, fb in stats)
-    row['jacobi'] = dict(choice=[p.choice for p in inv.plan],
-                         passes=[(m, mx) for m, mx, _ in stats],
+    row['jacobi'] = dict(choice=[plan.choice for plan in inv.plan],
+                         passes=[(mean, mx) for mean, mx, _ in stats],
                          fallbacks=fallbacks,
-                         plan_ms={t: {s: 1e3 * v for s, v in p.seconds.items()}
-                                  for t, p in enumerate(inv.plan)})
+                         plan_ms={t: {strategy: 1e3 * seconds
+                                      for strategy, seconds in plan.seconds.items()}
+                                  for t, plan in enumerate(inv.plan)})
     print('  strategy per flow (0 = next to the data): ' + ', '.join(
-        f'{t}: {"seq" if p.choice == 1 else p.choice}' for t, p in enumerate(inv.plan)) +
-        '; passes mean/max: ' + ', '.join(f'{m:.1f}/{mx}' for m, mx, _ in stats) +
+        f'{t}: {"seq" if plan.choice == 1 else plan.choice}' for t, plan in enumerate(inv.plan)) +
+        '; passes mean/max: ' + ', '.join(f'{mean:.1f}/{mx}' for mean, mx, _ in stats) +
         (f'; {fallbacks} fell back' if fallbacks else ''))
 
 
@@ -551,8 +559,8 @@ def start_session(args):
     ctx = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else nullcontext
     torch.manual_seed(args.seed)
     cfg, rcfg, fwd, rev, trained_g = timed_models(args, device)
-    params = {'forward': sum(p.numel() for p in fwd.parameters()),
-              'reverse': sum(p.numel() for p in rev.parameters())}
+    params = {'forward': sum(param.numel() for param in fwd.parameters()),
+              'reverse': sum(param.numel() for param in rev.parameters())}
     if args.compile:
         rev.compile()  # in place, so that G.decode's self(...) runs the compiled forward
     out = dict(preset=args.preset, ckpt=args.ckpt, jacobi_tol=args.jacobi_tol,
@@ -725,7 +733,7 @@ def vae_decode_rows(session):
         # one warm-up call: it is the slowest row on CPU by far, and nothing in it needs more
         session.time_row('vae_decode', batch, decode,
                          f'SD-VAE decode, {hw}x{hw} latent -> {8 * hw}x{8 * hw}', min(args.warmup, 1))
-    params = sum(p.numel() for name, p in vae.named_parameters()
+    params = sum(param.numel() for name, param in vae.named_parameters()
                  if name.startswith(('decoder.', 'post_quant_conv.')))
     flops, flops256 = vae_decode_flops(vae.cfg, hw), vae_decode_flops(vae.cfg, 32)
     rate = flops * out['rows'][f'vae_decode_b{args.sample_batches[-1]}']['img_per_s']
@@ -744,42 +752,44 @@ def speedup_rows(out, batches):
     if any(f'{slow}_b{b}' in rows and f'{fast}_b{b}' in rows for _, slow, fast, _, _ in RATIOS
            for b in batches):
         print('speed-ups (ratio of medians, this run)')
-    for label, slow, fast, target, tb in RATIOS:
+    for label, slow, fast, target, target_batch in RATIOS:
         got = {f'b{b}': rows[f'{slow}_b{b}']['median_ms'] / rows[f'{fast}_b{b}']['median_ms']
                for b in batches if f'{slow}_b{b}' in rows and f'{fast}_b{b}' in rows}
         if not got:
             continue
         out['ratios'][label] = got
-        line = '   '.join(f'{k}: {v:7.1f}x' for k, v in got.items())
-        judged = {k: v for k, v in got.items() if tb is None or k == f'b{tb}'}
+        line = '   '.join(f'{at}: {ratio:7.1f}x' for at, ratio in got.items())
+        judged = {at: ratio for at, ratio in got.items()
+                  if target_batch is None or at == f'b{target_batch}'}
         if target and judged:
-            verdicts = {k: v >= target for k, v in judged.items()}
+            verdicts = {at: ratio >= target for at, ratio in judged.items()}
             out['checks'][f'{label} >= {target:g}x'] = verdicts
-            line += f'   target >= {target:g}x ' + ('' if tb is None else f'at b{tb}') + ': ' + \
-                ', '.join(f'{k} {"met" if v else "NOT met"}' for k, v in verdicts.items())
+            line += (f'   target >= {target:g}x ' +
+                     ('' if target_batch is None else f'at b{target_batch}') + ': ' +
+                     ', '.join(f'{at} {"met" if met else "NOT met"}' for at, met in verdicts.items()))
         print(f'  {label:40s} {line}')
 
 
 def estimate_rows(out):
     """Back-of-envelope estimates for the paper runs, labelled as such: imagenet64's training time
     on ESTIMATE's GPUs, and the FLOPs per image of every path of BiFlow's latent setting."""
-    e = ESTIMATE
-    flops = training_flops(PRESETS[e['preset']])
-    per_gpu = e['mfu'] * e['peak'] / flops
-    days = e['images'] / (per_gpu * e['gpus']) / 86400
-    out['estimate'] = dict(e, flops_per_image=flops, images_per_s_per_gpu=per_gpu, days=days)
-    print(f'estimate, not a measurement: {e["preset"]} training = {flops / 1e12:.2f} TFLOP per image '
-          f'(FlopCounterMode, meta device); on an {e["gpu"]} ({e["peak"] / 1e12:.0f} TFLOP/s bf16) at '
-          f'{100 * e["mfu"]:.0f}% MFU: {per_gpu:.0f} img/s per GPU, {per_gpu * e["gpus"]:.0f} on '
-          f'{e["gpus"]}; {e["images"] / 1e6:.0f}M images (200 epochs: 1M steps x 256) in {days:.1f} '
-          'days')
+    est = ESTIMATE
+    flops = training_flops(PRESETS[est['preset']])
+    per_gpu = est['mfu'] * est['peak'] / flops
+    days = est['images'] / (per_gpu * est['gpus']) / 86400
+    out['estimate'] = dict(est, flops_per_image=flops, images_per_s_per_gpu=per_gpu, days=days)
+    print(f'estimate, not a measurement: {est["preset"]} training = {flops / 1e12:.2f} TFLOP per '
+          f'image (FlopCounterMode, meta device); on an {est["gpu"]} ({est["peak"] / 1e12:.0f} '
+          f'TFLOP/s bf16) at {100 * est["mfu"]:.0f}% MFU: {per_gpu:.0f} img/s per GPU, '
+          f'{per_gpu * est["gpus"]:.0f} on {est["gpus"]}; {est["images"] / 1e6:.0f}M images '
+          f'(200 epochs: 1M steps x 256) in {days:.1f} days')
     out['latent_estimate'] = {}
     for name in ('itarflow-b2', 'itarflow-xl2'):
-        fl = out['latent_estimate'][name] = latent_flops(name)
+        paths = out['latent_estimate'][name] = latent_flops(name)
         print(f'estimate, not a measurement: {name} (256x256 via the SD-VAE), GFLOP per image: ' +
-              ' | '.join(f'{k} {v / 1e9:.0f}' for k, v in fl.items()) +
-              f'; at {100 * e["mfu"]:.0f}% MFU of an {e["gpu"]}: stage 1 '
-              f'{e["mfu"] * e["peak"] / fl["stage 1 training"]:.0f} img/s per GPU')
+              ' | '.join(f'{path} {flops / 1e9:.0f}' for path, flops in paths.items()) +
+              f'; at {100 * est["mfu"]:.0f}% MFU of an {est["gpu"]}: stage 1 '
+              f'{est["mfu"] * est["peak"] / paths["stage 1 training"]:.0f} img/s per GPU')
 
 
 def memory_rows(out):
@@ -790,10 +800,10 @@ def memory_rows(out):
     out['memory'] = {}
     for name in ('imagenet64', 'imagenet64-1024', 'imagenet64-p4', 'imagenet128', 'afhq256',
                  'itarflow-b2', 'itarflow-xl2'):
-        m = out['memory'][name] = memory_projection(name)
-        print(f'  {name} (batch {m["batch_per_gpu"]}/GPU; F {m["params_forward"] / 1e6:.0f}M, G '
-              f'{m["params_reverse"] / 1e6:.0f}M): ' +
-              ' | '.join(f'{k} {v:.1f}' for k, v in m['rows'].items()))
+        proj = out['memory'][name] = memory_projection(name)
+        print(f'  {name} (batch {proj["batch_per_gpu"]}/GPU; F {proj["params_forward"] / 1e6:.0f}M, '
+              f'G {proj["params_reverse"] / 1e6:.0f}M): ' +
+              ' | '.join(f'{what} {gib:.1f}' for what, gib in proj['rows'].items()))
 
 
 def jacobi_projection_rows(out):
@@ -803,8 +813,8 @@ def jacobi_projection_rows(out):
     print(f'projection, not a measurement: one flow of {jp["preset"]} ({jp["tokens"]} tokens), '
           f'inverse + CFG, {jp["launches_per_step"]:.0f} kernel launches per token step, '
           f'{jp["launches_per_pass"]:.0f} per Jacobi pass:')
-    for k, v in jp['rows'].items():
-        print(f'  {k}: {v["launches"]:.0f} launches per batch, {v["gflop"]:.1f} GFLOP/sample')
+    for method, row in jp['rows'].items():
+        print(f'  {method}: {row["launches"]:.0f} launches per batch, {row["gflop"]:.1f} GFLOP/sample')
 
 
 def write_jacobi_plot(session):
@@ -817,7 +827,8 @@ def write_jacobi_plot(session):
     plot_changes(curves, args.jacobi_plot, args.jacobi_tol)
     session.out['jacobi_curves'] = curves
     print(f'wrote {args.jacobi_plot}: change per pass per flow, batch 64, w = {GUIDANCE:g}; '
-          'passes to 1e-6: ' + ', '.join(f'{k} {len(v)}' for k, v in curves.items()))
+          'passes to 1e-6: ' + ', '.join(f'{label} {len(changes)}'
+                                     for label, changes in curves.items()))
 
 
 def main(argv=None):
