@@ -1,18 +1,23 @@
 """
-Times every training and sampling path of TarFlow (the forward model F) and BiFlow (its learned reverse G) side by
-side in one run, so each speed-up is a ratio measured on the same machine at the same moment.
+Times every training and sampling path of TarFlow (the forward model F) and BiFlow (its learned
+reverse G) side by side in one run, so each speed-up is a ratio measured on the same machine at the
+same moment.
 
-    python bench.py                                          # cpu preset on this machine: a table and bench.json
-    python bench.py --rows inverse_cfg,naive_cfg,nfe1_cfg    # a subset of rows, for a quick look
-    python bench.py --threads 0                              # PyTorch's thread default (bench's on CPU: 1)
-    python bench.py --preset imagenet64 --device cuda --compile --sample_batches 1,64   # paper size, with MFU
-    python bench.py --rows memory                            # projected GPU memory of the paper presets
-    python bench.py --rows nfe1_cfg,vae_decode --device cuda # G's one pass vs the SD-VAE decoder (256x256 on CUDA)
+    python bench.py                           # cpu preset on this machine: a table and bench.json
+    python bench.py --rows inverse_cfg,naive_cfg,nfe1_cfg
+                                              # a subset of rows, for a quick look
+    python bench.py --threads 0               # PyTorch's thread default (bench's on CPU: 1)
+    python bench.py --preset imagenet64 --device cuda --compile --sample_batches 1,64
+                                              # paper size, with MFU
+    python bench.py --rows memory             # projected GPU memory of the paper presets
+    python bench.py --rows nfe1_cfg,vae_decode --device cuda
+                                              # G's one pass vs the SD-VAE decoder (256x256 on CUDA)
 
-Models are randomly initialised: speed does not depend on training. A row is warm-up calls, then timed calls (with
-torch.cuda.synchronize() around each on CUDA); the median and the minimum are reported, and every ratio is a ratio of
-medians from this run. "naive" rows rebuild the reference sampler (Apple's ml-tarflow: KV cache grown by torch.cat,
-CFG as two sequential passes) from the same modules, checked to give the same output before it is timed.
+Models are randomly initialised: speed does not depend on training. A row is warm-up calls, then
+timed calls (with torch.cuda.synchronize() around each on CUDA); the median and the minimum are
+reported, and every ratio is a ratio of medians from this run. "naive" rows rebuild the reference
+sampler (Apple's ml-tarflow: KV cache grown by torch.cat, CFG as two sequential passes) from the
+same modules, checked to give the same output before it is timed.
 """
 import argparse
 import copy
@@ -62,7 +67,7 @@ ROWS = {  # key: label. Training rows run at --batch_size, sampling rows at each
 # imagenet64 FLOPs and H100 time; projected GPU memory of the paper presets; the parallel inverse's
 # launches and FLOPs at imagenet64
 EXTRAS = ('estimate', 'memory', 'jacobi_projection')
-# speed-ups: (label, slower row, faster row, target, batch the target applies to (None: every batch))
+# speed-ups: (label, slower row, faster row, target, the target's batch: None for every batch)
 RATIOS = [
     ('our inverse vs naive', 'naive', 'inverse', None, None),
     ('our inverse+CFG vs naive+CFG', 'naive_cfg', 'inverse_cfg', 2.0, None),
@@ -78,29 +83,37 @@ RATIOS = [
     ('parallel + CFG vs naive + CFG', 'naive_cfg', 'inverse_par_cfg', None, None),
     ('training- vs inference-time CFG', 'cfg_infer', 'nfe1_cfg', None, None),
 ]
-# dense bf16 tensor-core peaks (no sparsity), FLOP/s, matched in order against torch.cuda.get_device_name()
+# dense bf16 tensor-core peaks (no sparsity), FLOP/s, matched in order against
+# torch.cuda.get_device_name()
 BF16_PEAK = [('H100 PCIe', 756e12), ('H100', 989e12), ('H200', 989e12), ('A100', 312e12)]
-ESTIMATE = dict(preset='imagenet64', gpu='H100 SXM', peak=989e12, mfu=0.4, gpus=8, images=256 * 1_000_000)
+ESTIMATE = dict(preset='imagenet64', gpu='H100 SXM', peak=989e12, mfu=0.4, gpus=8,
+                images=256 * 1_000_000)
 
 
 def get_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     a = parser.add_argument
-    a('--preset', choices=sorted(PRESETS), default='cpu', help='model size (model.PRESETS); G from REVERSE_PRESETS')
+    a('--preset', choices=sorted(PRESETS), default='cpu',
+      help='model size (model.PRESETS); G from REVERSE_PRESETS')
     a('--device', default='auto', help="'auto' (cuda if available), 'cpu' or 'cuda'")
-    a('--batch_size', type=int, default=32, help='batch of the training and NLL rows (TarFlow: 256 over 8 GPUs)')
+    a('--batch_size', type=int, default=32,
+      help='batch of the training and NLL rows (TarFlow: 256 over 8 GPUs)')
     a('--sample_batches', default='1,64', help='comma-separated batch sizes of the sampling rows')
-    a('--repeats', type=int, default=7, help='timed calls per row; fast rows go on for 1 s, slow ones stop at '
-      '--budget (but not below 3, or --repeats if smaller)')
-    a('--warmup', type=int, default=2, help='untimed calls per row first (allocator, kernels, optimizer state)')
-    a('--budget', type=float, default=10.0, help='seconds per row after which timing stops (once 3 calls are in)')
-    a('--dtype', choices=['auto', 'bf16', 'fp32'], default='auto', help='autocast dtype of every row; auto = bf16 '
-      'on CUDA as train.py (sample.py samples in fp32: pass fp32 for its speed)')
-    a('--compile', action=argparse.BooleanOptionalAction, default=False, help="torch.compile both training steps and G's one pass. The exact "
-      "inverse stays eager: its single-token step slices the KV cache at the token's position, so it would recompile "
+    a('--repeats', type=int, default=7, help='timed calls per row; fast rows go on for 1 s, slow '
+      'ones stop at --budget (but not below 3, or --repeats if smaller)')
+    a('--warmup', type=int, default=2,
+      help='untimed calls per row first (allocator, kernels, optimizer state)')
+    a('--budget', type=float, default=10.0,
+      help='seconds per row after which timing stops (once 3 calls are in)')
+    a('--dtype', choices=['auto', 'bf16', 'fp32'], default='auto', help='autocast dtype of every '
+      'row; auto = bf16 on CUDA as train.py (sample.py samples in fp32: pass fp32 for its speed)')
+    a('--compile', action=argparse.BooleanOptionalAction, default=False,
+      help="torch.compile both training steps and G's one pass. The exact inverse stays eager: "
+      "its single-token step slices the KV cache at the token's position, so it would recompile "
       "for every token")
-    a('--threads', type=int, default=None, help="CPU threads; default 1 on CPU, for stable timings on a shared "
-      "machine (the token loop is tiny ops, and each one waits for every thread); 0 = PyTorch's default")
+    a('--threads', type=int, default=None, help="CPU threads; default 1 on CPU, for stable timings "
+      'on a shared machine (the token loop is tiny ops, and each one waits for every thread); '
+      "0 = PyTorch's default")
     a('--rows', default='all', help=f"comma-separated subset of: {','.join([*ROWS, *EXTRAS])}")
     a('--json', default='bench.json', help='where to write the results (atomically)')
     a('--seed', type=int, default=0, help='seed of the random weights and inputs')
@@ -112,9 +125,9 @@ def get_args(argv=None):
     a('--jacobi_plot', default=None, help='write a PNG of the change per pass against the pass, '
       "one line per flow (plain Jacobi to 1e-6, from z and from G's guess), e.g. "
       'scripts/jacobi_passes.png')
-    a('--vae_latent', type=int, default=0, help="latent side of the vae_decode row (the image is 8x). 0: 32 on CUDA "
-      "(256x256, BiFlow's ImageNet setting), the preset's img_size/8 on CPU (2 at the cpu preset: a 16x16 image, "
-      "so that a batch-64 call takes seconds, not minutes)")
+    a('--vae_latent', type=int, default=0, help='latent side of the vae_decode row (the image is '
+      "8x). 0: 32 on CUDA (256x256, BiFlow's ImageNet setting), the preset's img_size/8 on CPU (2 "
+      'at the cpu preset: a 16x16 image, so that a batch-64 call takes seconds, not minutes)')
     args = parser.parse_args(argv)
     args.rows = [*ROWS, *EXTRAS] if args.rows == 'all' else args.rows.split(',')
     bad = [row for row in args.rows if row not in ROWS and row not in EXTRAS]
@@ -126,27 +139,28 @@ def get_args(argv=None):
     return args
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The baseline: the reference sampler's token loop, rebuilt from our modules
 
 
 @torch.no_grad()
 def naive_reverse(model: TarFlow, z, y=None, guidance=0.0, ramp=False, attn_temp=1.0):
-    """TarFlow.reverse with each block's reference loop (MetaBlock.reverse_reference): z (B, N, d) -> the noisy
-    image (B, C, H, W)."""
+    """TarFlow.reverse with each block's reference loop (MetaBlock.reverse_reference): z (B, N, d)
+    -> the noisy image (B, C, H, W)."""
     tokens = z.float()
     for block in reversed(model.blocks):
         tokens = block.reverse_reference(tokens, y, guidance, ramp, attn_temp)
     return unpatchify(tokens, model.cfg.patch_size, model.cfg.img_size)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Memory: a projection per GPU at the paper presets' sizes, from bytes measured on small probes
 
 
 def saved_bytes(fn):
-    """Bytes of the distinct tensors that autograd saves for the backward while fn() runs: what a training step keeps
-    until its backward (counted by storage, so views and re-saves count once)."""
+    """Bytes of the distinct tensors that autograd saves for the backward while fn() runs: what a
+    training step keeps until its backward (counted by storage, so views and re-saves count
+    once)."""
     seen = {}
 
     def pack(tensor):
@@ -158,8 +172,9 @@ def saved_bytes(fn):
 
 
 def _step_bytes(cfg, rcfg, bf16, batch=2):
-    """Per-image saved bytes of one training step of F (rcfg None) or G, measured on the CPU: the difference between
-    two batch sizes removes what does not grow with the batch (weights, and their bf16 copies)."""
+    """Per-image saved bytes of one training step of F (rcfg None) or G, measured on the CPU: the
+    difference between two batch sizes removes what does not grow with the batch (weights, and
+    their bf16 copies)."""
     torch.manual_seed(0)
     fwd = TarFlow(cfg)
     model = fwd if rcfg is None else ReverseModel(rcfg)
@@ -168,47 +183,56 @@ def _step_bytes(cfg, rcfg, bf16, batch=2):
     for b in (batch, 2 * batch):
         shape = (b, cfg.in_channels, cfg.img_size, cfg.img_size)
         x, eps = torch.rand(shape) * 2 - 1, torch.randn(shape)
-        y, w = torch.randint(max(cfg.num_classes, 1), (b,)) if cfg.num_classes else None, torch.ones(b)
+        y = torch.randint(max(cfg.num_classes, 1), (b,)) if cfg.num_classes else None
+        w = torch.ones(b)
 
         def step():
             with ctx:
-                (forward_loss(fwd, x, y, eps)[0] if rcfg is None else reverse_loss(model, fwd, x, y, w, eps)[0])
+                if rcfg is None:
+                    forward_loss(fwd, x, y, eps)
+                else:
+                    reverse_loss(model, fwd, x, y, w, eps)
         out.append(saved_bytes(step))
     return (out[1] - out[0]) / batch
 
 
 def activation_bytes(cfg, stage='forward', bf16=True, rpreset=None):
-    """Bytes one training image keeps for the backward at cfg's size, projected from probes of cfg's width and 16
-    tokens: per token, one layer costs the same whatever the token count (the attention kernels keep O(N) per token,
-    not the N x N scores) and the depth only repeats layers and flows. Measured probes: (flows T, layers K, denoiser
-    layers L) = (1,1,1), (1,2,1), (2,1,1), (1,1,2); the last two only for G."""
-    probe = replace(cfg, img_size=4 * cfg.patch_size, num_blocks=1, layers_per_block=1)     # 16 tokens, one layer
+    """Bytes one training image keeps for the backward at cfg's size, projected from probes of
+    cfg's width and 16 tokens: per token, one layer costs the same whatever the token count (the
+    attention kernels keep O(N) per token, not the N x N scores) and the depth only repeats layers
+    and flows. Measured probes: (flows T, layers K, denoiser layers L) = (1,1,1), (1,2,1),
+    (2,1,1), (1,1,2); the last two only for G."""
+    # 16 tokens, one layer
+    probe = replace(cfg, img_size=4 * cfg.patch_size, num_blocks=1, layers_per_block=1)
     if stage == 'forward':
         one, two = (_step_bytes(replace(probe, layers_per_block=layers), None, bf16)
                     for layers in (1, 2))
-        layer, flow = two - one, one - (two - one)                    # per 16 tokens: a layer, a flow's own tensors
+        layer, flow = two - one, one - (two - one)   # per 16 tokens: a layer, a flow's own tensors
         return cfg.num_tokens / 16 * cfg.num_blocks * (flow + cfg.layers_per_block * layer)
     rev_cfg = reverse_config_for(cfg, rpreset or 'imagenet64')
 
-    def rp(**kw):   # a G probe: one group of one layer and a one-layer denoiser, unless kw says otherwise
-        return replace(reverse_config_for(probe, rpreset or 'imagenet64'), **{'num_blocks': 1, 'layers_per_block': 1,
-                                                                          'denoise_layers': 1, **kw})
+    # a G probe: one group of one layer and a one-layer denoiser, unless kw says otherwise
+    def rp(**kw):
+        return replace(reverse_config_for(probe, rpreset or 'imagenet64'),
+                       **{'num_blocks': 1, 'layers_per_block': 1, 'denoise_layers': 1, **kw})
     base = _step_bytes(probe, rp(), bf16)
     layer = _step_bytes(probe, rp(layers_per_block=2), bf16) - base
-    group = _step_bytes(replace(probe, num_blocks=2), rp(num_blocks=2), bf16) - base - layer   # a group's head etc.
+    # a group's head etc.
+    group = _step_bytes(replace(probe, num_blocks=2), rp(num_blocks=2), bf16) - base - layer
     den = _step_bytes(probe, rp(denoise_layers=2), bf16) - base
     rest = base - group - layer - den
-    return cfg.num_tokens / 16 * (rest + rev_cfg.num_blocks * (group + rev_cfg.layers_per_block * layer)
-                                  + rev_cfg.denoise_layers * den)
+    groups = rev_cfg.num_blocks * (group + rev_cfg.layers_per_block * layer)
+    return cfg.num_tokens / 16 * (rest + groups + rev_cfg.denoise_layers * den)
 
 
 @functools.lru_cache
 def perceptual_bytes(bf16=True, latent_hw=32, crop=224):
-    """Bytes one image's perceptual terms keep for the backward in the latent setting (stage 2 with --lpips and
-    --convnext): the SD-VAE decoder from a latent_hw^2 latent, then LPIPS-VGG16 and ConvNeXt-V2-Base on the crop. All
-    three are convolutions and norms over the image (the decoder's one attention keeps O(N) too), so each is measured
-    on two small images and the difference scaled to the full pixel count: the weights, which are saved as well (the
-    input gradient needs them), cancel. Random weights, frozen, as in training."""
+    """Bytes one image's perceptual terms keep for the backward in the latent setting (stage 2 with
+    --lpips and --convnext): the SD-VAE decoder from a latent_hw^2 latent, then LPIPS-VGG16 and
+    ConvNeXt-V2-Base on the crop. All three are convolutions and norms over the image (the
+    decoder's one attention keeps O(N) too), so each is measured on two small images and the
+    difference scaled to the full pixel count: the weights, which are saved as well (the input
+    gradient needs them), cancel. Random weights, frozen, as in training."""
     ctx = torch.autocast('cpu', dtype=torch.bfloat16) if bf16 else nullcontext()
     torch.manual_seed(0)
     vae = VAE().requires_grad_(False)
@@ -216,57 +240,67 @@ def perceptual_bytes(bf16=True, latent_hw=32, crop=224):
     nets.lpips, nets.convnext = LPIPS(), ConvNeXtV2()
     nets.requires_grad_(False)
 
-    def per_pixel(fn, shape, small, large):   # saved bytes per pixel of the last two dims, weights cancelled
+    # saved bytes per pixel of the last two dims, weights cancelled
+    def per_pixel(fn, shape, small, large):
         x1, x2 = (torch.rand(*shape, side, side, requires_grad=True) for side in (small, large))
         with ctx:
-            return (saved_bytes(lambda: fn(x2)) - saved_bytes(lambda: fn(x1))) / (large ** 2 - small ** 2)
+            return ((saved_bytes(lambda: fn(x2)) - saved_bytes(lambda: fn(x1)))
+                    / (large ** 2 - small ** 2))
     return (per_pixel(vae.decode, (1, 4), 2, 4) * latent_hw ** 2 +
             per_pixel(lambda x: nets(x, x.detach()), (1, 3), 32, 64) * crop ** 2)
 
 
 def memory_projection(name, world=8, fid_batch=256, num_samples=50_000, reverse_preset=None):
-    """GiB per GPU of the paper run of preset `name` on `world` GPUs (and rank 0's host RAM for the 50K gather).
-    Training: fp32 weights, gradients, AdamW's two moments and the EMA (20 bytes a parameter), plus the saved
-    activations of the per-GPU batch under bf16 autocast. The allocator's peak adds the backward's temporaries of a
-    layer or two on top. Sampling: fp32 weights plus the KV cache of one flow (k and v of every layer, both CFG
-    streams), or the denoising chunk's activations (model.score_activation_bytes, checkpointed per flow)."""
+    """GiB per GPU of the paper run of preset `name` on `world` GPUs (and rank 0's host RAM for the
+    50K gather). Training: fp32 weights, gradients, AdamW's two moments and the EMA (20 bytes a
+    parameter), plus the saved activations of the per-GPU batch under bf16 autocast. The
+    allocator's peak adds the backward's temporaries of a layer or two on top. Sampling: fp32
+    weights plus the KV cache of one flow (k and v of every layer, both CFG streams), or the
+    denoising chunk's activations (model.score_activation_bytes, checkpointed per flow)."""
     cfg, GiB = PRESETS[name], 2 ** 30
-    b = TRAIN_PRESETS[name]['batch_size'] // world
-    latent = cfg.in_channels == 4   # the SD-VAE presets: images are 8x the latent side, stage 2 decodes for LPIPS
+    train = TRAIN_PRESETS[name]
+    b = train['batch_size'] // world
+    # the SD-VAE presets: images are 8x the latent side, and stage 2 decodes them for LPIPS
+    latent = cfg.in_channels == 4
     with torch.device('meta'):   # parameter counts without allocating them
         pf = sum(param.numel() for param in TarFlow(cfg).parameters())
-        pg = sum(param.numel() for param in ReverseModel(reverse_config_for(cfg, name)).parameters())
+        rev = ReverseModel(reverse_config_for(cfg, name))
+        pg = sum(param.numel() for param in rev.parameters())
     act = activation_bytes(cfg)
-    if TRAIN_PRESETS[name]['grad_checkpoint']:   # one flow's activations, plus every flow's input (fp32)
+    if train['grad_checkpoint']:   # one flow's activations, plus every flow's input (fp32)
         act = act / cfg.num_blocks + cfg.num_blocks * cfg.num_tokens * cfg.token_dim * 4
     cache = cfg.layers_per_block * 2 * (2 * fid_batch) * cfg.num_tokens * cfg.channels * 4
     chunk = max(1, SCORE_BUDGET_BYTES // score_activation_bytes(cfg))
+    perceptual = b // train['perceptual_every']   # images a step puts through the perceptual terms
+    image_side = 8 * cfg.img_size if latent else cfg.img_size
     rows = {
-        'stage 1 training' + (' (checkpointed)' if TRAIN_PRESETS[name]['grad_checkpoint'] else ''):
+        'stage 1 training' + (' (checkpointed)' if train['grad_checkpoint'] else ''):
             (20 * pf + b * act) / GiB,
-        'stage 2 training': (20 * pg + 4 * pf + b * activation_bytes(cfg, 'reverse', rpreset=name)) / GiB,
-        **({f'+ perceptual terms on {b // TRAIN_PRESETS[name]["perceptual_every"]} images': (
-            b // TRAIN_PRESETS[name]['perceptual_every'] * perceptual_bytes()) / GiB} if latent else {}),
+        'stage 2 training':
+            (20 * pg + 4 * pf + b * activation_bytes(cfg, 'reverse', rpreset=name)) / GiB,
+        **({f'+ perceptual terms on {perceptual} images': perceptual * perceptual_bytes() / GiB}
+           if latent else {}),
         f'exact inverse + CFG, batch {fid_batch}': (4 * pf + cache) / GiB,
         f'denoising, chunk {chunk}': (4 * pf + chunk * score_activation_bytes(cfg)) / GiB,
-        f'{num_samples // 1000}K gather (rank 0 host RAM)': num_samples * (8 * cfg.img_size if latent else
-                                                                            cfg.img_size) ** 2 * 3 / GiB,
+        f'{num_samples // 1000}K gather (rank 0 host RAM)': num_samples * image_side ** 2 * 3 / GiB,
     }
     return dict(batch_per_gpu=b, params_forward=pf, params_reverse=pg, rows=rows)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Measuring
 
 
 def measure(fn, device, warmup, repeats, budget, min_seconds=1.0):
-    """Seconds per call of fn: warm-up calls, then `repeats` timed ones, more while under min_seconds (a
-    millisecond row gets enough calls for its median to shrug off a stall), fewer past `budget` (never < min(3, repeats))."""
+    """Seconds per call of fn: warm-up calls, then `repeats` timed ones, more while under
+    min_seconds (a millisecond row gets enough calls for its median to shrug off a stall), fewer
+    past `budget` (never < min(3, repeats))."""
     sync = torch.cuda.synchronize if device.type == 'cuda' else (lambda: None)
     for _ in range(warmup):
         fn()
     times, start = [], time.perf_counter()
-    while len(times) < repeats or (time.perf_counter() - start < min_seconds and len(times) < 100 * repeats):
+    while len(times) < repeats or (time.perf_counter() - start < min_seconds
+                                   and len(times) < 100 * repeats):
         sync()  # CUDA is asynchronous: start and stop the clock with the device idle
         t0 = time.perf_counter()
         fn()
@@ -278,8 +312,9 @@ def measure(fn, device, warmup, repeats, budget, min_seconds=1.0):
 
 
 def training_flops(cfg, batch=2):
-    """FLOPs per image of a forward-stage training step (forward + backward), counted by FlopCounterMode on the meta
-    device: nothing is computed, any preset is free. Attention counts as dense (causal masking not subtracted)."""
+    """FLOPs per image of a forward-stage training step (forward + backward), counted by
+    FlopCounterMode on the meta device: nothing is computed, any preset is free. Attention counts
+    as dense (causal masking not subtracted)."""
     with torch.device('meta'):
         model = TarFlow(cfg)
         x = torch.zeros(batch, cfg.in_channels, cfg.img_size, cfg.img_size)
@@ -291,17 +326,19 @@ def training_flops(cfg, batch=2):
 
 
 def latent_flops(name):
-    """FLOPs per image of each path of a latent preset (BiFlow's setting, 256x256 through the SD-VAE), counted by
-    FlopCounterMode on the meta device (dense attention): F's training step; G's (its step, F's pass for the targets,
-    the null-class pass of Eq. 5, and on every perceptual_every-th image the decoder twice, forward and the input
-    gradient, and its forward on the target: 3 decoder passes); the exact inverse with CFG (two streams of F's
-    forward: the cached token steps add up to one parallel pass), Tweedie denoising (F's score, checkpointed);
+    """FLOPs per image of each path of a latent preset (BiFlow's setting, 256x256 through the
+    SD-VAE), counted by FlopCounterMode on the meta device (dense attention): F's training step;
+    G's (its step, F's pass for the targets, the null-class pass of Eq. 5, and on every
+    perceptual_every-th image the decoder twice, forward and the input gradient, and its forward on
+    the target: 3 decoder passes); the exact inverse with CFG (two streams of F's forward: the
+    cached token steps add up to one parallel pass), Tweedie denoising (F's score, checkpointed);
     G's one pass; the VAE decode. The perceptual nets at 224 (about 60 GFLOPs) are left out."""
     cfg = PRESETS[name]
     with torch.device('meta'):
         fwd, rev = TarFlow(cfg), ReverseModel(reverse_config_for(cfg, name))
         x = torch.zeros(1, cfg.in_channels, cfg.img_size, cfg.img_size)
-        z, y, w = torch.zeros(1, cfg.num_tokens, cfg.token_dim), torch.zeros(1, dtype=torch.long), torch.zeros(1)
+        z, y = torch.zeros(1, cfg.num_tokens, cfg.token_dim), torch.zeros(1, dtype=torch.long)
+        w = torch.zeros(1)
 
     def count(fn):
         with FlopCounterMode(display=False) as fc:
@@ -311,10 +348,12 @@ def latent_flops(name):
     g_step = count(lambda: sum(output.sum() for output in rev(z, y, w)).backward())
     decode = vae_decode_flops(VAE().cfg, cfg.img_size)
     fwd.requires_grad_(False)
-    xg = x.clone().requires_grad_()   # the score: a forward and the input gradient, plus the checkpoint's recompute
+    # the score: a forward and the input gradient, plus the checkpoint's recompute
+    xg = x.clone().requires_grad_()
     score = f_pass + count(lambda: TarFlow.nll_from(*fwd(xg, y)[:2]).sum().backward())
+    decodes = 3 * decode / TRAIN_PRESETS[name]['perceptual_every']
     return {'stage 1 training': training_flops(cfg, batch=1),
-            'stage 2 training': g_step + f_pass + one_pass + 3 * decode / TRAIN_PRESETS[name]['perceptual_every'],
+            'stage 2 training': g_step + f_pass + one_pass + decodes,
             'exact inverse + CFG': 2 * f_pass, 'Tweedie denoising': score,
             'G one pass (1-NFE)': one_pass, 'VAE decode': decode}
 
@@ -335,7 +374,8 @@ def plot_changes(curves, path, tol=None, size=(640, 300)):
     pmax = max(len(changes) for changes in curves.values())
     draw.rectangle([x0, top, x1, bottom], outline='black')
     title = 'largest change in a pass (log scale) against the pass, per flow'
-    draw.text((x0, 4), title + (f'; grey: tolerance {tol:g}' if tol else ''), fill='black', font=font)
+    draw.text((x0, 4), title + (f'; grey: tolerance {tol:g}' if tol else ''), fill='black',
+              font=font)
 
     def xy(npass, change):   # pixel coordinates of a change after npass passes
         return (x0 + npass / pmax * (x1 - x0),
@@ -458,7 +498,8 @@ def jacobi_report(row, inv):
 
 def train_step(model, loss_fn, ctx, device):
     """One optimizer step as train.py takes it: autocast loss, backward, clipping, AdamW, EMA."""
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.95), weight_decay=1e-4, fused=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.95), weight_decay=1e-4,
+                            fused=True)
     ema = copy.deepcopy(model).requires_grad_(False)
 
     def step():
@@ -467,14 +508,15 @@ def train_step(model, loss_fn, ctx, device):
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        bad = ~torch.isfinite(gnorm)   # as train.py: a non-finite step is skipped on the device, without a sync
+        # as train.py: a non-finite step is skipped on the device, without a sync
+        bad = ~torch.isfinite(gnorm)
         opt.found_inf = bad.float()
         opt.step()
         ema_update(ema, model, 0.999, ok=~bad)
     return step
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # One run: what every row shares, then a function per group of rows, in the order they print
 
 
@@ -564,10 +606,11 @@ def start_session(args):
     if args.compile:
         rev.compile()  # in place, so that G.decode's self(...) runs the compiled forward
     out = dict(preset=args.preset, ckpt=args.ckpt, jacobi_tol=args.jacobi_tol,
-               device=str(device), device_name=bf16_peak(device)[1], dtype='bf16' if bf16 else
-               'fp32', torch=torch.__version__, threads=torch.get_num_threads(), compile=args.compile,
-               batch_size=args.batch_size, sample_batches=args.sample_batches, repeats=args.repeats,
-               warmup=args.warmup, guidance=GUIDANCE, params=params, rows={}, ratios={}, checks={})
+               device=str(device), device_name=bf16_peak(device)[1],
+               dtype='bf16' if bf16 else 'fp32', torch=torch.__version__,
+               threads=torch.get_num_threads(), compile=args.compile, batch_size=args.batch_size,
+               sample_batches=args.sample_batches, repeats=args.repeats, warmup=args.warmup,
+               guidance=GUIDANCE, params=params, rows={}, ratios={}, checks={})
     return Session(args, device, ctx, cfg, rcfg, fwd, rev, trained_g, out)
 
 
@@ -580,9 +623,9 @@ def print_header(session):
           f'{args.warmup} warm-up; a shared machine is noisy: read medians')
     print(f'weights: {args.ckpt or "random"} (G: {"trained" if session.trained_g else "random"}); '
           f'parallel rows: tolerance {args.jacobi_tol:g}, strategy planned on an untimed call')
-    print(f'F (TarFlow): {params["forward"] / 1e6:.2f}M parameters, {session.cfg.num_tokens} tokens x '
-          f'{session.cfg.token_dim}; G (BiFlow): {params["reverse"] / 1e6:.2f}M parameters; '
-          f'guided rows use w = {GUIDANCE}')
+    print(f'F (TarFlow): {params["forward"] / 1e6:.2f}M parameters, {session.cfg.num_tokens} '
+          f'tokens x {session.cfg.token_dim}; G (BiFlow): {params["reverse"] / 1e6:.2f}M '
+          f'parameters; guided rows use w = {GUIDANCE}')
     print(f'{"row":46s} {"batch":>5s} {"median ms":>11s} {"min ms":>11s} {"img/s":>10s}')
 
 
@@ -640,15 +683,16 @@ def check_naive_baseline(session):
     fwd, cfg, checks = session.fwd, session.cfg, session.out['checks']
     zc = torch.randn(2, cfg.num_tokens, cfg.token_dim, device=session.device)
     yc = session.labels(2)
+    # exact fp32 while the check runs
     tf32, torch.backends.cuda.matmul.allow_tf32 = torch.backends.cuda.matmul.allow_tf32, False
     for w in (0.0, GUIDANCE):
         ours, naive = fwd.reverse(zc, yc, w), naive_reverse(fwd, zc, yc, w)
         err, scale = (ours - naive).abs().max().item(), ours.abs().max().item()
         checks[f'naive_equals_ours_w{w:g}'] = dict(max_abs_diff=err, max_abs=scale)
         if not (math.isfinite(scale) and err <= 1e-4 * max(1.0, scale)):
-            raise RuntimeError(f'naive baseline differs from MetaBlock.reverse at w={w}: max |diff| '
-                               f'{err:.3g} (max |x| {scale:.3g}); the comparison would not be '
-                               'apples to apples')
+            raise RuntimeError(f'naive baseline differs from MetaBlock.reverse at w={w}: max '
+                               f'|diff| {err:.3g} (max |x| {scale:.3g}); the comparison would not '
+                               'be apples to apples')
     torch.backends.cuda.matmul.allow_tf32 = tf32
     print(f'  check: naive baseline equals MetaBlock.reverse (max |diff| '
           f'{max(check["max_abs_diff"] for check in checks.values()):.1e}, fp32)')
@@ -730,18 +774,20 @@ def vae_decode_rows(session):
         def decode(zl=zl):
             with torch.no_grad(), session.ctx():
                 vae.decode(zl)
-        # one warm-up call: it is the slowest row on CPU by far, and nothing in it needs more
+        # one warm-up call: it is the slowest row on CPU by far, and nothing in it needs more to
+        # settle
         session.time_row('vae_decode', batch, decode,
-                         f'SD-VAE decode, {hw}x{hw} latent -> {8 * hw}x{8 * hw}', min(args.warmup, 1))
+                         f'SD-VAE decode, {hw}x{hw} latent -> {8 * hw}x{8 * hw}',
+                         min(args.warmup, 1))
     params = sum(param.numel() for name, param in vae.named_parameters()
                  if name.startswith(('decoder.', 'post_quant_conv.')))
     flops, flops256 = vae_decode_flops(vae.cfg, hw), vae_decode_flops(vae.cfg, 32)
     rate = flops * out['rows'][f'vae_decode_b{args.sample_batches[-1]}']['img_per_s']
     out['vae'] = dict(latent=hw, decoder_params=params, flops_per_image=flops,
                       flops_per_image_256=flops256, flop_per_s=rate)
-    print(f'  SD-VAE decoder: {params / 1e6:.2f}M parameters, {flops256 / 1e9:.0f} GFLOP per 256x256 '
-          f'image = {flops256 / 2e9:.0f}G multiply-adds (BiFlow quotes 49M and 308 GFLOPs: a count of '
-          f'multiply-adds); {flops / 1e9:.2f} GFLOP per {8 * hw}x{8 * hw} image, '
+    print(f'  SD-VAE decoder: {params / 1e6:.2f}M parameters, {flops256 / 1e9:.0f} GFLOP per '
+          f'256x256 image = {flops256 / 2e9:.0f}G multiply-adds (BiFlow quotes 49M and 308 GFLOPs: '
+          f'a count of multiply-adds); {flops / 1e9:.2f} GFLOP per {8 * hw}x{8 * hw} image, '
           f'{rate / 1e12:.3f} TFLOP/s at batch {args.sample_batches[-1]}')
 
 
@@ -766,7 +812,8 @@ def speedup_rows(out, batches):
             out['checks'][f'{label} >= {target:g}x'] = verdicts
             line += (f'   target >= {target:g}x ' +
                      ('' if target_batch is None else f'at b{target_batch}') + ': ' +
-                     ', '.join(f'{at} {"met" if met else "NOT met"}' for at, met in verdicts.items()))
+                     ', '.join(f'{at} {"met" if met else "NOT met"}'
+                               for at, met in verdicts.items()))
         print(f'  {label:40s} {line}')
 
 
@@ -801,8 +848,8 @@ def memory_rows(out):
     for name in ('imagenet64', 'imagenet64-1024', 'imagenet64-p4', 'imagenet128', 'afhq256',
                  'itarflow-b2', 'itarflow-xl2'):
         proj = out['memory'][name] = memory_projection(name)
-        print(f'  {name} (batch {proj["batch_per_gpu"]}/GPU; F {proj["params_forward"] / 1e6:.0f}M, '
-              f'G {proj["params_reverse"] / 1e6:.0f}M): ' +
+        print(f'  {name} (batch {proj["batch_per_gpu"]}/GPU; '
+              f'F {proj["params_forward"] / 1e6:.0f}M, G {proj["params_reverse"] / 1e6:.0f}M): ' +
               ' | '.join(f'{what} {gib:.1f}' for what, gib in proj['rows'].items()))
 
 
@@ -814,7 +861,8 @@ def jacobi_projection_rows(out):
           f'inverse + CFG, {jp["launches_per_step"]:.0f} kernel launches per token step, '
           f'{jp["launches_per_pass"]:.0f} per Jacobi pass:')
     for method, row in jp['rows'].items():
-        print(f'  {method}: {row["launches"]:.0f} launches per batch, {row["gflop"]:.1f} GFLOP/sample')
+        print(f'  {method}: {row["launches"]:.0f} launches per batch, '
+              f'{row["gflop"]:.1f} GFLOP/sample')
 
 
 def write_jacobi_plot(session):
