@@ -309,7 +309,8 @@ def load_image(path, size):
 def draw_trajectory(flow, path, labels, z, guidance=0.0, ramp=False, denoise=True, reverse_model=None):
     """A picture of sampling as a trajectory: for each sample a row z = x^T, x^{T-1}, ..., x^0, clean image along F's
     exact inverse (one MetaBlock.reverse per column), and, given G, a row beneath of what G's heads predict at the
-    same depths (prediction g is aligned with x^{T-1-g}, model.align_targets), its output in the last column.
+    same depths (head number `head` is aligned with x^{T-1-head}, model.align_targets), its output
+    in the last column.
     z (B, N, d), labels (B,) or None. z and the states x^T..x^1 are not images and their scale grows with depth, so
     each is shown min-max normalised over its own pixels; x^0, G's prediction of it and the clean images are images
     in [-1, 1] and are shown as such (clipped), so the noise left before denoising stays visible."""
