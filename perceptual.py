@@ -90,9 +90,9 @@ class GRN(nn.Module):
         self.beta = nn.Parameter(torch.zeros(1, 1, 1, dim))
 
     def forward(self, x):
-        g = torch.linalg.vector_norm(x, dim=(1, 2), keepdim=True)  # (B,1,1,C) spatial L2 per channel
-        n = g / (g.mean(dim=-1, keepdim=True) + 1e-6)
-        return self.gamma * (x * n) + self.beta + x
+        gx = torch.linalg.vector_norm(x, dim=(1, 2), keepdim=True)  # (B,1,1,C) spatial L2/channel
+        nx = gx / (gx.mean(dim=-1, keepdim=True) + 1e-6)
+        return self.gamma * (x * nx) + self.beta + x
 
 
 class ConvNeXtBlock(nn.Module):
@@ -118,7 +118,8 @@ class ConvNeXtV2(nn.Module):
         self.downsample_layers = nn.ModuleList([nn.Sequential(nn.Conv2d(3, dims[0], 4, stride=4), LayerNorm2d(dims[0], eps=1e-6))])
         for i in range(3):
             self.downsample_layers.append(nn.Sequential(LayerNorm2d(dims[i], eps=1e-6), nn.Conv2d(dims[i], dims[i + 1], 2, stride=2)))
-        self.stages = nn.ModuleList([nn.Sequential(*[ConvNeXtBlock(d) for _ in range(n)]) for n, d in zip(depths, dims)])
+        self.stages = nn.ModuleList([nn.Sequential(*[ConvNeXtBlock(dim) for _ in range(depth)])
+                                     for depth, dim in zip(depths, dims)])
         self.norm = nn.LayerNorm(dims[-1], eps=1e-6)
         # the official recipe feeds [0,1] images normalised with ImageNet mean/std
         self.register_buffer('mean', torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), persistent=False)
@@ -158,8 +159,8 @@ def paired_random_resized_crop(a, b, size=224, scale=(0.08, 1.0), ratio=(3 / 4, 
     H, W = a.shape[-2:]
     outs = []
     for i in range(a.shape[0]):
-        t, l, h, w = _crop_box(H, W, scale, ratio, generator)
-        pair = torch.stack([a[i], b[i]])[:, :, t:t + h, l:l + w]  # (2,C,h,w)
+        top, left, ch, cw = _crop_box(H, W, scale, ratio, generator)
+        pair = torch.stack([a[i], b[i]])[:, :, top:top + ch, left:left + cw]  # (2,C,ch,cw)
         outs.append(F.interpolate(pair, size=(size, size), mode='bicubic', align_corners=False, antialias=True))
     out = torch.stack(outs, dim=1)  # (2,B,C,size,size)
     return out[0], out[1]
@@ -168,7 +169,8 @@ def paired_random_resized_crop(a, b, size=224, scale=(0.08, 1.0), ratio=(3 / 4, 
 def _check(sd, want, name):
     """Raise ValueError naming --name unless sd has every tensor of want, with the same shape."""
     sd = sd if isinstance(sd, dict) else {}
-    bad = [k for k, v in want.items() if not (isinstance(sd.get(k), torch.Tensor) and sd[k].shape == v.shape)]
+    bad = [key for key, tensor in want.items()
+           if not (isinstance(sd.get(key), torch.Tensor) and sd[key].shape == tensor.shape)]
     if bad:
         raise UsageError(f"--{name}: {len(bad)} of {len(want)} expected tensors missing or mis-shaped "
                          f"(e.g. {bad[0]!r}); wrong file? {PERCEPTUAL_HINTS[name]}")
@@ -188,15 +190,16 @@ class PerceptualLoss(nn.Module):
         if lpips is not None:
             self.lpips = LPIPS()
             want = self.lpips.state_dict()
-            _check(vgg, {k: v for k, v in want.items() if k.startswith('features.')}, 'vgg')
-            _check(lpips, {k: v for k, v in want.items() if k.startswith('lin')}, 'lpips')
-            self.lpips.load_state_dict({k: vgg[k] if k.startswith('features.') else lpips[k] for k in want})
+            _check(vgg, {key: want[key] for key in want if key.startswith('features.')}, 'vgg')
+            _check(lpips, {key: want[key] for key in want if key.startswith('lin')}, 'lpips')
+            self.lpips.load_state_dict({key: vgg[key] if key.startswith('features.') else lpips[key]
+                                        for key in want})
         if convnext is not None:
             self.convnext = ConvNeXtV2(depths, dims)  # defaults: ConvNeXt-V2-Base
             sd = convnext.get('model', convnext) if isinstance(convnext, dict) else convnext
             want = self.convnext.state_dict()
             _check(sd, want, 'convnext')
-            self.convnext.load_state_dict({k: sd[k] for k in want})  # drops head.*
+            self.convnext.load_state_dict({key: sd[key] for key in want})  # drops head.*
 
     @classmethod
     def random(cls, crop=32, depths=(1, 1, 1, 1), dims=(8, 16, 32, 64), seed=0):

@@ -30,8 +30,9 @@ from model import (JACOBI_TOL, FlowConfig, ParallelInverse, ReverseConfig, Rever
                    TarFlow, config_from_dict, edit, inpaint, load_ml_tarflow, unpatchify)
 from vae import load_vae
 
-# Sample i of seed s uses noise from the generator seeded by s * 2**32 + i: one stream per (seed, index), never shared
-# between seeds for i < 2**32. The random labels come from their own stream, seeded apart from every noise stream.
+# Sample i of --seed seed uses noise from the generator seeded by seed * 2**32 + i: one stream
+# per (seed, index), never shared between seeds for i < 2**32. The random labels come from their
+# own stream, seeded apart from every noise stream.
 NOISE_SEEDS_PER_SEED = 2 ** 32
 LABEL_SEED_OFFSET = 12345
 
@@ -136,8 +137,9 @@ def noise_for(seeds, model, device):
     """z (B, N, d) for the given generator seeds, each sample from its own generator: the noise of sample i does not
     depend on the batch size or the number of ranks."""
     c = model.cfg
-    return torch.stack([torch.randn(c.num_tokens, c.token_dim, generator=torch.Generator().manual_seed(s))
-                        for s in seeds]).to(device)
+    return torch.stack([torch.randn(c.num_tokens, c.token_dim,
+                                    generator=torch.Generator().manual_seed(seed))
+                        for seed in seeds]).to(device)
 
 
 @torch.no_grad()
@@ -167,16 +169,16 @@ def log_inverse(inverse, what):
     fallbacks."""
     if inverse.plan is not None:
         for t, pl in enumerate(inverse.plan):
-            tried = ', '.join(f'{"seq" if s == 1 else s}: {1e3 * sec:.1f} ms/' +
-                              ('cut' if pl.passes[s] is None else str(pl.passes[s][1]))
-                              for s, sec in pl.seconds.items())
+            tried = ', '.join(f'{"seq" if seg == 1 else seg}: {1e3 * sec:.1f} ms/' +
+                              ('cut' if pl.passes[seg] is None else str(pl.passes[seg][1]))
+                              for seg, sec in pl.seconds.items())
             choice = 'sequential' if pl.choice == 1 else f'segment {pl.choice}'
             print(f'inverse plan, flow {t}: {choice} (first batch; ms/max passes by segment '
                   f"length, 'cut' = stopped past 1.5x the best: {tried})")
     stats = inverse.passes_per_flow()
     print(f'inverse passes per flow ({what}; flow 0 next to the data): ' + ' | '.join(
-        f'{t}: mean {m:.1f} max {mx}' + (f', {fb} fell back' if fb else '')
-        for t, (m, mx, fb) in enumerate(stats)))
+        f'{t}: mean {mean:.1f} max {mx}' + (f', {fb} fell back' if fb else '')
+        for t, (mean, mx, fb) in enumerate(stats)))
 
 
 def to_uint8(x):
@@ -260,7 +262,7 @@ def gather_shards(imgs, labels, bad, world, chunk_bytes=2 ** 26):
     rows = max(1, min(int(longest), chunk_bytes // int(np.prod(shape))))   # images per rank and step
     if rank == 0:
         # shards are contiguous index ranges in rank order, so rank r's rows start after those of ranks < r
-        starts = np.cumsum([0] + [m[0] for m in meta])
+        starts = np.cumsum([0] + [shard[0] for shard in meta])
         out = np.empty((starts[-1], *shape), np.uint8)
     for s in range(0, int(longest), rows):
         piece = torch.zeros(rows, *shape, dtype=torch.uint8)         # one size on every rank, as gather needs
@@ -268,12 +270,12 @@ def gather_shards(imgs, labels, bad, world, chunk_bytes=2 ** 26):
         got = [torch.empty_like(piece, device=dev) for _ in range(world)] if rank == 0 else None
         dist.gather(piece.to(dev), got, dst=0)
         if rank == 0:
-            for r, g in enumerate(got):
-                k = min(rows, max(0, meta[r][0] - s))
-                out[starts[r] + s:starts[r] + s + k] = g[:k].cpu().numpy()
+            for r, gathered in enumerate(got):
+                count = min(rows, max(0, meta[r][0] - s))
+                out[starts[r] + s:starts[r] + s + count] = gathered[:count].cpu().numpy()
     if rank:
         return None, None, None
-    return out, np.concatenate([m[1] for m in meta]), sum(m[2] for m in meta)
+    return out, np.concatenate([shard[1] for shard in meta]), sum(shard[2] for shard in meta)
 
 
 def distributed_fid(model, flow, ref, n, guidance, seed, rank, world, device, inception=None, decode=None):
@@ -308,12 +310,14 @@ def load_image(path, size):
 def draw_trajectory(flow, path, labels, z, guidance=0.0, ramp=False, denoise=True, reverse_model=None):
     """A picture of sampling as a trajectory: for each sample a row z = x^T, x^{T-1}, ..., x^0, clean image along F's
     exact inverse (one MetaBlock.reverse per column), and, given G, a row beneath of what G's heads predict at the
-    same depths (prediction g is aligned with x^{T-1-g}, model.align_targets), its output in the last column.
+    same depths (head number `head` is aligned with x^{T-1-head}, model.align_targets), its output
+    in the last column.
     z (B, N, d), labels (B,) or None. z and the states x^T..x^1 are not images and their scale grows with depth, so
     each is shown min-max normalised over its own pixels; x^0, G's prediction of it and the clean images are images
     in [-1, 1] and are shown as such (clipped), so the noise left before denoising stays visible."""
     c = flow.cfg
-    img = lambda t: unpatchify(t.float(), c.patch_size, c.img_size)   # noqa: E731 (tokens -> (B, C, H, W))
+    # tokens -> (B, C, H, W)
+    img = lambda tokens: unpatchify(tokens.float(), c.patch_size, c.img_size)   # noqa: E731
     stretch = lambda x: (x - x.amin((1, 2, 3), keepdim=True)) / (   # noqa: E731 (own range -> [-1, 1])
         x.amax((1, 2, 3), keepdim=True) - x.amin((1, 2, 3), keepdim=True)).clamp(min=1e-8) * 2 - 1
     states, x = [z], z.float()
@@ -321,7 +325,8 @@ def draw_trajectory(flow, path, labels, z, guidance=0.0, ramp=False, denoise=Tru
         x = block.reverse(x, labels, guidance, ramp)
         states.append(x)
     x0 = img(states[-1])
-    cols = [stretch(img(s)) for s in states[:-1]] + [x0, flow.denoise(x0, labels) if denoise else x0]
+    cols = ([stretch(img(state)) for state in states[:-1]]
+            + [x0, flow.denoise(x0, labels) if denoise else x0])
     rows = [torch.stack(cols, 1)]   # (B, T + 2, C, H, W)
     if reverse_model is not None:
         train_w = reverse_model.cfg.guidance_mode == 'train'
@@ -330,10 +335,11 @@ def draw_trajectory(flow, path, labels, z, guidance=0.0, ramp=False, denoise=Tru
         out = reverse_model.decode(z, labels, torch.full((len(z),), float(guidance)) if train_w else None,
                                    0.0 if train_w else guidance, flow)
         T = len(states) - 1
-        # column j holds x^{T-j}; head g predicts x^{T-1-g}, so it goes to column g + 1 ('naive' has no heads)
+        # column j holds x^{T-j}; head number `head` predicts x^{T-1-head}, so it goes to column
+        # head + 1 ('naive' has no heads)
         gcols = [stretch(img(z))] + [torch.zeros_like(x0) - 1 for _ in range(T)] + [out]
-        for g, p in enumerate(preds[:-1]):
-            gcols[g + 1] = stretch(img(p)) if g + 1 < T else img(p)
+        for head, pred in enumerate(preds[:-1]):
+            gcols[head + 1] = stretch(img(pred)) if head + 1 < T else img(pred)
         rows.append(torch.stack(gcols, 1))
     grid = torch.stack(rows, 1).flatten(0, 2)   # sample by sample: F's row, then G's
     save_grid(to_uint8(grid.clamp(-1, 1)), path, nrow=len(cols))
@@ -435,7 +441,7 @@ def get_args(argv=None):
     labels = None   # None: uniformly random labels (the FID protocol), or a grid's rows
     if args.labels:
         try:
-            labels = torch.tensor([int(s) for s in args.labels.split(',')])
+            labels = torch.tensor([int(label) for label in args.labels.split(',')])
         except ValueError:
             p.error(f'--labels {args.labels}: expected comma-separated integer class labels (0 .. num_classes-1)')
     return p, args, labels
@@ -554,9 +560,10 @@ def main(argv=None):
         save_grid(imgs[:min(n, 100)], args.out, nrow=10 if ncls else 8)
         print(f'wrote {min(n, 100)} of {n} samples to {args.out}')
         if args.fid:   # the distance is printed with N and the reference, so the number cannot be misread
-            r = fid.fid_from_samples(imgs, args.fid, inception, device)
-            print(f'FID {r["fid"]:.4f} on {n} samples vs {args.fid}' +
-                  (f' | IS {r["inception_score"]:.3f}' if r.get('inception_score') is not None else ''))
+            res = fid.fid_from_samples(imgs, args.fid, inception, device)
+            print(f'FID {res["fid"]:.4f} on {n} samples vs {args.fid}' +
+                  (f' | IS {res["inception_score"]:.3f}' if res.get('inception_score') is not None
+                   else ''))
     if world > 1:   # a clean exit, together: rank 0 may still be writing and scoring when the others get here
         dist.barrier()
         dist.destroy_process_group()   # torchrun reports a rank that leaves the group open

@@ -259,10 +259,11 @@ def step_inputs(args, step, x, y, num_classes, rank, world):
     They are drawn on x's device (a GPU's own generator): no host-to-device copy, nothing for the step to wait on."""
     B, b = args.batch_size, args.batch_size // world
     # a prime stride keeps the streams of (seed, step) and (seed + 1, step') apart for any run shorter than 1M steps
-    g = torch.Generator(device=x.device).manual_seed(args.seed * 1_000_003 + step)
+    gen = torch.Generator(device=x.device).manual_seed(args.seed * 1_000_003 + step)
     # draw for all B, keep this rank's rows: ranks stay disjoint and match a single process row for row
-    eps = torch.randn((B, *x.shape[1:]), generator=g, device=x.device)[rank * b:(rank + 1) * b]
-    u = torch.rand(B, 3, generator=g, device=x.device)[rank * b:(rank + 1) * b]   # label drop, w = 0?, w
+    eps = torch.randn((B, *x.shape[1:]), generator=gen, device=x.device)[rank * b:(rank + 1) * b]
+    # label drop, w = 0?, w
+    u = torch.rand(B, 3, generator=gen, device=x.device)[rank * b:(rank + 1) * b]
     y = torch.where(u[:, 0] < args.label_drop, -1, y) if num_classes else None
     w = torch.zeros_like(u[:, 1])
     if args.stage == 'reverse' and args.guidance_mode == 'train':
@@ -277,22 +278,23 @@ def posterior_sample(args, step, moments, mean, std, rank, world):
     moments (b, 2, C, h, w) = [mu, s] of the image or its flip (the loader's choice). eps is drawn, like
     step_inputs', for the global batch from (seed, step) and sliced, from a stream of its own (offset 2**40)."""
     B, b = args.batch_size, args.batch_size // world
-    g = torch.Generator(device=moments.device).manual_seed(args.seed * 1_000_003 + step + 2 ** 40)
-    eps = torch.randn((B, *moments.shape[2:]), generator=g, device=moments.device)[rank * b:(rank + 1) * b]
+    gen = torch.Generator(device=moments.device).manual_seed(args.seed * 1_000_003 + step + 2 ** 40)
+    eps = torch.randn((B, *moments.shape[2:]), generator=gen, device=moments.device)
+    eps = eps[rank * b:(rank + 1) * b]
     mu, s = moments.unbind(1)
     return (mu + s * eps - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)   # (b, C, h, w)
 
 
 def prior_noise(args, step, shape, y, rank, world, device):
     """--cycle's prior noise z ~ N(0, I) of one step: --cycle_batch draws per rank (None: the rank's
-    batch), (k, N, d), with the labels of the rank's first k rows. Drawn, like step_inputs', for all
-    ranks from (seed, step) and sliced, from a stream of its own (offset 2**41): the data's noise,
-    labels and scales are the same with and without the term."""
+    batch), (n_prior, N, d), with the labels of the rank's first n_prior rows. Drawn, like
+    step_inputs', for all ranks from (seed, step) and sliced, from a stream of its own (offset
+    2**41): the data's noise, labels and scales are the same with and without the term."""
     b = args.batch_size // world
-    k = min(args.cycle_batch or b, b)
-    g = torch.Generator(device=device).manual_seed(args.seed * 1_000_003 + step + 2 ** 41)
-    z = torch.randn((k * world, *shape), generator=g, device=device)[rank * k:(rank + 1) * k]
-    return z, y[:k]
+    n_prior = min(args.cycle_batch or b, b)
+    gen = torch.Generator(device=device).manual_seed(args.seed * 1_000_003 + step + 2 ** 41)
+    z = torch.randn((n_prior * world, *shape), generator=gen, device=device)
+    return z[rank * n_prior:(rank + 1) * n_prior], y[:n_prior]
 
 
 def crop_generator(seed, step, rank):
@@ -352,13 +354,13 @@ def heldout_bits_per_dim(model, dataset, n, batch_size, rank, world, device, ctx
     idx = list(range(rank, min(n, len(dataset)), world))   # rank r scores images r, r+W, ...: disjoint, all covered
     # sums, not means, are reduced across ranks: the ranks' shares differ by one image when W does not divide n
     total = torch.zeros(2, dtype=torch.float64, device=device)   # summed nll, image count
-    for s in range(0, len(idx), batch_size):
-        items = [dataset[i] for i in idx[s:s + batch_size]]
+    for start in range(0, len(idx), batch_size):
+        items = [dataset[i] for i in idx[start:start + batch_size]]
         x = torch.stack([im for im, _ in items]).to(device).float() / 127.5 - 1   # uint8 -> the model's [-1, 1]
         y = torch.tensor([lab for _, lab in items], device=device) if model.cfg.num_classes else None
         # the dequantisation noise of image i is fixed: evaluations differ only because the model does
         eps = torch.stack([torch.randn(x.shape[1:], generator=torch.Generator().manual_seed(i))
-                           for i in idx[s:s + batch_size]]).to(device)
+                           for i in idx[start:start + batch_size]]).to(device)
         with ctx:
             _, nll, _ = forward_loss(model, x, y, eps, noise='uniform')
         total += torch.stack([nll.double().sum(), torch.tensor(len(x), dtype=torch.float64, device=device)])
@@ -490,16 +492,17 @@ def load_data(args, cfg, flow_latent, resume, device):
     dataset = build_dataset(args.data, cfg.img_size, 'train', args.seed)
     latent = decode = norm = None
     if isinstance(dataset, LatentDataset):
-        m = dataset.meta
-        latent = {k: m[k] for k in ('img_size', 'latent_shape', 'vae', 'norm')}
-        if tuple(m['latent_shape']) != (cfg.in_channels, cfg.img_size, cfg.img_size):
-            raise UsageError(f'--data {args.data} holds latents of shape {tuple(m["latent_shape"])} (C, h, w), but '
+        meta = dataset.meta
+        latent = {k: meta[k] for k in ('img_size', 'latent_shape', 'vae', 'norm')}
+        if tuple(meta['latent_shape']) != (cfg.in_channels, cfg.img_size, cfg.img_size):
+            raise UsageError(f'--data {args.data} holds latents of shape '
+                             f'{tuple(meta["latent_shape"])} (C, h, w), but '
                              f'the model takes {cfg.in_channels}x{cfg.img_size}x{cfg.img_size} (' +
                              (f'--preset {args.preset})' if args.stage == 'forward' else 'the geometry of F)'))
         if args.stage == 'forward' and (args.noise_type != 'gaussian' or args.val_data):
             raise UsageError('--noise_type uniform and --val_data measure bits/dim of 8-bit pixels; latent data has '
                              'no such bins: train latents with Gaussian noise, without --val_data')
-        norm = tuple(t.to(device) for t in latent_norm(m))
+        norm = tuple(stat.to(device) for stat in latent_norm(meta))
         decode = latent_decoder(latent, args.vae, device, f'--data {args.data}')   # checks the VAE's fingerprint
         if args.stage == 'reverse':   # G learns F's inverse on F's own data distribution
             # F's recorded VAE against the one that made these latents (an older file records an older fingerprint)
@@ -540,7 +543,8 @@ def restore(resume, model, ema, opt, loader):
 def print_header(args, model, world, device, bf16, latent):
     """What trains, where, with which settings (all of them, so that a log is self-describing)."""
     name, paper = PAPER_MODELS.get((args.stage, args.preset), (None, None))
-    print(f'{args.stage} model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters' +
+    n_params = sum(param.numel() for param in model.parameters())
+    print(f'{args.stage} model: {n_params / 1e6:.2f}M parameters' +
           (f' ({name} in the paper: {paper / 1e6:.0f}M)' if name else '') +
           f', {world} rank(s) on {device}, {"bf16" if bf16 else "fp32"}' +
           (f', latents of {latent["vae"]["name"]}' if latent else ''))
@@ -668,7 +672,7 @@ def train(argv, lock):
     args, resume = settings(argv)
     rank, world, device, bf16 = processes(args)
     master = rank == 0
-    print0 = print if master else (lambda *a, **k: None)
+    print0 = print if master else (lambda *a, **kw: None)
     ctx = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()   # fp32 flow math always
     ckpt_path, log_path, continuing = claim_outputs(args, resume, lock, master)
 
@@ -784,7 +788,8 @@ def train(argv, lock):
             dt = time.time() - t0
             row.update(gnorm=gnorm, lr=lr, img_per_s=seen / dt, ms_per_step=1000 * dt / cnt, skipped=n_skipped)
             if args.stage == 'forward':  # per-block output norms: a flow that blows up shows here first
-                row['block_norms'] = [t.detach().float().pow(2).mean().item() for t in traj[1:]]
+                row['block_norms'] = [state.detach().float().pow(2).mean().item()
+                                      for state in traj[1:]]
             if master:
                 print_row(row, args.max_steps, round((stop - step) * dt / cnt))   # ETA from the last interval
             log(row)   # the jsonl row keeps full precision

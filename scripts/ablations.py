@@ -166,8 +166,8 @@ def train_status(ckpt):
     """'done', 'partial' (a checkpoint before max_steps) or 'none'."""
     if not os.path.exists(ckpt):
         return 'none'
-    c = torch.load(ckpt, map_location='cpu', weights_only=False)
-    return 'done' if c['step'] >= c['train_config']['max_steps'] else 'partial'
+    saved = torch.load(ckpt, map_location='cpu', weights_only=True)
+    return 'done' if saved['step'] >= saved['train_config']['max_steps'] else 'partial'
 
 
 def train(runner, out, name, stage, flags):
@@ -278,26 +278,26 @@ def derive(out, name, ckpts):
     src, change = DERIVED[name]
     path = os.path.join(out, name, 'reverse.pt')
     if not os.path.exists(path) and ckpts.get(src):
-        c = torch.load(ckpts[src], map_location='cpu', weights_only=False)
-        c['model_config'].update(change)
-        c['derived_from'] = dict(checkpoint=ckpts[src], change=change)
+        saved = torch.load(ckpts[src], map_location='cpu', weights_only=True)
+        saved['model_config'].update(change)
+        saved['derived_from'] = dict(checkpoint=ckpts[src], change=change)
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        data.atomic_write(path, lambda f: torch.save(c, f))
+        data.atomic_write(path, lambda f: torch.save(saved, f))
     return path if os.path.exists(path) else None
 
 
 def score_accuracy(runner, npzs, steps):
     """The share read as the requested class, for every file whose NPZ.json lacks it. One classifier (seeded, so the
     same one in every invocation) reads all of them."""
-    todo = [p for p in npzs if 'acc' not in read_json(p[:-4] + '.json', {})]
+    todo = [npz for npz in npzs if 'acc' not in read_json(npz[:-4] + '.json', {})]
     if todo:
         t0 = time.time()
-        for p, acc in digit_accuracy(todo, steps=steps).items():
-            s = read_json(p[:-4] + '.json', {})
-            s['acc'] = acc
-            write_json(p[:-4] + '.json', s)
+        for npz, acc in digit_accuracy(todo, steps=steps).items():
+            m = read_json(npz[:-4] + '.json', {})
+            m['acc'] = acc
+            write_json(npz[:-4] + '.json', m)
         runner.add_time('accuracy', time.time() - t0)
-    return {p: read_json(p[:-4] + '.json', {}).get('acc') for p in npzs}
+    return {npz: read_json(npz[:-4] + '.json', {}).get('acc') for npz in npzs}
 
 
 def nfe(model, fwd_cfg):
@@ -317,12 +317,12 @@ def time_batch1(model, forward_model, w, reps):
     torch.set_num_threads(1)
     try:
         z = sample.noise_for([0], model, 'cpu')
-        y = torch.tensor([3]) if model.cfg.num_classes else None
-        sample.generate(model, forward_model, z, y, guidance=w)
+        labels = torch.tensor([3]) if model.cfg.num_classes else None
+        sample.generate(model, forward_model, z, labels, guidance=w)
         ts = []
         for _ in range(reps):
             t0 = time.perf_counter()
-            sample.generate(model, forward_model, z, y, guidance=w)
+            sample.generate(model, forward_model, z, labels, guidance=w)
             ts.append(1000 * (time.perf_counter() - t0))
         return statistics.median(ts)
     finally:
@@ -336,9 +336,9 @@ def timing(runner, out, ckpts, model, w, reps):
     key = f'{model}-w{w:g}'
     if key not in t and ckpts.get(model):
         t0 = time.time()
-        m, fm, _ = sample.load_models(ckpts[model], verbose=False)   # pixel models: no decoder
-        fcfg = (fm or m).cfg
-        t[key] = dict(nfe=nfe(m, fcfg), ms=time_batch1(m, fm, w, reps))
+        net, fm, _ = sample.load_models(ckpts[model], verbose=False)   # pixel models: no decoder
+        fcfg = (fm or net).cfg
+        t[key] = dict(nfe=nfe(net, fcfg), ms=time_batch1(net, fm, w, reps))
         write_json(path, t)
         runner.add_time('timing', time.time() - t0)
     return t.get(key)
@@ -387,20 +387,20 @@ def plot_alignment(logs, path, size=(640, 300)):
         steps = [r['step'] for r in rows if 'step' in r]
         smax = max(steps) if steps else 1
         for e in range(int(np.floor(lo)), int(np.ceil(hi)) + 1):   # ticks at 1, 2, 5 per decade
-            for m in (1, 2, 5):
-                y = bottom - (e + np.log10(m) - lo) / (hi - lo) * (bottom - top)
+            for mant in (1, 2, 5):
+                y = bottom - (e + np.log10(mant) - lo) / (hi - lo) * (bottom - top)
                 if top <= y <= bottom:
                     d.line([x0 - 3, y, x0, y], fill='black')
-                    d.text((x0 - 38, y - 5), f'{m * 10.0 ** e:g}', fill='black', font=font)
+                    d.text((x0 - 38, y - 5), f'{mant * 10.0 ** e:g}', fill='black', font=font)
         d.text((x1 - 60, bottom + 6), f'step {smax}', fill='black', font=font)
         d.text((x0, bottom + 6), 'distance (log scale)', fill='black', font=font)
         for j, k in enumerate(align_keys(rows)):
             pts = [(x0 + r['step'] / smax * (x1 - x0), bottom - (np.log10(r[k]) - lo) / (hi - lo) * (bottom - top))
                    for r in rows if r.get(k, 0) > 0]
-            c = COLOURS[j % len(COLOURS)]
+            col = COLOURS[j % len(COLOURS)]
             if len(pts) > 1:
-                d.line(pts, fill=c, width=2)
-            d.text((x0 + 4 + 46 * j, 18), k, fill=c, font=font)
+                d.line(pts, fill=col, width=2)
+            d.text((x0 + 4 + 46 * j, 18), k, fill=col, font=font)
     img.save(path)
 
 
@@ -431,8 +431,8 @@ def plot_sweep(curves, path, size=(640, 260), key='acc', label='read as class (%
                if v is not None]
         if len(pts) > 1:
             d.line(pts, fill=col, width=2)
-        for p in pts:
-            d.ellipse([p[0] - 3, p[1] - 3, p[0] + 3, p[1] + 3], fill=col)
+        for pt in pts:
+            d.ellipse([pt[0] - 3, pt[1] - 3, pt[0] + 3, pt[1] + 3], fill=col)
         d.text((x1 + 10, top + 14 * j), name, fill=col, font=font)
     img.save(path)
 
@@ -474,17 +474,18 @@ def markdown(res):
         for name, c in sw.items():
             cells = []
             for w in ws:
-                p = c.get(f'{w:g}') or {}
-                a = fmt(None if p.get('acc') is None else 100 * p['acc'], '.1f', '%')
-                cells.append(a + (f" / {p['fid']:.1f}" if p.get('fid') is not None else '') + f" (n={p.get('n', '?')})")
+                point = c.get(f'{w:g}') or {}
+                acc = fmt(None if point.get('acc') is None else 100 * point['acc'], '.1f', '%')
+                fid_text = f" / {point['fid']:.1f}" if point.get('fid') is not None else ''
+                cells.append(acc + fid_text + f" (n={point.get('n', '?')})")
             L.append(f'| {name} | ' + ' | '.join(cells) + ' |')
         L.append('')
         L.append('Cells: read as class / FID where computed (the table\'s), (n = samples).')
     L.append('')
     L.append('Commands (OUT = the --out folder):')
     L.append('')
-    for c in res.get('commands', []):
-        L.append('    ' + c)
+    for cmd in res.get('commands', []):
+        L.append('    ' + cmd)
     wt = res.get('walltimes') or {}
     if wt:
         L.append('')
@@ -551,9 +552,9 @@ def main(argv=None):
             futs[REV[name][0]].result()   # its F first
         ckpt = train(runner, out, name, stage, flags)
         ckpts[name] = ckpt if ckpt and train_status(ckpt) == 'done' else None
-        for d, (src, _) in DERIVED.items():
+        for derived, (src, _) in DERIVED.items():
             if src == name:
-                ckpts[d] = derive(out, d, ckpts)
+                ckpts[derived] = derive(out, derived, ckpts)
 
     def sample_job(model, w, seed, n, ramp=False, fid_=True):
         futs[model if model not in DERIVED else DERIVED[model][0]].result()
@@ -574,28 +575,32 @@ def main(argv=None):
         for name in REV:
             if name != late:
                 futs[name] = pool.submit(train_job, name)
-        sfuts = {(m, w, s): pool.submit(sample_job, m, w, s, sz['n']) for m, w, s in table_jobs if m != late}
+        sfuts = {(model, w, seed): pool.submit(sample_job, model, w, seed, sz['n'])
+                 for model, w, seed in table_jobs if model != late}
         if late in REV:
             futs[late] = pool.submit(train_job, late)
-            sfuts.update({(m, w, s): pool.submit(sample_job, m, w, s, sz['n']) for m, w, s in table_jobs
-                          if m == late})
+            sfuts.update({(model, w, seed): pool.submit(sample_job, model, w, seed, sz['n'])
+                          for model, w, seed in table_jobs if model == late})
         wfuts = {}
         if a.sweep:
             for label, model, ramp, n in sweep_specs:
                 for w in SWEEP_W:   # w = 0 ramped is w = 0 constant: one file; a point equal to a table row reuses it
                     wfuts[(label, w)] = pool.submit(sample_job, model, w, 0, n, ramp and w > 0,
                                                     fid_=(model, w, 0) in table_jobs and n == sz['n'])
-        for f in list(futs.values()) + list(sfuts.values()) + list(wfuts.values()):
-            f.result()   # re-raises an error of the script itself (a failed command is recorded, not raised)
+        for fut in list(futs.values()) + list(sfuts.values()) + list(wfuts.values()):
+            # re-raises an error of the script itself (a failed command is recorded, not raised)
+            fut.result()
 
     # ---- results: FID and accuracy per row, timing at batch 1 (one thread, one command at a time), the noise
     res = dict(sizes={k: v for k, v in sz.items() if k != 'extra_train'}, w_cfg=W_CFG, jobs=a.jobs,
                threads=a.threads, rows=[], commands=[])
     for name, (stage, flags) in cmds.items():
         res['commands'].append(show(['python', 'train.py'] + flags + ['--out_dir', f'OUT/{name}']).replace(out, 'OUT'))
-    for d, (src, change) in DERIVED.items():
-        res['commands'].append(f'# OUT/{d}/reverse.pt: OUT/{src}/reverse.pt with model_config {change}')
-    files = [npz for f in list(sfuts.values()) + list(wfuts.values()) for _, npz in [f.result()] if npz]
+    for derived, (src, change) in DERIVED.items():
+        res['commands'].append(f'# OUT/{derived}/reverse.pt: OUT/{src}/reverse.pt with '
+                               f'model_config {change}')
+    files = [npz for fut in list(sfuts.values()) + list(wfuts.values()) for _, npz in [fut.result()]
+             if npz]
     acc = score_accuracy(runner, sorted(set(files + [ref_npz])), sz['classifier_steps']) if files else {}
     res['classifier_on_reference'] = acc.get(ref_npz)
     for group, setting, paper, model, w in rows_:
@@ -608,14 +613,14 @@ def main(argv=None):
             res['commands'].append(show(sample_cmd(ck, w, 0, sz['n'], f'OUT/samples/{key}.npz',
                                                    fid_stats=f'OUT/{os.path.basename(stats)}')))
         res['rows'].append(row)
-    s0, s1 = (read_json(sfuts[('G_hidden', 0.0, s)].result()[1][:-4] + '.json', {})
-              if sfuts[('G_hidden', 0.0, s)].result()[1] else {} for s in (0, 1))
+    s0, s1 = (read_json(sfuts[('G_hidden', 0.0, seed)].result()[1][:-4] + '.json', {})
+              if sfuts[('G_hidden', 0.0, seed)].result()[1] else {} for seed in (0, 1))
     if s0.get('fid') is not None and s1.get('fid') is not None:
         res['noise'] = dict(model='G_hidden', w=0.0, fid=[s0['fid'], s1['fid']], acc=[s0.get('acc'), s1.get('acc')],
                             delta_fid=abs(s0['fid'] - s1['fid']))
     sw = {}
-    for (label, w), f in wfuts.items():
-        _, npz = f.result()
+    for (label, w), fut in wfuts.items():
+        _, npz = fut.result()
         n = next(n for lb, _, _, n in sweep_specs if lb == label)
         m = read_json(npz[:-4] + '.json', {}) if npz else {}
         sw.setdefault(label, {})[f'{w:g}'] = dict(acc=m.get('acc'), fid=m.get('fid'), n=n)
@@ -633,7 +638,7 @@ def main(argv=None):
     inv = read_json(os.path.join(out, 'invocations.json'), [])   # [start, end] of every invocation, for the wall time
     inv.append([t_start, time.time()])
     write_json(os.path.join(out, 'invocations.json'), inv)
-    res['elapsed'] = sum(e - s for s, e in inv)
+    res['elapsed'] = sum(end - start for start, end in inv)
     res['commands'] = list(dict.fromkeys(res['commands']))   # a model shared by several rows is listed once
 
     write_json(os.path.join(out, 'results.json'), res)
@@ -642,7 +647,8 @@ def main(argv=None):
     plot_alignment({'hidden alignment (G_hidden)': logs['G_hidden'],
                     'hidden distillation (G_distill)': logs['G_distill']}, os.path.join(out, 'align_depths.png'))
     if res['sweep']:
-        plot_sweep({k: [(float(w), None if p['acc'] is None else 100 * p['acc']) for w, p in c.items()]
+        plot_sweep({k: [(float(w), None if point['acc'] is None else 100 * point['acc'])
+                        for w, point in c.items()]
                     for k, c in res['sweep'].items()}, os.path.join(out, 'guidance_sweep.png'))
     if a.md:
         write_md(a.md, table)

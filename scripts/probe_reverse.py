@@ -60,8 +60,8 @@ def prior_gap(G, flow, z, y):
     targets = align_targets(G, traj, clean)
     T = len(traj) - 1
     out = {
-        f'align{T - 1 - g}': state_distance(p, t, G.cfg.norm).mean().item()
-        for g, (p, t) in enumerate(zip(preds[:-1], targets[:-1]))
+        f'align{T - 1 - g}': state_distance(pred, target, G.cfg.norm).mean().item()
+        for g, (pred, target) in enumerate(zip(preds[:-1], targets[:-1]))
     }
     out['out'] = state_distance(preds[-1], targets[-1], G.cfg.norm).mean().item()
     out['cycle'] = cycle_loss(G, flow, z, y, preds).mean().item()
@@ -77,8 +77,8 @@ def data_gap(G, flow, x, y, eps):
     targets = align_targets(G, traj, patchify(x, flow.cfg.patch_size))
     T = len(traj) - 1
     out = {
-        f'align{T - 1 - g}': state_distance(p, t, G.cfg.norm).mean().item()
-        for g, (p, t) in enumerate(zip(preds[:-1], targets[:-1]))
+        f'align{T - 1 - g}': state_distance(pred, target, G.cfg.norm).mean().item()
+        for g, (pred, target) in enumerate(zip(preds[:-1], targets[:-1]))
     }
     out['out'] = state_distance(preds[-1], targets[-1], G.cfg.norm).mean().item()
     return out
@@ -103,10 +103,10 @@ def batched(fn, n, bs, *tensors):
     """fn over chunks of the tensors, its dict of means averaged with the chunks' sizes."""
     acc = {}
     for s in range(0, n, bs):
-        r = fn(*[t[s : s + bs] for t in tensors])
-        k = min(bs, n - s)
-        for key, v in r.items():
-            acc[key] = acc.get(key, 0.0) + v * k / n
+        means = fn(*[tensor[s : s + bs] for tensor in tensors])
+        count = min(bs, n - s)
+        for key, v in means.items():
+            acc[key] = acc.get(key, 0.0) + v * count / n
     return acc
 
 
@@ -117,20 +117,20 @@ def z_metric(flow, x, y, eps, blur=3, seed=0):
     (the clean image box-blurred over blur x blur pixels, rescaled to the same norm); the fresh
     noise is drawn from seed.
     -> {kind: |F(x^0 + delta) - z|^2 / |z|^2, kind_x: |delta|^2 / |x^0|^2}, means over the batch."""
-    s = flow.cfg.noise_std
-    x0 = x + s * eps
+    sigma = flow.cfg.noise_std
+    x0 = x + sigma * eps
     z, _, _ = flow(x0, y)
     fresh = torch.randn(eps.shape, generator=torch.Generator().manual_seed(seed))
-    noise = s * (fresh - eps)
+    noise = sigma * (fresh - eps)
     padded = torch.nn.functional.pad(x, (blur // 2,) * 4, mode='replicate')
     content = torch.nn.functional.avg_pool2d(padded, blur, stride=1) - x
     scale = noise.flatten(1).norm(dim=1) / content.flatten(1).norm(dim=1)
     content = content * scale.view(-1, 1, 1, 1)
     out = {}
-    for kind, d in (('noise', noise), ('content', content)):
-        zd, _, _ = flow(x0 + d, y)
+    for kind, delta in (('noise', noise), ('content', content)):
+        zd, _, _ = flow(x0 + delta, y)
         out[kind] = ((zd - z).pow(2).sum((1, 2)) / z.pow(2).sum((1, 2))).mean().item()
-        out[kind + '_x'] = (d.pow(2).sum((1, 2, 3)) / x0.pow(2).sum((1, 2, 3))).mean().item()
+        out[kind + '_x'] = (delta.pow(2).sum((1, 2, 3)) / x0.pow(2).sum((1, 2, 3))).mean().item()
     return out
 
 
@@ -143,12 +143,12 @@ def gap(args):
         'ckpt': args.ckpt,
         'n': n,
         'seed': args.seed,
-        'prior': batched(lambda a, b: prior_gap(G, flow, a, b), n, args.batch_size, z, y),
+        'prior': batched(lambda zb, yb: prior_gap(G, flow, zb, yb), n, args.batch_size, z, y),
     }
     for name, split, start in (('train', 'train', 0), ('heldout', 'val', args.heldout_from)):
         x, yx, eps = images(split, start, n, c.img_size, args.seed)
         res[name] = batched(
-            lambda a, b, e: data_gap(G, flow, a, b, e), n, args.batch_size, x, yx, eps
+            lambda xb, yb, eb: data_gap(G, flow, xb, yb, eb), n, args.batch_size, x, yx, eps
         )
     held = images('val', args.heldout_from, min(n, 200), c.img_size, args.seed)
     res['z_metric'] = z_metric(flow, *held, seed=args.seed)
@@ -166,20 +166,21 @@ def pair(args):
     z = sample.noise_for(sample.noise_seeds(args.seed, range(args.n)), G, 'cpu')
     xf = sample.generate(flow, None, z, labels, guidance=args.guidance)
     xg = sample.generate(G, flow, z, labels, guidance=args.guidance)
-    f, g = sample.to_uint8(xf), sample.to_uint8(xg)  # (n, H, W, 3)
-    H, s, gap_px = f.shape[1], args.scale, 2
+    imgs_f, imgs_g = sample.to_uint8(xf), sample.to_uint8(xg)  # (n, side, side, 3)
+    side, scale, gap_px = imgs_f.shape[1], args.scale, 2
     cols = args.n // args.rows
-    W = cols * (2 * H + 3 * gap_px)
-    canvas = Image.new('RGB', (W * s, (args.rows * (H + gap_px) + 12) * s // 1 + 14), 'white')
+    W = cols * (2 * side + 3 * gap_px)
+    canvas = Image.new('RGB', (W * scale, (args.rows * (side + gap_px) + 12) * scale // 1 + 14),
+                       'white')
     draw = ImageDraw.Draw(canvas)
     for i in range(args.n):
-        r, col = divmod(i, cols)
-        x0 = col * (2 * H + 3 * gap_px) * s
-        y0 = 14 + r * (H + gap_px) * s
-        for j, im in enumerate((f[i], g[i])):
+        row, col = divmod(i, cols)
+        x0 = col * (2 * side + 3 * gap_px) * scale
+        y0 = 14 + row * (side + gap_px) * scale
+        for j, im in enumerate((imgs_f[i], imgs_g[i])):
             canvas.paste(
-                Image.fromarray(im).resize((H * s, H * s), Image.NEAREST),
-                (x0 + j * (H + gap_px) * s, y0),
+                Image.fromarray(im).resize((side * scale, side * scale), Image.NEAREST),
+                (x0 + j * (side + gap_px) * scale, y0),
             )
     draw.text(
         (2, 1),
@@ -209,12 +210,12 @@ def plot(rows, path, size=(760, 300)):
         x0, x1, y0, y1 = panel * W // 2 + 45, (panel + 1) * W // 2 - 10, 20, H - 60
         d.rectangle([x0, y0, x1, y1], outline='black')
         d.text((x0, 4), label, fill='black')
-        for t in np.linspace(lo, hi, 5):
-            yy = y1 - (t - lo) / (hi - lo) * (y1 - y0)
-            d.text((x0 - 40, yy - 5), f'{t:.0f}', fill='black')
-        for t in sorted(set(steps)):
-            xx = x0 + t / smax * (x1 - x0)
-            d.text((xx - 12, y1 + 3), str(t), fill='black')
+        for tick in np.linspace(lo, hi, 5):
+            yy = y1 - (tick - lo) / (hi - lo) * (y1 - y0)
+            d.text((x0 - 40, yy - 5), f'{tick:.0f}', fill='black')
+        for step in sorted(set(steps)):
+            xx = x0 + step / smax * (x1 - x0)
+            d.text((xx - 12, y1 + 3), str(step), fill='black')
         d.text(((x0 + x1) // 2 - 30, y1 + 16), 'stage-2 steps', fill='black')
         for k, name in enumerate(names):
             col = colors[k % len(colors)]
@@ -232,7 +233,8 @@ def plot(rows, path, size=(760, 300)):
                 yy = y1 - (v - lo) / (hi - lo) * (y1 - y0)
                 d.line([x0, yy, x1, yy], fill=col, width=1)
             xy = [
-                (x0 + s / smax * (x1 - x0), y1 - (v - lo) / (hi - lo) * (y1 - y0)) for s, v in pts
+                (x0 + step / smax * (x1 - x0), y1 - (v - lo) / (hi - lo) * (y1 - y0))
+                for step, v in pts
             ]
             if len(xy) > 1:
                 d.line(xy, fill=col, width=2)
