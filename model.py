@@ -1,6 +1,7 @@
 """
-TarFlow (the forward model F: data -> noise) and BiFlow (a learned, non-causal reverse model G ~ F^-1: noise -> data)
-in one file. No file I/O beyond state dicts and no distributed code: train.py, sample.py and bench.py drive this.
+TarFlow (the forward model F: data -> noise) and BiFlow (a learned, non-causal reverse model G ~
+F^-1: noise -> data) in one file. No file I/O beyond state dicts and no distributed code: train.py,
+sample.py and bench.py drive this.
 
     from model import PRESETS, TarFlow, ReverseModel, reverse_config_for
     flow = TarFlow(PRESETS['cpu'])                   # F in the papers
@@ -23,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
-# ----------------------------------------------------------------------------------------------------------------------
+# -----------------------------------------------------------------------------
 # Configs and presets
 
 
@@ -51,14 +52,16 @@ class FlowConfig(TokenGeometry):
     layers_per_block: int = 4   # K: causal transformer layers in each flow
     head_dim: int = 64
     num_classes: int = 10       # 0 = unconditional
-    noise_std: float = 0.05     # sigma of the Gaussian noise the model is trained on; Tweedie denoising needs it
+    # sigma of the Gaussian noise the model is trained on; Tweedie denoising needs it
+    noise_std: float = 0.05
     norm_clip: float = 0.0      # > 0: alpha, mu = clip*tanh(./clip), BiFlow's forward norm control;
                                 # 0 = TarFlow exactly
 
 
 @dataclass
 class ReverseConfig(TokenGeometry):
-    """The reverse model G of BiFlow. Geometry and classes are copied from the forward model it inverts."""
+    """The reverse model G of BiFlow. Geometry and classes are copied from the forward model it
+    inverts."""
     img_size: int = 16
     in_channels: int = 3
     patch_size: int = 2
@@ -66,16 +69,22 @@ class ReverseConfig(TokenGeometry):
     num_blocks: int = 4         # one layer group (and one alignment head) per forward flow block
     channels: int = 128
     layers_per_block: int = 2   # transformer layers in each group
-    denoise_layers: int = 2     # the extra block that maps the noisy x to the clean x (learned denoising)
+    # the extra block that maps the noisy x to the clean x (learned denoising)
+    denoise_layers: int = 2
     head_dim: int = 64
-    align: str = 'hidden'       # 'hidden' (BiFlow, Eq. 2) | 'distill' (hidden states forced to token space) | 'naive'
-    denoise: str = 'learned'    # 'learned' (extra block, clean target) | 'score' (Tweedie with F at sampling) | 'none'
-    norm: bool = True           # reverse-side norm control: compare states after dividing by the target's RMS
-    guidance_mode: str = 'train'  # 'train': w is an input, one pass gives the guided sample (Eq. 5) | 'inference'
+    # 'hidden' (BiFlow, Eq. 2) | 'distill' (hidden states forced to token space) | 'naive'
+    align: str = 'hidden'
+    # 'learned' (extra block, clean target) | 'score' (Tweedie with F at sampling) | 'none'
+    denoise: str = 'learned'
+    # reverse-side norm control: compare states after dividing by the target's RMS
+    norm: bool = True
+    # 'train': w is an input, one pass gives the guided sample (Eq. 5) | 'inference'
+    guidance_mode: str = 'train'
 
 
 def config_from_dict(cls, cfg_dict):
-    """Rebuild a dataclass config from the plain dict stored in a checkpoint; unknown keys are an error."""
+    """Rebuild a dataclass config from the plain dict stored in a checkpoint; unknown keys are an
+    error."""
     names = {f.name for f in fields(cls)}
     unknown = set(cfg_dict) - names
     if unknown:
@@ -83,36 +92,45 @@ def config_from_dict(cls, cfg_dict):
     return cls(**cfg_dict)
 
 
-# The seed's ImageNet 64 table [P-Ch-T-K-sigma] and the other reference runs, plus a preset that trains on a CPU.
-_IN = dict(num_blocks=8, layers_per_block=8, head_dim=64, num_classes=1000)   # T = K = 8 in every paper run
-_LATENT = dict(img_size=32, in_channels=4, patch_size=2, num_blocks=8, head_dim=64, num_classes=1000,
-               noise_std=0.3, norm_clip=4.0)
+# The seed's ImageNet 64 table [P-Ch-T-K-sigma] and the
+# other reference runs, plus a preset that trains on a CPU.
+# T = K = 8 in every paper run
+_IN = dict(num_blocks=8, layers_per_block=8, head_dim=64, num_classes=1000)
+_LATENT = dict(img_size=32, in_channels=4, patch_size=2, num_blocks=8, head_dim=64,
+               num_classes=1000, noise_std=0.3, norm_clip=4.0)
 PRESETS = {
     # minutes on a laptop CPU; norm control on, as the two-stage BiFlow recipe
-    'cpu': FlowConfig(img_size=16, patch_size=2, channels=96, num_blocks=4, layers_per_block=2, head_dim=32,
-                      num_classes=10, noise_std=0.05, norm_clip=4.0),
-    'imagenet64': FlowConfig(img_size=64, patch_size=2, channels=768, noise_std=0.05, **_IN),       # 2-768-8-8, FID 2.90
-    'imagenet64-1024': FlowConfig(img_size=64, patch_size=2, channels=1024, noise_std=0.05, **_IN),  # FID 2.66
-    'imagenet64-p4': FlowConfig(img_size=64, patch_size=4, channels=1024, noise_std=0.05, **_IN),    # FID 3.99
-    'imagenet128': FlowConfig(img_size=128, patch_size=4, channels=1024, noise_std=0.15, **_IN),     # 4-1024-8-8
+    'cpu': FlowConfig(img_size=16, patch_size=2, channels=96, num_blocks=4, layers_per_block=2,
+                      head_dim=32, num_classes=10, noise_std=0.05, norm_clip=4.0),
+    # 2-768-8-8, FID 2.90
+    'imagenet64': FlowConfig(img_size=64, patch_size=2, channels=768, noise_std=0.05, **_IN),
+    # FID 2.66
+    'imagenet64-1024': FlowConfig(img_size=64, patch_size=2, channels=1024, noise_std=0.05, **_IN),
+    # FID 3.99
+    'imagenet64-p4': FlowConfig(img_size=64, patch_size=4, channels=1024, noise_std=0.05, **_IN),
+    # 4-1024-8-8
+    'imagenet128': FlowConfig(img_size=128, patch_size=4, channels=1024, noise_std=0.15, **_IN),
     'afhq256': FlowConfig(**{**_IN, 'num_classes': 3}, img_size=256, patch_size=8, channels=768,
-                          noise_std=0.07),                         # 8-768-8-8-0.07 (Apple's released weights)
-    # BiFlow's setting: ImageNet 256 as SD-VAE latents (4 x 32 x 32, normalised per channel; see vae.py), patch 2 ->
-    # 256 tokens of 16 values. Sizes hit the paper's parameter counts (README): B = width 768 with T*K = 8*2 layers,
-    # XL = width 1152 with 8*5. Sigma 0.3 is STARFlow's latent noise, norm control is BiFlow's stage-1 recipe (the
-    # paper gives neither value).
+                          # 8-768-8-8-0.07 (Apple's released weights)
+                          noise_std=0.07),
+    # BiFlow's setting: ImageNet 256 as SD-VAE latents (4 x 32 x 32, normalised per channel; see
+    # vae.py), patch 2 -> 256 tokens of 16 values. Sizes hit the paper's parameter counts (README):
+    # B = width 768 with T*K = 8*2 layers, XL = width 1152 with 8*5. Sigma 0.3 is STARFlow's latent
+    # noise, norm control is BiFlow's stage-1 recipe (the paper gives neither value).
     'itarflow-b2': FlowConfig(**_LATENT, channels=768, layers_per_block=2),     # 121M (paper: 120M)
     'itarflow-xl2': FlowConfig(**_LATENT, channels=1152, layers_per_block=5),   # 650M (paper: 690M)
 }
-# Reverse models by the same names. The CPU one has its forward model's size (0.9M); the pixel ones follow BiFlow-B (width
-# 768, 12 heads) with one 2-layer group per forward block plus a 2-layer denoiser (choices, see README). BiFlow-B/2
-# is DiT-B/2's 12 layers: one per forward block plus a 4-layer denoiser, 130M (paper: 133M); the latent forward
-# presets name it as their reverse model.
+# Reverse models by the same names. The CPU one has its forward model's size (0.9M); the pixel ones
+# follow BiFlow-B (width 768, 12 heads) with one 2-layer group per forward block plus a 2-layer
+# denoiser (choices, see README). BiFlow-B/2 is DiT-B/2's 12 layers: one per forward block plus a
+# 4-layer denoiser, 130M (paper: 133M); the latent forward presets name it as their reverse model.
 REVERSE_PRESETS = {'cpu': dict(channels=96, layers_per_block=1, denoise_layers=1, head_dim=32),
                    'biflow-b2': dict(channels=768, layers_per_block=1, denoise_layers=4)}
 REVERSE_PRESETS['itarflow-b2'] = REVERSE_PRESETS['itarflow-xl2'] = REVERSE_PRESETS['biflow-b2']
-# The papers' names and parameter counts of the models these presets build, printed beside ours when a run starts.
-PAPER_MODELS = {('forward', 'itarflow-b2'): ('iTARFlow-B/2', 120e6), ('forward', 'itarflow-xl2'): ('iTARFlow-XL/2', 690e6),
+# The papers' names and parameter counts of the models these
+# presets build, printed beside ours when a run starts.
+PAPER_MODELS = {('forward', 'itarflow-b2'): ('iTARFlow-B/2', 120e6),
+                ('forward', 'itarflow-xl2'): ('iTARFlow-XL/2', 690e6),
                 **{('reverse', preset): ('BiFlow-B/2', 133e6)
                    for preset in ('biflow-b2', 'itarflow-b2', 'itarflow-xl2')}}
 for _name in PRESETS:
@@ -128,7 +146,7 @@ def reverse_config_for(fcfg: FlowConfig, preset: str = 'cpu', **overrides) -> Re
     return ReverseConfig(**kw)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# -----------------------------------------------------------------------------
 # Transformer pieces, shared by both models
 
 
@@ -196,7 +214,8 @@ class MLP(nn.Module):
     def __init__(self, dim, ratio=4):
         super().__init__()
         self.norm = LayerNorm32(dim)
-        self.main = nn.Sequential(nn.Linear(dim, ratio * dim), nn.GELU(), nn.Linear(ratio * dim, dim))
+        self.main = (nn.Sequential(nn.Linear(dim, ratio * dim), nn.GELU(),
+                                   nn.Linear(ratio * dim, dim)))
 
     def forward(self, h, mod=None):
         hn = self.norm(h)
@@ -216,13 +235,14 @@ class AttentionBlock(nn.Module):
         return h + self.mlp(h)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# -----------------------------------------------------------------------------
 # The forward model: TarFlow
 
 
 class _CachedLayer(NamedTuple):
-    """One causal layer as the token-by-token inverse uses it: its modules, its preallocated KV cache k, v
-    (S*B, H, N, hd) and views of it (k_at[i] writes position i, k_upto[i] reads positions 0..i)."""
+    """One causal layer as the token-by-token inverse uses it: its modules, its preallocated KV
+    cache k, v (S*B, H, N, hd) and views of it (k_at[i] writes position i, k_upto[i] reads positions
+    0..i)."""
     norm1: nn.Module
     qkv: nn.Module
     proj: nn.Module
@@ -256,7 +276,8 @@ class InverseInfo(NamedTuple):
 
 
 class MetaBlock(nn.Module):
-    """One autoregressive affine flow: z_i = (x_i - mu(x_<i)) * exp(-alpha(x_<i)), z_0 = x_0, in its own token order."""
+    """One autoregressive affine flow: z_i = (x_i - mu(x_<i)) * exp(-alpha(x_<i)), z_0 = x_0, in its
+    own token order."""
 
     def __init__(self, cfg: FlowConfig, flip: bool):
         super().__init__()
@@ -266,16 +287,19 @@ class MetaBlock(nn.Module):
         self.pos_embed = nn.Parameter(torch.randn(N, D) * 1e-2)
         if cfg.num_classes:
             self.class_embed = nn.Parameter(torch.randn(cfg.num_classes, 1, D) * 1e-2)
-        self.attn_blocks = nn.ModuleList(AttentionBlock(D, cfg.head_dim) for _ in range(cfg.layers_per_block))
+        self.attn_blocks = (nn.ModuleList(AttentionBlock(D, cfg.head_dim)
+                                          for _ in range(cfg.layers_per_block)))
         self.proj_out = nn.Linear(D, 2 * d)
-        self.proj_out.weight.data.zero_()  # as TarFlow: each flow starts as a per-channel affine map (bias kept)
+        # as TarFlow: each flow starts as a per-channel affine map (bias kept)
+        self.proj_out.weight.data.zero_()
 
     def permute(self, x, dim=1):
         """Identity for even blocks, reversed token order for odd ones (its own inverse)."""
         return x.flip(dim) if self.flip else x
 
     def condition(self, y):
-        """Class embedding added to every token: (B, 1, D). Label -1 (dropped) or y=None uses the mean embedding."""
+        """Class embedding added to every token: (B, 1, D). Label -1 (dropped) or y=None uses the
+        mean embedding."""
         if not hasattr(self, 'class_embed'):
             return 0.
         null = self.class_embed.mean(0, keepdim=True)  # (1, 1, D)
@@ -288,20 +312,26 @@ class MetaBlock(nn.Module):
         clip*tanh(./clip)."""
         alpha, mu = f32(h).chunk(2, dim=-1)
         if self.clip > 0:
-            alpha, mu = self.clip * torch.tanh(alpha / self.clip), self.clip * torch.tanh(mu / self.clip)
+            alpha, mu = (self.clip * torch.tanh(alpha / self.clip),
+                         self.clip * torch.tanh(mu / self.clip))
         return alpha, mu
 
     def params(self, xp, y=None, temp=None):
-        """alpha, mu (B, N, d) for every token of xp (already in this block's order), in parallel."""
-        h = self.proj_in(xp) + self.permute(self.pos_embed, dim=0) + self.condition(y)  # (B, N, D); pos moves with its patch
+        """alpha, mu (B, N, d) for every token of xp (already in this block's order), in
+        parallel."""
+        # (B, N, D); pos moves with its patch
+        h = self.proj_in(xp) + self.permute(self.pos_embed, dim=0) + self.condition(y)
         for layer in self.attn_blocks:
             h = layer(h, temp=temp)
-        h = self.proj_out(h)                                 # (B, N, 2d): output i predicts token i+1
-        h = torch.cat([torch.zeros_like(h[:, :1]), h[:, :-1]], dim=1)  # shift: token i depends on tokens < i only
+        # (B, N, 2d): output i predicts token i+1
+        h = self.proj_out(h)
+        # shift: token i depends on tokens < i only
+        h = torch.cat([torch.zeros_like(h[:, :1]), h[:, :-1]], dim=1)
         return self.affine(h)
 
     def forward(self, x, y=None, temp=None):
-        """x (B, N, d) in raster order -> z (B, N, d) in raster order and log|det dz/dx| (B,), all in parallel."""
+        """x (B, N, d) in raster order -> z (B, N, d) in raster order and log|det dz/dx| (B,), all
+        in parallel."""
         xp = self.permute(x)
         alpha, mu = self.params(xp, y, temp)
         z = (f32(xp) - mu) * torch.exp(-alpha)
@@ -309,13 +339,14 @@ class MetaBlock(nn.Module):
 
     @torch.no_grad()
     def reverse_reference(self, z, y=None, guidance=0.0, ramp=False, attn_temp=1.0):
-        """The exact inverse as written down, and as Apple's ml-tarflow runs it: token i+1 of the permuted x is
-        x_{i+1} = z_{i+1} * exp(alpha_i) + mu_i, with (alpha, mu) from the causal layers on tokens 0..i, each layer
-        keeping its keys and values in Python lists re-concatenated at every token. With guidance the conditional
-        and the unconditional stream (null label, attention temperature attn_temp) are two passes with their own
-        caches, and alpha, mu are extrapolated by gscale: alpha + gscale (alpha - alpha_uncond), the
-        same for mu, with gscale = w, or w (i+1)/(N-1) when ramped. z (B, N, d) -> x (B, N, d).
-        `reverse` is the fast form of the same math."""
+        """The exact inverse as written down, and as Apple's ml-tarflow runs it: token i+1 of the
+        permuted x is x_{i+1} = z_{i+1} * exp(alpha_i) + mu_i, with (alpha, mu) from the causal
+        layers on tokens 0..i, each layer keeping its keys and values in Python lists
+        re-concatenated at every token. With guidance the conditional and the unconditional stream
+        (null label, attention temperature attn_temp) are two passes with their own caches, and
+        alpha, mu are extrapolated by gscale: alpha + gscale (alpha - alpha_uncond), the same for
+        mu, with gscale = w, or w (i+1)/(N-1) when ramped. z (B, N, d) -> x (B, N, d). `reverse` is
+        the fast form of the same math."""
         B, N, _ = z.shape
         x = self.permute(z.float()).clone()
         pos = self.permute(self.pos_embed, dim=0)
@@ -334,7 +365,8 @@ class MetaBlock(nn.Module):
                     q = q if temp is None else q / temp
                     ks.append(k)
                     vs.append(v)
-                    o = F.scaled_dot_product_attention(q, torch.cat(ks, 2), torch.cat(vs, 2))  # 1 query: no mask
+                    # 1 query: no mask
+                    o = F.scaled_dot_product_attention(q, torch.cat(ks, 2), torch.cat(vs, 2))
                     h = h + att.proj(o.transpose(1, 2).reshape(B, 1, -1))
                     h = h + layer.mlp(h)
                 outs.append(self.affine(self.proj_out(h)))
@@ -347,16 +379,18 @@ class MetaBlock(nn.Module):
         return self.permute(x)
 
     @torch.no_grad()
-    def reverse(self, z, y=None, guidance=0.0, ramp=False, attn_temp=1.0, kv_dtype=None, static=False):
-        """Exact inverse, token by token with a KV cache: reverse_reference's math, made fast (a test keeps the two
-        equal). With guidance, the conditional and unconditional streams run as one batch of 2B. The step is
-        latency-bound (one token, tiny matrices), so it calls the functional ops directly on weights looked up
-        once, keeps activations 2-D, and reads a preallocated cache through views made once per block.
-        kv_dtype: the cache's dtype (default z's, fp32); bfloat16 halves the cache (24 -> 12 GiB at imagenet64,
-        batch 256 with CFG) and the attention reads, while alpha, mu and the recursion stay fp32.
-        static: every token runs the same fixed-shape step (the whole cache, a mask row for positions <= i, the
-        position as a tensor), the same math; on CUDA that step is captured once in a CUDA graph and replayed, which
-        removes the ~100 kernel launches per token that bound the inverse at small batch."""
+    def reverse(self, z, y=None, guidance=0.0, ramp=False, attn_temp=1.0, kv_dtype=None,
+                static=False):
+        """Exact inverse, token by token with a KV cache: reverse_reference's math, made fast (a
+        test keeps the two equal). With guidance, the conditional and unconditional streams run as
+        one batch of 2B. The step is latency-bound (one token, tiny matrices), so it calls the
+        functional ops directly on weights looked up once, keeps activations 2-D, and reads a
+        preallocated cache through views made once per block. kv_dtype: the cache's dtype (default
+        z's, fp32); bfloat16 halves the cache (24 -> 12 GiB at imagenet64, batch 256 with CFG) and
+        the attention reads, while alpha, mu and the recursion stay fp32. static: every token runs
+        the same fixed-shape step (the whole cache, a mask row for positions <= i, the position as a
+        tensor), the same math; on CUDA that step is captured once in a CUDA graph and replayed,
+        which removes the ~100 kernel launches per token that bound the inverse at small batch."""
         B, N, _ = z.shape
         kv_dtype = kv_dtype or z.dtype
         D = self.proj_in.out_features
@@ -364,16 +398,20 @@ class MetaBlock(nn.Module):
         S = 2 if guided else 1
         if guided and y is not None:
             y = torch.cat([y, torch.full_like(y, -1)])
-        pcs = (self.permute(self.pos_embed, dim=0) + self.condition(y)).expand(S * B, N, D)   # pos moves with patch
-        pcs = pcs.reshape(S, B, N, D)                                   # position + class, per stream
+        # pos moves with patch
+        pcs = (self.permute(self.pos_embed, dim=0) + self.condition(y)).expand(S * B, N, D)
+        # position + class, per stream
+        pcs = pcs.reshape(S, B, N, D)
         pc = pcs.unbind(2)                                              # N x (S, B, D)
         qscale = None
         if guided and attn_temp != 1.0:
-            qscale = torch.tensor([1.0, 1 / attn_temp], device=z.device).repeat_interleave(B).view(S * B, 1, 1, 1)
+            qscale = (torch.tensor([1.0, 1 / attn_temp],
+                                   device=z.device).repeat_interleave(B).view(S * B, 1, 1, 1))
         layers = []
         for layer in self.attn_blocks:
             att, mlp = layer.attention, layer.mlp
-            # zeros, not empty: the static step reads the whole cache, and masked garbage could be NaN (0 * NaN)
+            # zeros, not empty: the static step reads the whole
+            # cache, and masked garbage could be NaN (0 * NaN)
             k, v = (z.new_zeros(S * B, att.num_heads, N, att.head_dim, dtype=kv_dtype)
                     for _ in range(2))
             layers.append(_CachedLayer(att.norm, att.qkv, att.proj, mlp.norm, mlp.main[0],
@@ -383,10 +421,12 @@ class MetaBlock(nn.Module):
         clip = self.clip
         w_out, b_out = ((self.proj_out.weight / clip, self.proj_out.bias / clip) if clip > 0
                         else (self.proj_out.weight, self.proj_out.bias))
-        x = list(f32(self.permute(z)).unbind(1))    # N x (B, d): token i is final once step i-1 has written it
+        # N x (B, d): token i is final once step i-1 has written it
+        x = list(f32(self.permute(z)).unbind(1))
         step = self._static_step(layers, pcs, w_out, b_out, qscale, kv_dtype) if static else None
         for i in range(N - 1):
-            out = step(x[i], i) if step else self._token_step(layers, x[i], pc[i], i, w_out, b_out, qscale, kv_dtype)
+            out = (step(x[i], i) if step
+                   else self._token_step(layers, x[i], pc[i], i, w_out, b_out, qscale, kv_dtype))
             if guided:
                 # the ramp grows linearly over positions
                 gscale = guidance * (i + 1) / (N - 1) if ramp else guidance
@@ -397,10 +437,11 @@ class MetaBlock(nn.Module):
         return self.permute(torch.stack(x, 1))
 
     def _token_step(self, layers, xi, pci, i, w_out, b_out, qscale, kv_dtype, mask=None):
-        """(alpha, mu) of token i+1 from token i xi (B, d) and its position + class pci (S, B, D): the causal layers on
-        one token, writing its keys and values at position i. Sliced (i an int): attention reads the cache up to i.
-        Static (i a 1-element tensor, mask (1, 1, 1, N) True up to i): it reads the whole cache through the mask, so
-        every token runs on the same shapes. -> (S*B, 2d) in fp32."""
+        """(alpha, mu) of token i+1 from token i xi (B, d) and its position + class pci (S, B, D):
+        the causal layers on one token, writing its keys and values at position i. Sliced (i an
+        int): attention reads the cache up to i. Static (i a 1-element tensor, mask (1, 1, 1, N)
+        True up to i): it reads the whole cache through the mask, so every token runs on the same
+        shapes. -> (S*B, 2d) in fp32."""
         D, clip = self.proj_in.out_features, self.clip
         h = (F.linear(xi, self.proj_in.weight, self.proj_in.bias) + pci).reshape(-1, D)   # (S*B, D)
         for layer in layers:
@@ -422,26 +463,30 @@ class MetaBlock(nn.Module):
             u = F.layer_norm(h, (D,), layer.norm2.weight, layer.norm2.bias, layer.norm2.eps)
             ff = F.gelu(F.linear(u, layer.fc1.weight, layer.fc1.bias))
             h = h + F.linear(ff, layer.fc2.weight, layer.fc2.bias)
-        out = f32(F.linear(h, w_out, b_out))                           # (S*B, 2d): alpha, mu of token i+1
+        # (S*B, 2d): alpha, mu of token i+1
+        out = f32(F.linear(h, w_out, b_out))
         return out.tanh_().mul_(clip) if clip > 0 else out   # clip*tanh(./clip), 1/clip folded in
 
     def _static_step(self, layers, pcs, w_out, b_out, qscale, kv_dtype):
-        """step(xi, i) -> (S*B, 2d): _token_step on fixed shapes, the position a device tensor. On CUDA the step is
-        captured once in a CUDA graph (after a warm-up on a side stream, as graphs need) and replayed per token."""
+        """step(xi, i) -> (S*B, 2d): _token_step on fixed shapes, the position a device tensor. On
+        CUDA the step is captured once in a CUDA graph (after a warm-up on a side stream, as graphs
+        need) and replayed per token."""
         N, dev = pcs.shape[2], pcs.device
-        pos = torch.zeros(1, dtype=torch.long, device=dev)              # the token's position, as a tensor
+        # the token's position, as a tensor
+        pos = torch.zeros(1, dtype=torch.long, device=dev)
         arange = torch.arange(N, device=dev)
 
         def run(xi):
             mask = (arange <= pos).view(1, 1, 1, N)                     # attend to positions <= i
-            return self._token_step(layers, xi, pcs.index_select(2, pos).squeeze(2), pos, w_out, b_out, qscale,
-                                    kv_dtype, mask)
+            return self._token_step(layers, xi, pcs.index_select(2, pos).squeeze(2), pos, w_out,
+                                    b_out, qscale, kv_dtype, mask)
         if dev.type != 'cuda':
             return lambda xi, i: (pos.fill_(i), run(xi))[1]
         static_x = torch.zeros(pcs.shape[1], w_out.shape[0] // 2, device=dev)   # (B, d)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):                                   # warm-up: writes position 0, rewritten later
+        # warm-up: writes position 0, rewritten later
+        with torch.cuda.stream(side):
             for _ in range(2):
                 run(static_x)
         torch.cuda.current_stream().wait_stream(side)
@@ -453,7 +498,8 @@ class MetaBlock(nn.Module):
             static_x.copy_(xi)
             pos.fill_(i)
             graph.replay()
-            return static_out   # read by kernels queued before the next replay overwrites it (one stream)
+            # read by kernels queued before the next replay overwrites it (one stream)
+            return static_out
         return replay
 
     # ----------------------------------------------------------------------------------------------
@@ -618,22 +664,26 @@ class MetaBlock(nn.Module):
         return att.proj(o.transpose(1, 2).reshape(R, L, D))
 
 
-SCORE_BUDGET_BYTES = 8 * 2 ** 30   # activations the denoising backward may keep per chunk: small chunks at paper scale
+# activations the denoising backward may keep per chunk: small chunks at paper scale
+SCORE_BUDGET_BYTES = 8 * 2 ** 30
 
 
 def score_activation_bytes(cfg: FlowConfig, checkpoint=True) -> int:
-    """Bytes of activations TarFlow.score keeps for its backward, per image (fp32, frozen weights). Per token and causal
-    layer: both LayerNorm inputs (2D), q, k, v (3D), the attention output (D), the GELU input (4D), the norms' mean
-    and rstd (4) and the attention's log-sum-exp (one per head); per flow, two token-sized tensors (2d). It matches the
-    saved tensors counted on the CPU (a test pins it). With checkpoint, one flow's worth plus each flow's input (T*d).
-    The backward's own gradient buffers come on top: a few D-wide tensors per token, small next to K layers."""
-    N, D, d, T, K = cfg.num_tokens, cfg.channels, cfg.token_dim, cfg.num_blocks, cfg.layers_per_block
+    """Bytes of activations TarFlow.score keeps for its backward, per image (fp32, frozen weights).
+    Per token and causal layer: both LayerNorm inputs (2D), q, k, v (3D), the attention output (D),
+    the GELU input (4D), the norms' mean and rstd (4) and the attention's log-sum-exp (one per
+    head); per flow, two token-sized tensors (2d). It matches the saved tensors counted on the CPU
+    (a test pins it). With checkpoint, one flow's worth plus each flow's input (T*d). The backward's
+    own gradient buffers come on top: a few D-wide tensors per token, small next to K layers."""
+    N, D, d, T, K = (cfg.num_tokens, cfg.channels, cfg.token_dim, cfg.num_blocks,
+                     cfg.layers_per_block)
     flow = K * (10 * D + 4 + D // cfg.head_dim) + 2 * d          # floats per token kept by one flow
     return 4 * N * (flow + T * d if checkpoint else T * flow)
 
 
 class TarFlow(nn.Module):
-    """A stack of T autoregressive affine flows; block 0 is next to the data, block T-1 next to the noise."""
+    """A stack of T autoregressive affine flows; block 0 is next to the data, block T-1 next to the
+    noise."""
 
     def __init__(self, cfg: FlowConfig):
         super().__init__()
@@ -642,9 +692,10 @@ class TarFlow(nn.Module):
         self.blocks = nn.ModuleList(MetaBlock(cfg, flip=t % 2 == 1) for t in range(cfg.num_blocks))
 
     def forward(self, x, y=None, temp=None, checkpoint=False):
-        """x (B, C, H, W) -> z (B, N, d), log|det| summed over dimensions (B,), trajectory [x^0, x^1, ..., z].
-        checkpoint: the backward recomputes each flow's activations, so it keeps one flow's instead of T (and the
-        flows' inputs, which the trajectory holds anyway), for one more forward pass."""
+        """x (B, C, H, W) -> z (B, N, d), log|det| summed over dimensions (B,), trajectory [x^0,
+        x^1, ..., z]. checkpoint: the backward recomputes each flow's activations, so it keeps one
+        flow's instead of T (and the flows' inputs, which the trajectory holds anyway), for one more
+        forward pass."""
         h = patchify(f32(x), self.cfg.patch_size)
         traj, logdet = [h], 0.
         for block in self.blocks:
@@ -662,17 +713,21 @@ class TarFlow(nn.Module):
 
     @staticmethod
     def nll_from(z, logdet):
-        """nll() from the outputs of forward(): (0.5*|z|^2 - log|det|) / dimensions, per sample (B,)."""
+        """nll() from the outputs of forward(): (0.5*|z|^2 - log|det|) / dimensions, per sample
+        (B,)."""
         return (0.5 * f32(z).pow(2).sum(dim=(1, 2)) - logdet) / z[0].numel()
 
     @staticmethod
     def bits_per_dim(nll):
-        """Discrete bits/dim from nll(): add the Gaussian constant and log(128) for bins of width 2/256 in [-1, 1]."""
+        """Discrete bits/dim from nll(): add the Gaussian constant and log(128) for bins of width
+        2/256 in [-1, 1]."""
         return (nll + 0.5 * math.log(2 * math.pi) + math.log(128)) / math.log(2)
 
     @torch.no_grad()
-    def reverse(self, z, y=None, guidance=0.0, ramp=False, attn_temp=1.0, kv_dtype=None, static=False):
-        """z (B, N, d) -> the noisy image (B, C, H, W): invert block T-1 first (kv_dtype, static: MetaBlock.reverse)."""
+    def reverse(self, z, y=None, guidance=0.0, ramp=False, attn_temp=1.0, kv_dtype=None,
+                static=False):
+        """z (B, N, d) -> the noisy image (B, C, H, W): invert block T-1 first (kv_dtype, static:
+        MetaBlock.reverse)."""
         x = f32(z)
         for block in reversed(self.blocks):
             x = block.reverse(x, y, guidance, ramp, attn_temp, kv_dtype, static)
@@ -699,9 +754,10 @@ class TarFlow(nn.Module):
         return unpatchify(x, self.cfg.patch_size, self.cfg.img_size), infos
 
     def score(self, x, y=None, checkpoint=True):
-        """grad_x log p(x) in fp32 (autocast off): the gradient of the summed log-density, so no mean to undo. Only x
-        needs grad (frozen weights keep no Linear inputs). checkpoint: each flow's forward runs again during backward,
-        so the pass keeps one flow's activations instead of T (score_activation_bytes), for one more forward."""
+        """grad_x log p(x) in fp32 (autocast off): the gradient of the summed log-density, so no
+        mean to undo. Only x needs grad (frozen weights keep no Linear inputs). checkpoint: each
+        flow's forward runs again during backward, so the pass keeps one flow's activations instead
+        of T (score_activation_bytes), for one more forward."""
         with torch.enable_grad(), torch.autocast(x.device.type, enabled=False):
             x = f32(x.detach()).requires_grad_(True)
             z, logdet, _ = self(x, y, checkpoint=checkpoint)
@@ -709,21 +765,24 @@ class TarFlow(nn.Module):
             return torch.autograd.grad(logp, x)[0]
 
     def denoise(self, x, y=None, chunk=None, budget_bytes=SCORE_BUDGET_BYTES):
-        """Tweedie / score-based denoising x + sigma^2 * grad log p(x), in chunks whose backward keeps at most
-        budget_bytes of activations (a chunk of 64 at imagenet64 would keep ~120 GiB without checkpointing)."""
+        """Tweedie / score-based denoising x + sigma^2 * grad log p(x), in chunks whose backward
+        keeps at most budget_bytes of activations (a chunk of 64 at imagenet64 would keep ~120 GiB
+        without checkpointing)."""
         chunk = chunk or max(1, budget_bytes // score_activation_bytes(self.cfg))
         s2 = self.cfg.noise_std ** 2
         ys = [None] * len(x.split(chunk)) if y is None else y.split(chunk)
         return torch.cat([f32(xc) + s2 * self.score(xc, yc) for xc, yc in zip(x.split(chunk), ys)])
 
     @torch.no_grad()
-    def sample(self, y=None, n=None, guidance=0.0, ramp=False, attn_temp=1.0, denoise=True, generator=None, z=None,
-               kv_dtype=None, static=False):
-        """Draw z ~ N(0, I), invert exactly, optionally denoise. Class-conditional: pass labels y (B,)."""
+    def sample(self, y=None, n=None, guidance=0.0, ramp=False, attn_temp=1.0, denoise=True,
+               generator=None, z=None, kv_dtype=None, static=False):
+        """Draw z ~ N(0, I), invert exactly, optionally denoise. Class-conditional: pass labels y
+        (B,)."""
         cfg = self.cfg
         if z is None:
             n = len(y) if y is not None else n
-            # drawn where the generator lives (a CPU generator cannot fill a CUDA tensor), then moved to the model
+            # drawn where the generator lives (a CPU generator
+            # cannot fill a CUDA tensor), then moved to the model
             z = torch.randn(n, cfg.num_tokens, cfg.token_dim, generator=generator,
                             device=None if generator is None else generator.device)
             z = z.to(next(self.parameters()).device)
@@ -731,7 +790,7 @@ class TarFlow(nn.Module):
         return self.denoise(x, y) if denoise else x
 
 
-# --------------------------------------------------------------------------------------------------
+# -----------------------------------------------------------------------------
 # The parallel inverse's strategy: per flow, the fastest of sequential, Jacobi, segments, measured
 
 
@@ -850,35 +909,41 @@ class ParallelInverse:
 
 
 def load_ml_tarflow(state_dict, noise_std, norm_clip=0.0) -> TarFlow:
-    """Build a TarFlow from a state dict saved by Apple's ml-tarflow, inferring the config from tensor shapes.
-    noise_std has no default: the dicts do not record it and Apple's models use 0.05, 0.07 or 0.15 (Tweedie needs it).
-    The buffers 'var' (prior variance; all ones in the NVP models) and 'attn_mask' are not needed here."""
+    """Build a TarFlow from a state dict saved by Apple's ml-tarflow, inferring the config from
+    tensor shapes. noise_std has no default: the dicts do not record it and Apple's models use 0.05,
+    0.07 or 0.15 (Tweedie needs it). The buffers 'var' (prior variance; all ones in the NVP models)
+    and 'attn_mask' are not needed here."""
     sd = {key.removeprefix('module.'): value for key, value in state_dict.items()}
     for key in ('blocks.0.proj_in.weight', 'blocks.0.pos_embed', 'blocks.0.proj_out.weight'):
         if key not in sd:
             raise ValueError(f'not an ml-tarflow state dict: no key {key}')
         if sd[key].ndim != 2:
             raise ValueError(f'ml-tarflow state dict: {key} has shape {tuple(sd[key].shape)}, '
-                             f'expected a matrix')
+                             'expected a matrix')
     T = sum(1 for key in sd if key.endswith('.proj_in.weight'))
     K = sum(1 for key in sd
             if key.startswith('blocks.0.attn_blocks.') and key.endswith('.attention.qkv.weight'))
     D, d = sd['blocks.0.proj_in.weight'].shape
     N = sd['blocks.0.pos_embed'].shape[0]
     out = tuple(sd['blocks.0.proj_out.weight'].shape)
-    if out == (d, D):  # VP models predict mu only; anything else is a damaged (truncated, transposed) tensor
-        raise ValueError('ml-tarflow VP models (nvp=False) are not supported: proj_out has no log-scale rows')
+    # VP models predict mu only; anything else is a damaged (truncated, transposed) tensor
+    if out == (d, D):
+        raise ValueError('ml-tarflow VP models (nvp=False) are not supported: proj_out has no '
+                         'log-scale rows')
     if out != (2 * d, D):
-        raise ValueError(f'ml-tarflow state dict: blocks.0.proj_out.weight has shape {out}, expected {(2 * d, D)} '
+        raise ValueError(f'ml-tarflow state dict: blocks.0.proj_out.weight has shape {out}, '
+                         f'expected {(2 * d, D)} '
                          f'(2 x token dim, width) from blocks.0.proj_in.weight {(D, d)}')
     if 'var' in sd and not torch.all(sd['var'] == 1):
-        raise ValueError('ml-tarflow state dict has a learned prior variance (VP mode), which is not supported')
+        raise ValueError('ml-tarflow state dict has a learned prior variance (VP mode), which is '
+                         'not supported')
     C = 3 if d % 3 == 0 else 1
     patch = math.isqrt(d // C)
     side = math.isqrt(N)
     ncls = sd['blocks.0.class_embed'].shape[0] if 'blocks.0.class_embed' in sd else 0
     if patch * patch * C != d or side * side != N or D % 64:
-        raise ValueError(f'cannot infer an ml-tarflow config from token dim {d}, {N} tokens, width {D}')
+        raise ValueError(f'cannot infer an ml-tarflow config from token dim {d}, {N} tokens, width '
+                         f'{D}')
     cfg = FlowConfig(img_size=side * patch, in_channels=C, patch_size=patch, channels=D,
                      num_blocks=T, layers_per_block=K,
                      head_dim=64, num_classes=ncls, noise_std=noise_std, norm_clip=norm_clip)
@@ -886,12 +951,14 @@ def load_ml_tarflow(state_dict, noise_std, norm_clip=0.0) -> TarFlow:
     try:
         model.load_state_dict({key: value for key, value in sd.items()
                                if key != 'var' and not key.endswith('attn_mask')}, strict=True)
-    except RuntimeError as e:  # other damaged tensors: PyTorch's message lists each one with both shapes
-        raise ValueError(f'ml-tarflow state dict: tensors do not fit the config inferred from blocks.0 ({e})') from None
+    # other damaged tensors: PyTorch's message lists each one with both shapes
+    except RuntimeError as e:
+        raise ValueError('ml-tarflow state dict: tensors do not fit the config inferred from '
+                         f'blocks.0 ({e})') from None
     return model
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# -----------------------------------------------------------------------------
 # The reverse model: BiFlow
 
 
@@ -915,9 +982,10 @@ class ReverseBlock(nn.Module):
 
 
 class ReverseModel(nn.Module):
-    """G: z tokens -> clean image tokens in one pass. Layer group g stands for the inverse of forward block T-1-g; its
-    projection head phi_g maps the hidden state to token space, where it is aligned with the forward state x^{T-1-g}
-    (hidden alignment, Eq. 2). With learned denoising an extra group then maps the noisy x^0 to the clean image."""
+    """G: z tokens -> clean image tokens in one pass. Layer group g stands for the inverse of
+    forward block T-1-g; its projection head phi_g maps the hidden state to token space, where it is
+    aligned with the forward state x^{T-1-g} (hidden alignment, Eq. 2). With learned denoising an
+    extra group then maps the noisy x^0 to the clean image."""
 
     def __init__(self, cfg: ReverseConfig):
         super().__init__()
@@ -930,17 +998,22 @@ class ReverseModel(nn.Module):
         self.pos_embed = nn.Parameter(torch.randn(1, N, D) * 0.02)
         self.class_embed = nn.Embedding(cfg.num_classes + 1, D)  # the last row is the null class
         self.w_embed = nn.Sequential(nn.Linear(1, D), nn.SiLU(), nn.Linear(D, D))
-        self.groups = nn.ModuleList(nn.ModuleList(ReverseBlock(D, cfg.head_dim) for _ in range(cfg.layers_per_block))
+        self.groups = nn.ModuleList(nn.ModuleList(ReverseBlock(D, cfg.head_dim)
+                                                  for _ in range(cfg.layers_per_block))
                                     for _ in range(cfg.num_blocks))
-        # Groups whose state has a target other than the final output: all T with learned denoising (the last one
-        # targets the noisy x^0), else T-1 (the last group's state becomes the output itself).
+        # Groups whose state has a target other than the final output: all T with learned denoising
+        # (the last one targets the noisy x^0), else T-1
+        # (the last group's state becomes the output itself).
         self.num_aligned = cfg.num_blocks if cfg.denoise == 'learned' else cfg.num_blocks - 1
         n_heads = 0 if cfg.align == 'naive' else self.num_aligned
         self.heads = nn.ModuleList(nn.Linear(D, d) for _ in range(n_heads))
-        # Hidden distillation pushes the state itself through token space: phi_g, then back up to width D.
-        self.reproj = nn.ModuleList(nn.Linear(d, D) for _ in range(n_heads if cfg.align == 'distill' else 0))
+        # Hidden distillation pushes the state itself through
+        # token space: phi_g, then back up to width D.
+        self.reproj = (nn.ModuleList(nn.Linear(d, D)
+                                     for _ in range(n_heads if cfg.align == 'distill' else 0)))
         self.denoiser = nn.ModuleList(ReverseBlock(D, cfg.head_dim)
-                                      for _ in range(cfg.denoise_layers if cfg.denoise == 'learned' else 0))
+                                      for _ in range(cfg.denoise_layers if cfg.denoise == 'learned'
+                                                     else 0))
         self.final_norm = LayerNorm32(D, elementwise_affine=False)
         self.final_ada = nn.Linear(D, 2 * D)
         self.final = nn.Linear(D, d)
@@ -949,15 +1022,17 @@ class ReverseModel(nn.Module):
             nn.init.zeros_(lin.bias)
 
     def condition(self, y, w):
-        """(B, D) conditioning vector from labels y (-1 or None: null class) and guidance scales w (B,)."""
+        """(B, D) conditioning vector from labels y (-1 or None: null class) and guidance scales w
+        (B,)."""
         null = self.cfg.num_classes
         y = torch.full_like(w, null, dtype=torch.long) if y is None else torch.where(y < 0, null, y)
         return self.class_embed(y) + self.w_embed(w.float().view(-1, 1))
 
     def forward(self, z, y=None, w=None, inference_w=0.0):
-        """z (B, N, d) -> predictions in token space: [phi_0(h), ..., phi_{A-1}(h), output] with A = num_aligned
-        (fewer for 'naive'), prediction g aligned with forward state x^{T-1-g}. inference_w > 0: inference-time CFG
-        (Eq. 4), the conditional and null streams run as one batch and are combined after every layer group."""
+        """z (B, N, d) -> predictions in token space: [phi_0(h), ..., phi_{A-1}(h), output] with A =
+        num_aligned (fewer for 'naive'), prediction g aligned with forward state x^{T-1-g}.
+        inference_w > 0: inference-time CFG (Eq. 4), the conditional and null streams run as one
+        batch and are combined after every layer group."""
         B = z.shape[0]
         w = torch.zeros(B, device=z.device) if w is None else w.to(z.device).float().expand(B)
         cond = self.condition(y, w)
@@ -991,7 +1066,8 @@ class ReverseModel(nn.Module):
         return preds
 
     def decode(self, z, y=None, w=None, inference_w=0.0, flow=None):
-        """One pass from z (B, N, d) to an image (B, C, H, W); score denoising needs the forward model."""
+        """One pass from z (B, N, d) to an image (B, C, H, W); score denoising needs the forward
+        model."""
         cfg = self.cfg
         x = unpatchify(self(z, y, w, inference_w)[-1].float(), cfg.patch_size, cfg.img_size)
         if cfg.denoise == 'score':
@@ -1003,15 +1079,18 @@ class ReverseModel(nn.Module):
 
 @torch.no_grad()
 def inpaint(G: ReverseModel, flow: TarFlow, x, redraw, y, noise, w=0.0, eps=None):
-    """Training-free inpainting (Eq. 6): z' = M * F(x_m) + (1 - M) * noise, decoded in one pass. x (B, C, H, W), redraw
-    (B, 1, H, W) True where pixels are to be regenerated; a token is kept only if none of its pixels is. -> (x', z')
+    """Training-free inpainting (Eq. 6): z' = M * F(x_m) + (1 - M) * noise, decoded in one pass. x
+    (B, C, H, W), redraw (B, 1, H, W) True where pixels are to be regenerated; a token is kept only
+    if none of its pixels is. -> (x', z')
 
-    x_m is the masked image: F must never see the pixels to be redrawn, because after the first token-order flip every
-    z token depends on every pixel, so encoding the full x would leak the hidden content into the kept tokens. The
-    hole is filled with the per-channel mean of that image's known pixels, not a constant: in the flipped order kept
-    tokens sit after the hole and are conditioned on it, and a fill of the image's own colour is closer to a plausible
-    completion than mid-grey (far off for a dark or saturated image), so their z stay closer to typical. The mean
-    reads known pixels only (0 if there are none), so x' and z' do not depend on the hidden ones at all."""
+    x_m is the masked image: F must never see the pixels to be redrawn, because after the first
+    token-order flip every z token depends on every pixel, so encoding the full x would leak the
+    hidden content into the kept tokens. The hole is filled with the per-channel mean of that
+    image's known pixels, not a constant: in the flipped order kept tokens sit after the hole and
+    are conditioned on it, and a fill of the image's own colour is closer to a plausible completion
+    than mid-grey (far off for a dark or saturated image), so their z stay closer to typical. The
+    mean reads known pixels only (0 if there are none), so x' and z' do not depend on the hidden
+    ones at all."""
     fc = flow.cfg
     eps = torch.randn_like(x) if eps is None else eps
     known = ~redraw.expand_as(x)
@@ -1031,11 +1110,12 @@ def edit(G: ReverseModel, flow: TarFlow, x, y_src, y_dst, w=0.0, eps=None):
 
 
 def forward_loss(flow: TarFlow, x, y, eps, noise='gaussian', checkpoint=False):
-    """The stage-1 loss on a clean batch x (B, C, H, W) in [-1, 1] (multiples of 1/127.5 from uint8), labels y and
-    standard normal eps of x's shape. noise='gaussian': x + sigma*eps, the noisy data TarFlow learns so that it can
-    sample and denoise; 'uniform': dequantisation x + u/128 with u = Phi(eps) ~ U(0, 1) inside the pixel's bin of width
-    2/256 (the same stream, so the switch changes nothing else), whose NLL bounds the discrete one (bits/dim).
-    checkpoint: recompute each flow in the backward (TarFlow.forward), for models whose activations do not fit.
+    """The stage-1 loss on a clean batch x (B, C, H, W) in [-1, 1] (multiples of 1/127.5 from
+    uint8), labels y and standard normal eps of x's shape. noise='gaussian': x + sigma*eps, the
+    noisy data TarFlow learns so that it can sample and denoise; 'uniform': dequantisation x + u/128
+    with u = Phi(eps) ~ U(0, 1) inside the pixel's bin of width 2/256 (the same stream, so the
+    switch changes nothing else), whose NLL bounds the discrete one (bits/dim). checkpoint:
+    recompute each flow in the backward (TarFlow.forward), for models whose activations do not fit.
     -> (loss, nll (B,) in nats/dim without the 0.5*log(2*pi) constant, trajectory)."""
     if noise == 'gaussian':
         xn = x + getattr(flow, 'module', flow).cfg.noise_std * eps   # DDP wraps the model
@@ -1047,8 +1127,9 @@ def forward_loss(flow: TarFlow, x, y, eps, noise='gaussian', checkpoint=False):
 
 
 def align_targets(G: ReverseModel, traj, clean):
-    """The forward states G's predictions are compared with: x^{T-1}, ..., then the clean (learned denoising) or
-    noisy x^0 for the output. traj = [x^0 (noisy), x^1, ..., x^T = z] in token space."""
+    """The forward states G's predictions are compared with: x^{T-1}, ..., then the clean (learned
+    denoising) or noisy x^0 for the output. traj = [x^0 (noisy), x^1, ..., x^T = z] in token
+    space."""
     T = len(traj) - 1
     targets = [traj[T - 1 - g] for g in range(len(G.heads))]
     return targets + [clean if G.cfg.denoise == 'learned' else traj[0]]
@@ -1099,20 +1180,22 @@ def cycle_loss(G: ReverseModel, flow: TarFlow, z, y, preds=None, fp32=True):
     return state_distance(zc, z, raw.cfg.norm)
 
 
-def reverse_loss(G: ReverseModel, flow: TarFlow, x, y, w, eps, perceptual=None, weights=None, c=0.01, p=1.0,
+def reverse_loss(G: ReverseModel, flow: TarFlow, x, y, w, eps, perceptual=None, weights=None,
+                 c=0.01, p=1.0,
                  generator=None, fp32_targets=True, perceptual_every=1, cycle=0.0, prior=None):
-    """The stage-2 loss on a clean batch x (B, C, H, W) with labels y (-1 = dropped), guidance scales w (B,) and noise
-    eps. F is frozen: its whole trajectory comes from one parallel forward pass, in fp32 even inside a bf16 autocast
-    unless fp32_targets=False (bf16 moves the states by 0.2-0.5%: the targets would be that far from F's own).
-    generator: a CPU generator for the perceptual crop boxes (train.py seeds it per step and rank). perceptual_every:
-    the perceptual terms see every perceptual_every-th row only, from row 0 (through the VAE
-    decoder they cost several times G's step).
-    cycle > 0: add cycle * the adaptively weighted cycle_loss on prior = (z, y_z), prior noise z
-    (k, N, d) and its labels, which G sees in the same pass as the data (one batch of B + k rows);
-    the data terms are unchanged.
+    """The stage-2 loss on a clean batch x (B, C, H, W) with labels y (-1 = dropped), guidance
+    scales w (B,) and noise eps. F is frozen: its whole trajectory comes from one parallel forward
+    pass, in fp32 even inside a bf16 autocast unless fp32_targets=False (bf16 moves the states by
+    0.2-0.5%: the targets would be that far from F's own). generator: a CPU generator for the
+    perceptual crop boxes (train.py seeds it per step and rank). perceptual_every: the perceptual
+    terms see every perceptual_every-th row only, from row 0 (through the VAE decoder they cost
+    several times G's step). cycle > 0: add cycle * the adaptively weighted cycle_loss on prior =
+    (z, y_z), prior noise z (k, N, d) and its labels, which G sees in the same pass as the data (one
+    batch of B + k rows); the data terms are unchanged.
     Returns (loss, per-term means)."""
     fc = flow.cfg
-    raw = getattr(G, 'module', G)  # G may be wrapped in DDP: call G (gradients sync), read the config from raw
+    # G may be wrapped in DDP: call G (gradients sync), read the config from raw
+    raw = getattr(G, 'module', G)
     with torch.no_grad(), torch.autocast(x.device.type, enabled=False) if fp32_targets else contextlib.nullcontext():
         _, _, traj = flow(x + fc.noise_std * eps, y)
     clean = patchify(x.float(), fc.patch_size)
@@ -1124,10 +1207,10 @@ def reverse_loss(G: ReverseModel, flow: TarFlow, x, y, w, eps, perceptual=None, 
     else:
         preds = G(traj[-1], y, w)
     if raw.cfg.guidance_mode == 'train':
-        # Eq. 5: the guided prediction, recombined with the null-class prediction, must equal the conditional state,
-        # i.e. G(z|y,w) = (1+w) x^i - w G(z|null) as classifier-free guidance would give.
-        # Always run (at w = 0 it is the identity): skipping it when no w > 0 would read w on the
-        # host, a sync on every step.
+        # Eq. 5: the guided prediction, recombined with the null-class prediction, must equal the
+        # conditional state, i.e. G(z|y,w) = (1+w) x^i - w G(z|null) as classifier-free guidance
+        # would give. Always run (at w = 0 it is the identity): skipping it when no w > 0 would read
+        # w on the host, a sync on every step.
         with torch.no_grad():
             uncond = raw(traj[-1], torch.full_like(y, -1), torch.zeros_like(w))
         wv = w.view(-1, 1, 1).float()

@@ -1,7 +1,7 @@
 """
 How many digit samples read as the class they were asked for: a quick quality number for the CPU
-recipe, beside FID. A small CNN is trained here, seeded, on the digits' train split (about 20 s on CPU)
-and reads every file:
+recipe, beside FID. A small CNN is trained here, seeded, on the digits' train split (about 20 s on
+CPU) and reads every file:
 
     python data.py pack digits val.npz --split val --img_size 16     # real digits: the classifier's ceiling
     python scripts/score_digits.py val.npz F.npz G.npz               # sample.py --npz files
