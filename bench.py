@@ -176,8 +176,8 @@ def _step_bytes(cfg, rcfg, bf16, batch=2):
     difference between two batch sizes removes what does not grow with the batch (weights, and
     their bf16 copies)."""
     torch.manual_seed(0)
-    fwd = TarFlow(cfg)
-    model = fwd if rcfg is None else ReverseModel(rcfg)
+    flow = TarFlow(cfg)
+    model = flow if rcfg is None else ReverseModel(rcfg)
     ctx = torch.autocast('cpu', dtype=torch.bfloat16) if bf16 else nullcontext()
     out = []
     for b in (batch, 2 * batch):
@@ -189,9 +189,9 @@ def _step_bytes(cfg, rcfg, bf16, batch=2):
         def step():
             with ctx:
                 if rcfg is None:
-                    forward_loss(fwd, x, y, eps)
+                    forward_loss(flow, x, y, eps)
                 else:
-                    reverse_loss(model, fwd, x, y, w, eps)
+                    reverse_loss(model, flow, x, y, w, eps)
         out.append(saved_bytes(step))
     return (out[1] - out[0]) / batch
 
@@ -207,8 +207,9 @@ def activation_bytes(cfg, stage='forward', bf16=True, rpreset=None):
     if stage == 'forward':
         one, two = (_step_bytes(replace(probe, layers_per_block=layers), None, bf16)
                     for layers in (1, 2))
-        layer, flow = two - one, one - (two - one)   # per 16 tokens: a layer, a flow's own tensors
-        return cfg.num_tokens / 16 * cfg.num_blocks * (flow + cfg.layers_per_block * layer)
+        # per 16 tokens: a layer's tensors, and a flow's own
+        layer, per_flow = two - one, one - (two - one)
+        return cfg.num_tokens / 16 * cfg.num_blocks * (per_flow + cfg.layers_per_block * layer)
     rev_cfg = reverse_config_for(cfg, rpreset or 'imagenet64')
 
     # a G probe: one group of one layer and a one-layer denoiser, unless kw says otherwise
@@ -264,8 +265,8 @@ def memory_projection(name, world=8, fid_batch=256, num_samples=50_000, reverse_
     latent = cfg.in_channels == 4
     with torch.device('meta'):   # parameter counts without allocating them
         pf = sum(param.numel() for param in TarFlow(cfg).parameters())
-        rev = ReverseModel(reverse_config_for(cfg, name))
-        pg = sum(param.numel() for param in rev.parameters())
+        G = ReverseModel(reverse_config_for(cfg, name))
+        pg = sum(param.numel() for param in G.parameters())
     act = activation_bytes(cfg)
     if train['grad_checkpoint']:   # one flow's activations, plus every flow's input (fp32)
         act = act / cfg.num_blocks + cfg.num_blocks * cfg.num_tokens * cfg.token_dim * 4
@@ -335,7 +336,7 @@ def latent_flops(name):
     G's one pass; the VAE decode. The perceptual nets at 224 (about 60 GFLOPs) are left out."""
     cfg = PRESETS[name]
     with torch.device('meta'):
-        fwd, rev = TarFlow(cfg), ReverseModel(reverse_config_for(cfg, name))
+        flow, G = TarFlow(cfg), ReverseModel(reverse_config_for(cfg, name))
         x = torch.zeros(1, cfg.in_channels, cfg.img_size, cfg.img_size)
         z, y = torch.zeros(1, cfg.num_tokens, cfg.token_dim), torch.zeros(1, dtype=torch.long)
         w = torch.zeros(1)
@@ -344,13 +345,13 @@ def latent_flops(name):
         with FlopCounterMode(display=False) as fc:
             fn()
         return fc.get_total_flops()
-    f_pass, one_pass = count(lambda: fwd(x, y)), count(lambda: rev(z, y, w))
-    g_step = count(lambda: sum(output.sum() for output in rev(z, y, w)).backward())
+    f_pass, one_pass = count(lambda: flow(x, y)), count(lambda: G(z, y, w))
+    g_step = count(lambda: sum(output.sum() for output in G(z, y, w)).backward())
     decode = vae_decode_flops(VAE().cfg, cfg.img_size)
-    fwd.requires_grad_(False)
+    flow.requires_grad_(False)
     # the score: a forward and the input gradient, plus the checkpoint's recompute
     xg = x.clone().requires_grad_()
-    score = f_pass + count(lambda: TarFlow.nll_from(*fwd(xg, y)[:2]).sum().backward())
+    score = f_pass + count(lambda: TarFlow.nll_from(*flow(xg, y)[:2]).sum().backward())
     decodes = 3 * decode / TRAIN_PRESETS[name]['perceptual_every']
     return {'stage 1 training': training_flops(cfg, batch=1),
             'stage 2 training': g_step + f_pass + one_pass + decodes,
@@ -404,14 +405,14 @@ def plot_changes(curves, path, tol=None, size=(640, 300)):
 
 
 @torch.no_grad()
-def jacobi_curves(fwd, rev, z, y, w):
+def jacobi_curves(flow, G, z, y, w):
     """Each flow's change per pass, plain Jacobi to a tolerance of 1e-6 from its exact (sequential)
     input, from z and (with G) from G's guess: {label: [largest change over the batch, per pass]}.
     """
-    guesses = reverse_guesses(rev, z, y, w) if rev is not None else [None] * len(fwd.blocks)
+    guesses = reverse_guesses(G, z, y, w) if G is not None else [None] * len(flow.blocks)
     curves, tokens = {}, z   # tokens: flow t's exact input
-    for t in reversed(range(len(fwd.blocks))):
-        block = fwd.blocks[t]
+    for t in reversed(range(len(flow.blocks))):
+        block = flow.blocks[t]
         curves[f'flow {t}, from z'] = block.reverse_parallel(tokens, y, w, tol=1e-6)[1].changes
         if guesses[t] is not None:
             info = block.reverse_parallel(tokens, y, w, tol=1e-6, init=guesses[t])[1]
@@ -529,8 +530,8 @@ class Session:
     ctx: Callable                  # () -> bf16 autocast, or a null context in fp32
     cfg: FlowConfig
     rcfg: ReverseConfig
-    fwd: TarFlow
-    rev: ReverseModel
+    flow: TarFlow
+    G: ReverseModel
     trained_g: bool                # G's weights come from --ckpt
     out: dict
 
@@ -583,14 +584,14 @@ def timed_models(args, device):
     if loaded:
         cfg = (loaded[1] or loaded[0]).cfg
     rcfg = reverse_config_for(cfg, args.preset)
-    fwd = TarFlow(cfg)
-    for block in fwd.blocks:
+    flow = TarFlow(cfg)
+    for block in flow.blocks:
         torch.nn.init.normal_(block.proj_out.weight, std=0.2 / math.sqrt(cfg.channels))
-    fwd.to(device).eval().requires_grad_(False)
-    rev = ReverseModel(rcfg).to(device).eval()
+    flow.to(device).eval().requires_grad_(False)
+    G = ReverseModel(rcfg).to(device).eval()
     if loaded:   # only the sampling rows use its weights: the training rows build their own models
-        fwd, rev = (loaded[0], rev) if loaded[1] is None else (loaded[1], loaded[0])
-    return cfg, rcfg, fwd, rev, loaded is not None and loaded[1] is not None
+        flow, G = (loaded[0], G) if loaded[1] is None else (loaded[1], loaded[0])
+    return cfg, rcfg, flow, G, loaded is not None and loaded[1] is not None
 
 
 def start_session(args):
@@ -600,18 +601,18 @@ def start_session(args):
     bf16 = args.dtype == 'bf16' or (args.dtype == 'auto' and device.type == 'cuda')
     ctx = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else nullcontext
     torch.manual_seed(args.seed)
-    cfg, rcfg, fwd, rev, trained_g = timed_models(args, device)
-    params = {'forward': sum(param.numel() for param in fwd.parameters()),
-              'reverse': sum(param.numel() for param in rev.parameters())}
+    cfg, rcfg, flow, G, trained_g = timed_models(args, device)
+    params = {'forward': sum(param.numel() for param in flow.parameters()),
+              'reverse': sum(param.numel() for param in G.parameters())}
     if args.compile:
-        rev.compile()  # in place, so that G.decode's self(...) runs the compiled forward
+        G.compile()  # in place, so that G.decode's self(...) runs the compiled forward
     out = dict(preset=args.preset, ckpt=args.ckpt, jacobi_tol=args.jacobi_tol,
                device=str(device), device_name=bf16_peak(device)[1],
                dtype='bf16' if bf16 else 'fp32', torch=torch.__version__,
                threads=torch.get_num_threads(), compile=args.compile, batch_size=args.batch_size,
                sample_batches=args.sample_batches, repeats=args.repeats, warmup=args.warmup,
                guidance=GUIDANCE, params=params, rows={}, ratios={}, checks={})
-    return Session(args, device, ctx, cfg, rcfg, fwd, rev, trained_g, out)
+    return Session(args, device, ctx, cfg, rcfg, flow, G, trained_g, out)
 
 
 def print_header(session):
@@ -663,7 +664,7 @@ def training_rows(session):
     if 'nll' in args.rows:
         def nll():
             with torch.no_grad(), ctx():
-                session.fwd.nll(x + cfg.noise_std * eps, y)
+                session.flow.nll(x + cfg.noise_std * eps, y)
         session.time_row('nll', batch, nll)
     if 'rev_train' in args.rows:
         model = ReverseModel(session.rcfg).to(device).train()
@@ -671,7 +672,7 @@ def training_rows(session):
             model.compile()
         yr = y if cfg.num_classes else torch.zeros(batch, dtype=torch.long, device=device)
         w = guidance_scales(torch.rand(batch, 2, device=device), 3.0)   # train.py's draw
-        step = train_step(model, lambda net: reverse_loss(net, session.fwd, x, yr, w, eps)[0], ctx,
+        step = train_step(model, lambda net: reverse_loss(net, session.flow, x, yr, w, eps)[0], ctx,
                           device)
         session.time_row('rev_train', batch, step)
         del model
@@ -680,13 +681,13 @@ def training_rows(session):
 def check_naive_baseline(session):
     """Apples to apples: the naive baseline must compute our output, in exact fp32 (TF32 off), at
     w = 0 and w = GUIDANCE; raises RuntimeError if it does not."""
-    fwd, cfg, checks = session.fwd, session.cfg, session.out['checks']
+    flow, cfg, checks = session.flow, session.cfg, session.out['checks']
     zc = torch.randn(2, cfg.num_tokens, cfg.token_dim, device=session.device)
     yc = session.labels(2)
     # exact fp32 while the check runs
     tf32, torch.backends.cuda.matmul.allow_tf32 = torch.backends.cuda.matmul.allow_tf32, False
     for w in (0.0, GUIDANCE):
-        ours, naive = fwd.reverse(zc, yc, w), naive_reverse(fwd, zc, yc, w)
+        ours, naive = flow.reverse(zc, yc, w), naive_reverse(flow, zc, yc, w)
         err, scale = (ours - naive).abs().max().item(), ours.abs().max().item()
         checks[f'naive_equals_ours_w{w:g}'] = dict(max_abs_diff=err, max_abs=scale)
         if not (math.isfinite(scale) and err <= 1e-4 * max(1.0, scale)):
@@ -694,26 +695,26 @@ def check_naive_baseline(session):
                                f'|diff| {err:.3g} (max |x| {scale:.3g}); the comparison would not '
                                'be apples to apples')
     torch.backends.cuda.matmul.allow_tf32 = tf32
-    print(f'  check: naive baseline equals MetaBlock.reverse (max |diff| '
+    print('  check: naive baseline equals MetaBlock.reverse (max |diff| '
           f'{max(check["max_abs_diff"] for check in checks.values()):.1e}, fp32)')
 
 
 def sampling_calls(session, z, yb, xb):
     """-> (calls, inverses): every sampling row's call on noise z, labels yb and images xb, keyed by
     row in the order the rows print, and the ParallelInverse of each parallel row."""
-    fwd, rev, tol = session.fwd, session.rev, session.args.jacobi_tol
+    flow, G, tol = session.flow, session.G, session.args.jacobi_tol
     calls = {
-        'inverse': lambda: generate(fwd, None, z, yb, 0.0, denoise=False),
-        'inverse_cfg': lambda: generate(fwd, None, z, yb, GUIDANCE, denoise=False),
-        'inverse_cfg_static': lambda: generate(fwd, None, z, yb, GUIDANCE, denoise=False,
+        'inverse': lambda: generate(flow, None, z, yb, 0.0, denoise=False),
+        'inverse_cfg': lambda: generate(flow, None, z, yb, GUIDANCE, denoise=False),
+        'inverse_cfg_static': lambda: generate(flow, None, z, yb, GUIDANCE, denoise=False,
                                                static=True),
-        'denoise': lambda: fwd.denoise(xb, yb),
-        'inverse_cfg_denoise': lambda: generate(fwd, None, z, yb, GUIDANCE, denoise=True),
-        'naive': lambda: naive_reverse(fwd, z, yb, 0.0),
-        'naive_cfg': lambda: naive_reverse(fwd, z, yb, GUIDANCE),
-        'nfe1': lambda: generate(rev, fwd, z, yb, 0.0, guidance_mode='train'),
-        'nfe1_cfg': lambda: generate(rev, fwd, z, yb, GUIDANCE, guidance_mode='train'),
-        'cfg_infer': lambda: generate(rev, fwd, z, yb, GUIDANCE, guidance_mode='inference'),
+        'denoise': lambda: flow.denoise(xb, yb),
+        'inverse_cfg_denoise': lambda: generate(flow, None, z, yb, GUIDANCE, denoise=True),
+        'naive': lambda: naive_reverse(flow, z, yb, 0.0),
+        'naive_cfg': lambda: naive_reverse(flow, z, yb, GUIDANCE),
+        'nfe1': lambda: generate(G, flow, z, yb, 0.0, guidance_mode='train'),
+        'nfe1_cfg': lambda: generate(G, flow, z, yb, GUIDANCE, guidance_mode='train'),
+        'cfg_infer': lambda: generate(G, flow, z, yb, GUIDANCE, guidance_mode='inference'),
     }
     inverses = {}
     for key, w, den, init in [('inverse_par', 0.0, False, 'z'),
@@ -721,7 +722,7 @@ def sampling_calls(session, z, yb, xb):
                               ('inverse_par_cfg_g', GUIDANCE, False, 'G'),
                               ('inverse_par_cfg_denoise', GUIDANCE, True, 'z')]:
         inv = inverses[key] = ParallelInverse('auto', tol, init=init)
-        calls[key] = functools.partial(generate, rev if init == 'G' else fwd, fwd, z, yb, w,
+        calls[key] = functools.partial(generate, G if init == 'G' else flow, flow, z, yb, w,
                                        denoise=den, inverse=inv, exact=init == 'G')
     return calls, inverses
 
@@ -730,7 +731,7 @@ def check_parallel_matches_sequential(session, batch, z, yb, calls):
     """The parallel rows' samples before denoising, within 1e-3 of the sequential inverse's."""
     args, checks = session.args, session.out['checks']
     with session.ctx():
-        ref = generate(session.fwd, None, z, yb, GUIDANCE, denoise=False)
+        ref = generate(session.flow, None, z, yb, GUIDANCE, denoise=False)
         for key in ('inverse_par_cfg', 'inverse_par_cfg_g'):
             if key in args.rows:
                 err = (calls[key]() - ref).abs().max().item()
@@ -848,8 +849,8 @@ def memory_rows(out):
     for name in ('imagenet64', 'imagenet64-1024', 'imagenet64-p4', 'imagenet128', 'afhq256',
                  'itarflow-b2', 'itarflow-xl2'):
         proj = out['memory'][name] = memory_projection(name)
-        print(f'  {name} (batch {proj["batch_per_gpu"]}/GPU; '
-              f'F {proj["params_forward"] / 1e6:.0f}M, G {proj["params_reverse"] / 1e6:.0f}M): ' +
+        print(f'  {name} (batch {proj["batch_per_gpu"]}/GPU; F '
+              f'{proj["params_forward"] / 1e6:.0f}M, G {proj["params_reverse"] / 1e6:.0f}M): ' +
               ' | '.join(f'{what} {gib:.1f}' for what, gib in proj['rows'].items()))
 
 
@@ -861,8 +862,8 @@ def jacobi_projection_rows(out):
           f'inverse + CFG, {jp["launches_per_step"]:.0f} kernel launches per token step, '
           f'{jp["launches_per_pass"]:.0f} per Jacobi pass:')
     for method, row in jp['rows'].items():
-        print(f'  {method}: {row["launches"]:.0f} launches per batch, '
-              f'{row["gflop"]:.1f} GFLOP/sample')
+        print(f'  {method}: {row["launches"]:.0f} launches per batch, {row["gflop"]:.1f} '
+              'GFLOP/sample')
 
 
 def write_jacobi_plot(session):
@@ -870,7 +871,7 @@ def write_jacobi_plot(session):
     from G's guess, drawn to the PNG and kept in the results."""
     args, cfg = session.args, session.cfg
     zc = torch.randn(64, cfg.num_tokens, cfg.token_dim, device=session.device, generator=None)
-    curves = jacobi_curves(session.fwd, session.rev if session.trained_g else None, zc,
+    curves = jacobi_curves(session.flow, session.G if session.trained_g else None, zc,
                            session.labels(64), GUIDANCE)
     plot_changes(curves, args.jacobi_plot, args.jacobi_tol)
     session.out['jacobi_curves'] = curves

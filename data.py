@@ -547,8 +547,8 @@ class ArrayDataset(Source):
                     if size > MAX_COMPRESSED_NPZ:
                         raise UsageError(f"{path}: arr_0 is compressed ({size / 2 ** 30:.1f} GiB "
                                          "unpacked), so every rank would hold a copy in RAM; "
-                                         "re-save it with np.savez "
-                                         "(uncompressed, read by memory map) or as an .npy")
+                                         "re-save it with np.savez (uncompressed, read by memory "
+                                         "map) or as an .npy")
                     self._arr = f['arr_0']
         else:
             self._arr = np.load(path, mmap_mode='r')
@@ -661,8 +661,8 @@ def pack(src_dir: str, out: str, img_size: int, num_workers: int = 0, split: str
 def is_latent_set(path: str) -> bool:
     """A folder that encode wrote to (complete or not): it holds meta.json, progress.json or
     latents.npy."""
-    return (any(os.path.exists(os.path.join(path, f))
-                for f in ('meta.json', 'progress.json', 'latents.npy')))
+    return any(os.path.exists(os.path.join(path, f))
+               for f in ('meta.json', 'progress.json', 'latents.npy'))
 
 
 def latent_norm(meta: dict):

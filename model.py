@@ -4,11 +4,11 @@ F^-1: noise -> data) in one file. No file I/O beyond state dicts and no distribu
 sample.py and bench.py drive this.
 
     from model import PRESETS, TarFlow, ReverseModel, reverse_config_for
-    flow = TarFlow(PRESETS['cpu'])                   # F in the papers
-    z, logdet, traj = flow(x, y)                     # x (B, 3, H, W) in [-1, 1] plus noise; z (B, N, d) tokens
-    loss = flow.nll(x, y).mean()                     # exact negative log-likelihood, nats per dimension
-    img = flow.sample(labels, guidance=1.0, denoise=True)   # exact inverse, token by token, then Tweedie denoising
-    G = ReverseModel(reverse_config_for(flow.cfg))  # G ~ F^-1, trained by reverse_loss; G.decode(z, labels, w)
+    flow = TarFlow(PRESETS['cpu'])                  # F in the papers
+    z, logdet, traj = flow(x, y)                    # x (B, 3, H, W) noised, in [-1, 1]; z (B, N, d)
+    loss = flow.nll(x, y).mean()                    # exact negative log-likelihood, nats per dim
+    img = flow.sample(labels, guidance=1.0, denoise=True)  # exact inverse, then Tweedie denoising
+    G = ReverseModel(reverse_config_for(flow.cfg))  # G ~ F^-1 by reverse_loss; G.decode(z, y, w)
 
 Papers: TarFlow, "Normalizing Flows are Capable Generative Models" (Zhai et al., ICML 2025);
 BiFlow, "Bidirectional Normalizing Flow: From Data to Noise and Back" (Lu et al., 2025).
@@ -214,8 +214,8 @@ class MLP(nn.Module):
     def __init__(self, dim, ratio=4):
         super().__init__()
         self.norm = LayerNorm32(dim)
-        self.main = (nn.Sequential(nn.Linear(dim, ratio * dim), nn.GELU(),
-                                   nn.Linear(ratio * dim, dim)))
+        self.main = nn.Sequential(nn.Linear(dim, ratio * dim), nn.GELU(),
+                                  nn.Linear(ratio * dim, dim))
 
     def forward(self, h, mod=None):
         hn = self.norm(h)
@@ -287,8 +287,8 @@ class MetaBlock(nn.Module):
         self.pos_embed = nn.Parameter(torch.randn(N, D) * 1e-2)
         if cfg.num_classes:
             self.class_embed = nn.Parameter(torch.randn(cfg.num_classes, 1, D) * 1e-2)
-        self.attn_blocks = (nn.ModuleList(AttentionBlock(D, cfg.head_dim)
-                                          for _ in range(cfg.layers_per_block)))
+        self.attn_blocks = nn.ModuleList(AttentionBlock(D, cfg.head_dim)
+                                         for _ in range(cfg.layers_per_block))
         self.proj_out = nn.Linear(D, 2 * d)
         # as TarFlow: each flow starts as a per-channel affine map (bias kept)
         self.proj_out.weight.data.zero_()
@@ -360,7 +360,8 @@ class MetaBlock(nn.Module):
                 h = self.proj_in(x[:, i:i + 1]) + pos[i:i + 1] + cond   # (B, 1, D)
                 for layer, (ks, vs) in zip(self.attn_blocks, cache):
                     att = layer.attention
-                    qkv = att.qkv(att.norm(h)).reshape(B, 1, 3 * att.num_heads, att.head_dim).transpose(1, 2)
+                    qkv = att.qkv(att.norm(h)).reshape(B, 1, 3 * att.num_heads, att.head_dim)
+                    qkv = qkv.transpose(1, 2)
                     q, k, v = qkv.chunk(3, 1)   # (B, heads, 1, head_dim) each
                     q = q if temp is None else q / temp
                     ks.append(k)
@@ -932,8 +933,8 @@ def load_ml_tarflow(state_dict, noise_std, norm_clip=0.0) -> TarFlow:
                          'log-scale rows')
     if out != (2 * d, D):
         raise ValueError(f'ml-tarflow state dict: blocks.0.proj_out.weight has shape {out}, '
-                         f'expected {(2 * d, D)} '
-                         f'(2 x token dim, width) from blocks.0.proj_in.weight {(D, d)}')
+                         f'expected {(2 * d, D)} (2 x token dim, width) from '
+                         f'blocks.0.proj_in.weight {(D, d)}')
     if 'var' in sd and not torch.all(sd['var'] == 1):
         raise ValueError('ml-tarflow state dict has a learned prior variance (VP mode), which is '
                          'not supported')
@@ -1009,8 +1010,8 @@ class ReverseModel(nn.Module):
         self.heads = nn.ModuleList(nn.Linear(D, d) for _ in range(n_heads))
         # Hidden distillation pushes the state itself through
         # token space: phi_g, then back up to width D.
-        self.reproj = (nn.ModuleList(nn.Linear(d, D)
-                                     for _ in range(n_heads if cfg.align == 'distill' else 0)))
+        self.reproj = nn.ModuleList(nn.Linear(d, D)
+                                    for _ in range(n_heads if cfg.align == 'distill' else 0))
         self.denoiser = nn.ModuleList(ReverseBlock(D, cfg.head_dim)
                                       for _ in range(cfg.denoise_layers if cfg.denoise == 'learned'
                                                      else 0))
@@ -1094,7 +1095,8 @@ def inpaint(G: ReverseModel, flow: TarFlow, x, redraw, y, noise, w=0.0, eps=None
     fc = flow.cfg
     eps = torch.randn_like(x) if eps is None else eps
     known = ~redraw.expand_as(x)
-    fill = torch.where(known, x, 0.).sum((2, 3), keepdim=True) / known.sum((2, 3), keepdim=True).clamp(min=1)
+    count = known.sum((2, 3), keepdim=True).clamp(min=1)
+    fill = torch.where(known, x, 0.).sum((2, 3), keepdim=True) / count
     z, _, _ = flow(torch.where(known, x, fill) + fc.noise_std * eps, y)
     keep = ~patchify(redraw.float(), fc.patch_size).bool().any(-1, keepdim=True)   # (B, N, 1)
     z = torch.where(keep, z, noise)
@@ -1196,7 +1198,9 @@ def reverse_loss(G: ReverseModel, flow: TarFlow, x, y, w, eps, perceptual=None, 
     fc = flow.cfg
     # G may be wrapped in DDP: call G (gradients sync), read the config from raw
     raw = getattr(G, 'module', G)
-    with torch.no_grad(), torch.autocast(x.device.type, enabled=False) if fp32_targets else contextlib.nullcontext():
+    fp32 = (torch.autocast(x.device.type, enabled=False) if fp32_targets
+            else contextlib.nullcontext())
+    with torch.no_grad(), fp32:
         _, _, traj = flow(x + fc.noise_std * eps, y)
     clean = patchify(x.float(), fc.patch_size)
     if cycle > 0:   # data and prior rows in one pass of G (DDP allows one forward per backward)

@@ -66,7 +66,8 @@ class LPIPS(nn.Module):
         # 1x1 conv to one channel; ModuleDict+Identity reproduce lpips'
         for k, ch in enumerate(self.CHANNELS):
             # key lin{k}.model.1.weight (index 0 was a train-time Dropout)
-            self.add_module(f'lin{k}', nn.ModuleDict({'model': nn.Sequential(nn.Identity(), nn.Conv2d(ch, 1, 1, bias=False))}))
+            lin = nn.Sequential(nn.Identity(), nn.Conv2d(ch, 1, 1, bias=False))
+            self.add_module(f'lin{k}', nn.ModuleDict({'model': lin}))
         # ScalingLayer: maps [-1,1] inputs to (roughly) ImageNet-normalised ones
         self.register_buffer('shift', torch.tensor([-.030, -.088, -.188]).view(1, 3, 1, 1),
                              persistent=False)
@@ -129,10 +130,11 @@ class ConvNeXtV2(nn.Module):
     unused)."""
     def __init__(self, depths=(3, 3, 27, 3), dims=(128, 256, 512, 1024)):
         super().__init__()
-        self.downsample_layers = (nn.ModuleList([nn.Sequential(nn.Conv2d(3, dims[0], 4, stride=4),
-                                                               LayerNorm2d(dims[0], eps=1e-6))]))
+        self.downsample_layers = nn.ModuleList([nn.Sequential(nn.Conv2d(3, dims[0], 4, stride=4),
+                                                              LayerNorm2d(dims[0], eps=1e-6))])
         for i in range(3):
-            self.downsample_layers.append(nn.Sequential(LayerNorm2d(dims[i], eps=1e-6), nn.Conv2d(dims[i], dims[i + 1], 2, stride=2)))
+            down = nn.Conv2d(dims[i], dims[i + 1], 2, stride=2)
+            self.downsample_layers.append(nn.Sequential(LayerNorm2d(dims[i], eps=1e-6), down))
         self.stages = nn.ModuleList([nn.Sequential(*[ConvNeXtBlock(dim) for _ in range(depth)])
                                      for depth, dim in zip(depths, dims)])
         self.norm = nn.LayerNorm(dims[-1], eps=1e-6)

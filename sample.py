@@ -2,14 +2,14 @@
 Sample from a checkpoint of either stage (or a state dict saved by Apple's ml-tarflow): a PNG grid,
 an ADM .npz, FID.
 
-    python sample.py --ckpt out/forward.pt                 # TarFlow: exact inverse + CFG + Tweedie denoising, a grid
-    python sample.py --ckpt out/reverse.pt --guidance 2    # BiFlow: one network pass with training-time guidance
-    python sample.py --ckpt out/reverse.pt --guidance_mode inference --guidance 2   # inference-time CFG (2-NFE)
-    torchrun --nproc_per_node=8 sample.py --ckpt out/reverse.pt --num_samples 50000 --npz samples.npz \\
-        --fid VIRTUAL_imagenet64_labeled.npz              # FID-50K, labels uniformly random
-    python sample.py --ckpt out/reverse.pt --inpaint img.png --mask mask.png --labels 3   # training-free uses of (F, G)
-    python sample.py --ckpt out/reverse.pt --edit img.png --labels 3 --to_class 5
-    python sample.py --ckpt in256/reverse.pt --vae sd-vae-ft-mse.safetensors   # latents: decoded to 256x256 images
+    python sample.py --ckpt out/forward.pt                 # TarFlow: exact inverse, CFG, denoising
+    python sample.py --ckpt out/reverse.pt --guidance 2    # BiFlow: one pass, training-time CFG
+    python sample.py --ckpt out/reverse.pt --guidance_mode inference --guidance 2   # CFG, 2-NFE
+    torchrun --nproc_per_node=8 sample.py --ckpt out/reverse.pt --num_samples 50000 \\
+        --npz samples.npz --fid VIRTUAL_imagenet64_labeled.npz   # FID-50K, labels uniformly random
+    python sample.py --ckpt out/reverse.pt --inpaint img.png --mask mask.png --labels 3   # (F, G),
+    python sample.py --ckpt out/reverse.pt --edit img.png --labels 3 --to_class 5   # training-free
+    python sample.py --ckpt in256/reverse.pt --vae sd-vae-ft-mse.safetensors   # latents, decoded
 
 Sample i is drawn from noise seeded by (--seed, i) and, unless --labels is given, a label drawn
 uniformly at random from a stream seeded by --seed: the output does not depend on the batch size or
@@ -54,9 +54,8 @@ def ml_tarflow_sigma(path, noise_std=None, verbose=True):
     named = float(m.group(1)) if m else None
     if noise_std is None and named is None:
         raise UsageError('ml-tarflow state dicts do not record the noise sigma they were trained '
-                         'with and the file name '
-                         'does not end in it; pass --noise_std (Apple: AFHQ 0.07, ImageNet-128 '
-                         '0.15, ImageNet-64 0.05)')
+                         'with and the file name does not end in it; pass --noise_std (Apple: AFHQ '
+                         '0.07, ImageNet-128 0.15, ImageNet-64 0.05)')
     sigma = named if noise_std is None else noise_std
     if verbose:
         if named is not None and noise_std is not None and noise_std != named:
@@ -93,9 +92,8 @@ def latent_decoder(latent, path, device='cpu', what='the checkpoint'):
     want = latent['vae']
     if path is None:
         raise UsageError(f"{what} is trained on SD-VAE latents: pass --vae with the VAE they were "
-                         "encoded with "
-                         f"({want['name']}, fingerprint {want['fingerprint']}), a weight file or a "
-                         "diffusers folder")
+                         f"encoded with ({want['name']}, fingerprint {want['fingerprint']}), a "
+                         "weight file or a diffusers folder")
     vae = load_vae(path, device)   # a file that is no SD VAE is refused in one line
     if not vae.matches(want['fingerprint']):
         if want['fingerprint'] == vae.weights_fingerprint:   # an older file's, and not 32 groups
@@ -237,8 +235,8 @@ def draw_labels(n, num_classes, seed):
     every rank."""
     if not num_classes:   # unconditional: no labels at all (arr_1 is then zeros)
         return None
-    return (torch.randint(num_classes, (n,),
-                          generator=torch.Generator().manual_seed(seed + LABEL_SEED_OFFSET)))
+    return torch.randint(num_classes, (n,),
+                         generator=torch.Generator().manual_seed(seed + LABEL_SEED_OFFSET))
 
 
 def sample_shard(model, flow, n, rank, world, seed, batch_size, labels=None, progress=False,
@@ -355,7 +353,8 @@ def draw_trajectory(flow, path, labels, z, guidance=0.0, ramp=False, denoise=Tru
     c = flow.cfg
     # tokens -> (B, C, H, W)
     img = lambda tokens: unpatchify(tokens.float(), c.patch_size, c.img_size)   # noqa: E731
-    stretch = lambda x: (x - x.amin((1, 2, 3), keepdim=True)) / (   # noqa: E731 (own range -> [-1, 1])
+    # each image stretched from its own range to [-1, 1]
+    stretch = lambda x: (x - x.amin((1, 2, 3), keepdim=True)) / (   # noqa: E731
         x.amax((1, 2, 3), keepdim=True) - x.amin((1, 2, 3), keepdim=True)).clamp(min=1e-8) * 2 - 1
     states, x = [z], z.float()
     for block in reversed(flow.blocks):   # x^T -> x^{T-1} -> ... -> x^0, as TarFlow.reverse
@@ -399,8 +398,7 @@ def get_args(argv=None):
     g.add_argument('--npz', default=None,
                    help='also write the samples as an ADM .npz (arr_0 uint8 NHWC, arr_1 labels)')
     g.add_argument('--labels', default=None,
-                   help='comma-separated class labels (cycled), instead of uniformly random '
-                   'ones')
+                   help='comma-separated class labels (cycled), instead of uniformly random ones')
     g.add_argument('--seed', type=int, default=0, help='noise and label seed')
     g.add_argument('--trajectory', default=None,
                    help="write a PNG of F's exact inverse block by block (and G's "
@@ -408,27 +406,25 @@ def get_args(argv=None):
                    '(default 4) samples')
     g = p.add_argument_group('guidance')
     g.add_argument('--guidance', type=float, default=2.0,
-                   help='classifier-free guidance scale w (0: none); '
-                   'x = (1+w) cond - w uncond')
+                   help='classifier-free guidance scale w (0: none); x = (1+w) cond - w uncond')
     g.add_argument('--guidance_mode', choices=['auto', 'train', 'inference'], default='auto',
                    help='BiFlow: auto = as trained; train = w as input (1-NFE); inference = Eq. 4 '
                         'CFG (2-NFE)')
     g.add_argument('--ramp', action=argparse.BooleanOptionalAction, default=False,
                    help='TarFlow: guidance grows linearly over token positions (used for its FID)')
     g.add_argument('--attn_temp', type=float, default=1.0,
-                   help='TarFlow: attention temperature of the guiding '
-                   '(unconditional) stream; != 1 gives guidance for unconditional models')
+                   help='TarFlow: attention temperature of the guiding (unconditional) stream; != '
+                   '1 gives guidance for unconditional models')
     g = p.add_argument_group('TarFlow: exact inverse and denoising')
     g.add_argument('--denoise', action=argparse.BooleanOptionalAction, default=True,
                    help='Tweedie denoising x + sigma^2 grad log p(x) after the exact inverse')
     g.add_argument('--kv_dtype', choices=['fp32', 'bf16'], default='fp32',
-                   help="the exact inverse's KV cache: bf16 "
-                   'halves its memory and reads (alpha, mu and the recursion stay fp32)')
+                   help="the exact inverse's KV cache: bf16 halves its memory and reads (alpha, mu "
+                   "and the recursion stay fp32)")
     g.add_argument('--cuda_graph', action=argparse.BooleanOptionalAction, default=False,
-                   help="run the exact "
-                   "inverse's per-token step on fixed shapes (whole cache, mask row), captured in "
-                   "a CUDA graph on GPU: "
-                   "no per-op launch cost (on CPU the same fixed-shape step runs eagerly)")
+                   help="run the exact inverse's per-token step on fixed shapes (whole cache, mask "
+                   "row), captured in a CUDA graph on GPU: no per-op launch cost (on CPU the same "
+                   "fixed-shape step runs eagerly)")
     g.add_argument('--inverse', choices=['parallel', 'sequential'], default='parallel',
                    help="the exact inverse: parallel = Jacobi passes over each flow's tokens, the "
                    "strategy per flow set by --segment; sequential = the token-by-token loop "
@@ -450,9 +446,9 @@ def get_args(argv=None):
     g.add_argument('--exact', action='store_true', help="a reverse checkpoint: sample its F's "
                    "exact inverse (and Tweedie denoising) instead of G's one pass")
     g.add_argument('--noise_std', type=float, default=None,
-                   help="the sigma the model was trained with: overrides a "
-                   "checkpoint's; needed for ml-tarflow state dicts unless their file name ends in "
-                   "it (afhq_model_8_768_8_8_0.07.pth)")
+                   help="the sigma the model was trained with: overrides a checkpoint's; needed "
+                   "for ml-tarflow state dicts unless their file name ends in it "
+                   "(afhq_model_8_768_8_8_0.07.pth)")
     g = p.add_argument_group('FID')
     g.add_argument('--fid', default=None,
                    help='compute FID of the samples against this reference (stats .npz, .npz '
@@ -461,13 +457,11 @@ def get_args(argv=None):
                    help='path to pt_inception-2015-12-05-6726825d.pth for --fid')
     g = p.add_argument_group('inpainting and editing (a reverse checkpoint: it carries F and G)')
     g.add_argument('--inpaint', default=None,
-                   help='image to complete: keep the noise of the known tokens, redraw the '
-                   'rest')
+                   help='image to complete: keep the noise of the known tokens, redraw the rest')
     g.add_argument('--mask', default=None,
                    help='with --inpaint: image of the same size, white = region to regenerate')
     g.add_argument('--edit', default=None,
-                   help='image to re-draw as class --to_class (encoded with --labels as its '
-                   'class)')
+                   help='image to re-draw as class --to_class (encoded with --labels as its class)')
     g.add_argument('--to_class', type=int, default=None, help='with --edit: the target class')
     g = p.add_argument_group('hardware')
     g.add_argument('--batch_size', type=int, default=64,
@@ -481,13 +475,12 @@ def get_args(argv=None):
         p.error(f'--num_samples {args.num_samples}: must be an integer >= 1')
     # the mask is cropped as the image is, so only one of the same size lines up
     if args.inpaint and args.mask:
-        sizes = ({flag: image_size(path, flag) for flag,
-                  path in (('--inpaint', args.inpaint), ('--mask', args.mask))})
+        sizes = {flag: image_size(path, flag) for flag,
+                 path in (('--inpaint', args.inpaint), ('--mask', args.mask))}
         if sizes['--inpaint'] != sizes['--mask']:
             p.error(f'--mask {args.mask}: is {"x".join(map(str, sizes["--mask"]))} pixels, but '
-                    '--inpaint '
-                    f'{args.inpaint} is {"x".join(map(str, sizes["--inpaint"]))}; give a mask of '
-                    'the same size')
+                    f'--inpaint {args.inpaint} is {"x".join(map(str, sizes["--inpaint"]))}; give a '
+                    'mask of the same size')
     if args.jacobi_tol < 0:
         p.error(f'--jacobi_tol {args.jacobi_tol}: must be >= 0')
     if args.jacobi_max_passes is not None and args.jacobi_max_passes < 1:
@@ -533,8 +526,8 @@ def main(argv=None):
 
     # ---- the model(s): a TarFlow alone, or a reverse
     # model G with the frozen F it was trained against
-    model, flow, decode = (load_models(args.ckpt, device, args.noise_std, verbose=rank == 0,
-                                       vae=args.vae))
+    model, flow, decode = load_models(args.ckpt, device, args.noise_std, verbose=rank == 0,
+                                      vae=args.vae)
     ncls = model.cfg.num_classes
     kw = dict(guidance=args.guidance, guidance_mode=args.guidance_mode, ramp=args.ramp,
               attn_temp=args.attn_temp,
@@ -599,7 +592,8 @@ def main(argv=None):
             if not args.mask:
                 p.error('--inpaint needs --mask')
             n = args.num_samples or 8   # several completions of one image, each from its own noise
-            redraw = (load_image(args.mask, model.cfg.img_size).to(device).mean(1, keepdim=True) > 0).expand(n, -1, -1, -1)
+            mask = load_image(args.mask, model.cfg.img_size).to(device).mean(1, keepdim=True)
+            redraw = (mask > 0).expand(n, -1, -1, -1)
             if not redraw.any():
                 p.error(f'--mask {args.mask}: has no white pixel inside the centre crop, so '
                         'nothing to complete')
@@ -611,8 +605,8 @@ def main(argv=None):
         else:
             if args.to_class is None or not 0 <= args.to_class < ncls:
                 p.error(f'--edit needs --to_class in [0, {ncls})')
-            x = (edit(model, flow, src, y, torch.tensor([args.to_class], device=device),
-                      args.guidance, eps))
+            x = edit(model, flow, src, y, torch.tensor([args.to_class], device=device),
+                     args.guidance, eps)
             shown = torch.cat([src, x])
         save_grid(to_uint8(shown), args.out, nrow=len(shown))
         print(f'wrote {args.out}: the input, '

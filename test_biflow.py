@@ -146,8 +146,8 @@ def test_flow_blocks_are_causal_in_their_own_order():
     f = make_flow(cfg, dtype=torch.float64, scale=0.3)
     x = torch.randn(1, 4, 12, dtype=torch.float64)
     for block in f.blocks:
-        J = (torch.autograd.functional.jacobian(lambda v: block.permute(block(block.permute(v))[0]),
-                                                x))
+        J = torch.autograd.functional.jacobian(lambda v: block.permute(block(block.permute(v))[0]),
+                                               x)
         J = J.reshape(4, 12, 4, 12)  # d z_i / d x_j in the block's order
         for i in range(4):
             for j in range(i + 1, 4):
@@ -339,8 +339,8 @@ def test_ml_tarflow_import_names_the_damaged_tensor(tmp_path):
     w = sd['blocks.0.proj_out.weight']  # (2 x 12, 64)
 
     def load(**changed):
-        return (load_ml_tarflow({**sd, **{k.replace('__', '.'): v for k, v in changed.items()}},
-                                noise_std=0.05))
+        return load_ml_tarflow({**sd, **{k.replace('__', '.'): v for k, v in changed.items()}},
+                               noise_std=0.05)
     # truncated, transposed: damaged, not VP
     for bad, shape in [(w[:-1], '(23, 64)'), (w.T, '(64, 24)')]:
         with pytest.raises(ValueError, match='proj_out') as e:
@@ -761,8 +761,8 @@ def make_pair(seed=0, **kw):
     f = make_flow(seed=seed)
     f.requires_grad_(False)
     torch.manual_seed(seed)
-    g = (ReverseModel(reverse_config_for(TINY, channels=32, layers_per_block=1, denoise_layers=1,
-                                         head_dim=16, **kw)))
+    g = ReverseModel(reverse_config_for(TINY, channels=32, layers_per_block=1, denoise_layers=1,
+                                        head_dim=16, **kw))
     return f, g
 
 
@@ -887,8 +887,8 @@ def test_reverse_inpainting_keeps_the_noise_of_the_known_region_and_edit_runs():
     redraw[:, :, 4:, :] = True           # regenerate the bottom half
     noise = torch.randn(4, TINY.num_tokens, TINY.token_dim)
     out, z = inpaint(g, f, x, redraw, y, noise, 1.0, eps)
-    filled = (torch.cat([x[:, :, :4], x[:, :, :4].mean((2, 3), keepdim=True).expand(-1, -1, 4, 8)],
-                        2))
+    filled = torch.cat([x[:, :, :4], x[:, :, :4].mean((2, 3), keepdim=True).expand(-1, -1, 4, 8)],
+                       2)
     # F encodes the image with the hole filled by the known mean
     zf = f(filled + TINY.noise_std * eps, y)[0]
     keep = ~patchify(redraw.float(), 2).bool().any(-1)    # (B, N)
@@ -940,8 +940,8 @@ def test_reverse_loss_perceptual_terms_ignore_the_global_rng():
     out = []
     for s in (1, 2):
         torch.manual_seed(s)
-        loss, terms = (reverse_loss(g, f, x, y, w, eps, perceptual,
-                                    generator=train.crop_generator(0, 3, 0)))
+        loss, terms = reverse_loss(g, f, x, y, w, eps, perceptual,
+                                   generator=train.crop_generator(0, 3, 0))
         out.append((loss, terms['lpips'], terms['convnext']))
     assert all(torch.equal(a, b) for a, b in zip(*out))
 
@@ -1170,8 +1170,8 @@ def imgs(*shape, seed=0):
 
 
 def test_perceptual_shapes(loss):
-    out = (loss(imgs(3, 3, 40, 48), imgs(3, 3, 40, 48, seed=1),
-                generator=torch.Generator().manual_seed(0)))
+    out = loss(imgs(3, 3, 40, 48), imgs(3, 3, 40, 48, seed=1),
+               generator=torch.Generator().manual_seed(0))
     assert set(out) == {'lpips', 'convnext'}
     assert out['lpips'].shape == (3,) and out['convnext'].shape == (3,)
     assert ConvNeXtV2(**SMALL).features(imgs(2, 3, 32, 32)).shape == (2, 64)
@@ -1205,8 +1205,8 @@ def test_perceptual_crop_is_paired():
     assert torch.allclose(b2, 2 * a2, atol=1e-6) and torch.equal(a2, a)  # same seed -> same boxes
     c, _ = paired_random_resized_crop(x, x, size=24, generator=torch.Generator().manual_seed(4))
     assert not torch.allclose(c, a)  # boxes really are random
-    d, _ = (paired_random_resized_crop(x, x, size=24, scale=(1.0, 1.0), ratio=(70 / 50, 70 / 50),
-                                       generator=g()))
+    d, _ = paired_random_resized_crop(x, x, size=24, scale=(1.0, 1.0), ratio=(70 / 50, 70 / 50),
+                                      generator=g())
     full = torch.nn.functional.interpolate(x, size=(24, 24), mode='bicubic', antialias=True)
     assert torch.allclose(d, full, atol=1e-6)  # a whole-image box is a plain resize
 
@@ -1440,8 +1440,8 @@ def test_train_bad_inputs_fail_clearly(tmp_path, trained):
     ]
     for args, msg in cases:
         assert msg in fails(train_main, *base, *args), args
-    r = (torchrun('train.py', [str(a) for a in base] + ['--batch_size', '7'], tmp_path, 29518,
-                  check=False))
+    r = torchrun('train.py', [str(a) for a in base] + ['--batch_size', '7'], tmp_path, 29518,
+                 check=False)
     assert r.returncode != 0 and '--batch_size 7' in (r.stderr + r.stdout)
 
 
@@ -1474,8 +1474,8 @@ def test_ema_update_moves_the_average_towards_the_model():
 def test_train_unlabelled_data_needs_an_unconditional_model(tmp_path):
     np.savez(tmp_path / 'u.npz',
              arr_0=np.random.default_rng(0).integers(0, 256, (16, 16, 16, 3), dtype=np.uint8))
-    msg = (fails(train_main, '--data', tmp_path / 'u.npz', '--out_dir', tmp_path / 'a',
-                 '--max_steps', 1, *QUICK))
+    msg = fails(train_main, '--data', tmp_path / 'u.npz', '--out_dir', tmp_path / 'a',
+                '--max_steps', 1, *QUICK)
     assert 'has no labels' in msg and '--num_classes 0' in msg
     train_main('--data', tmp_path / 'u.npz', '--num_classes', 0, '--out_dir', tmp_path / 'b',
                '--max_steps', 1, *QUICK)
@@ -1674,8 +1674,8 @@ def test_train_bad_numbers_are_argparse_errors(tmp_path, args, flag):
 def test_train_labels_are_dropped_at_the_requested_rate():
     x, y = torch.zeros(4000, 3, 2, 2), torch.randint(10, (4000,))
     for p in (0.0, 0.1, 0.5):
-        args = (argparse.Namespace(batch_size=4000, seed=0, label_drop=p, stage='reverse',
-                                   guidance_mode='train', w_max=3.0))
+        args = argparse.Namespace(batch_size=4000, seed=0, label_drop=p, stage='reverse',
+                                  guidance_mode='train', w_max=3.0)
         eps, yd, w = train.step_inputs(args, 0, x, y, 10, 0, 1)
         dropped = yd < 0
         assert (abs(dropped.float().mean().item() - p) < 0.03
@@ -1724,8 +1724,8 @@ def test_train_fid_reference_statistics_are_computed_once(trained, tmp_path, mon
     # a statistics file is used as it is: no pass over anything, no copy, the same numbers
     train_main(*run, '--out_dir', tmp_path / 'b', '--fid_ref', stats)
     assert passes == [str(ref)] and not (tmp_path / 'b/fid_ref_stats.npz').exists()
-    b = ([r for r in (json.loads(line) for line in open(tmp_path / 'b/reverse_log.jsonl'))
-          if 'fid' in r])
+    b = [r for r in (json.loads(line) for line in open(tmp_path / 'b/reverse_log.jsonl'))
+         if 'fid' in r]
     assert [r['fid'] for r in b] == pytest.approx([r['fid'] for r in a], rel=1e-9)
 
 
@@ -1869,8 +1869,8 @@ def test_sample_checks_the_fid_reference_before_sampling(trained, tmp_path, monk
     monkeypatch.setattr(sample, 'sample_shard', lambda *a, **k: drawn.append(1))
     fid.save_stats(tmp_path / 'd4.npz', np.zeros(4), np.eye(4), 40)
     fid.save_stats(tmp_path / 'npsd.npz', np.zeros(12), -np.eye(12), 40)
-    run = (['--ckpt', trained / 'forward.pt', '--num_samples', 4, '--npz', tmp_path / 's.npz',
-            '--out', tmp_path / 'g.png'])
+    run = ['--ckpt', trained / 'forward.pt', '--num_samples', 4, '--npz', tmp_path / 's.npz',
+           '--out', tmp_path / 'g.png']
     assert 'd4.npz: statistics of 4 features, but the Inception compares 12' in fails(
         sample_main, *run, '--fid', tmp_path / 'd4.npz')
     msg = fails(sample_main, *run, '--fid', tmp_path / 'npsd.npz')
@@ -1945,8 +1945,8 @@ def test_sample_checks_output_paths_before_loading_or_sampling(tmp_path, monkeyp
     monkeypatch.setattr(sample, 'sample_shard', lambda *a,
                         **k: pytest.fail('sampled before checking the outputs'))
     base = ['--ckpt', tmp_path / 'tiny.pth', '--noise_std', 0.05, '--num_samples', 3]
-    msg = (fails(sample_main, *base, '--out', tmp_path / 'g.png', '--npz', tmp_path / 'nope'
-                 / 's.npz'))
+    msg = fails(sample_main, *base, '--out', tmp_path / 'g.png', '--npz', tmp_path / 'nope'
+                / 's.npz')
     assert '--npz' in msg and 'nope' in msg
     msg = fails(sample_main, *base, '--out', tmp_path / 'nope' / 'g.png')
     assert '--out' in msg and 'nope' in msg
@@ -1985,8 +1985,8 @@ def test_sample_ml_tarflow_sigma_from_file_name_or_noise_std(tmp_path, capsys):
     # no sigma anywhere: an error that says what to pass, not 0.05
     torch.save(sd, tmp_path / 'tiny.pth')
     assert '--noise_std' in fails(sample.load_models, str(tmp_path / 'tiny.pth'))
-    msg = (fails(sample_main, '--ckpt', tmp_path / 'tiny.pth', '--num_samples', 2, '--out',
-                 tmp_path / 'g.png'))
+    msg = fails(sample_main, '--ckpt', tmp_path / 'tiny.pth', '--num_samples', 2, '--out',
+                tmp_path / 'g.png')
     assert '--ckpt' in msg and 'tiny.pth' in msg and '--noise_std' in msg
     sample_main('--ckpt', tmp_path / 'tiny.pth', '--noise_std', 0.05, '--num_samples', 2, '--out',
                 tmp_path / 'g.png')
@@ -2002,8 +2002,8 @@ def test_sample_ml_tarflow_sigma_from_file_name_or_noise_std(tmp_path, capsys):
     (['--labels', 'a,b'], '--labels', 'integer'), (['--labels', '1,,2'], '--labels', 'integer')])
 def test_sample_bad_numbers_are_argparse_errors(tmp_path, args, flag, allowed):
     torch.save(tiny_state_dict(), tmp_path / 'tiny.pth')
-    msg = (fails(sample_main, '--ckpt', tmp_path / 'tiny.pth', '--noise_std', 0.05, '--out',
-                 tmp_path / 'g.png', *args))
+    msg = fails(sample_main, '--ckpt', tmp_path / 'tiny.pth', '--noise_std', 0.05, '--out',
+                tmp_path / 'g.png', *args)
     assert f'error: {flag} {args[1]}: ' in msg and allowed in msg, msg
 
 
@@ -2016,15 +2016,15 @@ def test_load_models_freezes_every_model_and_the_score_still_works(tmp_path):
     assert torch.isfinite(out).all() and (out - x).abs().max() > 0
     assert not any(p.grad is not None for p in f.parameters())
     # a reverse checkpoint returns G and its F, both frozen
-    fwd = make_flow()
+    flow = make_flow()
     G = ReverseModel(reverse_config_for(TINY, denoise='score'))
     torch.save(dict(kind='reverse', model_config=asdict(G.cfg), ema=G.state_dict(),
-                    forward_config=asdict(TINY), forward=fwd.state_dict()), tmp_path / 'reverse.pt')
-    G, F, _ = sample.load_models(str(tmp_path / 'reverse.pt'))
-    assert not any(p.requires_grad for m in (G, F) for p in m.parameters())
+                    forward_config=asdict(TINY), forward=flow.state_dict()), tmp_path / 'reverse.pt')
+    G, flow, _ = sample.load_models(str(tmp_path / 'reverse.pt'))
+    assert not any(p.requires_grad for m in (G, flow) for p in m.parameters())
     z = torch.randn(2, TINY.num_tokens, TINY.token_dim)
     # score denoising with F frozen
-    assert torch.isfinite(sample.generate(G, F, z, torch.tensor([0, 1]))).all()
+    assert torch.isfinite(sample.generate(G, flow, z, torch.tensor([0, 1]))).all()
 
 
 GATHER = textwrap.dedent('''
@@ -2499,8 +2499,8 @@ def test_imagefolder_decodes_large_jpegs_at_a_reduced_scale(tmp_path, monkeypatc
 ENC_SMALL = dict(img_size=16, batch_size=4, chunk=8, limit=40)
 
 
-ENC_CLI = (['--img_size', '16', '--batch_size', '4', '--chunk', '8', '--limit', '40', '--workers',
-            '0', '--device', 'cpu'])
+ENC_CLI = ['--img_size', '16', '--batch_size', '4', '--chunk', '8', '--limit', '40', '--workers',
+           '0', '--device', 'cpu']
 
 
 class StandInVAE:
@@ -2661,9 +2661,9 @@ def test_loader_serves_latent_moments_and_the_mirror_images_when_flipping(tmp_pa
 def test_encode_two_ranks_write_the_same_bytes_as_one_process(tmp_path):
     cli('encode', 'digits', tmp_path / 'one', '--vae', 'w/standin.pt', *ENC_CLI)
     driver = tmp_path / 'driver.py'   # vae.py's command line with the stand-in as vae.load_vae
-    driver.write_text(f"import sys\nsys.path.insert(0, {HERE!r})\nimport vae, test_biflow as t\n"
-                      "vae.load_vae = lambda path, device: t.StandInVAE()\n"
-                      "vae.main(sys.argv[1:])\n")
+    driver.write_text(f"import sys\nsys.path.insert(0, {HERE!r})\nimport vae, test_biflow as "
+                      "t\nvae.load_vae = lambda path, device: "
+                      "t.StandInVAE()\nvae.main(sys.argv[1:])\n")
     r = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2',
                         '--master_port=29531',
                         str(driver), 'encode', 'digits', str(tmp_path / 'two'), '--vae',
@@ -2692,8 +2692,8 @@ def test_encode_refusals_are_one_line_errors(tmp_path):
                       (['digits', 'done'], 'already holds a complete latent set'),
                       (['digits', 'half', '--img_size', 24],
                        'made with img_size 16, but this one has img_size 24')]:
-        args = ([tmp_path / a if a in ('empty', 'flat', 'file', 'done', 'half', 'o1', 'o2') else a
-                 for a in args])
+        args = [tmp_path / a if a in ('empty', 'flat', 'file', 'done', 'half', 'o1', 'o2') else a
+                for a in args]
         cli_args = ['encode', *args[:2], '--vae', 'w/standin.pt', *ENC_CLI, *args[2:]]
         assert msg in fails(cli, *cli_args), args
 
@@ -2900,8 +2900,8 @@ def test_vae_full_size_keys_match_diffusers_and_old_names_map_onto_them():
     with torch.device('meta'):  # 84M parameters, nothing allocated
         vae = VAE()
     assert {k: tuple(v.shape) for k, v in vae.state_dict().items()} == ref
-    decoder = (sum(p.numel() for n, p in vae.named_parameters()
-                   if n.startswith(('decoder.', 'post_quant_conv.'))))
+    decoder = sum(p.numel() for n, p in vae.named_parameters()
+                  if n.startswith(('decoder.', 'post_quant_conv.')))
     assert round(decoder / 1e6) == 49  # BiFlow's figure for the SD VAE decoder
     # older uploads: query/key/value/proj_attn, as Linear (2-D) or 1x1-conv (4-D) weights
     for conv in (False, True):
@@ -3036,8 +3036,8 @@ def test_read_safetensors_reads_every_dtype(tmp_path):
     for name, t in want.items():  # the layout as the safetensors spec writes it
         raw = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b''
         dtype = {'scalar': 'F32', 'empty': 'F32'}.get(name, name)
-        header[name] = (dict(dtype=dtype, shape=list(t.shape),
-                             data_offsets=[offset, offset + len(raw)]))
+        header[name] = dict(dtype=dtype, shape=list(t.shape),
+                            data_offsets=[offset, offset + len(raw)])
         blobs.append(raw)
         offset += len(raw)
     h = json.dumps(header).encode()
@@ -3112,12 +3112,12 @@ def test_posterior_sample_is_normalised_and_the_same_for_any_world_size():
     process sees."""
     args = argparse.Namespace(batch_size=6, seed=3)
     g = torch.Generator().manual_seed(0)
-    moments = (torch.stack([torch.randn(6, 4, 2, 2, generator=g),
-                            torch.rand(6, 4, 2, 2, generator=g)], 1))
+    moments = torch.stack([torch.randn(6, 4, 2, 2, generator=g),
+                           torch.rand(6, 4, 2, 2, generator=g)], 1)
     mean, std = torch.tensor([1., -1., 0., 2.]), torch.tensor([2., 4., 1., 0.5])
     one = train.posterior_sample(args, 7, moments, mean, std, 0, 1)
-    two = (torch.cat([train.posterior_sample(args, 7, moments[r * 3:(r + 1) * 3], mean, std, r, 2)
-                      for r in range(2)]))
+    two = torch.cat([train.posterior_sample(args, 7, moments[r * 3:(r + 1) * 3], mean, std, r, 2)
+                     for r in range(2)])
     assert torch.equal(one, two) and one.shape == (6, 4, 2, 2)
     eps = (one * std.view(1, -1, 1, 1) + mean.view(1, -1, 1, 1) - moments[:, 0]) / moments[:, 1]
     gen = torch.Generator().manual_seed(3 * 1_000_003 + 7 + 2 ** 40)
@@ -3140,7 +3140,7 @@ def test_perceptual_terms_see_decoded_latents_and_train_g_only():
     dec = sample.LatentDecoder(vae, LATENT)
     fcfg = FlowConfig(img_size=8, in_channels=4, patch_size=2, channels=32, num_blocks=2,
                       layers_per_block=1, head_dim=16, num_classes=3, noise_std=0.3)
-    F = TarFlow(fcfg).requires_grad_(False)
+    flow = TarFlow(fcfg).requires_grad_(False)
     G = ReverseModel(reverse_config_for(fcfg, 'cpu', channels=32, head_dim=16))
     # the zero-initialised output layer would give G no gradient below it
     for p in G.final.parameters():
@@ -3149,14 +3149,14 @@ def test_perceptual_terms_see_decoded_latents_and_train_g_only():
     perc.decode = dec
     x, y, w = torch.randn(2, 4, 8, 8), torch.tensor([0, 2]), torch.zeros(2)
     eps = torch.randn_like(x)
-    loss, terms = reverse_loss(G, F, x, y, w, eps, perc, {'lpips': 1.0, 'convnext': 1.0},
+    loss, terms = reverse_loss(G, flow, x, y, w, eps, perc, {'lpips': 1.0, 'convnext': 1.0},
                                generator=torch.Generator().manual_seed(1))
     loss.backward()
     assert {'lpips', 'convnext'} <= set(terms) and all(torch.isfinite(v) for v in terms.values())
     assert all(p.grad is None for p in vae.parameters())
     assert G.final.weight.grad.abs().sum() > 0
     # the same numbers as the perceptual loss on the decoded images, with the same crop boxes
-    out = model.unpatchify(G(F(x + 0.3 * eps, y)[2][-1], y, w)[-1].detach(), 2, 8)
+    out = model.unpatchify(G(flow(x + 0.3 * eps, y)[2][-1], y, w)[-1].detach(), 2, 8)
     perc.decode = None
     with torch.no_grad():
         direct = perc(dec(out), dec(x), generator=torch.Generator().manual_seed(1))
@@ -3254,8 +3254,8 @@ def readme_commands(title):
     argv)."""
     text = open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'README.md')).read()
     body = text.split(f'## {title}\n', 1)[1].split('\n## ', 1)[0]
-    lines = ([ln.strip() for ln in body.splitlines() if ln.startswith('    ')
-              and not ln.startswith('    -')])
+    lines = [ln.strip() for ln in body.splitlines() if ln.startswith('    ')
+             and not ln.startswith('    -')]
     cmds, cur = [], ''
     for ln in lines:
         cur += ln.rstrip('\\').strip() + ' '
@@ -3753,8 +3753,8 @@ def test_fid_frechet_eig_matches_sqrtm(n):
 def test_fid_streaming_statistics_match_np_cov():
     imgs = _images(37)
     model = _FakeInception()
-    mu, sigma, n, logits = (fid.compute_statistics(fid._array_batches(imgs, 5), model,
-                                                   keep_logits=True))
+    mu, sigma, n, logits = fid.compute_statistics(fid._array_batches(imgs, 5), model,
+                                                  keep_logits=True)
     f = model(torch.from_numpy(imgs).permute(0, 3, 1, 2))['pool3'].double().numpy()
     assert n == 37 and logits.shape == (37, 5)
     np.testing.assert_allclose(mu, f.mean(0), rtol=1e-12, atol=1e-12)
@@ -3773,8 +3773,8 @@ def test_fid_inception_score():
 def test_fid_tf1_resize_hand_computed():
     x = torch.tensor([[0., 10.], [20., 30.]]).view(1, 1, 2, 2)
     # TF1: src = dst * in/out = 0, .5, 1, 1.5; the last two rows/cols clamp to the edge
-    want = (torch.tensor([[0., 5., 10., 10.], [10., 15., 20., 20.], [20., 25., 30., 30.],
-                          [20., 25., 30., 30.]]))
+    want = torch.tensor([[0., 5., 10., 10.], [10., 15., 20., 20.], [20., 25., 30., 30.],
+                         [20., 25., 30., 30.]])
     assert torch.equal(fid.tf1_resize(x, 4)[0, 0], want)
     # downsampling 4 -> 3: src = 0, 4/3, 8/3 on a ramp 0, 3, 6, 9
     ramp = torch.tensor([0., 3., 6., 9.]).view(1, 1, 1, 4).expand(1, 1, 4, 4)
@@ -3829,8 +3829,8 @@ def test_fid_pool_branches_follow_tf():
     torch.manual_seed(0)
     model = fid.FIDInception().eval()
     seen = {}
-    blocks = (['Mixed_5b', 'Mixed_5c', 'Mixed_5d', 'Mixed_6b', 'Mixed_6c', 'Mixed_6d', 'Mixed_6e',
-               'Mixed_7b', 'Mixed_7c'])
+    blocks = ['Mixed_5b', 'Mixed_5c', 'Mixed_5d', 'Mixed_6b', 'Mixed_6c', 'Mixed_6d', 'Mixed_6e',
+              'Mixed_7b', 'Mixed_7c']
     for name in blocks:
         def hook(module, inputs, output, name=name):
             seen[name] = inputs[0]
@@ -3993,8 +3993,8 @@ def test_fid_weight_loading_errors_and_search_order(fid_offline, monkeypatch):
         fid.load_inception(download=False)
     # a state dict in the torch.hub cache is found, with its fc layer (so IS is available)
     torch.manual_seed(0)
-    sd = ({k: v for k, v in fid.FIDInception().state_dict().items()
-           if not k.endswith('num_batches_tracked')})
+    sd = {k: v for k, v in fid.FIDInception().state_dict().items()
+          if not k.endswith('num_batches_tracked')}
     ckpt_dir = fid_offline / 'torch_home' / 'hub' / 'checkpoints'
     os.makedirs(ckpt_dir)
     torch.save(sd, ckpt_dir / fid.WEIGHTS_NAMES[0])
@@ -4099,8 +4099,8 @@ def test_fid_warns_when_the_sample_counts_differ(tmp_path):
         fid.main([str(tmp_path / 'a40.npz'), str(tmp_path / 'b50.npz')])
     np.savez(tmp_path / 'ref30.npz', arr_0=_images(30, seed=1))
     with pytest.warns(UserWarning, match=r'40 images \(samples\) with 30'):
-        r = (fid.fid_from_samples(_images(40), str(tmp_path / 'ref30.npz'),
-                                  inception=_FakeInception()))
+        r = fid.fid_from_samples(_images(40), str(tmp_path / 'ref30.npz'),
+                                 inception=_FakeInception())
     assert r['fid'] > 0  # a warning, not a failure
     with warnings.catch_warnings():
         warnings.simplefilter('error')
@@ -4338,8 +4338,8 @@ def test_denoise_none_and_score_train_identically():
 # bench.py
 
 
-BENCH_TINY = (FlowConfig(img_size=8, patch_size=2, channels=32, num_blocks=2, layers_per_block=1,
-                         head_dim=16, num_classes=3))
+BENCH_TINY = FlowConfig(img_size=8, patch_size=2, channels=32, num_blocks=2, layers_per_block=1,
+                        head_dim=16, num_classes=3)
 
 
 BENCH_TINY_REVERSE = dict(channels=32, layers_per_block=1, denoise_layers=1, head_dim=16)

@@ -3,14 +3,14 @@ Train TarFlow (stage 1, exact maximum likelihood) or BiFlow's reverse model (sta
 under python or torchrun, on CPU or GPUs. One code path: DDP when launched by torchrun (gloo on CPU,
 NCCL on GPU).
 
-    python train.py                                              # stage 1, built-in digits, CPU preset
+    python train.py                                   # stage 1, built-in digits, CPU preset
     python train.py --stage reverse --forward_ckpt out/forward.pt   # stage 2 on the same data
-    python train.py --resume out/forward.pt                     # continue a run; its settings come from the file
+    python train.py --resume out/forward.pt           # continue a run; settings from the file
     torchrun --nproc_per_node=8 train.py --preset imagenet64 --data /path/to/imagenet/train
-    torchrun --nproc_per_node=8 train.py --stage reverse --preset imagenet64 --data /path/to/imagenet/train \\
-        --forward_ckpt out/forward.pt
-    torchrun --nproc_per_node=8 train.py --preset itarflow-b2 --data in256_latents --vae sd-vae-ft-mse.safetensors \\
-        --out_dir in256                                        # BiFlow's setting: SD-VAE latents (vae.py encode)
+    torchrun --nproc_per_node=8 train.py --stage reverse --preset imagenet64 \\
+        --data /path/to/imagenet/train --forward_ckpt out/forward.pt
+    torchrun --nproc_per_node=8 train.py --preset itarflow-b2 --data in256_latents \\
+        --vae sd-vae-ft-mse.safetensors --out_dir in256   # BiFlow's setting: SD-VAE latents
 
 Writes OUT_DIR/{stage}.pt (atomic, resumable with --resume), OUT_DIR/{stage}_samples.png and
 OUT_DIR/{stage}_log.jsonl (one JSON row per --log_every steps: loss and its terms, grad norm, lr,
@@ -104,25 +104,22 @@ def model_flags(p):
     """The stage, the preset and the model."""
     g = p.add_argument_group('model and preset')
     g.add_argument('--stage', choices=['forward', 'reverse'], default='forward',
-                   help='forward: TarFlow by maximum '
-                   'likelihood; reverse: BiFlow reverse model against a frozen forward checkpoint')
+                   help='forward: TarFlow by maximum likelihood; reverse: BiFlow reverse model '
+                   'against a frozen forward checkpoint')
     g.add_argument('--preset', choices=sorted(TRAIN_PRESETS), default='cpu',
-                   help='model size and optimisation '
-                   'defaults; the latent ones (itarflow-b2, itarflow-xl2, and biflow-b2 for stage '
-                   '2) need latent --data')
+                   help='model size and optimisation defaults; the latent ones (itarflow-b2, '
+                   'itarflow-xl2, and biflow-b2 for stage 2) need latent --data')
     g.add_argument('--num_classes', type=int, default=None,
-                   help='stage 1: classes of the model (None: from --preset);'
-                   ' 0 trains an unconditional model, e.g. on unlabelled data')
+                   help='stage 1: classes of the model (None: from --preset); 0 trains an '
+                   'unconditional model, e.g. on unlabelled data')
     g.add_argument('--noise_std', type=float, default=None,
-                   help='stage 1: sigma of the training noise (None: from '
-                   '--preset)')
+                   help='stage 1: sigma of the training noise (None: from --preset)')
     g.add_argument('--noise_type', choices=['gaussian', 'uniform'], default='gaussian',
-                   help='stage 1: gaussian noise '
-                   'of --noise_std (for sampling) or uniform dequantisation (for bits/dim)')
+                   help='stage 1: gaussian noise of --noise_std (for sampling) or uniform '
+                   'dequantisation (for bits/dim)')
     g.add_argument('--norm_clip', type=float, default=None,
-                   help="stage 1: bound alpha, mu to c*tanh(./c), BiFlow's "
-                   "norm control; 0 = TarFlow exactly (None: from --preset: 4 for cpu, 0 for the "
-                   "paper presets)")
+                   help="stage 1: bound alpha, mu to c*tanh(./c), BiFlow's norm control; 0 = "
+                   "TarFlow exactly (None: from --preset: 4 for cpu, 0 for the paper presets)")
 
 
 def optim_flags(p):
@@ -135,16 +132,14 @@ def optim_flags(p):
                    help='learning rate at the end of the cosine decay')
     g.add_argument('--warmup_steps', type=int, default=None, help='linear warm-up steps')
     g.add_argument('--weight_decay', type=float, default=1e-4,
-                   help='AdamW weight decay (on all parameters, as '
-                   'TarFlow)')
+                   help='AdamW weight decay (on all parameters, as TarFlow)')
     g.add_argument('--grad_clip', type=float, default=None,
-                   help='clip the global gradient norm to this; 0: off, as '
-                   'TarFlow (cpu: 1, the paper presets: 0)')
+                   help='clip the global gradient norm to this; 0: off, as TarFlow (cpu: 1, the '
+                   'paper presets: 0)')
     g.add_argument('--ema', type=float, default=None,
                    help='EMA decay of the weights used for sampling')
     g.add_argument('--label_drop', type=float, default=0.1,
-                   help='probability of replacing a label by the null class '
-                   '(for CFG)')
+                   help='probability of replacing a label by the null class (for CFG)')
     g.add_argument('--seed', type=int, default=0,
                    help='seed for weights, data order, noise and labels')
 
@@ -157,16 +152,14 @@ def reverse_flags(p):
     g.add_argument('--align', choices=['hidden', 'distill', 'naive'], default='hidden',
                    help='how to supervise G')
     g.add_argument('--denoise', choices=['learned', 'score', 'none'], default='learned',
-                   help='how G gets clean '
-                   'images')
+                   help='how G gets clean images')
     g.add_argument('--reverse_norm', action=argparse.BooleanOptionalAction, default=True,
                    help='compare states divided by the target RMS (reverse-side norm control)')
     g.add_argument('--guidance_mode', choices=['train', 'inference'], default='train',
-                   help='train G conditioned on '
-                   'the guidance scale (Eq. 5, 1-NFE) or plain (CFG at inference, 2-NFE)')
+                   help='train G conditioned on the guidance scale (Eq. 5, 1-NFE) or plain (CFG at '
+                   'inference, 2-NFE)')
     g.add_argument('--w_max', type=float, default=3.0,
-                   help='guidance scales for training-time CFG are drawn in '
-                   '[0, w_max]')
+                   help='guidance scales for training-time CFG are drawn in [0, w_max]')
     g.add_argument('--lpips', default=None,
                    help="LPIPS linear weights (lpips' weights/v0.1/vgg.pth); needs --vgg")
     g.add_argument('--vgg', default=None, help="torchvision's vgg16-397923af.pth, the LPIPS trunk")
@@ -175,9 +168,9 @@ def reverse_flags(p):
     g.add_argument('--lpips_weight', type=float, default=0.4, help='weight of the LPIPS term')
     g.add_argument('--convnext_weight', type=float, default=0.1, help='weight of the ConvNeXt term')
     g.add_argument('--perceptual_every', type=int, default=None,
-                   help='the perceptual terms see every k-th image of '
-                   'the global batch (the same images for any number of ranks; None: from '
-                   '--preset, 8 for latents, where they run through the VAE decoder)')
+                   help='the perceptual terms see every k-th image of the global batch (the same '
+                   'images for any number of ranks; None: from --preset, 8 for latents, where they '
+                   'run through the VAE decoder)')
     g.add_argument('--cycle', type=float, default=0.0,
                    help='weight of the cycle term ||F(G(z)) - z||^2 on prior noise z ~ N(0, I) at '
                    'w = 0, through the frozen F (model.cycle_loss), added to the data-pair terms '
@@ -186,9 +179,8 @@ def reverse_flags(p):
                    help='prior noise draws per rank and step for --cycle (None: the per-rank '
                    "batch); their labels are the batch's first ones")
     g.add_argument('--target_dtype', choices=['fp32', 'bf16'], default='fp32',
-                   help="F's forward pass for the "
-                   'targets: fp32 (exact, as the flow math everywhere) or inside the bf16 autocast '
-                   '(faster; the states move by 0.3-2%%)')
+                   help="F's forward pass for the targets: fp32 (exact, as the flow math "
+                   "everywhere) or inside the bf16 autocast (faster; the states move by 0.3-2%%)")
 
 
 def output_flags(p):
@@ -199,31 +191,25 @@ def output_flags(p):
     g.add_argument('--overwrite', action=argparse.BooleanOptionalAction, default=False,
                    help='replace an earlier run of this stage in --out_dir (refused without)')
     g.add_argument('--resume', default=None,
-                   help='continue the run saved in this checkpoint, with its settings '
-                   '(model, EMA, optimizer, step, data position); flags that would change the run '
-                   'are refused')
+                   help='continue the run saved in this checkpoint, with its settings (model, EMA, '
+                   'optimizer, step, data position); flags that would change the run are refused')
     g.add_argument('--stop_at', type=int, default=None,
-                   help='stop (with a checkpoint) after this step without '
-                   'changing the schedule, to split a run into jobs; continue with --resume')
+                   help='stop (with a checkpoint) after this step without changing the schedule, '
+                   'to split a run into jobs; continue with --resume')
     g.add_argument('--max_skips', type=int, default=20,
                    help='stop the run after this many non-finite steps in a row')
     g.add_argument('--log_every', type=int, default=50,
                    help='print and log metrics every this many steps')
     g.add_argument('--eval_every', type=int, default=None,
-                   help='stage 1: held-out bits/dim every this many steps '
-                   '(None: from --preset)')
+                   help='stage 1: held-out bits/dim every this many steps (None: from --preset)')
     g.add_argument('--eval_samples', type=int, default=None,
-                   help='stage 1: held-out images per evaluation (None: '
-                   'from --preset)')
+                   help='stage 1: held-out images per evaluation (None: from --preset)')
     g.add_argument('--ckpt_every', type=int, default=1000,
-                   help='write the checkpoint every this many steps (and at '
-                   'the end)')
+                   help='write the checkpoint every this many steps (and at the end)')
     g.add_argument('--sample_every', type=int, default=1000,
-                   help='write a sample grid every this many steps (and at '
-                   'the end)')
+                   help='write a sample grid every this many steps (and at the end)')
     g.add_argument('--sample_guidance', type=float, default=2.0,
-                   help='guidance scale of the periodic sample grids '
-                   'and the FID monitor')
+                   help='guidance scale of the periodic sample grids and the FID monitor')
 
 
 def fid_flags(p):
@@ -234,8 +220,7 @@ def fid_flags(p):
                    'or folder)')
     g.add_argument('--fid_every', type=int, default=10000, help='steps between FID evaluations')
     g.add_argument('--fid_samples', type=int, default=4096,
-                   help='samples per FID evaluation (a monitor, not '
-                   'FID-50K)')
+                   help='samples per FID evaluation (a monitor, not FID-50K)')
     g.add_argument('--inception', default=None, help='path to pt_inception-2015-12-05-6726825d.pth')
 
 
@@ -244,20 +229,15 @@ def hardware_flags(p):
     g = p.add_argument_group('hardware')
     g.add_argument('--device', default='auto', help="'auto' (cuda if available), 'cpu' or 'cuda'")
     g.add_argument('--dtype', choices=['auto', 'bf16', 'fp32'], default='auto',
-                   help='autocast dtype; auto = bf16 on '
-                   'CUDA')
+                   help='autocast dtype; auto = bf16 on CUDA')
     g.add_argument('--compile', action=argparse.BooleanOptionalAction, default=False,
-                   help='torch.compile the model '
-                   '(GPU runs)')
+                   help='torch.compile the model (GPU runs)')
     g.add_argument('--grad_checkpoint', action=argparse.BooleanOptionalAction, default=None,
-                   help="stage 1: "
-                   "recompute each flow's activations in the backward (one more forward pass, "
-                   "about T times less "
-                   "activation memory; None: from --preset, on where bench.py projects more than "
-                   "80 GB)")
+                   help="stage 1: recompute each flow's activations in the backward (one more "
+                   "forward pass, about T times less activation memory; None: from --preset, on "
+                   "where bench.py projects more than 80 GB)")
     g.add_argument('--num_workers', type=int, default=None,
-                   help='data loader workers per rank (None: 0 on CPU, 8 on '
-                   'CUDA)')
+                   help='data loader workers per rank (None: 0 on CPU, 8 on CUDA)')
 
 
 def get_args(argv=None):
@@ -328,15 +308,14 @@ def resume_args(args, explicit, ckpt, path):
            if k in saved and getattr(args, k) != saved[k]]
     if bad:
         raise UsageError(f'--resume {path}: a resume continues the saved run, but '
-                         + '; '.join(bad) + '. Only these '
-                         'may change: '
+                         + '; '.join(bad) + '. Only these may change: '
                          f'{", ".join("--" + k for k in sorted(RESUME_SAFE - {"resume"}))}')
     # belong to one invocation, never taken from the checkpoint
     per_job = {'resume', 'stop_at', 'overwrite'}
     # defaults, overridden by the saved settings (flags added
     # since then keep their defaults), then by the given flags
-    merged = ({**vars(args),
-               **{k: v for k, v in saved.items() if k in vars(args) and k not in per_job}})
+    merged = {**vars(args),
+              **{k: v for k, v in saved.items() if k in vars(args) and k not in per_job}}
     merged.update({k: getattr(args, k) for k in explicit})
     merged['stage'] = ckpt['kind']
     return argparse.Namespace(**merged)
@@ -430,7 +409,8 @@ def load_checkpoint_file(path, flag='--resume'):
     file."""
     ckpt = read_torch_file(path, flag)   # weights_only: a checkpoint can never run code
     if not isinstance(ckpt, dict) or ckpt.get('kind') not in ('forward', 'reverse'):
-        raise UsageError(f'{path} is not a checkpoint written by train.py (no kind forward/reverse)')
+        raise UsageError(f'{path} is not a checkpoint written by train.py (no kind '
+                         'forward/reverse)')
     return ckpt
 
 
@@ -500,9 +480,8 @@ def check_labels(dataset, cfg, flag):
     them."""
     if cfg.num_classes and not dataset.num_classes:
         raise UsageError(f'{flag} has no labels, but the model is class-conditional '
-                         f'({cfg.num_classes} classes): '
-                         'give labelled data, or train an unconditional model (--num_classes 0, in '
-                         'stage 1)')
+                         f'({cfg.num_classes} classes): give labelled data, or train an '
+                         'unconditional model (--num_classes 0, in stage 1)')
     # an unconditional model ignores labels
     if cfg.num_classes and dataset.num_classes > cfg.num_classes:
         raise UsageError(f'{flag} has {dataset.num_classes} classes (labels up to '
@@ -514,8 +493,8 @@ def settings(argv):
     settings (and the loaded checkpoint), checked against each other."""
     args, explicit = get_args(argv)
     resume = load_checkpoint_file(args.resume) if args.resume else None
-    args = (fill_preset_defaults(resume_args(args, explicit, resume, args.resume) if resume
-                                 else args))
+    args = fill_preset_defaults(resume_args(args, explicit, resume, args.resume) if resume
+                                else args)
     if args.stage == 'forward' and args.preset not in PRESETS:
         raise UsageError(f'--preset {args.preset} names a reverse model: stage 1 takes one of '
                          f'{", ".join(PRESETS)}')
@@ -540,9 +519,8 @@ def processes(args):
                          f'({world})')
     if (args.lpips or args.convnext) and (args.batch_size // world) % args.perceptual_every:
         raise UsageError(f'--perceptual_every {args.perceptual_every} must divide the batch of '
-                         'each rank '
-                         f'({args.batch_size // world}), so that the same images get the terms on '
-                         'any number of ranks')
+                         f'each rank ({args.batch_size // world}), so that the same images get the '
+                         'terms on any number of ranks')
     torch.manual_seed(args.seed)
     if device.type == 'cuda':
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -571,8 +549,8 @@ def claim_outputs(args, resume, lock, master):
         for path in (ckpt_path, log_path):
             if os.path.exists(path):
                 raise FileExistsError(f'{path} exists (an earlier run): continue it with --resume '
-                                      f'{ckpt_path}, '
-                                      'pick another --out_dir, or pass --overwrite to replace it')
+                                      f'{ckpt_path}, pick another --out_dir, or pass --overwrite '
+                                      'to replace it')
     return ckpt_path, log_path, continuing
 
 
@@ -632,14 +610,14 @@ def load_data(args, cfg, flow_latent, resume, device):
         latent = {k: meta[k] for k in ('img_size', 'latent_shape', 'vae', 'norm')}
         if tuple(meta['latent_shape']) != (cfg.in_channels, cfg.img_size, cfg.img_size):
             raise UsageError(f'--data {args.data} holds latents of shape '
-                             f'{tuple(meta["latent_shape"])} (C, h, w), but '
-                             f'the model takes {cfg.in_channels}x{cfg.img_size}x{cfg.img_size} (' +
+                             f'{tuple(meta["latent_shape"])} (C, h, w), but the model takes '
+                             f'{cfg.in_channels}x{cfg.img_size}x{cfg.img_size} (' +
                              (f'--preset {args.preset})' if args.stage == 'forward'
                               else 'the geometry of F)'))
         if args.stage == 'forward' and (args.noise_type != 'gaussian' or args.val_data):
             raise UsageError('--noise_type uniform and --val_data measure bits/dim of 8-bit '
-                             'pixels; latent data has '
-                             'no such bins: train latents with Gaussian noise, without --val_data')
+                             'pixels; latent data has no such bins: train latents with Gaussian '
+                             'noise, without --val_data')
         norm = tuple(stat.to(device) for stat in latent_norm(meta))
         # checks the VAE's fingerprint
         decode = latent_decoder(latent, args.vae, device, f'--data {args.data}')
@@ -647,15 +625,16 @@ def load_data(args, cfg, flow_latent, resume, device):
             # F's recorded VAE against the one that made these
             # latents (an older file records an older fingerprint)
             fl = flow_latent or {}
-            if fl.get('norm') != latent['norm'] or not decode.vae.matches(fl.get('vae', {}).get('fingerprint')):
+            same_vae = decode.vae.matches(fl.get('vae', {}).get('fingerprint'))
+            if fl.get('norm') != latent['norm'] or not same_vae:
                 raise UsageError(f'--data {args.data}: F was trained on other latents (another VAE '
                                  'or normalisation) than these; stage 2 must see the data F was '
                                  'trained on')
     elif cfg.in_channels != 3:
         raise UsageError('the model takes SD-VAE latents '
-                         f'({cfg.in_channels}x{cfg.img_size}x{cfg.img_size}), but '
-                         f'--data {args.data} is pixels: encode it once with `python vae.py encode '
-                         'SRC OUT --vae PATH` and train on OUT')
+                         f'({cfg.in_channels}x{cfg.img_size}x{cfg.img_size}), but --data '
+                         f'{args.data} is pixels: encode it once with `python vae.py encode SRC '
+                         'OUT --vae PATH` and train on OUT')
     if resume and resume.get('latent') != latent:
         raise UsageError(f'--resume {args.resume} was trained on other data (latents: '
                          f'{resume.get("latent") is not None}) than --data {args.data} (latents: '
@@ -714,8 +693,8 @@ def fid_reference(args, device, master, world):
              else None)
     if master:
         print(f'FID reference statistics of {args.fid_ref} -> {path}')
-        ref = (fid.input_statistics(args.fid_ref, fid.load_inception(args.inception, device),
-                                    device=device))
+        ref = fid.input_statistics(args.fid_ref, fid.load_inception(args.inception, device),
+                                   device=device)
         fid.save_stats(path, ref['mu'], ref['sigma'], ref['num_samples'])
     if world > 1:
         dist.barrier(group=group)
@@ -733,8 +712,8 @@ def wrap(model, flow, args, world, device):
         if flow is not None:
             flow_fn = torch.compile(flow)
     if world > 1:
-        model = (DDP(model, device_ids=[device.index] if device.type == 'cuda' else None,
-                     gradient_as_bucket_view=True))
+        model = DDP(model, device_ids=[device.index] if device.type == 'cuda' else None,
+                    gradient_as_bucket_view=True)
     return model, flow_fn
 
 
@@ -743,8 +722,8 @@ def perceptual_terms(args, decode, device):
     latents they compare decoded images: the frozen VAE decodes, G gets the gradient."""
     if args.stage != 'reverse' or not (args.lpips or args.convnext):
         return None
-    perceptual = (PerceptualLoss(*(load_weights(getattr(args, k), k)
-                                   for k in ('lpips', 'vgg', 'convnext'))))
+    perceptual = PerceptualLoss(*(load_weights(getattr(args, k), k)
+                                  for k in ('lpips', 'vgg', 'convnext')))
     perceptual.decode = decode
     return perceptual.to(device)
 
@@ -756,8 +735,8 @@ def stage_loss(args, cfg, model, flow_fn, x, y, w, eps, perceptual, step, rank, 
     --target_dtype bf16); the stage-2 terms are one distance per aligned depth, and the crop boxes
     of the perceptual terms come from (seed, step, rank), so a resume redraws them."""
     if args.stage == 'forward':
-        loss, nll, traj = (forward_loss(model, x, y, eps, args.noise_type,
-                                        checkpoint=args.grad_checkpoint))
+        loss, nll, traj = forward_loss(model, x, y, eps, args.noise_type,
+                                       checkpoint=args.grad_checkpoint)
         metrics = {'loss': loss.detach()}
         if args.noise_type == 'uniform':   # the bin constant only applies to dequantised data
             metrics['bpd'] = TarFlow.bits_per_dim(nll.detach()).mean()
@@ -782,8 +761,8 @@ def update(loss, model, ema, opt, step, args):
     would wait for the GPU on every step. -> (gradient norm, bad), 0-dim tensors on the device."""
     opt.zero_grad(set_to_none=True)
     loss.backward()
-    gnorm = (torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip
-                                            if args.grad_clip > 0 else math.inf))
+    gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip
+                                           if args.grad_clip > 0 else math.inf)
     bad = ~torch.isfinite(gnorm)
     # fused AdamW leaves weights, moments and step count alone where it is 1
     opt.found_inf = bad.float()
@@ -964,8 +943,8 @@ def train(argv, lock):
         if args.stage == 'reverse' and y is None:  # unconditional: index 0 is G's null class
             y = torch.zeros(x.shape[0], dtype=torch.long, device=device)
         with ctx:
-            loss, metrics, traj = (stage_loss(args, cfg, model, flow_fn, x, y, w, eps, perceptual,
-                                              step, rank, world))
+            loss, metrics, traj = stage_loss(args, cfg, model, flow_fn, x, y, w, eps, perceptual,
+                                             step, rank, world)
         gnorm, bad = update(loss, raw, ema, opt, step, args)
         # a streak means divergence, not a bad batch: it is checked at the log rows
         skipped, streak = skipped + bad, (streak + 1) * bad

@@ -137,8 +137,8 @@ class Block(nn.Module):
     asymmetric padding). Up: nearest x2, 3x3 conv."""
     def __init__(self, cin, cout, n, groups, resample=None):  # resample: 'down', 'up' or None
         super().__init__()
-        self.resnets = (nn.ModuleList([ResnetBlock(cin if j == 0 else cout, cout, groups)
-                                       for j in range(n)]))
+        self.resnets = nn.ModuleList([ResnetBlock(cin if j == 0 else cout, cout, groups)
+                                      for j in range(n)])
         self.resample = resample
         # diffusers' keys down_blocks.{i}.downsamplers.0.conv, up_blocks.{i}.upsamplers.0.conv
         if resample:
@@ -351,8 +351,8 @@ def config_from_state_dict(sd):
     ch = []
     while shape(f'encoder.down_blocks.{len(ch)}.resnets.0.conv1.weight'):
         ch.append(shape(f'encoder.down_blocks.{len(ch)}.resnets.0.conv1.weight')[0])
-    layers = (sum(1 for k in sd if k.startswith('encoder.down_blocks.0.resnets.')
-                  and k.endswith('.conv1.weight')))
+    layers = sum(1 for k in sd if k.startswith('encoder.down_blocks.0.resnets.')
+                 and k.endswith('.conv1.weight'))
     ends = (shape('encoder.conv_in.weight'), shape('decoder.conv_out.weight'),
             shape('post_quant_conv.weight'))
     if not ch or None in ends:
@@ -415,8 +415,8 @@ def load_vae(path, device='cpu', flag='--vae'):
         raise UsageError(f'{flag} {weights}: cannot build an SD VAE of {cfg}: {e}; a diffusers '
                          'config.json beside the weights sets norm_num_groups') from e
     want = {k: tuple(v.shape) for k, v in vae.state_dict().items()}
-    got = ({k: tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__ for k,
-            v in sd.items()})
+    got = {k: tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__ for k,
+           v in sd.items()}
     problems = [(what, sorted(keys)) for what, keys in [
         ('missing', want.keys() - got.keys()), ('unexpected', got.keys() - want.keys()),
         ('mis-shaped', [f'{k} {got[k]} (want {want[k]})' for k in want.keys() & got.keys()
@@ -528,8 +528,8 @@ def _check_out(out: str, settings: dict | None, overwrite: bool) -> None:
             if old.get(k) != v:
                 raise UsageError(f"encode OUT {out}: holds an unfinished encode made with {k} "
                                  f"{old.get(k)!r}, but this one has {k} {v!r} "
-                                 f"({_SETTING_FLAGS[k]}); rerun with the first "
-                                 "settings to resume it, or pass --overwrite to start over")
+                                 f"({_SETTING_FLAGS[k]}); rerun with the first settings to resume "
+                                 "it, or pass --overwrite to start over")
     # progress.json is written first, so someone removed it
     elif 'latents.npy' in names or 'done' in names:
         raise UsageError(f"encode OUT {out}: holds latents.npy or done/ but no progress.json, so "
@@ -645,8 +645,8 @@ def encode(src: str, out: str, vae, img_size: int, batch_size: int = 64, norm: s
             print(f"encoding {n} images of {img_size}x{img_size} from {src} into {out}: latents "
                   f"{C}x{h}x{w}, {chunks - len(todo)} of {chunks} chunks done before, {len(todo)} "
                   f"to do by {world} rank(s)", flush=True)
-        progress = (Progress(total, 'encoded' + (f' (rank 0 of {world})' if world > 1 else ''),
-                             enabled=rank == 0))
+        progress = Progress(total, 'encoded' + (f' (rank 0 of {world})' if world > 1 else ''),
+                            enabled=rank == 0)
         done, bad, sums = 0, [], np.zeros((3, C))
         with torch.no_grad():
             for idx, x, y, readable in loader:
@@ -703,8 +703,8 @@ def _finish(out, ds, src, split, n, img_size, latent_shape, norm, vae_name,
     C, h, w = latent_shape
     # posterior samples mean + std * eps: E[x] = E[mean], Var[x] = E[mean^2] + E[std^2] - E[x]^2
     if norm == 'compute':
-        avg = (np.array([[mark['sum_mean'], mark['sum_mean_sq'], mark['sum_std_sq']]
-                         for mark in marks]))
+        avg = np.array([[mark['sum_mean'], mark['sum_mean_sq'], mark['sum_std_sq']]
+                        for mark in marks])
         avg = avg.sum(0) / (n * 2 * h * w)   # E[mean], E[mean^2], E[std^2] per channel
         mean, std = avg[0].tolist(), np.sqrt(avg[1] + avg[2] - avg[0] ** 2).tolist()
     else:
@@ -780,9 +780,9 @@ def check_vae(path, image, device):
     count = {part: sum(t.numel() for t in getattr(vae, part).parameters())
              for part in ('encoder', 'decoder')}
     full, weights = vae._fingerprints()
-    print(f'{vae.cfg}\nencoder {count["encoder"] / 1e6:.2f}M, '
-          f'decoder {count["decoder"] / 1e6:.2f}M parameters; fingerprint {full} '
-          f'(of the weights alone, as older versions recorded it: {weights})')
+    print(f'{vae.cfg}\nencoder {count["encoder"] / 1e6:.2f}M, decoder '
+          f'{count["decoder"] / 1e6:.2f}M parameters; fingerprint {full} (of the weights alone, as '
+          f'older versions recorded it: {weights})')
     if image:
         down = 2 ** (len(vae.cfg.block_out_channels) - 1)  # the downsampling factor, 8
         img = np.array(Image.open(image).convert('RGB'))  # (H, W, 3) uint8, writable

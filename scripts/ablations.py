@@ -11,9 +11,10 @@ one resumable run:
 3. samples of every model with their FID against 1000 held-out digits (sample.py --npz --fid), the
    share read as the requested class (scripts/score_digits.py), NFE and ms/image at batch 1;
 4. results.json in --out, a markdown table (ablations_table.md, and into --md between its table
-   markers), the per-depth alignment plot (align_depths.png) and the guidance-sweep plot (guidance_sweep.png).
+   markers), the per-depth alignment plot (align_depths.png) and the guidance-sweep plot
+   (guidance_sweep.png).
 
-    python scripts/ablations.py --quick --out /tmp/ablations_quick    # every phase with tiny step and sample counts
+    python scripts/ablations.py --quick --out /tmp/ablations_quick   # every phase, tiny counts
 
 Resuming: run the same command again. Every step writes one output file, and that file is its
 marker: a finished training run (its checkpoint at max_steps), a sample file (.npz), a score (.json
@@ -163,8 +164,8 @@ class Runner:
         print(f'[{time.strftime("%H:%M:%S")}] {show(cmd)}', flush=True)
         env = dict(os.environ, OMP_NUM_THREADS=str(self.threads), MKL_NUM_THREADS=str(self.threads))
         with open(log, 'a') as f:
-            rc = (subprocess.call([sys.executable] + cmd[1:], cwd=ROOT, stdout=f,
-                                  stderr=subprocess.STDOUT, env=env))
+            rc = subprocess.call([sys.executable] + cmd[1:], cwd=ROOT, stdout=f,
+                                 stderr=subprocess.STDOUT, env=env)
         self.add_time(key, time.time() - t0)
         print(f'[{time.strftime("%H:%M:%S")}] done ({(time.time() - t0) / 60:.1f} min, exit {rc}): '
               f'{key}', flush=True)
@@ -385,8 +386,8 @@ def align_keys(rows):
     return keys + (['out'] if any('out' in r for r in rows) else [])
 
 
-COLOURS = ([(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
-            (140, 86, 75)])
+COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
+           (140, 86, 75)]
 
 
 def plot_alignment(logs, path, size=(640, 300)):
@@ -397,8 +398,8 @@ def plot_alignment(logs, path, size=(640, 300)):
     img = Image.new('RGB', size, 'white')
     d = ImageDraw.Draw(img)
     font = ImageFont.load_default()
-    vals = ([v for rows in logs.values() for r in rows for k in align_keys(rows) if r.get(k, 0) > 0
-             for v in [r[k]]])
+    vals = [v for rows in logs.values() for r in rows for k in align_keys(rows) if r.get(k, 0) > 0
+            for v in [r[k]]]
     if not vals:
         d.text((10, 10), 'no alignment terms logged', fill='black', font=font)
         img.save(path)
@@ -492,12 +493,10 @@ def markdown(res):
     if nz:
         L.append('')
         L.append(f"FID noise: the same model ({nz['model']}, w = {nz['w']:g}) sampled with seeds 0 "
-                 "and 1 gives FID "
-                 f"{fmt(nz['fid'][0], '.2f')} and {fmt(nz['fid'][1], '.2f')} (|Δ| = "
-                 f"{fmt(nz['delta_fid'], '.2f')}), "
-                 f"read-as-class {fmt(100 * nz['acc'][0], '.1f')}% and "
-                 f"{fmt(100 * nz['acc'][1], '.1f')}%. "
-                 "Gaps smaller than a few times |Δ| are not resolved by this FID.")
+                 f"and 1 gives FID {fmt(nz['fid'][0], '.2f')} and {fmt(nz['fid'][1], '.2f')} (|Δ| "
+                 f"= {fmt(nz['delta_fid'], '.2f')}), read-as-class "
+                 f"{fmt(100 * nz['acc'][0], '.1f')}% and {fmt(100 * nz['acc'][1], '.1f')}%. Gaps "
+                 "smaller than a few times |Δ| are not resolved by this FID.")
     sw = res.get('sweep') or {}
     if sw:
         L.append('')
@@ -564,15 +563,15 @@ def main(argv=None):
     p.add_argument('--md', default=None,
                    help='also write the table into this markdown file, between its markers')
     p.add_argument('--sweep', action=argparse.BooleanOptionalAction, default=True,
-                   help="TarFlow's guidance sweep "
-                   '(accuracy against w; FID only where a point equals a table row)')
+                   help="TarFlow's guidance sweep (accuracy against w; FID only where a point "
+                   "equals a table row)")
     p.add_argument('--jobs', type=int, default=2,
                    help='commands run side by side (a stage-2 run waits for its F, a '
                    'sample command for its model)')
     p.add_argument('--forward_norm_row', action=argparse.BooleanOptionalAction, default=False,
-                   help='also train an F '
-                   'with --norm_clip 0 (a whole stage 1) and the norm-control row with both sides '
-                   "off against it, as the paper's; without it, only G's side is turned off")
+                   help="also train an F with --norm_clip 0 (a whole stage 1) and the norm-control "
+                   "row with both sides off against it, as the paper's; without it, only G's side "
+                   "is turned off")
     p.add_argument('--threads', type=int, default=1,
                    help="threads of each command: on a shared machine one thread "
                    "per job never stalls at a barrier waiting for a core someone else holds")
@@ -678,9 +677,9 @@ def main(argv=None):
         sw.setdefault(label, {})[f'{w:g}'] = dict(acc=m.get('acc'), fid=m.get('fid'), n=n)
     res['sweep'] = sw
     if wfuts:
-        res['commands'].append('# sweep: the sample.py commands above with --guidance W (and '
-                               '--ramp), --num_samples '
-                               f"{sz['n_sweep_f']} for F, {sz['n_sweep_g']} for G, no --fid")
+        res['commands'].append("# sweep: the sample.py commands above with --guidance W (and "
+                               f"--ramp), --num_samples {sz['n_sweep_f']} for F, {sz['n_sweep_g']} "
+                               "for G, no --fid")
     res['forward_bpd'] = {name: next((r['val_bpd']
                                       for r in reversed(read_log(os.path.join(out, name,
                                                                              'forward_log.jsonl')))
@@ -712,9 +711,8 @@ def main(argv=None):
         write_md(a.md, table)
     print(table)
     print(f'this invocation: {(time.time() - t_start) / 60:.1f} min; the whole run (all '
-          'invocations): '
-          f'{sum(res["walltimes"].values()) / 60:.1f} min of commands and scoring, summed over '
-          'parallel jobs')
+          f'invocations): {sum(res["walltimes"].values()) / 60:.1f} min of commands and scoring, '
+          'summed over parallel jobs')
 
 
 if __name__ == '__main__':

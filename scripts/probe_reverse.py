@@ -184,7 +184,7 @@ def pair(args):
             )
     draw.text(
         (2, 1),
-        f'pairs: F^-1 (exact inverse + CFG + Tweedie) | G (one pass), same z and label, '
+        'pairs: F^-1 (exact inverse + CFG + Tweedie) | G (one pass), same z and label, '
         f'w = {args.guidance}, noise seed {args.seed}; labels 0..9 by column',
         fill='black',
     )

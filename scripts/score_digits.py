@@ -3,8 +3,8 @@ How many digit samples read as the class they were asked for: a quick quality nu
 recipe, beside FID. A small CNN is trained here, seeded, on the digits' train split (about 20 s on
 CPU) and reads every file:
 
-    python data.py pack digits val.npz --split val --img_size 16     # real digits: the classifier's ceiling
-    python scripts/score_digits.py val.npz F.npz G.npz               # sample.py --npz files
+    python data.py pack digits val.npz --split val --img_size 16   # real digits: the ceiling
+    python scripts/score_digits.py val.npz F.npz G.npz             # sample.py --npz files
 
 Each file is an ADM-style .npz: arr_0 uint8 (N, H, W, 3) images, arr_1 (N,) requested labels.
 """
