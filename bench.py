@@ -375,8 +375,8 @@ def plot_changes(curves, path, tol=None, size=(640, 300)):
     pmax = max(len(changes) for changes in curves.values())
     draw.rectangle([x0, top, x1, bottom], outline='black')
     title = 'largest change in a pass (log scale) against the pass, per flow'
-    draw.text((x0, 4), title + (f'; grey: tolerance {tol:g}' if tol else ''), fill='black',
-              font=font)
+    draw.text((x0, 4), title + (f'; grey: tolerance {tol:g}' if tol else ''),
+              fill='black', font=font)
 
     def xy(npass, change):   # pixel coordinates of a change after npass passes
         return (x0 + npass / pmax * (x1 - x0),
@@ -389,8 +389,8 @@ def plot_changes(curves, path, tol=None, size=(640, 300)):
         draw.text((xy(npass, 1)[0] - 4, bottom + 6), str(npass), fill='black', font=font)
     if tol:
         draw.line([xy(0, tol), xy(pmax, tol)], fill=(170, 170, 170))
-    colours = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
-               (140, 86, 75), (227, 119, 194), (127, 127, 127)]
+    colours = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40),
+               (148, 103, 189), (140, 86, 75), (227, 119, 194), (127, 127, 127)]
     flows = list(dict.fromkeys(label.split(',')[0] for label in curves))   # one colour per flow
     for j, (name, changes) in enumerate(curves.items()):
         pts = [xy(npass + 1, change) for npass, change in enumerate(changes)
@@ -407,8 +407,8 @@ def plot_changes(curves, path, tol=None, size=(640, 300)):
 @torch.no_grad()
 def jacobi_curves(flow, G, z, y, w):
     """Each flow's change per pass, plain Jacobi to a tolerance of 1e-6 from its exact (sequential)
-    input, from z and (with G) from G's guess: {label: [largest change over the batch, per pass]}.
-    """
+    input, from z and (with G) from G's guess:
+    {label: [largest change over the batch, per pass]}."""
     guesses = reverse_guesses(G, z, y, w) if G is not None else [None] * len(flow.blocks)
     curves, tokens = {}, z   # tokens: flow t's exact input
     for t in reversed(range(len(flow.blocks))):
@@ -454,8 +454,9 @@ def jacobi_projection(name='imagenet64', passes=(8, 32, 128)):
         return oc.count
     seq = [ops(probe, lambda block, z, y: block.reverse(z, y, GUIDANCE)) for probe in narrow]
     step = (seq[1] - seq[0]) / (narrow[1].num_tokens - narrow[0].num_tokens)
-    par = [ops(narrow[0], lambda block, z, y, npass=npass: block.reverse_parallel(
-        z, y, GUIDANCE, tol=0.0, max_passes=npass)) for npass in (1, 2)]
+    par = [ops(narrow[0], lambda block, z, y, npass=npass:
+               block.reverse_parallel(z, y, GUIDANCE, tol=0.0, max_passes=npass))
+           for npass in (1, 2)]
     per_pass = par[1] - par[0]
     with torch.device('meta'):
         block = TarFlow(cfg).blocks[0]
@@ -468,8 +469,8 @@ def jacobi_projection(name='imagenet64', passes=(8, 32, 128)):
     for npass in passes:
         rows[f'parallel, {npass} passes'] = dict(launches=par[0] + (npass - 1) * per_pass,
                                                  gflop=npass * flops / 1e9)
-    return dict(preset=name, tokens=N, launches_per_step=step, launches_per_pass=per_pass,
-                rows=rows)
+    return dict(preset=name, tokens=N, launches_per_step=step,
+                launches_per_pass=per_pass, rows=rows)
 
 
 def bf16_peak(device):
@@ -491,16 +492,17 @@ def jacobi_report(row, inv):
                          plan_ms={t: {strategy: 1e3 * seconds
                                       for strategy, seconds in plan.seconds.items()}
                                   for t, plan in enumerate(inv.plan)})
-    print('  strategy per flow (0 = next to the data): ' + ', '.join(
-        f'{t}: {"seq" if plan.choice == 1 else plan.choice}' for t, plan in enumerate(inv.plan)) +
-        '; passes mean/max: ' + ', '.join(f'{mean:.1f}/{mx}' for mean, mx, _ in stats) +
-        (f'; {fallbacks} fell back' if fallbacks else ''))
+    print('  strategy per flow (0 = next to the data): ' +
+          ', '.join(f'{t}: {"seq" if plan.choice == 1 else plan.choice}'
+                    for t, plan in enumerate(inv.plan)) +
+          '; passes mean/max: ' + ', '.join(f'{mean:.1f}/{mx}' for mean, mx, _ in stats) +
+          (f'; {fallbacks} fell back' if fallbacks else ''))
 
 
 def train_step(model, loss_fn, ctx, device):
     """One optimizer step as train.py takes it: autocast loss, backward, clipping, AdamW, EMA."""
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.95), weight_decay=1e-4,
-                            fused=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.95),
+                            weight_decay=1e-4, fused=True)
     ema = copy.deepcopy(model).requires_grad_(False)
 
     def step():
@@ -672,8 +674,8 @@ def training_rows(session):
             model.compile()
         yr = y if cfg.num_classes else torch.zeros(batch, dtype=torch.long, device=device)
         w = guidance_scales(torch.rand(batch, 2, device=device), 3.0)   # train.py's draw
-        step = train_step(model, lambda net: reverse_loss(net, session.flow, x, yr, w, eps)[0], ctx,
-                          device)
+        step = train_step(model, lambda net: reverse_loss(net, session.flow, x, yr, w, eps)[0],
+                          ctx, device)
         session.time_row('rev_train', batch, step)
         del model
 
@@ -691,9 +693,9 @@ def check_naive_baseline(session):
         err, scale = (ours - naive).abs().max().item(), ours.abs().max().item()
         checks[f'naive_equals_ours_w{w:g}'] = dict(max_abs_diff=err, max_abs=scale)
         if not (math.isfinite(scale) and err <= 1e-4 * max(1.0, scale)):
-            raise RuntimeError(f'naive baseline differs from MetaBlock.reverse at w={w}: max '
-                               f'|diff| {err:.3g} (max |x| {scale:.3g}); the comparison would not '
-                               'be apples to apples')
+            raise RuntimeError(f'naive baseline differs from MetaBlock.reverse at w={w}: '
+                               f'max |diff| {err:.3g} (max |x| {scale:.3g}); the comparison would '
+                               'not be apples to apples')
     torch.backends.cuda.matmul.allow_tf32 = tf32
     print('  check: naive baseline equals MetaBlock.reverse (max |diff| '
           f'{max(check["max_abs_diff"] for check in checks.values()):.1e}, fp32)')
@@ -775,8 +777,7 @@ def vae_decode_rows(session):
         def decode(zl=zl):
             with torch.no_grad(), session.ctx():
                 vae.decode(zl)
-        # one warm-up call: it is the slowest row on CPU by far, and nothing in it needs more to
-        # settle
+        # one warm-up call: the slowest row on CPU by far, and nothing in it needs more to settle
         session.time_row('vae_decode', batch, decode,
                          f'SD-VAE decode, {hw}x{hw} latent -> {8 * hw}x{8 * hw}',
                          min(args.warmup, 1))
@@ -862,8 +863,8 @@ def jacobi_projection_rows(out):
           f'inverse + CFG, {jp["launches_per_step"]:.0f} kernel launches per token step, '
           f'{jp["launches_per_pass"]:.0f} per Jacobi pass:')
     for method, row in jp['rows'].items():
-        print(f'  {method}: {row["launches"]:.0f} launches per batch, {row["gflop"]:.1f} '
-              'GFLOP/sample')
+        print(f'  {method}: {row["launches"]:.0f} launches per batch, '
+              f'{row["gflop"]:.1f} GFLOP/sample')
 
 
 def write_jacobi_plot(session):
@@ -876,8 +877,8 @@ def write_jacobi_plot(session):
     plot_changes(curves, args.jacobi_plot, args.jacobi_tol)
     session.out['jacobi_curves'] = curves
     print(f'wrote {args.jacobi_plot}: change per pass per flow, batch 64, w = {GUIDANCE:g}; '
-          'passes to 1e-6: ' + ', '.join(f'{label} {len(changes)}'
-                                     for label, changes in curves.items()))
+          'passes to 1e-6: ' +
+          ', '.join(f'{label} {len(changes)}' for label, changes in curves.items()))
 
 
 def main(argv=None):

@@ -66,9 +66,9 @@ SWEEP_W = (0.0, 0.5, 1.0, 2.0, 3.0)
 # forward models: name -> extra train.py flags (the CPU preset otherwise)
 FORWARD = {'F_clip': [], 'F_noclip': ['--norm_clip', '0']}
 
-# stage-2 runs: name -> (forward model, extra train.py
-# flags). Everything not listed is the CPU preset's default
-# (hidden alignment, learned denoising, reverse-side norm control, training-time CFG).
+# stage-2 runs: name -> (forward model, extra train.py flags). Everything not listed is the CPU
+# preset's default (hidden alignment, learned denoising, reverse-side norm control,
+# training-time CFG).
 REVERSE = {
     'G_hidden': ('F_clip', []),
     'G_distill': ('F_clip', ['--align', 'distill']),
@@ -82,14 +82,14 @@ REVERSE = {
     'G_nonorm': ('F_noclip', ['--no-reverse_norm']),
 }
 # The runs that need the F without norm control: 4000 more stage-1 steps, 16 min on an idle 2-core
-# machine but over an hour on a shared one, which is more
-# than the rest of the ablation together; hence an option.
+# machine but over an hour on a shared one, which is more than the rest of the ablation together;
+# hence an option.
 NOCLIP = {'F_noclip', 'G_nonorm'}
 # Models made from a trained one rather than trained: denoise 'none' and 'score' train identically
 # (the same targets, with the noisy x^0 for the output, the same parameters, the same random stream;
 # test_new_ablations.py checks the losses are equal) and differ only in whether F's Tweedie step
-# follows G at sampling. So 'none' is G_score's checkpoint with
-# denoise set to 'none' in its model config: one training for two rows.
+# follows G at sampling. So 'none' is G_score's checkpoint with denoise set to 'none' in its model
+# config: one training for two rows.
 DERIVED = {'G_nodenoise': ('G_score', {'denoise': 'none'})}
 
 # The rows of the paper's ablations (BiFlow-B/2, FID-50K on ImageNet 256 latents; without CFG except
@@ -117,8 +117,8 @@ def sizes(quick):
     ablation section); --quick runs every phase in a few minutes, for testing the pipeline only."""
     if quick:
         return dict(f_steps=30, g_steps=20, n=48, n_sweep_f=16, n_sweep_g=16, ref=200,
-                    classifier_steps=60,
-                    timing_reps=2, extra_train=['--eval_samples', '64', '--log_every', '10'])
+                    classifier_steps=60, timing_reps=2,
+                    extra_train=['--eval_samples', '64', '--log_every', '10'])
     return dict(f_steps=None, g_steps=700, n=500, n_sweep_f=300, n_sweep_g=500, ref=1000,
                 classifier_steps=1500, timing_reps=7, extra_train=[])
 
@@ -167,8 +167,8 @@ class Runner:
             rc = subprocess.call([sys.executable] + cmd[1:], cwd=ROOT, stdout=f,
                                  stderr=subprocess.STDOUT, env=env)
         self.add_time(key, time.time() - t0)
-        print(f'[{time.strftime("%H:%M:%S")}] done ({(time.time() - t0) / 60:.1f} min, exit {rc}): '
-              f'{key}', flush=True)
+        print(f'[{time.strftime("%H:%M:%S")}] done ({(time.time() - t0) / 60:.1f} min, '
+              f'exit {rc}): {key}', flush=True)
         return rc
 
 
@@ -185,9 +185,9 @@ def train_status(ckpt):
 
 
 def train(runner, out, name, stage, flags):
-    """Train one model into OUT/name unless its checkpoint is complete; continue a partial one. ->
-    the checkpoint path, or None when the run failed (recorded in OUT/name/FAILED and skipped by
-    later invocations; delete it to retry)."""
+    """Train one model into OUT/name unless its checkpoint is complete; continue a partial one.
+    -> the checkpoint path, or None when the run failed (recorded in OUT/name/FAILED and skipped
+    by later invocations; delete it to retry)."""
     folder = os.path.join(out, name)
     ckpt = os.path.join(folder, f'{stage}.pt')
     failed = os.path.join(folder, 'FAILED')
@@ -217,7 +217,8 @@ def design(forward_norm_row):
     it."""
     keep = lambda name: forward_norm_row or name not in NOCLIP   # noqa: E731
     return ({k: v for k, v in FORWARD.items() if keep(k)},
-            {k: v for k, v in REVERSE.items() if keep(k)}, [r for r in ROWS if keep(r[3])])
+            {k: v for k, v in REVERSE.items() if keep(k)},
+            [r for r in ROWS if keep(r[3])])
 
 
 def train_commands(out, sz, forward_norm_row=False):
@@ -243,15 +244,16 @@ def sample_key(model, w, seed, n, ramp=False):
 
 
 def sample_cmd(ckpt, w, seed, n, npz, ramp=False, fid_stats=None):
-    return (['python', 'sample.py', '--ckpt', ckpt, '--num_samples', str(n), '--seed', str(seed),
-             '--guidance', f'{w:g}']
-            + (['--ramp'] if ramp else []) + ['--npz', npz, '--out', npz[:-4] + '.png']
+    return (['python', 'sample.py', '--ckpt', ckpt, '--num_samples', str(n),
+             '--seed', str(seed), '--guidance', f'{w:g}']
+            + (['--ramp'] if ramp else [])
+            + ['--npz', npz, '--out', npz[:-4] + '.png']
             + (['--fid', fid_stats] if fid_stats else []))
 
 
 def parse_fid(log):
-    """The last FID printed by sample.py --fid ('FID 71.6569 on 1000 samples') or fid.py ('FID
-    71.6569  (a vs b)')."""
+    """The last FID printed by sample.py --fid ('FID 71.6569 on 1000 samples') or fid.py
+    ('FID 71.6569  (a vs b)')."""
     with open(log) as f:
         found = re.findall(r'^FID ([0-9.]+|nan|inf)\b', f.read(), re.M)
     return float(found[-1]) if found else None
@@ -260,8 +262,8 @@ def parse_fid(log):
 def draw_samples(runner, out, ckpts, model, w, seed, n, ramp=False, stats=None):
     """OUT/samples/KEY.npz (and with stats, its FID in KEY.json), each unless already there:
     sample.py writes the samples and, in the same command, their FID; an FID lost to an interruption
-    is redone with fid.py alone. -> (key, npz path, or None if the model is missing or the command
-    failed)."""
+    is redone with fid.py alone.
+    -> (key, npz path, or None if the model is missing or the command failed)."""
     key = sample_key(model, w, seed, n, ramp)
     npz = os.path.join(out, 'samples', key + '.npz')
     if ckpts.get(model) is None:
@@ -386,8 +388,8 @@ def align_keys(rows):
     return keys + (['out'] if any('out' in r for r in rows) else [])
 
 
-COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
-           (140, 86, 75)]
+COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44),
+           (214, 39, 40), (148, 103, 189), (140, 86, 75)]
 
 
 def plot_alignment(logs, path, size=(640, 300)):
@@ -398,8 +400,8 @@ def plot_alignment(logs, path, size=(640, 300)):
     img = Image.new('RGB', size, 'white')
     d = ImageDraw.Draw(img)
     font = ImageFont.load_default()
-    vals = [v for rows in logs.values() for r in rows for k in align_keys(rows) if r.get(k, 0) > 0
-            for v in [r[k]]]
+    vals = [v for rows in logs.values() for r in rows for k in align_keys(rows)
+            if r.get(k, 0) > 0 for v in [r[k]]]
     if not vals:
         d.text((10, 10), 'no alignment terms logged', fill='black', font=font)
         img.save(path)
@@ -423,8 +425,8 @@ def plot_alignment(logs, path, size=(640, 300)):
         d.text((x1 - 60, bottom + 6), f'step {smax}', fill='black', font=font)
         d.text((x0, bottom + 6), 'distance (log scale)', fill='black', font=font)
         for j, k in enumerate(align_keys(rows)):
-            pts = [(x0 + r['step'] / smax * (x1 - x0), bottom
-                    - (np.log10(r[k]) - lo) / (hi - lo) * (bottom - top))
+            pts = [(x0 + r['step'] / smax * (x1 - x0),
+                    bottom - (np.log10(r[k]) - lo) / (hi - lo) * (bottom - top))
                    for r in rows if r.get(k, 0) > 0]
             col = COLOURS[j % len(COLOURS)]
             if len(pts) > 1:
@@ -456,9 +458,8 @@ def plot_sweep(curves, path, size=(640, 260), key='acc', label='read as class (%
         d.text((x0 + w / wmax * (x1 - x0) - 6, bottom + 6), f'{w:g}', fill='black', font=font)
     for j, (name, c) in enumerate(curves.items()):
         col = COLOURS[j % len(COLOURS)]
-        pts = [(x0 + w / wmax * (x1 - x0), bottom - (v - vlo) / (vhi - vlo) * (bottom - top)) for w,
-               v in c
-               if v is not None]
+        pts = [(x0 + w / wmax * (x1 - x0), bottom - (v - vlo) / (vhi - vlo) * (bottom - top))
+               for w, v in c if v is not None]
         if len(pts) > 1:
             d.line(pts, fill=col, width=2)
         for pt in pts:
@@ -492,11 +493,11 @@ def markdown(res):
     nz = res.get('noise') or {}
     if nz:
         L.append('')
-        L.append(f"FID noise: the same model ({nz['model']}, w = {nz['w']:g}) sampled with seeds 0 "
-                 f"and 1 gives FID {fmt(nz['fid'][0], '.2f')} and {fmt(nz['fid'][1], '.2f')} (|Δ| "
-                 f"= {fmt(nz['delta_fid'], '.2f')}), read-as-class "
-                 f"{fmt(100 * nz['acc'][0], '.1f')}% and {fmt(100 * nz['acc'][1], '.1f')}%. Gaps "
-                 "smaller than a few times |Δ| are not resolved by this FID.")
+        L.append(f"FID noise: the same model ({nz['model']}, w = {nz['w']:g}) sampled with seeds "
+                 f"0 and 1 gives FID {fmt(nz['fid'][0], '.2f')} and {fmt(nz['fid'][1], '.2f')} "
+                 f"(|Δ| = {fmt(nz['delta_fid'], '.2f')}), read-as-class "
+                 f"{fmt(100 * nz['acc'][0], '.1f')}% and {fmt(100 * nz['acc'][1], '.1f')}%. "
+                 "Gaps smaller than a few times |Δ| are not resolved by this FID.")
     sw = res.get('sweep') or {}
     if sw:
         L.append('')
@@ -526,8 +527,8 @@ def markdown(res):
         for k, v in wt.items():
             groups[k.split(' ')[0]] = groups.get(k.split(' ')[0], 0) + v
         el = res.get('elapsed')
-        L.append((f'Wall time of the script: {el / 60:.0f} min from start to report (all '
-                  'invocations). ' if el else '') +
+        L.append((f'Wall time of the script: {el / 60:.0f} min from start to report '
+                  '(all invocations). ' if el else '') +
                  f"Its commands' times, summed over the {res.get('jobs', 1)} side-by-side jobs: "
                  f"{tot / 60:.0f} min (" +
                  ', '.join(f'{k} {v / 60:.1f}' for k, v in sorted(groups.items())) + ' min).')
@@ -556,25 +557,25 @@ def write_md(md_path, table):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=data.HelpFormatter)
     p.add_argument('--out', default='ablations',
-                   help='folder for every run, sample file and result (outside the '
-                   'repository for the full run)')
+                   help='folder for every run, sample file and result '
+                   '(outside the repository for the full run)')
     p.add_argument('--quick', action='store_true',
                    help='tiny step and sample counts: tests the pipeline in minutes')
     p.add_argument('--md', default=None,
                    help='also write the table into this markdown file, between its markers')
     p.add_argument('--sweep', action=argparse.BooleanOptionalAction, default=True,
-                   help="TarFlow's guidance sweep (accuracy against w; FID only where a point "
-                   "equals a table row)")
+                   help="TarFlow's guidance sweep "
+                   "(accuracy against w; FID only where a point equals a table row)")
     p.add_argument('--jobs', type=int, default=2,
-                   help='commands run side by side (a stage-2 run waits for its F, a '
-                   'sample command for its model)')
+                   help='commands run side by side '
+                   '(a stage-2 run waits for its F, a sample command for its model)')
     p.add_argument('--forward_norm_row', action=argparse.BooleanOptionalAction, default=False,
                    help="also train an F with --norm_clip 0 (a whole stage 1) and the norm-control "
                    "row with both sides off against it, as the paper's; without it, only G's side "
                    "is turned off")
     p.add_argument('--threads', type=int, default=1,
-                   help="threads of each command: on a shared machine one thread "
-                   "per job never stalls at a barrier waiting for a core someone else holds")
+                   help="threads of each command: on a shared machine one thread per job never "
+                   "stalls at a barrier waiting for a core someone else holds")
     a = p.parse_args(argv)
     out = os.path.abspath(a.out)
     os.makedirs(out, exist_ok=True)
@@ -605,7 +606,7 @@ def main(argv=None):
 
     ref_npz, stats = (os.path.join(out, f'ref_val{sz["ref"]}.npz'),
                       os.path.join(out, f'ref_val{sz["ref"]}_stats.npz'))
-    # seed 1: the FID noise
+    # every row's (model, w) at seed 0, and G_hidden at seed 1 too for the FID noise
     table_jobs = [(model, w, 0) for _, _, _, model, w in rows_] + [('G_hidden', 0.0, 1)]
     table_jobs = list(dict.fromkeys(table_jobs))
     sweep_specs = [('F exact inverse, constant w', 'F_clip', False, sz['n_sweep_f']),
@@ -631,15 +632,15 @@ def main(argv=None):
             for label, model, ramp, n in sweep_specs:
                 # w = 0 ramped is w = 0 constant: one file; a point equal to a table row reuses it
                 for w in SWEEP_W:
-                    wfuts[(label, w)] = pool.submit(sample_job, model, w, 0, n, ramp and w > 0,
-                                                    fid_=(model, w, 0) in table_jobs
-                                                    and n == sz['n'])
+                    wfuts[(label, w)] = pool.submit(
+                        sample_job, model, w, 0, n, ramp and w > 0,
+                        fid_=(model, w, 0) in table_jobs and n == sz['n'])
         for fut in list(futs.values()) + list(sfuts.values()) + list(wfuts.values()):
             # re-raises an error of the script itself (a failed command is recorded, not raised)
             fut.result()
 
-    # ---- results: FID and accuracy per row, timing at
-    # batch 1 (one thread, one command at a time), the noise
+    # ---- results: FID and accuracy per row, batch-1 timing (one thread, one command at a time),
+    # the FID noise
     res = dict(sizes={k: v for k, v in sz.items() if k != 'extra_train'}, w_cfg=W_CFG, jobs=a.jobs,
                threads=a.threads, rows=[], commands=[])
     for name, (stage, flags) in cmds.items():
@@ -648,10 +649,10 @@ def main(argv=None):
     for derived, (src, change) in DERIVED.items():
         res['commands'].append(f'# OUT/{derived}/reverse.pt: OUT/{src}/reverse.pt with '
                                f'model_config {change}')
-    files = [npz for fut in list(sfuts.values()) + list(wfuts.values()) for _, npz in [fut.result()]
-             if npz]
-    acc = (score_accuracy(runner, sorted(set(files + [ref_npz])), sz['classifier_steps']) if files
-           else {})
+    files = [npz for fut in list(sfuts.values()) + list(wfuts.values())
+             for _, npz in [fut.result()] if npz]
+    acc = (score_accuracy(runner, sorted(set(files + [ref_npz])), sz['classifier_steps'])
+           if files else {})
     res['classifier_on_reference'] = acc.get(ref_npz)
     for group, setting, paper, model, w in rows_:
         key, npz = sfuts[(model, w, 0)].result()
@@ -677,16 +678,17 @@ def main(argv=None):
         sw.setdefault(label, {})[f'{w:g}'] = dict(acc=m.get('acc'), fid=m.get('fid'), n=n)
     res['sweep'] = sw
     if wfuts:
-        res['commands'].append("# sweep: the sample.py commands above with --guidance W (and "
-                               f"--ramp), --num_samples {sz['n_sweep_f']} for F, {sz['n_sweep_g']} "
-                               "for G, no --fid")
-    res['forward_bpd'] = {name: next((r['val_bpd']
-                                      for r in reversed(read_log(os.path.join(out, name,
-                                                                             'forward_log.jsonl')))
-                                      if 'val_bpd' in r), None) for name in FWD}
+        res['commands'].append('# sweep: the sample.py commands above with --guidance W '
+                               f"(and --ramp), --num_samples {sz['n_sweep_f']} for F, "
+                               f"{sz['n_sweep_g']} for G, no --fid")
+    res['forward_bpd'] = {
+        name: next((r['val_bpd']
+                    for r in reversed(read_log(os.path.join(out, name, 'forward_log.jsonl')))
+                    if 'val_bpd' in r), None)
+        for name in FWD}
     logs = {name: read_log(os.path.join(out, name, 'reverse_log.jsonl')) for name in REV}
-    res['final_terms'] = {name: {k: rows[-1][k] for k in align_keys(rows) + ['recon_rmse']
-                                 if k in rows[-1]}
+    res['final_terms'] = {name: {k: rows[-1][k]
+                                 for k in align_keys(rows) + ['recon_rmse'] if k in rows[-1]}
                           for name, rows in logs.items() if rows}
     res['walltimes'] = read_json(runner.times_path, {})
     # [start, end] of every invocation, for the wall time
@@ -702,7 +704,7 @@ def main(argv=None):
     data.atomic_write(os.path.join(out, 'ablations_table.md'), lambda f: f.write(table.encode()))
     plot_alignment({'hidden alignment (G_hidden)': logs['G_hidden'],
                     'hidden distillation (G_distill)': logs['G_distill']},
-                    os.path.join(out, 'align_depths.png'))
+                   os.path.join(out, 'align_depths.png'))
     if res['sweep']:
         plot_sweep({k: [(float(w), None if point['acc'] is None else 100 * point['acc'])
                         for w, point in c.items()]
@@ -710,9 +712,9 @@ def main(argv=None):
     if a.md:
         write_md(a.md, table)
     print(table)
-    print(f'this invocation: {(time.time() - t_start) / 60:.1f} min; the whole run (all '
-          f'invocations): {sum(res["walltimes"].values()) / 60:.1f} min of commands and scoring, '
-          'summed over parallel jobs')
+    print(f'this invocation: {(time.time() - t_start) / 60:.1f} min; the whole run '
+          f'(all invocations): {sum(res["walltimes"].values()) / 60:.1f} min of commands and '
+          'scoring, summed over parallel jobs')
 
 
 if __name__ == '__main__':

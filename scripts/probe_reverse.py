@@ -49,9 +49,9 @@ def inverse_trajectory(flow, z, y):
 
 @torch.no_grad()
 def prior_gap(G, flow, z, y):
-    """G at w = 0 against F's inverse on the same prior z: {'align<i>': distance to x^i, 'out':
-    output against F's Tweedie-denoised x^0 (learned denoising) or its noisy x^0, 'cycle':
-    |F(G(z)) - z|^2}, means over the batch."""
+    """G at w = 0 against F's inverse on the same prior z: {'align<i>': distance to x^i,
+    'out': output against F's Tweedie-denoised x^0 (learned denoising) or its noisy x^0,
+    'cycle': |F(G(z)) - z|^2}, means over the batch."""
     traj = inverse_trajectory(flow, z, y)
     preds = G(z, y, torch.zeros(len(z)))
     c = flow.cfg
@@ -170,8 +170,9 @@ def pair(args):
     side, scale, gap_px = imgs_f.shape[1], args.scale, 2
     cols = args.n // args.rows
     W = cols * (2 * side + 3 * gap_px)
-    canvas = Image.new('RGB', (W * scale, (args.rows * (side + gap_px) + 12) * scale // 1 + 14),
-                       'white')
+    canvas = Image.new(
+        'RGB', (W * scale, (args.rows * (side + gap_px) + 12) * scale // 1 + 14), 'white'
+    )
     draw = ImageDraw.Draw(canvas)
     for i in range(args.n):
         row, col = divmod(i, cols)
@@ -264,8 +265,8 @@ def main(argv=None):
         '--heldout_from',
         type=int,
         default=1000,
-        help="first index of the val split's held-out "
-        'images (the first 1000 are the FID reference)',
+        help="first index of the val split's held-out images "
+        '(the first 1000 are the FID reference)',
     )
     a.add_argument('--batch_size', type=int, default=100, help='rows per pass')
     a.add_argument('--json', default=None, help='also write the result here')

@@ -52,9 +52,9 @@ def digit_accuracy(files, img_size=16, steps=1500, seed=0):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument('files', nargs='+', help='sample files written by sample.py --npz; include a '
-                   'packed val split (data.py pack digits --split val) to see the classifier on '
-                   'real digits')
+    p.add_argument('files', nargs='+',
+                   help='sample files written by sample.py --npz; include a packed val split '
+                   '(data.py pack digits --split val) to see the classifier on real digits')
     p.add_argument('--img_size', type=int, default=16, help='image side in pixels')
     p.add_argument('--steps', type=int, default=1500, help='classifier training steps (batch 128)')
     args = p.parse_args(argv)
