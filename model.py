@@ -1,7 +1,7 @@
 """
-TarFlow (the forward model F: data -> noise) and BiFlow (a learned, non-causal reverse model G ~
-F^-1: noise -> data) in one file. No file I/O beyond state dicts and no distributed code: train.py,
-sample.py and bench.py drive this.
+TarFlow (the forward model F: data -> noise) and BiFlow (a learned, non-causal reverse model
+G ~ F^-1: noise -> data) in one file. No file I/O beyond state dicts and no distributed code:
+train.py, sample.py and bench.py drive this.
 
     from model import PRESETS, TarFlow, ReverseModel, reverse_config_for
     flow = TarFlow(PRESETS['cpu'])                  # F in the papers
@@ -29,8 +29,8 @@ import torch.utils.checkpoint
 
 
 class TokenGeometry:
-    """Image <-> token sizes, derived in one place for both configs: N tokens of d = C*P*P values
-    (P = patch_size)."""
+    """Image <-> token sizes, derived in one place for both configs:
+    N tokens of d = C*P*P values (P = patch_size)."""
 
     @property
     def token_dim(self):
@@ -52,16 +52,15 @@ class FlowConfig(TokenGeometry):
     layers_per_block: int = 4   # K: causal transformer layers in each flow
     head_dim: int = 64
     num_classes: int = 10       # 0 = unconditional
-    # sigma of the Gaussian noise the model is trained on; Tweedie denoising needs it
-    noise_std: float = 0.05
+    noise_std: float = 0.05     # sigma of the Gaussian training noise; Tweedie denoising needs it
     norm_clip: float = 0.0      # > 0: alpha, mu = clip*tanh(./clip), BiFlow's forward norm control;
                                 # 0 = TarFlow exactly
 
 
 @dataclass
 class ReverseConfig(TokenGeometry):
-    """The reverse model G of BiFlow. Geometry and classes are copied from the forward model it
-    inverts."""
+    """The reverse model G of BiFlow.
+    Geometry and classes are copied from the forward model it inverts."""
     img_size: int = 16
     in_channels: int = 3
     patch_size: int = 2
@@ -69,8 +68,7 @@ class ReverseConfig(TokenGeometry):
     num_blocks: int = 4         # one layer group (and one alignment head) per forward flow block
     channels: int = 128
     layers_per_block: int = 2   # transformer layers in each group
-    # the extra block that maps the noisy x to the clean x (learned denoising)
-    denoise_layers: int = 2
+    denoise_layers: int = 2     # extra block that maps noisy x to clean x (learned denoising)
     head_dim: int = 64
     # 'hidden' (BiFlow, Eq. 2) | 'distill' (hidden states forced to token space) | 'naive'
     align: str = 'hidden'
@@ -83,8 +81,8 @@ class ReverseConfig(TokenGeometry):
 
 
 def config_from_dict(cls, cfg_dict):
-    """Rebuild a dataclass config from the plain dict stored in a checkpoint; unknown keys are an
-    error."""
+    """Rebuild a dataclass config from the plain dict stored in a checkpoint;
+    unknown keys are an error."""
     names = {f.name for f in fields(cls)}
     unknown = set(cfg_dict) - names
     if unknown:
@@ -92,9 +90,8 @@ def config_from_dict(cls, cfg_dict):
     return cls(**cfg_dict)
 
 
-# The seed's ImageNet 64 table [P-Ch-T-K-sigma] and the
-# other reference runs, plus a preset that trains on a CPU.
-# T = K = 8 in every paper run
+# The seed's ImageNet 64 table [P-Ch-T-K-sigma] and the other reference runs, plus a preset that
+# trains on a CPU. _IN: T = K = 8 in every paper run.
 _IN = dict(num_blocks=8, layers_per_block=8, head_dim=64, num_classes=1000)
 _LATENT = dict(img_size=32, in_channels=4, patch_size=2, num_blocks=8, head_dim=64,
                num_classes=1000, noise_std=0.3, norm_clip=4.0)
@@ -111,8 +108,7 @@ PRESETS = {
     # 4-1024-8-8
     'imagenet128': FlowConfig(img_size=128, patch_size=4, channels=1024, noise_std=0.15, **_IN),
     'afhq256': FlowConfig(**{**_IN, 'num_classes': 3}, img_size=256, patch_size=8, channels=768,
-                          # 8-768-8-8-0.07 (Apple's released weights)
-                          noise_std=0.07),
+                          noise_std=0.07),   # 8-768-8-8-0.07 (Apple's released weights)
     # BiFlow's setting: ImageNet 256 as SD-VAE latents (4 x 32 x 32, normalised per channel; see
     # vae.py), patch 2 -> 256 tokens of 16 values. Sizes hit the paper's parameter counts (README):
     # B = width 768 with T*K = 8*2 layers, XL = width 1152 with 8*5. Sigma 0.3 is STARFlow's latent
@@ -127,8 +123,8 @@ PRESETS = {
 REVERSE_PRESETS = {'cpu': dict(channels=96, layers_per_block=1, denoise_layers=1, head_dim=32),
                    'biflow-b2': dict(channels=768, layers_per_block=1, denoise_layers=4)}
 REVERSE_PRESETS['itarflow-b2'] = REVERSE_PRESETS['itarflow-xl2'] = REVERSE_PRESETS['biflow-b2']
-# The papers' names and parameter counts of the models these
-# presets build, printed beside ours when a run starts.
+# The papers' names and parameter counts of the models these presets build, printed beside ours
+# when a run starts.
 PAPER_MODELS = {('forward', 'itarflow-b2'): ('iTARFlow-B/2', 120e6),
                 ('forward', 'itarflow-xl2'): ('iTARFlow-XL/2', 690e6),
                 **{('reverse', preset): ('BiFlow-B/2', 133e6)
@@ -151,8 +147,8 @@ def reverse_config_for(fcfg: FlowConfig, preset: str = 'cpu', **overrides) -> Re
 
 
 def patchify(x, patch):
-    """(B, C, H, W) -> (B, N, C*patch*patch) in unfold order: channel-major inside a patch, raster
-    order over patches."""
+    """(B, C, H, W) -> (B, N, C*patch*patch) in unfold order:
+    channel-major inside a patch, raster order over patches."""
     return F.unfold(x, patch, stride=patch).transpose(1, 2)
 
 
@@ -192,8 +188,8 @@ class Attention(nn.Module):
         self.num_heads, self.head_dim = dim // head_dim, head_dim
 
     def forward(self, h, causal=False, temp=None, mod=None):
-        """h (B, N, D). temp (B,) scales the logits by 1/temp per sample (TarFlow's
-        attention-temperature guidance).
+        """h (B, N, D). temp (B,) scales the logits by 1/temp per sample
+        (TarFlow's attention-temperature guidance).
         mod: adaLN (shift, scale) applied after the norm (the reverse model's conditioning)."""
         B, N, D = h.shape
         hn = self.norm(h)
@@ -240,9 +236,9 @@ class AttentionBlock(nn.Module):
 
 
 class _CachedLayer(NamedTuple):
-    """One causal layer as the token-by-token inverse uses it: its modules, its preallocated KV
-    cache k, v (S*B, H, N, hd) and views of it (k_at[i] writes position i, k_upto[i] reads positions
-    0..i)."""
+    """One causal layer as the token-by-token inverse uses it: its modules,
+    its preallocated KV cache k, v (S*B, H, N, hd) and views of it (k_at[i] writes position i,
+    k_upto[i] reads positions 0..i)."""
     norm1: nn.Module
     qkv: nn.Module
     proj: nn.Module
@@ -276,8 +272,8 @@ class InverseInfo(NamedTuple):
 
 
 class MetaBlock(nn.Module):
-    """One autoregressive affine flow: z_i = (x_i - mu(x_<i)) * exp(-alpha(x_<i)), z_0 = x_0, in its
-    own token order."""
+    """One autoregressive affine flow: z_i = (x_i - mu(x_<i)) * exp(-alpha(x_<i)), z_0 = x_0,
+    in its own token order."""
 
     def __init__(self, cfg: FlowConfig, flip: bool):
         super().__init__()
@@ -298,8 +294,8 @@ class MetaBlock(nn.Module):
         return x.flip(dim) if self.flip else x
 
     def condition(self, y):
-        """Class embedding added to every token: (B, 1, D). Label -1 (dropped) or y=None uses the
-        mean embedding."""
+        """Class embedding added to every token: (B, 1, D).
+        Label -1 (dropped) or y=None uses the mean embedding."""
         if not hasattr(self, 'class_embed'):
             return 0.
         null = self.class_embed.mean(0, keepdim=True)  # (1, 1, D)
@@ -308,8 +304,8 @@ class MetaBlock(nn.Module):
         return torch.where((y < 0).view(-1, 1, 1), null, self.class_embed[y.clamp(min=0)])
 
     def affine(self, h):
-        """Split the output projection into (alpha, mu) in fp32, with the optional norm control
-        clip*tanh(./clip)."""
+        """Split the output projection into (alpha, mu) in fp32,
+        with the optional norm control clip*tanh(./clip)."""
         alpha, mu = f32(h).chunk(2, dim=-1)
         if self.clip > 0:
             alpha, mu = (self.clip * torch.tanh(alpha / self.clip),
@@ -317,21 +313,20 @@ class MetaBlock(nn.Module):
         return alpha, mu
 
     def params(self, xp, y=None, temp=None):
-        """alpha, mu (B, N, d) for every token of xp (already in this block's order), in
-        parallel."""
+        """alpha, mu (B, N, d) for every token of xp (already in this block's order),
+        in parallel."""
         # (B, N, D); pos moves with its patch
         h = self.proj_in(xp) + self.permute(self.pos_embed, dim=0) + self.condition(y)
         for layer in self.attn_blocks:
             h = layer(h, temp=temp)
-        # (B, N, 2d): output i predicts token i+1
-        h = self.proj_out(h)
+        h = self.proj_out(h)                            # (B, N, 2d): output i predicts token i+1
         # shift: token i depends on tokens < i only
         h = torch.cat([torch.zeros_like(h[:, :1]), h[:, :-1]], dim=1)
         return self.affine(h)
 
     def forward(self, x, y=None, temp=None):
-        """x (B, N, d) in raster order -> z (B, N, d) in raster order and log|det dz/dx| (B,), all
-        in parallel."""
+        """x (B, N, d) in raster order -> z (B, N, d) in raster order and log|det dz/dx| (B,),
+        all in parallel."""
         xp = self.permute(x)
         alpha, mu = self.params(xp, y, temp)
         z = (f32(xp) - mu) * torch.exp(-alpha)
@@ -401,13 +396,12 @@ class MetaBlock(nn.Module):
             y = torch.cat([y, torch.full_like(y, -1)])
         # pos moves with patch
         pcs = (self.permute(self.pos_embed, dim=0) + self.condition(y)).expand(S * B, N, D)
-        # position + class, per stream
-        pcs = pcs.reshape(S, B, N, D)
-        pc = pcs.unbind(2)                                              # N x (S, B, D)
+        pcs = pcs.reshape(S, B, N, D)                   # position + class, per stream
+        pc = pcs.unbind(2)                              # N x (S, B, D)
         qscale = None
         if guided and attn_temp != 1.0:
-            qscale = (torch.tensor([1.0, 1 / attn_temp],
-                                   device=z.device).repeat_interleave(B).view(S * B, 1, 1, 1))
+            qscale = (torch.tensor([1.0, 1 / attn_temp], device=z.device)
+                      .repeat_interleave(B).view(S * B, 1, 1, 1))
         layers = []
         for layer in self.attn_blocks:
             att, mlp = layer.attention, layer.mlp
@@ -416,8 +410,9 @@ class MetaBlock(nn.Module):
             k, v = (z.new_zeros(S * B, att.num_heads, N, att.head_dim, dtype=kv_dtype)
                     for _ in range(2))
             layers.append(_CachedLayer(att.norm, att.qkv, att.proj, mlp.norm, mlp.main[0],
-                                       mlp.main[2], att.num_heads, att.head_dim, k, v, k.unbind(2),
-                                       v.unbind(2), [k[:, :, :j + 1] for j in range(N)],
+                                       mlp.main[2], att.num_heads, att.head_dim, k, v,
+                                       k.unbind(2), v.unbind(2),
+                                       [k[:, :, :j + 1] for j in range(N)],
                                        [v[:, :, :j + 1] for j in range(N)]))
         clip = self.clip
         w_out, b_out = ((self.proj_out.weight / clip, self.proj_out.bias / clip) if clip > 0
@@ -464,8 +459,7 @@ class MetaBlock(nn.Module):
             u = F.layer_norm(h, (D,), layer.norm2.weight, layer.norm2.bias, layer.norm2.eps)
             ff = F.gelu(F.linear(u, layer.fc1.weight, layer.fc1.bias))
             h = h + F.linear(ff, layer.fc2.weight, layer.fc2.bias)
-        # (S*B, 2d): alpha, mu of token i+1
-        out = f32(F.linear(h, w_out, b_out))
+        out = f32(F.linear(h, w_out, b_out))                 # (S*B, 2d): alpha, mu of token i+1
         return out.tanh_().mul_(clip) if clip > 0 else out   # clip*tanh(./clip), 1/clip folded in
 
     def _static_step(self, layers, pcs, w_out, b_out, qscale, kv_dtype):
@@ -473,21 +467,19 @@ class MetaBlock(nn.Module):
         CUDA the step is captured once in a CUDA graph (after a warm-up on a side stream, as graphs
         need) and replayed per token."""
         N, dev = pcs.shape[2], pcs.device
-        # the token's position, as a tensor
-        pos = torch.zeros(1, dtype=torch.long, device=dev)
+        pos = torch.zeros(1, dtype=torch.long, device=dev)   # the token's position, as a tensor
         arange = torch.arange(N, device=dev)
 
         def run(xi):
             mask = (arange <= pos).view(1, 1, 1, N)                     # attend to positions <= i
-            return self._token_step(layers, xi, pcs.index_select(2, pos).squeeze(2), pos, w_out,
-                                    b_out, qscale, kv_dtype, mask)
+            return self._token_step(layers, xi, pcs.index_select(2, pos).squeeze(2), pos,
+                                    w_out, b_out, qscale, kv_dtype, mask)
         if dev.type != 'cuda':
             return lambda xi, i: (pos.fill_(i), run(xi))[1]
         static_x = torch.zeros(pcs.shape[1], w_out.shape[0] // 2, device=dev)   # (B, d)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        # warm-up: writes position 0, rewritten later
-        with torch.cuda.stream(side):
+        with torch.cuda.stream(side):   # warm-up: writes position 0, rewritten later
             for _ in range(2):
                 run(static_x)
         torch.cuda.current_stream().wait_stream(side)
@@ -558,8 +550,8 @@ class MetaBlock(nn.Module):
         """Fixed segments [a, a+s) in order, Jacobi passes inside each until every sample's largest
         change is <= tol or the cap (at most the segment's length, after which it is exact). After
         `done` passes, a segment's next one starts at token a+done: tokens a..a+done-1 are exact by
-        then, and their keys and values, computed from exact inputs, are in the cache (shrink
-        False: every pass starts at a).
+        then, and their keys and values, computed from exact inputs, are in the cache
+        (shrink False: every pass starts at a).
         Updates x, passes, bad, changes."""
         N = x.shape[1]
         for a in range(1, N, s):                        # tokens [a, b), from inputs [a-1, b-1)
@@ -579,8 +571,8 @@ class MetaBlock(nn.Module):
         """One pass over tokens [a, b) of samples act, written into x where finite; a sample with a
         non-finite value is marked bad and left as it was. -> (change (Ba', L) per token of the
         finite samples, those samples)."""
-        new = self._jacobi_pass(x, zp, act, a - 1, b - a, streams, cache, guidance, ramp)
         # new (Ba, L, d)
+        new = self._jacobi_pass(x, zp, act, a - 1, b - a, streams, cache, guidance, ramp)
         ok = torch.isfinite(new).flatten(1).all(1)
         step = (new - x[act, a:b]).abs().amax(-1)       # (Ba, L) largest change of each token
         x[act[ok], a:b] = new[ok]
@@ -591,8 +583,8 @@ class MetaBlock(nn.Module):
 
     def _streams(self, y, guidance, attn_temp, B, N):
         """The streams reverse() runs as one batch: position + class (S*B, N, D) and the attention
-        temperature per row as the factor 1/temperature on the queries (S*B,) or None. Guided: S =
-        2, rows B.. are the null label with temperature attn_temp."""
+        temperature per row as the factor 1/temperature on the queries (S*B,) or None.
+        Guided: S = 2, rows B.. are the null label with temperature attn_temp."""
         guided = guidance != 0
         S = 2 if guided else 1
         if guided and y is not None:
@@ -605,10 +597,10 @@ class MetaBlock(nn.Module):
         return pcs, temp, S
 
     def _jacobi_pass(self, x, zp, act, p0, L, streams, cache, guidance, ramp):
-        """One Jacobi pass of samples act (Ba,) over input positions p0..p0+L-1 of the iterate x (B,
-        N, d): the causal layers on those tokens (attending to positions < p0 through cache), then
-        the new tokens p0+1..p0+L = mu + exp(alpha) * z with the guided alpha, mu. -> (Ba, L, d)
-        fp32."""
+        """One Jacobi pass of samples act (Ba,) over input positions p0..p0+L-1 of the iterate x
+        (B, N, d): the causal layers on those tokens (attending to positions < p0 through cache),
+        then the new tokens p0+1..p0+L = mu + exp(alpha) * z with the guided alpha, mu.
+        -> (Ba, L, d) fp32."""
         pcs, temp, S = streams
         B, N = x.shape[:2]
         rows = act if S == 1 else torch.cat([act, act + B])               # (S*Ba,) both streams
@@ -636,10 +628,10 @@ class MetaBlock(nn.Module):
     @staticmethod
     def _window_attention(att, h, temp, kv, rows, p0, full):
         """Causal self-attention of the tokens at positions p0..p0+L-1, h (R, L, D), over positions
-        <= their own. kv None: the window starts at 0 and nothing is kept. Else kv = [k, v, (S*B,
-        N)]: caches (S*B, H, N, hd), made at the first call; the window's keys and values are
-        written at p0.. of rows, and the attention reads positions < p0 from them (the finished
-        segments)."""
+        <= their own. kv None: the window starts at 0 and nothing is kept.
+        Else kv = [k, v, (S*B, N)]: caches (S*B, H, N, hd), made at the first call; the window's
+        keys and values are written at p0.. of rows, and the attention reads positions < p0 from
+        them (the finished segments)."""
         R, L, D = h.shape
         qkv = att.qkv(att.norm(h)).reshape(R, L, 3 * att.num_heads, att.head_dim)
         q, k, v = qkv.transpose(1, 2).chunk(3, dim=1)   # (R, H, L, hd) each
@@ -683,8 +675,8 @@ def score_activation_bytes(cfg: FlowConfig, checkpoint=True) -> int:
 
 
 class TarFlow(nn.Module):
-    """A stack of T autoregressive affine flows; block 0 is next to the data, block T-1 next to the
-    noise."""
+    """A stack of T autoregressive affine flows;
+    block 0 is next to the data, block T-1 next to the noise."""
 
     def __init__(self, cfg: FlowConfig):
         super().__init__()
@@ -693,10 +685,10 @@ class TarFlow(nn.Module):
         self.blocks = nn.ModuleList(MetaBlock(cfg, flip=t % 2 == 1) for t in range(cfg.num_blocks))
 
     def forward(self, x, y=None, temp=None, checkpoint=False):
-        """x (B, C, H, W) -> z (B, N, d), log|det| summed over dimensions (B,), trajectory [x^0,
-        x^1, ..., z]. checkpoint: the backward recomputes each flow's activations, so it keeps one
-        flow's instead of T (and the flows' inputs, which the trajectory holds anyway), for one more
-        forward pass."""
+        """x (B, C, H, W) -> z (B, N, d), log|det| summed over dimensions (B,), trajectory
+        [x^0, x^1, ..., z]. checkpoint: the backward recomputes each flow's activations, so it
+        keeps one flow's instead of T (and the flows' inputs, which the trajectory holds anyway),
+        for one more forward pass."""
         h = patchify(f32(x), self.cfg.patch_size)
         traj, logdet = [h], 0.
         for block in self.blocks:
@@ -714,21 +706,21 @@ class TarFlow(nn.Module):
 
     @staticmethod
     def nll_from(z, logdet):
-        """nll() from the outputs of forward(): (0.5*|z|^2 - log|det|) / dimensions, per sample
-        (B,)."""
+        """nll() from the outputs of forward():
+        (0.5*|z|^2 - log|det|) / dimensions, per sample (B,)."""
         return (0.5 * f32(z).pow(2).sum(dim=(1, 2)) - logdet) / z[0].numel()
 
     @staticmethod
     def bits_per_dim(nll):
-        """Discrete bits/dim from nll(): add the Gaussian constant and log(128) for bins of width
-        2/256 in [-1, 1]."""
+        """Discrete bits/dim from nll(): add the Gaussian constant and log(128)
+        for bins of width 2/256 in [-1, 1]."""
         return (nll + 0.5 * math.log(2 * math.pi) + math.log(128)) / math.log(2)
 
     @torch.no_grad()
     def reverse(self, z, y=None, guidance=0.0, ramp=False, attn_temp=1.0, kv_dtype=None,
                 static=False):
-        """z (B, N, d) -> the noisy image (B, C, H, W): invert block T-1 first (kv_dtype, static:
-        MetaBlock.reverse)."""
+        """z (B, N, d) -> the noisy image (B, C, H, W): invert block T-1 first
+        (kv_dtype, static: MetaBlock.reverse)."""
         x = f32(z)
         for block in reversed(self.blocks):
             x = block.reverse(x, y, guidance, ramp, attn_temp, kv_dtype, static)
@@ -777,13 +769,13 @@ class TarFlow(nn.Module):
     @torch.no_grad()
     def sample(self, y=None, n=None, guidance=0.0, ramp=False, attn_temp=1.0, denoise=True,
                generator=None, z=None, kv_dtype=None, static=False):
-        """Draw z ~ N(0, I), invert exactly, optionally denoise. Class-conditional: pass labels y
-        (B,)."""
+        """Draw z ~ N(0, I), invert exactly, optionally denoise.
+        Class-conditional: pass labels y (B,)."""
         cfg = self.cfg
         if z is None:
             n = len(y) if y is not None else n
-            # drawn where the generator lives (a CPU generator
-            # cannot fill a CUDA tensor), then moved to the model
+            # drawn where the generator lives (a CPU generator cannot fill a CUDA tensor),
+            # then moved to the model
             z = torch.randn(n, cfg.num_tokens, cfg.token_dim, generator=generator,
                             device=None if generator is None else generator.device)
             z = z.to(next(self.parameters()).device)
@@ -839,8 +831,8 @@ def plan_inverse(flow: TarFlow, z, y=None, guidance=0.0, ramp=False, attn_temp=1
     (segment_candidates) on it, `repeats` times (once, and cut off, past 1.5x the best), and keeping
     the fastest (least of its times): the passes a flow needs and the cost of a pass against a
     sequential step are both in that time, on this device at this batch. Flows are planned from T-1
-    down, each on the exact (sequential) output of the one before. -> [FlowPlan of block t, t =
-    0..T-1]."""
+    down, each on the exact (sequential) output of the one before.
+    -> [FlowPlan of block t, t = 0..T-1]."""
     T, N = len(flow.blocks), flow.cfg.num_tokens
     candidates = [1] + [s for s in candidates or segment_candidates(N) if s != 1]   # 1 first
     guesses = [None] * T if init is None else init
@@ -877,16 +869,15 @@ class ParallelInverse:
     reverse model's prediction (reverse_guesses). Every batch's InverseInfo is kept, for
     passes_per_flow()."""
 
-    def __init__(self, segment='auto', tol=JACOBI_TOL, max_passes=None, init='z',
-                 candidates=None):
+    def __init__(self, segment='auto', tol=JACOBI_TOL, max_passes=None, init='z', candidates=None):
         if init not in ('z', 'G'):
             raise ValueError(f"ParallelInverse: init {init!r}: 'z' or 'G'")
         self.segment, self.tol, self.max_passes, self.init = segment, tol, max_passes, init
         self.candidates, self.plan, self.infos = candidates, None, []
 
     def __call__(self, flow, z, y=None, guidance=0.0, ramp=False, attn_temp=1.0, G=None):
-        """z (B, N, d) -> the noisy image (B, C, H, W). G: the reverse model, needed for init 'G'.
-        """
+        """z (B, N, d) -> the noisy image (B, C, H, W).
+        G: the reverse model, needed for init 'G'."""
         if self.init == 'G' and G is None:
             raise ValueError("ParallelInverse: init 'G' needs the reverse model G (a reverse ckpt)")
         guesses = reverse_guesses(G, z, y, guidance) if self.init == 'G' else None
@@ -929,33 +920,33 @@ def load_ml_tarflow(state_dict, noise_std, norm_clip=0.0) -> TarFlow:
     out = tuple(sd['blocks.0.proj_out.weight'].shape)
     # VP models predict mu only; anything else is a damaged (truncated, transposed) tensor
     if out == (d, D):
-        raise ValueError('ml-tarflow VP models (nvp=False) are not supported: proj_out has no '
-                         'log-scale rows')
+        raise ValueError('ml-tarflow VP models (nvp=False) are not supported: '
+                         'proj_out has no log-scale rows')
     if out != (2 * d, D):
         raise ValueError(f'ml-tarflow state dict: blocks.0.proj_out.weight has shape {out}, '
                          f'expected {(2 * d, D)} (2 x token dim, width) from '
                          f'blocks.0.proj_in.weight {(D, d)}')
     if 'var' in sd and not torch.all(sd['var'] == 1):
-        raise ValueError('ml-tarflow state dict has a learned prior variance (VP mode), which is '
-                         'not supported')
+        raise ValueError('ml-tarflow state dict has a learned prior variance (VP mode), '
+                         'which is not supported')
     C = 3 if d % 3 == 0 else 1
     patch = math.isqrt(d // C)
     side = math.isqrt(N)
     ncls = sd['blocks.0.class_embed'].shape[0] if 'blocks.0.class_embed' in sd else 0
     if patch * patch * C != d or side * side != N or D % 64:
-        raise ValueError(f'cannot infer an ml-tarflow config from token dim {d}, {N} tokens, width '
-                         f'{D}')
+        raise ValueError(f'cannot infer an ml-tarflow config from token dim {d}, '
+                         f'{N} tokens, width {D}')
     cfg = FlowConfig(img_size=side * patch, in_channels=C, patch_size=patch, channels=D,
-                     num_blocks=T, layers_per_block=K,
-                     head_dim=64, num_classes=ncls, noise_std=noise_std, norm_clip=norm_clip)
+                     num_blocks=T, layers_per_block=K, head_dim=64, num_classes=ncls,
+                     noise_std=noise_std, norm_clip=norm_clip)
     model = TarFlow(cfg)
     try:
         model.load_state_dict({key: value for key, value in sd.items()
                                if key != 'var' and not key.endswith('attn_mask')}, strict=True)
-    # other damaged tensors: PyTorch's message lists each one with both shapes
     except RuntimeError as e:
-        raise ValueError('ml-tarflow state dict: tensors do not fit the config inferred from '
-                         f'blocks.0 ({e})') from None
+        # other damaged tensors: PyTorch's message lists each one with both shapes
+        raise ValueError('ml-tarflow state dict: tensors do not fit the config '
+                         f'inferred from blocks.0 ({e})') from None
     return model
 
 
@@ -964,8 +955,8 @@ def load_ml_tarflow(state_dict, noise_std, norm_clip=0.0) -> TarFlow:
 
 
 class ReverseBlock(nn.Module):
-    """A bidirectional transformer layer conditioned through adaLN-zero on cond = class +
-    guidance-scale embedding."""
+    """A bidirectional transformer layer conditioned through adaLN-zero on
+    cond = class + guidance-scale embedding."""
 
     def __init__(self, dim, head_dim):
         super().__init__()
@@ -1002,19 +993,19 @@ class ReverseModel(nn.Module):
         self.groups = nn.ModuleList(nn.ModuleList(ReverseBlock(D, cfg.head_dim)
                                                   for _ in range(cfg.layers_per_block))
                                     for _ in range(cfg.num_blocks))
-        # Groups whose state has a target other than the final output: all T with learned denoising
-        # (the last one targets the noisy x^0), else T-1
-        # (the last group's state becomes the output itself).
+        # Groups whose state has a target other than the final output:
+        # all T with learned denoising (the last one targets the noisy x^0),
+        # else T-1 (the last group's state becomes the output itself).
         self.num_aligned = cfg.num_blocks if cfg.denoise == 'learned' else cfg.num_blocks - 1
         n_heads = 0 if cfg.align == 'naive' else self.num_aligned
         self.heads = nn.ModuleList(nn.Linear(D, d) for _ in range(n_heads))
-        # Hidden distillation pushes the state itself through
-        # token space: phi_g, then back up to width D.
+        # Hidden distillation pushes the state itself through token space:
+        # phi_g, then back up to width D.
         self.reproj = nn.ModuleList(nn.Linear(d, D)
                                     for _ in range(n_heads if cfg.align == 'distill' else 0))
-        self.denoiser = nn.ModuleList(ReverseBlock(D, cfg.head_dim)
-                                      for _ in range(cfg.denoise_layers if cfg.denoise == 'learned'
-                                                     else 0))
+        self.denoiser = nn.ModuleList(
+            ReverseBlock(D, cfg.head_dim)
+            for _ in range(cfg.denoise_layers if cfg.denoise == 'learned' else 0))
         self.final_norm = LayerNorm32(D, elementwise_affine=False)
         self.final_ada = nn.Linear(D, 2 * D)
         self.final = nn.Linear(D, d)
@@ -1023,15 +1014,15 @@ class ReverseModel(nn.Module):
             nn.init.zeros_(lin.bias)
 
     def condition(self, y, w):
-        """(B, D) conditioning vector from labels y (-1 or None: null class) and guidance scales w
-        (B,)."""
+        """(B, D) conditioning vector from labels y (-1 or None: null class)
+        and guidance scales w (B,)."""
         null = self.cfg.num_classes
         y = torch.full_like(w, null, dtype=torch.long) if y is None else torch.where(y < 0, null, y)
         return self.class_embed(y) + self.w_embed(w.float().view(-1, 1))
 
     def forward(self, z, y=None, w=None, inference_w=0.0):
-        """z (B, N, d) -> predictions in token space: [phi_0(h), ..., phi_{A-1}(h), output] with A =
-        num_aligned (fewer for 'naive'), prediction g aligned with forward state x^{T-1-g}.
+        """z (B, N, d) -> predictions in token space: [phi_0(h), ..., phi_{A-1}(h), output]
+        with A = num_aligned (fewer for 'naive'), prediction g aligned with forward state x^{T-1-g}.
         inference_w > 0: inference-time CFG (Eq. 4), the conditional and null streams run as one
         batch and are combined after every layer group."""
         B = z.shape[0]
@@ -1067,8 +1058,8 @@ class ReverseModel(nn.Module):
         return preds
 
     def decode(self, z, y=None, w=None, inference_w=0.0, flow=None):
-        """One pass from z (B, N, d) to an image (B, C, H, W); score denoising needs the forward
-        model."""
+        """One pass from z (B, N, d) to an image (B, C, H, W);
+        score denoising needs the forward model."""
         cfg = self.cfg
         x = unpatchify(self(z, y, w, inference_w)[-1].float(), cfg.patch_size, cfg.img_size)
         if cfg.denoise == 'score':
@@ -1080,9 +1071,9 @@ class ReverseModel(nn.Module):
 
 @torch.no_grad()
 def inpaint(G: ReverseModel, flow: TarFlow, x, redraw, y, noise, w=0.0, eps=None):
-    """Training-free inpainting (Eq. 6): z' = M * F(x_m) + (1 - M) * noise, decoded in one pass. x
-    (B, C, H, W), redraw (B, 1, H, W) True where pixels are to be regenerated; a token is kept only
-    if none of its pixels is. -> (x', z')
+    """Training-free inpainting (Eq. 6): z' = M * F(x_m) + (1 - M) * noise, decoded in one pass.
+    x (B, C, H, W), redraw (B, 1, H, W) True where pixels are to be regenerated; a token is kept
+    only if none of its pixels is. -> (x', z')
 
     x_m is the masked image: F must never see the pixels to be redrawn, because after the first
     token-order flip every z token depends on every pixel, so encoding the full x would leak the
@@ -1116,8 +1107,9 @@ def forward_loss(flow: TarFlow, x, y, eps, noise='gaussian', checkpoint=False):
     uint8), labels y and standard normal eps of x's shape. noise='gaussian': x + sigma*eps, the
     noisy data TarFlow learns so that it can sample and denoise; 'uniform': dequantisation x + u/128
     with u = Phi(eps) ~ U(0, 1) inside the pixel's bin of width 2/256 (the same stream, so the
-    switch changes nothing else), whose NLL bounds the discrete one (bits/dim). checkpoint:
-    recompute each flow in the backward (TarFlow.forward), for models whose activations do not fit.
+    switch changes nothing else), whose NLL bounds the discrete one (bits/dim).
+    checkpoint: recompute each flow in the backward (TarFlow.forward), for models whose
+    activations do not fit.
     -> (loss, nll (B,) in nats/dim without the 0.5*log(2*pi) constant, trajectory)."""
     if noise == 'gaussian':
         xn = x + getattr(flow, 'module', flow).cfg.noise_std * eps   # DDP wraps the model
@@ -1129,9 +1121,9 @@ def forward_loss(flow: TarFlow, x, y, eps, noise='gaussian', checkpoint=False):
 
 
 def align_targets(G: ReverseModel, traj, clean):
-    """The forward states G's predictions are compared with: x^{T-1}, ..., then the clean (learned
-    denoising) or noisy x^0 for the output. traj = [x^0 (noisy), x^1, ..., x^T = z] in token
-    space."""
+    """The forward states G's predictions are compared with: x^{T-1}, ...,
+    then the clean (learned denoising) or noisy x^0 for the output.
+    traj = [x^0 (noisy), x^1, ..., x^T = z] in token space."""
     T = len(traj) - 1
     targets = [traj[T - 1 - g] for g in range(len(G.heads))]
     return targets + [clean if G.cfg.denoise == 'learned' else traj[0]]
@@ -1144,8 +1136,8 @@ def state_distance(pred, target, normalize):
 
 
 def adaptive(dist, c=0.01, p=1.0):
-    """BiFlow's adaptive weighting sg((dist + c)^-p) * dist, per sample: every term contributes
-    about equally."""
+    """BiFlow's adaptive weighting sg((dist + c)^-p) * dist, per sample:
+    every term contributes about equally."""
     return dist / (dist.detach() + c) ** p
 
 
@@ -1183,17 +1175,18 @@ def cycle_loss(G: ReverseModel, flow: TarFlow, z, y, preds=None, fp32=True):
 
 
 def reverse_loss(G: ReverseModel, flow: TarFlow, x, y, w, eps, perceptual=None, weights=None,
-                 c=0.01, p=1.0,
-                 generator=None, fp32_targets=True, perceptual_every=1, cycle=0.0, prior=None):
+                 c=0.01, p=1.0, generator=None, fp32_targets=True, perceptual_every=1,
+                 cycle=0.0, prior=None):
     """The stage-2 loss on a clean batch x (B, C, H, W) with labels y (-1 = dropped), guidance
     scales w (B,) and noise eps. F is frozen: its whole trajectory comes from one parallel forward
     pass, in fp32 even inside a bf16 autocast unless fp32_targets=False (bf16 moves the states by
-    0.2-0.5%: the targets would be that far from F's own). generator: a CPU generator for the
-    perceptual crop boxes (train.py seeds it per step and rank). perceptual_every: the perceptual
-    terms see every perceptual_every-th row only, from row 0 (through the VAE decoder they cost
-    several times G's step). cycle > 0: add cycle * the adaptively weighted cycle_loss on prior =
-    (z, y_z), prior noise z (k, N, d) and its labels, which G sees in the same pass as the data (one
-    batch of B + k rows); the data terms are unchanged.
+    0.2-0.5%: the targets would be that far from F's own).
+    generator: a CPU generator for the perceptual crop boxes (train.py seeds it per step and rank).
+    perceptual_every: the perceptual terms see every perceptual_every-th row only, from row 0
+    (through the VAE decoder they cost several times G's step).
+    cycle > 0: add cycle * the adaptively weighted cycle_loss on prior = (z, y_z), prior noise z
+    (k, N, d) and its labels, which G sees in the same pass as the data (one batch of B + k rows);
+    the data terms are unchanged.
     Returns (loss, per-term means)."""
     fc = flow.cfg
     # G may be wrapped in DDP: call G (gradients sync), read the config from raw
