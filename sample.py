@@ -68,8 +68,8 @@ def ml_tarflow_sigma(path, noise_std=None, verbose=True):
 
 class LatentDecoder(torch.nn.Module):
     """The models' space -> pixels for checkpoints trained on latents: undo the per-channel
-    normalisation recorded with the latents (vae.py encode), then the frozen SD-VAE decoder. (B, C,
-    h, w) -> (B, 3, 8h, 8w) in [-1, 1] (unclipped). Differentiable in its input: stage 2's
+    normalisation recorded with the latents (vae.py encode), then the frozen SD-VAE decoder.
+    (B, C, h, w) -> (B, 3, 8h, 8w) in [-1, 1] (unclipped). Differentiable in its input: stage 2's
     perceptual terms see Dec(G's output)."""
 
     def __init__(self, vae, latent):
@@ -86,9 +86,9 @@ class LatentDecoder(torch.nn.Module):
 
 def latent_decoder(latent, path, device='cpu', what='the checkpoint'):
     """The LatentDecoder of latent metadata (a checkpoint's or a latent set's 'latent' entry) from
-    the VAE file at path (--vae). The VAE must be the one the latents were encoded with: VAE.matches
-    checks the recorded fingerprint (of config and weights; older files': of the weights, for 32
-    groups)."""
+    the VAE file at path (--vae). The VAE must be the one the latents were encoded with:
+    VAE.matches checks the recorded fingerprint (of config and weights; older files': of the
+    weights, for 32 groups)."""
     want = latent['vae']
     if path is None:
         raise UsageError(f"{what} is trained on SD-VAE latents: pass --vae with the VAE they were "
@@ -122,22 +122,22 @@ def load_models(path, device='cpu', noise_std=None, verbose=True, vae=None):
         model = TarFlow(config_from_dict(FlowConfig, ckpt['model_config']))
         model.load_state_dict(ckpt['ema'])
         flow = None
-    # G, plus the F it inverts (for score denoising,
     elif isinstance(ckpt, dict) and ckpt.get('kind') == 'reverse':
+        # G, plus the F it inverts (for score denoising, inpainting and editing)
         model = ReverseModel(config_from_dict(ReverseConfig, ckpt['model_config']))
         model.load_state_dict(ckpt['ema'])
         flow = TarFlow(config_from_dict(FlowConfig, ckpt['forward_config']))
-        flow.load_state_dict(ckpt['forward'])                    # inpainting and editing)
+        flow.load_state_dict(ckpt['forward'])
         flow.to(device).eval().requires_grad_(False)
-    # a bare state dict: Apple's
     elif isinstance(ckpt, dict) and any(k.endswith('proj_in.weight') for k in ckpt):
+        # a bare state dict: Apple's
         try:
             model, flow = load_ml_tarflow(ckpt, ml_tarflow_sigma(path, noise_std, verbose)), None
         except ValueError as e:
             raise UsageError(f'--ckpt {path}: {e}') from None
     else:
-        raise UsageError(f'--ckpt {path}: neither a train.py checkpoint nor an ml-tarflow state '
-                         'dict')
+        raise UsageError(f'--ckpt {path}: neither a train.py checkpoint '
+                         'nor an ml-tarflow state dict')
     # Tweedie denoising's step is sigma^2: it must be right
     if noise_std is not None and isinstance(model, TarFlow):
         model.cfg.noise_std = noise_std
@@ -164,8 +164,8 @@ def generate(model, flow, z, labels, guidance=0.0, guidance_mode='auto', ramp=Fa
     TarFlow: exact inverse, CFG on alpha and mu, optional Tweedie denoising. inverse: a
     model.ParallelInverse (Jacobi passes per flow), None for the sequential token loop. exact: for
     BiFlow, F's exact inverse instead of G's pass (from G's predictions when inverse.init is 'G').
-    BiFlow: one pass conditioned on w (training-time CFG, 1-NFE) or Eq. 4 inference-time CFG
-    (2-NFE)."""
+    BiFlow: one pass conditioned on w (training-time CFG, 1-NFE) or Eq. 4
+    inference-time CFG (2-NFE)."""
     if isinstance(model, TarFlow) or exact:
         flow, G = (model, None) if isinstance(model, TarFlow) else (flow, model)
         if inverse is None:   # N-1 sequential steps per block, then one backward pass for the score
@@ -180,9 +180,9 @@ def generate(model, flow, z, labels, guidance=0.0, guidance_mode='auto', ramp=Fa
 
 
 def log_inverse(inverse, what):
-    """Print the parallel inverse's strategy per flow (the planner's measurements with --segment
-    auto) and the passes each flow took, mean and max over the samples, with the sequential
-    fallbacks."""
+    """Print the parallel inverse's strategy per flow (the planner's measurements with
+    --segment auto) and the passes each flow took, mean and max over the samples, with the
+    sequential fallbacks."""
     if inverse.plan is not None:
         for t, pl in enumerate(inverse.plan):
             tried = ', '.join(f'{"seq" if seg == 1 else seg}: {1e3 * sec:.1f} ms/' +
@@ -198,16 +198,16 @@ def log_inverse(inverse, what):
 
 
 def to_uint8(x):
-    """[-1, 1] floats (B, C, H, W) -> uint8 (B, H, W, C) with rounding; non-finite values become
-    mid-grey."""
+    """[-1, 1] floats (B, C, H, W) -> uint8 (B, H, W, C) with rounding;
+    non-finite values become mid-grey."""
     # grey rather than dropped: the sample count stays N, and sample_shard counts the bad ones
     x = torch.nan_to_num(x.float(), nan=0.0, posinf=0.0, neginf=0.0)
     return ((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
 def grid_labels(num_classes, per_class=10, max_classes=10):
-    """Labels for a look-at grid: one row per class (the first max_classes), or None for an
-    unconditional model."""
+    """Labels for a look-at grid: one row per class (the first max_classes),
+    or None for an unconditional model."""
     if not num_classes:
         return None
     return torch.arange(min(num_classes, max_classes)).repeat_interleave(per_class)
@@ -219,8 +219,8 @@ def generate_grid(model, flow, path, guidance=1.0, seed=0, decode=None):
     device = next(model.parameters()).device
     labels = grid_labels(model.cfg.num_classes)
     n = len(labels) if labels is not None else 64
-    # the same noise at every call, so that grids from
-    # successive checkpoints compare sample for sample
+    # the same noise at every call,
+    # so that grids from successive checkpoints compare sample for sample
     z = noise_for(noise_seeds(seed, range(n)), model, device)
     x = generate(model, flow, z, None if labels is None else labels.to(device), guidance)
     if decode is not None:
@@ -231,8 +231,8 @@ def generate_grid(model, flow, path, guidance=1.0, seed=0, decode=None):
 
 
 def draw_labels(n, num_classes, seed):
-    """Uniformly random labels for samples 0..n-1 (ADM, DiT and TarFlow's FID protocol), the same on
-    every rank."""
+    """Uniformly random labels for samples 0..n-1 (ADM, DiT and TarFlow's FID protocol),
+    the same on every rank."""
     if not num_classes:   # unconditional: no labels at all (arr_1 is then zeros)
         return None
     return torch.randint(num_classes, (n,),
@@ -241,10 +241,11 @@ def draw_labels(n, num_classes, seed):
 
 def sample_shard(model, flow, n, rank, world, seed, batch_size, labels=None, progress=False,
                  decode=None, **kw):
-    """Rank r decodes the contiguous global indices [r*ceil(n/W), ...) in batches. -> (uint8 NHWC,
-    labels, #non-finite) progress: print samples done (this rank's count times the world size),
-    samples/s and ETA. decode: a latent model's LatentDecoder: Tweedie denoising happens in latent
-    space, then the VAE decodes to pixels."""
+    """Rank r decodes the contiguous global indices [r*ceil(n/W), ...) in batches.
+    -> (uint8 NHWC, labels, #non-finite)
+    progress: print samples done (this rank's count times the world size), samples/s and ETA.
+    decode: a latent model's LatentDecoder: Tweedie denoising happens in latent space, then the VAE
+    decodes to pixels."""
     device = next(model.parameters()).device
     per = math.ceil(n / world)   # the last rank may get fewer (even none); the total is exactly n
     idx = list(range(rank * per, min(n, (rank + 1) * per)))
@@ -271,15 +272,15 @@ def sample_shard(model, flow, n, rank, world, seed, batch_size, labels=None, pro
 
 def gather_shards(imgs, labels, bad, world, chunk_bytes=2 ** 26):
     """All ranks' samples on rank 0 in global index order (others get None); non-finite counts
-    summed. Only rank 0 receives, chunk_bytes per rank at a time, straight into the output: 50K
-    samples at 256^2 are ~10 GB, which an all-gather would copy to every rank."""
+    summed. Only rank 0 receives, chunk_bytes per rank at a time, straight into the output:
+    50K samples at 256^2 are ~10 GB, which an all-gather would copy to every rank."""
     if world == 1:
         return imgs, labels, bad
     rank = dist.get_rank()
-    # NCCL moves CUDA tensors only (setup_distributed
-    # set this rank's device); gloo moves CPU tensors
-    dev = (torch.device('cuda', torch.cuda.current_device()) if dist.get_backend() == 'nccl'
-           else torch.device('cpu'))
+    # NCCL moves CUDA tensors only (setup_distributed set this rank's device);
+    # gloo moves CPU tensors
+    dev = (torch.device('cuda', torch.cuda.current_device())
+           if dist.get_backend() == 'nccl' else torch.device('cpu'))
     meta = [None] * world if rank == 0 else None
     dist.gather_object((len(imgs), labels, bad), meta, dst=0)        # small: counts and labels
     longest = torch.tensor(len(imgs), device=dev)
@@ -307,10 +308,10 @@ def gather_shards(imgs, labels, bad, world, chunk_bytes=2 ** 26):
     return out, np.concatenate([shard[1] for shard in meta]), sum(shard[2] for shard in meta)
 
 
-def distributed_fid(model, flow, ref, n, guidance, seed, rank, world, device, inception=None,
-                    decode=None):
-    """FID of n EMA samples against ref, for train.py's periodic monitor. Rank 0 gets the result,
-    others None."""
+def distributed_fid(model, flow, ref, n, guidance, seed, rank, world, device,
+                    inception=None, decode=None):
+    """FID of n EMA samples against ref, for train.py's periodic monitor.
+    Rank 0 gets the result, others None."""
     was = model.training   # train.py passes its EMA model mid-training: restore its mode afterwards
     model.eval()
     imgs, labels, _ = gather_shards(*sample_shard(model, flow, n, rank, world, seed, 64,
@@ -321,8 +322,8 @@ def distributed_fid(model, flow, ref, n, guidance, seed, rank, world, device, in
 
 
 def image_size(path, flag):
-    """(width, height) of an image file, read from its header; a missing or unreadable file names
-    the flag."""
+    """(width, height) of an image file, read from its header;
+    a missing or unreadable file names the flag."""
     try:
         with Image.open(path) as img:
             return img.size
@@ -340,8 +341,8 @@ def load_image(path, size):
 
 
 @torch.no_grad()
-def draw_trajectory(flow, path, labels, z, guidance=0.0, ramp=False, denoise=True,
-                    reverse_model=None):
+def draw_trajectory(flow, path, labels, z, guidance=0.0, ramp=False,
+                    denoise=True, reverse_model=None):
     """A picture of sampling as a trajectory: for each sample a row z = x^T, x^{T-1}, ..., x^0,
     clean image along F's exact inverse (one MetaBlock.reverse per column), and, given G, a row
     beneath of what G's heads predict at the same depths (head number `head` is aligned with
@@ -366,13 +367,15 @@ def draw_trajectory(flow, path, labels, z, guidance=0.0, ramp=False, denoise=Tru
     rows = [torch.stack(cols, 1)]   # (B, T + 2, C, H, W)
     if reverse_model is not None:
         train_w = reverse_model.cfg.guidance_mode == 'train'
-        preds = reverse_model(z, labels, torch.full((len(z),), float(guidance)) if train_w
-                              else None, 0.0 if train_w else guidance)
-        out = reverse_model.decode(z, labels, torch.full((len(z),), float(guidance)) if train_w
-                                   else None, 0.0 if train_w else guidance, flow)
+        preds = reverse_model(z, labels,
+                              torch.full((len(z),), float(guidance)) if train_w else None,
+                              0.0 if train_w else guidance)
+        out = reverse_model.decode(z, labels,
+                                   torch.full((len(z),), float(guidance)) if train_w else None,
+                                   0.0 if train_w else guidance, flow)
         T = len(states) - 1
-        # column j holds x^{T-j}; head number `head` predicts x^{T-1-head}, so it goes to column
-        # head + 1 ('naive' has no heads)
+        # column j holds x^{T-j}; head number `head` predicts x^{T-1-head},
+        # so it goes to column head + 1 ('naive' has no heads)
         gcols = [stretch(img(z))] + [torch.zeros_like(x0) - 1 for _ in range(T)] + [out]
         for head, pred in enumerate(preds[:-1]):
             gcols[head + 1] = stretch(img(pred)) if head + 1 < T else img(pred)
@@ -388,8 +391,8 @@ def get_args(argv=None):
     g.add_argument('--ckpt', required=True,
                    help='a train.py checkpoint (forward or reverse) or an ml-tarflow state dict')
     g.add_argument('--vae', default=None,
-                   help='latent checkpoints: the SD-VAE their latents were encoded with (a '
-                   'weight file or a diffusers folder); samples are decoded to pixels after '
+                   help='latent checkpoints: the SD-VAE their latents were encoded with '
+                   '(a weight file or a diffusers folder); samples are decoded to pixels after '
                    'Tweedie denoising')
     g.add_argument('--out', default='samples.png',
                    help='the PNG grid to write (at most 100 samples)')
@@ -401,58 +404,59 @@ def get_args(argv=None):
                    help='comma-separated class labels (cycled), instead of uniformly random ones')
     g.add_argument('--seed', type=int, default=0, help='noise and label seed')
     g.add_argument('--trajectory', default=None,
-                   help="write a PNG of F's exact inverse block by block (and G's "
-                   'predictions at the same depths, for a reverse checkpoint) for --num_samples '
-                   '(default 4) samples')
+                   help="write a PNG of F's exact inverse block by block "
+                   "(and G's predictions at the same depths, for a reverse checkpoint) "
+                   'for --num_samples (default 4) samples')
     g = p.add_argument_group('guidance')
     g.add_argument('--guidance', type=float, default=2.0,
                    help='classifier-free guidance scale w (0: none); x = (1+w) cond - w uncond')
     g.add_argument('--guidance_mode', choices=['auto', 'train', 'inference'], default='auto',
-                   help='BiFlow: auto = as trained; train = w as input (1-NFE); inference = Eq. 4 '
-                        'CFG (2-NFE)')
+                   help='BiFlow: auto = as trained; train = w as input (1-NFE); '
+                   'inference = Eq. 4 CFG (2-NFE)')
     g.add_argument('--ramp', action=argparse.BooleanOptionalAction, default=False,
                    help='TarFlow: guidance grows linearly over token positions (used for its FID)')
     g.add_argument('--attn_temp', type=float, default=1.0,
-                   help='TarFlow: attention temperature of the guiding (unconditional) stream; != '
-                   '1 gives guidance for unconditional models')
+                   help='TarFlow: attention temperature of the guiding (unconditional) stream; '
+                   '!= 1 gives guidance for unconditional models')
     g = p.add_argument_group('TarFlow: exact inverse and denoising')
     g.add_argument('--denoise', action=argparse.BooleanOptionalAction, default=True,
                    help='Tweedie denoising x + sigma^2 grad log p(x) after the exact inverse')
     g.add_argument('--kv_dtype', choices=['fp32', 'bf16'], default='fp32',
-                   help="the exact inverse's KV cache: bf16 halves its memory and reads (alpha, mu "
-                   "and the recursion stay fp32)")
+                   help="the exact inverse's KV cache: bf16 halves its memory and reads "
+                   "(alpha, mu and the recursion stay fp32)")
     g.add_argument('--cuda_graph', action=argparse.BooleanOptionalAction, default=False,
-                   help="run the exact inverse's per-token step on fixed shapes (whole cache, mask "
-                   "row), captured in a CUDA graph on GPU: no per-op launch cost (on CPU the same "
-                   "fixed-shape step runs eagerly)")
+                   help="run the exact inverse's per-token step on fixed shapes "
+                   "(whole cache, mask row), captured in a CUDA graph on GPU: no per-op launch "
+                   "cost (on CPU the same fixed-shape step runs eagerly)")
     g.add_argument('--inverse', choices=['parallel', 'sequential'], default='parallel',
                    help="the exact inverse: parallel = Jacobi passes over each flow's tokens, the "
                    "strategy per flow set by --segment; sequential = the token-by-token loop "
                    "(--kv_dtype, --cuda_graph apply to it)")
-    g.add_argument('--segment', default='auto', help='--inverse parallel: tokens solved together '
-                   'in each flow. auto = time every strategy on the first batch and keep the '
-                   'fastest per flow (printed); an integer for every flow (the token count: plain '
-                   'Jacobi; 1: sequential); or one per flow, comma-separated from block 0 (next to '
-                   'the data), e.g. 64,64,64,1')
-    g.add_argument('--jacobi_tol', type=float, default=JACOBI_TOL, help='--inverse parallel: a '
-                   'sample stops once the largest change of its tokens in a pass is <= this (in '
-                   "the flow's token space); 0: exact passes to the cap")
-    g.add_argument('--jacobi_max_passes', type=int, default=None, help='--inverse parallel: at '
-                   "most this many passes per segment (default: the segment's length, after which "
-                   'it is exact)')
-    g.add_argument('--jacobi_init', choices=['z', 'G'], default='z', help='--inverse parallel: '
-                   "each flow's first guess, its input z or (with --exact, a reverse checkpoint) "
-                   "G's prediction of its output")
-    g.add_argument('--exact', action='store_true', help="a reverse checkpoint: sample its F's "
-                   "exact inverse (and Tweedie denoising) instead of G's one pass")
+    g.add_argument('--segment', default='auto',
+                   help='--inverse parallel: tokens solved together in each flow. auto = time '
+                   'every strategy on the first batch and keep the fastest per flow (printed); an '
+                   'integer for every flow (the token count: plain Jacobi; 1: sequential); or one '
+                   'per flow, comma-separated from block 0 (next to the data), e.g. 64,64,64,1')
+    g.add_argument('--jacobi_tol', type=float, default=JACOBI_TOL,
+                   help='--inverse parallel: a sample stops once the largest change of its tokens '
+                   "in a pass is <= this (in the flow's token space); 0: exact passes to the cap")
+    g.add_argument('--jacobi_max_passes', type=int, default=None,
+                   help='--inverse parallel: at most this many passes per segment '
+                   "(default: the segment's length, after which it is exact)")
+    g.add_argument('--jacobi_init', choices=['z', 'G'], default='z',
+                   help="--inverse parallel: each flow's first guess, its input z or "
+                   "(with --exact, a reverse checkpoint) G's prediction of its output")
+    g.add_argument('--exact', action='store_true',
+                   help="a reverse checkpoint: sample its F's exact inverse "
+                   "(and Tweedie denoising) instead of G's one pass")
     g.add_argument('--noise_std', type=float, default=None,
                    help="the sigma the model was trained with: overrides a checkpoint's; needed "
                    "for ml-tarflow state dicts unless their file name ends in it "
                    "(afhq_model_8_768_8_8_0.07.pth)")
     g = p.add_argument_group('FID')
     g.add_argument('--fid', default=None,
-                   help='compute FID of the samples against this reference (stats .npz, .npz '
-                   'or folder)')
+                   help='compute FID of the samples against this reference '
+                   '(stats .npz, .npz or folder)')
     g.add_argument('--inception', default=None,
                    help='path to pt_inception-2015-12-05-6726825d.pth for --fid')
     g = p.add_argument_group('inpainting and editing (a reverse checkpoint: it carries F and G)')
@@ -475,12 +479,12 @@ def get_args(argv=None):
         p.error(f'--num_samples {args.num_samples}: must be an integer >= 1')
     # the mask is cropped as the image is, so only one of the same size lines up
     if args.inpaint and args.mask:
-        sizes = {flag: image_size(path, flag) for flag,
-                 path in (('--inpaint', args.inpaint), ('--mask', args.mask))}
+        sizes = {flag: image_size(path, flag)
+                 for flag, path in (('--inpaint', args.inpaint), ('--mask', args.mask))}
         if sizes['--inpaint'] != sizes['--mask']:
             p.error(f'--mask {args.mask}: is {"x".join(map(str, sizes["--mask"]))} pixels, but '
-                    f'--inpaint {args.inpaint} is {"x".join(map(str, sizes["--inpaint"]))}; give a '
-                    'mask of the same size')
+                    f'--inpaint {args.inpaint} is {"x".join(map(str, sizes["--inpaint"]))}; '
+                    'give a mask of the same size')
     if args.jacobi_tol < 0:
         p.error(f'--jacobi_tol {args.jacobi_tol}: must be >= 0')
     if args.jacobi_max_passes is not None and args.jacobi_max_passes < 1:
@@ -499,16 +503,15 @@ def get_args(argv=None):
         try:
             labels = torch.tensor([int(label) for label in args.labels.split(',')])
         except ValueError:
-            p.error(f'--labels {args.labels}: expected comma-separated integer class labels (0 .. '
-                    'num_classes-1)')
+            p.error(f'--labels {args.labels}: expected comma-separated integer class labels '
+                    '(0 .. num_classes-1)')
     return p, args, labels
 
 
 def main(argv=None):
     p, args, labels = get_args(argv)
 
-    # ---- processes, then the outputs: check what can
-    # be checked before minutes or hours of sampling
+    # ---- processes, then the outputs: check what can be checked before hours of sampling
     rank, world, device = setup_distributed(args.device)
     # before loading and sampling: a FID-50K run must not end in a path it cannot write
     if rank == 0:
@@ -524,15 +527,13 @@ def main(argv=None):
         inception = fid.load_inception(args.inception, device)
         fid.check_reference(args.fid, inception)
 
-    # ---- the model(s): a TarFlow alone, or a reverse
-    # model G with the frozen F it was trained against
-    model, flow, decode = load_models(args.ckpt, device, args.noise_std, verbose=rank == 0,
-                                      vae=args.vae)
+    # ---- the model(s): a TarFlow, or a reverse model G with the frozen F it was trained against
+    model, flow, decode = load_models(args.ckpt, device, args.noise_std,
+                                      verbose=rank == 0, vae=args.vae)
     ncls = model.cfg.num_classes
     kw = dict(guidance=args.guidance, guidance_mode=args.guidance_mode, ramp=args.ramp,
-              attn_temp=args.attn_temp,
-              denoise=args.denoise, kv_dtype=torch.bfloat16 if args.kv_dtype == 'bf16' else None,
-              static=args.cuda_graph)
+              attn_temp=args.attn_temp, denoise=args.denoise,
+              kv_dtype=torch.bfloat16 if args.kv_dtype == 'bf16' else None, static=args.cuda_graph)
     exact = flow is None or args.exact   # the samples come from F's exact inverse
     if args.exact and flow is None:
         p.error('--exact: samples a reverse checkpoint by its F; a forward checkpoint is sampled '
@@ -557,11 +558,12 @@ def main(argv=None):
     # a look at the path from z to the image, not a sampler: one process, a few samples
     if args.trajectory:
         if decode is not None:
-            p.error('--trajectory draws the states of pixel models (a latent model\'s states are '
-                    'latents)')
+            p.error('--trajectory draws the states of pixel models '
+                    "(a latent model's states are latents)")
         n = args.num_samples or 4
-        y = (None if not ncls else (labels if labels is not None
-                                    else torch.arange(n) % ncls).repeat(n)[:n].to(device))
+        y = (None if not ncls
+             else (labels if labels is not None
+                   else torch.arange(n) % ncls).repeat(n)[:n].to(device))
         tarflow, G = (flow, model) if flow is not None else (model, None)
         draw_trajectory(tarflow, args.trajectory, y,
                         noise_for(noise_seeds(args.seed, range(n)), tarflow, device),
@@ -570,19 +572,18 @@ def main(argv=None):
               (", G's predictions beneath each" if G is not None else ''))
         return
 
-    # ---- training-free uses of the pair (F, G): one
-    # image in, a grid of results out, in one process
+    # ---- training-free uses of (F, G): one image in, a grid of results out, in one process
     if args.inpaint or args.edit:
         if world > 1:
             p.error('--inpaint/--edit run in one process')
         if flow is None:
             p.error('--inpaint/--edit need a reverse checkpoint (it carries both F and G)')
         if decode is not None:
-            p.error('--inpaint/--edit work on pixel checkpoints (a latent one would need the VAE '
-                    'encoder here)')
+            p.error('--inpaint/--edit work on pixel checkpoints '
+                    '(a latent one would need the VAE encoder here)')
         if ncls and labels is None:
-            p.error('--inpaint/--edit on a class-conditional model need --labels (the class of the '
-                    'image)')
+            p.error('--inpaint/--edit on a class-conditional model need --labels '
+                    '(the class of the image)')
         src = load_image(args.inpaint or args.edit, model.cfg.img_size).to(device)
         y = None if labels is None else labels[:1].to(device)
         # F encodes noisy data (it was trained on x + sigma*eps),
@@ -598,8 +599,9 @@ def main(argv=None):
                 p.error(f'--mask {args.mask}: has no white pixel inside the centre crop, so '
                         'nothing to complete')
             noise = noise_for(noise_seeds(args.seed, range(n)), model, device)
-            x, _ = inpaint(model, flow, src.expand(n, -1, -1, -1), redraw, None if y is None
-                           else y.expand(n), noise, args.guidance, eps.expand(n, -1, -1, -1))
+            x, _ = inpaint(model, flow, src.expand(n, -1, -1, -1), redraw,
+                           None if y is None else y.expand(n), noise, args.guidance,
+                           eps.expand(n, -1, -1, -1))
             # input, hole, results
             shown = torch.cat([src, torch.where(redraw[:1], torch.zeros_like(src), src), x])
         else:
@@ -624,15 +626,14 @@ def main(argv=None):
         labels = labels.repeat(math.ceil(n / len(labels)))[:n]
     # each rank decodes its share of global indices; rank 0 alone writes and scores the whole set
     imgs, labs, bad = gather_shards(*sample_shard(model, flow, n, rank, world, args.seed,
-                                                  args.batch_size,
-                                                  labels, progress=rank == 0
-                                                  and n > args.batch_size, decode=decode,
-                                                  **kw), world)
+                                                  args.batch_size, labels,
+                                                  progress=rank == 0 and n > args.batch_size,
+                                                  decode=decode, **kw), world)
     if rank == 0:
         assert len(imgs) == n, (len(imgs), n)   # exactly N, whatever the number of ranks
         if bad:
-            print(f'WARNING: {bad} of {n} samples had non-finite values (kept, written as grey '
-                  'pixels)')
+            print(f'WARNING: {bad} of {n} samples had non-finite values '
+                  '(kept, written as grey pixels)')
         if args.npz:  # first: the samples are the costly part, the grid is only a look at them
             atomic_write(args.npz, lambda f: np.savez(f, arr_0=imgs, arr_1=labs))
             print(f'wrote {args.npz}: arr_0 {imgs.shape} uint8, arr_1 labels '
@@ -646,8 +647,8 @@ def main(argv=None):
         if args.fid:
             res = fid.fid_from_samples(imgs, args.fid, inception, device)
             print(f'FID {res["fid"]:.4f} on {n} samples vs {args.fid}' +
-                  (f' | IS {res["inception_score"]:.3f}' if res.get('inception_score') is not None
-                   else ''))
+                  (f' | IS {res["inception_score"]:.3f}'
+                   if res.get('inception_score') is not None else ''))
     # a clean exit, together: rank 0 may still be writing and scoring when the others get here
     if world > 1:
         dist.barrier()

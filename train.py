@@ -40,10 +40,10 @@ from model import (PAPER_MODELS, PRESETS, FlowConfig, ReverseConfig, ReverseMode
 from perceptual import PerceptualLoss, load_weights
 from sample import distributed_fid, generate_grid, latent_decoder
 
-# Optimisation defaults per preset. The paper runs follow TarFlow's recipes (AdamW (0.9, 0.95), lr
-# 1e-4, batch 256, warm-up of one epoch, cosine to 1e-6, no gradient clipping); the EMA is ours
-# (TarFlow samples from the raw weights). The CPU run is sized to
-# finish in minutes on 2 cores; its higher lr is why it clips gradients.
+# Optimisation defaults per preset. The paper runs follow TarFlow's recipes (AdamW (0.9, 0.95),
+# lr 1e-4, batch 256, warm-up of one epoch, cosine to 1e-6, no gradient clipping); the EMA is ours
+# (TarFlow samples from the raw weights). The CPU run is sized to finish in minutes on 2 cores; its
+# higher lr is why it clips gradients.
 _PAPER = dict(lr=1e-4, grad_clip=0.0, ema=0.9999, eval_every=10_000, eval_samples=10_000,
               grad_checkpoint=False, perceptual_every=1)
 # The perceptual terms run through the VAE decoder (622 GFLOPs and about 1 GB of saved activations
@@ -52,17 +52,15 @@ _LATENT = dict(_PAPER, batch_size=1024, max_steps=200_000, warmup_steps=1251, pe
 TRAIN_PRESETS = {
     # 4000 steps of batch 32 (128k images, about 2 epochs of the digits' 60k) per stage
     'cpu': dict(batch_size=32, lr=2e-3, max_steps=4000, reverse_max_steps=4000, warmup_steps=100,
-                grad_clip=1.0,
-                ema=0.999, eval_every=1000, eval_samples=1000, grad_checkpoint=False,
-                perceptual_every=1),
+                grad_clip=1.0, ema=0.999, eval_every=1000, eval_samples=1000,
+                grad_checkpoint=False, perceptual_every=1),
     'imagenet64': dict(_PAPER, batch_size=256, max_steps=1_000_000, warmup_steps=5000),
-    # width 1024 keeps ~80 GiB of activations at 32 images
-    # per GPU: recompute each flow in the backward (bench.py)
+    # width 1024 keeps ~80 GiB of activations at 32 images per GPU:
+    # recompute each flow in the backward (bench.py)
     'imagenet64-1024': dict(_PAPER, batch_size=256, max_steps=1_000_000, warmup_steps=5000,
                             grad_checkpoint=True),
     'imagenet64-p4': dict(_PAPER, batch_size=256, max_steps=1_000_000, warmup_steps=5000),
-    # ImageNet 128 and AFHQ 256: the batch sizes and
-    # epochs of Apple's recipes (one epoch of warm-up)
+    # ImageNet 128 and AFHQ 256: batch sizes and epochs of Apple's recipes (one epoch of warm-up)
     'imagenet128': dict(_PAPER, batch_size=768, max_steps=534_000, warmup_steps=1668,
                         grad_checkpoint=True),
     'afhq256': dict(_PAPER, batch_size=256, max_steps=250_000, warmup_steps=60),
@@ -78,37 +76,36 @@ TRAIN_PRESETS = {
 # same files (data, weights) on another machine. Everything else defines the run and is taken from
 # the checkpoint; a flag that contradicts it is refused.
 RESUME_SAFE = {'resume', 'out_dir', 'stop_at', 'device', 'dtype', 'target_dtype', 'compile',
-               'grad_checkpoint',
-               'num_workers', 'log_every', 'ckpt_every', 'sample_every', 'sample_guidance',
-               'eval_every',
-               'eval_samples', 'val_data', 'fid_ref', 'fid_every', 'fid_samples', 'inception',
-               'data', 'forward_ckpt', 'lpips', 'vgg', 'convnext', 'max_skips', 'vae'}
+               'grad_checkpoint', 'num_workers', 'log_every', 'ckpt_every', 'sample_every',
+               'sample_guidance', 'eval_every', 'eval_samples', 'val_data', 'fid_ref', 'fid_every',
+               'fid_samples', 'inception', 'data', 'forward_ckpt', 'lpips', 'vgg', 'convnext',
+               'max_skips', 'vae'}
 
 
 def data_flags(p):
     """The data, and the VAE of latent data."""
     g = p.add_argument_group('data')
     g.add_argument('--data', default='digits',
-                   help="'digits' (built-in, no download), an ImageFolder root, or a "
-                   ".npz/.npy file")
+                   help="'digits' (built-in, no download), an ImageFolder root, "
+                   "or a .npz/.npy file")
     g.add_argument('--vae', default=None,
-                   help='latent data (made by vae.py encode): the SD-VAE it was encoded '
-                   'with (a weight file or a diffusers folder), to decode the sample grids and the '
-                   "FID monitor and for stage 2's perceptual terms")
+                   help='latent data (made by vae.py encode): the SD-VAE it was encoded with '
+                   '(a weight file or a diffusers folder), to decode the sample grids and the FID '
+                   "monitor and for stage 2's perceptual terms")
     g.add_argument('--val_data', default=None,
-                   help="held-out images for stage 1's bits/dim (None: the digits' val "
-                   "split when --data digits, else no evaluation)")
+                   help="held-out images for stage 1's bits/dim (None: the digits' val split "
+                   "when --data digits, else no evaluation)")
 
 
 def model_flags(p):
     """The stage, the preset and the model."""
     g = p.add_argument_group('model and preset')
     g.add_argument('--stage', choices=['forward', 'reverse'], default='forward',
-                   help='forward: TarFlow by maximum likelihood; reverse: BiFlow reverse model '
-                   'against a frozen forward checkpoint')
+                   help='forward: TarFlow by maximum likelihood; '
+                   'reverse: BiFlow reverse model against a frozen forward checkpoint')
     g.add_argument('--preset', choices=sorted(TRAIN_PRESETS), default='cpu',
-                   help='model size and optimisation defaults; the latent ones (itarflow-b2, '
-                   'itarflow-xl2, and biflow-b2 for stage 2) need latent --data')
+                   help='model size and optimisation defaults; the latent ones '
+                   '(itarflow-b2, itarflow-xl2, and biflow-b2 for stage 2) need latent --data')
     g.add_argument('--num_classes', type=int, default=None,
                    help='stage 1: classes of the model (None: from --preset); 0 trains an '
                    'unconditional model, e.g. on unlabelled data')
@@ -118,8 +115,8 @@ def model_flags(p):
                    help='stage 1: gaussian noise of --noise_std (for sampling) or uniform '
                    'dequantisation (for bits/dim)')
     g.add_argument('--norm_clip', type=float, default=None,
-                   help="stage 1: bound alpha, mu to c*tanh(./c), BiFlow's norm control; 0 = "
-                   "TarFlow exactly (None: from --preset: 4 for cpu, 0 for the paper presets)")
+                   help="stage 1: bound alpha, mu to c*tanh(./c), BiFlow's norm control; "
+                   "0 = TarFlow exactly (None: from --preset: 4 for cpu, 0 for the paper presets)")
 
 
 def optim_flags(p):
@@ -134,8 +131,8 @@ def optim_flags(p):
     g.add_argument('--weight_decay', type=float, default=1e-4,
                    help='AdamW weight decay (on all parameters, as TarFlow)')
     g.add_argument('--grad_clip', type=float, default=None,
-                   help='clip the global gradient norm to this; 0: off, as TarFlow (cpu: 1, the '
-                   'paper presets: 0)')
+                   help='clip the global gradient norm to this; 0: off, as TarFlow '
+                   '(cpu: 1, the paper presets: 0)')
     g.add_argument('--ema', type=float, default=None,
                    help='EMA decay of the weights used for sampling')
     g.add_argument('--label_drop', type=float, default=0.1,
@@ -156,8 +153,8 @@ def reverse_flags(p):
     g.add_argument('--reverse_norm', action=argparse.BooleanOptionalAction, default=True,
                    help='compare states divided by the target RMS (reverse-side norm control)')
     g.add_argument('--guidance_mode', choices=['train', 'inference'], default='train',
-                   help='train G conditioned on the guidance scale (Eq. 5, 1-NFE) or plain (CFG at '
-                   'inference, 2-NFE)')
+                   help='train G conditioned on the guidance scale (Eq. 5, 1-NFE) or plain '
+                   '(CFG at inference, 2-NFE)')
     g.add_argument('--w_max', type=float, default=3.0,
                    help='guidance scales for training-time CFG are drawn in [0, w_max]')
     g.add_argument('--lpips', default=None,
@@ -176,8 +173,8 @@ def reverse_flags(p):
                    'w = 0, through the frozen F (model.cycle_loss), added to the data-pair terms '
                    'with the same adaptive weighting; 0: off')
     g.add_argument('--cycle_batch', type=int, default=None,
-                   help='prior noise draws per rank and step for --cycle (None: the per-rank '
-                   "batch); their labels are the batch's first ones")
+                   help='prior noise draws per rank and step for --cycle '
+                   "(None: the per-rank batch); their labels are the batch's first ones")
     g.add_argument('--target_dtype', choices=['fp32', 'bf16'], default='fp32',
                    help="F's forward pass for the targets: fp32 (exact, as the flow math "
                    "everywhere) or inside the bf16 autocast (faster; the states move by 0.3-2%%)")
@@ -216,8 +213,8 @@ def fid_flags(p):
     """The FID monitor of EMA samples."""
     g = p.add_argument_group('FID monitor')
     g.add_argument('--fid_ref', default=None,
-                   help='log FID of EMA samples against this reference (stats .npz, .npz '
-                   'or folder)')
+                   help='log FID of EMA samples against this reference '
+                   '(stats .npz, .npz or folder)')
     g.add_argument('--fid_every', type=int, default=10000, help='steps between FID evaluations')
     g.add_argument('--fid_samples', type=int, default=4096,
                    help='samples per FID evaluation (a monitor, not FID-50K)')
@@ -256,18 +253,16 @@ def get_args(argv=None):
     # bad numbers fail here, in one line naming the flag,
     # not as a traceback (or a silent no-op) steps later
     for k in ('max_steps', 'batch_size', 'perceptual_every', 'log_every', 'ckpt_every',
-              'sample_every', 'fid_every',
-              'fid_samples', 'warmup_steps', 'eval_every', 'eval_samples', 'max_skips', 'stop_at',
-              'num_classes', 'num_workers', 'cycle_batch'):
+              'sample_every', 'fid_every', 'fid_samples', 'warmup_steps', 'eval_every',
+              'eval_samples', 'max_skips', 'stop_at', 'num_classes', 'num_workers', 'cycle_batch'):
         v = getattr(args, k)
         # 0 means "none" for these
         low = 0 if k in ('warmup_steps', 'num_classes', 'num_workers') else 1
         if v is not None and v < low:
             p.error(f'--{k} {v}: must be an integer >= {low}')
     for k, lo, hi in (('label_drop', 0, 1), ('ema', 0, 1), ('lr', 0, math.inf),
-                      ('noise_std', 0, math.inf),
-                      ('grad_clip', 0, math.inf), ('norm_clip', 0, math.inf),
-                      ('w_max', 0, math.inf), ('cycle', 0, math.inf)):
+                      ('noise_std', 0, math.inf), ('grad_clip', 0, math.inf),
+                      ('norm_clip', 0, math.inf), ('w_max', 0, math.inf), ('cycle', 0, math.inf)):
         v = getattr(args, k)
         if v is not None and not lo <= v <= hi:  # also refuses nan
             p.error(f'--{k} {v}: must be in [{lo}, {hi}]')
@@ -283,8 +278,7 @@ def get_args(argv=None):
 def fill_preset_defaults(args):
     """Flags left at None take the value of their --preset (stage 2 has its own step count)."""
     preset = dict(TRAIN_PRESETS[args.preset])
-    # a preset may give stage 2 its own length; the
-    # paper presets do not, so both stages run max_steps
+    # a preset may give stage 2 its own length; the paper presets do not: both stages run max_steps
     reverse_steps = preset.pop('reverse_max_steps', None)
     if args.stage == 'reverse' and reverse_steps:
         preset['max_steps'] = reverse_steps
@@ -300,8 +294,8 @@ def resume_args(args, explicit, ckpt, path):
     saved = ckpt['train_config']
     # the stage is the checkpoint's kind; saying otherwise is a mistake worth naming, not a switch
     if 'stage' in explicit and args.stage != ckpt['kind']:
-        raise UsageError(f'--resume {path} is a {ckpt["kind"]} checkpoint, but --stage is '
-                         f'{args.stage}')
+        raise UsageError(f'--resume {path} is a {ckpt["kind"]} checkpoint, '
+                         f'but --stage is {args.stage}')
     # a flag repeated with the saved value is fine (a job script may pass all of them each time)
     bad = [f'--{k} {getattr(args, k)} (the checkpoint has {saved[k]})'
            for k in sorted(explicit - RESUME_SAFE)
@@ -310,10 +304,10 @@ def resume_args(args, explicit, ckpt, path):
         raise UsageError(f'--resume {path}: a resume continues the saved run, but '
                          + '; '.join(bad) + '. Only these may change: '
                          f'{", ".join("--" + k for k in sorted(RESUME_SAFE - {"resume"}))}')
-    # belong to one invocation, never taken from the checkpoint
+    # flags that belong to one invocation, never taken from the checkpoint
     per_job = {'resume', 'stop_at', 'overwrite'}
-    # defaults, overridden by the saved settings (flags added
-    # since then keep their defaults), then by the given flags
+    # defaults, overridden by the saved settings (flags added since then keep their defaults),
+    # then by the given flags
     merged = {**vars(args),
               **{k: v for k, v in saved.items() if k in vars(args) and k not in per_job}}
     merged.update({k: getattr(args, k) for k in explicit})
@@ -342,10 +336,9 @@ def step_inputs(args, step, x, y, num_classes, rank, world):
     # a prime stride keeps the streams of (seed, step) and
     # (seed + 1, step') apart for any run shorter than 1M steps
     gen = torch.Generator(device=x.device).manual_seed(args.seed * 1_000_003 + step)
-    # draw for all B, keep this rank's rows: ranks stay
-    # disjoint and match a single process row for row
+    # draw for all B, keep this rank's rows: ranks are disjoint and match one process row for row
     eps = torch.randn((B, *x.shape[1:]), generator=gen, device=x.device)[rank * b:(rank + 1) * b]
-    # label drop, w = 0?, w
+    # columns: label drop, w = 0?, w
     u = torch.rand(B, 3, generator=gen, device=x.device)[rank * b:(rank + 1) * b]
     y = torch.where(u[:, 0] < args.label_drop, -1, y) if num_classes else None
     w = torch.zeros_like(u[:, 1])
@@ -357,11 +350,10 @@ def step_inputs(args, step, x, y, num_classes, rank, world):
 
 
 def posterior_sample(args, step, moments, mean, std, rank, world):
-    """Latent data: a sample of each image's VAE posterior, mu + s * eps, normalised per channel ((.
-    - mean) / std). moments (b, 2, C, h, w) = [mu, s] of the image or its flip (the loader's
-      choice). eps is drawn, like
-    step_inputs', for the global batch from (seed, step) and sliced, from a stream of its own
-    (offset 2**40)."""
+    """Latent data: a sample of each image's VAE posterior, mu + s * eps, normalised per channel
+    ((. - mean) / std). moments (b, 2, C, h, w) = [mu, s] of the image or its flip (the loader's
+    choice). eps is drawn, like step_inputs', for the global batch from (seed, step) and sliced,
+    from a stream of its own (offset 2**40)."""
     B, b = args.batch_size, args.batch_size // world
     gen = torch.Generator(device=moments.device).manual_seed(args.seed * 1_000_003 + step + 2 ** 40)
     eps = torch.randn((B, *moments.shape[2:]), generator=gen, device=moments.device)
@@ -388,8 +380,8 @@ def crop_generator(seed, step, rank):
     uninterrupted run, whatever else used the global RNG. The CPU generator keeps 32 bits of a seed:
     odd multipliers mix (seed, step) and rank into them, so one rank's steps never share boxes, nor
     do two ranks at one step."""
-    return (torch.Generator().manual_seed(((seed * 1_000_003 + step) * 0x9E3779B1
-                                           + rank * 0x85EBCA77) % 2**32))
+    return torch.Generator().manual_seed(((seed * 1_000_003 + step) * 0x9E3779B1
+                                          + rank * 0x85EBCA77) % 2**32)
 
 
 def guidance_scales(u, w_max):
@@ -405,12 +397,12 @@ def ema_decay(step, decay):
 
 
 def load_checkpoint_file(path, flag='--resume'):
-    """A checkpoint written by this script, loaded safely; anything else is an error naming the
-    file."""
+    """A checkpoint written by this script, loaded safely;
+    anything else is an error naming the file."""
     ckpt = read_torch_file(path, flag)   # weights_only: a checkpoint can never run code
     if not isinstance(ckpt, dict) or ckpt.get('kind') not in ('forward', 'reverse'):
-        raise UsageError(f'{path} is not a checkpoint written by train.py (no kind '
-                         'forward/reverse)')
+        raise UsageError(f'{path} is not a checkpoint written by train.py '
+                         '(no kind forward/reverse)')
     return ckpt
 
 
@@ -420,8 +412,8 @@ def ema_update(ema, model, decay, ok=None):
     ok: a 0-dim tensor, 1 to update, 0 to keep the EMA as it is (a skipped step), decided on the
     device without a host sync."""
     e, m = list(ema.parameters()), list(model.parameters())
-    # ema + w (model - ema), as a lerp; a 0-dim tensor
-    # weight has no fast foreach lerp, so sub, scale and add
+    # ema + w (model - ema), as a lerp; a 0-dim tensor weight has no fast foreach lerp,
+    # so sub, scale and add
     d = torch._foreach_sub(m, e)
     torch._foreach_mul_(d, (1 - decay) * ok if ok is not None else 1 - decay)
     torch._foreach_add_(e, d)
@@ -431,8 +423,8 @@ def trim_log(path, step):
     """Drop the rows a crashed run logged after its last checkpoint, so that a resumed run's log
     reads as one run."""
     if os.path.exists(path):
-        # every row carries its step; rows at the checkpoint's
-        # step or before were logged by the run that saved it
+        # every row carries its step; rows at the checkpoint's step or before were logged by the
+        # run that saved it
         rows = [line for line in open(path) if line.strip() and json.loads(line)['step'] <= step]
         atomic_write(path, lambda f: f.write(''.join(rows).encode()))
 
@@ -447,15 +439,14 @@ def heldout_bits_per_dim(model, dataset, n, batch_size, rank, world, device, ctx
     model.eval()
     # rank r scores images r, r+W, ...: disjoint, all covered
     idx = list(range(rank, min(n, len(dataset)), world))
-    # sums, not means, are reduced across ranks: the ranks'
-    # shares differ by one image when W does not divide n
+    # sums, not means, are reduced: the ranks' shares differ by one image when W does not divide n
     total = torch.zeros(2, dtype=torch.float64, device=device)   # summed nll, image count
     for start in range(0, len(idx), batch_size):
         items = [dataset[i] for i in idx[start:start + batch_size]]
         # uint8 -> the model's [-1, 1]
         x = torch.stack([im for im, _ in items]).to(device).float() / 127.5 - 1
-        y = (torch.tensor([lab for _, lab in items], device=device) if model.cfg.num_classes
-             else None)
+        y = (torch.tensor([lab for _, lab in items], device=device)
+             if model.cfg.num_classes else None)
         # the dequantisation noise of image i is fixed:
         # evaluations differ only because the model does
         eps = torch.stack([torch.randn(x.shape[1:], generator=torch.Generator().manual_seed(i))
@@ -476,8 +467,8 @@ def fmt(v):
 
 
 def check_labels(dataset, cfg, flag):
-    """The labels of a data set (training or held-out) against the classes of the model that reads
-    them."""
+    """The labels of a data set (training or held-out) against the classes of the model
+    that reads them."""
     if cfg.num_classes and not dataset.num_classes:
         raise UsageError(f'{flag} has no labels, but the model is class-conditional '
                          f'({cfg.num_classes} classes): give labelled data, or train an '
@@ -493,20 +484,20 @@ def settings(argv):
     settings (and the loaded checkpoint), checked against each other."""
     args, explicit = get_args(argv)
     resume = load_checkpoint_file(args.resume) if args.resume else None
-    args = fill_preset_defaults(resume_args(args, explicit, resume, args.resume) if resume
-                                else args)
+    args = fill_preset_defaults(
+        resume_args(args, explicit, resume, args.resume) if resume else args)
     if args.stage == 'forward' and args.preset not in PRESETS:
         raise UsageError(f'--preset {args.preset} names a reverse model: stage 1 takes one of '
                          f'{", ".join(PRESETS)}')
     if args.stage == 'reverse' and not resume and not args.forward_ckpt:
-        raise UsageError('--stage reverse needs --forward_ckpt (a checkpoint written by --stage '
-                         'forward)')
+        raise UsageError('--stage reverse needs --forward_ckpt '
+                         '(a checkpoint written by --stage forward)')
     if resume and resume['step'] >= args.max_steps:
         raise UsageError(f'--resume {args.resume}: the run is complete (step {resume["step"]} of '
                          f'--max_steps {args.max_steps}); nothing to do')
     if resume and args.stop_at is not None and args.stop_at <= resume['step']:
-        raise UsageError(f'--stop_at {args.stop_at}: the checkpoint is already at step '
-                         f'{resume["step"]}')
+        raise UsageError(f'--stop_at {args.stop_at}: the checkpoint is already at '
+                         f'step {resume["step"]}')
     return args, resume
 
 
@@ -515,8 +506,8 @@ def processes(args):
     on every rank; TF32 and bf16 autocast on GPU."""
     rank, world, device = setup_distributed(args.device)
     if args.batch_size % world:
-        raise UsageError(f'--batch_size {args.batch_size} is not divisible by the number of ranks '
-                         f'({world})')
+        raise UsageError(f'--batch_size {args.batch_size} is not divisible by the '
+                         f'number of ranks ({world})')
     if (args.lpips or args.convnext) and (args.batch_size // world) % args.perceptual_every:
         raise UsageError(f'--perceptual_every {args.perceptual_every} must divide the batch of '
                          f'each rank ({args.batch_size // world}), so that the same images get the '
@@ -525,8 +516,8 @@ def processes(args):
     if device.type == 'cuda':
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    return (rank, world, device, args.dtype == 'bf16'
-            or (args.dtype == 'auto' and device.type == 'cuda'))
+    return rank, world, device, (args.dtype == 'bf16'
+                                 or (args.dtype == 'auto' and device.type == 'cuda'))
 
 
 def claim_outputs(args, resume, lock, master):
@@ -538,8 +529,8 @@ def claim_outputs(args, resume, lock, master):
     ckpt_path = os.path.join(args.out_dir, f'{args.stage}.pt')
     log_path = os.path.join(args.out_dir, f'{args.stage}_log.jsonl')
     if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
-        raise UsageError(f'--out_dir {args.out_dir}: is a file, expected a folder (new or holding '
-                         'runs)')
+        raise UsageError(f'--out_dir {args.out_dir}: is a file, expected a folder '
+                         '(new or holding runs)')
     if master:
         os.makedirs(args.out_dir, exist_ok=True)
         lock.acquire(os.path.join(args.out_dir, f'{args.stage}.lock'),
@@ -622,8 +613,8 @@ def load_data(args, cfg, flow_latent, resume, device):
         # checks the VAE's fingerprint
         decode = latent_decoder(latent, args.vae, device, f'--data {args.data}')
         if args.stage == 'reverse':   # G learns F's inverse on F's own data distribution
-            # F's recorded VAE against the one that made these
-            # latents (an older file records an older fingerprint)
+            # F's recorded VAE against the one that made these latents
+            # (an older file records an older fingerprint)
             fl = flow_latent or {}
             same_vae = decode.vae.matches(fl.get('vae', {}).get('fingerprint'))
             if fl.get('norm') != latent['norm'] or not same_vae:
@@ -643,19 +634,19 @@ def load_data(args, cfg, flow_latent, resume, device):
     val = None
     if args.stage == 'forward':   # pixels only (checked above)
         val_data = args.val_data or f'the held-out split of {args.data}'
-        val = (build_dataset(args.val_data, cfg.img_size, 'val', args.seed) if args.val_data
-               else dataset.heldout())
+        val = (build_dataset(args.val_data, cfg.img_size, 'val', args.seed)
+               if args.val_data else dataset.heldout())
         if isinstance(val, LatentDataset):
-            raise UsageError(f'--val_data {val_data}: a latent set; bits/dim are measured on 8-bit '
-                             'pixel images')
+            raise UsageError(f'--val_data {val_data}: a latent set; bits/dim are measured '
+                             'on 8-bit pixel images')
         if val is not None:
             check_labels(val, cfg, f'--val_data {val_data}')
     return dataset, latent, decode, norm, val
 
 
 def restore(resume, model, ema, opt, loader):
-    """Continue a run exactly: weights, EMA, optimizer moments, data position and RNG. -> the
-    step."""
+    """Continue a run exactly: weights, EMA, optimizer moments, data position and RNG.
+    -> the step."""
     model.load_state_dict(resume['model'])
     ema.load_state_dict(resume['ema'])
     opt.load_state_dict(resume['optimizer'])
@@ -687,10 +678,10 @@ def fid_reference(args, device, master, world):
     if fid.input_kind(args.fid_ref) == 'stats':
         return args.fid_ref
     path = os.path.join(args.out_dir, 'fid_ref_stats.npz')
-    # a gloo group with a long timeout for the others'
-    # wait: a large reference can take NCCL's 10 minutes
-    group = (dist.new_group(backend='gloo', timeout=datetime.timedelta(hours=12)) if world > 1
-             else None)
+    # a gloo group with a long timeout for the others' wait:
+    # a large reference can take NCCL's 10 minutes
+    group = (dist.new_group(backend='gloo', timeout=datetime.timedelta(hours=12))
+             if world > 1 else None)
     if master:
         print(f'FID reference statistics of {args.fid_ref} -> {path}')
         ref = fid.input_statistics(args.fid_ref, fid.load_inception(args.inception, device),
@@ -742,13 +733,12 @@ def stage_loss(args, cfg, model, flow_fn, x, y, w, eps, perceptual, step, rank, 
             metrics['bpd'] = TarFlow.bits_per_dim(nll.detach()).mean()
         return loss, metrics, traj
     # --cycle: prior noise and labels, G's rows beside the data's in the same pass
-    prior = prior_noise(args, step, (cfg.num_tokens, cfg.token_dim), y, rank,
-                        world, x.device) if args.cycle \
-        else None
+    prior = (prior_noise(args, step, (cfg.num_tokens, cfg.token_dim), y, rank, world, x.device)
+             if args.cycle else None)
     loss, terms = reverse_loss(model, flow_fn, x, y, w, eps, perceptual,
                                {'lpips': args.lpips_weight, 'convnext': args.convnext_weight},
-                               generator=crop_generator(args.seed, step, rank) if perceptual
-                               else None,
+                               generator=(crop_generator(args.seed, step, rank)
+                                          if perceptual else None),
                                fp32_targets=args.target_dtype == 'fp32',
                                perceptual_every=args.perceptual_every,
                                cycle=args.cycle, prior=prior)
@@ -761,8 +751,8 @@ def update(loss, model, ema, opt, step, args):
     would wait for the GPU on every step. -> (gradient norm, bad), 0-dim tensors on the device."""
     opt.zero_grad(set_to_none=True)
     loss.backward()
-    gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip
-                                           if args.grad_clip > 0 else math.inf)
+    gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(),
+                                           args.grad_clip if args.grad_clip > 0 else math.inf)
     bad = ~torch.isfinite(gnorm)
     # fused AdamW leaves weights, moments and step count alone where it is 1
     opt.found_inf = bad.float()
@@ -773,8 +763,8 @@ def update(loss, model, ema, opt, step, args):
 
 @torch.no_grad()
 def recon_rmse(G, flow, x, y, eps):
-    """The log row's reconstruction error |G(F(x + sigma eps)) - x| (rms, over pixels) at w = 0, of
-    the EMA G."""
+    """The log row's reconstruction error |G(F(x + sigma eps)) - x| (rms, over pixels) at w = 0,
+    of the EMA G."""
     _, _, traj = flow(x + flow.cfg.noise_std * eps, y)
     rec = G(traj[-1], y)[-1]
     return (rec.float() - patchify(x.float(), G.cfg.patch_size)).pow(2).mean().sqrt().item()
@@ -793,8 +783,8 @@ def interval_means(acc, cnt, world):
 
 
 def print_row(row, max_steps, eta):
-    """One line per log row: the important fields first, 4 significant digits, 'skipped' only when
-    not 0."""
+    """One line per log row: the important fields first, 4 significant digits,
+    'skipped' only when not 0."""
     fields = [f'{k} {"[" + ", ".join(map(fmt, v)) + "]" if isinstance(v, list) else fmt(v)}'
               for k, v in row.items() if k != 'step' and not (k == 'skipped' and not v)]
     step = row['step']
@@ -864,8 +854,8 @@ def train(argv, lock):
     # ---- models, optimizer, data, the resumed state
     model, ema, flow, cfg, flow_latent = build_models(args, resume, device)
     # TarFlow's optimizer: AdamW (0.9, 0.95), weight decay on every parameter (no groups). Fused
-    # (CPU and CUDA): it takes AMP's found_inf flag, which skips
-    # a non-finite step on the device instead of a host-side `if`
+    # (CPU and CUDA): it takes AMP's found_inf flag, which skips a non-finite step on the device
+    # instead of a host-side `if`
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95),
                             weight_decay=args.weight_decay, fused=True)
     dataset, latent, decode, norm, val = load_data(args, cfg, flow_latent, resume, device)
@@ -888,8 +878,7 @@ def train(argv, lock):
         print_header(args, raw, world, device, bf16, latent)
     fid_ref = fid_reference(args, device, master, world)
 
-    # ---- the side jobs of the loop: log rows, checkpoints,
-    # sample grids, FID; rank 0 writes, everyone syncs
+    # ---- the loop's side jobs: log rows, checkpoints, sample grids, FID; rank 0 writes, all sync
     def log(row):
         """Append one JSON row to the log (rank 0); a resume trims rows past its checkpoint."""
         if master:
@@ -897,8 +886,8 @@ def train(argv, lock):
                 f.write(json.dumps(row) + '\n')
 
     def save():
-        """Everything the next step needs, in one atomically written file; the reverse stage carries
-        its frozen F."""
+        """Everything the next step needs, in one atomically written file;
+        the reverse stage carries its frozen F."""
         if master:
             ck = checkpoint(args, raw, ema, opt, step, cfg, loader, latent, flow)
             atomic_write(ckpt_path, lambda f: torch.save(ck, f))
@@ -912,8 +901,8 @@ def train(argv, lock):
                           guidance=args.sample_guidance, seed=args.seed, decode=decode)
 
     def fid_monitor():
-        """FID of EMA samples drawn by every rank against the reference statistics; rank 0 gets the
-        number."""
+        """FID of EMA samples drawn by every rank against the reference statistics;
+        rank 0 gets the number."""
         return distributed_fid(ema, flow, fid_ref, args.fid_samples, guidance=args.sample_guidance,
                                seed=args.seed, rank=rank, world=world, device=device,
                                inception=args.inception, decode=decode)
@@ -921,8 +910,8 @@ def train(argv, lock):
     # ---- training loop
     it = iter(loader)
     # acc: metric sums since the last log row, kept on the device, like the skipped steps: their
-    # count, the current streak and the longest streak since the
-    # last row (a step never waits for the host to read them)
+    # count, the current streak and the longest streak since the last row (a step never waits for
+    # the host to read them)
     acc, t0, seen = {}, time.time(), 0
     skipped, streak, worst = (torch.zeros((), dtype=torch.long, device=device) for _ in range(3))
     model.train()
@@ -980,15 +969,15 @@ def train(argv, lock):
         if val is not None and (step % args.eval_every == 0 or step == stop):
             # no activations kept: a larger batch fits
             bpd = heldout_bits_per_dim(ema, val, args.eval_samples,
-                                       max(64, 2 * args.batch_size // world), rank, world, device,
-                                       ctx)
+                                       max(64, 2 * args.batch_size // world),
+                                       rank, world, device, ctx)
             print0(f'step {step}: held-out {bpd:.4f} bits/dim (EMA, uniform dequantisation, '
                    f'{min(args.eval_samples, len(val))} images)')
             log({'step': step, 'val_bpd': bpd})
         if step % args.sample_every == 0 or step == stop:
             samples()
-        # FID at the end of the run, not of a job: a --stop_at
-        # job would otherwise add a row the run never logs
+        # FID at the end of the run, not of a job:
+        # a --stop_at job would otherwise add a row the run never logs
         if args.fid_ref and (step % args.fid_every == 0 or step == args.max_steps):
             r = fid_monitor()
             if master:
