@@ -7,8 +7,9 @@ an ADM .npz, FID.
     python sample.py --ckpt out/reverse.pt --guidance_mode inference --guidance 2   # CFG, 2-NFE
     torchrun --nproc_per_node=8 sample.py --ckpt out/reverse.pt --num_samples 50000 \\
         --npz samples.npz --fid VIRTUAL_imagenet64_labeled.npz   # FID-50K, labels uniformly random
-    python sample.py --ckpt out/reverse.pt --inpaint img.png --mask mask.png --labels 3   # (F, G),
-    python sample.py --ckpt out/reverse.pt --edit img.png --labels 3 --to_class 5   # training-free
+    # training-free uses of the pair (F, G): inpainting and class editing
+    python sample.py --ckpt out/reverse.pt --inpaint img.png --mask mask.png --labels 3
+    python sample.py --ckpt out/reverse.pt --edit img.png --labels 3 --to_class 5
     python sample.py --ckpt in256/reverse.pt --vae sd-vae-ft-mse.safetensors   # latents, decoded
 
 Sample i is drawn from noise seeded by (--seed, i) and, unless --labels is given, a label drawn
