@@ -48,16 +48,15 @@ from data import (ArrayDataset, Digits, ImageFolder, LatentDataset, Loader, atom
                   build_dataset, center_crop, epoch_flips, epoch_permutation, latent_norm, pack)
 from data import main as data_main
 from model import (PAPER_MODELS, PRESETS, SCORE_BUDGET_BYTES, FlowConfig, ParallelInverse,
-                   ReverseModel, TarFlow, adaptive,
-                   align_targets, cycle_loss, edit, inpaint, plan_inverse, reverse_guesses,
-                   load_ml_tarflow, patchify, reverse_config_for, reverse_loss,
-                   score_activation_bytes, state_distance, unpatchify)
+                   ReverseModel, TarFlow, adaptive, align_targets, cycle_loss, edit, inpaint,
+                   plan_inverse, reverse_guesses, load_ml_tarflow, patchify, reverse_config_for,
+                   reverse_loss, score_activation_bytes, state_distance, unpatchify)
 from perceptual import LPIPS, ConvNeXtV2, PerceptualLoss, load_weights, paired_random_resized_crop
 from vae import (LATENT_NORMS, VAE, VAEConfig, config_from_state_dict, convert_state_dict, encode,
                  load_vae, read_safetensors, vae_decode_flops)
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), 'scripts'))
 # scripts/ is not a package: the scripts are imported from their folder
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), 'scripts'))
 import ablations  # noqa: E402
 import probe_reverse  # noqa: E402
 import score_digits  # noqa: E402
@@ -70,8 +69,8 @@ TINY = FlowConfig(img_size=8, in_channels=3, patch_size=2, channels=32, num_bloc
 
 @pytest.fixture(autouse=True)
 def one_thread():
-    """Tiny ops: one thread is fastest, and a busy machine cannot stall a second one. Restored
-    afterwards."""
+    """Tiny ops: one thread is fastest, and a busy machine cannot stall a second one.
+    Restored afterwards."""
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -83,8 +82,8 @@ def one_thread():
 
 
 def make_flow(cfg=TINY, seed=0, dtype=torch.float32, scale=0.1):
-    """A TarFlow with random, non-zero output projections (a freshly initialised one is affine per
-    channel)."""
+    """A TarFlow with random, non-zero output projections
+    (a freshly initialised one is affine per channel)."""
     torch.manual_seed(seed)
     f = TarFlow(cfg).to(dtype)
     with torch.no_grad():
@@ -94,10 +93,10 @@ def make_flow(cfg=TINY, seed=0, dtype=torch.float32, scale=0.1):
 
 
 def tiny_state_dict():
-    """Apple's ml-tarflow state dict of the test data: 8x8 RGB, patch 2 (token dim 12), width 64, 2
-    flows, 3 classes."""
-    return (torch.load(os.path.join(HERE, 'testdata', 'ml_tarflow_tiny.pt'),
-                       weights_only=True)['state_dict'])
+    """Apple's ml-tarflow state dict of the test data:
+    8x8 RGB, patch 2 (token dim 12), width 64, 2 flows, 3 classes."""
+    return torch.load(os.path.join(HERE, 'testdata', 'ml_tarflow_tiny.pt'),
+                      weights_only=True)['state_dict']
 
 
 @pytest.mark.parametrize('clip', [0.0, 2.0])
@@ -118,10 +117,9 @@ def test_flow_checkpointed_forward_gives_the_same_loss_and_gradients():
     out = []
     for ckpt in (False, True):
         f.zero_grad()
-        loss, _, traj = M.forward_loss(f, x, y,
-                                       torch.randn(3, 3, 8, 8,
-                                                   generator=torch.Generator().manual_seed(0)),
-                                       checkpoint=ckpt)
+        loss, _, traj = M.forward_loss(
+            f, x, y, torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(0)),
+            checkpoint=ckpt)
         loss.backward()
         out.append((loss.detach(), [p.grad.clone() for p in f.parameters()], len(traj)))
     assert torch.equal(out[0][0], out[1][0]) and out[0][2] == out[1][2] == TINY.num_blocks + 1
@@ -146,8 +144,8 @@ def test_flow_blocks_are_causal_in_their_own_order():
     f = make_flow(cfg, dtype=torch.float64, scale=0.3)
     x = torch.randn(1, 4, 12, dtype=torch.float64)
     for block in f.blocks:
-        J = torch.autograd.functional.jacobian(lambda v: block.permute(block(block.permute(v))[0]),
-                                               x)
+        J = torch.autograd.functional.jacobian(
+            lambda v: block.permute(block(block.permute(v))[0]), x)
         J = J.reshape(4, 12, 4, 12)  # d z_i / d x_j in the block's order
         for i in range(4):
             for j in range(i + 1, 4):
@@ -172,8 +170,8 @@ def test_flow_fast_inverse_equals_the_reference_inverse():
 @torch.no_grad()
 @pytest.mark.parametrize('num_classes,clip', [(3, 0.0), (3, 2.0), (0, 0.0)])
 def test_flow_static_step_inverse_equals_the_sliced_one(num_classes, clip):
-    # the fixed-shape step (whole cache, mask row, position as
-    # a tensor) that --cuda_graph captures on GPU, run on CPU
+    # the fixed-shape step (whole cache, mask row, position as a tensor) that --cuda_graph
+    # captures on GPU, run on CPU
     f = make_flow(replace(TINY, num_classes=num_classes, norm_clip=clip), scale=0.05)
     z = torch.randn(3, TINY.num_tokens, TINY.token_dim)
     y = torch.tensor([0, 2, -1]) if num_classes else None
@@ -199,9 +197,8 @@ def test_flow_bf16_kv_cache_stays_close_to_the_fp32_inverse():
     assert (torch.isfinite(ref).all()
             and torch.equal(f.reverse(z, y, 1.0, True, 0.8, kv_dtype=torch.float32), ref))
     half = f.reverse(z, y, 1.0, True, 0.8, kv_dtype=torch.bfloat16)
-    assert half.dtype == torch.float32 and not torch.equal(half, ref)   # the cache really is bf16
-    # bf16 keeps ~3 significant digits
-    assert (half - ref).abs().max() < 2e-2 * ref.abs().max()
+    assert half.dtype == torch.float32 and not torch.equal(half, ref)  # the cache really is bf16
+    assert (half - ref).abs().max() < 2e-2 * ref.abs().max()  # bf16 keeps ~3 significant digits
 
 
 def test_flow_guided_batch_equals_two_separate_passes():
@@ -216,8 +213,8 @@ def test_flow_guided_batch_equals_two_separate_passes():
     for i in range(TINY.num_tokens - 1):
         a, m = block.params(x, y)
         au, mu = block.params(x, torch.full_like(y, -1), temp)
-        x[:, i + 1] = (x[:, i + 1] * torch.exp(2 * a[:, i + 1] - au[:, i + 1]) + 2 * m[:, i + 1]
-                       - mu[:, i + 1])
+        x[:, i + 1] = (x[:, i + 1] * torch.exp(2 * a[:, i + 1] - au[:, i + 1])
+                       + 2 * m[:, i + 1] - mu[:, i + 1])
     assert (guided - block.permute(x)).abs().max() < 1e-5
     assert (guided - block.reverse(z, y)).abs().max() > 1e-3  # guidance changes the sample
 
@@ -226,14 +223,12 @@ def test_flow_guided_batch_equals_two_separate_passes():
 def test_flow_unconditional_attention_temperature_guidance():
     f = make_flow(replace(TINY, num_classes=0), scale=0.03)
     z = torch.randn(2, TINY.num_tokens, TINY.token_dim)
-    # same model in both streams: guidance is a no-op
-    plain = f.reverse(z, guidance=1.0)
+    plain = f.reverse(z, guidance=1.0)  # same model in both streams: guidance is a no-op
     assert (plain - f.reverse(z)).abs().max() < 1e-5
     hot = f.reverse(z, guidance=1.0, attn_temp=2.0)
     assert (hot - plain).abs().max() > 1e-4
     assert (f.blocks[0].reverse(z, None, 1.0, False, 2.0)
-            - f.blocks[0].reverse_reference(z, None, 1.0, False,
-                                   2.0)).abs().max() < 1e-5
+            - f.blocks[0].reverse_reference(z, None, 1.0, False, 2.0)).abs().max() < 1e-5
 
 
 def test_flow_tweedie_denoising_on_an_affine_flow_with_known_score():
@@ -242,8 +237,7 @@ def test_flow_tweedie_denoising_on_an_affine_flow_with_known_score():
     x = torch.randn(5, 3, 8, 8)
     y = torch.tensor([0, 1, 2, -1, 0])
     z0 = f(torch.zeros_like(x), y)[0]
-    # z = a * x + z0, elementwise in token space
-    a = f(torch.ones_like(x), y)[0] - z0
+    a = f(torch.ones_like(x), y)[0] - z0  # z = a * x + z0, elementwise in token space
     # grad log N(a x + z0; 0, I) = -a (a x + z0)
     score = unpatchify(-a * (a * patchify(x, 2) + z0), 2, 8)
     out = f.denoise(x, y, chunk=2)
@@ -330,8 +324,8 @@ def test_flow_null_class_is_the_mean_class_embedding():
     for i in (0, 2):
         assert torch.allclose(c[i], mean, atol=1e-6)
     assert torch.equal(c[1], block.class_embed[2]) and torch.equal(c[3], block.class_embed[0])
-    assert (torch.allclose(block.condition(None).expand(4, -1, -1), mean.expand(4, -1, -1),
-                           atol=1e-6))
+    assert torch.allclose(block.condition(None).expand(4, -1, -1), mean.expand(4, -1, -1),
+                          atol=1e-6)
 
 
 def test_ml_tarflow_import_names_the_damaged_tensor(tmp_path):
@@ -341,6 +335,7 @@ def test_ml_tarflow_import_names_the_damaged_tensor(tmp_path):
     def load(**changed):
         return load_ml_tarflow({**sd, **{k.replace('__', '.'): v for k, v in changed.items()}},
                                noise_std=0.05)
+
     # truncated, transposed: damaged, not VP
     for bad, shape in [(w[:-1], '(23, 64)'), (w.T, '(64, 24)')]:
         with pytest.raises(ValueError, match='proj_out') as e:
@@ -400,8 +395,8 @@ def test_score_activation_bytes_match_the_saved_tensors(cfg):
 def test_score_activation_bytes_give_small_chunks_at_paper_scale():
     from model import PRESETS
     per = score_activation_bytes(PRESETS['imagenet64'])
-    assert 16 <= SCORE_BUDGET_BYTES // per <= 64                  # checkpointed: ~240 MiB per image
-    # the old chunk
+    assert 16 <= SCORE_BUDGET_BYTES // per <= 64  # checkpointed: ~240 MiB per image
+    # a fixed chunk of 64 images without checkpointing would need over 100 GiB
     assert 64 * score_activation_bytes(PRESETS['imagenet64'], checkpoint=False) > 100 * 2 ** 30
 
 
@@ -443,8 +438,8 @@ def test_sample_on_cuda_with_a_cpu_generator():
 
 # -----------------------------------------------------------------------------
 # model.py: the parallel (Jacobi / Gauss-Seidel-Jacobi) exact inverse: exactness as properties in
-# float64, the guidance modes, segments, the non-finite fallback,
-# G's initial guess, the planner, and the sampler's flags
+# float64, the guidance modes, segments, the non-finite fallback, G's initial guess, the planner,
+# and the sampler's flags
 
 N, D = TINY.num_tokens, TINY.token_dim
 GUIDANCE_MODES = [
@@ -476,15 +471,13 @@ def test_jacobi_token_0_exact_from_the_start_and_tokens_0_to_k_after_k_passes(in
     z, y = noise(), labels(3)
     guess = {'z': None, 'random': noise(seed=7), 'far': 5 * noise(seed=8)}[init]
     for block in f.blocks:
-        ref = block.permute(
-            block.reverse(z, y, guidance=1.5, ramp=True)
-        )  # in the block's own order
+        # in the block's own order
+        ref = block.permute(block.reverse(z, y, guidance=1.5, ramp=True))
         for k, cached in [(0, True), (1, True), (2, False), (5, True), (5, False), (N - 1, True)]:
-            x, info = block.reverse_parallel(
-                z, y, guidance=1.5, ramp=True, tol=0.0, max_passes=k, init=guess, cached=cached
-            )
+            x, info = block.reverse_parallel(z, y, guidance=1.5, ramp=True, tol=0.0, max_passes=k,
+                                             init=guess, cached=cached)
             x = block.permute(x)
-            assert (x[:, : k + 1] - ref[:, : k + 1]).abs().max() < EXACT, (init, k)
+            assert (x[:, :k + 1] - ref[:, :k + 1]).abs().max() < EXACT, (init, k)
             assert info.passes.eq(k).all() and info.fallbacks == 0
         assert (x - ref).abs().max() < EXACT  # N-1 passes: the sequential result
 
@@ -524,9 +517,8 @@ def test_jacobi_converges_with_a_tolerance_and_converged_samples_stop():
     block = f.blocks[0]
     ref = block.reverse(z, y, guidance=1.0)
     x, info = block.reverse_parallel(z, y, guidance=1.0, tol=1e-9)
-    assert (
-        x - ref
-    ).abs().max() < 1e-7 and info.passes.max() < N - 1  # converged well before the N-1 cap
+    # converged well before the N-1 cap
+    assert (x - ref).abs().max() < 1e-7 and info.passes.max() < N - 1
     assert info.changes[-1] <= 1e-9 < info.changes[0]
     start = z.clone()
     start[1] = ref[1]  # sample 1 starts at its solution: one pass shows no change, and it stops
@@ -539,18 +531,15 @@ def test_jacobi_non_finite_pass_falls_back_to_the_sequential_inverse_and_is_coun
     f = flow64()
     z, y = noise(), labels(3)
     guess = z.clone()
-    guess[2, 5] = float(
-        'nan'
-    )  # a broken guess (G's, say) for sample 2: its first pass is non-finite
+    # a broken guess (G's, say) for sample 2: its first pass is non-finite
+    guess[2, 5] = float('nan')
     for segment in (None, 4):
         ref = f.blocks[0].reverse(z, y, guidance=1.0)
-        x, info = f.blocks[0].reverse_parallel(
-            z, y, guidance=1.0, segment=segment, tol=0.0, init=guess
-        )
+        x, info = f.blocks[0].reverse_parallel(z, y, guidance=1.0, segment=segment, tol=0.0,
+                                               init=guess)
         assert info.fallbacks == 1 and torch.isfinite(x).all()
-        assert (
-            x - ref
-        ).abs().max() < EXACT  # sample 2 from reverse(), the others from their passes
+        # sample 2 from reverse(), the others from their passes
+        assert (x - ref).abs().max() < EXACT
     guess[0, 3] = float('inf')
     _, infos = f.reverse_parallel(z, y, tol=0.0, init=[guess, None, None])
     assert [i.fallbacks for i in infos] == [2, 0, 0]
@@ -563,42 +552,24 @@ def test_jacobi_recursion_stays_fp32_under_bf16_autocast():
     with torch.autocast('cpu', dtype=torch.bfloat16):
         x, _ = f.reverse_parallel(z, y, guidance=1.0, tol=0.0, segment=[None, 3, None])
     assert x.dtype == torch.float32 and torch.isfinite(x).all()
-    assert (
-        x - ref
-    ).abs().max() < 5e-2 * ref.abs().max()  # bf16 matmuls, fp32 alpha, mu and recursion
+    # bf16 matmuls, fp32 alpha, mu and recursion
+    assert (x - ref).abs().max() < 5e-2 * ref.abs().max()
 
 
-@pytest.mark.parametrize(
-    'align,denoise', [('hidden', 'learned'), ('hidden', 'score'), ('naive', 'learned')]
-)
+@pytest.mark.parametrize('align,denoise',
+                         [('hidden', 'learned'), ('hidden', 'score'), ('naive', 'learned')])
 @torch.no_grad()
 def test_jacobi_from_the_reverse_models_guess(align, denoise):
     f = flow64()
     torch.manual_seed(0)
-    G = ReverseModel(
-        reverse_config_for(
-            TINY,
-            channels=32,
-            layers_per_block=1,
-            denoise_layers=1,
-            head_dim=16,
-            align=align,
-            denoise=denoise,
-        )
-    ).eval()
+    G = ReverseModel(reverse_config_for(TINY, channels=32, layers_per_block=1, denoise_layers=1,
+                                        head_dim=16, align=align, denoise=denoise)).eval()
     z, y = noise(), torch.tensor([0, 2, 1])
-    guesses = [
-        g if g is None else g.double() for g in reverse_guesses(G, z.float(), y, 1.0)
-    ]  # G runs in fp32
+    # G runs in fp32
+    guesses = [g if g is None else g.double() for g in reverse_guesses(G, z.float(), y, 1.0)]
     have = [g is not None for g in guesses]
-    assert (
-        have
-        == {
-            ('hidden', 'learned'): [True] * 3,
-            ('hidden', 'score'): [True] * 3,
-            ('naive', 'learned'): [False] * 3,
-        }[(align, denoise)]
-    )
+    assert have == {('hidden', 'learned'): [True] * 3, ('hidden', 'score'): [True] * 3,
+                    ('naive', 'learned'): [False] * 3}[(align, denoise)]
     assert all(g.shape == z.shape for g in guesses if g is not None)
     x, _ = f.reverse_parallel(z, y, guidance=1.0, tol=0.0, init=guesses)
     assert (x - f.reverse(z, y, guidance=1.0)).abs().max() < EXACT
@@ -648,84 +619,43 @@ def test_jacobi_bad_settings_are_one_line_value_errors():
 def checkpoints(tmp_path):
     """A forward checkpoint, a reverse one (F, a random G) and an ml-tarflow state dict (tiny)."""
     from dataclasses import asdict
-
     f = make_flow(scale=0.03)
     torch.manual_seed(0)
-    g = ReverseModel(
-        reverse_config_for(TINY, channels=32, layers_per_block=1, denoise_layers=1, head_dim=16)
-    )
+    g = ReverseModel(reverse_config_for(TINY, channels=32, layers_per_block=1, denoise_layers=1,
+                                        head_dim=16))
     fck, gck, mck = (str(tmp_path / n) for n in ('forward.pt', 'reverse.pt', 'tiny_model_0.05.pth'))
     torch.save(dict(kind='forward', model_config=asdict(TINY), ema=f.state_dict()), fck)
-    torch.save(
-        dict(
-            kind='reverse',
-            model_config=asdict(g.cfg),
-            ema=g.state_dict(),
-            forward_config=asdict(TINY),
-            forward=f.state_dict(),
-        ),
-        gck,
-    )
+    torch.save(dict(kind='reverse', model_config=asdict(g.cfg), ema=g.state_dict(),
+                    forward_config=asdict(TINY), forward=f.state_dict()), gck)
     torch.save(ml_tarflow_state_dict(), mck)
     return fck, gck, mck
 
 
 def ml_tarflow_state_dict():
     from test_biflow import tiny_state_dict
-
     return tiny_state_dict()
 
 
 def run_sample(capsys, *args):
     with torch.no_grad():
-        sample.main(
-            [
-                '--device',
-                'cpu',
-                '--num_samples',
-                '4',
-                '--batch_size',
-                '2',
-                '--no-denoise',
-                '--guidance',
-                '1',
-                *map(str, args),
-            ]
-        )
+        sample.main(['--device', 'cpu', '--num_samples', '4', '--batch_size', '2', '--no-denoise',
+                     '--guidance', '1', *map(str, args)])
     return capsys.readouterr().out
 
 
 def test_jacobi_sample_flags_every_checkpoint_kind(tmp_path, capsys):
     import numpy as np
-
     fck, gck, mck = checkpoints(tmp_path)
     npz = {k: str(tmp_path / f'{k}.npz') for k in ('seq', 'par', 'G', 'ml')}
     png = str(tmp_path / 's.png')
     run_sample(capsys, '--ckpt', fck, '--inverse', 'sequential', '--npz', npz['seq'], '--out', png)
-    out = run_sample(
-        capsys, '--ckpt', fck, '--jacobi_tol', '0', '--npz', npz['par'], '--out', png
-    )  # the defaults
+    # the defaults
+    out = run_sample(capsys, '--ckpt', fck, '--jacobi_tol', '0', '--npz', npz['par'], '--out', png)
     assert 'inverse plan, flow 0: ' in out and 'inverse passes per flow (rank 0, 2 batches' in out
-    out = run_sample(
-        capsys,
-        '--ckpt',
-        gck,
-        '--exact',
-        '--jacobi_init',
-        'G',
-        '--segment',
-        '16,4,1',
-        '--jacobi_tol',
-        '0',
-        '--npz',
-        npz['G'],
-        '--out',
-        png,
-    )
-    assert (
-        'inverse plan' not in out
-        and '0: mean 15.0 max 15 | 1: mean 15.0 max 15 | 2: mean 15.0 max 15' in out
-    )
+    out = run_sample(capsys, '--ckpt', gck, '--exact', '--jacobi_init', 'G', '--segment', '16,4,1',
+                     '--jacobi_tol', '0', '--npz', npz['G'], '--out', png)
+    assert ('inverse plan' not in out
+            and '0: mean 15.0 max 15 | 1: mean 15.0 max 15 | 2: mean 15.0 max 15' in out)
     seq = np.load(npz['seq'])['arr_0'].astype(int)
     for k in ('par', 'G'):  # exact passes: the same images up to a rounding flip of one level
         assert np.abs(np.load(npz[k])['arr_0'].astype(int) - seq).max() <= 1
@@ -733,18 +663,14 @@ def test_jacobi_sample_flags_every_checkpoint_kind(tmp_path, capsys):
     assert 'inverse passes per flow' in out
 
 
-@pytest.mark.parametrize(
-    'args,msg',
-    [
-        (['--segment', '0'], '--segment 0:'),
-        (['--segment', 'x'], '--segment x:'),
-        (['--jacobi_tol', '-1'], '--jacobi_tol -1.0: must be >= 0'),
-        (['--jacobi_max_passes', '0'], '--jacobi_max_passes 0:'),
-        (['--jacobi_init', 'G'], '--jacobi_init G: needs a reverse checkpoint'),
-        (['--exact'], '--exact: samples a reverse checkpoint'),
-        (['--segment', '4,4'], '--segment 4,4: give one length per flow (3)'),
-    ],
-)
+@pytest.mark.parametrize('args,msg', [
+    (['--segment', '0'], '--segment 0:'),
+    (['--segment', 'x'], '--segment x:'),
+    (['--jacobi_tol', '-1'], '--jacobi_tol -1.0: must be >= 0'),
+    (['--jacobi_max_passes', '0'], '--jacobi_max_passes 0:'),
+    (['--jacobi_init', 'G'], '--jacobi_init G: needs a reverse checkpoint'),
+    (['--exact'], '--exact: samples a reverse checkpoint'),
+    (['--segment', '4,4'], '--segment 4,4: give one length per flow (3)')])
 def test_jacobi_sample_bad_flags_are_one_line_errors(tmp_path, capsys, args, msg):
     fck = checkpoints(tmp_path)[0]
     with pytest.raises(SystemExit) as e:
@@ -814,8 +740,8 @@ def test_reverse_forward_model_stays_frozen_while_g_trains():
 
 
 def test_reverse_eq5_recombination_is_classifier_free_guidance():
-    """If G(z|c,w) = (1+w) x^i - w G(z|null) exactly, every alignment term of the loss is zero (Eq.
-    5)."""
+    """If G(z|c,w) = (1+w) x^i - w G(z|null) exactly,
+    every alignment term of the loss is zero (Eq. 5)."""
     f, g = make_pair(norm=False)
     x, y, w, eps = batch()
     _, _, traj = f(x + TINY.noise_std * eps, y)
@@ -856,8 +782,8 @@ def test_reverse_ablation_switches_change_what_they_say():
     assert torch.allclose(g.decode(z, y, w, flow=f), f.denoise(raw, y), atol=1e-6)
     with pytest.raises(ValueError, match='flow'):
         g.decode(z, y, w)
-    # alignment: distillation routes the hidden state
-    # through token space, hidden alignment only reads it
+    # alignment: distillation routes the hidden state through token space,
+    # hidden alignment only reads it
     for align, depends in [('hidden', False), ('distill', True)]:
         f, g = make_pair(align=align)
         for p in g.parameters():
@@ -868,11 +794,11 @@ def test_reverse_ablation_switches_change_what_they_say():
                 else torch.equal(g(z, y, w)[-1], a))
     # reverse norm control: distances are scale-invariant with it, not without
     p, t = torch.randn(2, 4, 12), torch.randn(2, 4, 12)
-    assert (torch.allclose(state_distance(10 * p, 10 * t, True), state_distance(p, t, True),
-                           rtol=1e-4))
+    assert torch.allclose(state_distance(10 * p, 10 * t, True), state_distance(p, t, True),
+                          rtol=1e-4)
     assert torch.allclose(state_distance(10 * p, 10 * t, False), 100 * state_distance(p, t, False))
-    # inference-time CFG at w = 0 is the plain conditional
-    # pass; w > 0 changes it; batching equals two passes
+    # inference-time CFG at w = 0 is the plain conditional pass; w > 0 changes it;
+    # batching equals two passes
     f, g = make_pair(guidance_mode='inference')
     for q in g.parameters():
         q.data.normal_(0, 0.1)
@@ -887,8 +813,8 @@ def test_reverse_inpainting_keeps_the_noise_of_the_known_region_and_edit_runs():
     redraw[:, :, 4:, :] = True           # regenerate the bottom half
     noise = torch.randn(4, TINY.num_tokens, TINY.token_dim)
     out, z = inpaint(g, f, x, redraw, y, noise, 1.0, eps)
-    filled = torch.cat([x[:, :, :4], x[:, :, :4].mean((2, 3), keepdim=True).expand(-1, -1, 4, 8)],
-                       2)
+    filled = torch.cat([x[:, :, :4],
+                        x[:, :, :4].mean((2, 3), keepdim=True).expand(-1, -1, 4, 8)], 2)
     # F encodes the image with the hole filled by the known mean
     zf = f(filled + TINY.noise_std * eps, y)[0]
     keep = ~patchify(redraw.float(), 2).bool().any(-1)    # (B, N)
@@ -923,9 +849,8 @@ def test_align_targets_pair_group_g_with_forward_state_T_minus_1_minus_g():
     # x^0 .. x^T = z
     traj = [torch.full((2, TINY.num_tokens, TINY.token_dim), float(i)) for i in range(T + 1)]
     clean = torch.full_like(traj[0], -1.0)
-    # last head: noisy x^0
+    # the noisy x^0 (0) is the target of the last head with 'learned', of the output otherwise
     for denoise, want in [('learned', [T - 1 - g for g in range(T)] + [-1]),
-                          # output: noisy x^0
                           ('score', [T - 1 - g for g in range(T - 1)] + [0]),
                           ('none', [T - 1 - g for g in range(T - 1)] + [0])]:
         _, g = make_pair(denoise=denoise)
@@ -952,14 +877,14 @@ def test_reverse_targets_are_fp32_under_bf16_autocast_unless_asked(monkeypatch):
     _, _, exact = f(x + TINY.noise_std * eps, y)   # fp32, no autocast
     seen = []
     real = M.align_targets
-    monkeypatch.setattr(M, 'align_targets', lambda G, traj, clean: seen.append(traj)
-                        or real(G, traj, clean))
+    monkeypatch.setattr(M, 'align_targets',
+                        lambda G, traj, clean: seen.append(traj) or real(G, traj, clean))
     for fp32 in (True, False):
         with torch.autocast('cpu', dtype=torch.bfloat16):
             reverse_loss(g, f, x, y, w, eps, fp32_targets=fp32)
     fp32_traj, bf16_traj = seen
-    assert (all(t.dtype == torch.float32 and torch.allclose(t, e, rtol=0, atol=1e-6) for t,
-                e in zip(fp32_traj, exact)))
+    assert all(t.dtype == torch.float32 and torch.allclose(t, e, rtol=0, atol=1e-6)
+               for t, e in zip(fp32_traj, exact))
     rel = max(((t.float() - e).norm() / e.norm()).item() for t, e in zip(bf16_traj[1:], exact[1:]))
     assert rel > 1e-4, rel   # bf16 really moves the states: the flag is what keeps them exact
     assert train.get_args([])[0].target_dtype == 'fp32'
@@ -973,19 +898,16 @@ TINY_CLIP = replace(TINY, noise_std=0.1, norm_clip=2.0)
 
 
 def cycle_pair(seed=0, **kw):
-    """A frozen clipped F with non-zero output projections (a fresh one is affine per channel), a
-    random G."""
+    """A frozen clipped F with non-zero output projections
+    (a fresh one is affine per channel), a random G."""
     torch.manual_seed(seed)
     f = TarFlow(TINY_CLIP)
     with torch.no_grad():
         for b in f.blocks:
             b.proj_out.weight.normal_(0, 0.1)
     f.eval().requires_grad_(False)
-    g = ReverseModel(
-        reverse_config_for(
-            TINY_CLIP, channels=32, layers_per_block=1, denoise_layers=1, head_dim=16, **kw
-        )
-    )
+    g = ReverseModel(reverse_config_for(TINY_CLIP, channels=32, layers_per_block=1,
+                                        denoise_layers=1, head_dim=16, **kw))
     for q in g.parameters():  # zero-initialised gates would make every prediction a constant
         q.data.normal_(0, 0.1)
     return f, g
@@ -994,10 +916,8 @@ def cycle_pair(seed=0, **kw):
 def prior_batch(k=3, seed=1):
     """k prior draws z ~ N(0, I) of TINY's token shape, and their labels (-1: the null class)."""
     gen = torch.Generator().manual_seed(seed)
-    return (
-        torch.randn(k, TINY.num_tokens, TINY.token_dim, generator=gen),
-        torch.tensor([2, -1, 0])[:k],
-    )
+    return (torch.randn(k, TINY.num_tokens, TINY.token_dim, generator=gen),
+            torch.tensor([2, -1, 0])[:k])
 
 
 @pytest.mark.parametrize('denoise', ['learned', 'score'])
@@ -1008,9 +928,9 @@ def test_cycle_is_zero_for_the_exact_inverse_and_not_for_a_perturbed_one(denoise
     preds = g(z, y, torch.zeros(len(z)))
     i = M.noisy_x0_index(g)
     assert i == (len(g.heads) - 1 if denoise == 'learned' else len(preds) - 1)
-    exact = [*preds[:i], x0, *preds[i + 1 :]]
+    exact = [*preds[:i], x0, *preds[i + 1:]]
     assert cycle_loss(g, f, z, y, exact).max() < 1e-8  # round-off is ~1e-11 here
-    off = [*preds[:i], x0 + 0.05 * torch.randn_like(x0), *preds[i + 1 :]]
+    off = [*preds[:i], x0 + 0.05 * torch.randn_like(x0), *preds[i + 1:]]
     assert cycle_loss(g, f, z, y, off).min() > 1e-4
     assert cycle_loss(g, f, z, y).min() > 1e-3  # a random G is no inverse
 
@@ -1060,29 +980,20 @@ def test_reverse_loss_cycle_adds_its_term_and_changes_nothing_else():
 def test_train_cycle_flags_are_checked_and_their_noise_is_its_own_stream():
     args, _ = train.get_args([])
     assert args.cycle == 0 and args.cycle_batch is None
-    for bad in (
-        ['--cycle', '-1'],
-        ['--cycle', 'nan'],
-        ['--cycle', '1'],
-        ['--stage', 'reverse', '--cycle_batch', '0'],
-    ):
+    for bad in (['--cycle', '-1'], ['--cycle', 'nan'], ['--cycle', '1'],
+                ['--stage', 'reverse', '--cycle_batch', '0']):
         with pytest.raises(SystemExit):
             train.get_args(bad)
-    args = train.fill_preset_defaults(
-        train.get_args(
-            ['--stage', 'reverse', '--cycle', '1', '--batch_size', '8', '--cycle_batch', '2']
-        )[0]
-    )
+    args = train.fill_preset_defaults(train.get_args(
+        ['--stage', 'reverse', '--cycle', '1', '--batch_size', '8', '--cycle_batch', '2'])[0])
     x, y = torch.zeros(8, 3, 16, 16), torch.arange(8)
     before = train.step_inputs(args, 5, x, y, 10, 0, 1)
     z, yz = train.prior_noise(args, 5, (64, 12), y, 0, 1, 'cpu')
     assert z.shape == (2, 64, 12) and torch.equal(yz, y[:2])
-    assert all(
-        torch.equal(a, b) for a, b in zip(before, train.step_inputs(args, 5, x, y, 10, 0, 1))
-    )
-    assert torch.equal(
-        z, train.prior_noise(args, 5, (64, 12), y, 0, 1, 'cpu')[0]
-    )  # (seed, step) fixes it
+    assert all(torch.equal(a, b)
+               for a, b in zip(before, train.step_inputs(args, 5, x, y, 10, 0, 1)))
+    # (seed, step) fixes it
+    assert torch.equal(z, train.prior_noise(args, 5, (64, 12), y, 0, 1, 'cpu')[0])
     assert not torch.equal(z, train.prior_noise(args, 6, (64, 12), y, 0, 1, 'cpu')[0])
     args.batch_size = 16  # two ranks of 8 draw the rows of one global draw, each its own slice
     both = torch.cat([train.prior_noise(args, 5, (64, 12), y, r, 2, 'cpu')[0] for r in range(2)])
@@ -1091,49 +1002,24 @@ def test_train_cycle_flags_are_checked_and_their_noise_is_its_own_stream():
 
 
 def test_train_cycle_zero_is_the_default_run_and_cycle_trains(tmp_path):
-    quick = [
-        '--batch_size',
-        '8',
-        '--log_every',
-        '1',
-        '--sample_every',
-        '1000',
-        '--ckpt_every',
-        '1000',
-        '--lr',
-        '1e-3',
-        '--warmup_steps',
-        '1',
-        '--max_steps',
-        '1',
-    ]
-    torch.manual_seed(
-        0
-    )  # an untrained CPU-preset F, in the fields of a stage-1 checkpoint stage 2 reads
+    quick = ['--batch_size', '8', '--log_every', '1', '--sample_every', '1000',
+             '--ckpt_every', '1000', '--lr', '1e-3', '--warmup_steps', '1', '--max_steps', '1']
+    # an untrained CPU-preset F, in the fields of a stage-1 checkpoint stage 2 reads
+    torch.manual_seed(0)
     flow = TarFlow(M.PRESETS['cpu'])
     ck = str(tmp_path / 'forward.pt')
     torch.save(dict(kind='forward', ema=flow.state_dict(), model_config=asdict(flow.cfg)), ck)
     runs = {'default': [], 'zero': ['--cycle', '0'], 'on': ['--cycle', '1', '--cycle_batch', '4']}
     for name, extra in runs.items():
-        train.main(
-            [
-                '--stage',
-                'reverse',
-                '--forward_ckpt',
-                ck,
-                '--out_dir',
-                str(tmp_path / name),
-                *quick,
-                *extra,
-            ]
-        )
+        train.main(['--stage', 'reverse', '--forward_ckpt', ck, '--out_dir', str(tmp_path / name),
+                    *quick, *extra])
     sd = {n: torch.load(tmp_path / n / 'reverse.pt', weights_only=True)['model'] for n in runs}
     assert all(torch.equal(sd['default'][k], sd['zero'][k]) for k in sd['default'])
     assert any(not torch.equal(sd['default'][k], sd['on'][k]) for k in sd['default'])
     rows = [json.loads(r) for r in open(tmp_path / 'on' / 'reverse_log.jsonl')]
-    assert all('cycle' in r for r in rows) and not any(
-        'cycle' in json.loads(r) for r in open(tmp_path / 'zero' / 'reverse_log.jsonl')
-    )
+    assert (all('cycle' in r for r in rows)
+            and not any('cycle' in json.loads(r)
+                        for r in open(tmp_path / 'zero' / 'reverse_log.jsonl')))
 
 
 def test_probe_matches_f_on_its_own_inverse_and_separates_splits():
@@ -1229,9 +1115,9 @@ def test_perceptual_convnext_keys_match_official_layout():
     want = [f'downsample_layers.0.{i}.{p}' for i in (0, 1) for p in ('weight', 'bias')]
     want += [f'downsample_layers.{s}.{i}.{p}' for s in (1, 2, 3) for i in (0, 1)
              for p in ('weight', 'bias')]
-    want += [f'stages.{s}.{b}.{m}' for s, n in enumerate((3, 3, 27, 3)) for b in range(n) for m in (
-        'dwconv.weight', 'dwconv.bias', 'norm.weight', 'norm.bias', 'pwconv1.weight',
-        'pwconv1.bias', 'grn.gamma', 'grn.beta', 'pwconv2.weight', 'pwconv2.bias')]
+    want += [f'stages.{s}.{b}.{m}' for s, n in enumerate((3, 3, 27, 3)) for b in range(n)
+             for m in ('dwconv.weight', 'dwconv.bias', 'norm.weight', 'norm.bias', 'pwconv1.weight',
+                       'pwconv1.bias', 'grn.gamma', 'grn.beta', 'pwconv2.weight', 'pwconv2.bias')]
     want += ['norm.weight', 'norm.bias']
     assert set(sd) == set(want) and len(sd) == 378
     assert sd['downsample_layers.0.0.weight'].shape == (128, 3, 4, 4)
@@ -1289,13 +1175,12 @@ def test_perceptual_adaptive_weight_normalises_scale():
 
 def test_perceptual_crops_differ_per_rank_and_repeat_per_step():
     x = imgs(6, 3, 40, 40)
-    crop = (lambda *key: paired_random_resized_crop(x, x, size=16,
-                                                    generator=train.crop_generator(*key))[0])
+    crop = lambda *key: paired_random_resized_crop(x, x, size=16,
+                                                   generator=train.crop_generator(*key))[0]
     r0 = crop(0, 5, 0)
     # the same (seed, step, rank): the same boxes, whatever ran before
     assert torch.equal(r0, crop(0, 5, 0))
-    # another rank crops elsewhere (it used to draw the same boxes)
-    assert not torch.allclose(r0, crop(0, 5, 1))
+    assert not torch.allclose(r0, crop(0, 5, 1))  # another rank crops elsewhere
     assert not torch.allclose(r0, crop(0, 6, 0)) and not torch.allclose(r0, crop(1, 5, 0))
 
 
@@ -1307,10 +1192,8 @@ def torchrun(script, args, cwd, port, check=True):
     """Run a script under torchrun with 2 CPU ranks (gloo), one thread each."""
     env = dict(os.environ, OMP_NUM_THREADS='1')
     r = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2',
-                        f'--master_port={port}',
-                        os.path.join(HERE, script), *args], cwd=cwd, env=env, capture_output=True,
-                        text=True,
-                       timeout=600)
+                        f'--master_port={port}', os.path.join(HERE, script), *args],
+                       cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
     if check and r.returncode:
         raise AssertionError(f'{args} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}')
     return r
@@ -1327,8 +1210,8 @@ def sample_main(*args):
 
 def fails(fn, *args):
     """Run fn(*args), a script's command line (train_main, sample_main, ...), as the script's
-    __main__ does (through data.run_cli), expecting a refusal: exit code 2, no traceback, the error
-    on one line (argparse's usage lines may come first). -> that line."""
+    __main__ does (through data.run_cli), expecting a refusal: exit code 2, no traceback,
+    the error on one line (argparse's usage lines may come first). -> that line."""
     err = io.StringIO()
     with contextlib.redirect_stderr(err), pytest.raises(SystemExit) as e:
         data.run_cli(lambda argv: fn(*args))
@@ -1348,8 +1231,8 @@ QUICK = ['--batch_size', '8', '--log_every', '1', '--sample_every', '1000', '--c
 
 @pytest.fixture(scope='module')
 def trained(tmp_path_factory):
-    """A forward and a reverse checkpoint from a few steps of each stage on the built-in data (CPU
-    preset)."""
+    """A forward and a reverse checkpoint from a few steps of each stage
+    on the built-in data (CPU preset)."""
     d = tmp_path_factory.mktemp('run')
     train_main('--out_dir', d, '--max_steps', 4, *QUICK)
     train_main('--stage', 'reverse', '--forward_ckpt', d / 'forward.pt', '--out_dir', d,
@@ -1361,8 +1244,8 @@ def test_train_checkpoints_have_the_documented_layout(trained):
     for stage in ('forward', 'reverse'):
         ck = torch.load(trained / f'{stage}.pt', weights_only=True)
         assert ck['kind'] == stage and ck['step'] == 4
-        assert ({'model', 'ema', 'optimizer', 'model_config', 'train_config',
-                 'rng', 'loader'} <= set(ck))
+        assert ({'model', 'ema', 'optimizer', 'model_config', 'train_config', 'rng', 'loader'}
+                <= set(ck))
         assert isinstance(ck['model_config'], dict) and isinstance(ck['train_config'], dict)
         assert (trained / f'{stage}_samples.png').exists()
         assert not list(trained.glob('*.tmp'))
@@ -1380,10 +1263,9 @@ def test_train_forward_loss_falls_on_the_builtin_data(tmp_path):
 
 
 def test_train_reverse_loss_falls(trained, tmp_path):
-    train_main('--stage', 'reverse', '--forward_ckpt', trained / 'forward.pt', '--out_dir',
-               tmp_path, '--max_steps',
-               30, '--batch_size', 16, '--log_every', 10, '--sample_every', 1000, '--ckpt_every',
-               1000)
+    train_main('--stage', 'reverse', '--forward_ckpt', trained / 'forward.pt',
+               '--out_dir', tmp_path, '--max_steps', 30, '--batch_size', 16, '--log_every', 10,
+               '--sample_every', 1000, '--ckpt_every', 1000)
     rows = losses(tmp_path / 'reverse_log.jsonl')
     assert rows[-1]['out'] < 0.5 * rows[0]['out'], rows
 
@@ -1405,12 +1287,12 @@ def test_train_ddp_two_ranks_equal_one_process(stage, trained, tmp_path):
 
 @pytest.mark.parametrize('stage', ['forward', 'reverse'])
 def test_train_resume_equals_training_straight_through(stage, trained, tmp_path):
-    extra = (['--stage', 'reverse', '--forward_ckpt', trained / 'forward.pt'] if stage == 'reverse'
-             else [])
+    extra = (['--stage', 'reverse', '--forward_ckpt', trained / 'forward.pt']
+             if stage == 'reverse' else [])
     train_main(*extra, '--max_steps', 4, *QUICK, '--out_dir', tmp_path / 'a')
     train_main(*extra, '--max_steps', 4, *QUICK, '--out_dir', tmp_path / 'b', '--stop_at', 2)
-    train_main(*extra, '--max_steps', 4, *QUICK, '--out_dir', tmp_path / 'b', '--resume', tmp_path
-               / 'b' / f'{stage}.pt')
+    train_main(*extra, '--max_steps', 4, *QUICK, '--out_dir', tmp_path / 'b',
+               '--resume', tmp_path / 'b' / f'{stage}.pt')
     a, b = losses(tmp_path / f'a/{stage}_log.jsonl'), losses(tmp_path / f'b/{stage}_log.jsonl')
     assert [r['step'] for r in b] == [1, 2, 3, 4]
     for ra, rb in zip(a, b):
@@ -1432,9 +1314,8 @@ def test_train_bad_inputs_fail_clearly(tmp_path, trained):
         (['--stage', 'reverse', '--forward_ckpt', trained / 'reverse.pt'], 'not a forward one'),
         (['--resume', HERE + '/testdata/ml_tarflow_tiny.pt'],
          'not a checkpoint written by train.py'),
-        (['--stage', 'reverse', '--forward_ckpt', trained / 'forward.pt', '--convnext', tmp_path
-          / 'c.pt'],
-         'convnextv2_base_22k_224_ema.pt'),
+        (['--stage', 'reverse', '--forward_ckpt', trained / 'forward.pt',
+          '--convnext', tmp_path / 'c.pt'], 'convnextv2_base_22k_224_ema.pt'),
         (['--lpips', tmp_path / 'l.pth'], '--lpips needs --vgg'),
         (['--preset', 'nope'], "invalid choice: 'nope'"),
     ]
@@ -1450,9 +1331,9 @@ def test_train_bad_inputs_fail_clearly(tmp_path, trained):
 def test_train_logs_a_labelled_fid_monitor(trained, tmp_path):
     ref = tmp_path / 'ref.npz'
     np.savez(ref, arr_0=np.random.default_rng(0).integers(0, 256, (12, 16, 16, 3), dtype=np.uint8))
-    train_main('--stage', 'reverse', '--forward_ckpt', trained / 'forward.pt', '--out_dir',
-               tmp_path, '--max_steps', 2,
-               *QUICK, '--fid_ref', ref, '--fid_every', 2, '--fid_samples', 12)
+    train_main('--stage', 'reverse', '--forward_ckpt', trained / 'forward.pt',
+               '--out_dir', tmp_path, '--max_steps', 2, *QUICK,
+               '--fid_ref', ref, '--fid_every', 2, '--fid_samples', 12)
     rows = [json.loads(line) for line in open(tmp_path / 'reverse_log.jsonl')]
     fid_rows = [r for r in rows if 'fid' in r]   # one key whatever the sample count
     assert len(fid_rows) == 1 and fid_rows[0]['step'] == 2 and np.isfinite(fid_rows[0]['fid'])
@@ -1493,24 +1374,23 @@ def test_train_never_replaces_an_earlier_run_unless_asked(tmp_path):
     train_main('--out_dir', tmp_path, '--max_steps', 1, *QUICK, '--overwrite')
     assert [r['step'] for r in losses(tmp_path / 'forward_log.jsonl')] == [1]
     assert torch.load(tmp_path / 'forward.pt', weights_only=True)['step'] == 1
-    assert ('one of them' in fails(train_main, '--out_dir', tmp_path, '--resume', tmp_path
-                                   / 'forward.pt', '--overwrite'))
+    assert 'one of them' in fails(train_main, '--out_dir', tmp_path,
+                                  '--resume', tmp_path / 'forward.pt', '--overwrite')
     assert 'is a file' in fails(train_main, '--out_dir', tmp_path / 'forward.pt', '--max_steps', 1)
 
 
 def script(name, *args, cwd):
-    """Start a script as a user would (its own process, one thread) -> the Popen, text stdout/stderr
-    piped."""
+    """Start a script as a user would (its own process, one thread)
+    -> the Popen, text stdout/stderr piped."""
     return subprocess.Popen([sys.executable, os.path.join(HERE, name), *map(str, args)], cwd=cwd,
-                            text=True,
-                            env=dict(os.environ, OMP_NUM_THREADS='1'), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE)
+                            text=True, env=dict(os.environ, OMP_NUM_THREADS='1'),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
 def test_train_two_runs_into_one_out_dir_cannot_both_write(tmp_path):
-    """The check for an existing run is raced by two runs started together; the lock is taken before
-    it. Real processes: a run held off by a live lock, then two runs started at once: one writes,
-    the other is refused."""
+    """The check for an existing run is raced by two runs started together; the lock is taken
+    before it. Real processes: a run held off by a live lock, then two runs started at once:
+    one writes, the other is refused."""
     run = ['--out_dir', 'cc', '--max_steps', 6, *QUICK, '--eval_samples', 8]
     (tmp_path / 'cc').mkdir()
     with data.RunLock() as held:   # a live run's lock (this process), on the forward stage only
@@ -1527,8 +1407,8 @@ def test_train_two_runs_into_one_out_dir_cannot_both_write(tmp_path):
     assert sorted(rc for rc, _ in results) == [0, 2], results
     winner = [i for i, (rc, _) in enumerate(results) if rc == 0][0]
     # the loser was refused by the lock, or (if the winner was already done) by the finished run
-    assert (any(m in results[1 - winner][1]
-                for m in ('in use by another run', 'forward.pt exists'))), results
+    assert any(m in results[1 - winner][1]
+               for m in ('in use by another run', 'forward.pt exists')), results
     # one run
     assert [r['step'] for r in losses(tmp_path / 'cc' / 'forward_log.jsonl')] == list(range(1, 7))
     ck = torch.load(tmp_path / 'cc' / 'forward.pt', weights_only=True)
@@ -1537,7 +1417,7 @@ def test_train_two_runs_into_one_out_dir_cannot_both_write(tmp_path):
 
 
 def test_train_resume_after_kill_takes_over_the_stale_lock(tmp_path):
-    # until killed
+    # runs until killed
     p = script('train.py', '--out_dir', 'k', '--max_steps', 10 ** 6, *QUICK, cwd=tmp_path)
     deadline = time.time() + 120
     while not (tmp_path / 'k' / 'forward.pt').exists() and time.time() < deadline:
@@ -1546,8 +1426,9 @@ def test_train_resume_after_kill_takes_over_the_stale_lock(tmp_path):
     p.communicate()   # (its log rows fill the pipe slowly: 2 steps to the first checkpoint)
     lock = (tmp_path / 'k' / 'forward.lock').read_text()
     assert lock.startswith(f'pid {p.pid} on ')
-    r = script('train.py', '--resume', 'k/forward.pt', '--stop_at', torch.load(
-        tmp_path / 'k' / 'forward.pt', weights_only=True)['step'] + 1, cwd=tmp_path)
+    r = script('train.py', '--resume', 'k/forward.pt', '--stop_at',
+               torch.load(tmp_path / 'k' / 'forward.pt', weights_only=True)['step'] + 1,
+               cwd=tmp_path)
     out, err = r.communicate(timeout=300)
     assert r.returncode == 0, err[-3000:]
     assert f'taking over the stale lock of a run that has ended ({lock})' in out
@@ -1599,8 +1480,8 @@ def test_train_resume_takes_the_saved_settings_and_refuses_contradictions(tmp_pa
             and saved['train_config']['log_every'] == 2)
     assert 'the run is complete (step 4 of --max_steps 4)' in fails(train_main, '--resume', ck)
     train_main('--out_dir', tmp_path / 'b', '--max_steps', 4, *QUICK, '--stop_at', 3)
-    assert ('already at step 3' in fails(train_main, '--resume', tmp_path / 'b/forward.pt',
-                                         '--stop_at', 2))
+    assert 'already at step 3' in fails(train_main, '--resume', tmp_path / 'b/forward.pt',
+                                        '--stop_at', 2)
 
 
 def test_train_resume_after_a_crash_logs_each_step_once(tmp_path):
@@ -1629,8 +1510,8 @@ def test_train_stops_a_diverged_run_without_saving_it(tmp_path, monkeypatch):
 
 
 def test_train_logs_held_out_bits_per_dim(tmp_path):
-    train_main('--out_dir', tmp_path, '--max_steps', 2, *QUICK, '--eval_every', 1, '--eval_samples',
-               8)
+    train_main('--out_dir', tmp_path, '--max_steps', 2, *QUICK, '--eval_every', 1,
+               '--eval_samples', 8)
     rows = [json.loads(line) for line in open(tmp_path / 'forward_log.jsonl')]
     val = [r for r in rows if 'val_bpd' in r]
     assert [r['step'] for r in val] == [1, 2] and all(0 < r['val_bpd'] < 16 for r in val)
@@ -1646,8 +1527,8 @@ def test_train_held_out_bits_per_dim_ignores_batching():
     a = train.heldout_bits_per_dim(m, ds, 12, 5, 0, 1, torch.device('cpu'), ctx)
     b = train.heldout_bits_per_dim(m, ds, 12, 12, 0, 1, torch.device('cpu'), ctx)
     assert a == pytest.approx(b, rel=1e-6)
-    # an untrained flow (near identity on pixels in [-1,
-    # 1]) has about 8 bits/dim: log2(256) for uniform data
+    # an untrained flow (near identity on pixels in [-1, 1]) has about 8 bits/dim:
+    # log2(256) for uniform data
     assert 6 < a < 10
 
 
@@ -1698,8 +1579,8 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
 
 
 def test_train_fid_reference_statistics_are_computed_once(trained, tmp_path, monkeypatch):
-    """Rank 0 used to recompute the reference's features at every evaluation while the other ranks
-    waited."""
+    """Rank 0 used to recompute the reference's features at every evaluation
+    while the other ranks waited."""
     monkeypatch.setattr(fid, 'load_inception', lambda *a, **k: _FakeInception())
     passes = []   # the inputs whose Inception features were computed (a stats .npz is only read)
     real = fid.input_statistics
@@ -1731,8 +1612,8 @@ def test_train_fid_reference_statistics_are_computed_once(trained, tmp_path, mon
 
 def perceptual_from_files(monkeypatch):
     """Stage 2's --lpips/--vgg/--convnext with small random networks: train.py loads 'files' and
-    builds the loss as it does with the published weights (the construction draws from the global
-    RNG, as the real one does)."""
+    builds the loss as it does with the published weights
+    (the construction draws from the global RNG, as the real one does)."""
     small = PerceptualLoss.random(crop=32, **SMALL)
     lp, cx = small.lpips.state_dict(), small.convnext.state_dict()
     files = {'vgg': {k: v for k, v in lp.items() if k.startswith('features.')},
@@ -1798,16 +1679,16 @@ def test_train_skipped_step_leaves_weights_ema_and_optimizer_unchanged(tmp_path,
     for i, (flag, (state0, params0), (state1, params1)) in enumerate(steps):
         # exp_avg, exp_avg_sq, step
         moments = lambda state: [v for s in state.values() for v in s.values()]
-        assert (same(params0, params1) == same(moments(state0),
-                                               moments(state1)) == same(*emas[i]) == (i == 1)), i
+        assert (same(params0, params1) == same(moments(state0), moments(state1))
+                == same(*emas[i]) == (i == 1)), i
     assert [r['skipped'] for r in losses(tmp_path / 'forward_log.jsonl')] == [0, 1, 1]
     assert torch.load(tmp_path / 'forward.pt', weights_only=True)['step'] == 3
 
 
 def test_train_divergence_is_checked_at_the_log_rows(tmp_path, monkeypatch):
     real = train.forward_loss
-    monkeypatch.setattr(train, 'forward_loss', lambda *a,
-                        **k: (lambda r: (r[0] * float('nan'), *r[1:]))(real(*a, **k)))
+    monkeypatch.setattr(train, 'forward_loss',
+                        lambda *a, **k: (lambda r: (r[0] * float('nan'), *r[1:]))(real(*a, **k)))
     with pytest.raises(SystemExit, match='stopping at step 4: 4 non-finite steps in a row '
                                          '.--max_skips 2, checked at'):
         train_main('--out_dir', tmp_path, '--max_steps', 10, *QUICK, '--max_skips', 2,
@@ -1825,17 +1706,17 @@ def test_sample_grid_npz_and_sharding(trained, tmp_path):
         sample_main('--ckpt', ck, '--out', tmp_path / f'{stage}.png')
         # 16-pixel samples shown 4x larger
         assert Image.open(tmp_path / f'{stage}.png').size == (10 * 66 + 2, 10 * 66 + 2)
-        sample_main('--ckpt', ck, '--num_samples', 5, '--batch_size', 2, '--npz', tmp_path
-                    / f'{stage}1.npz', '--out', tmp_path / 'g.png')
+        sample_main('--ckpt', ck, '--num_samples', 5, '--batch_size', 2,
+                    '--npz', tmp_path / f'{stage}1.npz', '--out', tmp_path / 'g.png')
         torchrun('sample.py',
-                 ['--ckpt', str(ck), '--num_samples', '5', '--batch_size', '3', '--npz',
-                  str(tmp_path / f'{stage}2.npz'), '--out', str(tmp_path / 'g.png')], tmp_path,
-                  29519)
+                 ['--ckpt', str(ck), '--num_samples', '5', '--batch_size', '3',
+                  '--npz', str(tmp_path / f'{stage}2.npz'), '--out', str(tmp_path / 'g.png')],
+                 tmp_path, 29519)
         a, b = np.load(tmp_path / f'{stage}1.npz'), np.load(tmp_path / f'{stage}2.npz')
         assert (a['arr_0'].shape == (5, 16, 16, 3) and a['arr_0'].dtype == np.uint8
                 and a['arr_1'].shape == (5,))
-        # the same samples whatever the batch size and number
-        # of ranks (up to float noise in the uint8 rounding)
+        # the same samples whatever the batch size and number of ranks
+        # (up to float noise in the uint8 rounding)
         assert (np.abs(a['arr_0'].astype(int) - b['arr_0']).max() <= 1
                 and np.array_equal(a['arr_1'], b['arr_1']))
         assert not list(tmp_path.glob('*.tmp*'))
@@ -1848,8 +1729,8 @@ def test_sample_grid_npz_and_sharding(trained, tmp_path):
     sample_main('--ckpt', ck, '--inpaint', img, '--mask', tmp_path / 'mask.png', '--labels', 3,
                 '--num_samples', 3, '--out', tmp_path / 'inp.png')
     assert Image.open(tmp_path / 'inp.png').size == (5 * 66 + 2, 68)
-    sample_main('--ckpt', ck, '--edit', img, '--labels', 3, '--to_class', 5, '--out', tmp_path
-                / 'e.png')
+    sample_main('--ckpt', ck, '--edit', img, '--labels', 3, '--to_class', 5,
+                '--out', tmp_path / 'e.png')
     assert Image.open(tmp_path / 'e.png').size == (2 * 66 + 2, 68)
     for args, msg in [(['--ckpt', tmp_path / 'nope.pt'], 'nope.pt'),
                       (['--ckpt', img], 'img.png'),
@@ -1862,8 +1743,8 @@ def test_sample_grid_npz_and_sharding(trained, tmp_path):
 
 
 def test_sample_checks_the_fid_reference_before_sampling(trained, tmp_path, monkeypatch, capsys):
-    """A reference of the wrong dimension, or not a covariance, is refused before the first sample
-    is drawn."""
+    """A reference of the wrong dimension, or not a covariance, is refused
+    before the first sample is drawn."""
     monkeypatch.setattr(fid, 'load_inception', lambda *a, **k: _FakeInception())   # 12 features
     drawn = []
     monkeypatch.setattr(sample, 'sample_shard', lambda *a, **k: drawn.append(1))
@@ -1871,8 +1752,8 @@ def test_sample_checks_the_fid_reference_before_sampling(trained, tmp_path, monk
     fid.save_stats(tmp_path / 'npsd.npz', np.zeros(12), -np.eye(12), 40)
     run = ['--ckpt', trained / 'forward.pt', '--num_samples', 4, '--npz', tmp_path / 's.npz',
            '--out', tmp_path / 'g.png']
-    assert 'd4.npz: statistics of 4 features, but the Inception compares 12' in fails(
-        sample_main, *run, '--fid', tmp_path / 'd4.npz')
+    assert ('d4.npz: statistics of 4 features, but the Inception compares 12'
+            in fails(sample_main, *run, '--fid', tmp_path / 'd4.npz'))
     msg = fails(sample_main, *run, '--fid', tmp_path / 'npsd.npz')
     assert 'npsd.npz: sigma is not positive semi-definite' in msg
     assert 'nope: no such file or folder' in fails(sample_main, *run, '--fid', tmp_path / 'nope')
@@ -1880,8 +1761,8 @@ def test_sample_checks_the_fid_reference_before_sampling(trained, tmp_path, monk
 
 
 def test_refusals_reach_the_user_as_one_line_from_each_script(trained, tmp_path):
-    """The scripts' own entry points (run_cli under __main__), as real processes side by side: exit
-    code 2, one line on stderr, no traceback."""
+    """The scripts' own entry points (run_cli under __main__), as real processes side by side:
+    exit code 2, one line on stderr, no traceback."""
     (tmp_path / 'bad.pt').write_text('not a checkpoint')
     (tmp_path / 'file').write_text('x')
     np.savez(tmp_path / 'nan.npz', mu=np.full(4, np.nan), sigma=np.eye(4))
@@ -1902,9 +1783,9 @@ def test_refusals_reach_the_user_as_one_line_from_each_script(trained, tmp_path)
 
 
 def test_sample_inpaint_refuses_a_mask_that_does_not_line_up(trained, tmp_path):
-    """The mask is cropped as the image is, so it must have the image's size; and a hole that falls
-    outside the centre crop would leave nothing to complete: both are refused before anything is
-    written."""
+    """The mask is cropped as the image is, so it must have the image's size;
+    and a hole that falls outside the centre crop would leave nothing to complete:
+    both are refused before anything is written."""
     img, ck = tmp_path / 'img.png', trained / 'reverse.pt'
     # 32 wide: the crop keeps columns 8..23
     Image.fromarray(np.full((16, 32, 3), 200, np.uint8)).save(img)
@@ -1940,13 +1821,13 @@ def test_sample_counts_non_finite_samples():
 
 def test_sample_checks_output_paths_before_loading_or_sampling(tmp_path, monkeypatch):
     torch.save(tiny_state_dict(), tmp_path / 'tiny.pth')
-    monkeypatch.setattr(sample, 'load_models', lambda *a,
-                        **k: pytest.fail('loaded before checking the outputs'))
-    monkeypatch.setattr(sample, 'sample_shard', lambda *a,
-                        **k: pytest.fail('sampled before checking the outputs'))
+    monkeypatch.setattr(sample, 'load_models',
+                        lambda *a, **k: pytest.fail('loaded before checking the outputs'))
+    monkeypatch.setattr(sample, 'sample_shard',
+                        lambda *a, **k: pytest.fail('sampled before checking the outputs'))
     base = ['--ckpt', tmp_path / 'tiny.pth', '--noise_std', 0.05, '--num_samples', 3]
-    msg = fails(sample_main, *base, '--out', tmp_path / 'g.png', '--npz', tmp_path / 'nope'
-                / 's.npz')
+    msg = fails(sample_main, *base, '--out', tmp_path / 'g.png',
+                '--npz', tmp_path / 'nope' / 's.npz')
     assert '--npz' in msg and 'nope' in msg
     msg = fails(sample_main, *base, '--out', tmp_path / 'nope' / 'g.png')
     assert '--out' in msg and 'nope' in msg
@@ -1959,6 +1840,7 @@ def test_sample_writes_the_npz_before_the_grid(tmp_path, monkeypatch):
 
     def unwritable(*a, **k):
         raise OSError('disk full')
+
     # --out breaks after the check, at the very end
     monkeypatch.setattr(sample, 'save_grid', unwritable)
     with pytest.raises(OSError, match='disk full'):
@@ -1985,25 +1867,27 @@ def test_sample_ml_tarflow_sigma_from_file_name_or_noise_std(tmp_path, capsys):
     # no sigma anywhere: an error that says what to pass, not 0.05
     torch.save(sd, tmp_path / 'tiny.pth')
     assert '--noise_std' in fails(sample.load_models, str(tmp_path / 'tiny.pth'))
-    msg = fails(sample_main, '--ckpt', tmp_path / 'tiny.pth', '--num_samples', 2, '--out',
-                tmp_path / 'g.png')
+    msg = fails(sample_main, '--ckpt', tmp_path / 'tiny.pth', '--num_samples', 2,
+                '--out', tmp_path / 'g.png')
     assert '--ckpt' in msg and 'tiny.pth' in msg and '--noise_std' in msg
-    sample_main('--ckpt', tmp_path / 'tiny.pth', '--noise_std', 0.05, '--num_samples', 2, '--out',
-                tmp_path / 'g.png')
+    sample_main('--ckpt', tmp_path / 'tiny.pth', '--noise_std', 0.05, '--num_samples', 2,
+                '--out', tmp_path / 'g.png')
     assert 'sigma = 0.05 (from --noise_std)' in capsys.readouterr().out
     with pytest.raises(TypeError, match='noise_std'):  # the library call has no default either
         load_ml_tarflow(sd)
 
 
 @pytest.mark.parametrize('args,flag,allowed', [
-    (['--batch_size', 0], '--batch_size', '>= 1'), (['--batch_size', -1], '--batch_size', '>= 1'),
+    (['--batch_size', 0], '--batch_size', '>= 1'),
+    (['--batch_size', -1], '--batch_size', '>= 1'),
     (['--num_samples', 0], '--num_samples', '>= 1'),
     (['--num_samples', -3], '--num_samples', '>= 1'),
-    (['--labels', 'a,b'], '--labels', 'integer'), (['--labels', '1,,2'], '--labels', 'integer')])
+    (['--labels', 'a,b'], '--labels', 'integer'),
+    (['--labels', '1,,2'], '--labels', 'integer')])
 def test_sample_bad_numbers_are_argparse_errors(tmp_path, args, flag, allowed):
     torch.save(tiny_state_dict(), tmp_path / 'tiny.pth')
-    msg = fails(sample_main, '--ckpt', tmp_path / 'tiny.pth', '--noise_std', 0.05, '--out',
-                tmp_path / 'g.png', *args)
+    msg = fails(sample_main, '--ckpt', tmp_path / 'tiny.pth', '--noise_std', 0.05,
+                '--out', tmp_path / 'g.png', *args)
     assert f'error: {flag} {args[1]}: ' in msg and allowed in msg, msg
 
 
@@ -2019,7 +1903,8 @@ def test_load_models_freezes_every_model_and_the_score_still_works(tmp_path):
     flow = make_flow()
     G = ReverseModel(reverse_config_for(TINY, denoise='score'))
     torch.save(dict(kind='reverse', model_config=asdict(G.cfg), ema=G.state_dict(),
-                    forward_config=asdict(TINY), forward=flow.state_dict()), tmp_path / 'reverse.pt')
+                    forward_config=asdict(TINY), forward=flow.state_dict()),
+               tmp_path / 'reverse.pt')
     G, flow, _ = sample.load_models(str(tmp_path / 'reverse.pt'))
     assert not any(p.requires_grad for m in (G, flow) for p in m.parameters())
     z = torch.randn(2, TINY.num_tokens, TINY.token_dim)
@@ -2059,19 +1944,18 @@ def test_gather_shards_assembles_on_rank_0_only(tmp_path):
     for n in (5, 1):
         g = np.load(tmp_path / f'gathered{n}.npz')
         idx = np.arange(n)
-        assert np.array_equal(g['imgs'],
-                              (idx[:, None, None, None] * 7 + np.arange(48).reshape(1, 4, 4, 3))
-                              .astype(np.uint8))
+        assert np.array_equal(g['imgs'], (idx[:, None, None, None] * 7
+                                          + np.arange(48).reshape(1, 4, 4, 3)).astype(np.uint8))
         assert list(g['labels']) == list(idx * 10) and int(g['bad']) == 3
 
 
 def test_sample_two_ranks_write_the_npz_of_one_process(tmp_path):
     torch.save(tiny_state_dict(), tmp_path / 'afhq_model_2_64_2_1_0.05.pth')
-    args = ['--ckpt', tmp_path / 'afhq_model_2_64_2_1_0.05.pth', '--num_samples', 5, '--batch_size',
-            2, '--out', tmp_path / 'g.png']
+    args = ['--ckpt', tmp_path / 'afhq_model_2_64_2_1_0.05.pth', '--num_samples', 5,
+            '--batch_size', 2, '--out', tmp_path / 'g.png']
     sample_main(*args, '--npz', tmp_path / 'one.npz')
-    torchrun('sample.py', [str(a) for a in args] + ['--npz', str(tmp_path / 'two.npz')], tmp_path,
-             29532)
+    torchrun('sample.py', [str(a) for a in args] + ['--npz', str(tmp_path / 'two.npz')],
+             tmp_path, 29532)
     a, b = np.load(tmp_path / 'one.npz'), np.load(tmp_path / 'two.npz')
     assert a['arr_0'].shape == (5, 8, 8, 3) and np.array_equal(a['arr_1'], b['arr_1'])
     # float noise in the uint8 rounding at most
@@ -2083,8 +1967,8 @@ def test_sample_two_ranks_write_the_npz_of_one_process(tmp_path):
 
 
 class _Ramp(torch.utils.data.Dataset):
-    """Item i is an asymmetric 4x4 image that encodes i, so batches can be compared and flips
-    detected."""
+    """Item i is an asymmetric 4x4 image that encodes i,
+    so batches can be compared and flips detected."""
     num_classes = 3
 
     def __init__(self, n=50):
