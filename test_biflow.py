@@ -1579,8 +1579,8 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
 
 
 def test_train_fid_reference_statistics_are_computed_once(trained, tmp_path, monkeypatch):
-    """Rank 0 used to recompute the reference's features at every evaluation
-    while the other ranks waited."""
+    """The reference's features are computed once per run, not at every evaluation (while the
+    other ranks wait)."""
     monkeypatch.setattr(fid, 'load_inception', lambda *a, **k: _FakeInception())
     passes = []   # the inputs whose Inception features were computed (a stats .npz is only read)
     real = fid.input_statistics
