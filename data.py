@@ -1,7 +1,7 @@
 """
 Data for TarFlow/BiFlow: a built-in digits dataset, ImageNet-style folders, array files, latent
-sets, and a resumable loader; and the few helpers
-every script shares (files, locks, processes, errors).
+sets, and a resumable loader; and the few helpers every script shares (files, locks, processes,
+errors).
 
     python data.py show --data digits --img_size 16 --out grid.png      # one row per class
     python data.py pack /path/to/imagenet/train in64.npy --img_size 64  # one memory-mapped file
@@ -48,8 +48,8 @@ IMG_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.pgm', '.bmp', '.tif', '.tif
 
 
 def _hash_seed(*parts) -> int:
-    """A 63-bit seed from a tuple, stable across processes and platforms (unlike Python's
-    hash())."""
+    """A 63-bit seed from a tuple, stable across processes and platforms
+    (unlike Python's hash())."""
     digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
     return int.from_bytes(digest, 'little') >> 1
 
@@ -66,18 +66,18 @@ def open_source(src: str, img_size: int, split: str = 'train', seed: int = 0, fl
     if src in BUILTIN:
         return BUILTIN[src](img_size, split, seed)
     if os.path.isdir(src):
-        # before ImageFolder: a latent set's folder has no
-        # class subfolders, and an unfinished one must say so
+        # before ImageFolder: a latent set's folder has no class subfolders,
+        # and an unfinished one must say so
         if is_latent_set(src):
             if not latents:
-                raise UsageError(f"{flag} {src!r}: is a latent set already; give the images it was "
-                                 "encoded from")
+                raise UsageError(f"{flag} {src!r}: is a latent set already; "
+                                 "give the images it was encoded from")
             return LatentDataset(src)
         return ImageFolder(src, img_size)
     if src.endswith(('.npz', '.npy')):
         return ArrayDataset(src, img_size)
-    raise UsageError(f"{flag} {src!r}: expected {', '.join(map(repr, BUILTIN))}, an existing image "
-                     "folder, or a .npz/.npy file")
+    raise UsageError(f"{flag} {src!r}: expected {', '.join(map(repr, BUILTIN))}, "
+                     "an existing image folder, or a .npz/.npy file")
 
 
 def build_dataset(data: str, img_size: int, split: str = 'train', seed: int = 0) -> Dataset:
@@ -98,8 +98,8 @@ class Source(Dataset):
         return self[i][0].permute(1, 2, 0).numpy()
 
 # -----------------------------------------------------------------------------
-# files and processes: the few helpers every script
-# shares (model.py does no I/O and no distributed work)
+# files and processes: the few helpers every script shares
+# (model.py does no I/O and no distributed work)
 
 
 class UsageError(ValueError):
@@ -109,10 +109,10 @@ class UsageError(ValueError):
 
 
 def run_cli(main, argv=None):
-    """Run a script's main(argv). An anticipated error ends it as argparse's errors do: 'prog:
-    error: message' on stderr, exit code 2, no traceback. Anticipated means a UsageError, or an
-    OSError that the project raised with a message of its own (it has no errno, unlike the OS's).
-    Any other exception is a bug and keeps its traceback."""
+    """Run a script's main(argv). An anticipated error ends it as argparse's errors do:
+    'prog: error: message' on stderr, exit code 2, no traceback. Anticipated means a UsageError, or
+    an OSError that the project raised with a message of its own (it has no errno, unlike the
+    OS's). Any other exception is a bug and keeps its traceback."""
     try:
         return main(argv)
     except (UsageError, OSError) as e:
@@ -142,8 +142,8 @@ def atomic_write(path: str, write) -> None:
 
 
 def check_writable(path: str, flag: str) -> None:
-    """Fail now, naming the flag, if path cannot be written (before hours of work that end by
-    writing it)."""
+    """Fail now, naming the flag, if path cannot be written
+    (before hours of work that end by writing it)."""
     folder = os.path.dirname(os.path.abspath(path))
     if os.path.isdir(path):
         raise UsageError(f'{flag} {path}: is a folder, expected a file name')
@@ -174,8 +174,8 @@ class RunLock:
         self.release()
 
     def acquire(self, path: str, what: str) -> None:
-        """Take the lock at path, or raise a UsageError naming `what` (the flag or folder) and the
-        holder."""
+        """Take the lock at path, or raise a UsageError naming `what` (the flag or folder)
+        and the holder."""
         if fcntl is None:
             warnings.warn(f'{path}: no fcntl on this system, so nothing stops two runs writing '
                           f'into {what} at once')
@@ -187,8 +187,8 @@ class RunLock:
             except BlockingIOError:
                 holder = os.read(fd, 4096).decode(errors='replace').strip()
                 os.close(fd)
-                raise UsageError(f'{what} is in use by another run ({holder}; lock {path}): wait '
-                                 'for it to end, or write elsewhere') from None
+                raise UsageError(f'{what} is in use by another run ({holder}; lock {path}): '
+                                 'wait for it to end, or write elsewhere') from None
             # a releasing run removes the file after we opened it: lock the file that is at path now
             try:
                 if os.stat(path).st_ino == os.fstat(fd).st_ino:
@@ -259,8 +259,8 @@ def save_grid(images: np.ndarray, path: str, nrow: int, min_side: int = 64) -> N
     for i, im in enumerate(images):
         r, c = divmod(i, nrow)
         grid[2 + r * (H + 2):2 + r * (H + 2) + H, 2 + c * (W + 2):2 + c * (W + 2) + W] = im
-    atomic_write(path, lambda f: Image.fromarray(grid.squeeze(-1)
-                                                 if C == 1 else grid).save(f, format='PNG'))
+    atomic_write(path, lambda f: Image.fromarray(
+        grid.squeeze(-1) if C == 1 else grid).save(f, format='PNG'))
 
 
 def read_torch_file(path: str, flag: str):
@@ -269,8 +269,8 @@ def read_torch_file(path: str, flag: str):
         raise FileNotFoundError(f'{flag} {path}: no such file')
     try:
         return torch.load(path, map_location='cpu', weights_only=True)
-    # not a torch file, or one that needs pickled code (never loaded, for safety)
     except Exception as e:
+        # not a torch file, or one that needs pickled code (never loaded, for safety)
         raise UsageError(f'{flag} {path}: not a loadable torch file ({type(e).__name__})') from e
 
 
@@ -317,14 +317,14 @@ class Digits(Source):
         return Digits(self.img_size, 'val', self.seed)
 
     def load(self, i):
-        """uint8 (H, W, 3), as ImageFolder.load, so pack() can write a digits split to an array
-        file."""
+        """uint8 (H, W, 3), as ImageFolder.load,
+        so pack() can write a digits split to an array file."""
         return self[i][0].permute(1, 2, 0).numpy()
 
     @classmethod
     def glyphs(cls):
-        """Render each digit once, bold, and crop it to its ink; every image is a resized/rotated
-        copy."""
+        """Render each digit once, bold, and crop it to its ink;
+        every image is a resized/rotated copy."""
         if cls._glyphs is None:
             try:
                 # scalable Aileron (Pillow >= 10.1)
@@ -355,8 +355,8 @@ class Digits(Source):
         h = rng.uniform(0.55, 0.85) * S
         g = g.resize((max(1, round(g.width * h / g.height)), max(1, round(h))), Image.BILINEAR)
         g = g.rotate(rng.uniform(-15, 15), resample=Image.BILINEAR, expand=True)
-        # jitter within the free margin (at most 10% of
-        # the side) so the digit never leaves the frame
+        # jitter within the free margin (at most 10% of the side)
+        # so the digit never leaves the frame
         x0, y0 = (S - g.width) / 2, (S - g.height) / 2
         jx, jy = min(max(x0, 0), 0.1 * S), min(max(y0, 0), 0.1 * S)
         mask = Image.new('L', (S, S), 0)
@@ -368,8 +368,8 @@ class Digits(Source):
 
     @staticmethod
     def _colours(rng):
-        """Random foreground/background RGB whose luma differs by at least 100/255 (readable at
-        16x16)."""
+        """Random foreground/background RGB whose luma differs by at least 100/255
+        (readable at 16x16)."""
         luma = np.array([0.299, 0.587, 0.114], dtype=np.float32)
         while True:
             fg = np.array([rng.randrange(256) for _ in range(3)], dtype=np.float32)
@@ -404,8 +404,8 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     """Any PIL mode -> RGB; alpha dropped and EXIF orientation ignored (as in ADM); 16-bit, 32-bit
     and float grayscale scaled from their range, not clipped."""
     if img.mode.startswith('I;16'):
-        # Pillow's own I;16 -> RGB conversion clips at
-        # 255, which would turn most 16-bit images white
+        # Pillow's own I;16 -> RGB conversion clips at 255,
+        # which would turn most 16-bit images white
         a = np.asarray(img).astype(np.float32) / 257.0
         img = Image.fromarray(np.rint(a).astype(np.uint8), 'L')
     elif img.mode in ('I', 'F'):
@@ -416,8 +416,8 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 
 
 def center_crop(img: Image.Image, size: int) -> np.ndarray:
-    """ADM's centre crop: halve with BOX while possible, BICUBIC to min side == size, crop the
-    centre -> (H, W, 3)."""
+    """ADM's centre crop: halve with BOX while possible, BICUBIC to min side == size,
+    crop the centre -> (H, W, 3)."""
     while min(*img.size) >= 2 * size:
         img = img.resize(tuple(x // 2 for x in img.size), resample=Image.BOX)
     scale = size / min(*img.size)
@@ -428,8 +428,8 @@ def center_crop(img: Image.Image, size: int) -> np.ndarray:
 
 
 class ImageFolder(Source):
-    """root/<class>/<image> (ImageNet layout), labels = index in the sorted class names, ADM centre
-    crop."""
+    """root/<class>/<image> (ImageNet layout), labels = index in the sorted class names,
+    ADM centre crop."""
 
     def __init__(self, root: str, img_size: int):
         if not os.path.isdir(root):
@@ -437,8 +437,8 @@ class ImageFolder(Source):
         self.root, self.img_size = root, img_size
         self.classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
         if not self.classes:
-            raise UsageError(f"image folder {root!r} has no class subfolders (expected "
-                             "root/<class>/<image>)")
+            raise UsageError(f"image folder {root!r} has no class subfolders "
+                             "(expected root/<class>/<image>)")
         self.files, targets = [], []
         # listing only, no decoding, so ImageNet indexes in seconds
         for c, name in enumerate(self.classes):
@@ -465,18 +465,18 @@ class ImageFolder(Source):
         return len(self.files)
 
     def load(self, i):
-        """Decode and crop file i -> uint8 (H, W, 3), or None (with a warning, once per file) if
-        unreadable."""
+        """Decode and crop file i -> uint8 (H, W, 3),
+        or None (with a warning, once per file) if unreadable."""
         path = self.files[i]
         try:
             with Image.open(path) as img:
                 # JPEG: decode at 1/2, 1/4 or 1/8 scale with the short side still >= img_size, the
-                # halvings ADM's BOX steps would make, for a fraction
-                # of the decoding time; a no-op for other formats
+                # halvings ADM's BOX steps would make, for a fraction of the decoding time; a no-op
+                # for other formats
                 img.draft('RGB', (self.img_size, self.img_size))
                 return center_crop(_to_rgb(img), self.img_size)
-        # truncated, corrupt, unsupported mode...: any failure means "unreadable"
         except Exception as e:
+            # truncated, corrupt, unsupported mode...: any failure means "unreadable"
             if path not in self.unreadable:
                 self.unreadable.add(path)
                 warnings.warn(f"skipping unreadable image {path}: {type(e).__name__}: {e}")
@@ -484,8 +484,8 @@ class ImageFolder(Source):
 
     def __getitem__(self, i):
         # Substitute for an unreadable file: the next readable file in sorted order (wrapping), with
-        # its own label. Deterministic, keeps batches full, and
-        # the neighbour is almost always from the same class.
+        # its own label. Deterministic, keeps batches full, and the neighbour is almost always from
+        # the same class.
         for k in range(len(self.files)):
             j = (i + k) % len(self.files)
             arr = self.load(j)
@@ -545,10 +545,10 @@ class ArrayDataset(Source):
                 if self._arr is None:
                     size = f.zip.getinfo('arr_0.npy').file_size
                     if size > MAX_COMPRESSED_NPZ:
-                        raise UsageError(f"{path}: arr_0 is compressed ({size / 2 ** 30:.1f} GiB "
-                                         "unpacked), so every rank would hold a copy in RAM; "
-                                         "re-save it with np.savez (uncompressed, read by memory "
-                                         "map) or as an .npy")
+                        raise UsageError(f"{path}: arr_0 is compressed "
+                                         f"({size / 2 ** 30:.1f} GiB unpacked), so every rank "
+                                         "would hold a copy in RAM; re-save it with np.savez "
+                                         "(uncompressed, read by memory map) or as an .npy")
                     self._arr = f['arr_0']
         else:
             self._arr = np.load(path, mmap_mode='r')
@@ -560,13 +560,13 @@ class ArrayDataset(Source):
         if a.ndim != 4 or a.shape[3] != 3:
             raise UsageError(f"{path}: images must have shape (N, H, W, 3), got {a.shape}")
         if a.shape[1:3] != (img_size, img_size):
-            raise UsageError(f"{path}: images are {a.shape[1]}x{a.shape[2]} but --img_size is "
-                             f"{img_size}")
+            raise UsageError(f"{path}: images are {a.shape[1]}x{a.shape[2]} "
+                             f"but --img_size is {img_size}")
         if labels is not None:
             integer = np.issubdtype(labels.dtype, np.integer)
             if labels.ndim != 1 or len(labels) != len(a) or not integer:
-                raise UsageError(f"{path}: labels must be {len(a)} integers, got {labels.dtype} "
-                                 f"{labels.shape}")
+                raise UsageError(f"{path}: labels must be {len(a)} integers, "
+                                 f"got {labels.dtype} {labels.shape}")
             if len(labels) and labels.min() < 0:
                 raise UsageError(f"{path}: labels must be >= 0, got {labels.min()}")
         self.targets = np.zeros(len(a), np.int64) if labels is None else labels.astype(np.int64)
@@ -594,8 +594,8 @@ def _identity(x):
 
 
 class _Indexed(Dataset):
-    """(i, uint8 (H,W,3) or None, label) per file, so pack can read in workers and still count
-    failures."""
+    """(i, uint8 (H,W,3) or None, label) per file,
+    so pack can read in workers and still count failures."""
 
     def __init__(self, ds, n):
         self.ds, self.n = ds, n
@@ -609,9 +609,9 @@ class _Indexed(Dataset):
 
 def pack(src_dir: str, out: str, img_size: int, num_workers: int = 0, split: str = 'train',
          limit: int | None = None) -> None:
-    """Centre-crop an image folder into one .npy (memory-mapped, labels in X.labels.npy) or ADM
-    .npz, atomically. src_dir 'digits' writes the first `limit` images of a built-in split instead
-    (e.g. FID reference images)."""
+    """Centre-crop an image folder into one .npy (memory-mapped, labels in X.labels.npy) or
+    ADM .npz, atomically. src_dir 'digits' writes the first `limit` images of a built-in split
+    instead (e.g. FID reference images)."""
     if not out.endswith(('.npy', '.npz')):
         raise UsageError(f"pack output {out!r}: must end in .npy or .npz")
     ds = open_source(src_dir, img_size, split, flag='pack SRC', latents=False)
@@ -631,8 +631,8 @@ def pack(src_dir: str, out: str, img_size: int, num_workers: int = 0, split: str
     if len(bad) == n:
         raise UsageError(f"pack: no image in {src_dir!r} could be read")
     # unreadable rows get ImageFolder's substitute (next readable file, its label), so the packed
-    # array serves exactly what the folder would, item for
-    # item, and training from either gives the same batches
+    # array serves exactly what the folder would, item for item, and training from either gives
+    # the same batches
     ok = np.setdiff1d(np.arange(n), bad)
     for i in bad:
         j = ok[np.searchsorted(ok, i) % len(ok)]
@@ -648,9 +648,8 @@ def pack(src_dir: str, out: str, img_size: int, num_workers: int = 0, split: str
         with open(tmp, 'wb') as f:
             np.savez(f, arr_0=images, arr_1=labels)
     os.replace(tmp, out)
-    print(f"packed {n} images of {img_size}x{img_size} from {src_dir} into {out}; {len(bad)} "
-          "unreadable"
-          + (" (each replaced by the next readable file)" if bad else ""))
+    print(f"packed {n} images of {img_size}x{img_size} from {src_dir} into {out}; "
+          f"{len(bad)} unreadable" + (" (each replaced by the next readable file)" if bad else ""))
     for i in bad:
         print(f"  unreadable: {ds.files[i]}")
 
@@ -659,40 +658,41 @@ def pack(src_dir: str, out: str, img_size: int, num_workers: int = 0, split: str
 
 
 def is_latent_set(path: str) -> bool:
-    """A folder that encode wrote to (complete or not): it holds meta.json, progress.json or
-    latents.npy."""
+    """A folder that encode wrote to (complete or not):
+    it holds meta.json, progress.json or latents.npy."""
     return any(os.path.exists(os.path.join(path, f))
                for f in ('meta.json', 'progress.json', 'latents.npy'))
 
 
 def latent_norm(meta: dict):
-    """(mean, std), float32 tensors of shape (C,), of a latent set's meta: normalised = (latent -
-    mean) / std, with mean and std broadcast over (C, h, w) as mean[:, None, None]."""
+    """(mean, std), float32 tensors of shape (C,), of a latent set's meta:
+    normalised = (latent - mean) / std, with mean and std broadcast over (C, h, w) as
+    mean[:, None, None]."""
     return (torch.tensor(meta['norm']['mean'], dtype=torch.float32),
             torch.tensor(meta['norm']['std'], dtype=torch.float32))
 
 
 class LatentDataset(Source):
-    """A latent set written by encode: OUT/latents.npy float32 (N, 2, 2, C, h, w) = [image, mirror
-    image] x [posterior mean, std], read by memory map (ImageNet 256 is 84 GB), OUT/labels.npy int64
-    (N,), OUT/meta.json. item(i, flip) -> (float32 (2, C, h, w) = [mean, std] of image i, or of its
-    mirror image if flip, label); ds[i] is item(i, False). The trainer draws a posterior sample mean
-    + std * noise and normalises it (latent_norm)."""
+    """A latent set written by encode: OUT/latents.npy float32 (N, 2, 2, C, h, w) =
+    [image, mirror image] x [posterior mean, std], read by memory map (ImageNet 256 is 84 GB),
+    OUT/labels.npy int64 (N,), OUT/meta.json. item(i, flip) -> (float32 (2, C, h, w) =
+    [mean, std] of image i, or of its mirror image if flip, label); ds[i] is item(i, False).
+    The trainer draws a posterior sample mean + std * noise and normalises it (latent_norm)."""
 
     def __init__(self, path: str):
         meta_path = os.path.join(path, 'meta.json')
         if not os.path.isfile(meta_path):
             if is_latent_set(path):
                 raise UsageError(f"latent set {path!r}: the encode that writes it did not finish "
-                                 "(no meta.json); rerun the same `vae.py encode` command to "
-                                 "resume it")
-            raise FileNotFoundError(f"latent set {path!r}: no meta.json (write one with `vae.py "
-                                    "encode`)")
+                                 "(no meta.json); rerun the same `vae.py encode` command "
+                                 "to resume it")
+            raise FileNotFoundError(f"latent set {path!r}: no meta.json "
+                                    "(write one with `vae.py encode`)")
         with open(meta_path) as f:
             meta = json.load(f)
         if meta.get('format') != 'latents' or meta.get('version') != 1:
-            raise UsageError(f"{meta_path}: not a latent set of version 1 (format "
-                             f"{meta.get('format')!r}, version {meta.get('version')!r})")
+            raise UsageError(f"{meta_path}: not a latent set of version 1 "
+                             f"(format {meta.get('format')!r}, version {meta.get('version')!r})")
         self.path, self.meta, self.latent_shape = path, meta, tuple(meta['latent_shape'])
         self._arr = np.load(os.path.join(path, 'latents.npy'), mmap_mode='r')
         labels = np.load(os.path.join(path, 'labels.npy'))
@@ -702,8 +702,8 @@ class LatentDataset(Source):
                              f"{(n, 2, 2, *self.latent_shape)} as meta.json says, got "
                              f"{self._arr.dtype} {self._arr.shape}")
         if labels.shape != (n,):
-            raise UsageError(f"{path}/labels.npy: expected {n} labels as meta.json says, got shape "
-                             f"{labels.shape}")
+            raise UsageError(f"{path}/labels.npy: expected {n} labels as meta.json says, "
+                             f"got shape {labels.shape}")
         self.targets = labels.astype(np.int64)
         self.num_classes = int(meta['num_classes'])
 
@@ -722,8 +722,6 @@ class LatentDataset(Source):
     def __getitem__(self, i):
         return self.item(i)
 
-
-
 # -----------------------------------------------------------------------------
 # deterministic, sharded, resumable loading
 
@@ -735,8 +733,8 @@ def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
 
 
 def epoch_flips(n: int, seed: int, epoch: int) -> torch.Tensor:
-    """Per-index horizontal flip decisions of one epoch (bool (n,)), independent of the order and of
-    the rank."""
+    """Per-index horizontal flip decisions of one epoch (bool (n,)),
+    independent of the order and of the rank."""
     gen = torch.Generator().manual_seed(_hash_seed('flip', seed, epoch))
     return torch.rand(n, generator=gen) < 0.5
 
@@ -789,8 +787,8 @@ def _collate(items):
 
 
 class Loader:
-    """Endless iterator over this rank's share of deterministic global batches; state_dict() resumes
-    exactly."""
+    """Endless iterator over this rank's share of deterministic global batches;
+    state_dict() resumes exactly."""
 
     def __init__(self, dataset, global_batch: int, rank: int = 0, world_size: int = 1,
                  seed: int = 0, num_workers: int = 0, pin_memory: bool = False, flip: bool = False):
@@ -828,8 +826,8 @@ class Loader:
             sampler = _BatchSampler(len(self.dataset), self.global_batch, self.rank,
                                     self.world_size, self.seed, self.flip, self.epoch, self.step)
             self._it = iter(DataLoader(_Flippable(self.dataset), batch_sampler=sampler,
-                                       collate_fn=_collate,
-                                       num_workers=self.num_workers, pin_memory=self.pin_memory))
+                                       collate_fn=_collate, num_workers=self.num_workers,
+                                       pin_memory=self.pin_memory))
         batch = next(self._it)
         self.step += 1
         if self.step == self.steps_per_epoch:
@@ -841,13 +839,14 @@ class Loader:
 
 
 def show(ds, out: str, per_class: int = 10, max_classes: int = 10) -> None:
-    """A PNG with one row per class (first items of each class), or the first items if
-    unlabelled."""
+    """A PNG with one row per class (first items of each class),
+    or the first items if unlabelled."""
     k = max(1, min(ds.num_classes, max_classes))
-    rows = [np.flatnonzero(ds.targets == c)[:per_class] if ds.num_classes else
-            np.arange(c * per_class, min(len(ds), (c + 1) * per_class)) for c in range(k)]
-    save_grid(np.stack([ds[int(i)][0].permute(1, 2, 0).numpy() for idx in rows for i in idx]), out,
-              nrow=per_class)
+    rows = [(np.flatnonzero(ds.targets == c)[:per_class] if ds.num_classes
+             else np.arange(c * per_class, min(len(ds), (c + 1) * per_class)))
+            for c in range(k)]
+    save_grid(np.stack([ds[int(i)][0].permute(1, 2, 0).numpy() for idx in rows for i in idx]),
+              out, nrow=per_class)
     print(f"wrote {out} ({k} classes x {per_class})")
 
 
@@ -855,7 +854,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     sub = p.add_subparsers(dest='cmd', required=True)
     show_cmd = sub.add_parser('show', help='save a grid of dataset images, one row per class',
-                       formatter_class=HelpFormatter)
+                              formatter_class=HelpFormatter)
     show_cmd.add_argument('--data', default='digits',
                           help="'digits', an image folder, or a .npz/.npy file")
     show_cmd.add_argument('--img_size', type=int, default=16, help='image side in pixels')
@@ -864,7 +863,7 @@ def main(argv=None):
     show_cmd.add_argument('--out', default='grid.png', help='output PNG path')
     pack_cmd = sub.add_parser('pack',
                               help='centre-crop an image folder into one .npy (or ADM .npz) file',
-                       formatter_class=HelpFormatter)
+                              formatter_class=HelpFormatter)
     pack_cmd.add_argument('src',
                           help="image folder in ImageNet layout SRC/<class>/<image>, or 'digits'")
     pack_cmd.add_argument('out',

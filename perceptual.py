@@ -19,8 +19,8 @@ from data import UsageError, read_torch_file
 PERCEPTUAL_HINTS = {  # where the weights come from, for the error messages
     'vgg': "download torchvision's VGG16 weights: "
            "https://download.pytorch.org/models/vgg16-397923af.pth",
-    'lpips': "get LPIPS' v0.1 linear weights lpips/weights/v0.1/vgg.pth (in the `lpips` PyPI "
-             "package, or "
+    'lpips': "get LPIPS' v0.1 linear weights lpips/weights/v0.1/vgg.pth "
+             "(in the `lpips` PyPI package, or "
              "https://github.com/richzhang/PerceptualSimilarity/raw/master/lpips/weights/v0.1/vgg.pth)",
     'convnext': "download ConvNeXt-V2-Base 22k 224: "
                 "https://dl.fbaipublicfiles.com/convnext/convnextv2/im22k/convnextv2_base_22k_224_ema.pt",
@@ -28,8 +28,8 @@ PERCEPTUAL_HINTS = {  # where the weights come from, for the error messages
 
 
 def load_weights(path, flag):
-    """A local weight file for --lpips/--vgg/--convnext (None passes through); a missing one says
-    what to get."""
+    """A local weight file for --lpips/--vgg/--convnext (None passes through);
+    a missing one says what to get."""
     if path is None:
         return None
     if not os.path.isfile(path):
@@ -37,16 +37,15 @@ def load_weights(path, flag):
     return read_torch_file(path, f'--{flag}')  # on CPU: lpips' file holds CUDA tensors
 
 
-
 def _unit(f, eps=1e-10):
-    """Unit-normalise over channels; vector_norm's backward is 0 (not NaN) where a feature vector is
-    all zero."""
+    """Unit-normalise over channels;
+    vector_norm's backward is 0 (not NaN) where a feature vector is all zero."""
     return f / (torch.linalg.vector_norm(f, dim=1, keepdim=True) + eps)
 
 
 class LPIPS(nn.Module):
-    """LPIPS v0.1 with a VGG16 trunk; keys match torchvision `features.*` and lpips
-    `lin{k}.model.1.weight`."""
+    """LPIPS v0.1 with a VGG16 trunk;
+    keys match torchvision `features.*` and lpips `lin{k}.model.1.weight`."""
     # VGG16 up to relu5_3
     CFG = [64, 64, 'M', 128, 128, 'M', 256, 256, 256, 'M', 512, 512, 512, 'M', 512, 512, 512]
     # indices of relu1_2, relu2_2, relu3_3, relu4_3, relu5_3 in torchvision's features
@@ -96,8 +95,8 @@ class LayerNorm2d(nn.LayerNorm):
 
 
 class GRN(nn.Module):
-    """Global Response Normalisation on channels-last (B,H,W,C) input, official param
-    names/shapes."""
+    """Global Response Normalisation on channels-last (B,H,W,C) input,
+    official param names/shapes."""
     def __init__(self, dim):
         super().__init__()
         self.gamma = nn.Parameter(torch.zeros(1, 1, 1, dim))
@@ -126,8 +125,8 @@ class ConvNeXtBlock(nn.Module):
 
 
 class ConvNeXtV2(nn.Module):
-    """ConvNeXt-V2 trunk with the official key names; the classifier head is left out (22k classes,
-    unused)."""
+    """ConvNeXt-V2 trunk with the official key names;
+    the classifier head is left out (22k classes, unused)."""
     def __init__(self, depths=(3, 3, 27, 3), dims=(128, 256, 512, 1024)):
         super().__init__()
         self.downsample_layers = nn.ModuleList([nn.Sequential(nn.Conv2d(3, dims[0], 4, stride=4),
@@ -158,8 +157,8 @@ def _uniform(lo, hi, g):
 
 
 def _crop_box(h, w, scale, ratio, g):
-    """Sample (top, left, height, width) like torchvision's RandomResizedCrop, with a central
-    fallback."""
+    """Sample (top, left, height, width) like torchvision's RandomResizedCrop,
+    with a central fallback."""
     for _ in range(10):
         area = h * w * _uniform(*scale, g)
         r = math.exp(_uniform(math.log(ratio[0]), math.log(ratio[1]), g))
@@ -169,15 +168,16 @@ def _crop_box(h, w, scale, ratio, g):
             left = int(torch.randint(0, w - cw + 1, (), generator=g))
             return top, left, ch, cw
     r = w / h  # fallback: the whole image, with aspect ratio clamped into range
-    cw, ch = ((w, round(w / ratio[0])) if r < ratio[0] else (round(h * ratio[1]), h)
-              if r > ratio[1] else (w, h))
+    cw, ch = ((w, round(w / ratio[0])) if r < ratio[0]
+              else (round(h * ratio[1]), h) if r > ratio[1]
+              else (w, h))
     return (h - ch) // 2, (w - cw) // 2, ch, cw
 
 
 def paired_random_resized_crop(a, b, size=224, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
                                generator=None):
-    """Crop a and b (B,C,H,W) with the same random box per sample, bicubic+antialias resize ->
-    (B,C,size,size) each."""
+    """Crop a and b (B,C,H,W) with the same random box per sample,
+    bicubic+antialias resize -> (B,C,size,size) each."""
     assert a.shape == b.shape, (a.shape, b.shape)
     H, W = a.shape[-2:]
     outs = []
@@ -201,12 +201,12 @@ def _check(sd, want, name):
 
 
 class PerceptualLoss(nn.Module):
-    """Frozen LPIPS-VGG and ConvNeXt-V2 distances between paired random-resized crops of pred and
-    target."""
+    """Frozen LPIPS-VGG and ConvNeXt-V2 distances
+    between paired random-resized crops of pred and target."""
     def __init__(self, lpips=None, vgg=None, convnext=None, crop: int | None = 224, *,
                  depths=(3, 3, 27, 3), dims=(128, 256, 512, 1024)):
-        """lpips, vgg, convnext: state dicts as their authors publish them (train.py reads the
-        files)."""
+        """lpips, vgg, convnext: state dicts as their authors publish them
+        (train.py reads the files)."""
         super().__init__()
         self.crop = crop  # None/0: no crop, compare whole images
         # latent models: a frozen decoder to pixels (sample.LatentDecoder), set by train.py

@@ -113,8 +113,8 @@ class ResnetBlock(nn.Module):
 
 
 class Attention(nn.Module):
-    """Single-head self-attention over the H*W positions, with a residual (the mid block's only
-    attention)."""
+    """Single-head self-attention over the H*W positions,
+    with a residual (the mid block's only attention)."""
     def __init__(self, c, groups):
         super().__init__()
         self.group_norm = _norm(c, groups)
@@ -205,8 +205,8 @@ class Decoder(nn.Module):
 
 
 class VAE(nn.Module):
-    """AutoencoderKL. Build it with load_vae; a bare VAE(cfg) has random weights (benchmarks,
-    tests)."""
+    """AutoencoderKL. Build it with load_vae; a bare VAE(cfg) has random weights
+    (benchmarks, tests)."""
     def __init__(self, cfg: VAEConfig = VAEConfig()):
         super().__init__()
         problem = config_problem(asdict(cfg))
@@ -288,10 +288,11 @@ def vae_decode_flops(cfg: VAEConfig = VAEConfig(), latent_hw: int = 32):
 # -----------------------------------------------------------------------------
 # Loading
 
-_SAFETENSORS_DTYPES = {'F64': torch.float64, 'F32': torch.float32, 'F16': torch.float16,
-                       'BF16': torch.bfloat16,
-                       'I64': torch.int64, 'I32': torch.int32, 'I16': torch.int16, 'I8': torch.int8,
-                       'U8': torch.uint8, 'BOOL': torch.bool}
+_SAFETENSORS_DTYPES = {
+    'F64': torch.float64, 'F32': torch.float32, 'F16': torch.float16, 'BF16': torch.bfloat16,
+    'I64': torch.int64, 'I32': torch.int32, 'I16': torch.int16, 'I8': torch.int8,
+    'U8': torch.uint8, 'BOOL': torch.bool,
+}
 
 
 def read_safetensors(path):
@@ -313,8 +314,8 @@ def read_safetensors(path):
                 nbytes = math.prod(shape) * dtype.itemsize
                 if (min(shape, default=0) < 0 or end - start != nbytes or start < 0
                         or 8 + header_len + end > size):
-                    raise ValueError(f'{name}: data_offsets {start, end} do not hold {shape} '
-                                     f'{info["dtype"]}')
+                    raise ValueError(f'{name}: data_offsets {start, end} '
+                                     f'do not hold {shape} {info["dtype"]}')
                 f.seek(8 + header_len + start)
                 raw = bytearray(f.read(nbytes))  # a fresh, writable, aligned buffer per tensor
                 out[name] = (torch.frombuffer(raw, dtype=dtype).reshape(shape) if nbytes
@@ -329,8 +330,8 @@ _OLD_ATTENTION = {'query': 'to_q', 'key': 'to_k', 'value': 'to_v', 'proj_attn': 
 
 
 def convert_state_dict(sd):
-    """diffusers' current names from either attention naming; 1x1-conv (4-D) attention weights
-    reshaped to Linear's."""
+    """diffusers' current names from either attention naming;
+    1x1-conv (4-D) attention weights reshaped to Linear's."""
     out = {}
     for k, v in sd.items():
         path, _, leaf = k.rpartition('.')
@@ -344,8 +345,8 @@ def convert_state_dict(sd):
 
 
 def config_from_state_dict(sd):
-    """VAEConfig from tensor shapes (norm_num_groups cannot be seen in them: the default 32); None
-    if not a VAE."""
+    """VAEConfig from tensor shapes (norm_num_groups cannot be seen in them: the default 32);
+    None if not a VAE."""
     def shape(k):
         return tuple(sd[k].shape) if isinstance(sd.get(k), torch.Tensor) else None
     ch = []
@@ -373,9 +374,9 @@ def load_vae(path, device='cpu', flag='--vae'):
             raise FileNotFoundError(f'{flag} {path}: a folder without '
                                     'diffusion_pytorch_model.safetensors or .bin (nor in vae/); '
                                     f'{VAE_HINT}')
-    # a file under diffusers' name: the config.json beside it describes it
     elif os.path.isfile(path):
         weights = path
+        # a file under diffusers' name: the config.json beside it describes it
         if os.path.basename(path).startswith('diffusion_pytorch_model.'):
             config = os.path.join(os.path.dirname(path), 'config.json')
     else:
@@ -383,8 +384,8 @@ def load_vae(path, device='cpu', flag='--vae'):
     sd = (read_safetensors(weights) if weights.endswith('.safetensors')
           else read_torch_file(weights, flag))
     if not isinstance(sd, dict):
-        raise UsageError(f'{flag} {weights}: holds a {type(sd).__name__}, not a state dict of the '
-                         'SD VAE')
+        raise UsageError(f'{flag} {weights}: holds a {type(sd).__name__}, '
+                         'not a state dict of the SD VAE')
     sd = convert_state_dict(sd)
     # the config from the shapes (not a VAE: the default, so the error lists what is missing)
     cfg = config_from_state_dict(sd) or VAEConfig()
@@ -415,8 +416,8 @@ def load_vae(path, device='cpu', flag='--vae'):
         raise UsageError(f'{flag} {weights}: cannot build an SD VAE of {cfg}: {e}; a diffusers '
                          'config.json beside the weights sets norm_num_groups') from e
     want = {k: tuple(v.shape) for k, v in vae.state_dict().items()}
-    got = {k: tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__ for k,
-           v in sd.items()}
+    got = {k: tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
+           for k, v in sd.items()}
     problems = [(what, sorted(keys)) for what, keys in [
         ('missing', want.keys() - got.keys()), ('unexpected', got.keys() - want.keys()),
         ('mis-shaped', [f'{k} {got[k]} (want {want[k]})' for k in want.keys() & got.keys()
@@ -446,7 +447,6 @@ ENCODE_CHUNK = 1024
 # everything encode writes in OUT (and the temporary files of its atomic writes, named after these)
 LATENT_FILES = ('meta.json', 'progress.json', 'latents.npy', 'labels.npy', 'done')
 ENCODE_LOCK = 'encode.lock'   # held by the running encode (RunLock), removed when it ends
-
 
 
 class _Readable(Dataset):
@@ -506,14 +506,14 @@ def _check_out(out: str, settings: dict | None, overwrite: bool) -> None:
     if not os.path.exists(out):
         return
     if not os.path.isdir(out):
-        raise UsageError(f"encode OUT {out}: is a file, expected a folder (new, empty, or an "
-                         "unfinished latent set)")
+        raise UsageError(f"encode OUT {out}: is a file, "
+                         "expected a folder (new, empty, or an unfinished latent set)")
     names = os.listdir(out)
     foreign = sorted(name for name in names if name != ENCODE_LOCK and
                      not any(name == f or name.startswith(f + '.') for f in LATENT_FILES))
     if foreign:
-        raise UsageError(f"encode OUT {out}: holds {foreign[0]!r}, which is no part of a latent "
-                         "set; give a new or empty folder")
+        raise UsageError(f"encode OUT {out}: holds {foreign[0]!r}, "
+                         "which is no part of a latent set; give a new or empty folder")
     if overwrite:
         return
     if 'meta.json' in names:
@@ -528,12 +528,12 @@ def _check_out(out: str, settings: dict | None, overwrite: bool) -> None:
             if old.get(k) != v:
                 raise UsageError(f"encode OUT {out}: holds an unfinished encode made with {k} "
                                  f"{old.get(k)!r}, but this one has {k} {v!r} "
-                                 f"({_SETTING_FLAGS[k]}); rerun with the first settings to resume "
-                                 "it, or pass --overwrite to start over")
-    # progress.json is written first, so someone removed it
+                                 f"({_SETTING_FLAGS[k]}); rerun with the first settings "
+                                 "to resume it, or pass --overwrite to start over")
     elif 'latents.npy' in names or 'done' in names:
-        raise UsageError(f"encode OUT {out}: holds latents.npy or done/ but no progress.json, so "
-                         "it cannot be resumed; pass --overwrite to start over")
+        # progress.json is written first, so someone removed it
+        raise UsageError(f"encode OUT {out}: holds latents.npy or done/ but no progress.json, "
+                         "so it cannot be resumed; pass --overwrite to start over")
 
 
 def _prepare_out(out: str, settings: dict, overwrite: bool, shape: tuple) -> None:
@@ -542,8 +542,8 @@ def _prepare_out(out: str, settings: dict, overwrite: bool, shape: tuple) -> Non
     is always whole)."""
     os.makedirs(out, exist_ok=True)
     # meta.json first: a crash part-way leaves an unfinished set, never a complete-looking mix.
-    # Without --overwrite, only the temporary files of a
-    # killed run go (no rank writes yet, so none is in use)
+    # Without --overwrite, only the temporary files of a killed run go (no rank writes yet, so
+    # none is in use)
     for name in sorted(os.listdir(out), key=lambda name: not name.startswith('meta.json')):
         path = os.path.join(out, name)
         if name != ENCODE_LOCK and (overwrite or name not in LATENT_FILES):
@@ -562,8 +562,8 @@ def _prepare_out(out: str, settings: dict, overwrite: bool, shape: tuple) -> Non
         shutil.rmtree(os.path.join(out, 'done'), ignore_errors=True)
         for path, dtype, shp in ((lat, np.float32, shape), (lab, np.int64, shape[:1])):
             tmp = f'{path}.tmp{os.getpid()}'
-            # a memory map, sparse until written, so ImageNet
-            # never has to fit in RAM; dropped (closed) at once
+            # a memory map, sparse until written, so ImageNet never has to fit in RAM;
+            # dropped (closed) at once
             np.lib.format.open_memmap(tmp, 'w+', dtype, shp).flush()
             os.replace(tmp, path)
     os.makedirs(os.path.join(out, 'done'), exist_ok=True)
@@ -576,15 +576,14 @@ def _marker(out: str, j: int) -> str:
 
 def encode(src: str, out: str, vae, img_size: int, batch_size: int = 64, norm: str = 'channel',
            limit: int | None = None, overwrite: bool = False, split: str = 'train',
-           chunk: int = ENCODE_CHUNK,
-           workers: int = 0, vae_name: str = 'vae', rank: int = 0,
-           world: int = 1, device='cpu') -> None:
+           chunk: int = ENCODE_CHUNK, workers: int = 0, vae_name: str = 'vae',
+           rank: int = 0, world: int = 1, device='cpu') -> None:
     """Encode SRC's images (ADM centre crop) and their mirror images into the latent set OUT (see
     LatentDataset): vae.encode(x in [-1, 1], (B, 3, H, W)) -> (mean, std), each (B, C, h, w). The
     images are split into chunks of `chunk`; the ranks share the chunks not done yet, and each
     finished chunk is flushed and then marked done (OUT/done/<chunk>.json, with its unreadable
-    images and its sums for --norm compute). A rerun after a kill redoes only unmarked chunks; rank
-    0 writes meta.json, atomically and last, once every chunk is done."""
+    images and its sums for --norm compute). A rerun after a kill redoes only unmarked chunks;
+    rank 0 writes meta.json, atomically and last, once every chunk is done."""
     if norm not in ('channel', 'sd', 'compute'):
         raise UsageError(f"--norm {norm!r}: expected 'channel', 'sd' or 'compute'")
     device = torch.device(device)
@@ -599,11 +598,10 @@ def encode(src: str, out: str, vae, img_size: int, batch_size: int = 64, norm: s
     if norm == 'channel' and C != len(LATENT_NORMS['channel'][0]):
         raise UsageError("--norm channel: its statistics are for the 4 channels of sd-vae-ft-mse, "
                          f"but --vae {vae_name} has {C}; use --norm compute")
-    settings = {'source': src if src in BUILTIN else os.path.abspath(src), 'split': split
-                if src in BUILTIN else None,
+    settings = {'source': src if src in BUILTIN else os.path.abspath(src),
+                'split': split if src in BUILTIN else None,
                 'img_size': img_size, 'n': n, 'latent_shape': [C, h, w],
-                'vae_fingerprint': _settings_fingerprint(out, vae, overwrite),
-                'chunk': chunk}
+                'vae_fingerprint': _settings_fingerprint(out, vae, overwrite), 'chunk': chunk}
     # one encode at a time writes into OUT (rank 0 holds the lock for all ranks), taken before the
     # checks of what OUT holds, so that two encodes started together cannot both pass them
     lock = RunLock()
@@ -612,8 +610,7 @@ def encode(src: str, out: str, vae, img_size: int, batch_size: int = 64, norm: s
         lock.acquire(os.path.join(out, ENCODE_LOCK), f'encode OUT {out}')
     try:
         # the ranks wait for each other at a few points, and a slow file listing or the last chunk
-        # may take longer than NCCL's 10-minute timeout:
-        # they wait in a gloo group with a 12-hour one
+        # may take longer than NCCL's 10-minute timeout: they wait in a 12-hour gloo group
         group = (dist.new_group(backend='gloo', timeout=datetime.timedelta(hours=12)) if world > 1
                  else None)
 
@@ -635,16 +632,16 @@ def encode(src: str, out: str, vae, img_size: int, batch_size: int = 64, norm: s
         lat = np.load(os.path.join(out, 'latents.npy'), mmap_mode='r+')
         lab = np.load(os.path.join(out, 'labels.npy'), mmap_mode='r+')
         bounds = {j: (j * chunk, min(n, (j + 1) * chunk)) for j in mine}
+        # batches never cross a chunk's end
         batches = [list(range(s, min(s + batch_size, bounds[j][1]))) for j in mine
-                   # never across a chunk's end
                    for s in range(bounds[j][0], bounds[j][1], batch_size)]
         loader = DataLoader(_Readable(ds), batch_sampler=batches, collate_fn=_encode_collate,
                             num_workers=workers, pin_memory=device.type == 'cuda')
         total = sum(end - start for start, end in bounds.values())
         if rank == 0:
-            print(f"encoding {n} images of {img_size}x{img_size} from {src} into {out}: latents "
-                  f"{C}x{h}x{w}, {chunks - len(todo)} of {chunks} chunks done before, {len(todo)} "
-                  f"to do by {world} rank(s)", flush=True)
+            print(f"encoding {n} images of {img_size}x{img_size} from {src} into {out}: "
+                  f"latents {C}x{h}x{w}, {chunks - len(todo)} of {chunks} chunks done before, "
+                  f"{len(todo)} to do by {world} rank(s)", flush=True)
         progress = Progress(total, 'encoded' + (f' (rank 0 of {world})' if world > 1 else ''),
                             enabled=rank == 0)
         done, bad, sums = 0, [], np.zeros((3, C))
@@ -681,28 +678,28 @@ def encode(src: str, out: str, vae, img_size: int, batch_size: int = 64, norm: s
         del lat, lab
         sync()   # every chunk is marked
         if rank == 0:
-            _finish(out, ds, src, split, n, img_size, [C, h, w], norm, vae_name, vae.fingerprint,
-                    chunks)
+            _finish(out, ds, src, split, n, img_size, [C, h, w], norm,
+                    vae_name, vae.fingerprint, chunks)
         if group is not None:
             dist.destroy_process_group(group)
     finally:
         lock.release()
 
 
-def _finish(out, ds, src, split, n, img_size, latent_shape, norm, vae_name,
-            fingerprint, chunks) -> None:
-    """Rank 0, once every chunk is marked: the normalisation, meta.json (atomically, last), then the
-    bookkeeping."""
+def _finish(out, ds, src, split, n, img_size, latent_shape, norm,
+            vae_name, fingerprint, chunks) -> None:
+    """Rank 0, once every chunk is marked:
+    the normalisation, meta.json (atomically, last), then the bookkeeping."""
     marks = []
     for j in range(chunks):
         if not os.path.isfile(_marker(out, j)):
-            raise UsageError(f"encode OUT {out}: chunk {j} was not finished by any rank; rerun the "
-                             "same command")
+            raise UsageError(f"encode OUT {out}: chunk {j} was not finished by any rank; "
+                             "rerun the same command")
         with open(_marker(out, j)) as f:
             marks.append(json.load(f))
     C, h, w = latent_shape
-    # posterior samples mean + std * eps: E[x] = E[mean], Var[x] = E[mean^2] + E[std^2] - E[x]^2
     if norm == 'compute':
+        # posterior samples mean + std * eps: E[x] = E[mean], Var[x] = E[mean^2] + E[std^2] - E[x]^2
         avg = np.array([[mark['sum_mean'], mark['sum_mean_sq'], mark['sum_std_sq']]
                         for mark in marks])
         avg = avg.sum(0) / (n * 2 * h * w)   # E[mean], E[mean^2], E[std^2] per channel
@@ -712,8 +709,7 @@ def _finish(out, ds, src, split, n, img_size, latent_shape, norm, vae_name,
         mean, std = (mean * C, std * C) if len(mean) == 1 else (mean, std)
     bad = [i for mark in marks for i in mark['unreadable']]
     meta = {'format': 'latents', 'version': 1, 'n': n, 'img_size': img_size,
-            'latent_shape': latent_shape,
-            'num_classes': int(ds.num_classes), 'source': src,
+            'latent_shape': latent_shape, 'num_classes': int(ds.num_classes), 'source': src,
             **({'split': split} if src in BUILTIN else {}),
             'vae': {'name': vae_name, 'fingerprint': fingerprint},
             'norm': {'kind': norm, 'mean': mean, 'std': std}, 'unreadable': len(bad)}
@@ -721,12 +717,15 @@ def _finish(out, ds, src, split, n, img_size, latent_shape, norm, vae_name,
                  lambda f: f.write((json.dumps(meta, indent=1) + '\n').encode()))
     os.remove(os.path.join(out, 'progress.json'))
     shutil.rmtree(os.path.join(out, 'done'))
-    print(f"encoded {n} images of {img_size}x{img_size} from {src} into {out}: latents "
-          f"{C}x{h}x{w}, norm {norm}; {len(bad)} unreadable"
+    print(f"encoded {n} images of {img_size}x{img_size} from {src} into {out}: "
+          f"latents {C}x{h}x{w}, norm {norm}; {len(bad)} unreadable"
           + (" (each replaced by the next readable file)" if bad else ""), flush=True)
     for i in bad:
         print(f"  unreadable: {ds.files[i]}")
 
+
+# -----------------------------------------------------------------------------
+# command line
 
 
 def main(argv=None):
@@ -735,18 +734,18 @@ def main(argv=None):
     check = sub.add_parser('check', help='load a VAE: its config, parameters and fingerprint; '
                            'optionally round-trip an image', formatter_class=HelpFormatter)
     check.add_argument('path', help='weight file (.safetensors, .bin, .pt) or diffusers folder')
-    check.add_argument('--image', default=None, help='round-trip this image (cropped to a multiple '
-                       "of 8), print the PSNR (sd-vae-ft-mse's model card: 24.5 +/- 3.7 dB on COCO "
-                       '2017 val at 256x256)')
+    check.add_argument('--image', default=None,
+                       help='round-trip this image (cropped to a multiple of 8), print the PSNR '
+                       "(sd-vae-ft-mse's model card: 24.5 +/- 3.7 dB on COCO 2017 val at 256x256)")
     check.add_argument('--device', default='cpu', help="'cpu' or 'cuda'")
     enc = sub.add_parser('encode', help='encode images and their mirror images once into VAE '
                          'posterior moments (a latent set to train on); under torchrun the ranks '
                          'share the work; a rerun resumes', formatter_class=HelpFormatter)
-    enc.add_argument('src', help='image folder in ImageNet layout SRC/<class>/<image>, a .npz/.npy '
-                     "array file, or 'digits'")
-    enc.add_argument('out', help='output folder: latents.npy (N, 2, 2, C, h, w) = [image, mirror '
-                     'image] x [mean, std], labels.npy, meta.json (written last: the set is '
-                     'complete)')
+    enc.add_argument('src', help='image folder in ImageNet layout SRC/<class>/<image>, '
+                     "a .npz/.npy array file, or 'digits'")
+    enc.add_argument('out', help='output folder: latents.npy (N, 2, 2, C, h, w) = '
+                     '[image, mirror image] x [mean, std], labels.npy, meta.json '
+                     '(written last: the set is complete)')
     enc.add_argument('--vae', required=True,
                      help='VAE weights (e.g. sd-vae-ft-mse), read by load_vae')
     enc.add_argument('--img_size', type=int, default=256,
@@ -754,9 +753,9 @@ def main(argv=None):
     enc.add_argument('--batch_size', type=int, default=64, help='images per VAE call on each rank '
                      '(their mirror images go in a second call)')
     enc.add_argument('--norm', choices=['channel', 'sd', 'compute'], default='channel',
-                     help="per-channel normalisation recorded in meta.json: 'channel' = BiFlow's "
-                     "statistics of sd-vae-ft-mse, 'sd' = Stable Diffusion's scale 0.18215, "
-                     "'compute' = measured on this set")
+                     help="per-channel normalisation recorded in meta.json: "
+                     "'channel' = BiFlow's statistics of sd-vae-ft-mse, "
+                     "'sd' = Stable Diffusion's scale 0.18215, 'compute' = measured on this set")
     enc.add_argument('--limit', type=int, default=None, help='encode only the first LIMIT images')
     enc.add_argument('--split', default='train', help="with SRC 'digits': 'train' or 'val'")
     enc.add_argument('--chunk', type=int, default=ENCODE_CHUNK, help='images per unit of work '
@@ -774,15 +773,15 @@ def main(argv=None):
 
 
 def check_vae(path, image, device):
-    """Print a VAE's config, parameter counts and fingerprints; with an image, its round-trip
-    PSNR."""
+    """Print a VAE's config, parameter counts and fingerprints;
+    with an image, its round-trip PSNR."""
     vae = load_vae(path, device, flag='path')
     count = {part: sum(t.numel() for t in getattr(vae, part).parameters())
              for part in ('encoder', 'decoder')}
     full, weights = vae._fingerprints()
-    print(f'{vae.cfg}\nencoder {count["encoder"] / 1e6:.2f}M, decoder '
-          f'{count["decoder"] / 1e6:.2f}M parameters; fingerprint {full} (of the weights alone, as '
-          f'older versions recorded it: {weights})')
+    print(f'{vae.cfg}\nencoder {count["encoder"] / 1e6:.2f}M, '
+          f'decoder {count["decoder"] / 1e6:.2f}M parameters; fingerprint {full} '
+          f'(of the weights alone, as older versions recorded it: {weights})')
     if image:
         down = 2 ** (len(vae.cfg.block_out_channels) - 1)  # the downsampling factor, 8
         img = np.array(Image.open(image).convert('RGB'))  # (H, W, 3) uint8, writable
@@ -792,15 +791,15 @@ def check_vae(path, image, device):
         with torch.no_grad():
             y = vae.decode(vae.encode(x)[0]).clamp(-1, 1)
         mse = ((y - x) / 2).pow(2).mean().item()  # on [0, 1]
-        print(f'{image} {tuple(x.shape[2:])}: PSNR of decode(mean) {10 * math.log10(1 / mse):.2f} '
-              'dB')
+        print(f'{image} {tuple(x.shape[2:])}: '
+              f'PSNR of decode(mean) {10 * math.log10(1 / mse):.2f} dB')
 
 
 def encode_main(p, a):
     """`vae.py encode`: check the flags and OUT before the VAE loads, then encode on every rank."""
     if a.img_size <= 0 or a.img_size % 8:
-        p.error(f'--img_size {a.img_size}: must be a positive multiple of 8 (the VAE downsamples '
-                'by 8)')
+        p.error(f'--img_size {a.img_size}: must be a positive multiple of 8 '
+                '(the VAE downsamples by 8)')
     for flag, v, low in (('--batch_size', a.batch_size, 1), ('--limit', a.limit, 1),
                          ('--chunk', a.chunk, 1), ('--workers', a.workers, 0)):
         if v is not None and v < low:
