@@ -66,6 +66,12 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 TINY = FlowConfig(img_size=8, in_channels=3, patch_size=2, channels=32, num_blocks=3,
                   layers_per_block=2, head_dim=16, num_classes=3, noise_std=0.1)
 
+# One table of bad inputs, run by test_bad_input at the end of the file: rows of
+# (script, argv, words that the one-line refusal must contain). Each script's section below adds
+# its rows with BAD_INPUTS += [...]. In argv, '{tmp}' is the test's folder (also the working
+# directory), '{fwd}' and '{rev}' a tiny forward and reverse checkpoint in it.
+BAD_INPUTS = []
+
 
 @pytest.fixture(autouse=True)
 def one_thread():
@@ -4278,3 +4284,21 @@ def test_bench_run_writes_json(tmp_path, monkeypatch):
     assert got['checks']['naive_equals_ours_w1']['max_abs_diff'] < 1e-4
     with pytest.raises(SystemExit):
         bench.main(['--rows', 'no_such_row'])
+
+
+# -----------------------------------------------------------------------------
+# Every bad input of the table: one line on stderr, exit code 2, no traceback
+
+
+@pytest.mark.parametrize('script, argv, words', BAD_INPUTS,
+                         ids=[f'{r[0]}:{" ".join(r[1])[:60]}' for r in BAD_INPUTS])
+def test_bad_input(script, argv, words, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    files = {'tmp': str(tmp_path)}
+    if any('{fwd}' in a or '{rev}' in a for a in argv):
+        files['fwd'], files['rev'], _ = checkpoints(tmp_path)
+    argv = [a.format(**files) for a in argv]
+    main = {'train': train_main, 'sample': sample_main, 'data': data_main, 'fid': fid.main,
+            'vae': vae.main}[script]
+    line = fails(main, *argv)
+    assert all(w in line for w in ([words] if isinstance(words, str) else words)), line
