@@ -4298,7 +4298,7 @@ def test_bad_input(script, argv, words, tmp_path, monkeypatch):
     if any('{fwd}' in a or '{rev}' in a for a in argv):
         files['fwd'], files['rev'], _ = checkpoints(tmp_path)
     argv = [a.format(**files) for a in argv]
-    main = {'train': train_main, 'sample': sample_main, 'data': data_main, 'fid': fid.main,
+    main = {'train': train.main, 'sample': sample.main, 'data': data_main, 'fid': fid.main,
             'vae': vae.main}[script]
-    line = fails(main, *argv)
+    line = fails(main, argv)
     assert all(w in line for w in ([words] if isinstance(words, str) else words)), line
