@@ -170,15 +170,12 @@ def guide(cond, uncond, w):
     return torch.lerp(uncond, cond, 1 + w)
 
 
-class LayerNorm32(nn.LayerNorm):
-    """LayerNorm computed in fp32 (also under bf16 autocast), returned in the input's dtype."""
-
-    def forward(self, h):
-        if h.dtype in (torch.float32, torch.float64):
-            return F.layer_norm(h, self.normalized_shape, self.weight, self.bias, self.eps)
-        weight = None if self.weight is None else self.weight.float()
-        bias = None if self.bias is None else self.bias.float()
-        return F.layer_norm(h.float(), self.normalized_shape, weight, bias, self.eps).type_as(h)
+def norm32(norm, h):
+    """nn.LayerNorm `norm` computed in fp32 (also under bf16 autocast), in h's dtype."""
+    if h.dtype in (torch.float32, torch.float64):
+        return F.layer_norm(h, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+    weight, bias = (None, None) if norm.weight is None else (norm.weight.float(), norm.bias.float())
+    return F.layer_norm(h.float(), norm.normalized_shape, weight, bias, norm.eps).type_as(h)
 
 
 class Attention(nn.Module):
@@ -187,22 +184,22 @@ class Attention(nn.Module):
     def __init__(self, dim, head_dim):
         super().__init__()
         assert dim % head_dim == 0, f'width {dim} is not a multiple of head_dim {head_dim}'
-        self.norm = LayerNorm32(dim)
+        self.norm = nn.LayerNorm(dim)
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
         self.num_heads, self.head_dim = dim // head_dim, head_dim
 
     def forward(self, h, causal=False, temp=None, mod=None, cache=None, pos=0):
-        """h (B, L, D) at positions pos..pos+L-1 -> (B, L, D).
+        """h (B, L, D) at positions pos..pos+L-1, or (B, D) for one token -> h's shape.
         temp (B,): the logits divided by temp per row (TarFlow's attention-temperature guidance).
         mod: adaLN (shift, scale) applied after the norm (the reverse model's conditioning).
         cache: the keys and values (2, B, H, N, hd) of positions < pos (the exact inverse): this
         window's are written at pos.., and each query attends to positions <= its own."""
-        B, L, D = h.shape
-        hn = self.norm(h) if mod is None else modulate(self.norm(h), *mod)
+        B, L, D = h.shape[0], h.shape[1] if h.dim() == 3 else 1, h.shape[-1]
+        hn = norm32(self.norm, h) if mod is None else modulate(norm32(self.norm, h), *mod)
         qkv = F.linear(hn, self.qkv.weight, self.qkv.bias)
         qkv = qkv.view(B, L, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, kv = qkv[0], qkv[1:]                                    # (B, H, L, hd), (2, B, H, L, hd)
+        q, kv = qkv.select(0, 0), qkv.narrow(0, 1, 2)         # (B, H, L, hd), (2, B, H, L, hd)
         if temp is not None:
             q = q / temp.view(B, 1, 1, 1).to(q.dtype)
         mask = None
@@ -213,8 +210,9 @@ class Attention(nn.Module):
             if L > 1:                   # query j (position pos+j) sees keys <= pos+j
                 mask = torch.ones(L, pos + L, dtype=torch.bool, device=h.device).tril(pos)
             causal = False
-        o = F.scaled_dot_product_attention(q, kv[0], kv[1], attn_mask=mask, is_causal=causal)
-        o = o.transpose(1, 2).reshape(B, L, D)
+        k, v = kv.unbind(0)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+        o = o.transpose(1, 2).reshape(h.shape)
         return F.linear(o if o.dtype == h.dtype else o.to(h.dtype), self.proj.weight,
                         self.proj.bias)
 
@@ -224,27 +222,24 @@ class MLP(nn.Module):
 
     def __init__(self, dim, ratio=4):
         super().__init__()
-        self.norm = LayerNorm32(dim)
+        self.norm = nn.LayerNorm(dim)
         self.main = nn.Sequential(nn.Linear(dim, ratio * dim), nn.GELU(),
                                   nn.Linear(ratio * dim, dim))
 
     def forward(self, h, mod=None):
-        hn = self.norm(h) if mod is None else modulate(self.norm(h), *mod)
-        fc1, fc2 = self.main[0], self.main[2]
+        hn = norm32(self.norm, h) if mod is None else modulate(norm32(self.norm, h), *mod)
+        fc1, _, fc2 = self.main
         return F.linear(F.gelu(F.linear(hn, fc1.weight, fc1.bias)), fc2.weight, fc2.bias)
 
 
 class AttentionBlock(nn.Module):
-    """One transformer layer of a TarFlow block (causal, no conditioning inside)."""
+    """One transformer layer of a TarFlow block: h + attention(h), then + mlp(h), causal, no
+    conditioning inside (MetaBlock.next_params runs it)."""
 
     def __init__(self, dim, head_dim):
         super().__init__()
         self.attention = Attention(dim, head_dim)
         self.mlp = MLP(dim)
-
-    def forward(self, h, temp=None, cache=None, pos=0):
-        h = h + self.attention(h, True, temp, None, cache, pos)
-        return h + self.mlp(h)
 
 
 # -----------------------------------------------------------------------------
@@ -288,7 +283,8 @@ class MetaBlock(nn.Module):
         the NEXT tokens as one fp32 tensor (B, L, 2d), with the norm control clip*tanh(./clip).
         caches: one KV cache per layer (the exact inverse)."""
         for k, layer in enumerate(self.attn_blocks):
-            h = layer(h, temp, None if caches is None else caches[k], pos)
+            h = h + layer.attention(h, True, temp, None, None if caches is None else caches[k], pos)
+            h = h + layer.mlp(h)
         out = f32(F.linear(h, self.proj_out.weight, self.proj_out.bias))
         return self.clip * torch.tanh(out / self.clip) if self.clip > 0 else out
 
@@ -344,16 +340,16 @@ class MetaBlock(nn.Module):
         att = self.attn_blocks[0].attention
         caches = [zp.new_empty(2, S * B, att.num_heads, N, att.head_dim, dtype=kv_dtype)
                   for _ in self.attn_blocks]
-        x = list(zp.split(1, dim=1))                        # N x (B, 1, d)
-        pcs = pc.split(1, dim=2)                            # N x (S, B, 1, D)
+        x = list(zp.unbind(1))                              # N x (B, d)
+        pcs = pc.unbind(2)                                  # N x (S, B, D)
         for i in range(N - 1):
-            h = (F.linear(x[i], self.proj_in.weight, self.proj_in.bias) + pcs[i]).view(-1, 1, D)
-            out = self.next_params(h, temp, caches, i)      # (S*B, 1, 2d)
+            h = (F.linear(x[i], self.proj_in.weight, self.proj_in.bias) + pcs[i]).view(-1, D)
+            out = self.next_params(h, temp, caches, i)      # (S*B, 2d)
             if S == 2:
                 out = guide(*out.chunk(2), ws[i])
             alpha, mu = out.chunk(2, dim=-1)
             x[i + 1] = torch.addcmul(mu, x[i + 1], alpha.exp())
-        return torch.cat(x, dim=1)
+        return torch.stack(x, dim=1)
 
     def _jacobi(self, zp, pc, temp, w, tol):
         """Plain Jacobi: each pass computes every token's alpha, mu from the last iterate in one
@@ -588,7 +584,7 @@ class ReverseModel(nn.Module):
         self.denoiser = nn.ModuleList(
             ReverseBlock(D, cfg.head_dim)
             for _ in range(cfg.denoise_layers if cfg.denoise == 'learned' else 0))
-        self.final_norm = LayerNorm32(D, elementwise_affine=False)
+        self.final_norm = nn.LayerNorm(D, elementwise_affine=False)
         self.final_ada = nn.Linear(D, 2 * D)
         self.final = nn.Linear(D, d)
         for lin in (self.final_ada, self.final):
@@ -628,7 +624,7 @@ class ReverseModel(nn.Module):
             h = layer(h, cond)
         h = guide(*h.chunk(2), inference_w) if inference_w else h
         shift, scale = self.final_ada(F.silu(cond[:B])).unsqueeze(1).chunk(2, dim=-1)
-        preds.append(self.final(modulate(self.final_norm(h), shift, scale)))
+        preds.append(self.final(modulate(norm32(self.final_norm, h), shift, scale)))
         return preds
 
     def decode(self, z, y=None, w=None, inference_w=0.0, flow=None):
