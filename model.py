@@ -278,24 +278,29 @@ class MetaBlock(nn.Module):
             return null
         return torch.where((y < 0).view(-1, 1, 1), null, self.class_embed[y.clamp(min=0)])
 
-    def next_params(self, h, temp=None, caches=None, pos=0):
-        """The causal layers on h (B, L, D) (embedded tokens at positions pos..): (alpha, mu) of
-        the NEXT tokens as one fp32 tensor (B, L, 2d), with the norm control clip*tanh(./clip).
+    def next_params(self, x, pc, temp=None, w=0.0, caches=None, pos=0):
+        """The causal layers on tokens x (B, L, d) at positions pos.., or one token (B, d), with
+        their position + class embeddings pc (S, B, L, D) or (S, B, D) per stream (S = 2:
+        conditional rows, then null-class rows): (alpha, mu) of the NEXT tokens, fp32, each
+        (B, L, d) or (B, d), with the norm control clip*tanh(./clip) and, for S = 2, guidance w.
         caches: one KV cache per layer (the exact inverse)."""
+        h = (F.linear(x, self.proj_in.weight, self.proj_in.bias) + pc).flatten(0, 1)
         for k, layer in enumerate(self.attn_blocks):
             h = h + layer.attention(h, True, temp, None, None if caches is None else caches[k], pos)
             h = h + layer.mlp(h)
         out = f32(F.linear(h, self.proj_out.weight, self.proj_out.bias))
-        return self.clip * torch.tanh(out / self.clip) if self.clip > 0 else out
+        if self.clip > 0:
+            out = self.clip * torch.tanh(out / self.clip)
+        return (guide(*out.chunk(2), w) if len(pc) == 2 else out).chunk(2, dim=-1)
 
     def params(self, xp, y=None, temp=None):
         """alpha, mu (B, N, d) for every token of xp (already in this block's order),
         in parallel."""
-        # (B, N, D); pos moves with its patch
-        h = self.proj_in(xp) + self.permute(self.pos_embed, dim=0) + self.condition(y)
-        out = self.next_params(h, temp)                 # (B, N, 2d): output i predicts token i+1
+        # (1, B, N, D); pos moves with its patch
+        pc = (self.permute(self.pos_embed, dim=0) + self.condition(y)).expand(len(xp), -1, -1)
+        alpha, mu = self.next_params(xp, pc[None], temp)    # output i predicts token i+1
         # shift: token i depends on tokens < i only
-        return torch.cat([torch.zeros_like(out[:, :1]), out[:, :-1]], dim=1).chunk(2, dim=-1)
+        return [F.pad(t[:, :-1], (0, 0, 1, 0)) for t in (alpha, mu)]
 
     def forward(self, x, y=None, temp=None):
         """x (B, N, d) in raster order -> z (B, N, d) in raster order and log|det dz/dx| (B,),
@@ -313,63 +318,36 @@ class MetaBlock(nn.Module):
         the null-class rows (attention temperature attn_temp) run as one batch of 2B, and alpha, mu
         are guided by w = guidance, or guidance (i+1)/(N-1) with the ramp. The recursion is fp32
         (also under bf16 autocast). jacobi=None: token by token with a KV cache (dtype kv_dtype,
-        default z's). jacobi=tol: plain Jacobi passes until the largest change is <= tol."""
+        default z's). jacobi=tol: plain Jacobi passes, each computing every token from the last
+        iterate in one parallel pass; token j is exact after j passes, so N-1 reach the sequential
+        result, and a pass whose largest change is <= tol ends it early."""
         B, N, _ = z.shape
         S = 2 if guidance else 1                            # streams: conditional, null class
-        if S == 2 and y is not None:
-            y = torch.cat([y, torch.full_like(y, -1)])
-        pos = self.permute(self.pos_embed, dim=0)
-        pc = (pos + self.condition(y)).expand(S * B, N, -1).reshape(S, B, N, -1)   # (S, B, N, D)
-        temp = None
-        if S == 2 and attn_temp != 1.0:
-            temp = torch.tensor([1.0, attn_temp], dtype=pc.dtype, device=z.device)
-            temp = temp.repeat_interleave(B)                                        # (2B,)
+        y = torch.cat([y, torch.full_like(y, -1)]) if S == 2 and y is not None else y
+        pc = self.permute(self.pos_embed, dim=0) + self.condition(y)
+        pc = pc.expand(S * B, N, -1).reshape(S, B, N, -1)   # (S, B, N, D)
+        temp = (torch.tensor([1.0] * B + [attn_temp] * B, dtype=pc.dtype, device=z.device)
+                if S == 2 and attn_temp != 1.0 else None)   # (2B,)
         ws = [guidance * (i + 1) / (N - 1) if ramp else guidance for i in range(N - 1)]
         zp = f32(self.permute(z))
         if jacobi is None:
-            x = self._sequential(zp, pc, temp, ws, kv_dtype or zp.dtype)
-        else:
-            w = torch.tensor(ws, dtype=zp.dtype, device=z.device).view(-1, 1)   # (N-1, 1)
-            x = self._jacobi(zp, pc, temp, w, jacobi)
-        return self.permute(x)
-
-    def _sequential(self, zp, pc, temp, ws, kv_dtype):
-        """Token by token: step i embeds token i, runs the layers on it alone (writing its keys
-        and values into the caches at i) and finishes token i+1."""
-        S, B, N, D = pc.shape
-        att = self.attn_blocks[0].attention
-        caches = [zp.new_empty(2, S * B, att.num_heads, N, att.head_dim, dtype=kv_dtype)
-                  for _ in self.attn_blocks]
-        x = list(zp.unbind(1))                              # N x (B, d)
-        pcs = pc.unbind(2)                                  # N x (S, B, D)
-        for i in range(N - 1):
-            h = (F.linear(x[i], self.proj_in.weight, self.proj_in.bias) + pcs[i]).view(-1, D)
-            out = self.next_params(h, temp, caches, i)      # (S*B, 2d)
-            if S == 2:
-                out = guide(*out.chunk(2), ws[i])
-            alpha, mu = out.chunk(2, dim=-1)
-            x[i + 1] = torch.addcmul(mu, x[i + 1], alpha.exp())
-        return torch.stack(x, dim=1)
-
-    def _jacobi(self, zp, pc, temp, w, tol):
-        """Plain Jacobi: each pass computes every token's alpha, mu from the last iterate in one
-        parallel pass (tokens 1..N-1 from 0..N-2). Token 0 is exact from the start and one more
-        token after each pass, so N-1 passes reach the sequential result; a pass whose largest
-        change is <= tol ends it early."""
-        S, B, N, D = pc.shape
-        x = zp.clone()
-        for _ in range(N - 1):
-            h = (self.proj_in(x[:, :-1]) + pc[:, :, :-1]).view(S * B, N - 1, D)
-            out = self.next_params(h, temp)                 # (S*B, N-1, 2d): tokens 1..N-1
-            if S == 2:
-                out = guide(*out.chunk(2), w)
-            alpha, mu = out.chunk(2, dim=-1)
+            att = self.attn_blocks[0].attention
+            caches = [zp.new_empty(2, S * B, att.num_heads, N, att.head_dim,
+                                   dtype=kv_dtype or zp.dtype) for _ in self.attn_blocks]
+            x, pcs = list(zp.unbind(1)), pc.unbind(2)       # N x (B, d), N x (S, B, D)
+            for i in range(N - 1):
+                alpha, mu = self.next_params(x[i], pcs[i], temp, ws[i], caches, i)
+                x[i + 1] = torch.addcmul(mu, x[i + 1], alpha.exp())
+            return self.permute(torch.stack(x, dim=1))
+        x, w = zp.clone(), torch.tensor(ws, dtype=zp.dtype, device=z.device).view(-1, 1)
+        for _ in range(N - 1):                              # tokens 1..N-1 from 0..N-2
+            alpha, mu = self.next_params(x[:, :-1], pc[:, :, :-1], temp, w)
             new = torch.addcmul(mu, zp[:, 1:], alpha.exp())
             change = (new - x[:, 1:]).abs().max()
             x[:, 1:] = new
-            if change <= tol:
+            if change <= jacobi:
                 break
-        return x
+        return self.permute(x)
 
 
 # activations the denoising backward may keep per chunk: small chunks at paper scale
@@ -483,18 +461,18 @@ def load_ml_tarflow(state_dict, noise_std, norm_clip=0.0) -> TarFlow:
     tensor shapes. noise_std has no default: the dicts do not record it and Apple's models use 0.05,
     0.07 or 0.15 (Tweedie needs it). The buffers 'var' (prior variance; all ones in the NVP models)
     and 'attn_mask' are not needed here."""
-    sd = {key.removeprefix('module.'): value for key, value in state_dict.items()}
+    sd = {key.removeprefix('module.'): value for key, value in state_dict.items()
+          if not key.endswith('attn_mask')}
+    if not torch.all(sd.pop('var', torch.ones(1)) == 1):
+        raise ValueError('ml-tarflow state dict has a learned prior variance (VP mode), '
+                         'which is not supported')
     for key in ('blocks.0.proj_in.weight', 'blocks.0.pos_embed', 'blocks.0.proj_out.weight'):
         if key not in sd:
             raise ValueError(f'not an ml-tarflow state dict: no key {key}')
         if sd[key].ndim != 2:
             raise ValueError(f'ml-tarflow state dict: {key} has shape {tuple(sd[key].shape)}, '
                              'expected a matrix')
-    T = sum(1 for key in sd if key.endswith('.proj_in.weight'))
-    K = sum(1 for key in sd
-            if key.startswith('blocks.0.attn_blocks.') and key.endswith('.attention.qkv.weight'))
-    D, d = sd['blocks.0.proj_in.weight'].shape
-    N = sd['blocks.0.pos_embed'].shape[0]
+    (D, d), N = sd['blocks.0.proj_in.weight'].shape, len(sd['blocks.0.pos_embed'])
     out = tuple(sd['blocks.0.proj_out.weight'].shape)
     # VP models predict mu only; anything else is a damaged (truncated, transposed) tensor
     if out == (d, D):
@@ -504,23 +482,20 @@ def load_ml_tarflow(state_dict, noise_std, norm_clip=0.0) -> TarFlow:
         raise ValueError(f'ml-tarflow state dict: blocks.0.proj_out.weight has shape {out}, '
                          f'expected {(2 * d, D)} (2 x token dim, width) from '
                          f'blocks.0.proj_in.weight {(D, d)}')
-    if 'var' in sd and not torch.all(sd['var'] == 1):
-        raise ValueError('ml-tarflow state dict has a learned prior variance (VP mode), '
-                         'which is not supported')
     C = 3 if d % 3 == 0 else 1
-    patch = math.isqrt(d // C)
-    side = math.isqrt(N)
-    ncls = sd['blocks.0.class_embed'].shape[0] if 'blocks.0.class_embed' in sd else 0
+    patch, side = math.isqrt(d // C), math.isqrt(N)
     if patch * patch * C != d or side * side != N or D % 64:
         raise ValueError(f'cannot infer an ml-tarflow config from token dim {d}, '
                          f'{N} tokens, width {D}')
-    cfg = FlowConfig(img_size=side * patch, in_channels=C, patch_size=patch, channels=D,
-                     num_blocks=T, layers_per_block=K, head_dim=64, num_classes=ncls,
-                     noise_std=noise_std, norm_clip=norm_clip)
-    model = TarFlow(cfg)
+    model = TarFlow(FlowConfig(
+        img_size=side * patch, in_channels=C, patch_size=patch, channels=D, head_dim=64,
+        num_blocks=sum(key.endswith('.proj_in.weight') for key in sd),
+        layers_per_block=sum(key.startswith('blocks.0.') and key.endswith('.qkv.weight')
+                             for key in sd),
+        num_classes=len(sd.get('blocks.0.class_embed', ())), noise_std=noise_std,
+        norm_clip=norm_clip))
     try:
-        model.load_state_dict({key: value for key, value in sd.items()
-                               if key != 'var' and not key.endswith('attn_mask')}, strict=True)
+        model.load_state_dict(sd)
     except RuntimeError as e:
         # other damaged tensors: PyTorch's message lists each one with both shapes
         raise ValueError('ml-tarflow state dict: tensors do not fit the config '
