@@ -171,11 +171,9 @@ def guide(cond, uncond, w):
 
 
 def norm32(norm, h):
-    """nn.LayerNorm `norm` computed in fp32 (also under bf16 autocast), in h's dtype."""
-    if h.dtype in (torch.float32, torch.float64):
-        return F.layer_norm(h, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
-    weight, bias = (None, None) if norm.weight is None else (norm.weight.float(), norm.bias.float())
-    return F.layer_norm(h.float(), norm.normalized_shape, weight, bias, norm.eps).type_as(h)
+    """nn.LayerNorm `norm` computed in fp32 (also on bf16 activations), in h's dtype."""
+    out = F.layer_norm(f32(h), norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+    return out if out.dtype == h.dtype else out.to(h.dtype)
 
 
 class Attention(nn.Module):
@@ -190,29 +188,24 @@ class Attention(nn.Module):
         self.num_heads, self.head_dim = dim // head_dim, head_dim
 
     def forward(self, h, causal=False, temp=None, mod=None, cache=None, pos=0):
-        """h (B, L, D) at positions pos..pos+L-1, or (B, D) for one token -> h's shape.
+        """h (B, L, D) -> (B, L, D).
         temp (B,): the logits divided by temp per row (TarFlow's attention-temperature guidance).
         mod: adaLN (shift, scale) applied after the norm (the reverse model's conditioning).
-        cache: the keys and values (2, B, H, N, hd) of positions < pos (the exact inverse): this
-        window's are written at pos.., and each query attends to positions <= its own."""
-        B, L, D = h.shape[0], h.shape[1] if h.dim() == 3 else 1, h.shape[-1]
+        cache: the exact inverse's keys and values (2, B, H, N, hd): h is one token (B, D) at
+        position pos, whose keys and values are written there, attending to positions <= pos."""
+        B = len(h)
         hn = norm32(self.norm, h) if mod is None else modulate(norm32(self.norm, h), *mod)
         qkv = F.linear(hn, self.qkv.weight, self.qkv.bias)
-        qkv = qkv.view(B, L, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        qkv = qkv.view(B, -1, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, kv = qkv.select(0, 0), qkv.narrow(0, 1, 2)         # (B, H, L, hd), (2, B, H, L, hd)
         if temp is not None:
             q = q / temp.view(B, 1, 1, 1).to(q.dtype)
-        mask = None
         if cache is not None:
-            cache.narrow(3, pos, L).copy_(kv)
-            kv = cache.narrow(3, 0, pos + L)
+            cache.narrow(3, pos, 1).copy_(kv)
+            kv, causal = cache.narrow(3, 0, pos + 1), False
             q = q if q.dtype == kv.dtype else q.to(kv.dtype)
-            if L > 1:                   # query j (position pos+j) sees keys <= pos+j
-                mask = torch.ones(L, pos + L, dtype=torch.bool, device=h.device).tril(pos)
-            causal = False
-        k, v = kv.unbind(0)
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
-        o = o.transpose(1, 2).reshape(h.shape)
+        o = F.scaled_dot_product_attention(q, *kv.unbind(0), is_causal=causal)
+        o = (o if cache is not None else o.transpose(1, 2)).reshape(h.shape)
         return F.linear(o if o.dtype == h.dtype else o.to(h.dtype), self.proj.weight,
                         self.proj.bias)
 
@@ -274,9 +267,8 @@ class MetaBlock(nn.Module):
         if not hasattr(self, 'class_embed'):
             return 0.
         null = self.class_embed.mean(0, keepdim=True)  # (1, 1, D)
-        if y is None:
-            return null
-        return torch.where((y < 0).view(-1, 1, 1), null, self.class_embed[y.clamp(min=0)])
+        return null if y is None else torch.where((y < 0).view(-1, 1, 1), null,
+                                                  self.class_embed[y.clamp(min=0)])
 
     def next_params(self, x, pc, temp=None, w=0.0, caches=None, pos=0):
         """The causal layers on tokens x (B, L, d) at positions pos.., or one token (B, d), with
@@ -331,9 +323,8 @@ class MetaBlock(nn.Module):
         ws = [guidance * (i + 1) / (N - 1) if ramp else guidance for i in range(N - 1)]
         zp = f32(self.permute(z))
         if jacobi is None:
-            att = self.attn_blocks[0].attention
-            caches = [zp.new_empty(2, S * B, att.num_heads, N, att.head_dim,
-                                   dtype=kv_dtype or zp.dtype) for _ in self.attn_blocks]
+            caches = [zp.new_empty(2, S * B, lay.attention.num_heads, N, lay.attention.head_dim,
+                                   dtype=kv_dtype or zp.dtype) for lay in self.attn_blocks]
             x, pcs = list(zp.unbind(1)), pc.unbind(2)       # N x (B, d), N x (S, B, D)
             for i in range(N - 1):
                 alpha, mu = self.next_params(x[i], pcs[i], temp, ws[i], caches, i)
@@ -444,13 +435,11 @@ class TarFlow(nn.Module):
                generator=None, z=None, kv_dtype=None, jacobi=None):
         """Draw z ~ N(0, I), invert exactly, optionally denoise.
         Class-conditional: pass labels y (B,)."""
-        cfg = self.cfg
         if z is None:
-            n = len(y) if y is not None else n
             # drawn where the generator lives (a CPU generator cannot fill a CUDA tensor),
             # then moved to the model
-            z = torch.randn(n, cfg.num_tokens, cfg.token_dim, generator=generator,
-                            device=None if generator is None else generator.device)
+            z = torch.randn(n if y is None else len(y), self.cfg.num_tokens, self.cfg.token_dim,
+                            generator=generator, device=generator and generator.device)
             z = z.to(next(self.parameters()).device)
         x = self.reverse(z, y, guidance, ramp, attn_temp, kv_dtype, jacobi)
         return self.denoise(x, y) if denoise else x
@@ -562,9 +551,8 @@ class ReverseModel(nn.Module):
         self.final_norm = nn.LayerNorm(D, elementwise_affine=False)
         self.final_ada = nn.Linear(D, 2 * D)
         self.final = nn.Linear(D, d)
-        for lin in (self.final_ada, self.final):
-            nn.init.zeros_(lin.weight)
-            nn.init.zeros_(lin.bias)
+        for param in (*self.final_ada.parameters(), *self.final.parameters()):
+            nn.init.zeros_(param)
 
     def condition(self, y, w):
         """(B, D) conditioning vector from labels y (-1 or None: null class)
@@ -631,8 +619,7 @@ def inpaint(G: ReverseModel, flow: TarFlow, x, redraw, y, noise, w=0.0, eps=None
     fc = flow.cfg
     eps = torch.randn_like(x) if eps is None else eps
     known = ~redraw.expand_as(x)
-    count = known.sum((2, 3), keepdim=True).clamp(min=1)
-    fill = torch.where(known, x, 0.).sum((2, 3), keepdim=True) / count
+    fill = torch.where(known, x, 0.).sum((2, 3), True) / known.sum((2, 3), True).clamp(min=1)
     z, _, _ = flow(torch.where(known, x, fill) + fc.noise_std * eps, y)
     keep = ~patchify(redraw.float(), fc.patch_size).bool().any(-1, keepdim=True)   # (B, N, 1)
     z = torch.where(keep, z, noise)
@@ -720,10 +707,9 @@ def reverse_loss(G: ReverseModel, flow: TarFlow, x, y, w, eps, perceptual=None, 
     terms['out'] = state_distance(preds[-1], targets[-1], raw.cfg.norm)
     loss = sum(adaptive(dist, c, p).mean() for dist in terms.values())
     if perceptual is not None:
-        size = (fc.img_size, fc.img_size)
-        img = unpatchify(preds[-1].float(), fc.patch_size, size[0])
-        stride = perceptual_every
-        dists = perceptual(img[::stride], x[::stride].float(), generator=generator)
+        img = unpatchify(preds[-1].float(), fc.patch_size, fc.img_size)
+        dists = perceptual(img[::perceptual_every], x[::perceptual_every].float(),
+                           generator=generator)
         for name, dist in dists.items():
             terms[name] = dist
             loss = loss + (weights or {}).get(name, 1.0) * adaptive(dist, c, p).mean()
