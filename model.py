@@ -288,9 +288,9 @@ class MetaBlock(nn.Module):
     def params(self, xp, y=None, temp=None):
         """alpha, mu (B, N, d) for every token of xp (already in this block's order),
         in parallel."""
-        # (1, B, N, D); pos moves with its patch
+        # (B, N, D); pos moves with its patch
         pc = (self.permute(self.pos_embed, dim=0) + self.condition(y)).expand(len(xp), -1, -1)
-        alpha, mu = self.next_params(xp, pc[None], temp)    # output i predicts token i+1
+        alpha, mu = self.next_params(xp, pc[None], temp)    # one stream; output i predicts i+1
         # shift: token i depends on tokens < i only
         return [F.pad(t[:, :-1], (0, 0, 1, 0)) for t in (alpha, mu)]
 
