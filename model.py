@@ -15,9 +15,7 @@ BiFlow, "Bidirectional Normalizing Flow: From Data to Noise and Back" (Lu et al.
 """
 import contextlib
 import math
-import time
 from dataclasses import dataclass, fields
-from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -157,15 +155,6 @@ def unpatchify(tokens, patch, size):
     return F.fold(tokens.transpose(1, 2), size, patch, stride=patch)
 
 
-class LayerNorm32(nn.LayerNorm):
-    """LayerNorm computed in fp32 (also under bf16 autocast), returned in the input's dtype."""
-
-    def forward(self, h):
-        weight = None if self.weight is None else f32(self.weight)
-        bias = None if self.bias is None else f32(self.bias)
-        return F.layer_norm(f32(h), self.normalized_shape, weight, bias, self.eps).type_as(h)
-
-
 def f32(tensor):
     """Upcast bf16/fp16 to fp32 for the flow's critical math; fp32 and float64 pass unchanged."""
     return tensor.float() if tensor.dtype in (torch.float16, torch.bfloat16) else tensor
@@ -176,32 +165,49 @@ def modulate(h, shift, scale):
     return h * (1 + scale) + shift
 
 
+def guide(cond, uncond, w):
+    """Classifier-free guidance: cond + w * (cond - uncond)."""
+    return torch.lerp(uncond, cond, 1 + w)
+
+
+def norm32(norm, h):
+    """nn.LayerNorm `norm` computed in fp32 (also on bf16 activations), in h's dtype."""
+    out = F.layer_norm(f32(h), norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+    return out if out.dtype == h.dtype else out.to(h.dtype)
+
+
 class Attention(nn.Module):
     """Pre-norm multi-head self-attention. Key names match Apple's ml-tarflow (norm, qkv, proj)."""
 
     def __init__(self, dim, head_dim):
         super().__init__()
         assert dim % head_dim == 0, f'width {dim} is not a multiple of head_dim {head_dim}'
-        self.norm = LayerNorm32(dim)
+        self.norm = nn.LayerNorm(dim)
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
         self.num_heads, self.head_dim = dim // head_dim, head_dim
 
-    def forward(self, h, causal=False, temp=None, mod=None):
-        """h (B, N, D). temp (B,) scales the logits by 1/temp per sample
-        (TarFlow's attention-temperature guidance).
-        mod: adaLN (shift, scale) applied after the norm (the reverse model's conditioning)."""
-        B, N, D = h.shape
-        hn = self.norm(h)
-        if mod is not None:
-            hn = modulate(hn, *mod)
-        qkv = self.qkv(hn).reshape(B, N, 3 * self.num_heads, self.head_dim).transpose(1, 2)
-        q, k, v = qkv.chunk(3, dim=1)
+    def forward(self, h, causal=False, temp=None, mod=None, cache=None, pos=0):
+        """h (B, L, D) -> (B, L, D).
+        temp (B,): the logits divided by temp per row (TarFlow's attention-temperature guidance).
+        mod: adaLN (shift, scale) applied after the norm (the reverse model's conditioning).
+        cache: the exact inverse's keys and values (2, B, H, N, hd): h is one token (B, D) at
+        position pos, whose keys and values are written there, attending to positions <= pos."""
+        B = len(h)
+        hn = norm32(self.norm, h) if mod is None else modulate(norm32(self.norm, h), *mod)
+        qkv = F.linear(hn, self.qkv.weight, self.qkv.bias)
+        qkv = qkv.view(B, -1, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, kv = qkv.select(0, 0), qkv.narrow(0, 1, 2)         # (B, H, L, hd), (2, B, H, L, hd)
         if temp is not None:
             q = q / temp.view(B, 1, 1, 1).to(q.dtype)
-        # (B, H, N, hd); flash/efficient kernels on GPU
-        o = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
-        return self.proj(o.transpose(1, 2).reshape(B, N, D))
+        if cache is not None:
+            cache.narrow(3, pos, 1).copy_(kv)
+            kv, causal = cache.narrow(3, 0, pos + 1), False
+            q = q if q.dtype == kv.dtype else q.to(kv.dtype)
+        o = F.scaled_dot_product_attention(q, *kv.unbind(0), is_causal=causal)
+        o = (o if cache is not None else o.transpose(1, 2)).reshape(h.shape)
+        return F.linear(o if o.dtype == h.dtype else o.to(h.dtype), self.proj.weight,
+                        self.proj.bias)
 
 
 class MLP(nn.Module):
@@ -209,66 +215,28 @@ class MLP(nn.Module):
 
     def __init__(self, dim, ratio=4):
         super().__init__()
-        self.norm = LayerNorm32(dim)
+        self.norm = nn.LayerNorm(dim)
         self.main = nn.Sequential(nn.Linear(dim, ratio * dim), nn.GELU(),
                                   nn.Linear(ratio * dim, dim))
 
     def forward(self, h, mod=None):
-        hn = self.norm(h)
-        return self.main(hn if mod is None else modulate(hn, *mod))
+        hn = norm32(self.norm, h) if mod is None else modulate(norm32(self.norm, h), *mod)
+        fc1, _, fc2 = self.main
+        return F.linear(F.gelu(F.linear(hn, fc1.weight, fc1.bias)), fc2.weight, fc2.bias)
 
 
 class AttentionBlock(nn.Module):
-    """One transformer layer of a TarFlow block (causal, no conditioning inside)."""
+    """One transformer layer of a TarFlow block: h + attention(h), then + mlp(h), causal, no
+    conditioning inside (MetaBlock.next_params runs it)."""
 
     def __init__(self, dim, head_dim):
         super().__init__()
         self.attention = Attention(dim, head_dim)
         self.mlp = MLP(dim)
 
-    def forward(self, h, temp=None):
-        h = h + self.attention(h, causal=True, temp=temp)
-        return h + self.mlp(h)
-
 
 # -----------------------------------------------------------------------------
 # The forward model: TarFlow
-
-
-class _CachedLayer(NamedTuple):
-    """One causal layer as the token-by-token inverse uses it: its modules,
-    its preallocated KV cache k, v (S*B, H, N, hd) and views of it (k_at[i] writes position i,
-    k_upto[i] reads positions 0..i)."""
-    norm1: nn.Module
-    qkv: nn.Module
-    proj: nn.Module
-    norm2: nn.Module
-    fc1: nn.Module
-    fc2: nn.Module
-    heads: int
-    head_dim: int
-    k: torch.Tensor
-    v: torch.Tensor
-    k_at: tuple
-    v_at: tuple
-    k_upto: list
-    v_upto: list
-
-
-# The parallel inverse's default tolerance on the change per pass. On the CPU preset's trained F at
-# w = 2, the images' largest difference from the sequential inverse's came out about equal to it
-# (plain Jacobi in all 4 flows: 9.5e-4 at 1e-3, 2.9e-3 at 3e-3): half the 1e-3 target.
-JACOBI_TOL = 5e-4
-
-
-class InverseInfo(NamedTuple):
-    """What one flow's parallel inverse did: passes (B,) per sample, summed over segments (a
-    sequential flow counts its N-1 steps); fallbacks, the samples a non-finite pass sent to the
-    sequential inverse; changes, the largest change over the batch in each pass, in order (the
-    convergence picture)."""
-    passes: torch.Tensor
-    fallbacks: int
-    changes: list
 
 
 class MetaBlock(nn.Module):
@@ -299,30 +267,32 @@ class MetaBlock(nn.Module):
         if not hasattr(self, 'class_embed'):
             return 0.
         null = self.class_embed.mean(0, keepdim=True)  # (1, 1, D)
-        if y is None:
-            return null
-        return torch.where((y < 0).view(-1, 1, 1), null, self.class_embed[y.clamp(min=0)])
+        return null if y is None else torch.where((y < 0).view(-1, 1, 1), null,
+                                                  self.class_embed[y.clamp(min=0)])
 
-    def affine(self, h):
-        """Split the output projection into (alpha, mu) in fp32,
-        with the optional norm control clip*tanh(./clip)."""
-        alpha, mu = f32(h).chunk(2, dim=-1)
+    def next_params(self, x, pc, temp=None, w=0.0, caches=None, pos=0):
+        """The causal layers on tokens x (B, L, d) at positions pos.., or one token (B, d), with
+        their position + class embeddings pc (S, B, L, D) or (S, B, D) per stream (S = 2:
+        conditional rows, then null-class rows): (alpha, mu) of the NEXT tokens, fp32, each
+        (B, L, d) or (B, d), with the norm control clip*tanh(./clip) and, for S = 2, guidance w.
+        caches: one KV cache per layer (the exact inverse)."""
+        h = (F.linear(x, self.proj_in.weight, self.proj_in.bias) + pc).flatten(0, 1)
+        for k, layer in enumerate(self.attn_blocks):
+            h = h + layer.attention(h, True, temp, None, None if caches is None else caches[k], pos)
+            h = h + layer.mlp(h)
+        out = f32(F.linear(h, self.proj_out.weight, self.proj_out.bias))
         if self.clip > 0:
-            alpha, mu = (self.clip * torch.tanh(alpha / self.clip),
-                         self.clip * torch.tanh(mu / self.clip))
-        return alpha, mu
+            out = self.clip * torch.tanh(out / self.clip)
+        return (guide(*out.chunk(2), w) if len(pc) == 2 else out).chunk(2, dim=-1)
 
     def params(self, xp, y=None, temp=None):
         """alpha, mu (B, N, d) for every token of xp (already in this block's order),
         in parallel."""
         # (B, N, D); pos moves with its patch
-        h = self.proj_in(xp) + self.permute(self.pos_embed, dim=0) + self.condition(y)
-        for layer in self.attn_blocks:
-            h = layer(h, temp=temp)
-        h = self.proj_out(h)                            # (B, N, 2d): output i predicts token i+1
+        pc = (self.permute(self.pos_embed, dim=0) + self.condition(y)).expand(len(xp), -1, -1)
+        alpha, mu = self.next_params(xp, pc[None], temp)    # one stream; output i predicts i+1
         # shift: token i depends on tokens < i only
-        h = torch.cat([torch.zeros_like(h[:, :1]), h[:, :-1]], dim=1)
-        return self.affine(h)
+        return [F.pad(t[:, :-1], (0, 0, 1, 0)) for t in (alpha, mu)]
 
     def forward(self, x, y=None, temp=None):
         """x (B, N, d) in raster order -> z (B, N, d) in raster order and log|det dz/dx| (B,),
@@ -333,328 +303,42 @@ class MetaBlock(nn.Module):
         return self.permute(z), -alpha.sum(dim=(1, 2))
 
     @torch.no_grad()
-    def reverse_reference(self, z, y=None, guidance=0.0, ramp=False, attn_temp=1.0):
-        """The exact inverse as written down, and as Apple's ml-tarflow runs it: token i+1 of the
-        permuted x is x_{i+1} = z_{i+1} * exp(alpha_i) + mu_i, with (alpha, mu) from the causal
-        layers on tokens 0..i, each layer keeping its keys and values in Python lists
-        re-concatenated at every token. With guidance the conditional and the unconditional stream
-        (null label, attention temperature attn_temp) are two passes with their own caches, and
-        alpha, mu are extrapolated by gscale: alpha + gscale (alpha - alpha_uncond), the same for
-        mu, with gscale = w, or w (i+1)/(N-1) when ramped. z (B, N, d) -> x (B, N, d). `reverse` is
-        the fast form of the same math."""
-        B, N, _ = z.shape
-        x = self.permute(z.float()).clone()
-        pos = self.permute(self.pos_embed, dim=0)
-        streams = [(self.condition(y), None)]
-        if guidance:
-            streams.append((self.condition(None), None if attn_temp == 1.0 else attn_temp))
-        caches = [[([], []) for _ in self.attn_blocks] for _ in streams]
-        for i in range(N - 1):
-            outs = []
-            for (cond, temp), cache in zip(streams, caches):
-                h = self.proj_in(x[:, i:i + 1]) + pos[i:i + 1] + cond   # (B, 1, D)
-                for layer, (ks, vs) in zip(self.attn_blocks, cache):
-                    att = layer.attention
-                    qkv = att.qkv(att.norm(h)).reshape(B, 1, 3 * att.num_heads, att.head_dim)
-                    qkv = qkv.transpose(1, 2)
-                    q, k, v = qkv.chunk(3, 1)   # (B, heads, 1, head_dim) each
-                    q = q if temp is None else q / temp
-                    ks.append(k)
-                    vs.append(v)
-                    # 1 query: no mask
-                    o = F.scaled_dot_product_attention(q, torch.cat(ks, 2), torch.cat(vs, 2))
-                    h = h + att.proj(o.transpose(1, 2).reshape(B, 1, -1))
-                    h = h + layer.mlp(h)
-                outs.append(self.affine(self.proj_out(h)))
-            alpha, mu = outs[0]
-            if guidance:
-                gscale = guidance * (i + 1) / (N - 1) if ramp else guidance
-                alpha = alpha + gscale * (alpha - outs[1][0])
-                mu = mu + gscale * (mu - outs[1][1])
-            x[:, i + 1:i + 2] = x[:, i + 1:i + 2] * torch.exp(alpha) + mu
-        return self.permute(x)
-
-    @torch.no_grad()
     def reverse(self, z, y=None, guidance=0.0, ramp=False, attn_temp=1.0, kv_dtype=None,
-                static=False):
-        """Exact inverse, token by token with a KV cache: reverse_reference's math, made fast (a
-        test keeps the two equal). With guidance, the conditional and unconditional streams run as
-        one batch of 2B. The step is latency-bound (one token, tiny matrices), so it calls the
-        functional ops directly on weights looked up once, keeps activations 2-D, and reads a
-        preallocated cache through views made once per block. kv_dtype: the cache's dtype (default
-        z's, fp32); bfloat16 halves the cache (24 -> 12 GiB at imagenet64, batch 256 with CFG) and
-        the attention reads, while alpha, mu and the recursion stay fp32. static: every token runs
-        the same fixed-shape step (the whole cache, a mask row for positions <= i, the position as a
-        tensor), the same math; on CUDA that step is captured once in a CUDA graph and replayed,
-        which removes the ~100 kernel launches per token that bound the inverse at small batch."""
+                jacobi=None):
+        """Exact inverse z (B, N, d) -> x (B, N, d), raster order: x_{i+1} = z_{i+1} exp(alpha_i)
+        + mu_i in this block's order, alpha, mu from tokens <= i. Guidance: the conditional and
+        the null-class rows (attention temperature attn_temp) run as one batch of 2B, and alpha, mu
+        are guided by w = guidance, or guidance (i+1)/(N-1) with the ramp. The recursion is fp32
+        (also under bf16 autocast). jacobi=None: token by token with a KV cache (dtype kv_dtype,
+        default z's). jacobi=tol: plain Jacobi passes, each computing every token from the last
+        iterate in one parallel pass; token j is exact after j passes, so N-1 reach the sequential
+        result, and a pass whose largest change is <= tol ends it early."""
         B, N, _ = z.shape
-        kv_dtype = kv_dtype or z.dtype
-        D = self.proj_in.out_features
-        guided = guidance != 0
-        S = 2 if guided else 1
-        if guided and y is not None:
-            y = torch.cat([y, torch.full_like(y, -1)])
-        # pos moves with patch
-        pcs = (self.permute(self.pos_embed, dim=0) + self.condition(y)).expand(S * B, N, D)
-        pcs = pcs.reshape(S, B, N, D)                   # position + class, per stream
-        pc = pcs.unbind(2)                              # N x (S, B, D)
-        qscale = None
-        if guided and attn_temp != 1.0:
-            qscale = (torch.tensor([1.0, 1 / attn_temp], device=z.device)
-                      .repeat_interleave(B).view(S * B, 1, 1, 1))
-        layers = []
-        for layer in self.attn_blocks:
-            att, mlp = layer.attention, layer.mlp
-            # zeros, not empty: the static step reads the whole
-            # cache, and masked garbage could be NaN (0 * NaN)
-            k, v = (z.new_zeros(S * B, att.num_heads, N, att.head_dim, dtype=kv_dtype)
-                    for _ in range(2))
-            layers.append(_CachedLayer(att.norm, att.qkv, att.proj, mlp.norm, mlp.main[0],
-                                       mlp.main[2], att.num_heads, att.head_dim, k, v,
-                                       k.unbind(2), v.unbind(2),
-                                       [k[:, :, :j + 1] for j in range(N)],
-                                       [v[:, :, :j + 1] for j in range(N)]))
-        clip = self.clip
-        w_out, b_out = ((self.proj_out.weight / clip, self.proj_out.bias / clip) if clip > 0
-                        else (self.proj_out.weight, self.proj_out.bias))
-        # N x (B, d): token i is final once step i-1 has written it
-        x = list(f32(self.permute(z)).unbind(1))
-        step = self._static_step(layers, pcs, w_out, b_out, qscale, kv_dtype) if static else None
-        for i in range(N - 1):
-            out = (step(x[i], i) if step
-                   else self._token_step(layers, x[i], pc[i], i, w_out, b_out, qscale, kv_dtype))
-            if guided:
-                # the ramp grows linearly over positions
-                gscale = guidance * (i + 1) / (N - 1) if ramp else guidance
-                oc, ou = out.chunk(2)
-                out = torch.lerp(ou, oc, 1 + gscale)   # oc + gscale * (oc - ou), on alpha and mu
-            alpha, mu = out.chunk(2, dim=-1)
-            x[i + 1] = torch.addcmul(mu, x[i + 1], alpha.exp())
-        return self.permute(torch.stack(x, 1))
-
-    def _token_step(self, layers, xi, pci, i, w_out, b_out, qscale, kv_dtype, mask=None):
-        """(alpha, mu) of token i+1 from token i xi (B, d) and its position + class pci (S, B, D):
-        the causal layers on one token, writing its keys and values at position i. Sliced (i an
-        int): attention reads the cache up to i. Static (i a 1-element tensor, mask (1, 1, 1, N)
-        True up to i): it reads the whole cache through the mask, so every token runs on the same
-        shapes. -> (S*B, 2d) in fp32."""
-        D, clip = self.proj_in.out_features, self.clip
-        h = (F.linear(xi, self.proj_in.weight, self.proj_in.bias) + pci).reshape(-1, D)   # (S*B, D)
-        for layer in layers:
-            hn = F.layer_norm(h, (D,), layer.norm1.weight, layer.norm1.bias, layer.norm1.eps)
-            q, k, v = F.linear(hn, layer.qkv.weight, layer.qkv.bias).view(
-                len(h), 3, layer.heads, layer.head_dim).unbind(1)   # each (S*B, H, hd)
-            q = (q.unsqueeze(2) if qscale is None else q.unsqueeze(2) * qscale).to(kv_dtype)
-            if mask is None:
-                layer.k_at[i].copy_(k)
-                layer.v_at[i].copy_(v)
-                # token i attends to <= i
-                att = F.scaled_dot_product_attention(q, layer.k_upto[i], layer.v_upto[i])
-            else:
-                layer.k.index_copy_(2, i, k.unsqueeze(2).to(kv_dtype))
-                layer.v.index_copy_(2, i, v.unsqueeze(2).to(kv_dtype))
-                # the same, by the mask
-                att = F.scaled_dot_product_attention(q, layer.k, layer.v, attn_mask=mask)
-            h = h + F.linear(att.to(h.dtype).view(len(h), D), layer.proj.weight, layer.proj.bias)
-            u = F.layer_norm(h, (D,), layer.norm2.weight, layer.norm2.bias, layer.norm2.eps)
-            ff = F.gelu(F.linear(u, layer.fc1.weight, layer.fc1.bias))
-            h = h + F.linear(ff, layer.fc2.weight, layer.fc2.bias)
-        out = f32(F.linear(h, w_out, b_out))                 # (S*B, 2d): alpha, mu of token i+1
-        return out.tanh_().mul_(clip) if clip > 0 else out   # clip*tanh(./clip), 1/clip folded in
-
-    def _static_step(self, layers, pcs, w_out, b_out, qscale, kv_dtype):
-        """step(xi, i) -> (S*B, 2d): _token_step on fixed shapes, the position a device tensor. On
-        CUDA the step is captured once in a CUDA graph (after a warm-up on a side stream, as graphs
-        need) and replayed per token."""
-        N, dev = pcs.shape[2], pcs.device
-        pos = torch.zeros(1, dtype=torch.long, device=dev)   # the token's position, as a tensor
-        arange = torch.arange(N, device=dev)
-
-        def run(xi):
-            mask = (arange <= pos).view(1, 1, 1, N)                     # attend to positions <= i
-            return self._token_step(layers, xi, pcs.index_select(2, pos).squeeze(2), pos,
-                                    w_out, b_out, qscale, kv_dtype, mask)
-        if dev.type != 'cuda':
-            return lambda xi, i: (pos.fill_(i), run(xi))[1]
-        static_x = torch.zeros(pcs.shape[1], w_out.shape[0] // 2, device=dev)   # (B, d)
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):   # warm-up: writes position 0, rewritten later
-            for _ in range(2):
-                run(static_x)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            static_out = run(static_x)
-
-        def replay(xi, i):
-            static_x.copy_(xi)
-            pos.fill_(i)
-            graph.replay()
-            # read by kernels queued before the next replay overwrites it (one stream)
-            return static_out
-        return replay
-
-    # ----------------------------------------------------------------------------------------------
-    # The parallel exact inverse: reverse()'s alpha, mu, solved as a fixed point by Jacobi passes
-
-    @torch.no_grad()
-    def reverse_parallel(self, z, y=None, guidance=0.0, ramp=False, attn_temp=1.0, segment=None,
-                         tol=JACOBI_TOL, max_passes=None, init=None, cached=True, deadline=None):
-        """Exact inverse as the fixed point x_j = mu_j(x_<j) + exp(alpha_j(x_<j)) * z_j of all
-        tokens at once (GS-Jacobi, Liu & Qin 2025, arXiv 2505.12849): each pass computes alpha, mu
-        of every unsolved token from the last iterate, with the guided alpha, mu, fp32 recursion and
-        norm control of reverse(). Token 0 is exact from the start and one more token after each
-        pass, so a segment of L tokens is exact after at most L passes.
-        segment: tokens solved together (None: all, plain Jacobi); shorter segments run in order,
-            each attending to the finished ones through a KV cache (Gauss-Seidel across, Jacobi
-            inside); 1 is reverse() itself.
-        tol: a sample stops updating in a segment once its largest change in a pass is <= tol
-            (0: only at the fixed point or the cap).
-        max_passes: cap per segment (at most its length; 0 returns the initial guess).
-        init: a guess of the output (B, N, d) in raster order (None: z).
-        cached: pass k starts at token k, reading the exact tokens before it from a KV cache (fewer
-            FLOPs per pass, the same result); False: every pass covers its whole segment.
-        deadline: a time.perf_counter() value past which a pass raises TimeoutError (the planner's
-            cut-off for a strategy already slower than the best).
-        A pass giving a sample non-finite values leaves it untouched, and that sample is redone by
-        reverse() afterwards (InverseInfo.fallbacks). -> (x (B, N, d) raster order, InverseInfo)."""
-        B, N, _ = z.shape
-        s = N if segment is None else int(segment)
-        if s < 1 or tol < 0 or (max_passes is not None and max_passes < 0):
-            raise ValueError(f'reverse_parallel: segment {segment}, tol {tol}, max_passes '
-                             f'{max_passes}: need segment >= 1, tol >= 0, max_passes >= 0')
-        if s == 1 and max_passes != 0:   # one token per segment, one pass each: reverse() itself
-            x = self.reverse(z, y, guidance, ramp, attn_temp)
-            return x, InverseInfo(torch.full((B,), N - 1, dtype=torch.long), 0, [])
-        zp = f32(self.permute(z))                       # (B, N, d) in this block's order
-        x = zp.clone() if init is None else f32(self.permute(init)).clone()
-        x[:, 0] = zp[:, 0]                              # token 0 passes unchanged: exact at once
-        streams = self._streams(y, guidance, attn_temp, B, N)
-        kv_size = (streams[2] * B, N)
-        cache = [[None, None, kv_size] for _ in self.attn_blocks] if cached or s < N - 1 else None
-        passes = torch.zeros(B, dtype=torch.long, device=z.device)
-        bad = torch.zeros(B, dtype=torch.bool, device=z.device)
-        changes = []
-        self._segments(x, zp, s, tol, max_passes, streams, cache, guidance, ramp, passes, bad,
-                       changes, cached, deadline)
-        x = self.permute(x)
-        idx = bad.nonzero().squeeze(1)
-        if len(idx):                                    # reverse() for the samples a pass broke
-            yb = None if y is None else y[idx]
-            x[idx] = self.reverse(z[idx], yb, guidance, ramp, attn_temp).to(x.dtype)
-        return x, InverseInfo(passes.cpu(), len(idx), [float(change) for change in changes])
-
-    def _segments(self, x, zp, s, tol, max_passes, streams, cache, guidance, ramp, passes, bad,
-                  changes, shrink, deadline=None):
-        """Fixed segments [a, a+s) in order, Jacobi passes inside each until every sample's largest
-        change is <= tol or the cap (at most the segment's length, after which it is exact). After
-        `done` passes, a segment's next one starts at token a+done: tokens a..a+done-1 are exact by
-        then, and their keys and values, computed from exact inputs, are in the cache
-        (shrink False: every pass starts at a).
-        Updates x, passes, bad, changes."""
-        N = x.shape[1]
-        for a in range(1, N, s):                        # tokens [a, b), from inputs [a-1, b-1)
-            b = min(a + s, N)
-            act = (~bad).nonzero().squeeze(1)           # samples still updating in this segment
-            for done in range(b - a if max_passes is None else min(max_passes, b - a)):
-                if len(act) == 0:
-                    break
-                lo = a + done if shrink else a          # the first token not yet exact
-                step, act = self._update(x, zp, act, lo, b, streams, cache, guidance, ramp, passes,
-                                         bad, changes)
-                act = act[(step > tol).any(1)]
-                if deadline is not None and time.perf_counter() > deadline:
-                    raise TimeoutError('reverse_parallel: past its deadline')
-
-    def _update(self, x, zp, act, a, b, streams, cache, guidance, ramp, passes, bad, changes):
-        """One pass over tokens [a, b) of samples act, written into x where finite; a sample with a
-        non-finite value is marked bad and left as it was. -> (change (Ba', L) per token of the
-        finite samples, those samples)."""
-        # new (Ba, L, d)
-        new = self._jacobi_pass(x, zp, act, a - 1, b - a, streams, cache, guidance, ramp)
-        ok = torch.isfinite(new).flatten(1).all(1)
-        step = (new - x[act, a:b]).abs().amax(-1)       # (Ba, L) largest change of each token
-        x[act[ok], a:b] = new[ok]
-        passes[act] += 1
-        bad[act[~ok]] = True
-        changes.append(step[ok].max() if ok.any() else step.new_tensor(float('nan')))
-        return step[ok], act[ok]
-
-    def _streams(self, y, guidance, attn_temp, B, N):
-        """The streams reverse() runs as one batch: position + class (S*B, N, D) and the attention
-        temperature per row as the factor 1/temperature on the queries (S*B,) or None.
-        Guided: S = 2, rows B.. are the null label with temperature attn_temp."""
-        guided = guidance != 0
-        S = 2 if guided else 1
-        if guided and y is not None:
-            y = torch.cat([y, torch.full_like(y, -1)])
-        pcs = (self.permute(self.pos_embed, dim=0) + self.condition(y)).expand(S * B, N, -1)
-        temp = None
-        if guided and attn_temp != 1.0:
-            temp = torch.tensor([1.0, 1 / attn_temp], device=self.pos_embed.device)
-            temp = temp.repeat_interleave(B)
-        return pcs, temp, S
-
-    def _jacobi_pass(self, x, zp, act, p0, L, streams, cache, guidance, ramp):
-        """One Jacobi pass of samples act (Ba,) over input positions p0..p0+L-1 of the iterate x
-        (B, N, d): the causal layers on those tokens (attending to positions < p0 through cache),
-        then the new tokens p0+1..p0+L = mu + exp(alpha) * z with the guided alpha, mu.
-        -> (Ba, L, d) fp32."""
-        pcs, temp, S = streams
-        B, N = x.shape[:2]
-        rows = act if S == 1 else torch.cat([act, act + B])               # (S*Ba,) both streams
-        full = len(act) == B                            # every sample: slices instead of gathers
-        xa = x[:, p0:p0 + L] if full else x[act, p0:p0 + L]                # (Ba, L, d)
-        pc = pcs[:, p0:p0 + L] if full else pcs[rows, p0:p0 + L]
-        h = self.proj_in(xa).repeat(S, 1, 1) + pc                          # (S*Ba, L, D)
-        for layer_idx, layer in enumerate(self.attn_blocks):
-            kv = None if cache is None else cache[layer_idx]
-            row_temp = None if temp is None else temp[rows]
-            h = h + self._window_attention(layer.attention, h, row_temp, kv, rows, p0, full)
-            h = h + layer.mlp(h)
-        alpha, mu = self.affine(self.proj_out(h))   # (S*Ba, L, d), tokens p0+1..p0+L, norm control
-        if S == 2:
-            gscale = guidance
-            if ramp:                                    # w grows linearly with the token's position
-                pos = torch.arange(p0 + 1, p0 + L + 1, device=x.device, dtype=alpha.dtype)
-                gscale = guidance * pos.view(L, 1) / (N - 1)
-            (ac, au), (mc, mu_u) = alpha.chunk(2), mu.chunk(2)
-            # cond + gscale * (cond - uncond)
-            alpha, mu = torch.lerp(au, ac, 1 + gscale), torch.lerp(mu_u, mc, 1 + gscale)
-        zt = zp[:, p0 + 1:p0 + L + 1] if full else zp[act, p0 + 1:p0 + L + 1]   # (Ba, L, d)
-        return torch.addcmul(mu, zt, alpha.exp())
-
-    @staticmethod
-    def _window_attention(att, h, temp, kv, rows, p0, full):
-        """Causal self-attention of the tokens at positions p0..p0+L-1, h (R, L, D), over positions
-        <= their own. kv None: the window starts at 0 and nothing is kept.
-        Else kv = [k, v, (S*B, N)]: caches (S*B, H, N, hd), made at the first call; the window's
-        keys and values are written at p0.. of rows, and the attention reads positions < p0 from
-        them (the finished segments)."""
-        R, L, D = h.shape
-        qkv = att.qkv(att.norm(h)).reshape(R, L, 3 * att.num_heads, att.head_dim)
-        q, k, v = qkv.transpose(1, 2).chunk(3, dim=1)   # (R, H, L, hd) each
-        if temp is not None:                            # temp holds 1/temperature
-            q = q * temp.view(R, 1, 1, 1)
-        if kv is None:
-            o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        else:
-            if kv[0] is None:
-                SB, N = kv[2]
-                kv[0], kv[1] = (k.new_zeros(SB, att.num_heads, N, att.head_dim) for _ in range(2))
-            k_cache, v_cache = kv[0], kv[1]
-            if full:                                    # every row: slices, no gather
-                k_cache[:, :, p0:p0 + L], v_cache[:, :, p0:p0 + L] = k, v
-                keys, vals = k_cache[:, :, :p0 + L], v_cache[:, :, :p0 + L]
-            else:
-                k_cache[rows, :, p0:p0 + L], v_cache[rows, :, p0:p0 + L] = k, v
-                keys, vals = k_cache[rows, :, :p0 + L], v_cache[rows, :, :p0 + L]
-            # query i (position p0+i) sees keys j <= p0+i
-            mask = torch.ones(L, p0 + L, dtype=torch.bool, device=h.device).tril(p0)
-            keys, vals = keys.to(q.dtype), vals.to(q.dtype)
-            o = F.scaled_dot_product_attention(q, keys, vals, attn_mask=mask)
-        return att.proj(o.transpose(1, 2).reshape(R, L, D))
+        S = 2 if guidance else 1                            # streams: conditional, null class
+        y = torch.cat([y, torch.full_like(y, -1)]) if S == 2 and y is not None else y
+        pc = self.permute(self.pos_embed, dim=0) + self.condition(y)
+        pc = pc.expand(S * B, N, -1).reshape(S, B, N, -1)   # (S, B, N, D)
+        temp = (torch.tensor([1.0] * B + [attn_temp] * B, dtype=pc.dtype, device=z.device)
+                if S == 2 and attn_temp != 1.0 else None)   # (2B,)
+        ws = [guidance * (i + 1) / (N - 1) if ramp else guidance for i in range(N - 1)]
+        zp = f32(self.permute(z))
+        if jacobi is None:
+            caches = [zp.new_empty(2, S * B, lay.attention.num_heads, N, lay.attention.head_dim,
+                                   dtype=kv_dtype or zp.dtype) for lay in self.attn_blocks]
+            x, pcs = list(zp.unbind(1)), pc.unbind(2)       # N x (B, d), N x (S, B, D)
+            for i in range(N - 1):
+                alpha, mu = self.next_params(x[i], pcs[i], temp, ws[i], caches, i)
+                x[i + 1] = torch.addcmul(mu, x[i + 1], alpha.exp())
+            return self.permute(torch.stack(x, dim=1))
+        x, w = zp.clone(), torch.tensor(ws, dtype=zp.dtype, device=z.device).view(-1, 1)
+        for _ in range(N - 1):                              # tokens 1..N-1 from 0..N-2
+            alpha, mu = self.next_params(x[:, :-1], pc[:, :, :-1], temp, w)
+            new = torch.addcmul(mu, zp[:, 1:], alpha.exp())
+            change = (new - x[:, 1:]).abs().max()
+            x[:, 1:] = new
+            if change <= jacobi:
+                break
+        return self.permute(x)
 
 
 # activations the denoising backward may keep per chunk: small chunks at paper scale
@@ -718,33 +402,13 @@ class TarFlow(nn.Module):
 
     @torch.no_grad()
     def reverse(self, z, y=None, guidance=0.0, ramp=False, attn_temp=1.0, kv_dtype=None,
-                static=False):
+                jacobi=None):
         """z (B, N, d) -> the noisy image (B, C, H, W): invert block T-1 first
-        (kv_dtype, static: MetaBlock.reverse)."""
+        (kv_dtype, jacobi: MetaBlock.reverse)."""
         x = f32(z)
         for block in reversed(self.blocks):
-            x = block.reverse(x, y, guidance, ramp, attn_temp, kv_dtype, static)
+            x = block.reverse(x, y, guidance, ramp, attn_temp, kv_dtype, jacobi)
         return unpatchify(x, self.cfg.patch_size, self.cfg.img_size)
-
-    @torch.no_grad()
-    def reverse_parallel(self, z, y=None, guidance=0.0, ramp=False, attn_temp=1.0, segment=None,
-                         tol=JACOBI_TOL, max_passes=None, init=None, cached=True):
-        """z (B, N, d) -> (the noisy image (B, C, H, W), [InverseInfo of block t for t = 0..T-1]):
-        block T-1 first, each by MetaBlock.reverse_parallel. segment: one length for every flow, or
-        a sequence of T indexed by block (1: that flow sequential). init: None, or T guesses indexed
-        by block (guess t of block t's output x^t, raster order; None entries start from the flow's
-        input), e.g. reverse_guesses(G, ...)."""
-        T = len(self.blocks)
-        segs = list(segment) if isinstance(segment, (list, tuple)) else [segment] * T
-        guesses = [None] * T if init is None else list(init)
-        if len(segs) != T or len(guesses) != T:
-            raise ValueError(f'reverse_parallel: {len(segs)} segment lengths and {len(guesses)} '
-                             f'guesses for {T} flows; give one per flow')
-        x, infos = f32(z), [None] * T
-        for t in reversed(range(T)):
-            x, infos[t] = self.blocks[t].reverse_parallel(x, y, guidance, ramp, attn_temp, segs[t],
-                                                          tol, max_passes, guesses[t], cached)
-        return unpatchify(x, self.cfg.patch_size, self.cfg.img_size), infos
 
     def score(self, x, y=None, checkpoint=True):
         """grad_x log p(x) in fp32 (autocast off): the gradient of the summed log-density, so no
@@ -768,136 +432,17 @@ class TarFlow(nn.Module):
 
     @torch.no_grad()
     def sample(self, y=None, n=None, guidance=0.0, ramp=False, attn_temp=1.0, denoise=True,
-               generator=None, z=None, kv_dtype=None, static=False):
+               generator=None, z=None, kv_dtype=None, jacobi=None):
         """Draw z ~ N(0, I), invert exactly, optionally denoise.
         Class-conditional: pass labels y (B,)."""
-        cfg = self.cfg
         if z is None:
-            n = len(y) if y is not None else n
             # drawn where the generator lives (a CPU generator cannot fill a CUDA tensor),
             # then moved to the model
-            z = torch.randn(n, cfg.num_tokens, cfg.token_dim, generator=generator,
-                            device=None if generator is None else generator.device)
+            z = torch.randn(n if y is None else len(y), self.cfg.num_tokens, self.cfg.token_dim,
+                            generator=generator, device=generator and generator.device)
             z = z.to(next(self.parameters()).device)
-        x = self.reverse(z, y, guidance, ramp, attn_temp, kv_dtype, static)
+        x = self.reverse(z, y, guidance, ramp, attn_temp, kv_dtype, jacobi)
         return self.denoise(x, y) if denoise else x
-
-
-# -----------------------------------------------------------------------------
-# The parallel inverse's strategy: per flow, the fastest of sequential, Jacobi, segments, measured
-
-
-@torch.no_grad()
-def reverse_guesses(G: 'ReverseModel', z, y=None, guidance=0.0):
-    """G's prediction of every flow's output, the initial guesses of TarFlow.reverse_parallel:
-    [guess of x^t for t = 0..T-1] (raster order, None where G has no head for x^t). Head g is
-    aligned with x^{T-1-g} (align_targets); without learned denoising G's output is the noisy x^0.
-    """
-    T = G.cfg.num_blocks
-    train_w = G.cfg.guidance_mode == 'train'
-    preds = G(z, y, torch.full((len(z),), float(guidance), device=z.device) if train_w else None,
-              0.0 if train_w else guidance)
-    guesses = [None] * T
-    for g in range(len(G.heads)):
-        guesses[T - 1 - g] = preds[g].float()
-    if G.cfg.denoise != 'learned':
-        guesses[0] = preds[-1].float()
-    return guesses
-
-
-def segment_candidates(N, shortest=8):
-    """Segment lengths the planner tries: 1 (sequential) first, then N (plain Jacobi), N/2, N/4, ...
-    down to `shortest` (shorter ones pay a pass's fixed cost for a few tokens)."""
-    out, s = [1], N
-    while s >= shortest:
-        out.append(s)
-        s //= 2
-    return out
-
-
-class FlowPlan(NamedTuple):
-    """The planner's measurements of one flow: seconds and passes (mean, max over the batch) per
-    segment length tried (1 = sequential), and the choice, the fastest. A strategy cut off at 1.5x
-    the best time has passes None and the seconds it ran."""
-    seconds: dict
-    passes: dict
-    choice: int
-
-
-@torch.no_grad()
-def plan_inverse(flow: TarFlow, z, y=None, guidance=0.0, ramp=False, attn_temp=1.0,
-                 tol=JACOBI_TOL, max_passes=None, init=None, candidates=None, repeats=2):
-    """Choose each flow's inverse on one batch by running every candidate segment length
-    (segment_candidates) on it, `repeats` times (once, and cut off, past 1.5x the best), and keeping
-    the fastest (least of its times): the passes a flow needs and the cost of a pass against a
-    sequential step are both in that time, on this device at this batch. Flows are planned from T-1
-    down, each on the exact (sequential) output of the one before.
-    -> [FlowPlan of block t, t = 0..T-1]."""
-    T, N = len(flow.blocks), flow.cfg.num_tokens
-    candidates = [1] + [s for s in candidates or segment_candidates(N) if s != 1]   # 1 first
-    guesses = [None] * T if init is None else init
-    sync = torch.cuda.synchronize if z.is_cuda else (lambda: None)
-    x, plans = f32(z), [None] * T
-    for t in reversed(range(T)):
-        seconds, passes = {}, {}
-        for s in candidates:
-            for r in range(repeats):
-                if r and seconds[s] > 1.5 * min(seconds.values()):
-                    break                               # a clear loser needs no second timing
-                sync()
-                t0 = time.perf_counter()
-                best = min(seconds.values(), default=math.inf)
-                try:                                    # cut off once slower than the best so far
-                    out, info = flow.blocks[t].reverse_parallel(
-                        x, y, guidance, ramp, attn_temp, s, tol, max_passes, guesses[t],
-                        deadline=t0 + 1.5 * best if s != 1 and best < math.inf else None)
-                    passes[s] = (info.passes.float().mean().item(), info.passes.max().item())
-                except TimeoutError:
-                    passes.setdefault(s, None)
-                sync()
-                seconds[s] = min(seconds.get(s, math.inf), time.perf_counter() - t0)
-            if s == 1:
-                exact = out
-        plans[t] = FlowPlan(seconds, passes, min(seconds, key=seconds.get))
-        x = exact
-    return plans
-
-
-class ParallelInverse:
-    """TarFlow's exact inverse with a per-flow strategy: segment 'auto' plans it on the first batch
-    (plan_inverse) and keeps it, else an int or one per flow. init 'G' starts each flow from a
-    reverse model's prediction (reverse_guesses). Every batch's InverseInfo is kept, for
-    passes_per_flow()."""
-
-    def __init__(self, segment='auto', tol=JACOBI_TOL, max_passes=None, init='z', candidates=None):
-        if init not in ('z', 'G'):
-            raise ValueError(f"ParallelInverse: init {init!r}: 'z' or 'G'")
-        self.segment, self.tol, self.max_passes, self.init = segment, tol, max_passes, init
-        self.candidates, self.plan, self.infos = candidates, None, []
-
-    def __call__(self, flow, z, y=None, guidance=0.0, ramp=False, attn_temp=1.0, G=None):
-        """z (B, N, d) -> the noisy image (B, C, H, W).
-        G: the reverse model, needed for init 'G'."""
-        if self.init == 'G' and G is None:
-            raise ValueError("ParallelInverse: init 'G' needs the reverse model G (a reverse ckpt)")
-        guesses = reverse_guesses(G, z, y, guidance) if self.init == 'G' else None
-        if self.segment == 'auto' and self.plan is None:
-            self.plan = plan_inverse(flow, z, y, guidance, ramp, attn_temp, self.tol,
-                                     self.max_passes, guesses, self.candidates)
-        segs = [plan.choice for plan in self.plan] if self.segment == 'auto' else self.segment
-        x, infos = flow.reverse_parallel(z, y, guidance, ramp, attn_temp, segs, self.tol,
-                                         self.max_passes, guesses)
-        self.infos.append(infos)
-        return x
-
-    def passes_per_flow(self):
-        """[(mean, max) over every sample so far, fallbacks] per block t (t = 0..T-1)."""
-        out = []
-        for t in range(len(self.infos[0])):
-            passes = torch.cat([infos[t].passes for infos in self.infos]).float()
-            fallbacks = sum(infos[t].fallbacks for infos in self.infos)
-            out.append((passes.mean().item(), int(passes.max().item()), fallbacks))
-        return out
 
 
 def load_ml_tarflow(state_dict, noise_std, norm_clip=0.0) -> TarFlow:
@@ -905,18 +450,18 @@ def load_ml_tarflow(state_dict, noise_std, norm_clip=0.0) -> TarFlow:
     tensor shapes. noise_std has no default: the dicts do not record it and Apple's models use 0.05,
     0.07 or 0.15 (Tweedie needs it). The buffers 'var' (prior variance; all ones in the NVP models)
     and 'attn_mask' are not needed here."""
-    sd = {key.removeprefix('module.'): value for key, value in state_dict.items()}
+    sd = {key.removeprefix('module.'): value for key, value in state_dict.items()
+          if not key.endswith('attn_mask')}
+    if not torch.all(sd.pop('var', torch.ones(1)) == 1):
+        raise ValueError('ml-tarflow state dict has a learned prior variance (VP mode), '
+                         'which is not supported')
     for key in ('blocks.0.proj_in.weight', 'blocks.0.pos_embed', 'blocks.0.proj_out.weight'):
         if key not in sd:
             raise ValueError(f'not an ml-tarflow state dict: no key {key}')
         if sd[key].ndim != 2:
             raise ValueError(f'ml-tarflow state dict: {key} has shape {tuple(sd[key].shape)}, '
                              'expected a matrix')
-    T = sum(1 for key in sd if key.endswith('.proj_in.weight'))
-    K = sum(1 for key in sd
-            if key.startswith('blocks.0.attn_blocks.') and key.endswith('.attention.qkv.weight'))
-    D, d = sd['blocks.0.proj_in.weight'].shape
-    N = sd['blocks.0.pos_embed'].shape[0]
+    (D, d), N = sd['blocks.0.proj_in.weight'].shape, len(sd['blocks.0.pos_embed'])
     out = tuple(sd['blocks.0.proj_out.weight'].shape)
     # VP models predict mu only; anything else is a damaged (truncated, transposed) tensor
     if out == (d, D):
@@ -926,23 +471,20 @@ def load_ml_tarflow(state_dict, noise_std, norm_clip=0.0) -> TarFlow:
         raise ValueError(f'ml-tarflow state dict: blocks.0.proj_out.weight has shape {out}, '
                          f'expected {(2 * d, D)} (2 x token dim, width) from '
                          f'blocks.0.proj_in.weight {(D, d)}')
-    if 'var' in sd and not torch.all(sd['var'] == 1):
-        raise ValueError('ml-tarflow state dict has a learned prior variance (VP mode), '
-                         'which is not supported')
     C = 3 if d % 3 == 0 else 1
-    patch = math.isqrt(d // C)
-    side = math.isqrt(N)
-    ncls = sd['blocks.0.class_embed'].shape[0] if 'blocks.0.class_embed' in sd else 0
+    patch, side = math.isqrt(d // C), math.isqrt(N)
     if patch * patch * C != d or side * side != N or D % 64:
         raise ValueError(f'cannot infer an ml-tarflow config from token dim {d}, '
                          f'{N} tokens, width {D}')
-    cfg = FlowConfig(img_size=side * patch, in_channels=C, patch_size=patch, channels=D,
-                     num_blocks=T, layers_per_block=K, head_dim=64, num_classes=ncls,
-                     noise_std=noise_std, norm_clip=norm_clip)
-    model = TarFlow(cfg)
+    model = TarFlow(FlowConfig(
+        img_size=side * patch, in_channels=C, patch_size=patch, channels=D, head_dim=64,
+        num_blocks=sum(key.endswith('.proj_in.weight') for key in sd),
+        layers_per_block=sum(key.startswith('blocks.0.') and key.endswith('.qkv.weight')
+                             for key in sd),
+        num_classes=len(sd.get('blocks.0.class_embed', ())), noise_std=noise_std,
+        norm_clip=norm_clip))
     try:
-        model.load_state_dict({key: value for key, value in sd.items()
-                               if key != 'var' and not key.endswith('attn_mask')}, strict=True)
+        model.load_state_dict(sd)
     except RuntimeError as e:
         # other damaged tensors: PyTorch's message lists each one with both shapes
         raise ValueError('ml-tarflow state dict: tensors do not fit the config '
@@ -1006,12 +548,11 @@ class ReverseModel(nn.Module):
         self.denoiser = nn.ModuleList(
             ReverseBlock(D, cfg.head_dim)
             for _ in range(cfg.denoise_layers if cfg.denoise == 'learned' else 0))
-        self.final_norm = LayerNorm32(D, elementwise_affine=False)
+        self.final_norm = nn.LayerNorm(D, elementwise_affine=False)
         self.final_ada = nn.Linear(D, 2 * D)
         self.final = nn.Linear(D, d)
-        for lin in (self.final_ada, self.final):
-            nn.init.zeros_(lin.weight)
-            nn.init.zeros_(lin.bias)
+        for param in (*self.final_ada.parameters(), *self.final.parameters()):
+            nn.init.zeros_(param)
 
     def condition(self, y, w):
         """(B, D) conditioning vector from labels y (-1 or None: null class)
@@ -1032,19 +573,11 @@ class ReverseModel(nn.Module):
         if inference_w:
             h = torch.cat([h, h])
             cond = torch.cat([cond, self.condition(None, torch.zeros_like(w))])
-
-        def guide(h):
-            if not inference_w:
-                return h
-            hc, hu = h.chunk(2)
-            hg = (1 + inference_w) * hc - inference_w * hu
-            return torch.cat([hg, hg])
-
         preds = []
         for g, group in enumerate(self.groups):
             for layer in group:
                 h = layer(h, cond)
-            h = guide(h)
+            h = torch.cat([guide(*h.chunk(2), inference_w)] * 2) if inference_w else h
             if g < len(self.heads):
                 pred = self.heads[g](h)                     # (B, N, d): compared with x^{T-1-g}
                 preds.append(pred[:B])
@@ -1052,9 +585,9 @@ class ReverseModel(nn.Module):
                     h = self.reproj[g](pred) + self.pos_embed
         for layer in self.denoiser:
             h = layer(h, cond)
-        h = guide(h)
-        shift, scale = self.final_ada(F.silu(cond)).unsqueeze(1).chunk(2, dim=-1)
-        preds.append(self.final(modulate(self.final_norm(h), shift, scale))[:B])
+        h = guide(*h.chunk(2), inference_w) if inference_w else h
+        shift, scale = self.final_ada(F.silu(cond[:B])).unsqueeze(1).chunk(2, dim=-1)
+        preds.append(self.final(modulate(norm32(self.final_norm, h), shift, scale)))
         return preds
 
     def decode(self, z, y=None, w=None, inference_w=0.0, flow=None):
@@ -1086,8 +619,7 @@ def inpaint(G: ReverseModel, flow: TarFlow, x, redraw, y, noise, w=0.0, eps=None
     fc = flow.cfg
     eps = torch.randn_like(x) if eps is None else eps
     known = ~redraw.expand_as(x)
-    count = known.sum((2, 3), keepdim=True).clamp(min=1)
-    fill = torch.where(known, x, 0.).sum((2, 3), keepdim=True) / count
+    fill = torch.where(known, x, 0.).sum((2, 3), True) / known.sum((2, 3), True).clamp(min=1)
     z, _, _ = flow(torch.where(known, x, fill) + fc.noise_std * eps, y)
     keep = ~patchify(redraw.float(), fc.patch_size).bool().any(-1, keepdim=True)   # (B, N, 1)
     z = torch.where(keep, z, noise)
@@ -1141,42 +673,8 @@ def adaptive(dist, c=0.01, p=1.0):
     return dist / (dist.detach() + c) ** p
 
 
-def noisy_x0_index(G: ReverseModel) -> int:
-    """Which of G's predictions stands for the noisy x^0, the state F's first block reads: the last
-    head with learned denoising, else the output. Naive distillation with learned denoising has no
-    such prediction."""
-    if G.cfg.denoise != 'learned':
-        return len(G.heads)
-    if len(G.heads) < G.num_aligned:
-        raise ValueError("the cycle term needs G's prediction of the noisy x^0, which naive "
-                         "distillation with learned denoising does not make")
-    return len(G.heads) - 1
-
-
-def cycle_loss(G: ReverseModel, flow: TarFlow, z, y, preds=None, fp32=True):
-    """Cycle consistency on prior noise: ||F(G(z)) - z||^2 per sample (B,), for z (B, N, d) drawn
-    from N(0, I) and labels y (-1 = null class), at guidance w = 0 (the only scale at which F's
-    inverse is G's target). G's prediction of the noisy x^0 goes through the frozen F in one
-    parallel pass, so the gradient reaches G through F's Jacobian; F must be frozen (requires_grad
-    False), or this raises. It is zero exactly when that prediction is F^-1(z), F being a bijection.
-    preds: G's predictions for z if already computed (one batched pass with the data). fp32: F's
-    pass with autocast off, as for the targets. With norm control, divided by |z|^2."""
-    raw = getattr(G, 'module', G)
-    if any(param.requires_grad for param in flow.parameters()):
-        raise ValueError('cycle_loss: F must be frozen (requires_grad_(False)), so that only G '
-                         'gets a gradient')
-    if preds is None:
-        preds = G(z, y, torch.zeros(len(z), device=z.device))
-    fc = flow.cfg
-    x0 = unpatchify(preds[noisy_x0_index(raw)].float(), fc.patch_size, fc.img_size)
-    with torch.autocast(z.device.type, enabled=False) if fp32 else contextlib.nullcontext():
-        zc, _, _ = flow(x0, y)
-    return state_distance(zc, z, raw.cfg.norm)
-
-
 def reverse_loss(G: ReverseModel, flow: TarFlow, x, y, w, eps, perceptual=None, weights=None,
-                 c=0.01, p=1.0, generator=None, fp32_targets=True, perceptual_every=1,
-                 cycle=0.0, prior=None):
+                 c=0.01, p=1.0, generator=None, fp32_targets=True, perceptual_every=1):
     """The stage-2 loss on a clean batch x (B, C, H, W) with labels y (-1 = dropped), guidance
     scales w (B,) and noise eps. F is frozen: its whole trajectory comes from one parallel forward
     pass, in fp32 even inside a bf16 autocast unless fp32_targets=False (bf16 moves the states by
@@ -1184,9 +682,6 @@ def reverse_loss(G: ReverseModel, flow: TarFlow, x, y, w, eps, perceptual=None, 
     generator: a CPU generator for the perceptual crop boxes (train.py seeds it per step and rank).
     perceptual_every: the perceptual terms see every perceptual_every-th row only, from row 0
     (through the VAE decoder they cost several times G's step).
-    cycle > 0: add cycle * the adaptively weighted cycle_loss on prior = (z, y_z), prior noise z
-    (k, N, d) and its labels, which G sees in the same pass as the data (one batch of B + k rows);
-    the data terms are unchanged.
     Returns (loss, per-term means)."""
     fc = flow.cfg
     # G may be wrapped in DDP: call G (gradients sync), read the config from raw
@@ -1196,13 +691,7 @@ def reverse_loss(G: ReverseModel, flow: TarFlow, x, y, w, eps, perceptual=None, 
     with torch.no_grad(), fp32:
         _, _, traj = flow(x + fc.noise_std * eps, y)
     clean = patchify(x.float(), fc.patch_size)
-    if cycle > 0:   # data and prior rows in one pass of G (DDP allows one forward per backward)
-        zp, yp = prior
-        wp = torch.zeros(len(zp), dtype=w.dtype, device=w.device)   # the cycle holds at w = 0 only
-        both = G(torch.cat([traj[-1], zp]), torch.cat([y, yp]), torch.cat([w, wp]))
-        preds, prior_preds = [pred[:len(x)] for pred in both], [pred[len(x):] for pred in both]
-    else:
-        preds = G(traj[-1], y, w)
+    preds = G(traj[-1], y, w)
     if raw.cfg.guidance_mode == 'train':
         # Eq. 5: the guided prediction, recombined with the null-class prediction, must equal the
         # conditional state, i.e. G(z|y,w) = (1+w) x^i - w G(z|null) as classifier-free guidance
@@ -1217,14 +706,10 @@ def reverse_loss(G: ReverseModel, flow: TarFlow, x, y, w, eps, perceptual=None, 
              for g, (pr, target) in enumerate(zip(preds[:-1], targets[:-1]))}
     terms['out'] = state_distance(preds[-1], targets[-1], raw.cfg.norm)
     loss = sum(adaptive(dist, c, p).mean() for dist in terms.values())
-    if cycle > 0:
-        terms['cycle'] = cycle_loss(raw, flow, *prior, prior_preds, fp32_targets)
-        loss = loss + cycle * adaptive(terms['cycle'], c, p).mean()
     if perceptual is not None:
-        size = (fc.img_size, fc.img_size)
-        img = unpatchify(preds[-1].float(), fc.patch_size, size[0])
-        stride = perceptual_every
-        dists = perceptual(img[::stride], x[::stride].float(), generator=generator)
+        img = unpatchify(preds[-1].float(), fc.patch_size, fc.img_size)
+        dists = perceptual(img[::perceptual_every], x[::perceptual_every].float(),
+                           generator=generator)
         for name, dist in dists.items():
             terms[name] = dist
             loss = loss + (weights or {}).get(name, 1.0) * adaptive(dist, c, p).mean()
