@@ -20,6 +20,7 @@ import math
 import os
 import warnings
 import zipfile
+from collections import OrderedDict
 
 import numpy as np
 import torch
@@ -50,9 +51,8 @@ def tf1_resize(x, size=299):
         lo = src.floor().long().clamp(max=n_in - 1)
         hi = (lo + 1).clamp(max=n_in - 1)
         t = (src - lo).view([size if axis == dim else 1 for axis in range(x.ndim)])
-        ix = (slice(None),) * dim
         # fresh copies, so the in-place ops below are safe (3x faster)
-        below, above = x[ix + (lo,)], x[ix + (hi,)]
+        below, above = x.index_select(dim, lo), x.index_select(dim, hi)
         # below + (above-below)*t: TF's expression, so the result is bit-exact
         return above.sub_(below).mul_(t).add_(below)
     return along(along(x, 3), 2)  # width first, then height: TF's order of interpolation
@@ -60,15 +60,10 @@ def tf1_resize(x, size=299):
 # -----------------------------------------------------------------------------
 # The network: torchvision's Inception3 layout and key names, patched to the TF 2015 graph
 
-class Conv(nn.Module):
-    """conv (no bias) -> BN (TF's epsilon 1e-3, not PyTorch's 1e-5) -> ReLU."""
-    def __init__(self, cin, cout, k, s=1, p=0):
-        super().__init__()
-        self.conv = nn.Conv2d(cin, cout, k, s, p, bias=False)
-        self.bn = nn.BatchNorm2d(cout, eps=1e-3)
-
-    def forward(self, x):
-        return F.relu(self.bn(self.conv(x)), inplace=True)
+def Conv(cin, cout, k, s=1, p=0):
+    """conv (no bias) -> BN (TF's epsilon 1e-3, not PyTorch's 1e-5) -> ReLU, torchvision's names."""
+    return nn.Sequential(OrderedDict(conv=nn.Conv2d(cin, cout, k, s, p, bias=False),
+                                     bn=nn.BatchNorm2d(cout, eps=1e-3), relu=nn.ReLU(inplace=True)))
 
 
 def avg_pool(x):
@@ -81,16 +76,14 @@ def max_pool(x):
     return F.max_pool2d(x, 3, 1, 1)
 
 
-class Mixed(nn.Module):
-    """A Mixed block: branches of convs, concatenated over channels."""
-    def chain(self, x, prefix, n):
-        """x through the convs prefix_1 ... prefix_n."""
-        for i in range(1, n + 1):
-            x = getattr(self, f'{prefix}_{i}')(x)
-        return x
+def chain(block, x, prefix, n):
+    """x through a Mixed block's convs prefix_1 ... prefix_n, one after the other."""
+    for i in range(1, n + 1):
+        x = getattr(block, f'{prefix}_{i}')(x)
+    return x
 
 
-class InceptionA(Mixed):  # Mixed_5b/c/d, 35x35
+class InceptionA(nn.Module):  # Mixed_5b/c/d, 35x35
     def __init__(self, cin, pool_features):
         super().__init__()
         self.branch1x1 = Conv(cin, 64, 1)
@@ -99,22 +92,22 @@ class InceptionA(Mixed):  # Mixed_5b/c/d, 35x35
         self.branch3x3dbl_3, self.branch_pool = Conv(96, 96, 3, p=1), Conv(cin, pool_features, 1)
 
     def forward(self, x):
-        return torch.cat([self.branch1x1(x), self.chain(x, 'branch5x5', 2),
-                          self.chain(x, 'branch3x3dbl', 3), self.branch_pool(avg_pool(x))], 1)
+        return torch.cat([self.branch1x1(x), chain(self, x, 'branch5x5', 2),
+                          chain(self, x, 'branch3x3dbl', 3), self.branch_pool(avg_pool(x))], 1)
 
 
-class InceptionB(Mixed):  # Mixed_6a, 35 -> 17
+class InceptionB(nn.Module):  # Mixed_6a, 35 -> 17
     def __init__(self, cin):
         super().__init__()
         self.branch3x3, self.branch3x3dbl_1 = Conv(cin, 384, 3, s=2), Conv(cin, 64, 1)
         self.branch3x3dbl_2, self.branch3x3dbl_3 = Conv(64, 96, 3, p=1), Conv(96, 96, 3, s=2)
 
     def forward(self, x):
-        return torch.cat([self.branch3x3(x), self.chain(x, 'branch3x3dbl', 3),
+        return torch.cat([self.branch3x3(x), chain(self, x, 'branch3x3dbl', 3),
                           F.max_pool2d(x, 3, 2)], 1)
 
 
-class InceptionC(Mixed):  # Mixed_6b/c/d/e, 17x17, 7x7 convs factorised into 1x7 and 7x1
+class InceptionC(nn.Module):  # Mixed_6b/c/d/e, 17x17, 7x7 convs factorised into 1x7 and 7x1
     def __init__(self, cin, c7):
         super().__init__()
         k17, k71 = dict(k=(1, 7), p=(0, 3)), dict(k=(7, 1), p=(3, 0))
@@ -125,11 +118,11 @@ class InceptionC(Mixed):  # Mixed_6b/c/d/e, 17x17, 7x7 convs factorised into 1x7
         self.branch7x7dbl_5, self.branch_pool = Conv(c7, 192, **k17), Conv(cin, 192, 1)
 
     def forward(self, x):
-        return torch.cat([self.branch1x1(x), self.chain(x, 'branch7x7', 3),
-                          self.chain(x, 'branch7x7dbl', 5), self.branch_pool(avg_pool(x))], 1)
+        return torch.cat([self.branch1x1(x), chain(self, x, 'branch7x7', 3),
+                          chain(self, x, 'branch7x7dbl', 5), self.branch_pool(avg_pool(x))], 1)
 
 
-class InceptionD(Mixed):  # Mixed_7a, 17 -> 8
+class InceptionD(nn.Module):  # Mixed_7a, 17 -> 8
     def __init__(self, cin):
         super().__init__()
         self.branch3x3_1, self.branch3x3_2 = Conv(cin, 192, 1), Conv(192, 320, 3, s=2)
@@ -138,11 +131,11 @@ class InceptionD(Mixed):  # Mixed_7a, 17 -> 8
         self.branch7x7x3_4 = Conv(192, 192, 3, s=2)
 
     def forward(self, x):
-        return torch.cat([self.chain(x, 'branch3x3', 2), self.chain(x, 'branch7x7x3', 4),
+        return torch.cat([chain(self, x, 'branch3x3', 2), chain(self, x, 'branch7x7x3', 4),
                           F.max_pool2d(x, 3, 2)], 1)
 
 
-class InceptionE(Mixed):  # Mixed_7b/c, 8x8, 3x3 convs split into parallel 1x3 and 3x1
+class InceptionE(nn.Module):  # Mixed_7b/c, 8x8, 3x3 convs split into parallel 1x3 and 3x1
     def __init__(self, cin, pool):
         super().__init__()
         self.pool = pool
@@ -154,7 +147,7 @@ class InceptionE(Mixed):  # Mixed_7b/c, 8x8, 3x3 convs split into parallel 1x3 a
         self.branch_pool = Conv(cin, 192, 1)
 
     def forward(self, x):
-        b3, bd = self.branch3x3_1(x), self.chain(x, 'branch3x3dbl', 2)
+        b3, bd = self.branch3x3_1(x), chain(self, x, 'branch3x3dbl', 2)
         return torch.cat([self.branch1x1(x), self.branch3x3_2a(b3), self.branch3x3_2b(b3),
                           self.branch3x3dbl_3a(bd), self.branch3x3dbl_3b(bd),
                           self.branch_pool(self.pool(x))], 1)
@@ -181,8 +174,8 @@ class FIDInception(nn.Module):
         # the metric is defined in true fp32: no autocast, no TF32 convs
         with torch.autocast(x.device.type, enabled=False), \
                 torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
-            x = tf1_resize(x.float(), 299) if x.shape[-2:] != (299, 299) else x.float()
-            x = (x - 128) / 128  # TF graph's normalisation: [0,255] -> [-1, 0.9921875]
+            # TF graph's normalisation: [0,255] -> [-1, 0.9921875]
+            x = (tf1_resize(x.float(), 299) - 128) / 128
             # oneDNN convs run ~1.5x faster on NHWC activations (measured; features move ~1e-6)
             if x.device.type == 'cpu':
                 x = x.contiguous(memory_format=torch.channels_last)
@@ -229,9 +222,8 @@ def _array_batches(a, batch_size):
 
 def _array_file(path):
     """An open stream of the .npy bytes of path's images: the .npy file, or the .npz's arr_0."""
-    if path.endswith('.npy'):
-        return open(path, 'rb')
-    return zipfile.ZipFile(path).open('arr_0.npy')  # the zip file closes with its member
+    # a zip file closes with its member
+    return open(path, 'rb') if path.endswith('.npy') else zipfile.ZipFile(path).open('arr_0.npy')
 
 
 def _file_batches(path, shape, offset, batch_size):
@@ -297,9 +289,8 @@ def _read_stats(path):
             n = int(z['num_samples']) if 'num_samples' in z.files else None
     except (ValueError, TypeError) as e:  # e.g. pickled objects or strings instead of numbers
         raise UsageError(f'{path}: cannot read mu/sigma as numbers ({e})') from None
-    if (mu.ndim != 1 or sigma.shape != mu.shape * 2 or not np.isfinite(sigma).all()
-            or not np.isfinite(mu).all() or np.abs(sigma - sigma.T).max(initial=0)
-            > 1e-6 * np.abs(sigma).max(initial=0)):
+    if (mu.ndim != 1 or sigma.shape != mu.shape * 2 or not np.isfinite(np.append(mu, sigma)).all()
+            or not np.allclose(sigma, sigma.T, rtol=0, atol=1e-6 * np.abs(sigma).max(initial=0))):
         raise UsageError(f'{path}: mu must be (D,) and sigma (D,D), finite and symmetric (a '
                          f'covariance); got {mu.shape} and {sigma.shape}')
     _psd_factor(sigma, path)
@@ -318,9 +309,11 @@ def input_kind(path):
                 keys = [name.removesuffix('.npy') for name in z.namelist()]
         # ADM reference batches hold arr_0 too; their mu/sigma cover the whole train set
         if 'mu' in keys and 'sigma' in keys:
-            return _read_stats(path) and 'stats'
+            _read_stats(path)
+            return 'stats'
         if os.path.isdir(path) or path.endswith('.npy') or 'arr_0' in keys:
-            return _images(path) and ('folder' if os.path.isdir(path) else 'samples')
+            _images(path)
+            return 'folder' if os.path.isdir(path) else 'samples'
     except (OSError, zipfile.BadZipFile, ValueError) as e:
         if isinstance(e, UsageError):
             raise
@@ -333,23 +326,19 @@ def input_kind(path):
 
 @torch.inference_mode()
 def compute_statistics(batches, model, keep_logits=False, total=None):
-    """(mu, sigma, n, logits or None) of pool3 over uint8 NHWC batches, summed in float64 about the
-    first feature vector (so sum(ff^T) - N mu mu^T does not cancel). total: for a progress line."""
+    """(mu, sigma, n, logits or None) of pool3 in float64 over uint8 NHWC batches.
+    total: the image count, for a progress line on large inputs."""
     device = next(model.parameters()).device
-    n, s1, s2, shift, logits = 0, 0, 0, None, []
+    feats, logits = [], []
     progress = Progress(total or 0, 'Inception features', enabled=bool(total))
     for b in batches:
         out = model(torch.from_numpy(np.ascontiguousarray(b)).to(device).permute(0, 3, 1, 2))
-        f = out['pool3'].double().cpu().numpy()  # (B,2048)
-        shift = f[0] if shift is None else shift
-        f = f - shift
-        n, s1, s2 = n + len(f), s1 + f.sum(0), s2 + f.T @ f
+        feats.append(out['pool3'].double().cpu().numpy())  # (B,2048)
         if keep_logits:
             logits.append(out['logits'].cpu())
-        progress.update(n)
-    mu = s1 / n
-    sigma = (s2 - n * np.outer(mu, mu)) / (n - 1)
-    return shift + mu, sigma, n, torch.cat(logits) if logits else None
+        progress.update(sum(map(len, feats)))
+    f = np.concatenate(feats)  # (N,2048), 0.8 GB for 50k
+    return f.mean(0), np.cov(f, rowvar=False), len(f), torch.cat(logits) if logits else None
 
 
 def _psd_factor(cov, name):
@@ -369,8 +358,7 @@ def _psd_factor(cov, name):
 def frechet_distance(mu1, sigma1, mu2, sigma2, names=('first statistics', 'second statistics')):
     """||mu1-mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)) in float64. names label the two inputs in
     errors. Clamped at 0: round-off made a set's distance to itself -1e-17 (printed -0.0000)."""
-    mu1, mu2 = (np.atleast_1d(np.asarray(m, np.float64)) for m in (mu1, mu2))
-    s1, s2 = (np.atleast_2d(np.asarray(s, np.float64)) for s in (sigma1, sigma2))
+    mu1, mu2, s1, s2 = (np.asarray(a, np.float64) for a in (mu1, mu2, sigma1, sigma2))
     if mu1.shape != mu2.shape or s1.shape != s2.shape:
         raise UsageError(f'{names[0]} and {names[1]} do not match: mu {mu1.shape} vs {mu2.shape}, '
                          f'sigma {s1.shape} vs {s2.shape}')
@@ -398,11 +386,10 @@ def inception_score(logits, splits=10):
     """(mean, std) over splits of exp(mean KL(p(y|x) || p(y)));
     ADM uses 10 splits of 5000 on unbiased logits. Needs >= splits rows."""
     probs = torch.softmax(torch.as_tensor(logits, dtype=torch.float64), 1)
-    scores = []
-    for q in torch.tensor_split(probs, splits):
-        # 0 log 0 = 0
-        kl = torch.special.xlogy(q, q) - torch.special.xlogy(q, q.mean(0, keepdim=True))
-        scores.append(kl.sum(1).mean().exp().item())
+    # KL(p(y|x) || p(y)) of each sample, 0 log 0 = 0
+    kls = [(torch.special.xlogy(q, q) - torch.special.xlogy(q, q.mean(0, keepdim=True))).sum(1)
+           for q in torch.tensor_split(probs, splits)]
+    scores = [kl.mean().exp().item() for kl in kls]
     return float(np.mean(scores)), float(np.std(scores))
 
 # -----------------------------------------------------------------------------
@@ -446,8 +433,7 @@ def fid_from_samples(samples, ref, inception=None, device='cpu', batch_size=BATC
 def save_stats(path, mu, sigma, num_samples=None):
     """Write mu/sigma in the pytorch-fid/ADM key layout (plus num_samples when known)."""
     extra = {} if num_samples is None else dict(num_samples=np.int64(num_samples))
-    atomic_write(path, lambda f: np.savez(f, mu=np.asarray(mu, np.float64),
-                                          sigma=np.asarray(sigma, np.float64), **extra))
+    atomic_write(path, lambda f: np.savez(f, mu=np.float64(mu), sigma=np.float64(sigma), **extra))
 
 # -----------------------------------------------------------------------------
 
