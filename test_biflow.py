@@ -1167,8 +1167,8 @@ def test_perceptual_missing_or_wrong_files_say_what_to_download(tmp_path):
     with pytest.raises(ValueError,
                        match=r'--vgg.*missing or mis-shaped.*download\.pytorch\.org/models/vgg16'):
         PerceptualLoss(truncated, truncated, None)
-    with pytest.raises(ValueError, match='both --lpips and --vgg'):
-        PerceptualLoss(None, truncated, None)
+    with pytest.raises(ValueError, match=r'--lpips: 5 of 5 expected tensors missing.*v0\.1/vgg\.pth'):
+        PerceptualLoss(None, vgg_trunk(0), None)   # LPIPS needs both files
 
 
 def test_perceptual_adaptive_weight_normalises_scale():
