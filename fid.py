@@ -66,6 +66,11 @@ def Conv(cin, cout, k, s=1, p=0):
                                      bn=nn.BatchNorm2d(cout, eps=1e-3), relu=nn.ReLU(inplace=True)))
 
 
+# the kernel and padding of the factorised convs: 1x7, 7x1, 1x3, 3x1
+K17, K71 = dict(k=(1, 7), p=(0, 3)), dict(k=(7, 1), p=(3, 0))
+K13, K31 = dict(k=(1, 3), p=(0, 1)), dict(k=(3, 1), p=(1, 0))
+
+
 def avg_pool(x):
     """The pool branch's 3x3 average: TF averages over the valid pixels only."""
     return F.avg_pool2d(x, 3, 1, 1, count_include_pad=False)
@@ -110,12 +115,11 @@ class InceptionB(nn.Module):  # Mixed_6a, 35 -> 17
 class InceptionC(nn.Module):  # Mixed_6b/c/d/e, 17x17, 7x7 convs factorised into 1x7 and 7x1
     def __init__(self, cin, c7):
         super().__init__()
-        k17, k71 = dict(k=(1, 7), p=(0, 3)), dict(k=(7, 1), p=(3, 0))
         self.branch1x1, self.branch7x7_1 = Conv(cin, 192, 1), Conv(cin, c7, 1)
-        self.branch7x7_2, self.branch7x7_3 = Conv(c7, c7, **k17), Conv(c7, 192, **k71)
-        self.branch7x7dbl_1, self.branch7x7dbl_2 = Conv(cin, c7, 1), Conv(c7, c7, **k71)
-        self.branch7x7dbl_3, self.branch7x7dbl_4 = Conv(c7, c7, **k17), Conv(c7, c7, **k71)
-        self.branch7x7dbl_5, self.branch_pool = Conv(c7, 192, **k17), Conv(cin, 192, 1)
+        self.branch7x7_2, self.branch7x7_3 = Conv(c7, c7, **K17), Conv(c7, 192, **K71)
+        self.branch7x7dbl_1, self.branch7x7dbl_2 = Conv(cin, c7, 1), Conv(c7, c7, **K71)
+        self.branch7x7dbl_3, self.branch7x7dbl_4 = Conv(c7, c7, **K17), Conv(c7, c7, **K71)
+        self.branch7x7dbl_5, self.branch_pool = Conv(c7, 192, **K17), Conv(cin, 192, 1)
 
     def forward(self, x):
         return torch.cat([self.branch1x1(x), chain(self, x, 'branch7x7', 3),
@@ -126,9 +130,8 @@ class InceptionD(nn.Module):  # Mixed_7a, 17 -> 8
     def __init__(self, cin):
         super().__init__()
         self.branch3x3_1, self.branch3x3_2 = Conv(cin, 192, 1), Conv(192, 320, 3, s=2)
-        self.branch7x7x3_1, self.branch7x7x3_2 = Conv(cin, 192, 1), Conv(192, 192, (1, 7), p=(0, 3))
-        self.branch7x7x3_3 = Conv(192, 192, (7, 1), p=(3, 0))
-        self.branch7x7x3_4 = Conv(192, 192, 3, s=2)
+        self.branch7x7x3_1, self.branch7x7x3_2 = Conv(cin, 192, 1), Conv(192, 192, **K17)
+        self.branch7x7x3_3, self.branch7x7x3_4 = Conv(192, 192, **K71), Conv(192, 192, 3, s=2)
 
     def forward(self, x):
         return torch.cat([chain(self, x, 'branch3x3', 2), chain(self, x, 'branch7x7x3', 4),
@@ -139,11 +142,10 @@ class InceptionE(nn.Module):  # Mixed_7b/c, 8x8, 3x3 convs split into parallel 1
     def __init__(self, cin, pool):
         super().__init__()
         self.pool = pool
-        k13, k31 = dict(k=(1, 3), p=(0, 1)), dict(k=(3, 1), p=(1, 0))
         self.branch1x1, self.branch3x3_1 = Conv(cin, 320, 1), Conv(cin, 384, 1)
-        self.branch3x3_2a, self.branch3x3_2b = Conv(384, 384, **k13), Conv(384, 384, **k31)
+        self.branch3x3_2a, self.branch3x3_2b = Conv(384, 384, **K13), Conv(384, 384, **K31)
         self.branch3x3dbl_1, self.branch3x3dbl_2 = Conv(cin, 448, 1), Conv(448, 384, 3, p=1)
-        self.branch3x3dbl_3a, self.branch3x3dbl_3b = Conv(384, 384, **k13), Conv(384, 384, **k31)
+        self.branch3x3dbl_3a, self.branch3x3dbl_3b = Conv(384, 384, **K13), Conv(384, 384, **K31)
         self.branch_pool = Conv(cin, 192, 1)
 
     def forward(self, x):
@@ -160,13 +162,12 @@ class FIDInception(nn.Module):
         super().__init__()
         self.Conv2d_1a_3x3, self.Conv2d_2a_3x3 = Conv(3, 32, 3, s=2), Conv(32, 32, 3)
         self.Conv2d_2b_3x3, self.Conv2d_3b_1x1 = Conv(32, 64, 3, p=1), Conv(64, 80, 1)
-        self.Conv2d_4a_3x3 = Conv(80, 192, 3)
-        self.Mixed_5b, self.Mixed_5c = InceptionA(192, 32), InceptionA(256, 64)
-        self.Mixed_5d, self.Mixed_6a = InceptionA(288, 64), InceptionB(288)
-        self.Mixed_6b, self.Mixed_6c = InceptionC(768, 128), InceptionC(768, 160)
-        self.Mixed_6d, self.Mixed_6e = InceptionC(768, 160), InceptionC(768, 192)
-        self.Mixed_7a, self.Mixed_7b = InceptionD(768), InceptionE(1280, avg_pool)
-        self.Mixed_7c = InceptionE(2048, max_pool)
+        self.Conv2d_4a_3x3, self.Mixed_5b = Conv(80, 192, 3), InceptionA(192, 32)
+        self.Mixed_5c, self.Mixed_5d = InceptionA(256, 64), InceptionA(288, 64)
+        self.Mixed_6a, self.Mixed_6b = InceptionB(288), InceptionC(768, 128)
+        self.Mixed_6c, self.Mixed_6d = InceptionC(768, 160), InceptionC(768, 160)
+        self.Mixed_6e, self.Mixed_7a = InceptionC(768, 192), InceptionD(768)
+        self.Mixed_7b, self.Mixed_7c = InceptionE(1280, avg_pool), InceptionE(2048, max_pool)
         self.fc = nn.Linear(2048, 1008)  # 1008 TF classes, for the Inception Score
 
     def forward(self, x):
@@ -283,12 +284,9 @@ def _images(path, batch_size=BATCH_SIZE):
 def _read_stats(path):
     """{'mu', 'sigma' (float64), 'num_samples' (None if not stored)} of a statistics .npz, checked
     to be a covariance (eigh and Cholesky read one triangle: an asymmetric sigma is refused)."""
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            mu, sigma = z['mu'].astype(np.float64), z['sigma'].astype(np.float64)
-            n = int(z['num_samples']) if 'num_samples' in z.files else None
-    except (ValueError, TypeError) as e:  # e.g. pickled objects or strings instead of numbers
-        raise UsageError(f'{path}: cannot read mu/sigma as numbers ({e})') from None
+    with np.load(path, allow_pickle=False) as z:  # input_kind words its errors
+        mu, sigma = z['mu'].astype(np.float64), z['sigma'].astype(np.float64)
+        n = int(z['num_samples']) if 'num_samples' in z.files else None
     if (mu.ndim != 1 or sigma.shape != mu.shape * 2 or not np.isfinite(np.append(mu, sigma)).all()
             or not np.allclose(sigma, sigma.T, rtol=0, atol=1e-6 * np.abs(sigma).max(initial=0))):
         raise UsageError(f'{path}: mu must be (D,) and sigma (D,D), finite and symmetric (a '
@@ -314,10 +312,10 @@ def input_kind(path):
         if os.path.isdir(path) or path.endswith('.npy') or 'arr_0' in keys:
             _images(path)
             return 'folder' if os.path.isdir(path) else 'samples'
-    except (OSError, zipfile.BadZipFile, ValueError) as e:
+    except (OSError, zipfile.BadZipFile, ValueError, TypeError) as e:
         if isinstance(e, UsageError):
             raise
-        raise UsageError(f'{path}: not a readable .npy or .npz file ({e})') from None
+        raise UsageError(f'{path}: not a readable .npy or .npz of numbers ({e})') from None
     raise UsageError(f"{path}: expected 'mu' and 'sigma' (statistics) or 'arr_0' (uint8 images) "
                      f"in the .npz, found {keys}")
 
@@ -439,9 +437,8 @@ def save_stats(path, mu, sigma, num_samples=None):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument('inputs', nargs='+', metavar='PATH',
-                   help='two inputs to compare, or one with --save_stats: each an image folder, '
-                        'an .npy or .npz of uint8 (N,H,W,3) images, or an .npz with mu/sigma')
+    p.add_argument('inputs', nargs='+', metavar='PATH', help='two inputs to compare, or one with '
+                   '--save_stats: each a folder, an .npy/.npz of images or an .npz of mu/sigma')
     p.add_argument('--inception', default=None, metavar='PATH',
                    help=f'Inception weights {WEIGHTS} (default: in the torch.hub cache)')
     p.add_argument('--batch_size', type=int, default=BATCH_SIZE, help='images per Inception pass')
