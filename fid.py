@@ -16,7 +16,6 @@ inception-2015-12-05, uint8 images resized to 299 with TF1's bilinear, then (x-1
 The weights are pytorch-fid's file, read from --inception or the torch.hub cache (never downloaded).
 """
 import argparse
-import math
 import os
 import warnings
 import zipfile
@@ -33,8 +32,8 @@ from data import (IMG_EXTENSIONS, HelpFormatter, Progress, UsageError, atomic_wr
 
 WEIGHTS = 'pt_inception-2015-12-05-6726825d.pth'
 WEIGHTS_URL = 'https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/' + WEIGHTS
-# images per Inception pass: 50 (pytorch-fid's default) leaves a large GPU mostly idle; the
-# statistics are merged in float64 batch by batch, so the batch size does not change them
+# images per Inception pass: 50 (pytorch-fid's default) leaves a large GPU mostly idle, and the
+# batch size does not change the statistics
 BATCH_SIZE = 200
 
 # -----------------------------------------------------------------------------
@@ -233,7 +232,7 @@ def _file_batches(path, shape, offset, batch_size):
         f.read(offset)  # the header
         for i in range(0, shape[0], batch_size):
             n = min(batch_size, shape[0] - i)
-            raw = bytearray(f.read(n * math.prod(shape[1:])))  # writable, as torch wants
+            raw = bytearray(f.read(n * int(np.prod(shape[1:]))))  # writable, as torch wants
             yield np.frombuffer(raw, np.uint8).reshape(n, *shape[1:])
 
 
@@ -364,7 +363,6 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, names=('first statistics', 'secon
     # A^T S2 A, so Tr sqrt(S1 S2) = sum sqrt(eigvalsh(A^T S2 A)): real by construction and ~10x
     # faster than scipy's sqrtm at 2048-d.
     A = _psd_factor(s1, names[0])
-    _psd_factor(s2, names[1])  # only checks S2 (a Cholesky, cheap, unless S2 is singular)
     ev = np.linalg.eigvalsh(A.T @ s2 @ A)
     d = mu1 - mu2
     return max(0.0, float(d @ d + np.trace(s1) + np.trace(s2)
@@ -440,7 +438,7 @@ def main(argv=None):
     p.add_argument('inputs', nargs='+', metavar='PATH', help='two inputs to compare, or one with '
                    '--save_stats: each a folder, an .npy/.npz of images or an .npz of mu/sigma')
     p.add_argument('--inception', default=None, metavar='PATH',
-                   help=f'Inception weights {WEIGHTS} (default: in the torch.hub cache)')
+                   help=f"Inception weights {WEIGHTS}; None: torch.hub's cache (TORCH_HOME)")
     p.add_argument('--batch_size', type=int, default=BATCH_SIZE, help='images per Inception pass')
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu',
                    help='cpu, cuda, cuda:1, ...')
