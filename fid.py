@@ -220,15 +220,15 @@ def _array_batches(a, batch_size):
         yield a[i:i + batch_size]
 
 
-def _array_file(path):
-    """An open stream of the .npy bytes of path's images: the .npy file, or the .npz's arr_0."""
-    # a zip file closes with its member
-    return open(path, 'rb') if path.endswith('.npy') else zipfile.ZipFile(path).open('arr_0.npy')
+def _npy_stream(file, path):
+    """The .npy bytes of path's images in its open file: the file itself, or the .npz's arr_0."""
+    return file if path.endswith('.npy') else zipfile.ZipFile(file).open('arr_0.npy')
 
 
 def _file_batches(path, shape, offset, batch_size):
     """uint8 (n,H,W,3) batches streamed from an array file (50k images of 256^2 are ~10 GB)."""
-    with _array_file(path) as f:
+    with open(path, 'rb') as file:
+        f = _npy_stream(file, path)
         f.read(offset)  # the header
         for i in range(0, shape[0], batch_size):
             n = min(batch_size, shape[0] - i)
@@ -261,9 +261,11 @@ def _folder_files(folder):
 def _folder_batches(files, batch_size):
     """uint8 (n,H,W,3) batches of the given image files, any mode (L, P, RGBA, ...) as RGB."""
     for i in range(0, len(files), batch_size):
-        # Pillow closes a file once it has read its pixels
-        yield np.stack([np.asarray(Image.open(path).convert('RGB'))
-                        for path in files[i:i + batch_size]])
+        batch = []
+        for path in files[i:i + batch_size]:
+            with Image.open(path) as im:
+                batch.append(np.asarray(im.convert('RGB')))
+        yield np.stack(batch)
 
 
 def _images(path, batch_size=BATCH_SIZE):
@@ -271,7 +273,8 @@ def _images(path, batch_size=BATCH_SIZE):
     if os.path.isdir(path):
         files = _folder_files(path)
         return len(files), _folder_batches(files, batch_size)
-    with _array_file(path) as f:
+    with open(path, 'rb') as file:
+        f = _npy_stream(file, path)
         version = np.lib.format.read_magic(f)
         shape, fortran, dtype = (np.lib.format.read_array_header_1_0 if version == (1, 0)
                                  else np.lib.format.read_array_header_2_0)(f)

@@ -3900,8 +3900,8 @@ def test_fid_refusals_of_bad_files(tmp_path, monkeypatch):
     np.savez('nchw.npz', arr_0=np.zeros((4, 3, 8, 8), np.uint8))
     np.save('fortran.npy', np.asfortranarray(_images(4)))
     np.savez('nokeys.npz', x=np.zeros(3))
-    open('junk.npz', 'w').write('not a zip')
-    open('junk.npy', 'w').write('not an array')
+    (tmp_path / 'junk.npz').write_text('not a zip')
+    (tmp_path / 'junk.npy').write_text('not an array')
     np.savez('strstats.npz', mu=np.array(['a', 'b']), sigma=np.eye(2))
     np.savez('nan.npz', mu=np.full(4, np.nan), sigma=np.eye(4))
     np.savez('shape.npz', mu=np.zeros(2), sigma=np.eye(3))
@@ -3910,7 +3910,7 @@ def test_fid_refusals_of_bad_files(tmp_path, monkeypatch):
     _write_pngs('mixed', _images(2, 8, 8))
     Image.fromarray(_images(1, 9, 8)[0]).save('mixed/odd.png')
     _write_pngs('broken', _images(2))
-    open('broken/zz.png', 'wb').write(b'\x89PNG garbage')
+    (tmp_path / 'broken/zz.png').write_bytes(b'\x89PNG garbage')
     _write_pngs('lone', _images(1))
     for bad, msg in [('one.npz', 'one.npz: expected at least 2 uint8 images'),
                      ('float.npz', 'float.npz: expected at least 2 uint8 images of shape'),
