@@ -220,16 +220,17 @@ def _array_batches(a, batch_size):
         yield a[i:i + batch_size]
 
 
-def _npy_stream(file, path):
-    """The .npy bytes of path's images in its open file: the file itself, or the .npz's arr_0."""
-    return file if path.endswith('.npy') else zipfile.ZipFile(file).open('arr_0.npy')
-
-
-def _file_batches(path, shape, offset, batch_size):
-    """uint8 (n,H,W,3) batches streamed from an array file (50k images of 256^2 are ~10 GB)."""
+def _file_batches(path, batch_size):
+    """Yields the shape of the images in an .npy or in an .npz's arr_0, checked from the header to
+    be uint8 (N,H,W,3), then uint8 (n,H,W,3) batches of them read from the file in turn (50k images
+    of 256^2 are ~10 GB)."""
     with open(path, 'rb') as file:
-        f = _npy_stream(file, path)
-        f.read(offset)  # the header
+        f = file if path.endswith('.npy') else zipfile.ZipFile(file).open('arr_0.npy')
+        version = np.lib.format.read_magic(f)
+        shape, fortran, dtype = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                                 else np.lib.format.read_array_header_2_0)(f)
+        _check_images(shape, dtype, path, fortran)
+        yield shape
         for i in range(0, shape[0], batch_size):
             n = min(batch_size, shape[0] - i)
             raw = bytearray(f.read(n * int(np.prod(shape[1:]))))  # writable, as torch wants
@@ -273,14 +274,8 @@ def _images(path, batch_size=BATCH_SIZE):
     if os.path.isdir(path):
         files = _folder_files(path)
         return len(files), _folder_batches(files, batch_size)
-    with open(path, 'rb') as file:
-        f = _npy_stream(file, path)
-        version = np.lib.format.read_magic(f)
-        shape, fortran, dtype = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                                 else np.lib.format.read_array_header_2_0)(f)
-        offset = f.tell()
-    _check_images(shape, dtype, path, fortran)
-    return shape[0], _file_batches(path, shape, offset, batch_size)
+    batches = _file_batches(path, batch_size)
+    return next(batches)[0], batches
 
 
 def _read_stats(path):
