@@ -40,7 +40,7 @@ class LPIPS(nn.Module):
     """LPIPS v0.1 with a VGG16 trunk;
     keys match torchvision `features.*` and lpips `lin{k}.model.1.weight`."""
     CFG = [64, 64, 'M', 128, 128, 'M', 256, 256, 256, 'M', 512, 512, 512, 'M', 512, 512, 512]
-    TAPS = (3, 8, 15, 22, 29)  # relu1_2, relu2_2, relu3_3, relu4_3, relu5_3 in torchvision's
+    TAPS = (3, 8, 15, 22, 29)  # relu1_2 ... relu5_3: their indices in torchvision's features
 
     def __init__(self):
         super().__init__()
