@@ -16,75 +16,57 @@ import torch.nn.functional as F
 
 from data import UsageError, read_torch_file
 
-PERCEPTUAL_HINTS = {  # where the weights come from, for the error messages
-    'vgg': "download torchvision's VGG16 weights: "
-           "https://download.pytorch.org/models/vgg16-397923af.pth",
-    'lpips': "get LPIPS' v0.1 linear weights lpips/weights/v0.1/vgg.pth "
-             "(in the `lpips` PyPI package, or "
-             "https://github.com/richzhang/PerceptualSimilarity/raw/master/lpips/weights/v0.1/vgg.pth)",
-    'convnext': "download ConvNeXt-V2-Base 22k 224: "
-                "https://dl.fbaipublicfiles.com/convnext/convnextv2/im22k/convnextv2_base_22k_224_ema.pt",
+HINTS = {  # where the weights come from, for the error messages
+    'vgg': "download torchvision's VGG16: https://download.pytorch.org/models/vgg16-397923af.pth",
+    'lpips': "get LPIPS' v0.1 linear weights (also in the lpips PyPI package): https://github.com/"
+             "richzhang/PerceptualSimilarity/raw/master/lpips/weights/v0.1/vgg.pth",
+    'convnext': "download ConvNeXt-V2-Base 22k 224: https://dl.fbaipublicfiles.com/convnext/"
+                "convnextv2/im22k/convnextv2_base_22k_224_ema.pt",
 }
+# the inputs' normalisation: lpips' ScalingLayer for [-1,1] images, ImageNet's for [0,1] ones
+LPIPS_SHIFT, LPIPS_SCALE = torch.tensor([-.030, -.088, -.188]), torch.tensor([.458, .448, .450])
+IMAGENET_MEAN, IMAGENET_STD = torch.tensor([.485, .456, .406]), torch.tensor([.229, .224, .225])
 
 
 def load_weights(path, flag):
-    """A local weight file for --lpips/--vgg/--convnext (None passes through);
-    a missing one says what to get."""
-    if path is None:
-        return None
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f'--{flag} {path}: file not found; {PERCEPTUAL_HINTS[flag]}')
-    return read_torch_file(path, f'--{flag}')  # on CPU: lpips' file holds CUDA tensors
-
-
-def _unit(f, eps=1e-10):
-    """Unit-normalise over channels;
-    vector_norm's backward is 0 (not NaN) where a feature vector is all zero."""
-    return f / (torch.linalg.vector_norm(f, dim=1, keepdim=True) + eps)
+    """The state dict in a local weight file for --lpips/--vgg/--convnext (None passes through);
+    a missing file says what to get."""
+    if path is not None and not os.path.isfile(path):
+        raise FileNotFoundError(f'--{flag} {path}: file not found; {HINTS[flag]}')
+    return path and read_torch_file(path, f'--{flag}')  # on CPU: lpips' file holds CUDA tensors
 
 
 class LPIPS(nn.Module):
     """LPIPS v0.1 with a VGG16 trunk;
     keys match torchvision `features.*` and lpips `lin{k}.model.1.weight`."""
-    # VGG16 up to relu5_3
     CFG = [64, 64, 'M', 128, 128, 'M', 256, 256, 256, 'M', 512, 512, 512, 'M', 512, 512, 512]
-    # indices of relu1_2, relu2_2, relu3_3, relu4_3, relu5_3 in torchvision's features
-    TAPS = (3, 8, 15, 22, 29)
-    CHANNELS = (64, 128, 256, 512, 512)
+    TAPS = (3, 8, 15, 22, 29)  # relu1_2 ... relu5_3: their indices in torchvision's features
 
     def __init__(self):
         super().__init__()
         layers, c = [], 3
         for v in self.CFG:
-            if v == 'M':
-                layers.append(nn.MaxPool2d(2, 2))
-            else:
-                layers += [nn.Conv2d(c, v, 3, padding=1), nn.ReLU()]
-                c = v
+            layers += [nn.MaxPool2d(2)] if v == 'M' else [nn.Conv2d(c, v, 3, padding=1), nn.ReLU()]
+            c = c if v == 'M' else v
         self.features = nn.Sequential(*layers)  # 30 modules, indices 0..29 as in torchvision
-        # 1x1 conv to one channel; ModuleDict+Identity reproduce lpips'
-        for k, ch in enumerate(self.CHANNELS):
-            # key lin{k}.model.1.weight (index 0 was a train-time Dropout)
+        for k, ch in enumerate((64, 128, 256, 512, 512)):
+            # a 1x1 conv to one channel, at lpips' key lin{k}.model.1.weight (0 was a Dropout)
             lin = nn.Sequential(nn.Identity(), nn.Conv2d(ch, 1, 1, bias=False))
             self.add_module(f'lin{k}', nn.ModuleDict({'model': lin}))
-        # ScalingLayer: maps [-1,1] inputs to (roughly) ImageNet-normalised ones
-        self.register_buffer('shift', torch.tensor([-.030, -.088, -.188]).view(1, 3, 1, 1),
-                             persistent=False)
-        self.register_buffer('scale', torch.tensor([.458, .448, .450]).view(1, 3, 1, 1),
-                             persistent=False)
         self.requires_grad_(False)
 
     def forward(self, a, b):
         """a, b: (B,3,H,W) in [-1,1] -> (B,) distances."""
-        x = (torch.cat([a, b]) - self.shift) / self.scale  # (2B,3,H,W), one trunk pass for both
-        d = 0
+        shift, scale = (v.view(1, 3, 1, 1).to(a) for v in (LPIPS_SHIFT, LPIPS_SCALE))
+        x = (torch.cat([a, b]) - shift) / scale  # (2B,3,H,W), one trunk pass for both
+        d, lins = 0, iter(self.get_submodule(f'lin{k}.model') for k in range(5))
         for i, layer in enumerate(self.features):
             x = layer(x)
             if i in self.TAPS:
-                fa, fb = _unit(x).chunk(2)
-                lin = getattr(self, f'lin{self.TAPS.index(i)}')['model']
-                # (B,1): weighted channel sum, spatial mean
-                d = d + lin((fa - fb) ** 2).mean((2, 3))
+                # unit length over channels (+eps: a zero vector's gradient is 0, not NaN)
+                fa, fb = (x / (torch.linalg.vector_norm(x, dim=1, keepdim=True) + 1e-10)).chunk(2)
+                # (B,1): a weighted channel sum, averaged over space
+                d = d + next(lins)((fa - fb) ** 2).mean((2, 3))
         return d[:, 0]
 
 
@@ -99,13 +81,11 @@ class GRN(nn.Module):
     official param names/shapes."""
     def __init__(self, dim):
         super().__init__()
-        self.gamma = nn.Parameter(torch.zeros(1, 1, 1, dim))
-        self.beta = nn.Parameter(torch.zeros(1, 1, 1, dim))
+        self.gamma, self.beta = (nn.Parameter(torch.zeros(1, 1, 1, dim)) for _ in range(2))
 
     def forward(self, x):
         gx = torch.linalg.vector_norm(x, dim=(1, 2), keepdim=True)  # (B,1,1,C) spatial L2/channel
-        nx = gx / (gx.mean(dim=-1, keepdim=True) + 1e-6)
-        return self.gamma * (x * nx) + self.beta + x
+        return self.gamma * (x * gx / (gx.mean(dim=-1, keepdim=True) + 1e-6)) + self.beta + x
 
 
 class ConvNeXtBlock(nn.Module):
@@ -114,14 +94,12 @@ class ConvNeXtBlock(nn.Module):
         super().__init__()
         self.dwconv = nn.Conv2d(dim, dim, 7, padding=3, groups=dim)
         self.norm = nn.LayerNorm(dim, eps=1e-6)
-        self.pwconv1 = nn.Linear(dim, 4 * dim)
-        self.grn = GRN(4 * dim)
+        self.pwconv1, self.grn = nn.Linear(dim, 4 * dim), GRN(4 * dim)
         self.pwconv2 = nn.Linear(4 * dim, dim)
 
     def forward(self, x):  # (B,C,H,W)
         y = self.norm(self.dwconv(x).permute(0, 2, 3, 1))  # (B,H,W,C)
-        y = self.pwconv2(self.grn(F.gelu(self.pwconv1(y))))
-        return x + y.permute(0, 3, 1, 2)
+        return x + self.pwconv2(self.grn(F.gelu(self.pwconv1(y)))).permute(0, 3, 1, 2)
 
 
 class ConvNeXtV2(nn.Module):
@@ -129,49 +107,38 @@ class ConvNeXtV2(nn.Module):
     the classifier head is left out (22k classes, unused)."""
     def __init__(self, depths=(3, 3, 27, 3), dims=(128, 256, 512, 1024)):
         super().__init__()
-        self.downsample_layers = nn.ModuleList([nn.Sequential(nn.Conv2d(3, dims[0], 4, stride=4),
-                                                              LayerNorm2d(dims[0], eps=1e-6))])
-        for i in range(3):
-            down = nn.Conv2d(dims[i], dims[i + 1], 2, stride=2)
-            self.downsample_layers.append(nn.Sequential(LayerNorm2d(dims[i], eps=1e-6), down))
+        stem = nn.Sequential(nn.Conv2d(3, dims[0], 4, stride=4), LayerNorm2d(dims[0], eps=1e-6))
+        self.downsample_layers = nn.ModuleList([stem] + [
+            nn.Sequential(LayerNorm2d(c, eps=1e-6), nn.Conv2d(c, c_next, 2, stride=2))
+            for c, c_next in zip(dims, dims[1:])])
         self.stages = nn.ModuleList([nn.Sequential(*[ConvNeXtBlock(dim) for _ in range(depth)])
                                      for depth, dim in zip(depths, dims)])
         self.norm = nn.LayerNorm(dims[-1], eps=1e-6)
-        # the official recipe feeds [0,1] images normalised with ImageNet mean/std
-        self.register_buffer('mean', torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1),
-                             persistent=False)
-        self.register_buffer('std', torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1),
-                             persistent=False)
         self.requires_grad_(False)
 
     def features(self, x):
         """x: (B,3,H,W) in [-1,1] -> (B, dims[-1]) pooled, LayerNormed pre-classifier features."""
-        x = ((x + 1) / 2 - self.mean) / self.std
+        # the official recipe feeds [0,1] images normalised with ImageNet's mean and std
+        mean, std = (v.view(1, 3, 1, 1).to(x) for v in (IMAGENET_MEAN, IMAGENET_STD))
+        x = ((x + 1) / 2 - mean) / std
         for down, stage in zip(self.downsample_layers, self.stages):
             x = stage(down(x))  # (B,C,H/s,W/s)
         return self.norm(x.mean((2, 3)))
 
 
-def _uniform(lo, hi, g):
-    return float(torch.empty(()).uniform_(lo, hi, generator=g))
-
-
 def _crop_box(h, w, scale, ratio, g):
-    """Sample (top, left, height, width) like torchvision's RandomResizedCrop,
-    with a central fallback."""
+    """(top, left, height, width) as torchvision's RandomResizedCrop draws it: up to 10 tries of an
+    area fraction uniform in scale and an aspect ratio log-uniform in ratio, else the whole image
+    (torchvision's fallback for a square image; it clamps other aspect ratios into ratio)."""
+    lo, hi = math.log(ratio[0]), math.log(ratio[1])
     for _ in range(10):
-        area = h * w * _uniform(*scale, g)
-        r = math.exp(_uniform(math.log(ratio[0]), math.log(ratio[1]), g))
+        s, t = torch.rand(2, generator=g, dtype=torch.float64).tolist()
+        area, r = h * w * (scale[0] + (scale[1] - scale[0]) * s), math.exp(lo + (hi - lo) * t)
         cw, ch = round(math.sqrt(area * r)), round(math.sqrt(area / r))
         if 0 < cw <= w and 0 < ch <= h:
-            top = int(torch.randint(0, h - ch + 1, (), generator=g))
-            left = int(torch.randint(0, w - cw + 1, (), generator=g))
+            top, left = (int(torch.randint(0, n + 1, (), generator=g)) for n in (h - ch, w - cw))
             return top, left, ch, cw
-    r = w / h  # fallback: the whole image, with aspect ratio clamped into range
-    cw, ch = ((w, round(w / ratio[0])) if r < ratio[0]
-              else (round(h * ratio[1]), h) if r > ratio[1]
-              else (w, h))
-    return (h - ch) // 2, (w - cw) // 2, ch, cw
+    return 0, 0, h, w
 
 
 def paired_random_resized_crop(a, b, size=224, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
@@ -179,25 +146,24 @@ def paired_random_resized_crop(a, b, size=224, scale=(0.08, 1.0), ratio=(3 / 4, 
     """Crop a and b (B,C,H,W) with the same random box per sample,
     bicubic+antialias resize -> (B,C,size,size) each."""
     assert a.shape == b.shape, (a.shape, b.shape)
-    H, W = a.shape[-2:]
-    outs = []
-    for i in range(a.shape[0]):
-        top, left, ch, cw = _crop_box(H, W, scale, ratio, generator)
+    crops = []
+    for i in range(len(a)):
+        top, left, ch, cw = _crop_box(*a.shape[-2:], scale, ratio, generator)
         pair = torch.stack([a[i], b[i]])[:, :, top:top + ch, left:left + cw]  # (2,C,ch,cw)
-        outs.append(F.interpolate(pair, size=(size, size), mode='bicubic', align_corners=False,
-                                  antialias=True))
-    out = torch.stack(outs, dim=1)  # (2,B,C,size,size)
-    return out[0], out[1]
+        crops.append(F.interpolate(pair, size=(size, size), mode='bicubic', antialias=True))
+    return torch.stack(crops, dim=1).unbind(0)  # (2,B,C,size,size) -> a's, b's
 
 
-def _check(sd, want, name):
-    """Raise ValueError naming --name unless sd has every tensor of want, with the same shape."""
-    sd = sd if isinstance(sd, dict) else {}
-    bad = [key for key, tensor in want.items()
-           if not (isinstance(sd.get(key), torch.Tensor) and sd[key].shape == tensor.shape)]
+def _load(net, sd, name, keep=''):
+    """Load the keys of net's state dict that start with keep from sd (extra keys ignored); if any
+    is missing or mis-shaped, one error naming --name and where its file comes from."""
+    want = {k: v for k, v in net.state_dict().items() if k.startswith(keep)}
+    sd = sd.get('model', sd) if isinstance(sd, dict) else {}  # ConvNeXt's files: {'model': ...}
+    bad = [k for k, v in want.items() if getattr(sd.get(k), 'shape', None) != v.shape]
     if bad:
         raise UsageError(f"--{name}: {len(bad)} of {len(want)} expected tensors missing or "
-                         f"mis-shaped (e.g. {bad[0]!r}); wrong file? {PERCEPTUAL_HINTS[name]}")
+                         f"mis-shaped (e.g. {bad[0]!r}); {HINTS[name]}")
+    net.load_state_dict({k: sd[k] for k in want}, strict=False)
 
 
 class PerceptualLoss(nn.Module):
@@ -205,29 +171,19 @@ class PerceptualLoss(nn.Module):
     between paired random-resized crops of pred and target."""
     def __init__(self, lpips=None, vgg=None, convnext=None, crop: int | None = 224, *,
                  depths=(3, 3, 27, 3), dims=(128, 256, 512, 1024)):
-        """lpips, vgg, convnext: state dicts as their authors publish them
-        (train.py reads the files)."""
+        """lpips, vgg, convnext: state dicts as their authors publish them (load_weights reads
+        the files); depths, dims: ConvNeXt-V2's (default: Base)."""
         super().__init__()
-        self.crop = crop  # None/0: no crop, compare whole images
-        # latent models: a frozen decoder to pixels (sample.LatentDecoder), set by train.py
-        self.decode = None
-        self.lpips = self.convnext = None
-        if (lpips is None) != (vgg is None):
-            raise UsageError(f"LPIPS needs both --lpips and --vgg; {PERCEPTUAL_HINTS['lpips']}; "
-                             f"{PERCEPTUAL_HINTS['vgg']}")
-        if lpips is not None:
+        # crop None/0: compare whole images; decode: for latent models, a frozen decoder to pixels
+        # (sample.LatentDecoder), set by train.py
+        self.crop, self.decode, self.lpips, self.convnext = crop, None, None, None
+        if lpips is not None or vgg is not None:  # LPIPS needs both (None: all missing)
             self.lpips = LPIPS()
-            want = self.lpips.state_dict()
-            _check(vgg, {key: want[key] for key in want if key.startswith('features.')}, 'vgg')
-            _check(lpips, {key: want[key] for key in want if key.startswith('lin')}, 'lpips')
-            self.lpips.load_state_dict({key: vgg[key] if key.startswith('features.') else lpips[key]
-                                        for key in want})
+            _load(self.lpips, vgg, 'vgg', 'features.')
+            _load(self.lpips, lpips, 'lpips', 'lin')
         if convnext is not None:
-            self.convnext = ConvNeXtV2(depths, dims)  # defaults: ConvNeXt-V2-Base
-            sd = convnext.get('model', convnext) if isinstance(convnext, dict) else convnext
-            want = self.convnext.state_dict()
-            _check(sd, want, 'convnext')
-            self.convnext.load_state_dict({key: sd[key] for key in want})  # drops head.*
+            self.convnext = ConvNeXtV2(depths, dims)
+            _load(self.convnext, convnext, 'convnext')  # the classifier head is left out
 
     @classmethod
     def random(cls, crop=32, depths=(1, 1, 1, 1), dims=(8, 16, 32, 64), seed=0):
@@ -250,11 +206,8 @@ class PerceptualLoss(nn.Module):
             pred = self.decode(pred)
         if self.crop:
             pred, target = paired_random_resized_crop(pred, target, self.crop, generator=generator)
-        out = {}
-        if self.lpips is not None:
-            out['lpips'] = self.lpips(pred, target)
+        out = {'lpips': self.lpips(pred, target)} if self.lpips is not None else {}
         if self.convnext is not None:
-            f = self.convnext.features(torch.cat([pred, target]))  # (2B,D)
-            fp, ft = f.chunk(2)
+            fp, ft = self.convnext.features(torch.cat([pred, target])).chunk(2)  # (B,D) each
             out['convnext'] = ((fp - ft) ** 2).sum(1)
         return out

