@@ -3439,8 +3439,8 @@ def test_vae_config_json_shape_and_fallbacks(tmp_path):
     """A config.json that is not an object is refused; fields it lacks keep what the weights' shapes
     imply, and its groups are checked against those widths."""
     sd = int_vae().state_dict()
-    with pytest.raises(ValueError, match=r'list/config\.json: not a diffusers config\.json, which '
-                                         r'is a JSON object, but a list$'):
+    with pytest.raises(ValueError, match=r'list/config\.json: not a diffusers config\.json '
+                                         r'\(a list, not a JSON object\)$'):
         load_vae(folder(tmp_path / 'list', sd, [1, 2]))
     vae = load_vae(folder(tmp_path / 'few', sd, {'norm_num_groups': 16}))
     assert vae.cfg == VAEConfig(block_out_channels=(32, 32), layers_per_block=1, norm_num_groups=16)

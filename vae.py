@@ -324,17 +324,17 @@ def load_vae(path, device='cpu', flag='--vae'):
     if not isinstance(sd, dict):
         raise UsageError(f'{flag} {weights}: holds a {type(sd).__name__}, '
                          'not a state dict of the SD VAE')
-    sd, given = convert_state_dict(sd), {}
-    if config:   # authoritative (norm_num_groups is only there); a field it lacks keeps the shapes'
-        try:
+    given = {}
+    try:   # config.json is authoritative (norm_num_groups is only there), field by field
+        if config:
             with open(config) as f:
                 given = json.load(f)
-        except ValueError as e:   # JSONDecodeError and UnicodeDecodeError are ValueErrors
-            raise UsageError(f'{flag} {config}: not a diffusers config.json, not JSON ({e})') from e
         if not isinstance(given, dict):
-            raise UsageError(f'{flag} {config}: not a diffusers config.json, which is a JSON '
-                             f'object, but a {type(given).__name__}')
-    # the config from the shapes (not a VAE: the default, so the error lists what is missing)
+            raise ValueError(f'a {type(given).__name__}, not a JSON object')
+    except ValueError as e:   # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise UsageError(f'{flag} {config}: not a diffusers config.json ({e})') from e
+    # a field it lacks: from the shapes (not a VAE: the default, so the error lists what is missing)
+    sd = convert_state_dict(sd)
     values = {**asdict(config_from_state_dict(sd) or VAEConfig()), **given}
     problem = config_problem(values)
     if problem:
@@ -468,8 +468,6 @@ def encode(src, out, vae, img_size, batch_size=64, norm='channel', limit=None, o
     _check_out(out, None, overwrite)   # a complete set is refused before SRC is listed
     ds = open_source(src, img_size, split, flag='encode SRC', latents=False)
     n = len(ds) if limit is None else min(limit, len(ds))
-    if n == 0:
-        raise UsageError(f'encode SRC {src!r}: holds no images')
     with torch.no_grad():   # the latent shape, from one blank image
         C, h, w = vae.encode(torch.zeros(1, 3, img_size, img_size, device=device))[0].shape[1:]
     if norm == 'channel' and C != len(LATENT_NORMS['channel'][0]):
