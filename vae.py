@@ -393,11 +393,6 @@ class _Readable(Dataset):
         return i, torch.from_numpy(arr.copy()).permute(2, 0, 1), int(self.ds.targets[i]), True
 
 
-def _collate(items):
-    i, x, y, ok = zip(*items)
-    return torch.tensor(i), torch.stack(x), torch.tensor(y, dtype=torch.int64), torch.tensor(ok)
-
-
 def _marker(out, j):
     """The mark that shard j is written: its unreadable images and its sums for --norm compute."""
     return os.path.join(out, 'done', f'{j:06d}.json')
@@ -513,8 +508,8 @@ def _encode_shards(ds, out, vae, mine, n, chunk, batch_size, workers, device, pr
     ends = {j: min(n, (j + 1) * chunk) for j in mine}
     batches = [list(range(s, min(s + batch_size, ends[j])))   # never across a shard's end
                for j in mine for s in range(j * chunk, ends[j], batch_size)]
-    loader = DataLoader(_Readable(ds), batch_sampler=batches, collate_fn=_collate,
-                        num_workers=workers, pin_memory=device.type == 'cuda')
+    loader = DataLoader(_Readable(ds), batch_sampler=batches, num_workers=workers,
+                        pin_memory=device.type == 'cuda')
     done, bad, sums = 0, [], 0
     with torch.no_grad():
         for idx, x, y, readable in loader:
