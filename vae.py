@@ -50,33 +50,6 @@ class VAEConfig:
     norm_num_groups: int = 32
 
 
-# diffusers' config.json fields that VAEConfig does not hold: the one value of each that this VAE
-# implements. Fields named nowhere here (sample_size, scaling_factor, ...) leave the network as is.
-_FIXED = {'_class_name': 'AutoencoderKL', 'act_fn': 'silu', 'use_quant_conv': True,
-          'use_post_quant_conv': True, 'mid_block_add_attention': True}
-
-
-def config_problem(c):
-    """The first field of c (VAEConfig's fields, and any of a diffusers config.json's) that this
-    VAE cannot build or does not implement, as 'field value: expected ...'; None if none."""
-    def count(v):   # JSON's true and 2.0 are no counts
-        return type(v) is int and v >= 1
-    ch = c['block_out_channels']
-    if not (isinstance(ch, (list, tuple)) and ch and all(map(count, ch))):
-        return f'block_out_channels {ch!r}: expected a non-empty list of positive integers'
-    for k in ('in_channels', 'out_channels', 'latent_channels', 'layers_per_block',
-              'norm_num_groups'):
-        if not count(c[k]) or k == 'norm_num_groups' and any(w % c[k] for w in ch):
-            return f'{k} {c[k]!r}: expected a positive integer' + (
-                k == 'norm_num_groups' and f' dividing every block_out_channels entry {list(ch)} '
-                '(a diffusers config.json beside the weights sets it)' or '')
-    for k, want in {**_FIXED, 'down_block_types': ['DownEncoderBlock2D'] * len(ch),
-                    'up_block_types': ['UpDecoderBlock2D'] * len(ch)}.items():
-        if c.get(k, want) != want:
-            return f'{k} {c[k]!r}: expected {want!r}, the only value this VAE implements'
-    return None
-
-
 def _norm(c, groups):
     # every norm of the SD VAE uses 1e-6, not PyTorch's 1e-5
     return nn.GroupNorm(groups, c, eps=1e-6)
@@ -324,8 +297,8 @@ def load_vae(path, device='cpu', flag='--vae'):
     if not isinstance(sd, dict):
         raise UsageError(f'{flag} {weights}: holds a {type(sd).__name__}, '
                          'not a state dict of the SD VAE')
-    given = {}
-    try:   # config.json is authoritative (norm_num_groups is only there), field by field
+    sd, given = convert_state_dict(sd), {}
+    try:   # config.json is authoritative (norm_num_groups is only there)
         if config:
             with open(config) as f:
                 given = json.load(f)
@@ -333,14 +306,18 @@ def load_vae(path, device='cpu', flag='--vae'):
             raise ValueError(f'a {type(given).__name__}, not a JSON object')
     except ValueError as e:   # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise UsageError(f'{flag} {config}: not a diffusers config.json ({e})') from e
-    # a field it lacks: from the shapes (not a VAE: the default, so the error lists what is missing)
-    sd = convert_state_dict(sd)
-    values = {**asdict(config_from_state_dict(sd) or VAEConfig()), **given}
-    problem = config_problem(values)
-    if problem:
-        raise UsageError(f'{flag} {config or weights}: {problem}')
-    with torch.device('meta'):   # no random init of weights that are replaced at once
-        vae = VAE(VAEConfig(**{f.name: values[f.name] for f in fields(VAEConfig)}))
+    # a field that config.json lacks keeps the value the shapes imply (not a VAE: the default
+    # config, so that the key check below lists what is missing)
+    cfg = replace(config_from_state_dict(sd) or VAEConfig(),
+                  **{k: v for k, v in given.items() if k in {f.name for f in fields(VAEConfig)}})
+    # one check serves every value that no network can be built of (groups that do not divide a
+    # width, a negative count, a string, ...); a network that builds must then fit the weights
+    try:
+        with torch.device('meta'):   # no random init of weights that are replaced at once
+            vae = VAE(cfg)
+    except (TypeError, ValueError, IndexError, RuntimeError, ZeroDivisionError) as e:
+        raise UsageError(f'{flag} {config or weights}: cannot build an SD VAE of {cfg} ({e})' + (
+            '' if config else '; a diffusers config.json beside the weights sets its config')) from e
     want = {k: tuple(v.shape) for k, v in vae.state_dict().items()}
     got = {k: tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
            for k, v in sd.items()}
@@ -496,7 +473,7 @@ def encode(src, out, vae, img_size, batch_size=64, norm='channel', limit=None, o
                             enabled=rank == 0))
     sync()
     if rank == 0:
-        _finish(out, ds, src, split, n, img_size, [C, h, w], norm, vae_name, settings, shards)
+        _finish(out, ds, src, settings, norm, vae_name)
     if group:
         dist.destroy_process_group(group)
 
@@ -534,13 +511,13 @@ def _encode_shards(ds, out, vae, mine, n, chunk, batch_size, workers, device, pr
             progress.update(done)
 
 
-def _finish(out, ds, src, split, n, img_size, latent_shape, norm, vae_name, settings, shards):
+def _finish(out, ds, src, settings, norm, vae_name):
     """Rank 0, once every shard is marked: meta.json (atomically, last), then the bookkeeping."""
+    n, img_size, (C, h, w) = settings['n'], settings['img_size'], settings['latent_shape']
     marks = []
-    for j in range(shards):
+    for j in range(math.ceil(n / settings['chunk'])):
         with open(_marker(out, j)) as f:
             marks.append(json.load(f))
-    C, h, w = latent_shape
     if norm == 'compute':
         # posterior samples mean + std * eps: E[x] = E[mean], Var[x] = E[mean^2] + E[std^2] - E[x]^2
         avg = np.sum([mark['sums'] for mark in marks], 0) / (n * 2 * h * w)
@@ -550,8 +527,8 @@ def _finish(out, ds, src, split, n, img_size, latent_shape, norm, vae_name, sett
         mean, std = (mean * C, std * C) if len(mean) == 1 else (mean, std)
     bad = [i for mark in marks for i in mark['unreadable']]
     meta = {'format': 'latents', 'version': 1, 'n': n, 'img_size': img_size,
-            'latent_shape': latent_shape, 'num_classes': int(ds.num_classes), 'source': src,
-            **({'split': split} if src in BUILTIN else {}),
+            'latent_shape': [C, h, w], 'num_classes': int(ds.num_classes), 'source': src,
+            **({'split': settings['split']} if src in BUILTIN else {}),
             'vae': {'name': vae_name, 'fingerprint': settings['vae_fingerprint']},
             'norm': {'kind': norm, 'mean': mean, 'std': std}, 'unreadable': len(bad)}
     atomic_write(os.path.join(out, 'meta.json'),
