@@ -316,8 +316,9 @@ def load_vae(path, device='cpu', flag='--vae'):
         with torch.device('meta'):   # no random init of weights that are replaced at once
             vae = VAE(cfg)
     except (TypeError, ValueError, IndexError, RuntimeError, ZeroDivisionError) as e:
-        raise UsageError(f'{flag} {config or weights}: cannot build an SD VAE of {cfg} ({e})' + (
-            '' if config else '; a diffusers config.json beside the weights sets its config')) from e
+        hint = '' if config else '; a diffusers config.json beside the weights sets its config'
+        raise UsageError(f'{flag} {config or weights}: cannot build an SD VAE of {cfg} '
+                         f'({e}){hint}') from e
     want = {k: tuple(v.shape) for k, v in vae.state_dict().items()}
     got = {k: tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
            for k, v in sd.items()}
