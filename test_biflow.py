@@ -3198,7 +3198,7 @@ def test_readme_latent_commands_parse_with_the_scripts_parsers(tmp_path, monkeyp
 def int_vae(cfg=TINY_VAE):
     """A VAE of cfg (by default 32 groups, the config its shapes imply) with weights k/64, k an
     integer in [-8, 8] drawn from seed 17 in sorted key order (GroupNorm weights 1 + k/64): exact in
-    fp32 on any machine, so that their fingerprint is a constant."""
+    fp32, the same weights on any machine."""
     with torch.device('meta'):
         shapes = {k: v.shape for k, v in VAE(cfg).state_dict().items()}
     g = torch.Generator().manual_seed(17)
