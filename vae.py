@@ -441,6 +441,8 @@ def encode(src, out, vae, img_size, batch_size=64, norm='channel', limit=None, o
     _check_out(out, None, overwrite)   # a complete set is refused before SRC is listed
     ds = open_source(src, img_size, split, flag='encode SRC', latents=False)
     n = len(ds) if limit is None else min(limit, len(ds))
+    if n == 0:
+        raise UsageError(f'encode SRC {src!r}: holds no images')
     with torch.no_grad():   # the latent shape, from one blank image
         C, h, w = vae.encode(torch.zeros(1, 3, img_size, img_size, device=device))[0].shape[1:]
     if norm == 'channel' and C != len(LATENT_NORMS['channel'][0]):
