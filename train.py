@@ -90,24 +90,22 @@ RANGES = {**dict.fromkeys(['max_steps', 'batch_size', 'stop_at', 'log_every', 'c
 
 
 def get_args(argv=None):
-    """-> (args, given): a fresh run's settings (flag defaults < --preset's < the flags given) and
-    the flags given, by name. A default of None comes from --preset (or, for F, its model preset)."""
+    """-> (args, given): a fresh run's settings (flag defaults < --preset's < the flags given)
+    and the flags given, by name. A default of None comes from --preset (or F's model preset)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     add = p.add_argument_group('data and model').add_argument
     add('--data', default='digits', help="'digits' (built-in), an ImageFolder root, a .npz/.npy "
         'file, or a latent set of `vae.py encode`')
     add('--vae', help='the SD-VAE that encoded latent --data (weight file or diffusers folder)')
     add('--val_data', help="stage 1's held-out images for bits/dim (None: the data's own split)")
-    add('--stage', choices=['forward', 'reverse'], default='forward',
-        help='forward: TarFlow by maximum likelihood; reverse: G against a frozen F')
+    add('--stage', choices=['forward', 'reverse'], default='forward', help='train F, or G of an F')
     add('--preset', choices=sorted(TRAIN_PRESETS), default='cpu', help='model size and '
         'optimisation; itarflow-b2, itarflow-xl2 and biflow-b2 (stage 2) take latent --data')
     add('--num_classes', type=int, help='stage 1: classes of the model; 0: unconditional')
     add('--noise_std', type=float, help='stage 1: sigma of the training noise')
     add('--noise_type', choices=['gaussian', 'uniform'], default='gaussian', help='stage 1: '
         'Gaussian noise of --noise_std (to sample) or uniform dequantisation (for bits/dim)')
-    add('--norm_clip', type=float, help="stage 1: alpha, mu -> c*tanh(./c), BiFlow's norm control;"
-        ' 0: TarFlow exactly')
+    add('--norm_clip', type=float, help='stage 1: alpha, mu -> c*tanh(./c) (BiFlow); 0: as TarFlow')
     add = p.add_argument_group('optimisation').add_argument
     add('--max_steps', type=int, help='optimizer steps of the run')
     add('--batch_size', type=int, help='global batch size over all ranks')
@@ -119,10 +117,8 @@ def get_args(argv=None):
     add('--seed', type=int, default=0, help='seed of the weights, the data order and the noise')
     add = p.add_argument_group('stage 2: the reverse model G').add_argument
     add('--forward_ckpt', help='the forward checkpoint to invert (its EMA weights, frozen)')
-    add('--align', choices=['hidden', 'distill', 'naive'], default='hidden',
-        help='how G is supervised')
-    add('--denoise', choices=['learned', 'score', 'none'], default='learned',
-        help='how G gets clean images')
+    add('--align', choices=['hidden', 'distill', 'naive'], default='hidden', help="G's targets")
+    add('--denoise', choices=['learned', 'score', 'none'], default='learned', help='how G denoises')
     add('--reverse_norm', action=argparse.BooleanOptionalAction, default=True,
         help='compare states divided by the target RMS (reverse-side norm control)')
     add('--guidance_mode', choices=['train', 'inference'], default='train', help='G conditioned '
@@ -134,12 +130,12 @@ def get_args(argv=None):
     add('--perceptual_every', type=int, help='the perceptual terms see every k-th image')
     add = p.add_argument_group('outputs and resuming').add_argument
     add('--out_dir', default='out', help='where checkpoints, sample grids and the log go')
-    add('--overwrite', action='store_true', help='replace an earlier run of this stage in --out_dir')
+    add('--overwrite', action='store_true', help="replace this stage's earlier run in --out_dir")
     add('--resume', help='continue the run saved in this checkpoint, with its settings')
     add('--stop_at', type=int, help='end this job at this step, the schedule unchanged')
     add('--log_every', type=int, default=50, help='steps between log rows')
     add('--ckpt_every', type=int, default=1000, help='steps between checkpoints (and at the end)')
-    add('--sample_every', type=int, default=1000, help='steps between sample grids (and at the end)')
+    add('--sample_every', type=int, default=1000, help='steps between sample grids (and the end)')
     add('--sample_guidance', type=float, default=2.0, help='CFG scale of the grids and FID samples')
     add('--eval_every', type=int, help='stage 1: steps between held-out bits/dim')
     add('--eval_samples', type=int, help='stage 1: held-out images per evaluation')
@@ -149,8 +145,7 @@ def get_args(argv=None):
     add('--inception', help='pt_inception-2015-12-05-6726825d.pth for FID')
     add = p.add_argument_group('hardware').add_argument
     add('--device', default='auto', help="'auto' (cuda if available), 'cpu' or 'cuda'")
-    add('--compile', action=argparse.BooleanOptionalAction, default=False,
-        help='torch.compile the model and F (GPU runs)')
+    add('--compile', action='store_true', help='torch.compile the model and F (GPU runs)')
     add('--grad_checkpoint', action=argparse.BooleanOptionalAction,
         help="stage 1: recompute each flow's activations in the backward (less memory)")
     add('--num_workers', type=int, help='data loader workers per rank (None: 0 on CPU, 8 on CUDA)')
@@ -222,12 +217,10 @@ def step_inputs(args, step, x, y, num_classes, rank, world):
     # columns: label drop, w = 0?, w
     u = torch.rand(B, 3, generator=gen, device=x.device)[rank * b:(rank + 1) * b]
     y = torch.where(u[:, 0] < args.label_drop, -1, y) if num_classes else None
-    w = torch.zeros_like(u[:, 1])
-    if args.stage == 'reverse' and args.guidance_mode == 'train':
-        w = guidance_scales(u[:, 1:], args.w_max)
-        if y is not None:
-            w = torch.where(y < 0, 0.0, w)   # dropped labels train the null class, unguided
-    return eps, y, w
+    w = (guidance_scales(u[:, 1:], args.w_max) if args.stage == 'reverse'
+         and args.guidance_mode == 'train' else torch.zeros_like(u[:, 1]))
+    # dropped labels train the null class, unguided
+    return eps, y, w if y is None else torch.where(y < 0, 0.0, w)
 
 
 def posterior_sample(args, step, moments, mean, std, rank, world):
@@ -271,9 +264,9 @@ def stage_loss(args, model, flow, x, y, w, eps, perceptual, step, rank):
         return loss, {'loss': loss.detach()}
     if y is None:   # an unconditional G: index 0 is its null class
         y = torch.zeros(len(x), dtype=torch.long, device=x.device)
+    crops = crop_generator(args.seed, step, rank) if perceptual else None
     loss, terms = reverse_loss(model, flow, x, y, w, eps, perceptual, PERCEPTUAL_WEIGHTS,
-                               generator=crop_generator(args.seed, step, rank) if perceptual else None,
-                               perceptual_every=args.perceptual_every)
+                               generator=crops, perceptual_every=args.perceptual_every)
     return loss, {'loss': loss.detach(), **terms}
 
 
@@ -311,28 +304,21 @@ def heldout_bits_per_dim(model, dataset, n, batch_size, rank, world, device, ctx
     reports (an upper bound on the discrete NLL, whatever noise the model was trained on). Image i's
     dequantisation noise is seeded by i, so evaluations compare across steps and world sizes. Every
     rank gets the same value."""
-    was = model.training
-    model.eval()
-    # rank r scores images r, r+W, ...: disjoint, all covered
-    idx = list(range(rank, min(n, len(dataset)), world))
-    # sums, not means, are reduced: the ranks' shares differ by one image when W does not divide n
-    total = torch.zeros(2, dtype=torch.float64, device=device)   # summed nll, image count
+    # rank r scores images r, r+W, ...: disjoint, all covered; the sum is reduced, then divided
+    n = min(n, len(dataset))
+    idx, total = list(range(rank, n, world)), torch.zeros((), dtype=torch.float64, device=device)
     for start in range(0, len(idx), batch_size):
-        items = [dataset[i] for i in idx[start:start + batch_size]]
-        # uint8 -> the model's [-1, 1]
-        x = torch.stack([im for im, _ in items]).to(device).float() / 127.5 - 1
-        y = (torch.tensor([lab for _, lab in items], device=device)
-             if model.cfg.num_classes else None)
+        ids = idx[start:start + batch_size]
+        images, labels = zip(*(dataset[i] for i in ids))
+        x = torch.stack(images).to(device).float() / 127.5 - 1   # uint8 -> the model's [-1, 1]
+        y = torch.tensor(labels, device=device) if model.cfg.num_classes else None
         eps = torch.stack([torch.randn(x.shape[1:], generator=torch.Generator().manual_seed(i))
-                           for i in idx[start:start + batch_size]]).to(device)
+                           for i in ids]).to(device)
         with ctx:
-            _, nll, _ = forward_loss(model, x, y, eps, noise='uniform')
-        total += torch.stack([nll.double().sum(),
-                              torch.tensor(len(x), dtype=torch.float64, device=device)])
+            total += forward_loss(model, x, y, eps, noise='uniform')[1].double().sum()
     if world > 1:
         dist.all_reduce(total)
-    model.train(was)
-    return TarFlow.bits_per_dim(total[0] / total[1]).item()
+    return TarFlow.bits_per_dim(total / n).item()
 
 
 def processes(args):
@@ -340,7 +326,8 @@ def processes(args):
     every rank, TF32 matmuls on GPU."""
     rank, world, device = setup_distributed(args.device)
     # the perceptual terms see the same images for any number of ranks
-    every = args.perceptual_every if args.stage == 'reverse' and (args.lpips or args.convnext) else 1
+    perceptual = args.stage == 'reverse' and (args.lpips or args.convnext)
+    every = args.perceptual_every if perceptual else 1
     if args.batch_size % (world * every):
         raise UsageError(f'--batch_size {args.batch_size}: must split into {world} rank(s) of a '
                          f'multiple of --perceptual_every ({every} with perceptual terms, else 1)')
@@ -400,27 +387,24 @@ def load_data(args, cfg, data_latent, device):
     LatentDecoder; norm: its per-channel (mean, std)); labels must fit the model's classes. val:
     stage 1's held-out pixel images for bits/dim (--val_data, or the data's own split), or None."""
     dataset = build_dataset(args.data, cfg.img_size, 'train', args.seed)
+    model_shape = (cfg.in_channels, cfg.img_size, cfg.img_size)
     latent = decode = norm = None
     if isinstance(dataset, LatentDataset):
         latent = {k: dataset.meta[k] for k in ('img_size', 'latent_shape', 'vae', 'norm')}
-        if tuple(latent['latent_shape']) != (cfg.in_channels, cfg.img_size, cfg.img_size):
-            raise UsageError(f'--data {args.data} holds latents of shape '
-                             f'{tuple(latent["latent_shape"])} (C, h, w), but the model takes '
-                             f'{cfg.in_channels}x{cfg.img_size}x{cfg.img_size}: pick its --preset')
+        if (shape := tuple(latent['latent_shape'])) != model_shape:
+            raise UsageError(f'--data {args.data} holds latents of shape {shape} (C, h, w), but '
+                             f'the model takes {model_shape}: pick the --preset of that shape')
         norm = tuple(stat.to(device) for stat in latent_norm(dataset.meta))
         decode = latent_decoder(latent, args.vae, device, f'--data {args.data}')   # the same VAE
     elif cfg.in_channels != 3:
-        raise UsageError(f'the model takes SD-VAE latents ({cfg.in_channels}x{cfg.img_size}x'
-                         f'{cfg.img_size}), but --data {args.data} is pixels: encode it once with '
-                         '`python vae.py encode SRC OUT --vae PATH` and train on OUT')
+        raise UsageError(f'the model takes SD-VAE latents {model_shape}, but --data {args.data} '
+                         'is pixels: encode it with `python vae.py encode SRC OUT --vae PATH`')
     if data_latent != 'any' and latent != data_latent:   # G learns F's inverse on F's own data
         raise UsageError(f'--data {args.data}: not the data that {args.resume or args.forward_ckpt}'
                          ' was trained on (pixels or latents, their VAE and normalisation)')
     check_labels(dataset, cfg, f'--data {args.data}')
-    if args.stage == 'reverse':
-        return dataset, latent, decode, norm, None
-    val = (build_dataset(args.val_data, cfg.img_size, 'val', args.seed) if args.val_data
-           else dataset.heldout())
+    val = (None if args.stage == 'reverse' else dataset.heldout() if not args.val_data
+           else build_dataset(args.val_data, cfg.img_size, 'val', args.seed))
     if latent and args.val_data:
         raise UsageError('--val_data: bits/dim are of 8-bit pixels, not of latents')
     if val is not None:
@@ -428,14 +412,11 @@ def load_data(args, cfg, data_latent, device):
     return dataset, latent, decode, norm, val
 
 
-def claim(args, step, master):
-    """-> (checkpoint path, log path). The log is this stage's claim on --out_dir: a fresh run
+def claim(args, step, ckpt, log):
+    """Claim --out_dir for this stage (rank 0, for all ranks). The log is the claim: a fresh run
     creates it exclusively (O_EXCL: of two runs started together, one is refused); a --resume of
     the checkpoint beside it takes the run over, dropping the rows that a killed run logged after
-    that checkpoint. Rank 0 claims for all ranks."""
-    ckpt, log = (os.path.join(args.out_dir, args.stage + end) for end in ('.pt', '_log.jsonl'))
-    if not master:
-        return ckpt, log
+    that checkpoint."""
     if os.path.isfile(args.out_dir):
         raise UsageError(f'--out_dir {args.out_dir}: is a file, expected a folder')
     os.makedirs(args.out_dir, exist_ok=True)
@@ -444,7 +425,7 @@ def claim(args, step, master):
         rows = ([r for r in open(log) if r.endswith('\n') and json.loads(r)['step'] <= step]
                 if os.path.exists(log) else [])
         atomic_write(log, lambda f: f.write(''.join(rows).encode()))
-        return ckpt, log
+        return
     if args.overwrite and os.path.exists(log):   # the checkpoint is replaced at the first save
         os.remove(log)
     try:
@@ -452,7 +433,6 @@ def claim(args, step, master):
     except FileExistsError:
         raise UsageError(f'{log} exists (an earlier run): continue it with --resume {ckpt}, pick '
                          'another --out_dir, or pass --overwrite to replace it') from None
-    return ckpt, log
 
 
 
@@ -461,7 +441,6 @@ def main(argv=None):
     args, resume = settings(argv)
     rank, world, device = processes(args)
     master, bf16 = rank == 0, device.type == 'cuda'
-    print0 = print if master else (lambda *a, **k: None)
     # bf16 autocast on GPU; the flow math inside the models stays fp32
     ctx = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
 
@@ -491,7 +470,10 @@ def main(argv=None):
             obj.load_state_dict(resume[key])
         torch.set_rng_state(resume['rng'])
     del resume   # the loaded tensors are copied into the models: free them
-    ckpt_path, log_path = claim(args, step, master)
+    ckpt_path, log_path = (os.path.join(args.out_dir, args.stage + end)
+                           for end in ('.pt', '_log.jsonl'))
+    if master:
+        claim(args, step, ckpt_path, log_path)
     # `raw` stays the plain module for saving, EMA and sampling; F's pass is ~44% of a stage-2
     # step's FLOPs, so it is compiled too. DDP's gradients live in its buckets (no second copy)
     raw, flow_fn = model, flow
@@ -500,12 +482,14 @@ def main(argv=None):
     if world > 1:
         model = DDP(model, device_ids=[device.index] if bf16 else None,
                     gradient_as_bucket_view=True)
-    print0(f'{args.stage} model: {sum(p.numel() for p in raw.parameters()) / 1e6:.2f}M '
-           f'parameters, {world} rank(s) on {device}, {"bf16" if bf16 else "fp32"}\n'
-           + '\n'.join(f'  {k:16s} {v}' for k, v in sorted(vars(args).items())))
+    if master:   # what trains, where, with every setting: a log that describes itself
+        print(f'{args.stage} model: {sum(p.numel() for p in raw.parameters()) / 1e6:.2f}M '
+              f'parameters, {world} rank(s) on {device}, {"bf16" if bf16 else "fp32"}\n'
+              + '\n'.join(f'  {k:16s} {v}' for k, v in sorted(vars(args).items())))
 
-    def log(row):   # rank 0 appends one JSON row to the log
+    def log(row, text):   # rank 0 prints a line and appends the row to the log (full precision)
         if master:
+            print(text)
             with open(log_path, 'a') as f:
                 f.write(json.dumps(row) + '\n')
 
@@ -527,7 +511,6 @@ def main(argv=None):
     # non-finite steps, counted on the device (a step never waits for the host): all, the streak
     skipped, streak = torch.zeros(2, dtype=torch.long, device=device).unbind()
     stop = min(args.max_steps, args.stop_at or args.max_steps)   # --stop_at ends the job only
-    model.train()
     while step < stop:
         x, y = (t.to(device, non_blocking=True) for t in next(it))
         if latent:   # (b, 2, C, h, w) posterior moments -> a normalised latent sample (b, C, h, w)
@@ -546,8 +529,7 @@ def main(argv=None):
         if step % args.log_every == 0 or step == stop:
             if streak.item() >= MAX_SKIPS:   # checked here: a check per step would sync per step
                 raise SystemExit(f'stopping at step {step}: {streak.item()} non-finite steps in a '
-                                 f'row, the run has diverged; {ckpt_path} keeps the last '
-                                 'checkpoint before it: lower --lr or set --grad_clip and resume')
+                                 f'row: the run has diverged (last checkpoint: {ckpt_path})')
             n, dt = (step - 1) % args.log_every + 1, time.time() - t0   # steps in this interval
             # the metric sums -> means over the interval and the ranks: one reduction, one read
             means = torch.stack(list(acc.values())) / (n * world)
@@ -555,9 +537,8 @@ def main(argv=None):
                 dist.all_reduce(means)
             row = {'step': step, **dict(zip(acc, means.tolist())), 'lr': lr,
                    'img_per_s': seen / dt, 'ms_per_step': 1000 * dt / n, 'skipped': skipped.item()}
-            print0(f'step {step}/{args.max_steps} | ' + ' | '.join(f'{k} {v:.4g}' for k, v in
-                   list(row.items())[1:]) + f' | ETA {hms((stop - step) * dt / n)}')
-            log(row)
+            log(row, f'step {step}/{args.max_steps} | ' + ' | '.join(f'{k} {v:.4g}' for k, v in
+                list(row.items())[1:]) + f' | ETA {hms((stop - step) * dt / n)}')
             acc, seen, t0 = {}, 0, time.time()
         if (step % args.ckpt_every == 0 or step == stop) and streak.item() == 0:
             save()
@@ -565,8 +546,7 @@ def main(argv=None):
             bpd = heldout_bits_per_dim(ema, val, args.eval_samples,
                                        max(64, 2 * args.batch_size // world),
                                        rank, world, device, ctx)
-            print0(f'step {step}: held-out {bpd:.4f} bits/dim (EMA, uniform dequantisation)')
-            log({'step': step, 'val_bpd': bpd})
+            log({'step': step, 'val_bpd': bpd}, f'step {step}: held-out {bpd:.4f} bits/dim (EMA)')
         if master and (step % args.sample_every == 0 or step == stop):
             generate_grid(ema, flow, os.path.join(args.out_dir, f'{args.stage}_samples.png'),
                           guidance=args.sample_guidance, seed=args.seed, decode=decode)
@@ -575,9 +555,8 @@ def main(argv=None):
             r = distributed_fid(ema, flow, args.fid_ref, args.fid_samples, args.sample_guidance,
                                 args.seed, rank, world, device, args.inception, decode)
             if master:   # the other ranks get None
-                print(f'step {step}: FID {r["fid"]:.3f} of {args.fid_samples} EMA samples')
                 log({'step': step, 'fid': r['fid'], 'fid_samples': args.fid_samples,
-                     'ref': args.fid_ref})
+                     'ref': args.fid_ref}, f'step {step}: FID {r["fid"]:.3f} (EMA samples)')
     if world > 1:   # a clean exit: torchrun reports a rank that leaves the group open
         dist.destroy_process_group()
 
