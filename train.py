@@ -279,6 +279,7 @@ def update(loss, model, ema, opt, step, args):
     gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or math.inf)
     bad = ~torch.isfinite(gnorm)
     opt.found_inf = bad.float()   # fused AdamW leaves weights, moments and step alone where it is 1
+    opt.step()
     # the EMA's decay is (1+t)/(10+t) early on, so that a short run does not average in the random
     # initial weights, capped at --ema; on a bad step the EMA stays as it was
     ema_update(ema, model, min(args.ema, (1 + step) / (10 + step)), ok=~bad)
@@ -350,7 +351,7 @@ def build_models(args, resume, device):
         # the saved settings say what the model was built with
         vars(args).update(norm_clip=cfg.norm_clip, noise_std=cfg.noise_std,
                           num_classes=cfg.num_classes)
-        model = TarFlow(cfg)
+        model = TarFlow(cfg).to(device)
     else:
         fck = resume or read_torch_file(args.forward_ckpt, '--forward_ckpt')
         if not resume and (not isinstance(fck, dict) or fck.get('kind') != 'forward'):
@@ -365,8 +366,7 @@ def build_models(args, resume, device):
         cfg = (config_from_dict(ReverseConfig, resume['model_config']) if resume else
                reverse_config_for(flow.cfg, args.preset, align=args.align, denoise=args.denoise,
                                   norm=args.reverse_norm, guidance_mode=args.guidance_mode))
-        model = ReverseModel(cfg)
-    model.to(device)
+        model = ReverseModel(cfg).to(device)
     ema = type(model)(cfg).to(device).requires_grad_(False)
     ema.load_state_dict(model.state_dict())
     return model, ema, flow, cfg, data_latent
