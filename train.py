@@ -440,9 +440,9 @@ def claim(args, step, ckpt, log):
 def main(argv=None):
     args, resume = settings(argv)
     rank, world, device = processes(args)
-    master, bf16 = rank == 0, device.type == 'cuda'
+    master, cuda = rank == 0, device.type == 'cuda'
     # bf16 autocast on GPU; the flow math inside the models stays fp32
-    ctx = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+    ctx = torch.autocast(device.type, dtype=torch.bfloat16) if cuda else nullcontext()
 
     # ---- models, data, optimizer, the resumed state: every input is checked before the claim
     model, ema, flow, cfg, data_latent = build_models(args, resume, device)
@@ -461,8 +461,8 @@ def main(argv=None):
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95),
                             weight_decay=WEIGHT_DECAY, fused=True)
     # decoding JPEGs needs workers on GPU; on CPU they would compete with the model for the cores
-    loader = Loader(dataset, args.batch_size, rank, world, args.seed, pin_memory=bf16,
-                    num_workers=8 * bf16 if args.num_workers is None else args.num_workers,
+    loader = Loader(dataset, args.batch_size, rank, world, args.seed, pin_memory=cuda,
+                    num_workers=8 * cuda if args.num_workers is None else args.num_workers,
                     flip=dataset.mirrors)   # a resume continues its order exactly
     step = resume['step'] if resume else 0
     if resume:
@@ -480,11 +480,11 @@ def main(argv=None):
     if args.compile:
         model, flow_fn = torch.compile(model), flow and torch.compile(flow)
     if world > 1:
-        model = DDP(model, device_ids=[device.index] if bf16 else None,
+        model = DDP(model, device_ids=[device.index] if cuda else None,
                     gradient_as_bucket_view=True)
     if master:   # what trains, where, with every setting: a log that describes itself
         print(f'{args.stage} model: {sum(p.numel() for p in raw.parameters()) / 1e6:.2f}M '
-              f'parameters, {world} rank(s) on {device}, {"bf16" if bf16 else "fp32"}\n'
+              f'parameters, {world} rank(s) on {device}, {"bf16" if cuda else "fp32"}\n'
               + '\n'.join(f'  {k:16s} {v}' for k, v in sorted(vars(args).items())))
 
     def log(row, text):   # rank 0 prints a line and appends the row to the log (full precision)
