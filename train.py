@@ -16,7 +16,10 @@ Writes OUT_DIR/{stage}.pt (atomically; continue it with --resume), OUT_DIR/{stag
 OUT_DIR/{stage}_log.jsonl (a JSON row every --log_every steps: loss and its terms, grad norm, lr,
 speed; plus held-out bits/dim and FID rows). A run claims OUT_DIR for its stage by creating the log
 exclusively: a second run into it is refused, and a run that was killed is continued with --resume.
-A resume takes every setting from the checkpoint; only the flags in RESUMABLE may be given with it.
+A resume takes every setting from the checkpoint; only these flags may be given with it (RESUMABLE):
+--max_steps (a longer or shorter run), --stop_at, --out_dir, the --*_every intervals, --eval_samples,
+--fid_samples, --sample_guidance, the hardware flags, and the paths of the files on another machine
+(--data, --val_data, --vae, --lpips, --vgg, --convnext, --fid_ref, --inception).
 
 The file reads top to bottom: presets, flags and settings, the per-step randomness, the steps and
 their side jobs, setup, then the loop.
@@ -106,7 +109,7 @@ def get_args(argv=None):
     add('--noise_type', choices=['gaussian', 'uniform'], default='gaussian', help='stage 1: '
         'Gaussian noise of --noise_std (to sample) or uniform dequantisation (for bits/dim)')
     add('--norm_clip', type=float, help='stage 1: alpha, mu -> c*tanh(./c) (BiFlow); 0: as TarFlow')
-    add = p.add_argument_group('optimisation').add_argument
+    add = p.add_argument_group('optimisation (None: from --preset)').add_argument
     add('--max_steps', type=int, help='optimizer steps of the run')
     add('--batch_size', type=int, help='global batch size over all ranks')
     add('--lr', type=float, help='peak learning rate (then cosine decay to 1e-6)')
@@ -164,9 +167,8 @@ def settings(argv):
     """-> (args, resume): the run's settings and, with --resume, the loaded checkpoint, whose
     settings the run keeps but for the RESUMABLE flags given now."""
     args, given = get_args(argv)
-    resume = None
+    resume = read_torch_file(args.resume, '--resume') if args.resume else None   # weights only
     if args.resume:
-        resume = read_torch_file(args.resume, '--resume')   # weights only: never runs code
         if not isinstance(resume, dict) or 'train_config' not in resume:
             raise UsageError(f'--resume {args.resume}: not a checkpoint written by train.py')
         fixed = sorted(set(given) - RESUMABLE)
@@ -433,8 +435,6 @@ def claim(args, step, ckpt, log):
     except FileExistsError:
         raise UsageError(f'{log} exists (an earlier run): continue it with --resume {ckpt}, pick '
                          'another --out_dir, or pass --overwrite to replace it') from None
-
-
 
 
 def main(argv=None):
