@@ -17,9 +17,9 @@ OUT_DIR/{stage}_log.jsonl (a JSON row every --log_every steps: loss and its term
 speed; plus held-out bits/dim and FID rows). A run claims OUT_DIR for its stage by creating the log
 exclusively: a second run into it is refused, and a run that was killed is continued with --resume.
 A resume takes every setting from the checkpoint; only these flags may be given with it (RESUMABLE):
---max_steps (a longer or shorter run), --stop_at, --out_dir, the --*_every intervals, --eval_samples,
---fid_samples, --sample_guidance, the hardware flags, and the paths of the files on another machine
-(--data, --val_data, --vae, --lpips, --vgg, --convnext, --fid_ref, --inception).
+--max_steps (a longer or shorter run), --stop_at, --out_dir, the --*_every intervals,
+--eval_samples, --fid_samples, --sample_guidance, the hardware flags, and the paths of the files on
+another machine (--data, --val_data, --vae, --lpips, --vgg, --convnext, --fid_ref, --inception).
 
 The file reads top to bottom: presets, flags and settings, the per-step randomness, the steps and
 their side jobs, setup, then the loop.
