@@ -33,8 +33,6 @@ from model import (FlowConfig, ReverseConfig, ReverseModel, TarFlow, config_from
                    inpaint, load_ml_tarflow)
 from vae import load_vae
 
-# the random labels' stream under --seed, seeded apart from every noise stream (noise_seeds)
-LABEL_SEED_OFFSET = 12345
 
 
 def ml_tarflow_sigma(path, noise_std=None, verbose=True):
@@ -98,8 +96,8 @@ def load_models(path, device='cpu', noise_std=None, verbose=True, vae=None):
         flow.load_state_dict(ckpt['forward'])
         flow.to(device).eval().requires_grad_(False)
     if kind in ('forward', 'reverse'):
-        Model, Config = (TarFlow, FlowConfig) if kind == 'forward' else (ReverseModel, ReverseConfig)
-        model = Model(config_from_dict(Config, ckpt['model_config']))
+        Model, Cfg = (TarFlow, FlowConfig) if kind == 'forward' else (ReverseModel, ReverseConfig)
+        model = Model(config_from_dict(Cfg, ckpt['model_config']))
         model.load_state_dict(ckpt['ema'])
     elif isinstance(ckpt, dict) and any(k.endswith('proj_in.weight') for k in ckpt):   # Apple's
         try:
@@ -156,18 +154,16 @@ def to_uint8(x):
     return ((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
-def grid_labels(num_classes, per_class=10, max_classes=10):
-    """A look-at grid's labels: a row per class (the first max_classes); None if unconditional."""
-    if not num_classes:
-        return None
-    return torch.arange(min(num_classes, max_classes)).repeat_interleave(per_class)
+def grid_labels(num_classes):
+    """A look-at grid: 100 samples, a row of 10 per class (the first 10, cycled), or 64 (8 x 8)
+    of an unconditional model. -> (n, labels or None)"""
+    return (100, torch.arange(100) // 10 % num_classes) if num_classes else (64, None)
 
 
 def generate_grid(model, flow, path, guidance=1.0, seed=0, decode=None):
     """A grid of one row per class (10 per row) written to path, from the same noise at every call
     so that successive checkpoints compare sample for sample (train.py's grids)."""
-    labels = grid_labels(model.cfg.num_classes)
-    n = len(labels) if labels is not None else 64
+    n, labels = grid_labels(model.cfg.num_classes)
     imgs, _, _ = sample_shard(model, flow, n, 0, 1, seed, 16, labels, guidance=guidance,
                               decode=decode)
     save_grid(imgs, path, nrow=10 if labels is not None else 8)
@@ -185,7 +181,7 @@ def sample_shard(model, flow, n, rank, world, seed, batch_size, labels=None, pro
     idx = list(range(rank * per, min(n, (rank + 1) * per)))
     if labels is None and model.cfg.num_classes:   # every rank draws all n from one stream
         labels = torch.randint(model.cfg.num_classes, (n,), generator=torch.Generator()
-                               .manual_seed(seed + LABEL_SEED_OFFSET))
+                               .manual_seed(seed + 12345))   # apart from every noise stream
     if labels is not None:
         labels = labels.repeat(-(-n // len(labels)))[:n]
     out, bad, meter = [], 0, Progress(n, 'samples', enabled=progress)
@@ -227,13 +223,10 @@ def gather_shards(imgs, labels, bad, world, chunk_bytes=2 ** 26):
 
 def distributed_fid(model, flow, ref, n, guidance, seed, rank, world, device,
                     inception=None, decode=None):
-    """FID of n samples against ref, for train.py's periodic monitor (it passes its EMA model
-    mid-training, whose mode is restored). Rank 0 gets the result, others None."""
-    was = model.training
-    model.eval()
+    """FID of n samples against ref, for train.py's periodic monitor (of its EMA model, in either
+    mode: the models have no dropout or batch statistics). Rank 0 gets the result, others None."""
     imgs, _, _ = gather_shards(*sample_shard(model, flow, n, rank, world, seed, 64,
                                              guidance=guidance, decode=decode), world)
-    model.train(was)
     return (fid.fid_from_samples(imgs, ref, fid.load_inception(inception, device), device)
             if imgs is not None else None)
 
@@ -258,7 +251,7 @@ def read_image(path, flag):
 
 def training_free(args, model, flow, decode, labels, device):
     """--inpaint / --edit with the pair (F, G) of a reverse checkpoint.
-    -> (results uint8 NHWC, their labels, the images shown before them in the grid)."""
+    -> (results uint8 NHWC, their labels, the grid: the input, the masked input, the results)."""
     if flow is None or decode is not None or (model.cfg.num_classes and labels is None):
         raise UsageError('--inpaint/--edit need a reverse checkpoint of a pixel model (it carries '
                          'F and G) and, if it is class-conditional, --labels (the image\'s class)')
@@ -276,7 +269,7 @@ def training_free(args, model, flow, decode, labels, device):
     if args.edit:
         x = edit(model, flow, src, y, torch.tensor([args.to_class], device=device), args.guidance,
                  eps)
-        return to_uint8(x), np.array([args.to_class]), to_uint8(src)
+        return to_uint8(x), np.array([args.to_class]), to_uint8(torch.cat([src, x]))
     n = args.num_samples or 8   # several completions of one image, each from its own noise
     redraw = (mask.mean(1, keepdim=True) > 0).expand(n, -1, -1, -1)   # white: redraw
     if not redraw.any():
@@ -287,50 +280,47 @@ def training_free(args, model, flow, decode, labels, device):
                    None if y is None else y.expand(n), noise, args.guidance,
                    eps.expand(n, -1, -1, -1))
     hole = torch.where(redraw[:1], torch.zeros_like(src), src)
-    return to_uint8(x), np.full(n, 0 if y is None else int(y)), to_uint8(torch.cat([src, hole]))
+    return to_uint8(x), np.full(n, 0 if y is None else int(y)), to_uint8(torch.cat([src, hole, x]))
+
+
+def int_list(text):
+    """'3,5' -> [3, 5] (argparse names the flag of a bad one)."""
+    return [int(v) for v in text.split(',')]
 
 
 def get_args(argv=None):
     """-> (parser, args, labels or None). Flags in groups, each with its default in --help."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    a = p.add_argument_group('what to sample, where it goes, its FID').add_argument
-    a('--ckpt', required=True, help='a train.py checkpoint (either stage) or an ml-tarflow state dict')
-    a('--vae', help='latent checkpoints: the SD-VAE their latents were encoded with (a weight file '
-      'or a diffusers folder); samples are decoded to pixels after Tweedie denoising')
+    yes_no = argparse.BooleanOptionalAction
+    a = p.add_argument_group('what to sample, where it goes, its FID; the hardware').add_argument
+    a('--ckpt', required=True, help='a train.py checkpoint (either stage) or ml-tarflow weights')
+    a('--vae', help="latent checkpoints: their SD-VAE (a file or a diffusers folder), to decode")
     a('--out', default='samples.png', help='the PNG grid to write (at most 100 samples)')
     a('--num_samples', type=int, help='how many (default: a grid of 10 per class; --inpaint: 8)')
     a('--npz', help='also write the samples as an ADM .npz (arr_0 uint8 NHWC, arr_1 labels)')
-    a('--labels', help='comma-separated class labels (cycled), instead of uniformly random ones')
+    a('--labels', type=int_list, help='class labels 3,5,... (cycled), not uniformly random ones')
     a('--seed', type=int, default=0, help='noise and label seed')
     a('--fid', help='FID of the samples against this reference (stats .npz, .npz or folder)')
     a('--inception', help='path to pt_inception-2015-12-05-6726825d.pth for --fid')
-    a = p.add_argument_group('guidance').add_argument
-    a('--guidance', type=float, default=2.0,
-      help='classifier-free guidance scale w (0: none); x = (1+w) cond - w uncond')
+    a('--batch_size', type=int, default=64, help='samples per forward batch on each rank')
+    a('--device', default='auto', help="'auto', 'cpu' or 'cuda'")
+    a = p.add_argument_group('the sampler: guidance, the exact inverse, denoising').add_argument
+    a('--guidance', type=float, default=2.0, help='CFG scale w (0: none): (1+w) cond - w uncond')
     a('--guidance_mode', choices=['auto', 'train', 'inference'], default='auto',
       help='BiFlow: auto = as trained; train = w as input (1-NFE); inference = Eq. 4 CFG (2-NFE)')
-    a('--ramp', action=argparse.BooleanOptionalAction, default=False,
-      help='TarFlow: guidance grows linearly over token positions (used for its FID)')
-    a('--attn_temp', type=float, default=1.0, help='TarFlow: attention temperature of the '
-      'guiding (unconditional) stream; != 1 gives guidance for unconditional models')
-    a = p.add_argument_group('TarFlow: exact inverse and denoising').add_argument
-    a('--denoise', action=argparse.BooleanOptionalAction, default=True,
-      help='Tweedie denoising x + sigma^2 grad log p(x) after the exact inverse')
-    a('--kv_dtype', choices=['fp32', 'bf16'], default='fp32', help="the exact inverse's KV "
-      'cache: bf16 halves its memory and reads (alpha, mu and the recursion stay fp32)')
-    a('--jacobi', type=float, metavar='TOL', help='invert each flow by Jacobi passes over all '
-      'its tokens until none moves by more than TOL (0: exact, at most N-1 passes); default: '
-      'the sequential token-by-token inverse, deterministic')
-    a('--noise_std', type=float, help="the sigma the model was trained with: overrides a "
-      "checkpoint's; ml-tarflow state dicts need it unless their file name ends in it")
+    a('--ramp', action=yes_no, default=False, help='TarFlow: guidance grows linearly over tokens')
+    a('--attn_temp', type=float, default=1.0, help="TarFlow: the unconditional stream's attention "
+      'temperature (!= 1: guidance for unconditional models)')
+    a('--denoise', action=yes_no, default=True, help='Tweedie: x + sigma^2 grad log p(x), last')
+    a('--kv_dtype', choices=['fp32', 'bf16'], default='fp32', help='the KV cache (bf16: half)')
+    a('--jacobi', type=float, metavar='TOL', help='TarFlow: Jacobi passes over all tokens until '
+      'none moves by > TOL (0: exact), not the sequential inverse (the default, deterministic)')
+    a('--noise_std', type=float, help='training sigma (ml-tarflow: if not in its file name)')
     a = p.add_argument_group('inpainting and editing (a reverse checkpoint: F and G)').add_argument
     a('--inpaint', help='image to complete: keep the noise of the known tokens, redraw the rest')
     a('--mask', help='with --inpaint: image of the same size, white = region to regenerate')
     a('--edit', help='image to re-draw as class --to_class (encoded with --labels as its class)')
     a('--to_class', type=int, help='with --edit: the target class')
-    a = p.add_argument_group('hardware').add_argument
-    a('--batch_size', type=int, default=64, help='samples per forward batch on each rank')
-    a('--device', default='auto', help="'auto', 'cpu' or 'cuda'")
     args = p.parse_args(argv)
     # bad values fail here, in one line naming the flag, before any model is loaded
     for flag, v, low in (('--batch_size', args.batch_size, 1), ('--jacobi', args.jacobi, 0),
@@ -340,11 +330,7 @@ def get_args(argv=None):
     for flag, need in (('--inpaint', '--mask'), ('--edit', '--to_class')):
         if getattr(args, flag[2:]) and getattr(args, need[2:]) is None:
             p.error(f'{flag} needs {need}')
-    try:
-        labels = args.labels and torch.tensor([int(v) for v in args.labels.split(',')])
-    except ValueError:
-        p.error(f'--labels {args.labels}: expected comma-separated integer class labels')
-    return p, args, labels
+    return p, args, None if args.labels is None else torch.tensor(args.labels)
 
 
 def main(argv=None):
@@ -358,29 +344,26 @@ def main(argv=None):
     if device.type == 'cuda':
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     # --fid: the network and the reference are checked now, not after the samples are drawn
-    inception = None
-    if args.fid and rank == 0:
-        inception = fid.load_inception(args.inception, device)
+    inception = fid.load_inception(args.inception, device) if args.fid and rank == 0 else None
+    if inception is not None:
         fid.check_reference(args.fid, inception)
 
     # ---- the model(s): a TarFlow, or a reverse model G with the frozen F it was trained against
     model, flow, decode = load_models(args.ckpt, device, args.noise_std, rank == 0, args.vae)
     ncls = model.cfg.num_classes
     for flag, v in (('--labels', args.labels), ('--to_class', args.to_class)):
-        if v is not None and not all(0 <= int(c) < ncls for c in str(v).split(',')):
+        if v is not None and not all(0 <= c < ncls for c in np.atleast_1d(v)):
             raise UsageError(f'{flag} {v}: the model has {ncls} classes')
-    if args.jacobi is not None and flow is not None:
-        raise UsageError("--jacobi: a reverse checkpoint samples by G's one pass; Jacobi passes "
-                         'invert a forward checkpoint')
 
     # ---- the images: an image in and its completions or edit (one process), or samples drawn
     # by index over the ranks: a look-at grid (a row per class), or N (labels drawn uniformly)
     if args.inpaint or args.edit:
-        (imgs, labs, shown), bad = training_free(args, model, flow, decode, labels, device), 0
+        (imgs, labs, grid), bad = training_free(args, model, flow, decode, labels, device), 0
     else:
-        n = args.num_samples or (100 if ncls else 64)
-        if args.num_samples is None and labels is None:
-            labels = grid_labels(ncls)
+        n, grid = grid_labels(ncls)
+        if args.num_samples:   # N samples, labels uniformly random (the FID protocol) unless given
+            n, grid = args.num_samples, None
+        labels = grid if labels is None else labels
         kw = {k: getattr(args, k) for k in ('guidance', 'guidance_mode', 'ramp', 'attn_temp',
                                             'denoise', 'jacobi')}
         kw['kv_dtype'] = torch.bfloat16 if args.kv_dtype == 'bf16' else None
@@ -388,7 +371,7 @@ def main(argv=None):
         imgs, labs, bad = gather_shards(*sample_shard(
             model, flow, n, rank, world, args.seed, args.batch_size, labels,
             progress=rank == 0 and n > args.batch_size, decode=decode, **kw), world)
-        shown = imgs[:0] if rank == 0 else None
+        grid = None if imgs is None else imgs[:100]   # a default run: a row per class
 
     if rank == 0:
         n = len(imgs)
@@ -396,18 +379,15 @@ def main(argv=None):
             print(f'WARNING: {bad} of {n} samples had non-finite values (kept, as grey pixels)')
         if args.npz:  # first: the samples are the costly part, the grid is only a look at them
             atomic_write(args.npz, lambda f: save_npz(f, arr_0=imgs, arr_1=labs))
-            print(f'wrote {args.npz}: arr_0 {imgs.shape} uint8, arr_1 labels '
-                  f'({"random" if args.labels is None else "given"})')
-        # the grid: the input image(s), if any, then the first 100 (a default run: a row per class)
-        grid = np.concatenate([shown, imgs[:100]])
-        save_grid(grid, args.out, nrow=len(grid) if len(shown) else 10 if ncls else 8)
-        print(f'wrote {args.out}: {len(shown)} input image(s), then {len(grid) - len(shown)} '
-              f'of {n} samples')
+            print(f'wrote {args.npz}: arr_0 {imgs.shape} uint8, arr_1 {labs.shape} labels')
+        # the grid: the first 100 samples, or one row of an image and its completions or edit
+        save_grid(grid, args.out,
+                  nrow=len(grid) if args.inpaint or args.edit else 10 if ncls else 8)
+        print(f'wrote {args.out}: {len(grid)} images ({n} samples)')
         if args.fid:   # printed with N and the reference, so the number cannot be misread
             res = fid.fid_from_samples(imgs, args.fid, inception, device)
-            score = res.get('inception_score')
-            print(f'FID {res["fid"]:.4f} on {n} samples vs {args.fid}' +
-                  ('' if score is None else f' | IS {score:.3f}'))
+            print(f'FID {res["fid"]:.4f} on {n} samples vs {args.fid}' + (
+                f' | IS {res["inception_score"]:.3f}' if res.get('inception_score') else ''))
     # a clean exit, together: rank 0 may still be writing and scoring when the others get here
     if world > 1:
         dist.barrier()
