@@ -34,20 +34,17 @@ from model import (FlowConfig, ReverseConfig, ReverseModel, TarFlow, config_from
 from vae import load_vae
 
 
-
 def ml_tarflow_sigma(path, noise_std=None, verbose=True):
     """The sigma an ml-tarflow state dict was trained with: --noise_std, else the last field of
     Apple's file names ({dataset}_model_{P}_{Ch}_{T}_{K}_{sigma:.2f}.pth). Their dicts do not record
     it, and a wrong sigma silently weakens or overdoes Tweedie denoising, so there is no default."""
     m = re.search(r'_(\d*\.\d+)\.pth?$', os.path.basename(path))
     if noise_std is None and m is None:
-        raise UsageError('ml-tarflow state dicts do not record the noise sigma they were trained '
-                         'with and the file name does not end in it; pass --noise_std (Apple: AFHQ '
-                         '0.07, ImageNet-128 0.15, ImageNet-64 0.05)')
-    sigma = float(m.group(1)) if noise_std is None else noise_std
+        raise UsageError('ml-tarflow state dicts do not record their noise sigma, nor does this '
+                         'file name; pass --noise_std (Apple: AFHQ 0.07, ImageNet-128 0.15)')
+    sigma, src = (float(m[1]), 'the file name') if noise_std is None else (noise_std, '--noise_std')
     if verbose:
-        print(f'ml-tarflow state dict: sigma = {sigma} (from '
-              f'{"the file name" if noise_std is None else "--noise_std"})')
+        print(f'ml-tarflow state dict: sigma = {sigma} (from {src})')
     return sigma
 
 
@@ -59,11 +56,9 @@ class LatentDecoder(torch.nn.Module):
 
     def __init__(self, vae, latent):
         super().__init__()
-        self.vae = vae.eval().requires_grad_(False)
-        self.img_size = latent['img_size']   # of the decoded images
-        mean, std = latent_norm(latent)
-        self.register_buffer('mean', mean.view(1, -1, 1, 1), persistent=False)
-        self.register_buffer('std', std.view(1, -1, 1, 1), persistent=False)
+        self.vae, self.img_size = vae.eval().requires_grad_(False), latent['img_size']   # of the images
+        for name, t in zip(('mean', 'std'), latent_norm(latent)):
+            self.register_buffer(name, t.view(1, -1, 1, 1), persistent=False)
 
     def forward(self, x):
         return self.vae.decode(x.float() * self.std + self.mean)
@@ -116,19 +111,13 @@ def load_models(path, device='cpu', noise_std=None, verbose=True, vae=None):
     return model.to(device).eval().requires_grad_(False), flow, decode
 
 
-def noise_seeds(seed, indices):
-    """The generator seeds of the noise of global sample indices under --seed: seed * 2**32 + i,
-    one stream per (seed, index), never shared between seeds for i < 2**32."""
-    return [seed * 2 ** 32 + int(i) for i in indices]
-
-
-def noise_for(seeds, model, device):
-    """z (B, N, d) for the given generator seeds, each sample from its own generator: the noise of
-    sample i does not depend on the batch size or the number of ranks."""
-    c = model.cfg
-    return torch.stack([torch.randn(c.num_tokens, c.token_dim,
-                                    generator=torch.Generator().manual_seed(seed))
-                        for seed in seeds]).to(device)
+def noise_for(seed, indices, model, device):
+    """z (B, N, d) of global sample indices under --seed, sample i from its own generator seeded
+    by seed * 2**32 + i (one stream per (seed, index), never shared between seeds for i < 2**32):
+    the noise of sample i does not depend on the batch size or the number of ranks."""
+    shape = (model.cfg.num_tokens, model.cfg.token_dim)
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(
+        seed * 2 ** 32 + int(i))) for i in indices]).to(device)
 
 
 @torch.no_grad()
@@ -188,7 +177,7 @@ def sample_shard(model, flow, n, rank, world, seed, batch_size, labels=None, pro
     for s in range(0, len(idx), batch_size):
         bi = idx[s:s + batch_size]
         y = None if labels is None else labels[bi].to(device)
-        x = generate(model, flow, noise_for(noise_seeds(seed, bi), model, device), y, **kw)
+        x = generate(model, flow, noise_for(seed, bi, model, device), y, **kw)
         x = x if decode is None else decode(x)
         # count, never drop or redraw: a sampler that diverges must show in the numbers
         bad += int((~torch.isfinite(x.flatten(1))).any(1).sum())
@@ -243,8 +232,7 @@ def save_npz(f, **arrays):
 def read_image(path, flag):
     """An image file as RGB; a missing or unreadable file is refused naming the flag."""
     try:
-        with Image.open(path) as img:
-            return img.convert('RGB')
+        return Image.open(path).convert('RGB')   # converting reads the file, then PIL closes it
     except (OSError, ValueError) as e:
         raise UsageError(f'{flag} {path}: not a readable image ({type(e).__name__})') from e
 
@@ -267,15 +255,14 @@ def training_free(args, model, flow, decode, labels, device):
     # F encodes noisy data (it was trained on x + sigma*eps): that noise is seeded like the samples'
     eps = torch.randn(src.shape, generator=torch.Generator().manual_seed(args.seed)).to(device)
     if args.edit:
-        x = edit(model, flow, src, y, torch.tensor([args.to_class], device=device), args.guidance,
-                 eps)
+        x = edit(model, flow, src, y, torch.full_like(y, args.to_class), args.guidance, eps)
         return to_uint8(x), np.array([args.to_class]), to_uint8(torch.cat([src, x]))
     n = args.num_samples or 8   # several completions of one image, each from its own noise
     redraw = (mask.mean(1, keepdim=True) > 0).expand(n, -1, -1, -1)   # white: redraw
     if not redraw.any():
         raise UsageError(f'--mask {args.mask}: has no white pixel inside the centre crop, so '
                          'nothing to complete')
-    noise = noise_for(noise_seeds(args.seed, range(n)), model, device)
+    noise = noise_for(args.seed, range(n), model, device)
     x, _ = inpaint(model, flow, src.expand(n, -1, -1, -1), redraw,
                    None if y is None else y.expand(n), noise, args.guidance,
                    eps.expand(n, -1, -1, -1))
@@ -327,9 +314,8 @@ def get_args(argv=None):
                          ('--num_samples', args.num_samples, 1)):
         if v is not None and v < low:
             p.error(f'{flag} {v}: must be >= {low}')
-    for flag, need in (('--inpaint', '--mask'), ('--edit', '--to_class')):
-        if getattr(args, flag[2:]) and getattr(args, need[2:]) is None:
-            p.error(f'{flag} needs {need}')
+    if args.inpaint and args.mask is None or args.edit and args.to_class is None:
+        p.error('--inpaint needs --mask (white: redraw); --edit needs --to_class (the new class)')
     return p, args, None if args.labels is None else torch.tensor(args.labels)
 
 
@@ -364,13 +350,12 @@ def main(argv=None):
         if args.num_samples:   # N samples, labels uniformly random (the FID protocol) unless given
             n, grid = args.num_samples, None
         labels = grid if labels is None else labels
-        kw = {k: getattr(args, k) for k in ('guidance', 'guidance_mode', 'ramp', 'attn_temp',
-                                            'denoise', 'jacobi')}
-        kw['kv_dtype'] = torch.bfloat16 if args.kv_dtype == 'bf16' else None
         # each rank decodes its share of global indices; rank 0 alone writes and scores the set
         imgs, labs, bad = gather_shards(*sample_shard(
-            model, flow, n, rank, world, args.seed, args.batch_size, labels,
-            progress=rank == 0 and n > args.batch_size, decode=decode, **kw), world)
+            model, flow, n, rank, world, args.seed, args.batch_size, labels, rank == 0, decode,
+            guidance=args.guidance, guidance_mode=args.guidance_mode, ramp=args.ramp,
+            attn_temp=args.attn_temp, denoise=args.denoise, jacobi=args.jacobi,
+            kv_dtype=torch.bfloat16 if args.kv_dtype == 'bf16' else None), world)
         grid = None if imgs is None else imgs[:100]   # a default run: a row per class
 
     if rank == 0:

@@ -14,7 +14,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from data import HelpFormatter, UsageError, run_cli, save_grid  # noqa: E402
 from model import unpatchify  # noqa: E402
-from sample import load_models, noise_for, noise_seeds, to_uint8  # noqa: E402
+from sample import load_models, noise_for, to_uint8  # noqa: E402
 
 
 @torch.no_grad()
@@ -60,7 +60,7 @@ def main(argv=None):
     y = torch.tensor(args.labels or range(max(ncls, 1))).repeat(n)[:n]   # 0, 1, 2, .. by default
     if decode is not None or ncls and not 0 <= y.min() <= y.max() < ncls:
         raise UsageError(f'--ckpt {args.ckpt}: not a pixel model with the classes of --labels')
-    z = noise_for(noise_seeds(args.seed, range(n)), flow, 'cpu')
+    z = noise_for(args.seed, range(n), flow, 'cpu')
     draw(flow, args.out, y if ncls else None, z, args.guidance, G)
     print(f'wrote {args.out}: {n} samples along the exact inverse' + (", G's beneath" if G else ''))
 
