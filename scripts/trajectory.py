@@ -14,7 +14,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from data import HelpFormatter, UsageError, run_cli, save_grid  # noqa: E402
 from model import unpatchify  # noqa: E402
-from sample import load_models, noise_for, to_uint8  # noqa: E402
+from sample import int_list, load_models, noise_for, to_uint8  # noqa: E402
 
 
 @torch.no_grad()
@@ -29,17 +29,15 @@ def draw(flow, path, labels, z, guidance=0.0, G=None):
     states = [z.float()]
     for block in reversed(flow.blocks):   # x^T -> x^{T-1} -> ... -> x^0, as TarFlow.reverse
         states.append(block.reverse(states[-1], labels, guidance))
-    x0, T = img(states[-1]), len(flow.blocks)
-    cols = [stretch(img(s)) for s in states[:-1]]
-    rows = [cols + [x0, flow.denoise(x0, labels)]]
+    *xs, x0 = [img(s) for s in states]   # z = x^T, x^{T-1}, ..., x^1, then the noisy x^0
+    rows, T = [[*map(stretch, xs), x0, flow.denoise(x0, labels)]], len(xs)
     if G is not None:   # w as G's input (training-time CFG) or Eq. 4's inference-time CFG
         w, iw = ((torch.full((len(z),), float(guidance)), 0.0) if G.cfg.guidance_mode == 'train'
                  else (None, guidance))
         # head h predicts x^{T-1-h}: column h + 1 (x^0 unstretched); 'naive' has no heads (black)
         heads = [img(p) for p in G(z, labels, w, iw)[:-1]]
-        black = [-torch.ones_like(x0)] * (T - len(heads))
-        rows.append([cols[0], *map(stretch, heads[:T - 1]), *heads[T - 1:], *black,
-                     G.decode(z, labels, w, iw, flow)])
+        rows.append([rows[0][0], *map(stretch, heads[:T - 1]), *heads[T - 1:],
+                     *[-torch.ones_like(x0)] * (T - len(heads)), G.decode(z, labels, w, iw, flow)])
     grid = torch.stack([torch.stack(r, 1) for r in rows], 1).flatten(0, 2)   # F's row, then G's
     save_grid(to_uint8(grid.clamp(-1, 1)), path, nrow=T + 2)
 
@@ -50,7 +48,7 @@ def main(argv=None):
     a('--ckpt', required=True, help='a forward or reverse checkpoint of a pixel model')
     a('--out', default='trajectory.png', help='the PNG to write')
     a('--num_samples', type=int, default=4, help='samples, one or two rows each')
-    a('--labels', type=lambda s: [int(v) for v in s.split(',')], help='class labels 3,5,.. cycled')
+    a('--labels', type=int_list, help='class labels 3,5,... (cycled; default 0, 1, 2, ...)')
     a('--guidance', type=float, default=2.0, help='CFG scale w (0: none), constant')
     a('--seed', type=int, default=0, help="noise seed (sample.py's streams)")
     args = p.parse_args(argv)
