@@ -56,9 +56,9 @@ class LatentDecoder(torch.nn.Module):
 
     def __init__(self, vae, latent):
         super().__init__()
-        self.vae, self.img_size = vae.eval().requires_grad_(False), latent['img_size']   # of the images
+        self.vae, self.img_size = vae.eval().requires_grad_(False), latent['img_size']
         for name, t in zip(('mean', 'std'), latent_norm(latent)):
-            self.register_buffer(name, t.view(1, -1, 1, 1), persistent=False)
+            self.register_buffer(name, t.view(1, -1, 1, 1), persistent=False)   # (1, C, 1, 1)
 
     def forward(self, x):
         return self.vae.decode(x.float() * self.std + self.mean)
@@ -298,7 +298,7 @@ def get_args(argv=None):
     a('--ramp', action=yes_no, default=False, help='TarFlow: guidance grows linearly over tokens')
     a('--attn_temp', type=float, default=1.0, help="TarFlow: the unconditional stream's attention "
       'temperature (!= 1: guidance for unconditional models)')
-    a('--denoise', action=yes_no, default=True, help='Tweedie: x + sigma^2 grad log p(x), last')
+    a('--denoise', action=yes_no, default=True, help='TarFlow: Tweedie denoising at the end')
     a('--kv_dtype', choices=['fp32', 'bf16'], default='fp32', help='the KV cache (bf16: half)')
     a('--jacobi', type=float, metavar='TOL', help='TarFlow: Jacobi passes over all tokens until '
       'none moves by > TOL (0: exact), not the sequential inverse (the default, deterministic)')
