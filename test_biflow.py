@@ -60,6 +60,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), 'scr
 import ablations  # noqa: E402
 import probe_reverse  # noqa: E402
 import score_digits  # noqa: E402
+import trajectory  # noqa: E402
 from train import ema_update
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -547,40 +548,25 @@ def run_sample(capsys, *args):
     return capsys.readouterr().out
 
 
-def test_jacobi_sample_flags_every_checkpoint_kind(tmp_path, capsys):
-    import numpy as np
+def test_default_sampler_is_deterministic_and_jacobi_is_opt_in(tmp_path, capsys):
+    """Two default runs with one seed write the same bytes (the sequential exact inverse; the .npz
+    has a fixed time stamp); --jacobi 0 (exact passes) draws the same images up to a rounding flip
+    of one level."""
     fck, gck, mck = checkpoints(tmp_path)
-    npz = {k: str(tmp_path / f'{k}.npz') for k in ('seq', 'par', 'G', 'ml')}
+    npz = {k: str(tmp_path / f'{k}.npz') for k in ('a', 'b', 'jacobi', 'G', 'ml')}
     png = str(tmp_path / 's.png')
-    run_sample(capsys, '--ckpt', fck, '--inverse', 'sequential', '--npz', npz['seq'], '--out', png)
-    # the defaults
-    out = run_sample(capsys, '--ckpt', fck, '--jacobi_tol', '0', '--npz', npz['par'], '--out', png)
-    assert 'inverse plan, flow 0: ' in out and 'inverse passes per flow (rank 0, 2 batches' in out
-    out = run_sample(capsys, '--ckpt', gck, '--exact', '--jacobi_init', 'G', '--segment', '16,4,1',
-                     '--jacobi_tol', '0', '--npz', npz['G'], '--out', png)
-    assert ('inverse plan' not in out
-            and '0: mean 15.0 max 15 | 1: mean 15.0 max 15 | 2: mean 15.0 max 15' in out)
-    seq = np.load(npz['seq'])['arr_0'].astype(int)
-    for k in ('par', 'G'):  # exact passes: the same images up to a rounding flip of one level
-        assert np.abs(np.load(npz[k])['arr_0'].astype(int) - seq).max() <= 1
-    out = run_sample(capsys, '--ckpt', mck, '--segment', '4', '--npz', npz['ml'], '--out', png)
-    assert 'inverse passes per flow' in out
+    for k in ('a', 'b'):
+        run_sample(capsys, '--ckpt', fck, '--npz', npz[k], '--out', png)
+    assert open(npz['a'], 'rb').read() == open(npz['b'], 'rb').read()
+    run_sample(capsys, '--ckpt', fck, '--jacobi', '0', '--npz', npz['jacobi'], '--out', png)
+    seq = np.load(npz['a'])['arr_0'].astype(int)
+    assert np.abs(np.load(npz['jacobi'])['arr_0'].astype(int) - seq).max() <= 1
+    for ck, k in ((gck, 'G'), (mck, 'ml')):   # G's one pass, an ml-tarflow state dict
+        run_sample(capsys, '--ckpt', ck, '--npz', npz[k], '--out', png)
+        assert np.load(npz[k])['arr_0'].shape == (4, 8, 8, 3)
 
 
-@pytest.mark.parametrize('args,msg', [
-    (['--segment', '0'], '--segment 0:'),
-    (['--segment', 'x'], '--segment x:'),
-    (['--jacobi_tol', '-1'], '--jacobi_tol -1.0: must be >= 0'),
-    (['--jacobi_max_passes', '0'], '--jacobi_max_passes 0:'),
-    (['--jacobi_init', 'G'], '--jacobi_init G: needs a reverse checkpoint'),
-    (['--exact'], '--exact: samples a reverse checkpoint'),
-    (['--segment', '4,4'], '--segment 4,4: give one length per flow (3)')])
-def test_jacobi_sample_bad_flags_are_one_line_errors(tmp_path, capsys, args, msg):
-    fck = checkpoints(tmp_path)[0]
-    with pytest.raises(SystemExit) as e:
-        sample.main(['--ckpt', fck, '--device', 'cpu', *args])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert e.value.code == 2 and msg in err[-1], err
+BAD_INPUTS += [('sample', ['--ckpt', '{fwd}', '--jacobi', '-1'], '--jacobi -1.0: must be >= 0')]
 
 
 # -----------------------------------------------------------------------------
@@ -1583,14 +1569,27 @@ def test_sample_grid_npz_and_sharding(trained, tmp_path):
     sample_main('--ckpt', ck, '--edit', img, '--labels', 3, '--to_class', 5,
                 '--out', tmp_path / 'e.png')
     assert Image.open(tmp_path / 'e.png').size == (2 * 66 + 2, 68)
-    for args, msg in [(['--ckpt', tmp_path / 'nope.pt'], 'nope.pt'),
-                      (['--ckpt', img], 'img.png'),
-                      (['--ckpt', ck, '--labels', 12], '--labels 12'),
-                      (['--ckpt', ck, '--edit', img, '--labels', 3], '--to_class'),
-                      (['--ckpt', ck, '--inpaint', img, '--labels', 3], '--mask'),
-                      (['--ckpt', trained / 'forward.pt', '--edit', img, '--labels', 3,
-                        '--to_class', 1], 'reverse')]:
-        assert msg in fails(sample_main, *args), args
+
+
+EDIT = ['--edit', 'x.png', '--labels', '1', '--to_class']
+BAD_INPUTS += [
+    ('sample', ['--ckpt', '{tmp}/nope.pt'], 'nope.pt: no such file'),
+    ('sample', ['--ckpt', os.path.join(HERE, 'README.md')], 'not a loadable torch file'),
+    ('sample', ['--ckpt', os.path.join(HERE, 'testdata', 'ml_tarflow_tiny.pt')],
+     'neither a train.py checkpoint nor an ml-tarflow state dict'),
+    ('sample', ['--ckpt', '{rev}', '--labels', '1,12'], '--labels [1, 12]: the model has 3 classes'),
+    ('sample', ['--ckpt', '{fwd}', '--labels', 'a,b'], "argument --labels: invalid int_list value"),
+    ('sample', ['--ckpt', '{fwd}', '--labels', '1,,2'], "--labels: invalid int_list value: '1,,2'"),
+    ('sample', ['--ckpt', '{fwd}', '--batch_size', '0'], '--batch_size 0: must be >= 1'),
+    ('sample', ['--ckpt', '{fwd}', '--num_samples', '-3'], '--num_samples -3: must be >= 1'),
+    ('sample', ['--ckpt', '{fwd}', '--npz', 'no/s.npz'], ['--npz no/s.npz', 'does not exist']),
+    ('sample', ['--ckpt', '{fwd}', '--out', '{tmp}'], ['--out', 'is a folder']),
+    ('sample', ['--ckpt', '{rev}', *EDIT[:-1]], '--edit needs --to_class'),
+    ('sample', ['--ckpt', '{rev}', '--inpaint', 'x.png', '--labels', '1'], '--inpaint needs --mask'),
+    ('sample', ['--ckpt', '{fwd}', *EDIT, '1'], '--inpaint/--edit need a reverse checkpoint'),
+    ('sample', ['--ckpt', '{rev}', *EDIT[:2], '--to_class', '1'], 'and, if it is class-conditional'),
+    ('sample', ['--ckpt', '{rev}', *EDIT, '7'], '--to_class 7: the model has 3 classes'),
+    ('sample', ['--ckpt', '{rev}', *EDIT, '1'], '--edit x.png: not a readable image')]
 
 
 def test_sample_checks_the_fid_reference_before_sampling(trained, tmp_path, monkeypatch, capsys):
@@ -1709,12 +1708,10 @@ def test_sample_ml_tarflow_sigma_from_file_name_or_noise_std(tmp_path, capsys):
         model, _, _ = sample.load_models(str(tmp_path / name))
         assert model.cfg.noise_std == pytest.approx(sigma)
         assert f'sigma = {sigma} (from the file name)' in capsys.readouterr().out
-    # both given and different: --noise_std wins, with a note
+    # both given and different: --noise_std wins
     model, _, _ = sample.load_models(str(tmp_path / 'afhq_model_8_768_8_8_0.07.pth'), noise_std=0.1)
-    out = capsys.readouterr().out
     assert model.cfg.noise_std == pytest.approx(0.1)
-    assert ('note: --noise_std 0.1 overrides the sigma 0.07' in out
-            and 'sigma = 0.1 (from --noise_std)' in out)
+    assert 'sigma = 0.1 (from --noise_std)' in capsys.readouterr().out
     # no sigma anywhere: an error that says what to pass, not 0.05
     torch.save(sd, tmp_path / 'tiny.pth')
     assert '--noise_std' in fails(sample.load_models, str(tmp_path / 'tiny.pth'))
@@ -1726,20 +1723,6 @@ def test_sample_ml_tarflow_sigma_from_file_name_or_noise_std(tmp_path, capsys):
     assert 'sigma = 0.05 (from --noise_std)' in capsys.readouterr().out
     with pytest.raises(TypeError, match='noise_std'):  # the library call has no default either
         load_ml_tarflow(sd)
-
-
-@pytest.mark.parametrize('args,flag,allowed', [
-    (['--batch_size', 0], '--batch_size', '>= 1'),
-    (['--batch_size', -1], '--batch_size', '>= 1'),
-    (['--num_samples', 0], '--num_samples', '>= 1'),
-    (['--num_samples', -3], '--num_samples', '>= 1'),
-    (['--labels', 'a,b'], '--labels', 'integer'),
-    (['--labels', '1,,2'], '--labels', 'integer')])
-def test_sample_bad_numbers_are_argparse_errors(tmp_path, args, flag, allowed):
-    torch.save(tiny_state_dict(), tmp_path / 'tiny.pth')
-    msg = fails(sample_main, '--ckpt', tmp_path / 'tiny.pth', '--noise_std', 0.05,
-                '--out', tmp_path / 'g.png', *args)
-    assert f'error: {flag} {args[1]}: ' in msg and allowed in msg, msg
 
 
 def test_load_models_freezes_every_model_and_the_score_still_works(tmp_path):
@@ -3702,7 +3685,7 @@ def test_fid_extracts_features_in_batches_of_200():
 
 
 # -----------------------------------------------------------------------------
-# scripts/ablations.py (the ablation table, its plots and markers) and sample.py --trajectory
+# scripts/ablations.py (the ablation table, its plots and markers) and scripts/trajectory.py
 
 
 ABL_TINY = FlowConfig(img_size=8, in_channels=3, patch_size=2, channels=32, num_blocks=3,
@@ -3740,7 +3723,7 @@ def test_trajectory_columns_are_the_exact_inverse_and_g_heads(tmp_path, align, d
     z = torch.randn(2, ABL_TINY.num_tokens, ABL_TINY.token_dim)
     y = torch.tensor([0, 2])
     png = str(tmp_path / 't.png')
-    sample.draw_trajectory(f, png, y, z, guidance=0.0, denoise=True, reverse_model=g)
+    trajectory.draw(f, png, y, z, guidance=0.0, G=g)
     T, cols, scale = ABL_TINY.num_blocks, ABL_TINY.num_blocks + 2, 64 // ABL_TINY.img_size
     a = np.array(Image.open(png))
     # 2 samples x (F row, G row)
@@ -3772,7 +3755,7 @@ def test_trajectory_columns_are_the_exact_inverse_and_g_heads(tmp_path, align, d
         assert np.array_equal(cell(png, 1, T, 8, scale), sample.to_uint8(p.clamp(-1, 1))[0])
 
 
-def test_trajectory_flag_forward_and_reverse_checkpoints(tmp_path):
+def test_trajectory_script_forward_and_reverse_checkpoints(tmp_path):
     f, g = abl_pair()
     fck, gck = str(tmp_path / 'forward.pt'), str(tmp_path / 'reverse.pt')
     torch.save(dict(kind='forward', model_config=asdict(ABL_TINY), ema=f.state_dict()), fck)
@@ -3780,10 +3763,11 @@ def test_trajectory_flag_forward_and_reverse_checkpoints(tmp_path):
                     forward_config=asdict(ABL_TINY), forward=f.state_dict()), gck)
     for ck, rows in ((fck, 3), (gck, 6)):
         out = str(tmp_path / f'{os.path.basename(ck)}.png')
-        sample.main(['--ckpt', ck, '--trajectory', out, '--num_samples', '3', '--guidance', '1',
-                     '--device', 'cpu'])
+        trajectory.main(['--ckpt', ck, '--out', out, '--num_samples', '3', '--guidance', '1'])
         h, w = np.array(Image.open(out)).shape[:2]
         assert (h, w) == (rows * 66 + 2, (ABL_TINY.num_blocks + 2) * 66 + 2)
+    msg = fails(lambda *a: trajectory.main(list(a)), '--ckpt', fck, '--labels', '7')
+    assert msg.endswith(f'--ckpt {fck}: not a pixel model with the classes of --labels'), msg
 
 
 def fake_results():
