@@ -898,151 +898,48 @@ def test_reverse_targets_are_fp32_under_bf16_autocast_unless_asked(monkeypatch):
 
 
 # -----------------------------------------------------------------------------
-# model.py and train.py: stage 2's cycle term on prior noise (--cycle), and scripts/probe_reverse.py
-
-TINY_CLIP = replace(TINY, noise_std=0.1, norm_clip=2.0)
+# scripts/probe_reverse.py: G's distance to F's states per depth, on prior and on data z's
 
 
-def cycle_pair(seed=0, **kw):
-    """A frozen clipped F with non-zero output projections
-    (a fresh one is affine per channel), a random G."""
-    torch.manual_seed(seed)
-    f = TarFlow(TINY_CLIP)
+def probe_pair(cfg):
+    """A frozen F with non-zero output projections (a fresh one is affine per channel) and a
+    random G for it."""
+    torch.manual_seed(0)
+    f = TarFlow(cfg)
     with torch.no_grad():
         for b in f.blocks:
             b.proj_out.weight.normal_(0, 0.1)
-    f.eval().requires_grad_(False)
-    g = ReverseModel(reverse_config_for(TINY_CLIP, channels=32, layers_per_block=1,
-                                        denoise_layers=1, head_dim=16, **kw))
+    g = ReverseModel(reverse_config_for(cfg, channels=32, layers_per_block=1, denoise_layers=1,
+                                        head_dim=16))
     for q in g.parameters():  # zero-initialised gates would make every prediction a constant
         q.data.normal_(0, 0.1)
-    return f, g
+    return f.eval().requires_grad_(False), g.eval()
 
 
-def prior_batch(k=3, seed=1):
-    """k prior draws z ~ N(0, I) of TINY's token shape, and their labels (-1: the null class)."""
-    gen = torch.Generator().manual_seed(seed)
-    return (torch.randn(k, TINY.num_tokens, TINY.token_dim, generator=gen),
-            torch.tensor([2, -1, 0])[:k])
-
-
-@pytest.mark.parametrize('denoise', ['learned', 'score'])
-def test_cycle_is_zero_for_the_exact_inverse_and_not_for_a_perturbed_one(denoise):
-    f, g = cycle_pair(denoise=denoise)
-    z, y = prior_batch()
-    x0 = patchify(f.reverse(z, y), TINY.patch_size)  # F^-1(z): the noisy x^0 G should predict
-    preds = g(z, y, torch.zeros(len(z)))
-    i = M.noisy_x0_index(g)
-    assert i == (len(g.heads) - 1 if denoise == 'learned' else len(preds) - 1)
-    exact = [*preds[:i], x0, *preds[i + 1:]]
-    assert cycle_loss(g, f, z, y, exact).max() < 1e-8  # round-off is ~1e-11 here
-    off = [*preds[:i], x0 + 0.05 * torch.randn_like(x0), *preds[i + 1:]]
-    assert cycle_loss(g, f, z, y, off).min() > 1e-4
-    assert cycle_loss(g, f, z, y).min() > 1e-3  # a random G is no inverse
-
-
-def test_cycle_needs_a_noisy_x0_prediction():
-    f, g = cycle_pair(align='naive')  # learned denoising, no heads: nothing predicts the noisy x^0
-    with pytest.raises(ValueError, match='noisy x'):
-        cycle_loss(g, f, *prior_batch())
-
-
-def test_cycle_gradient_reaches_g_only_through_f():
-    f, g = cycle_pair()
-    z, y = prior_batch()
-    cycle_loss(g, f, z, y).mean().backward()
-    assert all(q.grad is None for q in f.parameters())
-    # the x^0 head and everything before it get a gradient; the denoiser and the output head do not
-    assert g.heads[-1].weight.grad.abs().sum() > 0 and g.proj_in.weight.grad.abs().sum() > 0
-    assert g.final.weight.grad is None
-    # the gradient is F's Jacobian applied to the residual, not the residual itself
-    x0 = g(z, y, torch.zeros(3))[-2].detach().requires_grad_(True)
-    cycle_loss(g, f, z, y, [None] * (len(g.heads) - 1) + [x0, None]).sum().backward()
-    direct = 2 * (x0 - patchify(f.reverse(z, y), 2)).detach()
-    assert not torch.allclose(x0.grad / x0.grad.norm(), direct / direct.norm(), atol=1e-2)
-    f.requires_grad_(True)  # an F that would be trained is refused
-    with pytest.raises(ValueError, match='frozen'):
-        cycle_loss(g, f, z, y)
-
-
-def test_reverse_loss_cycle_adds_its_term_and_changes_nothing_else():
-    f, g = cycle_pair()
-    x, y, w, eps = batch()
-    base, terms = reverse_loss(g, f, x, y, w, eps)
-    # weight 0: ignored
-    same, terms0 = reverse_loss(g, f, x, y, w, eps, cycle=0.0, prior=prior_batch())
-    assert torch.equal(base, same) and terms0.keys() == terms.keys()
-    loss, terms1 = reverse_loss(g, f, x, y, w, eps, cycle=0.5, prior=prior_batch())
-    assert set(terms1) == set(terms) | {'cycle'}
-    for k in terms:  # the data rows batched with the prior rows: the same terms up to round-off
-        assert torch.allclose(terms1[k], terms[k], rtol=1e-4), k
-    d = cycle_loss(g, f, *prior_batch())
-    assert torch.allclose(terms1['cycle'], d.mean(), rtol=1e-4)
-    assert torch.allclose(loss, base + 0.5 * M.adaptive(d).mean(), rtol=1e-4)
-    loss.backward()  # one pass of G for both kinds of rows: every parameter has a gradient
-    assert all(q.grad is not None for q in g.parameters())
-
-
-def test_train_cycle_flags_are_checked_and_their_noise_is_its_own_stream():
-    args, _ = train.get_args([])
-    assert args.cycle == 0 and args.cycle_batch is None
-    for bad in (['--cycle', '-1'], ['--cycle', 'nan'], ['--cycle', '1'],
-                ['--stage', 'reverse', '--cycle_batch', '0']):
-        with pytest.raises(SystemExit):
-            train.get_args(bad)
-    args = train.fill_preset_defaults(train.get_args(
-        ['--stage', 'reverse', '--cycle', '1', '--batch_size', '8', '--cycle_batch', '2'])[0])
-    x, y = torch.zeros(8, 3, 16, 16), torch.arange(8)
-    before = train.step_inputs(args, 5, x, y, 10, 0, 1)
-    z, yz = train.prior_noise(args, 5, (64, 12), y, 0, 1, 'cpu')
-    assert z.shape == (2, 64, 12) and torch.equal(yz, y[:2])
-    assert all(torch.equal(a, b)
-               for a, b in zip(before, train.step_inputs(args, 5, x, y, 10, 0, 1)))
-    # (seed, step) fixes it
-    assert torch.equal(z, train.prior_noise(args, 5, (64, 12), y, 0, 1, 'cpu')[0])
-    assert not torch.equal(z, train.prior_noise(args, 6, (64, 12), y, 0, 1, 'cpu')[0])
-    args.batch_size = 16  # two ranks of 8 draw the rows of one global draw, each its own slice
-    both = torch.cat([train.prior_noise(args, 5, (64, 12), y, r, 2, 'cpu')[0] for r in range(2)])
-    assert torch.equal(both[:2], train.prior_noise(args, 5, (64, 12), y, 0, 2, 'cpu')[0])
-    assert not torch.equal(both[:2], both[2:])
-
-
-def test_train_cycle_zero_is_the_default_run_and_cycle_trains(tmp_path):
-    quick = ['--batch_size', '8', '--log_every', '1', '--sample_every', '1000',
-             '--ckpt_every', '1000', '--lr', '1e-3', '--warmup_steps', '1', '--max_steps', '1']
-    # an untrained CPU-preset F, in the fields of a stage-1 checkpoint stage 2 reads
-    torch.manual_seed(0)
-    flow = TarFlow(M.PRESETS['cpu'])
-    ck = str(tmp_path / 'forward.pt')
-    torch.save(dict(kind='forward', ema=flow.state_dict(), model_config=asdict(flow.cfg)), ck)
-    runs = {'default': [], 'zero': ['--cycle', '0'], 'on': ['--cycle', '1', '--cycle_batch', '4']}
-    for name, extra in runs.items():
-        train.main(['--stage', 'reverse', '--forward_ckpt', ck, '--out_dir', str(tmp_path / name),
-                    *quick, *extra])
-    sd = {n: torch.load(tmp_path / n / 'reverse.pt', weights_only=True)['model'] for n in runs}
-    assert all(torch.equal(sd['default'][k], sd['zero'][k]) for k in sd['default'])
-    assert any(not torch.equal(sd['default'][k], sd['on'][k]) for k in sd['default'])
-    rows = [json.loads(r) for r in open(tmp_path / 'on' / 'reverse_log.jsonl')]
-    assert (all('cycle' in r for r in rows)
-            and not any('cycle' in json.loads(r)
-                        for r in open(tmp_path / 'zero' / 'reverse_log.jsonl')))
-
-
-def test_probe_matches_f_on_its_own_inverse_and_separates_splits():
-    f, g = cycle_pair()
-    z, y = prior_batch()
-    traj = probe_reverse.inverse_trajectory(f, z, y)
-    assert len(traj) == TINY.num_blocks + 1 and torch.equal(traj[-1], z)
-    assert torch.allclose(f(M.unpatchify(traj[0], 2, 8), y)[0], z, atol=1e-4)
+def test_probe_is_zero_for_f_own_states_and_runs_from_a_checkpoint(tmp_path):
+    cfg = replace(TINY, num_classes=10, norm_clip=2.0)   # the digits' labels
+    f, g = probe_pair(cfg)
+    z, y = torch.randn(3, cfg.num_tokens, cfg.token_dim), torch.tensor([2, 9, 0])
+    traj = f(f.reverse(z, y), y)[2]   # the probe's F states on prior z: they end at z
+    assert len(traj) == cfg.num_blocks + 1 and torch.allclose(traj[-1], z, atol=1e-4)
     r = probe_reverse.prior_gap(g, f, z, y)
-    assert set(r) == {f'align{i}' for i in range(TINY.num_blocks)} | {'out', 'cycle'}
+    assert set(r) == {f'align{i}' for i in range(cfg.num_blocks)} | {'out'}
     assert all(v > 1e-3 for v in r.values())  # a random G is far from F everywhere
-    x, yx, _, eps = batch()
-    m = probe_reverse.z_metric(f, x, yx.clamp(min=0), eps)
-    assert abs(m['noise_x'] - m['content_x']) < 1e-4 * m['noise_x']   # equal-sized x^0 errors
-    assert m['noise'] > 0 and m['content'] > 0
-    e = probe_reverse.data_gap(g, f, x, yx.clamp(min=0), eps)
-    assert set(e) >= {'out', 'align0'} and all(v > 1e-3 for v in e.values())
+    clean = torch.randn_like(traj[0])
+
+    class Oracle:   # a G that predicts F's own states: every distance is 0
+        cfg, heads = g.cfg, g.heads
+
+        def __call__(self, z, y, w):
+            return align_targets(g, traj, clean)
+    assert max(probe_reverse.distances(Oracle(), z, y, traj, clean).values()) == 0
+    gck, js = str(tmp_path / 'reverse.pt'), str(tmp_path / 'gap.json')
+    torch.save(dict(kind='reverse', model_config=asdict(g.cfg), ema=g.state_dict(),
+                    forward_config=asdict(cfg), forward=f.state_dict()), gck)
+    probe_reverse.main(['--ckpt', gck, '--n', '5', '--batch_size', '2', '--json', js])
+    res = json.load(open(js))
+    assert set(res) >= {'prior', 'train', 'heldout', 'shift'}
+    assert res['shift']['out'] == pytest.approx(res['prior']['out'] / res['train']['out'])
 
 
 # -----------------------------------------------------------------------------
