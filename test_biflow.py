@@ -3980,47 +3980,36 @@ def test_trajectory_flag_forward_and_reverse_checkpoints(tmp_path):
 
 
 def fake_results():
-    rows = [dict(group=gr, setting=s, paper=p, model=m, w=w, key=f'{m}-w{w:g}', fid=100.0 + i,
-                 acc=0.5 + i / 100, nfe='1', ms=2.5)
+    rows = [dict(group=gr, setting=s, paper=p, model=m, w=w, fid=100.0 + i, acc=0.5 + i / 100, n=500)
             for i, (gr, s, p, m, w) in enumerate(ablations.ROWS)]
     rows[0]['fid'] = None   # a failed run shows as a dash, not a crash
-    return dict(rows=rows, noise=dict(model='G_hidden', w=0.0, fid=[101.0, 103.5], acc=[0.6, 0.62],
-                                      delta_fid=2.5),
+    return dict(sizes=ablations.sizes(quick=False), rows=rows,
+                noise=dict(fid=[101.0, 103.5], acc=[0.6, 0.62]),
                 sweep={'F const': {'0': dict(acc=0.5, fid=80.0, n=300),
                                    '1': dict(acc=0.7, fid=None, n=300)},
                        'G': {'0': dict(acc=0.6, fid=None, n=1000),
-                             '2': dict(acc=0.9, fid=None, n=1000)}},
-                commands=['python train.py --out_dir OUT/F_clip'],
-                walltimes={'train G_hidden': 300.0, 'FID': 120.0})
+                             '1': dict(acc=None, fid=None, n=1000)}})
 
 
-def test_markdown_table_from_results():
+def test_ablation_markdown_and_its_markers(tmp_path):
     md = ablations.markdown(fake_results())
-    lines = md.splitlines()
-    table = [ln for ln in lines
-             if ln.startswith('| ') and 'paper FID' not in ln and 'sampler' not in ln
-             and not ln.startswith('| F const') and not ln.startswith('| G |')]
+    table = [ln for ln in md.splitlines() if ln.startswith('| ') and ln.count('|') == 7][1:]
     assert len(table) == len(ablations.ROWS)
-    # the missing FID is a dash
-    assert '| strategy | exact inverse' in table[0] and '| — |' in table[0]
-    assert '101.0' in md and '|Δ| = 2.50' in md
-    assert 'w = 0 | w = 1 | w = 2' in md and '70.0% (n=300)' in md and '50.0% / 80.0' in md
-    assert '    python train.py --out_dir OUT/F_clip' in md
-    assert 'summed over the 1 side-by-side jobs: 7 min' in md
-
-
-def test_write_md_keeps_prose_and_replaces_only_the_table(tmp_path):
+    assert '| strategy | exact inverse' in table[0] and '| — |' in table[0]   # the missing FID
+    assert '| 4×63 + score |' in table[0] and table[1].endswith('| 1 |')   # NFE
+    assert '101.00 and 103.50 (|Δ| = 2.50)' in md
+    assert '| w = 0 | w = 1 |' in md and '70.0% (n=300)' in md and '50.0% / 80.0' in md
     p = str(tmp_path / 'A.md')
-    ablations.write_md(p, 'first table\n')
+    ablations.write_md(p, 'first table\n')   # a new file: the markers and the table
     with open(p) as f:
         text = f.read()
     with open(p, 'w') as f:
-        f.write('# prose before\n\n' + text + '\nprose after\n')
-    ablations.write_md(p, 'second table\n')
-    ablations.write_md(p, 'second table\n')   # idempotent
+        f.write('# prose before\n' + text + '\nprose after\n')
+    ablations.write_md(p, md)
+    ablations.write_md(p, md)   # idempotent
     with open(p) as f:
         text = f.read()
-    assert 'first table' not in text and text.count('second table') == 1
+    assert 'first table' not in text and text.count(table[0]) == 1
     assert text.startswith('# prose before') and text.rstrip().endswith('prose after')
 
 
@@ -4029,71 +4018,61 @@ def fake_log(scale, steps=10):
                  align0=scale * 0.1 / (i + 1), out=0.3 / (i + 1), loss=1.0) for i in range(steps)]
 
 
-def test_align_keys_in_depth_order():
+def test_ablation_plots(tmp_path):
     assert ablations.align_keys(fake_log(1)) == ['align2', 'align1', 'align0', 'out']
     assert ablations.align_keys([dict(step=1, out=0.1)]) == ['out']   # naive: the output term only
-
-
-def test_plot_alignment_draws_both_panels(tmp_path):
     p = str(tmp_path / 'a.png')
-    ablations.plot_alignment({'hidden': fake_log(1), 'distill': fake_log(10)}, p)
+    logs = {'hidden': fake_log(1), 'distill': fake_log(10)}
+    ablations.plot({k: {t: [(r['step'], r[t]) for r in rows] for t in ablations.align_keys(rows)}
+                    for k, rows in logs.items()}, p, log=True)
     a = np.array(Image.open(p).convert('RGB'))
     assert a.shape == (300, 640, 3)
-    # the depth lines are coloured, the frame black
-    coloured = (a.max(2).astype(int) - a.min(2)) > 60
+    coloured = (a.max(2).astype(int) - a.min(2)) > 60   # the lines are coloured, the frame black
     assert coloured[:, :320].sum() > 100 and coloured[:, 320:].sum() > 100
-    ablations.plot_alignment({'empty': []}, p)            # no terms logged: a note, not a crash
-    assert os.path.exists(p)
+    ablations.plot({'sweep': {'F': [(0.0, 50.0), (3.0, 90.0)], 'G': [(0.0, 60.0), (2.0, None)]}},
+                   p, size=(640, 260))
+    assert ((np.array(Image.open(p).convert('RGB')).max(2).astype(int)) > 0).any()
+    ablations.plot({}, p)   # nothing logged: an empty picture, not a crash
 
 
-def test_plot_sweep(tmp_path):
-    p = str(tmp_path / 's.png')
-    ablations.plot_sweep({'F': [(0.0, 50.0), (1.0, 70.0), (3.0, 90.0)],
-                          'G': [(0.0, 60.0), (2.0, None)]}, p)
-    a = np.array(Image.open(p).convert('RGB'))
-    assert ((a.max(2).astype(int) - a.min(2)) > 60).sum() > 50
+def test_ablation_runs_train_resume_and_score_by_their_markers(tmp_path, monkeypatch):
+    """Every step's output file is its marker: a finished run is kept, a partial one resumed, a
+    sample file kept, and an FID lost to an interruption redone by fid.py alone."""
+    cmds = []
 
-
-def test_train_status_marks_done_and_partial(tmp_path):
-    p = str(tmp_path / 'reverse.pt')
-    assert ablations.train_status(p) == 'none'
-    torch.save(dict(step=5, train_config=dict(max_steps=10)), p)
-    assert ablations.train_status(p) == 'partial'
-    torch.save(dict(step=10, train_config=dict(max_steps=10)), p)
-    assert ablations.train_status(p) == 'done'
-
-
-@pytest.mark.parametrize('both_sides', [False, True])
-def test_train_commands_share_seed_data_and_steps(tmp_path, both_sides):
-    cmds = ablations.train_commands(str(tmp_path), ablations.sizes(quick=False), both_sides)
-    rev = {k: v for k, v in cmds.items() if v[0] == 'reverse'}
-    assert set(rev) == set(ablations.REVERSE) - (set() if both_sides else ablations.NOCLIP)
-    assert ('F_noclip' in cmds) == both_sides
-    for name, (_, flags) in rev.items():
-        assert flags[flags.index('--max_steps') + 1] == str(ablations.sizes(quick=False)['g_steps'])
-        # all the defaults
-        assert '--seed' not in flags and '--data' not in flags and '--batch_size' not in flags
-        fwd = flags[flags.index('--forward_ckpt') + 1]
-        assert fwd.endswith(('F_noclip/forward.pt' if name == 'G_nonorm' else 'F_clip/forward.pt'))
-    assert (cmds['F_clip'][1] == []
-            and (not both_sides or cmds['F_noclip'][1][:2] == ['--norm_clip', '0']))
-    rows = ablations.design(both_sides)[2]
-    # every row's model is trained or derived
-    assert {r[3] for r in rows} <= set(cmds) | set(ablations.DERIVED)
-
-
-def test_sample_key_and_command():
-    assert ablations.sample_key('G_hidden', 2.0, 1, 1000) == 'G_hidden-w2-s1-n1000'
-    assert ablations.sample_key('F_clip', 0.5, 0, 300, ramp=True) == 'F_clip-w0.5-ramp-s0-n300'
-    cmd = ablations.sample_cmd('OUT/F_clip/forward.pt', 0.5, 0, 300, 'OUT/samples/x.npz', ramp=True)
-    assert cmd[:2] == ['python', 'sample.py'] and '--ramp' in cmd and cmd[-1] == 'OUT/samples/x.png'
-    json.dumps(cmd)
+    def fake_run(cmd, log):
+        cmds.append(cmd)
+        os.makedirs(os.path.dirname(log), exist_ok=True)
+        open(log, 'a').close()
+        if cmd[1] == 'train.py' and '--resume' not in cmd:   # stopped at step 1 of 2
+            ckpt = os.path.join(cmd[cmd.index('--out_dir') + 1], 'reverse.pt')
+            os.makedirs(os.path.dirname(ckpt))
+            torch.save(dict(step=1, train_config=dict(max_steps=2)), ckpt)
+        elif cmd[1] == 'train.py':
+            torch.save(dict(step=2, train_config=dict(max_steps=2)), cmd[cmd.index('--resume') + 1])
+        elif cmd[1] == 'sample.py':
+            open(cmd[cmd.index('--npz') + 1], 'w').close()
+        elif cmd[1] == 'fid.py':
+            open(log, 'a').write('FID 12.5000  (a vs b)\n')
+    monkeypatch.setattr(ablations, 'run', fake_run)
+    out, sz = str(tmp_path), ablations.sizes(quick=False)
+    flags = ['--stage', 'reverse', '--forward_ckpt', 'F.pt', *sz['g_flags'],
+             *ablations.REVERSE['G_naive']]
+    ckpt = ablations.train(out, 'G_naive', flags)
+    assert ckpt == f'{out}/G_naive/reverse.pt' and [c[2] for c in cmds] == [*flags[:1], '--resume']
+    assert cmds[0][2:-4] == flags and '--max_steps' in flags and '--align' in flags
+    assert ablations.train(out, 'G_naive', flags) == ckpt and len(cmds) == 2   # done: kept
+    spec = ('G_naive', 2.0, 0, 500, True)
+    npz, fid_ = ablations.draw(out, ckpt, spec, 'stats.npz')
+    assert npz == f'{out}/samples/G_naive-w2-ramp-s0-n500.npz' and fid_ == 12.5
+    assert [c[1] for c in cmds[2:]] == ['sample.py', 'fid.py'] and '--ramp' in cmds[2]
+    assert ablations.draw(out, ckpt, spec, 'stats.npz') == (npz, 12.5) and len(cmds) == 4
+    assert ablations.draw(out, None, ('G_x', 0.0, 0, 5, False)) == (None, None)
 
 
 def test_denoise_none_and_score_train_identically():
-    """The ablation trains one G for both rows (scripts/ablations.py, DERIVED): the two configs
-    build the same parameters from the same seed and have the same loss; only decoding differs (F's
-    Tweedie step)."""
+    """Denoising 'score' and 'none' build the same parameters from the same seed and have the same
+    loss; only decoding differs (F's Tweedie step)."""
     from model import reverse_loss
     f, _ = abl_pair()
     gs = []
