@@ -940,6 +940,10 @@ def test_probe_is_zero_for_f_own_states_and_runs_from_a_checkpoint(tmp_path):
     res = json.load(open(js))
     assert set(res) >= {'prior', 'train', 'heldout', 'shift'}
     assert res['shift']['out'] == pytest.approx(res['prior']['out'] / res['train']['out'])
+    fck = str(tmp_path / 'forward.pt')   # a forward checkpoint has no G to probe: refused
+    torch.save(dict(kind='forward', model_config=asdict(cfg), ema=f.state_dict()), fck)
+    with pytest.raises(data.UsageError, match='expected a reverse checkpoint'):
+        probe_reverse.main(['--ckpt', fck])
 
 
 # -----------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""
+r"""
 BiFlow's ablation table of G's switches, and TarFlow's guidance sweep, on the built-in digits:
 
     OMP_NUM_THREADS=1 nice -n 19 python scripts/ablations.py --out ../ablations \

@@ -67,7 +67,9 @@ def main(argv=None):
     p.add_argument('--batch_size', type=int, default=100, help='rows per pass')
     p.add_argument('--json', default=None, help='also write the result here')
     a = p.parse_args(argv)
-    G, flow, _ = sample.load_models(a.ckpt)
+    G, flow, decode = sample.load_models(a.ckpt)
+    if flow is None or decode is not None:
+        raise data.UsageError(f'--ckpt {a.ckpt}: expected a reverse checkpoint of a pixel model')
     c, gen = flow.cfg, torch.Generator().manual_seed(a.seed)
     inputs = {'prior': (torch.randn(a.n, c.num_tokens, c.token_dim, generator=gen),
                         torch.randint(max(c.num_classes, 1), (a.n,), generator=gen))}
@@ -76,12 +78,10 @@ def main(argv=None):
                         torch.randn(a.n, c.in_channels, c.img_size, c.img_size, generator=gen))
     res = dict(ckpt=a.ckpt, n=a.n, seed=a.seed)
     for name, tensors in inputs.items():   # means over batches, weighted by their sizes
-        fn = prior_gap if name == 'prior' else data_gap
-        for s in range(0, a.n, a.batch_size):
-            part = fn(G, flow, *[t[s:s + a.batch_size] for t in tensors])
-            for k, v in part.items():
-                res.setdefault(name, {})[k] = res.get(name, {}).get(k, 0.0) + v * min(
-                    a.batch_size, a.n - s) / a.n
+        fn, starts = prior_gap if name == 'prior' else data_gap, range(0, a.n, a.batch_size)
+        parts = [(fn(G, flow, *[t[s:s + a.batch_size] for t in tensors]),
+                  min(a.batch_size, a.n - s)) for s in starts]
+        res[name] = {k: sum(p[k] * m for p, m in parts) / a.n for k in parts[0][0]}
     res['shift'] = {k: res['prior'][k] / res['train'][k] for k in res['prior']}
     print(json.dumps(res, indent=1))
     if a.json:
