@@ -4028,15 +4028,15 @@ def test_ablation_plots(tmp_path):
     p = str(tmp_path / 'a.png')
     logs = {'hidden': fake_log(1), 'distill': fake_log(10)}
     ablations.plot({k: {t: [(r['step'], r[t]) for r in rows] for t in ablations.align_keys(rows)}
-                    for k, rows in logs.items()}, p, log=True)
+                    for k, rows in logs.items()}, p, 'step', log=True)
     a = np.array(Image.open(p).convert('RGB'))
     assert a.shape == (300, 640, 3)
     coloured = (a.max(2).astype(int) - a.min(2)) > 60   # the lines are coloured, the frame black
     assert coloured[:, :320].sum() > 100 and coloured[:, 320:].sum() > 100
     ablations.plot({'sweep': {'F': [(0.0, 50.0), (3.0, 90.0)], 'G': [(0.0, 60.0), (2.0, None)]}},
-                   p, size=(640, 260))
+                   p, 'w', size=(640, 260))
     assert ((np.array(Image.open(p).convert('RGB')).max(2).astype(int)) > 0).any()
-    ablations.plot({}, p)   # nothing logged: an empty picture, not a crash
+    ablations.plot({}, p, 'step')   # nothing logged: an empty picture, not a crash
 
 
 def test_ablation_runs_train_resume_and_score_by_their_markers(tmp_path, monkeypatch):

@@ -156,9 +156,9 @@ def align_keys(rows):
 COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189)]
 
 
-def plot(panels, path, log=False, size=(640, 300)):
+def plot(panels, path, xlabel, log=False, size=(640, 300)):
     """panels = {title: {line: [(x, y)]}} side by side, drawn with Pillow: one y range for all
-    (log10 with log), each panel's x from 0 to its largest, a colour per line."""
+    (log10 with log), each panel's x (xlabel) from 0 to its largest, a colour per line."""
     img = Image.new('RGB', size, 'white')
     d, (W, H) = ImageDraw.Draw(img), size
     f = np.log10 if log else float
@@ -172,7 +172,7 @@ def plot(panels, path, log=False, size=(640, 300)):
         xmax = max([x for line in lines.values() for x, _ in line] + [1e-6])
         d.rectangle([x0, y0, x1, y1], outline='black')
         d.text((x0, 4), title, fill='black')
-        d.text((x1 - 50, y1 + 4), f'x: {xmax:g}', fill='black')
+        d.text((x1 - 60, y1 + 4), f'{xlabel} {xmax:g}', fill='black')
         for v, yy in ((lo, y1), (hi, y0)):
             d.text((i * pw + 2, yy - 5), f'{10 ** v if log else v:.3g}', fill='black')
         for j, (name, line) in enumerate(lines.items()):
@@ -264,10 +264,10 @@ def main(argv=None):
             for k, n in (('hidden alignment', 'G_hidden'), ('hidden distillation', 'G_distill'))
             if os.path.exists(f'{out}/{n}/reverse_log.jsonl')}
     plot({k: {t: [(r['step'], r.get(t)) for r in rows] for t in align_keys(rows)}
-          for k, rows in logs.items()}, f'{out}/align_depths.png', log=True)
+          for k, rows in logs.items()}, f'{out}/align_depths.png', 'step', log=True)
     plot({'read as class (%) against guidance w': {
         label: [(float(w), None if p['acc'] is None else 100 * p['acc']) for w, p in c.items()]
-        for label, c in res['sweep'].items()}}, f'{out}/guidance_sweep.png', size=(640, 260))
+        for label, c in res['sweep'].items()}}, f'{out}/guidance_sweep.png', 'w', size=(640, 260))
     md = markdown(res)
     if a.md:
         write_md(a.md, md)
