@@ -782,151 +782,52 @@ def test_reverse_targets_are_fp32_under_bf16_autocast_unless_asked(monkeypatch):
 
 
 # -----------------------------------------------------------------------------
-# model.py and train.py: stage 2's cycle term on prior noise (--cycle), and scripts/probe_reverse.py
-
-TINY_CLIP = replace(TINY, noise_std=0.1, norm_clip=2.0)
+# scripts/probe_reverse.py: G's distance to F's states per depth, on prior and on data z's
 
 
-def cycle_pair(seed=0, **kw):
-    """A frozen clipped F with non-zero output projections
-    (a fresh one is affine per channel), a random G."""
-    torch.manual_seed(seed)
-    f = TarFlow(TINY_CLIP)
+def probe_pair(cfg):
+    """A frozen F with non-zero output projections (a fresh one is affine per channel) and a
+    random G for it."""
+    torch.manual_seed(0)
+    f = TarFlow(cfg)
     with torch.no_grad():
         for b in f.blocks:
             b.proj_out.weight.normal_(0, 0.1)
-    f.eval().requires_grad_(False)
-    g = ReverseModel(reverse_config_for(TINY_CLIP, channels=32, layers_per_block=1,
-                                        denoise_layers=1, head_dim=16, **kw))
+    g = ReverseModel(reverse_config_for(cfg, channels=32, layers_per_block=1, denoise_layers=1,
+                                        head_dim=16))
     for q in g.parameters():  # zero-initialised gates would make every prediction a constant
         q.data.normal_(0, 0.1)
-    return f, g
+    return f.eval().requires_grad_(False), g.eval()
 
 
-def prior_batch(k=3, seed=1):
-    """k prior draws z ~ N(0, I) of TINY's token shape, and their labels (-1: the null class)."""
-    gen = torch.Generator().manual_seed(seed)
-    return (torch.randn(k, TINY.num_tokens, TINY.token_dim, generator=gen),
-            torch.tensor([2, -1, 0])[:k])
-
-
-@pytest.mark.parametrize('denoise', ['learned', 'score'])
-def test_cycle_is_zero_for_the_exact_inverse_and_not_for_a_perturbed_one(denoise):
-    f, g = cycle_pair(denoise=denoise)
-    z, y = prior_batch()
-    x0 = patchify(f.reverse(z, y), TINY.patch_size)  # F^-1(z): the noisy x^0 G should predict
-    preds = g(z, y, torch.zeros(len(z)))
-    i = M.noisy_x0_index(g)
-    assert i == (len(g.heads) - 1 if denoise == 'learned' else len(preds) - 1)
-    exact = [*preds[:i], x0, *preds[i + 1:]]
-    assert cycle_loss(g, f, z, y, exact).max() < 1e-8  # round-off is ~1e-11 here
-    off = [*preds[:i], x0 + 0.05 * torch.randn_like(x0), *preds[i + 1:]]
-    assert cycle_loss(g, f, z, y, off).min() > 1e-4
-    assert cycle_loss(g, f, z, y).min() > 1e-3  # a random G is no inverse
-
-
-def test_cycle_needs_a_noisy_x0_prediction():
-    f, g = cycle_pair(align='naive')  # learned denoising, no heads: nothing predicts the noisy x^0
-    with pytest.raises(ValueError, match='noisy x'):
-        cycle_loss(g, f, *prior_batch())
-
-
-def test_cycle_gradient_reaches_g_only_through_f():
-    f, g = cycle_pair()
-    z, y = prior_batch()
-    cycle_loss(g, f, z, y).mean().backward()
-    assert all(q.grad is None for q in f.parameters())
-    # the x^0 head and everything before it get a gradient; the denoiser and the output head do not
-    assert g.heads[-1].weight.grad.abs().sum() > 0 and g.proj_in.weight.grad.abs().sum() > 0
-    assert g.final.weight.grad is None
-    # the gradient is F's Jacobian applied to the residual, not the residual itself
-    x0 = g(z, y, torch.zeros(3))[-2].detach().requires_grad_(True)
-    cycle_loss(g, f, z, y, [None] * (len(g.heads) - 1) + [x0, None]).sum().backward()
-    direct = 2 * (x0 - patchify(f.reverse(z, y), 2)).detach()
-    assert not torch.allclose(x0.grad / x0.grad.norm(), direct / direct.norm(), atol=1e-2)
-    f.requires_grad_(True)  # an F that would be trained is refused
-    with pytest.raises(ValueError, match='frozen'):
-        cycle_loss(g, f, z, y)
-
-
-def test_reverse_loss_cycle_adds_its_term_and_changes_nothing_else():
-    f, g = cycle_pair()
-    x, y, w, eps = batch()
-    base, terms = reverse_loss(g, f, x, y, w, eps)
-    # weight 0: ignored
-    same, terms0 = reverse_loss(g, f, x, y, w, eps, cycle=0.0, prior=prior_batch())
-    assert torch.equal(base, same) and terms0.keys() == terms.keys()
-    loss, terms1 = reverse_loss(g, f, x, y, w, eps, cycle=0.5, prior=prior_batch())
-    assert set(terms1) == set(terms) | {'cycle'}
-    for k in terms:  # the data rows batched with the prior rows: the same terms up to round-off
-        assert torch.allclose(terms1[k], terms[k], rtol=1e-4), k
-    d = cycle_loss(g, f, *prior_batch())
-    assert torch.allclose(terms1['cycle'], d.mean(), rtol=1e-4)
-    assert torch.allclose(loss, base + 0.5 * M.adaptive(d).mean(), rtol=1e-4)
-    loss.backward()  # one pass of G for both kinds of rows: every parameter has a gradient
-    assert all(q.grad is not None for q in g.parameters())
-
-
-def test_train_cycle_flags_are_checked_and_their_noise_is_its_own_stream():
-    args, _ = train.get_args([])
-    assert args.cycle == 0 and args.cycle_batch is None
-    for bad in (['--cycle', '-1'], ['--cycle', 'nan'], ['--cycle', '1'],
-                ['--stage', 'reverse', '--cycle_batch', '0']):
-        with pytest.raises(SystemExit):
-            train.get_args(bad)
-    args = train.fill_preset_defaults(train.get_args(
-        ['--stage', 'reverse', '--cycle', '1', '--batch_size', '8', '--cycle_batch', '2'])[0])
-    x, y = torch.zeros(8, 3, 16, 16), torch.arange(8)
-    before = train.step_inputs(args, 5, x, y, 10, 0, 1)
-    z, yz = train.prior_noise(args, 5, (64, 12), y, 0, 1, 'cpu')
-    assert z.shape == (2, 64, 12) and torch.equal(yz, y[:2])
-    assert all(torch.equal(a, b)
-               for a, b in zip(before, train.step_inputs(args, 5, x, y, 10, 0, 1)))
-    # (seed, step) fixes it
-    assert torch.equal(z, train.prior_noise(args, 5, (64, 12), y, 0, 1, 'cpu')[0])
-    assert not torch.equal(z, train.prior_noise(args, 6, (64, 12), y, 0, 1, 'cpu')[0])
-    args.batch_size = 16  # two ranks of 8 draw the rows of one global draw, each its own slice
-    both = torch.cat([train.prior_noise(args, 5, (64, 12), y, r, 2, 'cpu')[0] for r in range(2)])
-    assert torch.equal(both[:2], train.prior_noise(args, 5, (64, 12), y, 0, 2, 'cpu')[0])
-    assert not torch.equal(both[:2], both[2:])
-
-
-def test_train_cycle_zero_is_the_default_run_and_cycle_trains(tmp_path):
-    quick = ['--batch_size', '8', '--log_every', '1', '--sample_every', '1000',
-             '--ckpt_every', '1000', '--lr', '1e-3', '--warmup_steps', '1', '--max_steps', '1']
-    # an untrained CPU-preset F, in the fields of a stage-1 checkpoint stage 2 reads
-    torch.manual_seed(0)
-    flow = TarFlow(M.PRESETS['cpu'])
-    ck = str(tmp_path / 'forward.pt')
-    torch.save(dict(kind='forward', ema=flow.state_dict(), model_config=asdict(flow.cfg)), ck)
-    runs = {'default': [], 'zero': ['--cycle', '0'], 'on': ['--cycle', '1', '--cycle_batch', '4']}
-    for name, extra in runs.items():
-        train.main(['--stage', 'reverse', '--forward_ckpt', ck, '--out_dir', str(tmp_path / name),
-                    *quick, *extra])
-    sd = {n: torch.load(tmp_path / n / 'reverse.pt', weights_only=True)['model'] for n in runs}
-    assert all(torch.equal(sd['default'][k], sd['zero'][k]) for k in sd['default'])
-    assert any(not torch.equal(sd['default'][k], sd['on'][k]) for k in sd['default'])
-    rows = [json.loads(r) for r in open(tmp_path / 'on' / 'reverse_log.jsonl')]
-    assert (all('cycle' in r for r in rows)
-            and not any('cycle' in json.loads(r)
-                        for r in open(tmp_path / 'zero' / 'reverse_log.jsonl')))
-
-
-def test_probe_matches_f_on_its_own_inverse_and_separates_splits():
-    f, g = cycle_pair()
-    z, y = prior_batch()
-    traj = probe_reverse.inverse_trajectory(f, z, y)
-    assert len(traj) == TINY.num_blocks + 1 and torch.equal(traj[-1], z)
-    assert torch.allclose(f(M.unpatchify(traj[0], 2, 8), y)[0], z, atol=1e-4)
+def test_probe_is_zero_for_f_own_states_and_runs_from_a_checkpoint(tmp_path):
+    cfg = replace(TINY, num_classes=10, norm_clip=2.0)   # the digits' labels
+    f, g = probe_pair(cfg)
+    z, y = torch.randn(3, cfg.num_tokens, cfg.token_dim), torch.tensor([2, 9, 0])
+    traj = f(f.reverse(z, y), y)[2]   # the probe's F states on prior z: they end at z
+    assert len(traj) == cfg.num_blocks + 1 and torch.allclose(traj[-1], z, atol=1e-4)
     r = probe_reverse.prior_gap(g, f, z, y)
-    assert set(r) == {f'align{i}' for i in range(TINY.num_blocks)} | {'out', 'cycle'}
+    assert set(r) == {f'align{i}' for i in range(cfg.num_blocks)} | {'out'}
     assert all(v > 1e-3 for v in r.values())  # a random G is far from F everywhere
-    x, yx, _, eps = batch()
-    m = probe_reverse.z_metric(f, x, yx.clamp(min=0), eps)
-    assert abs(m['noise_x'] - m['content_x']) < 1e-4 * m['noise_x']   # equal-sized x^0 errors
-    assert m['noise'] > 0 and m['content'] > 0
-    e = probe_reverse.data_gap(g, f, x, yx.clamp(min=0), eps)
-    assert set(e) >= {'out', 'align0'} and all(v > 1e-3 for v in e.values())
+    clean = torch.randn_like(traj[0])
+
+    class Oracle:   # a G that predicts F's own states: every distance is 0
+        cfg, heads = g.cfg, g.heads
+
+        def __call__(self, z, y, w):
+            return align_targets(g, traj, clean)
+    assert max(probe_reverse.distances(Oracle(), z, y, traj, clean).values()) == 0
+    gck, js = str(tmp_path / 'reverse.pt'), str(tmp_path / 'gap.json')
+    torch.save(dict(kind='reverse', model_config=asdict(g.cfg), ema=g.state_dict(),
+                    forward_config=asdict(cfg), forward=f.state_dict()), gck)
+    probe_reverse.main(['--ckpt', gck, '--n', '5', '--batch_size', '2', '--json', js])
+    res = json.load(open(js))
+    assert set(res) >= {'prior', 'train', 'heldout', 'shift'}
+    assert res['shift']['out'] == pytest.approx(res['prior']['out'] / res['train']['out'])
+    fck = str(tmp_path / 'forward.pt')   # a forward checkpoint has no G to probe: refused
+    torch.save(dict(kind='forward', model_config=asdict(cfg), ema=f.state_dict()), fck)
+    with pytest.raises(data.UsageError, match='expected a reverse checkpoint'):
+        probe_reverse.main(['--ckpt', fck])
 
 
 # -----------------------------------------------------------------------------
@@ -3771,47 +3672,36 @@ def test_trajectory_script_forward_and_reverse_checkpoints(tmp_path):
 
 
 def fake_results():
-    rows = [dict(group=gr, setting=s, paper=p, model=m, w=w, key=f'{m}-w{w:g}', fid=100.0 + i,
-                 acc=0.5 + i / 100, nfe='1', ms=2.5)
+    rows = [dict(group=gr, setting=s, paper=p, model=m, w=w, fid=100.0 + i, acc=0.5 + i / 100, n=500)
             for i, (gr, s, p, m, w) in enumerate(ablations.ROWS)]
     rows[0]['fid'] = None   # a failed run shows as a dash, not a crash
-    return dict(rows=rows, noise=dict(model='G_hidden', w=0.0, fid=[101.0, 103.5], acc=[0.6, 0.62],
-                                      delta_fid=2.5),
+    return dict(sizes=ablations.sizes(quick=False), rows=rows,
+                noise=dict(fid=[101.0, 103.5], acc=[0.6, 0.62]),
                 sweep={'F const': {'0': dict(acc=0.5, fid=80.0, n=300),
                                    '1': dict(acc=0.7, fid=None, n=300)},
                        'G': {'0': dict(acc=0.6, fid=None, n=1000),
-                             '2': dict(acc=0.9, fid=None, n=1000)}},
-                commands=['python train.py --out_dir OUT/F_clip'],
-                walltimes={'train G_hidden': 300.0, 'FID': 120.0})
+                             '1': dict(acc=None, fid=None, n=1000)}})
 
 
-def test_markdown_table_from_results():
+def test_ablation_markdown_and_its_markers(tmp_path):
     md = ablations.markdown(fake_results())
-    lines = md.splitlines()
-    table = [ln for ln in lines
-             if ln.startswith('| ') and 'paper FID' not in ln and 'sampler' not in ln
-             and not ln.startswith('| F const') and not ln.startswith('| G |')]
+    table = [ln for ln in md.splitlines() if ln.startswith('| ') and ln.count('|') == 7][1:]
     assert len(table) == len(ablations.ROWS)
-    # the missing FID is a dash
-    assert '| strategy | exact inverse' in table[0] and '| — |' in table[0]
-    assert '101.0' in md and '|Δ| = 2.50' in md
-    assert 'w = 0 | w = 1 | w = 2' in md and '70.0% (n=300)' in md and '50.0% / 80.0' in md
-    assert '    python train.py --out_dir OUT/F_clip' in md
-    assert 'summed over the 1 side-by-side jobs: 7 min' in md
-
-
-def test_write_md_keeps_prose_and_replaces_only_the_table(tmp_path):
+    assert '| strategy | exact inverse' in table[0] and '| — |' in table[0]   # the missing FID
+    assert '| 4×63 + score |' in table[0] and table[1].endswith('| 1 |')   # NFE
+    assert '101.00 and 103.50 (|Δ| = 2.50)' in md
+    assert '| w = 0 | w = 1 |' in md and '70.0% (n=300)' in md and '50.0% / 80.0' in md
     p = str(tmp_path / 'A.md')
-    ablations.write_md(p, 'first table\n')
+    ablations.write_md(p, 'first table\n')   # a new file: the markers and the table
     with open(p) as f:
         text = f.read()
     with open(p, 'w') as f:
-        f.write('# prose before\n\n' + text + '\nprose after\n')
-    ablations.write_md(p, 'second table\n')
-    ablations.write_md(p, 'second table\n')   # idempotent
+        f.write('# prose before\n' + text + '\nprose after\n')
+    ablations.write_md(p, md)
+    ablations.write_md(p, md)   # idempotent
     with open(p) as f:
         text = f.read()
-    assert 'first table' not in text and text.count('second table') == 1
+    assert 'first table' not in text and text.count(table[0]) == 1
     assert text.startswith('# prose before') and text.rstrip().endswith('prose after')
 
 
@@ -3820,71 +3710,61 @@ def fake_log(scale, steps=10):
                  align0=scale * 0.1 / (i + 1), out=0.3 / (i + 1), loss=1.0) for i in range(steps)]
 
 
-def test_align_keys_in_depth_order():
+def test_ablation_plots(tmp_path):
     assert ablations.align_keys(fake_log(1)) == ['align2', 'align1', 'align0', 'out']
     assert ablations.align_keys([dict(step=1, out=0.1)]) == ['out']   # naive: the output term only
-
-
-def test_plot_alignment_draws_both_panels(tmp_path):
     p = str(tmp_path / 'a.png')
-    ablations.plot_alignment({'hidden': fake_log(1), 'distill': fake_log(10)}, p)
+    logs = {'hidden': fake_log(1), 'distill': fake_log(10)}
+    ablations.plot({k: {t: [(r['step'], r[t]) for r in rows] for t in ablations.align_keys(rows)}
+                    for k, rows in logs.items()}, p, 'step', log=True)
     a = np.array(Image.open(p).convert('RGB'))
     assert a.shape == (300, 640, 3)
-    # the depth lines are coloured, the frame black
-    coloured = (a.max(2).astype(int) - a.min(2)) > 60
+    coloured = (a.max(2).astype(int) - a.min(2)) > 60   # the lines are coloured, the frame black
     assert coloured[:, :320].sum() > 100 and coloured[:, 320:].sum() > 100
-    ablations.plot_alignment({'empty': []}, p)            # no terms logged: a note, not a crash
-    assert os.path.exists(p)
+    ablations.plot({'sweep': {'F': [(0.0, 50.0), (3.0, 90.0)], 'G': [(0.0, 60.0), (2.0, None)]}},
+                   p, 'w', size=(640, 260))
+    assert ((np.array(Image.open(p).convert('RGB')).max(2).astype(int)) > 0).any()
+    ablations.plot({}, p, 'step')   # nothing logged: an empty picture, not a crash
 
 
-def test_plot_sweep(tmp_path):
-    p = str(tmp_path / 's.png')
-    ablations.plot_sweep({'F': [(0.0, 50.0), (1.0, 70.0), (3.0, 90.0)],
-                          'G': [(0.0, 60.0), (2.0, None)]}, p)
-    a = np.array(Image.open(p).convert('RGB'))
-    assert ((a.max(2).astype(int) - a.min(2)) > 60).sum() > 50
+def test_ablation_runs_train_resume_and_score_by_their_markers(tmp_path, monkeypatch):
+    """Every step's output file is its marker: a finished run is kept, a partial one resumed, a
+    sample file kept, and an FID lost to an interruption redone by fid.py alone."""
+    cmds = []
 
-
-def test_train_status_marks_done_and_partial(tmp_path):
-    p = str(tmp_path / 'reverse.pt')
-    assert ablations.train_status(p) == 'none'
-    torch.save(dict(step=5, train_config=dict(max_steps=10)), p)
-    assert ablations.train_status(p) == 'partial'
-    torch.save(dict(step=10, train_config=dict(max_steps=10)), p)
-    assert ablations.train_status(p) == 'done'
-
-
-@pytest.mark.parametrize('both_sides', [False, True])
-def test_train_commands_share_seed_data_and_steps(tmp_path, both_sides):
-    cmds = ablations.train_commands(str(tmp_path), ablations.sizes(quick=False), both_sides)
-    rev = {k: v for k, v in cmds.items() if v[0] == 'reverse'}
-    assert set(rev) == set(ablations.REVERSE) - (set() if both_sides else ablations.NOCLIP)
-    assert ('F_noclip' in cmds) == both_sides
-    for name, (_, flags) in rev.items():
-        assert flags[flags.index('--max_steps') + 1] == str(ablations.sizes(quick=False)['g_steps'])
-        # all the defaults
-        assert '--seed' not in flags and '--data' not in flags and '--batch_size' not in flags
-        fwd = flags[flags.index('--forward_ckpt') + 1]
-        assert fwd.endswith(('F_noclip/forward.pt' if name == 'G_nonorm' else 'F_clip/forward.pt'))
-    assert (cmds['F_clip'][1] == []
-            and (not both_sides or cmds['F_noclip'][1][:2] == ['--norm_clip', '0']))
-    rows = ablations.design(both_sides)[2]
-    # every row's model is trained or derived
-    assert {r[3] for r in rows} <= set(cmds) | set(ablations.DERIVED)
-
-
-def test_sample_key_and_command():
-    assert ablations.sample_key('G_hidden', 2.0, 1, 1000) == 'G_hidden-w2-s1-n1000'
-    assert ablations.sample_key('F_clip', 0.5, 0, 300, ramp=True) == 'F_clip-w0.5-ramp-s0-n300'
-    cmd = ablations.sample_cmd('OUT/F_clip/forward.pt', 0.5, 0, 300, 'OUT/samples/x.npz', ramp=True)
-    assert cmd[:2] == ['python', 'sample.py'] and '--ramp' in cmd and cmd[-1] == 'OUT/samples/x.png'
-    json.dumps(cmd)
+    def fake_run(cmd, log):
+        cmds.append(cmd)
+        os.makedirs(os.path.dirname(log), exist_ok=True)
+        open(log, 'a').close()
+        if cmd[1] == 'train.py' and '--resume' not in cmd:   # stopped at step 1 of 2
+            ckpt = os.path.join(cmd[cmd.index('--out_dir') + 1], 'reverse.pt')
+            os.makedirs(os.path.dirname(ckpt))
+            torch.save(dict(step=1, train_config=dict(max_steps=2)), ckpt)
+        elif cmd[1] == 'train.py':
+            torch.save(dict(step=2, train_config=dict(max_steps=2)), cmd[cmd.index('--resume') + 1])
+        elif cmd[1] == 'sample.py':
+            open(cmd[cmd.index('--npz') + 1], 'w').close()
+        elif cmd[1] == 'fid.py':
+            open(log, 'a').write('FID 12.5000  (a vs b)\n')
+    monkeypatch.setattr(ablations, 'run', fake_run)
+    out, sz = str(tmp_path), ablations.sizes(quick=False)
+    flags = ['--stage', 'reverse', '--forward_ckpt', 'F.pt', *sz['g_flags'],
+             *ablations.REVERSE['G_naive']]
+    ckpt = ablations.train(out, 'G_naive', flags)
+    assert ckpt == f'{out}/G_naive/reverse.pt' and [c[2] for c in cmds] == [*flags[:1], '--resume']
+    assert cmds[0][2:-4] == flags and '--max_steps' in flags and '--align' in flags
+    assert ablations.train(out, 'G_naive', flags) == ckpt and len(cmds) == 2   # done: kept
+    spec = ('G_naive', 2.0, 0, 500, True)
+    npz, fid_ = ablations.draw(out, ckpt, spec, 'stats.npz')
+    assert npz == f'{out}/samples/G_naive-w2-ramp-s0-n500.npz' and fid_ == 12.5
+    assert [c[1] for c in cmds[2:]] == ['sample.py', 'fid.py'] and '--ramp' in cmds[2]
+    assert ablations.draw(out, ckpt, spec, 'stats.npz') == (npz, 12.5) and len(cmds) == 4
+    assert ablations.draw(out, None, ('G_x', 0.0, 0, 5, False)) == (None, None)
 
 
 def test_denoise_none_and_score_train_identically():
-    """The ablation trains one G for both rows (scripts/ablations.py, DERIVED): the two configs
-    build the same parameters from the same seed and have the same loss; only decoding differs (F's
-    Tweedie step)."""
+    """Denoising 'score' and 'none' build the same parameters from the same seed and have the same
+    loss; only decoding differs (F's Tweedie step)."""
     from model import reverse_loss
     f, _ = abl_pair()
     gs = []
