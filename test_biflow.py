@@ -1523,7 +1523,7 @@ def test_refusals_reach_the_user_as_one_line_from_each_script(trained, tmp_path)
     procs = {name: script(name, *args, cwd=tmp_path) for name, args in runs.items()}
     msgs = {'train.py': '--resume bad.pt: not a loadable torch file',
             'sample.py': '--npz no/s.npz: folder',
-            'vae.py': 'encode OUT file: is a file',
+            'vae.py': '--vae x.pt: no such file or folder',
             'fid.py': 'nan.npz: mu must be (D,) and sigma (D,D), finite'}
     for name, p in procs.items():
         _, err = p.communicate(timeout=300)
