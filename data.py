@@ -2,7 +2,7 @@
 Data for TarFlow/BiFlow: a built-in digits dataset, ImageNet-style folders, array files, latent
 sets, and a resumable loader; and the few helpers every script shares (files, processes, errors).
 
-    python data.py show --data digits --img_size 16 --out grid.png      # one row per class
+    python data.py show --data digits --img_size 16 --out grid.png      # the first 100
     python data.py pack /path/to/imagenet/train in64.npy --img_size 64  # one memory-mapped file
 
 Every image dataset returns (uint8 tensor (3, H, W), int label) and has .num_classes (0 if
@@ -20,7 +20,6 @@ import argparse
 import functools
 import hashlib
 import json
-import math
 import os
 import pathlib
 import random
@@ -31,7 +30,6 @@ import warnings
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from PIL import Image, ImageDraw, ImageFont
 from torch.utils.data import DataLoader, Dataset
 
@@ -174,7 +172,7 @@ def save_grid(images: np.ndarray, path: str, nrow: int, min_side: int = 64) -> N
     s = max(1, min_side // images.shape[1])
     images = images.repeat(s, axis=1).repeat(s, axis=2)
     B, H, W, C = images.shape
-    grid = np.full((math.ceil(B / nrow) * (H + 2) + 2, nrow * (W + 2) + 2, C), 255, np.uint8)
+    grid = np.full(((B + nrow - 1) // nrow * (H + 2) + 2, nrow * (W + 2) + 2, C), 255, np.uint8)
     for i, im in enumerate(images):
         r, c = divmod(i, nrow)
         grid[2 + r * (H + 2):2 + r * (H + 2) + H, 2 + c * (W + 2):2 + c * (W + 2) + W] = im
@@ -202,7 +200,7 @@ def setup_distributed(device_arg: str):
     device = torch.device(f"cuda:{os.environ['LOCAL_RANK']}" if cuda else 'cpu')
     if cuda:
         torch.cuda.set_device(device)
-    dist.init_process_group('nccl' if cuda else 'gloo')
+    torch.distributed.init_process_group('nccl' if cuda else 'gloo')
     return rank, world, device
 
 # -----------------------------------------------------------------------------
@@ -411,19 +409,15 @@ def pack(src_dir: str, out: str, img_size: int, num_workers: int = 0, split: str
     if not out.endswith(('.npy', '.npz')):
         raise UsageError(f"pack output {out!r}: must end in .npy or .npz")
     ds = open_source(src_dir, img_size, split, flag='pack SRC', latents=False)
-    n = len(ds) if limit is None else min(limit, len(ds))
-    shape, tmp = (n, img_size, img_size, 3), f"{out}.tmp{os.getpid()}"
-    # .npy is written through a memory map, so ImageNet never has to fit in RAM
-    images = (np.lib.format.open_memmap(tmp, 'w+', np.uint8, shape) if out.endswith('.npy')
-              else np.empty(shape, np.uint8))
+    n, tmp = len(ds) if limit is None else min(limit, len(ds)), f'{out}.tmp{os.getpid()}.npy'
+    # written through a memory map, so ImageNet never has to fit in RAM
+    images = np.lib.format.open_memmap(tmp, 'w+', np.uint8, (n, img_size, img_size, 3))
     labels, bad, progress = ds.targets[:n].copy(), [], Progress(n, 'packed')
-    # batch_size=None: one (i, image) at a time; collate_fn=tuple keeps it as it is
+    # batch_size=None: one (i, image or None) at a time, which collate_fn=tuple leaves as it is
     for i, arr in DataLoader(_Indexed(ds), sampler=range(n), batch_size=None,
                              num_workers=num_workers, collate_fn=tuple):
-        if arr is None:
-            bad.append(i)
-        else:
-            images[i] = arr
+        bad += [] if arr is not None else [i]
+        images[i] = arr if arr is not None else 0
         progress.update(i + 1)
     if len(bad) == n:
         raise UsageError(f"pack: no image in {src_dir!r} could be read")
@@ -433,19 +427,16 @@ def pack(src_dir: str, out: str, img_size: int, num_workers: int = 0, split: str
     for i in bad:
         j = ok[np.searchsorted(ok, i) % len(ok)]
         images[i], labels[i] = images[j], labels[j]
-    if out.endswith('.npy'):
-        del images   # flush and close the memory map before renaming
-        with open(tmp + '.labels', 'wb') as f:
-            np.save(f, labels)
-        os.replace(tmp + '.labels', labels_path(out))   # labels first: an X.npy always has them
-    else:
-        with open(tmp, 'wb') as f:
-            np.savez(f, arr_0=images, arr_1=labels)
-    os.replace(tmp, out)
-    print(f"packed {n} images of {img_size}x{img_size} from {src_dir} into {out}; "
-          f"{len(bad)} unreadable" + (" (each replaced by the next readable file)" if bad else ""))
-    for i in bad:
-        print(f"  unreadable: {ds.files[i]}")
+    images.flush()
+    if out.endswith('.npz'):
+        atomic_write(out, lambda f: np.savez(f, arr_0=images, arr_1=labels))
+        os.remove(tmp)
+    else:   # labels first: an X.npy always has them
+        atomic_write(labels_path(out), lambda f: np.save(f, labels))
+        os.replace(tmp, out)
+    print(f"packed {n} images of {img_size}x{img_size} from {src_dir} into {out}; {len(bad)} "
+          f"unreadable{' (each replaced by the next readable file)' if bad else ''}"
+          + ''.join(f'\n  unreadable: {ds.files[i]}' for i in bad))
 
 # -----------------------------------------------------------------------------
 # latent sets: images encoded once by the VAE (vae.py encode writes them), read here
@@ -551,10 +542,10 @@ class Loader:
             raise UsageError(f"--batch_size {global_batch}: must be a positive multiple of the "
                              f"world size {world_size}, at most the {len(dataset)} items of --data")
         self.dataset, self.global_batch, self.seed, self.flip = dataset, global_batch, seed, flip
-        self.rank, self.world_size, self.num_workers, self.pin_memory = (rank, world_size,
-                                                                         num_workers, pin_memory)
+        self.rank, self.world_size, self.epoch, self.step = rank, world_size, 0, 0
         self.steps_per_epoch = len(dataset) // global_batch   # drop_last: every batch is full
-        self.epoch, self.step, self._it = 0, 0, None
+        self.workers = dict(num_workers=num_workers, pin_memory=pin_memory)
+        self._it = None
 
     def state_dict(self) -> dict:
         return {'epoch': self.epoch, 'step': self.step, 'n': len(self.dataset)}
@@ -563,7 +554,7 @@ class Loader:
         if d['n'] != len(self.dataset):   # the position means nothing in other data
             raise UsageError(f"the checkpoint's data position is in a dataset of {d['n']} items, "
                              f"but --data has {len(self.dataset)}: resume with the same data")
-        self.epoch, self.step = divmod(int(d['epoch']) * self.steps_per_epoch + int(d['step']),
+        self.epoch, self.step = divmod(d['epoch'] * self.steps_per_epoch + d['step'],
                                        self.steps_per_epoch)
         self._it = None   # drop prefetched batches (and workers); restart at the new position
 
@@ -584,7 +575,7 @@ class Loader:
         if self._it is None:
             self._it = iter(DataLoader(_Flippable(self.dataset), collate_fn=_collate,
                                        batch_sampler=self._batches(self.epoch, self.step),
-                                       num_workers=self.num_workers, pin_memory=self.pin_memory))
+                                       **self.workers))
         self.epoch, self.step = divmod(self.epoch * self.steps_per_epoch + self.step + 1,
                                        self.steps_per_epoch)
         return next(self._it)
@@ -593,36 +584,22 @@ class Loader:
 # command line
 
 
-def show(ds, out: str, per_class: int = 10, max_classes: int = 10) -> None:
-    """A PNG with one row per class (first items of each class),
-    or the first items if unlabelled."""
-    k = max(1, min(ds.num_classes, max_classes))
-    rows = [(np.flatnonzero(ds.targets == c)[:per_class] if ds.num_classes
-             else np.arange(c * per_class, min(len(ds), (c + 1) * per_class)))
-            for c in range(k)]
-    save_grid(np.stack([ds[int(i)][0].permute(1, 2, 0).numpy() for idx in rows for i in idx]),
-              out, nrow=per_class)
-    print(f"wrote {out} ({k} classes x {per_class})")
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     sub = p.add_subparsers(dest='cmd', required=True)
-    show_cmd = sub.add_parser('show', formatter_class=HelpFormatter,
-                              help='save a grid of dataset images, one row per class')
-    show_cmd.add_argument('--data', default='digits',
-                          help="'digits', an image folder, or a .npz/.npy file")
-    show_cmd.add_argument('--out', default='grid.png', help='output PNG path')
-    show_cmd.add_argument('--per_class', type=int, default=10, help='images per row')
+    show = sub.add_parser('show', formatter_class=HelpFormatter,
+                          help="save a grid of a dataset's first 100 images, 10 a row")
+    show.add_argument('--data', default='digits',
+                      help="'digits', an image folder, or a .npz/.npy file")
+    show.add_argument('--out', default='grid.png', help='output PNG path')
     pack_cmd = sub.add_parser('pack', formatter_class=HelpFormatter,
                               help='centre-crop an image folder into one .npy (or ADM .npz) file')
-    pack_cmd.add_argument('src', help="image folder in ImageNet layout SRC/<class>/<image>, "
-                                      "or 'digits'")
+    pack_cmd.add_argument('src', help="an image folder SRC/<class>/<image>, or 'digits'")
     pack_cmd.add_argument('out', help='.npy (labels in OUT.labels.npy) or .npz (arr_0, arr_1)')
     pack_cmd.add_argument('--workers', type=int, default=0,
                           help='decoding processes (0 = in this process)')
     pack_cmd.add_argument('--limit', type=int, help='pack only the first LIMIT images')
-    for cmd, size in ((show_cmd, 16), (pack_cmd, 64)):
+    for cmd, size in ((show, 16), (pack_cmd, 64)):
         cmd.add_argument('--img_size', type=int, default=size, help='image side in pixels')
         cmd.add_argument('--split', default='train', help="with 'digits': 'train' or 'val'")
     a = p.parse_args(argv)
@@ -630,7 +607,8 @@ def main(argv=None):
         return pack(a.src, a.out, a.img_size, a.workers, a.split, a.limit)
     ds = open_source(a.data, a.img_size, a.split, latents=False)
     check_writable(a.out, '--out')
-    show(ds, a.out, a.per_class)
+    save_grid(np.stack([ds[i][0].permute(1, 2, 0) for i in range(min(len(ds), 100))]), a.out, 10)
+    print(f'wrote {a.out}')
 
 
 if __name__ == '__main__':

@@ -2311,6 +2311,29 @@ def test_data_bad_files(name, words, tmp_path):
     assert all(w in line for w in words), line
 
 
+def test_score_digits_reads_real_digits_and_needs_labels(tmp_path):
+    digit_accuracy = score_digits.digit_accuracy
+    pack('digits', str(tmp_path / 'val.npz'), 16, split='val', limit=200)
+    with np.load(tmp_path / 'val.npz') as z:
+        # every label wrong
+        np.savez(tmp_path / 'shuffled.npz', arr_0=z['arr_0'], arr_1=(z['arr_1'] + 1) % 10)
+        np.savez(tmp_path / 'nolabels.npz', arr_0=z['arr_0'])
+    acc = digit_accuracy([str(tmp_path / 'val.npz'), str(tmp_path / 'shuffled.npz')], steps=150)
+    assert acc[str(tmp_path / 'val.npz')] > 0.6 and acc[str(tmp_path / 'shuffled.npz')] < 0.3
+    with pytest.raises(ValueError, match='nolabels.npz.*arr_1'):
+        digit_accuracy([str(tmp_path / 'nolabels.npz')], steps=1)
+
+
+def test_data_show_cli(tmp_path):
+    out = str(tmp_path / 'grid.png')
+    data_main(['show', '--data', 'digits', '--img_size', '16', '--out', out])
+    grid = np.asarray(Image.open(out))
+    # the first 100 images, 10 a row (digit i % 10 in column i % 10), 4x larger, 2-pixel borders
+    assert grid.shape == (10 * 66 + 2, 10 * 66 + 2, 3)
+    first = Digits(16)[13][0].permute(1, 2, 0).numpy()
+    assert np.array_equal(grid[68:132, 200:264], first.repeat(4, 0).repeat(4, 1))
+
+
 def test_array_dataset_pickles_without_the_memory_map(tmp_path):
     """A packed .npy is memory-mapped and reopened in each DataLoader worker, never copied through
     pickle; an .npz (compressed or not) is read into memory."""
