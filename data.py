@@ -153,8 +153,7 @@ class Progress:
         now = time.time()
         if not self.enabled or (now - self.last < self.every and done < self.total):
             return
-        self.last = now
-        rate = done / max(now - self.t0, 1e-9)
+        self.last, rate = now, done / max(now - self.t0, 1e-9)
         print(f'{self.what} {done}/{self.total} ({100 * done / max(self.total, 1):.0f}%) | '
               f'{rate:.1f}/s | ETA {hms((self.total - done) / max(rate, 1e-9))}', flush=True)
 
@@ -350,6 +349,14 @@ class ImageFolder(Source):
         raise UsageError(f"image folder {self.root!r}: no file could be read")
 
 
+class _Map(np.memmap):
+    """A memory-mapped .npy file that pickles as its path: a DataLoader worker maps the file again
+    instead of receiving a copy of the whole array."""
+
+    def __reduce_ex__(self, protocol):
+        return np.load, (self.filename, 'r')
+
+
 def labels_path(npy_path: str) -> str:
     """Where pack keeps the labels of X.npy: X.labels.npy beside it."""
     return npy_path[:-len('.npy')] + '.labels.npy'
@@ -365,7 +372,7 @@ class ArrayDataset(Source):
             with np.load(path) as f:
                 a, labels = f.get('arr_0', np.zeros(0)), f.get('arr_1')
         else:   # pack's: memory-mapped images, labels in X.labels.npy if any
-            a, lp = np.load(path, mmap_mode='r'), labels_path(path)
+            a, lp = np.load(path, mmap_mode='r').view(_Map), labels_path(path)
             labels = np.load(lp) if os.path.isfile(lp) else None
         if a.dtype != np.uint8 or a.shape[1:] != (img_size, img_size, 3):
             raise UsageError(f"{path}: expected uint8 images (N, {img_size}, {img_size}, 3) for "
@@ -378,27 +385,11 @@ class ArrayDataset(Source):
         self.num_classes = 0 if labels is None or not len(a) else int(labels.max()) + 1
         self.path, self._arr = path, a
 
-    def __getstate__(self):
-        # a memory map is reopened in each DataLoader worker: pickling it would copy the array
-        return {**self.__dict__, '_arr': None if isinstance(self._arr, np.memmap) else self._arr}
-
     def __len__(self):
         return len(self.targets)
 
     def __getitem__(self, i):
-        if self._arr is None:
-            self._arr = np.load(self.path, mmap_mode='r')
         return torch.from_numpy(np.array(self._arr[i])).permute(2, 0, 1), int(self.targets[i])
-
-
-class _Indexed(Dataset):
-    """(i, uint8 (H, W, 3) or None) per image: pack reads in workers and still counts failures."""
-
-    def __init__(self, ds):
-        self.ds = ds
-
-    def __getitem__(self, i):
-        return i, self.ds.load(i)
 
 
 def pack(src_dir: str, out: str, img_size: int, num_workers: int = 0, split: str = 'train',
@@ -413,9 +404,9 @@ def pack(src_dir: str, out: str, img_size: int, num_workers: int = 0, split: str
     # written through a memory map, so ImageNet never has to fit in RAM
     images = np.lib.format.open_memmap(tmp, 'w+', np.uint8, (n, img_size, img_size, 3))
     labels, bad, progress = ds.targets[:n].copy(), [], Progress(n, 'packed')
-    # batch_size=None: one (i, image or None) at a time, which collate_fn=tuple leaves as it is
-    for i, arr in DataLoader(_Indexed(ds), sampler=range(n), batch_size=None,
-                             num_workers=num_workers, collate_fn=tuple):
+    # image i (None if unreadable) decoded in a worker: batch_size=None hands collate_fn one index
+    for i, arr in enumerate(DataLoader(range(n), batch_size=None, collate_fn=ds.load,
+                                       num_workers=num_workers)):
         bad += [] if arr is not None else [i]
         images[i] = arr if arr is not None else 0
         progress.update(i + 1)
@@ -469,25 +460,15 @@ class LatentDataset(Source):
         if meta.get('format') != 'latents':
             raise UsageError(f"latent set {path!r}: no meta.json of a latent set: write one with "
                              "`vae.py encode`, or if it did not finish, rerun the same command")
-        self.path, self.latent_shape, n = path, tuple(meta['latent_shape']), meta['n']
-        self._arr = np.load(os.path.join(path, 'latents.npy'), mmap_mode='r')
+        # encode writes meta.json last, when the arrays are complete
+        self.latent_shape, self.num_classes = tuple(meta['latent_shape']), meta['num_classes']
+        self._arr = np.load(os.path.join(path, 'latents.npy'), mmap_mode='r').view(_Map)
         self.targets = np.load(os.path.join(path, 'labels.npy')).astype(np.int64)
-        if self._arr.shape != (n, 2, 2, *self.latent_shape) or self.targets.shape != (n,):
-            raise UsageError(f"{path}: latents {self._arr.shape} and labels "
-                             f"{self.targets.shape} are not the (N, 2, 2, C, h, w) and (N,) of "
-                             f"meta.json's n {n}, latent_shape {self.latent_shape}; encode again")
-        self.num_classes = int(meta['num_classes'])
-
-    def __getstate__(self):
-        # reopened in each DataLoader worker: pickling the memory map would copy the whole array
-        return {**self.__dict__, '_arr': None}
 
     def __len__(self):
         return len(self.targets)
 
     def item(self, i, flip=False):
-        if self._arr is None:
-            self._arr = np.load(os.path.join(self.path, 'latents.npy'), mmap_mode='r')
         return torch.from_numpy(np.array(self._arr[i, int(flip)])), int(self.targets[i])
 
     def __getitem__(self, i):
