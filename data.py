@@ -2,8 +2,8 @@
 Data for TarFlow/BiFlow: a built-in digits dataset, ImageNet-style folders, array files, latent
 sets, and a resumable loader; and the few helpers every script shares (files, processes, errors).
 
-    python data.py show --data digits --img_size 16 --out grid.png      # the first 100
-    python data.py pack /path/to/imagenet/train in64.npy --img_size 64  # one memory-mapped file
+    python data.py pack /path/to/imagenet/train in64.npy --img_size 64 --workers 16  # + .labels.npy
+    python data.py pack digits val.npz --img_size 16 --split val --limit 1000     # FID reference
 
 Every image dataset returns (uint8 tensor (3, H, W), int label) and has .num_classes (0 if
 unlabelled) and .targets. A latent set (a folder written by `vae.py encode`: the VAE's posterior
@@ -56,8 +56,7 @@ def open_source(src: str, img_size: int, split: str = 'train', seed: int = 0, fl
         # before ImageFolder: a latent set has no class subfolders, and an unfinished one says so
         if is_latent_set(src):
             if not latents:
-                raise UsageError(f"{flag} {src!r}: is a latent set already; "
-                                 "give the images it was encoded from")
+                raise UsageError(f"{flag} {src!r}: is a latent set; give the images it encodes")
             return LatentDataset(src)
         return ImageFolder(src, img_size)
     if src.endswith(('.npz', '.npy')) and os.path.isfile(src):
@@ -266,23 +265,22 @@ BUILTIN = {'digits': Digits}
 # -----------------------------------------------------------------------------
 # image folders and array files
 
-# grayscale modes that Pillow's RGB conversion would clip at 255 -> the whites they may be stored
-# with; an image is scaled by the smallest that holds all its values
-GRAY_WHITES = {'I;16': (65535,), 'I': (255, 65535, 2 ** 31 - 1), 'F': (1.0, 255.0)}
+# the white levels a 16-bit, 32-bit or float grayscale image may be stored with
+GRAY_WHITES = (1.0, 255.0, 65535.0, 2.0 ** 31 - 1)
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
-    """Any PIL mode -> RGB; alpha dropped and EXIF orientation ignored (as in ADM); 16-bit, 32-bit
-    and float grayscale scaled from their range (GRAY_WHITES), not clipped. Values outside every
-    range (negative, NaN, larger) are refused by name."""
-    mode = 'I;16' if img.mode.startswith('I;16') else img.mode
-    if mode in GRAY_WHITES:
+    """Any PIL mode -> RGB; alpha dropped and EXIF orientation ignored (as in ADM). 16-bit, 32-bit
+    and float grayscale (modes I;16, I, F), which Pillow's conversion would clip at 255, are scaled
+    from the smallest white level that holds all their values (16-bit from 65535); values outside
+    every range (negative, NaN, larger) are refused by name."""
+    if img.mode[0] in 'IF':
         a = np.asarray(img).astype(np.float64)
-        lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
-        white = next((t for t in GRAY_WHITES[mode] if 0 <= lo and hi <= t), None)   # NaN: None
+        whites = (65535.0,) if img.mode.startswith('I;16') else GRAY_WHITES
+        white = next((t for t in whites if 0 <= a.min() and a.max() <= t), None)   # NaN: None
         if white is None:
-            raise UsageError(f'PIL mode {img.mode} image with values in [{lo:g}, {hi:g}]: '
-                             f'expected values in [0, {GRAY_WHITES[mode][-1]:g}]')
+            raise UsageError(f'PIL mode {img.mode} image with values in [{a.min():g}, '
+                             f'{a.max():g}]: expected values in [0, {whites[-1]:.0f}]')
         img = Image.fromarray(np.rint(a * (255.0 / white)).astype(np.uint8), 'L')
     elif img.mode == 'P' and 'transparency' in img.info:
         img = img.convert('RGBA')   # avoids Pillow's warning for palette transparency as bytes
@@ -357,11 +355,6 @@ class _Map(np.memmap):
         return np.load, (self.filename, 'r')
 
 
-def labels_path(npy_path: str) -> str:
-    """Where pack keeps the labels of X.npy: X.labels.npy beside it."""
-    return npy_path[:-len('.npy')] + '.labels.npy'
-
-
 class ArrayDataset(Source):
     """A packed .npy (uint8 (N, H, W, 3), read by memory map: ImageNet 64 is 15.7 GB, which 8 ranks
     must not each load; labels in X.labels.npy) or an ADM .npz (arr_0 images, optional arr_1
@@ -372,7 +365,7 @@ class ArrayDataset(Source):
             with np.load(path) as f:
                 a, labels = f.get('arr_0', np.zeros(0)), f.get('arr_1')
         else:   # pack's: memory-mapped images, labels in X.labels.npy if any
-            a, lp = np.load(path, mmap_mode='r').view(_Map), labels_path(path)
+            a, lp = np.load(path, mmap_mode='r').view(_Map), path[:-4] + '.labels.npy'
             labels = np.load(lp) if os.path.isfile(lp) else None
         if a.dtype != np.uint8 or a.shape[1:] != (img_size, img_size, 3):
             raise UsageError(f"{path}: expected uint8 images (N, {img_size}, {img_size}, 3) for "
@@ -398,7 +391,8 @@ def pack(src_dir: str, out: str, img_size: int, num_workers: int = 0, split: str
     ADM .npz, atomically. src_dir 'digits' writes the first `limit` images of a built-in split
     instead (e.g. FID reference images)."""
     if not out.endswith(('.npy', '.npz')):
-        raise UsageError(f"pack output {out!r}: must end in .npy or .npz")
+        raise UsageError(f"pack OUT {out!r}: must end in .npy or .npz")
+    check_writable(out, 'pack OUT')
     ds = open_source(src_dir, img_size, split, flag='pack SRC', latents=False)
     n, tmp = len(ds) if limit is None else min(limit, len(ds)), f'{out}.tmp{os.getpid()}.npy'
     # written through a memory map, so ImageNet never has to fit in RAM
@@ -411,7 +405,7 @@ def pack(src_dir: str, out: str, img_size: int, num_workers: int = 0, split: str
         images[i] = arr if arr is not None else 0
         progress.update(i + 1)
     if len(bad) == n:
-        raise UsageError(f"pack: no image in {src_dir!r} could be read")
+        raise UsageError(f"pack SRC {src_dir!r}: no image could be read")
     # an unreadable row gets ImageFolder's substitute (next readable file, its label): the array
     # serves exactly what the folder would, item for item, so training from either is the same
     ok = np.setdiff1d(np.arange(n), bad)
@@ -423,7 +417,7 @@ def pack(src_dir: str, out: str, img_size: int, num_workers: int = 0, split: str
         atomic_write(out, lambda f: np.savez(f, arr_0=images, arr_1=labels))
         os.remove(tmp)
     else:   # labels first: an X.npy always has them
-        atomic_write(labels_path(out), lambda f: np.save(f, labels))
+        atomic_write(out[:-4] + '.labels.npy', lambda f: np.save(f, labels))
         os.replace(tmp, out)
     print(f"packed {n} images of {img_size}x{img_size} from {src_dir} into {out}; {len(bad)} "
           f"unreadable{' (each replaced by the next readable file)' if bad else ''}"
@@ -471,8 +465,7 @@ class LatentDataset(Source):
     def item(self, i, flip=False):
         return torch.from_numpy(np.array(self._arr[i, int(flip)])), int(self.targets[i])
 
-    def __getitem__(self, i):
-        return self.item(i)
+    __getitem__ = item
 
 # -----------------------------------------------------------------------------
 # deterministic, sharded, resumable loading
@@ -525,8 +518,7 @@ class Loader:
         self.dataset, self.global_batch, self.seed, self.flip = dataset, global_batch, seed, flip
         self.rank, self.world_size, self.epoch, self.step = rank, world_size, 0, 0
         self.steps_per_epoch = len(dataset) // global_batch   # drop_last: every batch is full
-        self.workers = dict(num_workers=num_workers, pin_memory=pin_memory)
-        self._it = None
+        self.workers, self._it = dict(num_workers=num_workers, pin_memory=pin_memory), None
 
     def state_dict(self) -> dict:
         return {'epoch': self.epoch, 'step': self.step, 'n': len(self.dataset)}
@@ -568,28 +560,16 @@ class Loader:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     sub = p.add_subparsers(dest='cmd', required=True)
-    show = sub.add_parser('show', formatter_class=HelpFormatter,
-                          help="save a grid of a dataset's first 100 images, 10 a row")
-    show.add_argument('--data', default='digits',
-                      help="'digits', an image folder, or a .npz/.npy file")
-    show.add_argument('--out', default='grid.png', help='output PNG path')
     pack_cmd = sub.add_parser('pack', formatter_class=HelpFormatter,
                               help='centre-crop an image folder into one .npy (or ADM .npz) file')
     pack_cmd.add_argument('src', help="an image folder SRC/<class>/<image>, or 'digits'")
     pack_cmd.add_argument('out', help='.npy (labels in OUT.labels.npy) or .npz (arr_0, arr_1)')
-    pack_cmd.add_argument('--workers', type=int, default=0,
-                          help='decoding processes (0 = in this process)')
+    pack_cmd.add_argument('--workers', type=int, default=0, help='decoding processes (0: this one)')
     pack_cmd.add_argument('--limit', type=int, help='pack only the first LIMIT images')
-    for cmd, size in ((show, 16), (pack_cmd, 64)):
-        cmd.add_argument('--img_size', type=int, default=size, help='image side in pixels')
-        cmd.add_argument('--split', default='train', help="with 'digits': 'train' or 'val'")
+    pack_cmd.add_argument('--img_size', type=int, default=64, help='image side in pixels')
+    pack_cmd.add_argument('--split', default='train', help="with SRC 'digits': 'train' or 'val'")
     a = p.parse_args(argv)
-    if a.cmd == 'pack':
-        return pack(a.src, a.out, a.img_size, a.workers, a.split, a.limit)
-    ds = open_source(a.data, a.img_size, a.split, latents=False)
-    check_writable(a.out, '--out')
-    save_grid(np.stack([ds[i][0].permute(1, 2, 0) for i in range(min(len(ds), 100))]), a.out, 10)
-    print(f'wrote {a.out}')
+    pack(a.src, a.out, a.img_size, a.workers, a.split, a.limit)
 
 
 if __name__ == '__main__':

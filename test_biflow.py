@@ -2171,7 +2171,7 @@ def test_data_32bit_and_float_images_are_scaled_not_clipped(tmp_path):
         assert np.array_equal(ds.load(names.index(name)).transpose(2, 0, 1), want), name
     with pytest.warns(UserWarning,
                       match=r'neg.tif: UsageError: PIL mode F image with values in \[-1, 254\]: '
-                            r'expected values in \[0, 255\]'):
+                            r'expected values in \[0, 2147483647\]'):
         assert ds.load(names.index('neg.tif')) is None
     with pytest.warns(UserWarning, match='neg.tif'):
         pack(str(tmp_path), str(tmp_path / 'p.npy'), 16)
@@ -2285,14 +2285,12 @@ def _bad_data(tmp):
 
 
 BAD_INPUTS += [
-    ('data', ['show', '--data', 'cifar'], "--data 'cifar': expected 'digits'"),
-    ('data', ['show', '--split', 'test'], "digits split 'test'"),
-    ('data', ['show', '--img_size', '4'], '--img_size 4: digits need at least 8 pixels'),
-    ('data', ['show', '--data', 'nope.npz'], "--data 'nope.npz': expected"),
-    ('data', ['show', '--out', '{tmp}'], 'is a folder, expected a file name'),
-    ('data', ['show', '--out', '{tmp}/no/grid.png'], 'does not exist'),
-    ('data', ['pack', 'digits', 'out.png'], "pack output 'out.png': must end in .npy or .npz"),
-    ('data', ['pack', 'cifar', 'out.npy'], "pack SRC 'cifar': expected"),
+    ('data', ['pack', 'cifar', 'o.npy'], "pack SRC 'cifar': expected 'digits', an existing image"),
+    ('data', ['pack', 'nope.npz', 'o.npy'], "pack SRC 'nope.npz': expected"),
+    ('data', ['pack', 'digits', 'o.npy', '--split', 'test'], "digits split 'test'"),
+    ('data', ['pack', 'digits', 'o.npy', '--img_size', '4'], '--img_size 4: digits need'),
+    ('data', ['pack', 'digits', 'o.png'], "pack OUT 'o.png': must end in .npy or .npz"),
+    ('data', ['pack', 'digits', '{tmp}/no/o.npy'], ['pack OUT', '/no does not exist']),
 ]
 
 
@@ -2303,11 +2301,12 @@ BAD_INPUTS += [
     ('nlabels.npz', ['nlabels.npz', 'labels must be 4 integers']),
     ('neglabels.npz', ['neglabels.npz', '>= 0']), ('empty', ['empty', 'has no class subfolders']),
     ('flat', ['flat', 'has no class subfolders']), ('noimg', ['noimg', 'has no class subfolders']),
-    ('half', ['half', 'is a latent set already'])])
+    ('half', ['half', 'is a latent set; give the images'])])
 def test_data_bad_files(name, words, tmp_path):
     """Each bad source file or folder: one line naming it, exit code 2."""
     _bad_data(tmp_path)
-    line = fails(data_main, ['show', '--data', str(tmp_path / name), '--img_size', '8'])
+    line = fails(data_main, ['pack', str(tmp_path / name), str(tmp_path / 'o.npy'),
+                             '--img_size', '8'])
     assert all(w in line for w in words), line
 
 
@@ -2324,14 +2323,13 @@ def test_score_digits_reads_real_digits_and_needs_labels(tmp_path):
         digit_accuracy([str(tmp_path / 'nolabels.npz')], steps=1)
 
 
-def test_data_show_cli(tmp_path):
-    out = str(tmp_path / 'grid.png')
-    data_main(['show', '--data', 'digits', '--img_size', '16', '--out', out])
-    grid = np.asarray(Image.open(out))
-    # the first 100 images, 10 a row (digit i % 10 in column i % 10), 4x larger, 2-pixel borders
-    assert grid.shape == (10 * 66 + 2, 10 * 66 + 2, 3)
-    first = Digits(16)[13][0].permute(1, 2, 0).numpy()
-    assert np.array_equal(grid[68:132, 200:264], first.repeat(4, 0).repeat(4, 1))
+def test_data_pack_cli_digits(tmp_path):
+    """`data.py pack digits` writes a built-in split's first images and labels (FID references)."""
+    out = str(tmp_path / 'val.npz')
+    data_main(['pack', 'digits', out, '--img_size', '16', '--split', 'val', '--limit', '12'])
+    with np.load(out) as z:
+        assert z['arr_0'].shape == (12, 16, 16, 3) and list(z['arr_1']) == list(range(10)) + [0, 1]
+        assert np.array_equal(z['arr_0'][7], Digits(16, 'val').load(7))
 
 
 def test_array_dataset_pickles_without_the_memory_map(tmp_path):
