@@ -71,8 +71,8 @@ build_dataset = open_source   # --data -> the dataset to train on
 class Source(Dataset):
     """What every data source says of itself, beside (item, label) pairs, .num_classes (0 if
     unlabelled) and .targets: whether training may flip its images (.mirrors), its held-out split
-    (.heldout(), None if it has none), and image i as uint8 (H, W, 3) for pack (.load(i); None if
-    unreadable)."""
+    (.heldout(), None if it has none), image i as uint8 (H, W, 3) for pack (.load(i); None if
+    unreadable), and item i as the Loader serves it (.item(i, flip): mirrored left-right if flip)."""
     mirrors = True
 
     def heldout(self):
@@ -80,6 +80,10 @@ class Source(Dataset):
 
     def load(self, i):
         return self[i][0].permute(1, 2, 0).numpy()
+
+    def item(self, i, flip=False):
+        x, y = self[i]
+        return (x.flip(-1) if flip else x), y
 
 # -----------------------------------------------------------------------------
 # files and processes: the few helpers every script shares
@@ -340,7 +344,7 @@ class ImageFolder(Source):
     def __getitem__(self, i):
         # an unreadable file's substitute: the next readable file in sorted order (wrapping), with
         # its own label; deterministic, keeps batches full, almost always of the same class
-        for j in [(i + k) % len(self.files) for k in range(len(self.files))]:
+        for j in ((i + k) % len(self.files) for k in range(len(self.files))):
             arr = self.load(j)
             if arr is not None:
                 return torch.from_numpy(arr.copy()).permute(2, 0, 1), int(self.targets[j])
@@ -484,26 +488,19 @@ def epoch_flips(n: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.rand(n, generator=gen) < 0.5
 
 
-class _Flippable(Dataset):
-    """dataset[(i, flip)] -> the item, mirrored left-right if flip; a latent set serves its mirror
-    image's own moments (the mirror image's latent is not the mirrored latent)."""
+class _Batches(Dataset):
+    """dataset[[(index, flip), ...]] -> one batch (x, y), made in a DataLoader worker: uint8 images
+    become float32 (B, 3, H, W) in [-1, 1] there, so pinned memory holds the final tensor; a latent
+    set's float32 moments (B, 2, C, h, w) pass as they are."""
 
     def __init__(self, ds):
         self.ds = ds
 
-    def __getitem__(self, key):
-        if isinstance(self.ds, LatentDataset):
-            return self.ds.item(*key)
-        (x, y), flip = self.ds[key[0]], key[1]
-        return (x.flip(-1) if flip else x), y
-
-
-def _collate(items):
-    """uint8 images -> float32 in [-1, 1] inside the worker, so pinned memory holds the final
-    tensor; a latent set's float32 moments pass through as they are, (B, 2, C, h, w)."""
-    x = torch.stack([x for x, _ in items])
-    x = x.float() / 127.5 - 1 if x.dtype == torch.uint8 else x
-    return x, torch.tensor([y for _, y in items], dtype=torch.int64)
+    def __getitem__(self, batch):
+        items = [self.ds.item(i, flip) for i, flip in batch]
+        x = torch.stack([x for x, _ in items])
+        x = x.float() / 127.5 - 1 if x.dtype == torch.uint8 else x
+        return x, torch.tensor([y for _, y in items], dtype=torch.int64)
 
 
 class Loader:
@@ -546,8 +543,9 @@ class Loader:
 
     def __next__(self):
         if self._it is None:
-            self._it = iter(DataLoader(_Flippable(self.dataset), collate_fn=_collate,
-                                       batch_sampler=self._batches(self.epoch, self.step),
+            # batch_size=None: each index the sampler yields is a whole batch; tuple keeps (x, y)
+            self._it = iter(DataLoader(_Batches(self.dataset), batch_size=None, collate_fn=tuple,
+                                       sampler=self._batches(self.epoch, self.step),
                                        **self.workers))
         self.epoch, self.step = divmod(self.epoch * self.steps_per_epoch + self.step + 1,
                                        self.steps_per_epoch)

@@ -1972,7 +1972,7 @@ def test_sample_two_ranks_write_the_npz_of_one_process(tmp_path):
 # data.py: the built-in digits, the loader, image folders, array files
 
 
-class _Ramp(torch.utils.data.Dataset):
+class _Ramp(data.Source):
     """Item i is an asymmetric 4x4 image that encodes i,
     so batches can be compared and flips detected."""
     num_classes = 3
