@@ -72,7 +72,7 @@ class Source(Dataset):
     """What every data source says of itself, beside (item, label) pairs, .num_classes (0 if
     unlabelled) and .targets: whether training may flip its images (.mirrors), its held-out split
     (.heldout(), None if it has none), image i as uint8 (H, W, 3) for pack (.load(i); None if
-    unreadable), and item i as the Loader serves it (.item(i, flip): mirrored left-right if flip)."""
+    unreadable), and item i as the Loader serves it (.item(i, flip): mirrored if flip)."""
     mirrors = True
 
     def heldout(self):
