@@ -13,7 +13,7 @@ the trainer draws mean + std * noise each step.
 
 Loader turns a dataset into an endless stream of global batches that is the same for any number of
 ranks and continues exactly after a resume: the batch at (epoch e, step s) is
-epoch_permutation(n, seed, e)[s*B:(s+1)*B], and rank r takes the contiguous slice [r*b:(r+1)*b] of
+epoch_order(n, seed, e)[0][s*B:(s+1)*B], and rank r takes the contiguous slice [r*b:(r+1)*b] of
 it, b = B // world_size.
 """
 import argparse
@@ -208,9 +208,6 @@ def setup_distributed(device_arg: str):
 # -----------------------------------------------------------------------------
 # built-in digits
 
-LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
-
-
 @functools.lru_cache(maxsize=None)
 def _glyph(d: int) -> Image.Image:
     """Digit d drawn once, bold, in Pillow's scalable default font (Pillow >= 10.1), cropped to its
@@ -257,7 +254,7 @@ class Digits(Source):
         m = np.asarray(mask.reduce(4), dtype=np.float32)[:, :, None] / 255.0   # (H, W, 1)
         # foreground and background colours whose luma differs by >= 100/255 (readable at 16x16)
         fg = bg = np.zeros(3, np.float32)
-        while abs(float((fg - bg) @ LUMA)) < 100:
+        while abs(float((fg - bg) @ np.float32([0.299, 0.587, 0.114]))) < 100:   # luma
             fg, bg = np.array([[rng.randrange(256) for _ in 'rgb'] for _ in 'fb'], np.float32)
         img = np.rint(bg + (fg - bg) * m).astype(np.uint8)
         return torch.from_numpy(img).permute(2, 0, 1).contiguous(), label
@@ -371,16 +368,19 @@ class ArrayDataset(Source):
         else:   # pack's: memory-mapped images, labels in X.labels.npy if any
             a, lp = np.load(path, mmap_mode='r').view(_Map), path[:-4] + '.labels.npy'
             labels = np.load(lp) if os.path.isfile(lp) else None
-        if a.dtype != np.uint8 or a.shape[1:] != (img_size, img_size, 3):
-            raise UsageError(f"{path}: expected uint8 images (N, {img_size}, {img_size}, 3) for "
-                             f"--img_size {img_size} (arr_0 of an .npz), got {a.dtype} {a.shape}")
+        if a.dtype != np.uint8 or a.ndim != 4 or a.shape[3] != 3:
+            raise UsageError(f"{path}: expected uint8 images (N, H, W, 3) (arr_0 of an .npz), "
+                             f"got {a.dtype} {a.shape}")
+        if a.shape[1:3] != (img_size, img_size):
+            raise UsageError(f"{path}: images are {a.shape[1]}x{a.shape[2]} "
+                             f"but --img_size is {img_size}")
         if labels is not None and (labels.shape != (len(a),) or labels.dtype.kind not in 'iu'
                                    or (len(a) and labels.min() < 0)):
             raise UsageError(f"{path}: labels must be {len(a)} integers >= 0, "
                              f"got {labels.dtype} {labels.shape}")
-        self.targets = np.zeros(len(a), np.int64) if labels is None else labels.astype(np.int64)
         self.num_classes = 0 if labels is None or not len(a) else int(labels.max()) + 1
-        self.path, self._arr = path, a
+        self.targets = (np.zeros(len(a)) if labels is None else labels).astype(np.int64)
+        self._arr = a
 
     def __len__(self):
         return len(self.targets)
@@ -475,17 +475,11 @@ class LatentDataset(Source):
 # deterministic, sharded, resumable loading
 
 
-def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
-    """The dataset order of one epoch; the same on every rank."""
-    gen = torch.Generator().manual_seed(_hash_seed('perm', seed, epoch))
-    return torch.randperm(n, generator=gen)
-
-
-def epoch_flips(n: int, seed: int, epoch: int) -> torch.Tensor:
-    """Per-index horizontal flip decisions of one epoch (bool (n,)),
-    independent of the order and of the rank."""
-    gen = torch.Generator().manual_seed(_hash_seed('flip', seed, epoch))
-    return torch.rand(n, generator=gen) < 0.5
+def epoch_order(n: int, seed: int, epoch: int):
+    """(order, flips) of one epoch, the same on every rank: a permutation of the n items, and
+    whether item i is mirrored left-right (bool (n,), by index, not by position)."""
+    gen = torch.Generator().manual_seed(_hash_seed('epoch', seed, epoch))
+    return torch.randperm(n, generator=gen), torch.rand(n, generator=gen) < 0.5
 
 
 class _Batches(Dataset):
@@ -532,7 +526,7 @@ class Loader:
         """This rank's [(index, flip), ...] of each step from (epoch, step) on."""
         n, B, b = len(self.dataset), self.global_batch, self.global_batch // self.world_size
         while True:
-            perm, flips = epoch_permutation(n, self.seed, epoch), epoch_flips(n, self.seed, epoch)
+            perm, flips = epoch_order(n, self.seed, epoch)
             for s in range(step, self.steps_per_epoch):
                 idx = perm[s * B + self.rank * b:][:b]
                 yield [(i, self.flip and f) for i, f in zip(idx.tolist(), flips[idx].tolist())]

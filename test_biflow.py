@@ -45,7 +45,7 @@ import sample
 import train
 import vae
 from data import (ArrayDataset, Digits, ImageFolder, LatentDataset, Loader, atomic_write,
-                  build_dataset, center_crop, epoch_flips, epoch_permutation, latent_norm, pack)
+                  build_dataset, center_crop, epoch_order, latent_norm, pack)
 from data import main as data_main
 from model import (PAPER_MODELS, PRESETS, SCORE_BUDGET_BYTES, FlowConfig, ParallelInverse,
                    ReverseModel, TarFlow, adaptive, align_targets, cycle_loss, edit, inpaint,
@@ -2023,7 +2023,7 @@ def test_data_loader_batch_contents_and_rollover():
     assert L.state_dict() == {'epoch': 1, 'step': 1, 'n': 50}
     for s, (x, y) in enumerate(batches):
         e, s = divmod(s, 6)
-        idx = epoch_permutation(50, 3, e)[s * 8:(s + 1) * 8]
+        idx = epoch_order(50, 3, e)[0][s * 8:(s + 1) * 8]
         assert x.dtype == torch.float32 and x.shape == (8, 3, 4, 4) and y.dtype == torch.int64
         assert torch.equal(torch.round((x[:, 0, 0, 0] + 1) * 127.5).long(), idx)
         assert torch.equal(y, idx % 3)
@@ -2031,7 +2031,7 @@ def test_data_loader_batch_contents_and_rollover():
         assert torch.equal(x[:, 1], ds[0][0][1].float().div(127.5).sub(1).expand(8, 4, 4))
     seen = torch.cat([torch.round((x[:, 0, 0, 0] + 1) * 127.5) for x, _ in batches[:6]])
     assert len(set(seen.tolist())) == 48  # one epoch visits distinct items (drop_last leaves 2 out)
-    assert not torch.equal(epoch_permutation(50, 3, 0), epoch_permutation(50, 3, 1))
+    assert not torch.equal(epoch_order(50, 3, 0)[0], epoch_order(50, 3, 1)[0])
 
 
 @pytest.mark.parametrize('flip', [False, True])
@@ -2066,13 +2066,13 @@ def test_data_loader_flip_deterministic():
     L = Loader(ds, 10, seed=4, flip=True)
     plain = ds[0][0][1].float() / 127.5 - 1
     for e in range(2):
-        flips = epoch_flips(50, 4, e)
+        flips = epoch_order(50, 4, e)[1]
         for x, _ in _take(L, 5):
             for xi in x:
                 i = int(round((float(xi[0, 0, 0]) + 1) * 127.5))
                 assert torch.equal(xi[1], plain.flip(-1) if flips[i] else plain)
-    assert 0 < int(epoch_flips(50, 4, 0).sum()) < 50
-    assert torch.equal(epoch_flips(50, 4, 1), epoch_flips(50, 4, 1))
+    assert 0 < int(epoch_order(50, 4, 0)[1].sum()) < 50
+    assert torch.equal(epoch_order(50, 4, 1)[1], epoch_order(50, 4, 1)[1])
 
 
 def test_data_loader_workers_match():
@@ -2296,7 +2296,7 @@ BAD_INPUTS += [
 
 @pytest.mark.parametrize('name, words', [
     ('dtype.npz', ['dtype.npz', 'uint8', 'float32']), ('shape.npz', ['shape.npz', '(4, 8, 8)']),
-    ('size.npz', ['size.npz', '--img_size 8', '(4, 16, 16, 3)']),
+    ('size.npz', ['size.npz', 'images are 16x16 but --img_size is 8']),
     ('noarr0.npz', ['noarr0.npz', 'arr_0']), ('wrong.npy', ['wrong.npy', 'int16']),
     ('nlabels.npz', ['nlabels.npz', 'labels must be 4 integers']),
     ('neglabels.npz', ['neglabels.npz', '>= 0']), ('empty', ['empty', 'has no class subfolders']),
@@ -2512,14 +2512,14 @@ def test_encode_mirror_moments_are_the_mirror_images_posterior(tmp_path):
 def test_loader_serves_latent_moments_and_the_mirror_images_when_flipping(tmp_path):
     run_encode(tmp_path / 'a')
     ds = LatentDataset(str(tmp_path / 'a'))
-    flips = epoch_flips(40, 3, 0)
+    order, flips = epoch_order(40, 3, 0)
     assert 0 < int(flips.sum()) < 40
     # a worker gets the dataset pickled: the memory map is reopened, not copied
     for workers in (0, 1):
         L = Loader(ds, 8, seed=3, flip=True, num_workers=workers)
         for s in range(5):
             x, y = next(L)
-            idx = epoch_permutation(40, 3, 0)[s * 8:(s + 1) * 8]
+            idx = order[s * 8:(s + 1) * 8]
             assert (x.dtype == torch.float32 and x.shape == (8, 2, 4, 2, 2)
                     and y.dtype == torch.int64)
             assert torch.equal(x, torch.stack([ds.item(i, bool(flips[i]))[0]
@@ -2529,7 +2529,7 @@ def test_loader_serves_latent_moments_and_the_mirror_images_when_flipping(tmp_pa
     back = pickle.loads(pickle.dumps(ds))
     assert torch.equal(back.item(5, True)[0], ds.item(5, True)[0])
     x, _ = next(Loader(ds, 8, seed=3))   # no flip: the images' own moments
-    assert torch.equal(x, torch.stack([ds[i][0] for i in epoch_permutation(40, 3, 0)[:8].tolist()]))
+    assert torch.equal(x, torch.stack([ds[i][0] for i in order[:8].tolist()]))
 
 
 def test_encode_two_ranks_write_the_same_bytes_as_one_process(tmp_path):
