@@ -198,12 +198,11 @@ def setup_distributed(device_arg: str):
     cuda = torch.cuda.is_available() if device_arg == 'auto' else device_arg.startswith('cuda')
     if 'RANK' not in os.environ or 'WORLD_SIZE' not in os.environ:
         return 0, 1, torch.device('cuda' if cuda else 'cpu')
-    rank, world = int(os.environ['RANK']), int(os.environ['WORLD_SIZE'])
     device = torch.device(f"cuda:{os.environ['LOCAL_RANK']}" if cuda else 'cpu')
     if cuda:
         torch.cuda.set_device(device)
     torch.distributed.init_process_group('nccl' if cuda else 'gloo')
-    return rank, world, device
+    return int(os.environ['RANK']), int(os.environ['WORLD_SIZE']), device
 
 # -----------------------------------------------------------------------------
 # built-in digits
