@@ -75,6 +75,9 @@ class Source(Dataset):
     unreadable), and item i as the Loader serves it (.item(i, flip): mirrored if flip)."""
     mirrors = True
 
+    def __len__(self):
+        return len(self.targets)   # one label per item
+
     def heldout(self):
         return None
 
@@ -231,9 +234,6 @@ class Digits(Source):
         self.img_size, self.split, self.seed, self.num_classes = img_size, split, seed, 10
         self.targets = np.arange(self.SIZES[split]) % 10   # balanced, readable without drawing
 
-    def __len__(self):
-        return self.SIZES[self.split]
-
     def heldout(self):
         """The val split, drawn as this one is (stage 1's held-out bits/dim)."""
         return Digits(self.img_size, 'val', self.seed)
@@ -319,9 +319,6 @@ class ImageFolder(Source):
         self.targets, self.num_classes = np.array(targets, dtype=np.int64), len(self.classes)
         self.unreadable = set()   # paths that failed in this process (each worker has its own)
 
-    def __len__(self):
-        return len(self.files)
-
     def load(self, i):
         """Decode and crop file i -> uint8 (H, W, 3),
         or None (with a warning, once per file) if unreadable."""
@@ -380,9 +377,6 @@ class ArrayDataset(Source):
         self.num_classes = 0 if labels is None or not len(a) else int(labels.max()) + 1
         self.targets = (np.zeros(len(a)) if labels is None else labels).astype(np.int64)
         self._arr = a
-
-    def __len__(self):
-        return len(self.targets)
 
     def __getitem__(self, i):
         return torch.from_numpy(np.array(self._arr[i])).permute(2, 0, 1), int(self.targets[i])
@@ -461,9 +455,6 @@ class LatentDataset(Source):
         self.latent_shape, self.num_classes = tuple(meta['latent_shape']), meta['num_classes']
         self._arr = np.load(os.path.join(path, 'latents.npy'), mmap_mode='r').view(_Map)
         self.targets = np.load(os.path.join(path, 'labels.npy')).astype(np.int64)
-
-    def __len__(self):
-        return len(self.targets)
 
     def item(self, i, flip=False):
         return torch.from_numpy(np.array(self._arr[i, int(flip)])), int(self.targets[i])
@@ -550,15 +541,13 @@ class Loader:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    sub = p.add_subparsers(dest='cmd', required=True)
-    pack_cmd = sub.add_parser('pack', formatter_class=HelpFormatter,
-                              help='centre-crop an image folder into one .npy (or ADM .npz) file')
-    pack_cmd.add_argument('src', help="an image folder SRC/<class>/<image>, or 'digits'")
-    pack_cmd.add_argument('out', help='.npy (labels in OUT.labels.npy) or .npz (arr_0, arr_1)')
-    pack_cmd.add_argument('--workers', type=int, default=0, help='decoding processes (0: this one)')
-    pack_cmd.add_argument('--limit', type=int, help='pack only the first LIMIT images')
-    pack_cmd.add_argument('--img_size', type=int, default=64, help='image side in pixels')
-    pack_cmd.add_argument('--split', default='train', help="with SRC 'digits': 'train' or 'val'")
+    p.add_argument('cmd', choices=['pack'], help='centre-crop SRC into one .npy or ADM .npz file')
+    p.add_argument('src', metavar='SRC', help="an image folder SRC/<class>/<image>, or 'digits'")
+    p.add_argument('out', metavar='OUT', help='.npy (labels in X.labels.npy) or ADM .npz')
+    p.add_argument('--img_size', type=int, default=64, help='image side in pixels')
+    p.add_argument('--split', default='train', help="with SRC 'digits': 'train' or 'val'")
+    p.add_argument('--limit', type=int, help='pack only the first LIMIT images')
+    p.add_argument('--workers', type=int, default=0, help='decoding processes (0: this one)')
     a = p.parse_args(argv)
     pack(a.src, a.out, a.img_size, a.workers, a.split, a.limit)
 
