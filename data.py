@@ -1,10 +1,9 @@
 """
 Data for TarFlow/BiFlow: a built-in digits dataset, ImageNet-style folders, array files, latent
-sets, and a resumable loader; and the few helpers every script shares (files, locks, processes,
-errors).
+sets, and a resumable loader; and the few helpers every script shares (files, processes, errors).
 
-    python data.py show --data digits --img_size 16 --out grid.png      # one row per class
-    python data.py pack /path/to/imagenet/train in64.npy --img_size 64  # one memory-mapped file
+    python data.py pack /path/to/imagenet/train in64.npy --img_size 64 --workers 16  # + .labels.npy
+    python data.py pack digits val.npz --img_size 16 --split val --limit 1000     # FID reference
 
 Every image dataset returns (uint8 tensor (3, H, W), int label) and has .num_classes (0 if
 unlabelled) and .targets. A latent set (a folder written by `vae.py encode`: the VAE's posterior
@@ -14,32 +13,23 @@ the trainer draws mean + std * noise each step.
 
 Loader turns a dataset into an endless stream of global batches that is the same for any number of
 ranks and continues exactly after a resume: the batch at (epoch e, step s) is
-epoch_permutation(n, seed, e)[s*B:(s+1)*B], and rank r takes the contiguous slice [r*b:(r+1)*b] of
+epoch_order(n, seed, e)[0][s*B:(s+1)*B], and rank r takes the contiguous slice [r*b:(r+1)*b] of
 it, b = B // world_size.
 """
 import argparse
-import datetime
+import functools
 import hashlib
 import json
-import math
 import os
+import pathlib
 import random
-import socket
-import struct
 import sys
 import tempfile
 import time
 import warnings
-import zipfile
-
-try:
-    import fcntl   # POSIX file locks, for RunLock
-except ImportError:   # Windows
-    fcntl = None
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from PIL import Image, ImageDraw, ImageFont
 from torch.utils.data import DataLoader, Dataset
 
@@ -48,8 +38,7 @@ IMG_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.pgm', '.bmp', '.tif', '.tif
 
 
 def _hash_seed(*parts) -> int:
-    """A 63-bit seed from a tuple, stable across processes and platforms
-    (unlike Python's hash())."""
+    """A 63-bit seed from a tuple, stable across processes and platforms (unlike hash())."""
     digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
     return int.from_bytes(digest, 'little') >> 1
 
@@ -58,44 +47,46 @@ def open_source(src: str, img_size: int, split: str = 'train', seed: int = 0, fl
                 latents: bool = True) -> Dataset:
     """The one place a data source is named: a built-in dataset (BUILTIN, where split and seed
     apply), an ImageNet-layout folder, a .npz/.npy array file, or (if latents) a latent set, a
-    folder written by encode. build_dataset (training), pack and encode read their sources through
-    it. A latent set records its own sizes (.meta['img_size'], .meta['latent_shape']), so img_size
-    is not checked against it: the caller compares them with its model. Every dataset says whether a
-    mirror image is a training image of its class (.mirrors) and which held-out split it has
-    (.heldout(), None if it has none)."""
+    folder written by encode. Training, pack and encode read their sources through it. A latent set
+    records its own sizes (.meta['img_size'], .meta['latent_shape']): the caller compares them with
+    its model."""
     if src in BUILTIN:
         return BUILTIN[src](img_size, split, seed)
     if os.path.isdir(src):
-        # before ImageFolder: a latent set's folder has no class subfolders,
-        # and an unfinished one must say so
+        # before ImageFolder: a latent set has no class subfolders, and an unfinished one says so
         if is_latent_set(src):
             if not latents:
-                raise UsageError(f"{flag} {src!r}: is a latent set already; "
-                                 "give the images it was encoded from")
+                raise UsageError(f"{flag} {src!r}: is a latent set; give the images it encodes")
             return LatentDataset(src)
         return ImageFolder(src, img_size)
-    if src.endswith(('.npz', '.npy')):
+    if src.endswith(('.npz', '.npy')) and os.path.isfile(src):
         return ArrayDataset(src, img_size)
     raise UsageError(f"{flag} {src!r}: expected {', '.join(map(repr, BUILTIN))}, "
-                     "an existing image folder, or a .npz/.npy file")
+                     "an existing image folder, or an existing .npz/.npy file")
 
 
-def build_dataset(data: str, img_size: int, split: str = 'train', seed: int = 0) -> Dataset:
-    """--data -> a dataset to train on (see open_source)."""
-    return open_source(data, img_size, split, seed)
+build_dataset = open_source   # --data -> the dataset to train on
 
 
 class Source(Dataset):
     """What every data source says of itself, beside (item, label) pairs, .num_classes (0 if
     unlabelled) and .targets: whether training may flip its images (.mirrors), its held-out split
-    (.heldout()), and image i as uint8 (H, W, 3) for pack (.load(i); None if unreadable)."""
+    (.heldout(), None if it has none), image i as uint8 (H, W, 3) for pack (.load(i); None if
+    unreadable), and item i as the Loader serves it (.item(i, flip): mirrored if flip)."""
     mirrors = True
+
+    def __len__(self):
+        return len(self.targets)   # one label per item
 
     def heldout(self):
         return None
 
     def load(self, i):
         return self[i][0].permute(1, 2, 0).numpy()
+
+    def item(self, i, flip=False):
+        x, y = self[i]
+        return (x.flip(-1) if flip else x), y
 
 # -----------------------------------------------------------------------------
 # files and processes: the few helpers every script shares
@@ -127,18 +118,17 @@ def atomic_write(path: str, write) -> None:
     """write(f) into a temporary file beside path (unique per process), fsync, then rename over
     path: a crash, a full disk or a second writer never leaves a half-written file at path, and a
     failed write leaves no temporary behind."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + '.', suffix='.tmp', dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + '.', suffix='.tmp',
+                               dir=os.path.dirname(os.path.abspath(path)))
     try:
         with os.fdopen(fd, 'wb') as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    finally:   # after a failed write (after a rename, tmp is gone)
         if os.path.exists(tmp):
             os.remove(tmp)
-        raise
 
 
 def check_writable(path: str, flag: str) -> None:
@@ -149,74 +139,8 @@ def check_writable(path: str, flag: str) -> None:
         raise UsageError(f'{flag} {path}: is a folder, expected a file name')
     if not os.path.isdir(folder):
         raise FileNotFoundError(f'{flag} {path}: folder {folder} does not exist')
-    try:
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as e:
-        raise PermissionError(f'{flag} {path}: cannot write in {folder} ({e.strerror})') from e
-
-
-class RunLock:
-    """An exclusive lock on the outputs of one run (train.py's OUT_DIR/{stage}.lock, encode's
-    OUT/encode.lock), held from acquire() to release() (or the end of the with-block). It is an
-    flock on the file, which the OS drops when the process ends, however it ends; the file holds the
-    holder's pid, host, start time and command. After a kill -9 the file stays, unlocked: the next
-    run says it takes over a stale lock and goes on (a --resume is never blocked). Under torchrun
-    only rank 0 takes it, for all ranks. Without fcntl (Windows) nothing is locked."""
-
-    def __init__(self):
-        self.fd = self.path = None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.release()
-
-    def acquire(self, path: str, what: str) -> None:
-        """Take the lock at path, or raise a UsageError naming `what` (the flag or folder)
-        and the holder."""
-        if fcntl is None:
-            warnings.warn(f'{path}: no fcntl on this system, so nothing stops two runs writing '
-                          f'into {what} at once')
-            return
-        while True:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                holder = os.read(fd, 4096).decode(errors='replace').strip()
-                os.close(fd)
-                raise UsageError(f'{what} is in use by another run ({holder}; lock {path}): '
-                                 'wait for it to end, or write elsewhere') from None
-            # a releasing run removes the file after we opened it: lock the file that is at path now
-            try:
-                if os.stat(path).st_ino == os.fstat(fd).st_ino:
-                    break
-            except FileNotFoundError:
-                pass
-            os.close(fd)
-        stale = os.read(fd, 4096).decode(errors='replace').strip()
-        # its holder died without releasing it (kill -9, power loss): the OS has dropped its flock
-        if stale:
-            print(f'{path}: taking over the stale lock of a run that has ended ({stale})',
-                  flush=True)
-        os.ftruncate(fd, 0)
-        holder = (f'pid {os.getpid()} on {socket.gethostname()} since '
-                  f'{datetime.datetime.now().isoformat(timespec="seconds")}: {" ".join(sys.argv)}')
-        os.pwrite(fd, holder.encode(), 0)
-        self.fd, self.path, self.pid = fd, path, os.getpid()
-
-    def release(self) -> None:
-        """Remove the file, then drop the lock (a no-op if not held, or in a forked child)."""
-        if self.fd is None or self.pid != os.getpid():
-            return
-        try:
-            os.remove(self.path)
-        except FileNotFoundError:
-            pass
-        os.close(self.fd)
-        self.fd = None
+    if not os.access(folder, os.W_OK):
+        raise PermissionError(f'{flag} {path}: cannot write in {folder}')
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -235,8 +159,7 @@ class Progress:
         now = time.time()
         if not self.enabled or (now - self.last < self.every and done < self.total):
             return
-        self.last = now
-        rate = done / max(now - self.t0, 1e-9)
+        self.last, rate = now, done / max(now - self.t0, 1e-9)
         print(f'{self.what} {done}/{self.total} ({100 * done / max(self.total, 1):.0f}%) | '
               f'{rate:.1f}/s | ETA {hms((self.total - done) / max(rate, 1e-9))}', flush=True)
 
@@ -254,13 +177,11 @@ def save_grid(images: np.ndarray, path: str, nrow: int, min_side: int = 64) -> N
     s = max(1, min_side // images.shape[1])
     images = images.repeat(s, axis=1).repeat(s, axis=2)
     B, H, W, C = images.shape
-    rows = math.ceil(B / nrow)
-    grid = np.full((rows * (H + 2) + 2, nrow * (W + 2) + 2, C), 255, np.uint8)
+    grid = np.full(((B + nrow - 1) // nrow * (H + 2) + 2, nrow * (W + 2) + 2, C), 255, np.uint8)
     for i, im in enumerate(images):
         r, c = divmod(i, nrow)
         grid[2 + r * (H + 2):2 + r * (H + 2) + H, 2 + c * (W + 2):2 + c * (W + 2) + W] = im
-    atomic_write(path, lambda f: Image.fromarray(
-        grid.squeeze(-1) if C == 1 else grid).save(f, format='PNG'))
+    atomic_write(path, lambda f: Image.fromarray(grid[..., 0] if C == 1 else grid).save(f, 'PNG'))
 
 
 def read_torch_file(path: str, flag: str):
@@ -278,18 +199,25 @@ def setup_distributed(device_arg: str):
     """(rank, world, device): DDP when launched by torchrun (NCCL on GPU, gloo on CPU), a single
     process otherwise."""
     cuda = torch.cuda.is_available() if device_arg == 'auto' else device_arg.startswith('cuda')
-    if 'RANK' in os.environ and 'WORLD_SIZE' in os.environ:
-        rank, world, local = (int(os.environ['RANK']), int(os.environ['WORLD_SIZE']),
-                              int(os.environ['LOCAL_RANK']))
-        device = torch.device(f'cuda:{local}') if cuda else torch.device('cpu')
-        if cuda:
-            torch.cuda.set_device(device)
-        dist.init_process_group('nccl' if cuda else 'gloo')
-        return rank, world, device
-    return 0, 1, torch.device('cuda' if cuda else 'cpu')
+    if 'RANK' not in os.environ or 'WORLD_SIZE' not in os.environ:
+        return 0, 1, torch.device('cuda' if cuda else 'cpu')
+    device = torch.device(f"cuda:{os.environ['LOCAL_RANK']}" if cuda else 'cpu')
+    if cuda:
+        torch.cuda.set_device(device)
+    torch.distributed.init_process_group('nccl' if cuda else 'gloo')
+    return int(os.environ['RANK']), int(os.environ['WORLD_SIZE']), device
 
 # -----------------------------------------------------------------------------
 # built-in digits
+
+@functools.lru_cache(maxsize=None)
+def _glyph(d: int) -> Image.Image:
+    """Digit d drawn once, bold, in Pillow's scalable default font (Pillow >= 10.1), cropped to its
+    ink: an 'L' mask that every image of d resizes and rotates."""
+    canvas = Image.new('L', (256, 256), 0)
+    ImageDraw.Draw(canvas).text((64, 64), str(d), fill=255, font=ImageFont.load_default(size=96),
+                                stroke_width=3, stroke_fill=255)
+    return canvas.crop(canvas.getbbox())
 
 
 class Digits(Source):
@@ -297,85 +225,39 @@ class Digits(Source):
     deterministic per index."""
     SIZES = {'train': 60000, 'val': 10000}
     mirrors = False   # a mirrored digit is no digit: never flipped in training
-    _glyphs = None  # per-process cache: digit -> tight 'L' mask at high resolution
 
     def __init__(self, img_size: int = 16, split: str = 'train', seed: int = 0):
         if split not in self.SIZES:
             raise UsageError(f"digits split {split!r}: expected one of {sorted(self.SIZES)}")
         if img_size < 8:
             raise UsageError(f"--img_size {img_size}: digits need at least 8 pixels")
-        self.img_size, self.split, self.seed = img_size, split, seed
-        self.num_classes = 10
-        # balanced classes, label readable without drawing
-        self.targets = np.arange(self.SIZES[split]) % 10
-
-    def __len__(self):
-        return self.SIZES[self.split]
+        self.img_size, self.split, self.seed, self.num_classes = img_size, split, seed, 10
+        self.targets = np.arange(self.SIZES[split]) % 10   # balanced, readable without drawing
 
     def heldout(self):
         """The val split, drawn as this one is (stage 1's held-out bits/dim)."""
         return Digits(self.img_size, 'val', self.seed)
 
-    def load(self, i):
-        """uint8 (H, W, 3), as ImageFolder.load,
-        so pack() can write a digits split to an array file."""
-        return self[i][0].permute(1, 2, 0).numpy()
-
-    @classmethod
-    def glyphs(cls):
-        """Render each digit once, bold, and crop it to its ink;
-        every image is a resized/rotated copy."""
-        if cls._glyphs is None:
-            try:
-                # scalable Aileron (Pillow >= 10.1)
-                font, stroke = ImageFont.load_default(size=96), 3
-            except (ImportError, OSError):
-                # no FreeType: the tiny bitmap font, upscaled below;
-                # its 1-pixel strokes become bold by upscaling
-                font, stroke = ImageFont.load_default(), 0
-            glyphs = {}
-            for d in range(10):
-                canvas = Image.new('L', (256, 256), 0)
-                ImageDraw.Draw(canvas).text((64, 64), str(d), fill=255, font=font,
-                                            stroke_width=stroke, stroke_fill=255)
-                g = canvas.crop(canvas.getbbox())  # tight box around the ink
-                # bitmap fallback: upscale blockily once, so later resizes only shrink
-                if g.height < 64:
-                    g = g.resize((g.width * 96 // g.height, 96), Image.NEAREST)
-                glyphs[d] = g
-            cls._glyphs = glyphs
-        return cls._glyphs
-
     def __getitem__(self, i):
         label = int(self.targets[i])
         rng = random.Random(_hash_seed('digits', self.seed, self.split, int(i)))
-        # draw at 4x and box-downsample so edges are antialiased like a real photo of a digit
-        S = 4 * self.img_size
-        g = self.glyphs()[label]
-        h = rng.uniform(0.55, 0.85) * S
+        # drawn at 4x and box-downsampled, so edges are antialiased like a photo of a digit
+        S, g, h = 4 * self.img_size, _glyph(label), rng.uniform(0.55, 0.85) * 4 * self.img_size
         g = g.resize((max(1, round(g.width * h / g.height)), max(1, round(h))), Image.BILINEAR)
         g = g.rotate(rng.uniform(-15, 15), resample=Image.BILINEAR, expand=True)
-        # jitter within the free margin (at most 10% of the side)
-        # so the digit never leaves the frame
+        # jitter within the free margin (at most 10% of the side): the digit never leaves the frame
         x0, y0 = (S - g.width) / 2, (S - g.height) / 2
         jx, jy = min(max(x0, 0), 0.1 * S), min(max(y0, 0), 0.1 * S)
         mask = Image.new('L', (S, S), 0)
         mask.paste(g, (round(x0 + rng.uniform(-jx, jx)), round(y0 + rng.uniform(-jy, jy))))
-        m = np.asarray(mask.reduce(4), dtype=np.float32)[:, :, None] / 255.0
-        fg, bg = self._colours(rng)
-        img = bg + (fg - bg) * m
-        return torch.from_numpy(np.rint(img).astype(np.uint8)).permute(2, 0, 1).contiguous(), label
+        m = np.asarray(mask.reduce(4), dtype=np.float32)[:, :, None] / 255.0   # (H, W, 1)
+        # foreground and background colours whose luma differs by >= 100/255 (readable at 16x16)
+        fg = bg = np.zeros(3, np.float32)
+        while abs(float((fg - bg) @ np.float32([0.299, 0.587, 0.114]))) < 100:   # luma
+            fg, bg = np.array([[rng.randrange(256) for _ in 'rgb'] for _ in 'fb'], np.float32)
+        img = np.rint(bg + (fg - bg) * m).astype(np.uint8)
+        return torch.from_numpy(img).permute(2, 0, 1).contiguous(), label
 
-    @staticmethod
-    def _colours(rng):
-        """Random foreground/background RGB whose luma differs by at least 100/255
-        (readable at 16x16)."""
-        luma = np.array([0.299, 0.587, 0.114], dtype=np.float32)
-        while True:
-            fg = np.array([rng.randrange(256) for _ in range(3)], dtype=np.float32)
-            bg = np.array([rng.randrange(256) for _ in range(3)], dtype=np.float32)
-            if abs(float((fg - bg) @ luma)) >= 100:
-                return fg, bg
 
 # built-in datasets by name (no download), each built as (img_size, split, seed)
 BUILTIN = {'digits': Digits}
@@ -383,35 +265,25 @@ BUILTIN = {'digits': Digits}
 # -----------------------------------------------------------------------------
 # image folders and array files
 
-
-def _gray_to_8bit(a: np.ndarray, mode: str) -> np.ndarray:
-    """The values of a 32-bit integer ('I') or float ('F') image -> uint8, scaled from the range
-    they are stored in (Pillow's own conversion clips them at 255): integers in [0, 255] as they
-    are, in [0, 65535] as 16-bit, up to 2**31 - 1 as 32-bit; floats in [0, 1] as fractions of white,
-    in [0, 255] as 8-bit levels. Anything else (negative, NaN, larger) has no range to read, and the
-    image is refused by name."""
-    lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
-    tops = (255, 65535, 2 ** 31 - 1) if mode == 'I' else (1.0, 255.0)
-    top = next((t for t in tops if 0 <= lo and hi <= t), None)   # NaN fails both comparisons
-    if top is None:
-        raise UsageError(f'PIL mode {mode} image with values in [{lo:g}, {hi:g}]: expected '
-                         + ('integers in [0, 2**31 - 1]' if mode == 'I'
-                            else 'floats in [0, 1] or [0, 255]'))
-    return np.rint(a.astype(np.float64) * (255.0 / top)).astype(np.uint8)
+# the white levels a 16-bit, 32-bit or float grayscale image may be stored with
+GRAY_WHITES = (1.0, 255.0, 65535.0, 2.0 ** 31 - 1)
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
-    """Any PIL mode -> RGB; alpha dropped and EXIF orientation ignored (as in ADM); 16-bit, 32-bit
-    and float grayscale scaled from their range, not clipped."""
-    if img.mode.startswith('I;16'):
-        # Pillow's own I;16 -> RGB conversion clips at 255,
-        # which would turn most 16-bit images white
-        a = np.asarray(img).astype(np.float32) / 257.0
-        img = Image.fromarray(np.rint(a).astype(np.uint8), 'L')
-    elif img.mode in ('I', 'F'):
-        img = Image.fromarray(_gray_to_8bit(np.asarray(img), img.mode), 'L')
+    """Any PIL mode -> RGB; alpha dropped and EXIF orientation ignored (as in ADM). 16-bit, 32-bit
+    and float grayscale (modes I;16, I, F), which Pillow's conversion would clip at 255, are scaled
+    from the smallest white level that holds all their values (16-bit from 65535); values outside
+    every range (negative, NaN, larger) are refused by name."""
+    if img.mode[0] in 'IF':
+        a = np.asarray(img).astype(np.float64)
+        whites = (65535.0,) if img.mode.startswith('I;16') else GRAY_WHITES
+        white = next((t for t in whites if 0 <= a.min() and a.max() <= t), None)   # NaN: None
+        if white is None:
+            raise UsageError(f'PIL mode {img.mode} image with values in [{a.min():g}, '
+                             f'{a.max():g}]: expected values in [0, {whites[-1]:.0f}]')
+        img = Image.fromarray(np.rint(a * (255.0 / white)).astype(np.uint8), 'L')
     elif img.mode == 'P' and 'transparency' in img.info:
-        img = img.convert('RGBA')  # avoids Pillow's warning for palette transparency given as bytes
+        img = img.convert('RGBA')   # avoids Pillow's warning for palette transparency as bytes
     return img.convert('RGB')
 
 
@@ -429,40 +301,23 @@ def center_crop(img: Image.Image, size: int) -> np.ndarray:
 
 class ImageFolder(Source):
     """root/<class>/<image> (ImageNet layout), labels = index in the sorted class names,
-    ADM centre crop."""
+    ADM centre crop. An unreadable file is served as the next readable one."""
 
     def __init__(self, root: str, img_size: int):
-        if not os.path.isdir(root):
-            raise FileNotFoundError(f"image folder {root!r} does not exist")
-        self.root, self.img_size = root, img_size
+        self.root, self.img_size, self.files, targets = root, img_size, [], []
         self.classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
-        if not self.classes:
-            raise UsageError(f"image folder {root!r} has no class subfolders "
-                             "(expected root/<class>/<image>)")
-        self.files, targets = [], []
         # listing only, no decoding, so ImageNet indexes in seconds
         for c, name in enumerate(self.classes):
             for dirpath, dirnames, filenames in os.walk(os.path.join(root, name)):
                 dirnames.sort()
-                for f in sorted(filenames):
-                    if f.lower().endswith(IMG_EXTENSIONS):
-                        self.files.append(os.path.join(dirpath, f))
-                        targets.append(c)
+                found = [f for f in sorted(filenames) if f.lower().endswith(IMG_EXTENSIONS)]
+                self.files += [os.path.join(dirpath, f) for f in found]
+                targets += [c] * len(found)
         if not self.files:
-            raise UsageError(f"image folder {root!r} has class subfolders but no images "
-                             f"({', '.join(IMG_EXTENSIONS)})")
-        self.targets = np.array(targets, dtype=np.int64)
-        self.num_classes = len(self.classes)
-        # paths that failed in this process (DataLoader workers keep their own sets)
-        self.unreadable = set()
-
-    @property
-    def num_unreadable(self) -> int:
-        """How many distinct files failed to decode in this process."""
-        return len(self.unreadable)
-
-    def __len__(self):
-        return len(self.files)
+            raise UsageError(f"image folder {root!r}: has no class subfolders with images "
+                             f"(expected root/<class>/<image>, {', '.join(IMG_EXTENSIONS)})")
+        self.targets, self.num_classes = np.array(targets, dtype=np.int64), len(self.classes)
+        self.unreadable = set()   # paths that failed in this process (each worker has its own)
 
     def load(self, i):
         """Decode and crop file i -> uint8 (H, W, 3),
@@ -471,140 +326,60 @@ class ImageFolder(Source):
         try:
             with Image.open(path) as img:
                 # JPEG: decode at 1/2, 1/4 or 1/8 scale with the short side still >= img_size, the
-                # halvings ADM's BOX steps would make, for a fraction of the decoding time; a no-op
-                # for other formats
+                # halvings ADM's BOX steps would make, in a fraction of the time (others: no-op)
                 img.draft('RGB', (self.img_size, self.img_size))
                 return center_crop(_to_rgb(img), self.img_size)
-        except Exception as e:
-            # truncated, corrupt, unsupported mode...: any failure means "unreadable"
+        except Exception as e:   # truncated, corrupt, unsupported mode...: "unreadable"
             if path not in self.unreadable:
                 self.unreadable.add(path)
                 warnings.warn(f"skipping unreadable image {path}: {type(e).__name__}: {e}")
-            return None
 
     def __getitem__(self, i):
-        # Substitute for an unreadable file: the next readable file in sorted order (wrapping), with
-        # its own label. Deterministic, keeps batches full, and the neighbour is almost always from
-        # the same class.
-        for k in range(len(self.files)):
-            j = (i + k) % len(self.files)
+        # an unreadable file's substitute: the next readable file in sorted order (wrapping), with
+        # its own label; deterministic, keeps batches full, almost always of the same class
+        for j in ((i + k) % len(self.files) for k in range(len(self.files))):
             arr = self.load(j)
             if arr is not None:
-                return (torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous(),
-                        int(self.targets[j]))
+                return torch.from_numpy(arr.copy()).permute(2, 0, 1), int(self.targets[j])
         raise UsageError(f"image folder {self.root!r}: no file could be read")
 
 
-def labels_path(npy_path: str) -> str:
-    """Where pack keeps the labels of X.npy: X.labels.npy beside it."""
-    return npy_path[:-len('.npy')] + '.labels.npy'
+class _Map(np.memmap):
+    """A memory-mapped .npy file that pickles as its path: a DataLoader worker maps the file again
+    instead of receiving a copy of the whole array."""
 
-
-MAX_COMPRESSED_NPZ = 2 ** 31   # unpacked bytes of a compressed arr_0 that each rank may hold in RAM
-
-
-def npz_memmap(path: str, key: str = 'arr_0'):
-    """A read-only memory map of array `key` of an .npz whose member is stored uncompressed
-    (np.savez), else None (np.savez_compressed). np.load cannot map inside a zip, but a stored
-    member is the .npy file's bytes verbatim."""
-    with zipfile.ZipFile(path) as z:
-        info = z.getinfo(key + '.npy')
-    if info.compress_type != zipfile.ZIP_STORED:
-        return None
-    with open(path, 'rb') as f:
-        f.seek(info.header_offset)
-        # the local header: its name and extra-field lengths may differ from the central directory's
-        head = f.read(30)
-        if head[:4] != b'PK\x03\x04':
-            raise UsageError(f'{path}: damaged zip (no local header for {key}.npy)')
-        f.seek(info.header_offset + 30 + sum(struct.unpack('<HH', head[26:30])))
-        version = np.lib.format.read_magic(f)
-        read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                else np.lib.format.read_array_header_2_0)
-        shape, fortran, dtype = read(f)
-        if dtype.hasobject:
-            return None   # pickled objects: np.load refuses them with its own message
-        return np.memmap(path, dtype, 'r', f.tell(), shape, 'F' if fortran else 'C')
+    def __reduce_ex__(self, protocol):
+        return np.load, (self.filename, 'r')
 
 
 class ArrayDataset(Source):
-    """ADM .npz (arr_0 uint8 (N,H,W,3), optional arr_1 labels) or a packed .npy, read by memory map:
-    ImageNet 64 is 15.7 GB, which 8 ranks must not each load. A compressed .npz is read into RAM,
-    and refused when large."""
+    """A packed .npy (uint8 (N, H, W, 3), read by memory map: ImageNet 64 is 15.7 GB, which 8 ranks
+    must not each load; labels in X.labels.npy) or an ADM .npz (arr_0 images, optional arr_1
+    labels), read into memory."""
 
     def __init__(self, path: str, img_size: int):
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"array file {path!r} does not exist")
-        self.path, self.img_size = path, img_size
-        if path.endswith('.npz'):
+        if path.endswith('.npz'):   # ADM's: arr_0 images, arr_1 labels if any; read into memory
             with np.load(path) as f:
-                if 'arr_0' not in f.files:
-                    raise UsageError(f"{path}: no 'arr_0' (found {f.files}); expected ADM format")
-                labels = f['arr_1'] if 'arr_1' in f.files else None
-                self._arr = npz_memmap(path)
-                if self._arr is None:
-                    size = f.zip.getinfo('arr_0.npy').file_size
-                    if size > MAX_COMPRESSED_NPZ:
-                        raise UsageError(f"{path}: arr_0 is compressed "
-                                         f"({size / 2 ** 30:.1f} GiB unpacked), so every rank "
-                                         "would hold a copy in RAM; re-save it with np.savez "
-                                         "(uncompressed, read by memory map) or as an .npy")
-                    self._arr = f['arr_0']
-        else:
-            self._arr = np.load(path, mmap_mode='r')
-            lp = labels_path(path)
+                a, labels = f.get('arr_0', np.zeros(0)), f.get('arr_1')
+        else:   # pack's: memory-mapped images, labels in X.labels.npy if any
+            a, lp = np.load(path, mmap_mode='r').view(_Map), path[:-4] + '.labels.npy'
             labels = np.load(lp) if os.path.isfile(lp) else None
-        a = self._arr
-        if a.dtype != np.uint8:
-            raise UsageError(f"{path}: images must be uint8, got {a.dtype}")
-        if a.ndim != 4 or a.shape[3] != 3:
-            raise UsageError(f"{path}: images must have shape (N, H, W, 3), got {a.shape}")
+        if a.dtype != np.uint8 or a.ndim != 4 or a.shape[3] != 3:
+            raise UsageError(f"{path}: expected uint8 images (N, H, W, 3) (arr_0 of an .npz), "
+                             f"got {a.dtype} {a.shape}")
         if a.shape[1:3] != (img_size, img_size):
             raise UsageError(f"{path}: images are {a.shape[1]}x{a.shape[2]} "
                              f"but --img_size is {img_size}")
-        if labels is not None:
-            integer = np.issubdtype(labels.dtype, np.integer)
-            if labels.ndim != 1 or len(labels) != len(a) or not integer:
-                raise UsageError(f"{path}: labels must be {len(a)} integers, "
-                                 f"got {labels.dtype} {labels.shape}")
-            if len(labels) and labels.min() < 0:
-                raise UsageError(f"{path}: labels must be >= 0, got {labels.min()}")
-        self.targets = np.zeros(len(a), np.int64) if labels is None else labels.astype(np.int64)
-        self.num_classes = 0 if labels is None or not len(labels) else int(labels.max()) + 1
-        self._len = len(a)
-
-    def __getstate__(self):
-        # a memmap is reopened lazily in each worker: pickling it would copy the whole array
-        return ({**self.__dict__, '_arr': None} if isinstance(self._arr, np.memmap)
-                else self.__dict__)
-
-    def __len__(self):
-        return self._len
+        if labels is not None and (labels.shape != (len(a),) or labels.dtype.kind not in 'iu'
+                                   or (len(a) and labels.min() < 0)):
+            raise UsageError(f"{path}: labels must be {len(a)} integers >= 0, "
+                             f"got {labels.dtype} {labels.shape}")
+        self.num_classes = 0 if labels is None or not len(a) else int(labels.max()) + 1
+        self.targets = (np.zeros(len(a)) if labels is None else labels).astype(np.int64)
+        self._arr = a
 
     def __getitem__(self, i):
-        if self._arr is None:
-            self._arr = (npz_memmap(self.path) if self.path.endswith('.npz')
-                         else np.load(self.path, mmap_mode='r'))
-        return (torch.from_numpy(np.array(self._arr[i])).permute(2, 0, 1).contiguous(),
-                int(self.targets[i]))
-
-
-def _identity(x):
-    return x
-
-
-class _Indexed(Dataset):
-    """(i, uint8 (H,W,3) or None, label) per file,
-    so pack can read in workers and still count failures."""
-
-    def __init__(self, ds, n):
-        self.ds, self.n = ds, n
-
-    def __len__(self):
-        return self.n
-
-    def __getitem__(self, i):
-        return i, self.ds.load(i), int(self.ds.targets[i])
+        return torch.from_numpy(np.array(self._arr[i])).permute(2, 0, 1), int(self.targets[i])
 
 
 def pack(src_dir: str, out: str, img_size: int, num_workers: int = 0, split: str = 'train',
@@ -613,45 +388,37 @@ def pack(src_dir: str, out: str, img_size: int, num_workers: int = 0, split: str
     ADM .npz, atomically. src_dir 'digits' writes the first `limit` images of a built-in split
     instead (e.g. FID reference images)."""
     if not out.endswith(('.npy', '.npz')):
-        raise UsageError(f"pack output {out!r}: must end in .npy or .npz")
+        raise UsageError(f"pack OUT {out!r}: must end in .npy or .npz")
+    check_writable(out, 'pack OUT')
     ds = open_source(src_dir, img_size, split, flag='pack SRC', latents=False)
-    n = len(ds) if limit is None else min(limit, len(ds))
-    shape, tmp = (n, img_size, img_size, 3), f"{out}.tmp{os.getpid()}"
-    # .npy is written through a memmap so ImageNet never has to fit in RAM
-    images = (np.lib.format.open_memmap(tmp, 'w+', np.uint8, shape) if out.endswith('.npy')
-              else np.empty(shape, np.uint8))
+    n, tmp = len(ds) if limit is None else min(limit, len(ds)), f'{out}.tmp{os.getpid()}.npy'
+    # written through a memory map, so ImageNet never has to fit in RAM
+    images = np.lib.format.open_memmap(tmp, 'w+', np.uint8, (n, img_size, img_size, 3))
     labels, bad, progress = ds.targets[:n].copy(), [], Progress(n, 'packed')
-    for i, arr, _ in DataLoader(_Indexed(ds, n), batch_size=None, num_workers=num_workers,
-                                collate_fn=_identity):
-        if arr is None:
-            bad.append(i)
-        else:
-            images[i] = arr
+    # image i (None if unreadable) decoded in a worker: batch_size=None hands collate_fn one index
+    for i, arr in enumerate(DataLoader(range(n), batch_size=None, collate_fn=ds.load,
+                                       num_workers=num_workers)):
+        bad += [] if arr is not None else [i]
+        images[i] = arr if arr is not None else 0
         progress.update(i + 1)
     if len(bad) == n:
-        raise UsageError(f"pack: no image in {src_dir!r} could be read")
-    # unreadable rows get ImageFolder's substitute (next readable file, its label), so the packed
-    # array serves exactly what the folder would, item for item, and training from either gives
-    # the same batches
+        raise UsageError(f"pack SRC {src_dir!r}: no image could be read")
+    # an unreadable row gets ImageFolder's substitute (next readable file, its label): the array
+    # serves exactly what the folder would, item for item, so training from either is the same
     ok = np.setdiff1d(np.arange(n), bad)
     for i in bad:
         j = ok[np.searchsorted(ok, i) % len(ok)]
         images[i], labels[i] = images[j], labels[j]
-    if out.endswith('.npy'):
-        images.flush()
-        del images  # close the memmap before renaming
-        with open(tmp + '.labels', 'wb') as f:
-            np.save(f, labels)
-        # labels first, so an existing X.npy always has them
-        os.replace(tmp + '.labels', labels_path(out))
-    else:
-        with open(tmp, 'wb') as f:
-            np.savez(f, arr_0=images, arr_1=labels)
-    os.replace(tmp, out)
-    print(f"packed {n} images of {img_size}x{img_size} from {src_dir} into {out}; "
-          f"{len(bad)} unreadable" + (" (each replaced by the next readable file)" if bad else ""))
-    for i in bad:
-        print(f"  unreadable: {ds.files[i]}")
+    images.flush()
+    if out.endswith('.npz'):
+        atomic_write(out, lambda f: np.savez(f, arr_0=images, arr_1=labels))
+        os.remove(tmp)
+    else:   # labels first: an X.npy always has them
+        atomic_write(out[:-4] + '.labels.npy', lambda f: np.save(f, labels))
+        os.replace(tmp, out)
+    print(f"packed {n} images of {img_size}x{img_size} from {src_dir} into {out}; {len(bad)} "
+          f"unreadable{' (each replaced by the next readable file)' if bad else ''}"
+          + ''.join(f'\n  unreadable: {ds.files[i]}' for i in bad))
 
 # -----------------------------------------------------------------------------
 # latent sets: images encoded once by the VAE (vae.py encode writes them), read here
@@ -666,8 +433,7 @@ def is_latent_set(path: str) -> bool:
 
 def latent_norm(meta: dict):
     """(mean, std), float32 tensors of shape (C,), of a latent set's meta:
-    normalised = (latent - mean) / std, with mean and std broadcast over (C, h, w) as
-    mean[:, None, None]."""
+    normalised = (latent - mean[:, None, None]) / std[:, None, None]."""
     return (torch.tensor(meta['norm']['mean'], dtype=torch.float32),
             torch.tensor(meta['norm']['std'], dtype=torch.float32))
 
@@ -680,110 +446,45 @@ class LatentDataset(Source):
     The trainer draws a posterior sample mean + std * noise and normalises it (latent_norm)."""
 
     def __init__(self, path: str):
-        meta_path = os.path.join(path, 'meta.json')
-        if not os.path.isfile(meta_path):
-            if is_latent_set(path):
-                raise UsageError(f"latent set {path!r}: the encode that writes it did not finish "
-                                 "(no meta.json); rerun the same `vae.py encode` command "
-                                 "to resume it")
-            raise FileNotFoundError(f"latent set {path!r}: no meta.json "
-                                    "(write one with `vae.py encode`)")
-        with open(meta_path) as f:
-            meta = json.load(f)
-        if meta.get('format') != 'latents' or meta.get('version') != 1:
-            raise UsageError(f"{meta_path}: not a latent set of version 1 "
-                             f"(format {meta.get('format')!r}, version {meta.get('version')!r})")
-        self.path, self.meta, self.latent_shape = path, meta, tuple(meta['latent_shape'])
-        self._arr = np.load(os.path.join(path, 'latents.npy'), mmap_mode='r')
-        labels = np.load(os.path.join(path, 'labels.npy'))
-        n = meta['n']
-        if self._arr.dtype != np.float32 or self._arr.shape != (n, 2, 2, *self.latent_shape):
-            raise UsageError(f"{path}/latents.npy: expected float32 "
-                             f"{(n, 2, 2, *self.latent_shape)} as meta.json says, got "
-                             f"{self._arr.dtype} {self._arr.shape}")
-        if labels.shape != (n,):
-            raise UsageError(f"{path}/labels.npy: expected {n} labels as meta.json says, "
-                             f"got shape {labels.shape}")
-        self.targets = labels.astype(np.int64)
-        self.num_classes = int(meta['num_classes'])
-
-    def __getstate__(self):
-        # reopened lazily in each DataLoader worker: pickling the memmap would copy the whole array
-        return {**self.__dict__, '_arr': None}
-
-    def __len__(self):
-        return len(self.targets)
+        meta_file = pathlib.Path(path, 'meta.json')
+        self.meta = meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+        if meta.get('format') != 'latents':
+            raise UsageError(f"latent set {path!r}: no meta.json of a latent set: write one with "
+                             "`vae.py encode`, or if it did not finish, rerun the same command")
+        # encode writes meta.json last, when the arrays are complete
+        self.latent_shape, self.num_classes = tuple(meta['latent_shape']), meta['num_classes']
+        self._arr = np.load(os.path.join(path, 'latents.npy'), mmap_mode='r').view(_Map)
+        self.targets = np.load(os.path.join(path, 'labels.npy')).astype(np.int64)
 
     def item(self, i, flip=False):
-        if self._arr is None:
-            self._arr = np.load(os.path.join(self.path, 'latents.npy'), mmap_mode='r')
         return torch.from_numpy(np.array(self._arr[i, int(flip)])), int(self.targets[i])
 
-    def __getitem__(self, i):
-        return self.item(i)
+    __getitem__ = item
 
 # -----------------------------------------------------------------------------
 # deterministic, sharded, resumable loading
 
 
-def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
-    """The dataset order of one epoch; the same on every rank."""
-    gen = torch.Generator().manual_seed(_hash_seed('perm', seed, epoch))
-    return torch.randperm(n, generator=gen)
+def epoch_order(n: int, seed: int, epoch: int):
+    """(order, flips) of one epoch, the same on every rank: a permutation of the n items, and
+    whether item i is mirrored left-right (bool (n,), by index, not by position)."""
+    gen = torch.Generator().manual_seed(_hash_seed('epoch', seed, epoch))
+    return torch.randperm(n, generator=gen), torch.rand(n, generator=gen) < 0.5
 
 
-def epoch_flips(n: int, seed: int, epoch: int) -> torch.Tensor:
-    """Per-index horizontal flip decisions of one epoch (bool (n,)),
-    independent of the order and of the rank."""
-    gen = torch.Generator().manual_seed(_hash_seed('flip', seed, epoch))
-    return torch.rand(n, generator=gen) < 0.5
-
-
-class _BatchSampler:
-    """Endless [(index, flip), ...] for this rank, starting at (epoch, step)."""
-
-    def __init__(self, n, global_batch, rank, world_size, seed, flip, epoch, step):
-        self.n, self.B, self.b, self.rank = n, global_batch, global_batch // world_size, rank
-        self.seed, self.flip, self.epoch, self.step = seed, flip, epoch, step
-
-    def __iter__(self):
-        epoch, step = self.epoch, self.step
-        while True:
-            perm = epoch_permutation(self.n, self.seed, epoch)
-            flips = (epoch_flips(self.n, self.seed, epoch) if self.flip
-                     else torch.zeros(self.n, dtype=torch.bool))
-            for s in range(step, self.n // self.B):
-                start = s * self.B + self.rank * self.b
-                idx = perm[start:start + self.b]
-                yield list(zip(idx.tolist(), flips[idx].tolist()))
-            epoch, step = epoch + 1, 0
-
-
-class _Flippable(Dataset):
-    """dataset[(i, flip)] -> the item, mirrored left-right if flip."""
+class _Batches(Dataset):
+    """dataset[[(index, flip), ...]] -> one batch (x, y), made in a DataLoader worker: uint8 images
+    become float32 (B, 3, H, W) in [-1, 1] there, so pinned memory holds the final tensor; a latent
+    set's float32 moments (B, 2, C, h, w) pass as they are."""
 
     def __init__(self, ds):
         self.ds = ds
 
-    def __len__(self):
-        return len(self.ds)
-
-    def __getitem__(self, key):
-        i, flip = key
-        # a latent's mirror image is not the mirror image's latent
-        if isinstance(self.ds, LatentDataset):
-            return self.ds.item(i, flip)
-        x, y = self.ds[i]
-        return (x.flip(-1) if flip else x), y
-
-
-def _collate(items):
-    """uint8 images -> float32 in [-1, 1] inside the worker, so pinned memory holds the final
-    tensor; a latent set's float32 moments pass through as they are, (B, 2, C, h, w)."""
-    x = torch.stack([x for x, _ in items])
-    if x.dtype == torch.uint8:
-        x = x.float() / 127.5 - 1
-    return x, torch.tensor([y for _, y in items], dtype=torch.int64)
+    def __getitem__(self, batch):
+        items = [self.ds.item(i, flip) for i, flip in batch]
+        x = torch.stack([x for x, _ in items])
+        x = x.float() / 127.5 - 1 if x.dtype == torch.uint8 else x
+        return x, torch.tensor([y for _, y in items], dtype=torch.int64)
 
 
 class Loader:
@@ -792,96 +493,63 @@ class Loader:
 
     def __init__(self, dataset, global_batch: int, rank: int = 0, world_size: int = 1,
                  seed: int = 0, num_workers: int = 0, pin_memory: bool = False, flip: bool = False):
-        if global_batch <= 0 or global_batch % world_size:
-            raise UsageError(f"--batch_size {global_batch} must be a positive multiple of the "
-                             f"world size {world_size}")
-        if len(dataset) < global_batch:
-            raise UsageError(f"--batch_size {global_batch} is larger than the dataset "
-                             f"({len(dataset)} items)")
-        self.dataset, self.global_batch, self.seed = dataset, global_batch, seed
-        self.rank, self.world_size = rank, world_size
-        self.num_workers, self.pin_memory, self.flip = num_workers, pin_memory, flip
-        # drop_last: every step has a full global batch
-        self.steps_per_epoch = len(dataset) // global_batch
-        self.epoch, self.step = 0, 0
-        self._it = None
+        if global_batch <= 0 or global_batch % world_size or len(dataset) < global_batch:
+            raise UsageError(f"--batch_size {global_batch}: must be a positive multiple of the "
+                             f"world size {world_size}, at most the {len(dataset)} items of --data")
+        self.dataset, self.global_batch, self.seed, self.flip = dataset, global_batch, seed, flip
+        self.rank, self.world_size, self.epoch, self.step = rank, world_size, 0, 0
+        self.steps_per_epoch = len(dataset) // global_batch   # drop_last: every batch is full
+        self.workers, self._it = dict(num_workers=num_workers, pin_memory=pin_memory), None
 
     def state_dict(self) -> dict:
         return {'epoch': self.epoch, 'step': self.step, 'n': len(self.dataset)}
 
     def load_state_dict(self, d) -> None:
-        # the position means nothing in other data
-        if d.get('n', len(self.dataset)) != len(self.dataset):
+        if d['n'] != len(self.dataset):   # the position means nothing in other data
             raise UsageError(f"the checkpoint's data position is in a dataset of {d['n']} items, "
                              f"but --data has {len(self.dataset)}: resume with the same data")
-        epoch, step = int(d['epoch']), int(d['step'])
-        self.epoch, self.step = epoch + step // self.steps_per_epoch, step % self.steps_per_epoch
-        self._it = None  # drop prefetched batches (and workers); restart at the new position
+        self.epoch, self.step = divmod(d['epoch'] * self.steps_per_epoch + d['step'],
+                                       self.steps_per_epoch)
+        self._it = None   # drop prefetched batches (and workers); restart at the new position
+
+    def _batches(self, epoch, step):
+        """This rank's [(index, flip), ...] of each step from (epoch, step) on."""
+        n, B, b = len(self.dataset), self.global_batch, self.global_batch // self.world_size
+        while True:
+            perm, flips = epoch_order(n, self.seed, epoch)
+            for s in range(step, self.steps_per_epoch):
+                idx = perm[s * B + self.rank * b:][:b]
+                yield [(i, self.flip and f) for i, f in zip(idx.tolist(), flips[idx].tolist())]
+            epoch, step = epoch + 1, 0
 
     def __iter__(self):
         return self
 
     def __next__(self):
         if self._it is None:
-            sampler = _BatchSampler(len(self.dataset), self.global_batch, self.rank,
-                                    self.world_size, self.seed, self.flip, self.epoch, self.step)
-            self._it = iter(DataLoader(_Flippable(self.dataset), batch_sampler=sampler,
-                                       collate_fn=_collate, num_workers=self.num_workers,
-                                       pin_memory=self.pin_memory))
-        batch = next(self._it)
-        self.step += 1
-        if self.step == self.steps_per_epoch:
-            self.epoch, self.step = self.epoch + 1, 0
-        return batch
+            # batch_size=None: each index the sampler yields is a whole batch; tuple keeps (x, y)
+            self._it = iter(DataLoader(_Batches(self.dataset), batch_size=None, collate_fn=tuple,
+                                       sampler=self._batches(self.epoch, self.step),
+                                       **self.workers))
+        self.epoch, self.step = divmod(self.epoch * self.steps_per_epoch + self.step + 1,
+                                       self.steps_per_epoch)
+        return next(self._it)
 
 # -----------------------------------------------------------------------------
 # command line
 
 
-def show(ds, out: str, per_class: int = 10, max_classes: int = 10) -> None:
-    """A PNG with one row per class (first items of each class),
-    or the first items if unlabelled."""
-    k = max(1, min(ds.num_classes, max_classes))
-    rows = [(np.flatnonzero(ds.targets == c)[:per_class] if ds.num_classes
-             else np.arange(c * per_class, min(len(ds), (c + 1) * per_class)))
-            for c in range(k)]
-    save_grid(np.stack([ds[int(i)][0].permute(1, 2, 0).numpy() for idx in rows for i in idx]),
-              out, nrow=per_class)
-    print(f"wrote {out} ({k} classes x {per_class})")
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    sub = p.add_subparsers(dest='cmd', required=True)
-    show_cmd = sub.add_parser('show', help='save a grid of dataset images, one row per class',
-                              formatter_class=HelpFormatter)
-    show_cmd.add_argument('--data', default='digits',
-                          help="'digits', an image folder, or a .npz/.npy file")
-    show_cmd.add_argument('--img_size', type=int, default=16, help='image side in pixels')
-    show_cmd.add_argument('--split', default='train', help="digits split: 'train' or 'val'")
-    show_cmd.add_argument('--per_class', type=int, default=10, help='images per row')
-    show_cmd.add_argument('--out', default='grid.png', help='output PNG path')
-    pack_cmd = sub.add_parser('pack',
-                              help='centre-crop an image folder into one .npy (or ADM .npz) file',
-                              formatter_class=HelpFormatter)
-    pack_cmd.add_argument('src',
-                          help="image folder in ImageNet layout SRC/<class>/<image>, or 'digits'")
-    pack_cmd.add_argument('out',
-                          help='output .npy (labels go to OUT.labels.npy) or .npz (arr_0, arr_1)')
-    pack_cmd.add_argument('--img_size', type=int, default=64, help='output side in pixels')
-    pack_cmd.add_argument('--workers', type=int, default=0,
-                          help='decoding processes (0 = in this process)')
-    pack_cmd.add_argument('--split', default='train', help="with SRC 'digits': 'train' or 'val'")
-    pack_cmd.add_argument('--limit', type=int, default=None,
-                          help='pack only the first LIMIT images')
+    p.add_argument('cmd', choices=['pack'], help='centre-crop SRC into one .npy or ADM .npz file')
+    p.add_argument('src', metavar='SRC', help="an image folder SRC/<class>/<image>, or 'digits'")
+    p.add_argument('out', metavar='OUT', help='.npy (labels in X.labels.npy) or ADM .npz')
+    p.add_argument('--img_size', type=int, default=64, help='image side in pixels')
+    p.add_argument('--split', default='train', help="with SRC 'digits': 'train' or 'val'")
+    p.add_argument('--limit', type=int, help='pack only the first LIMIT images')
+    p.add_argument('--workers', type=int, default=0, help='decoding processes (0: this one)')
     a = p.parse_args(argv)
-    if a.cmd == 'show':
-        ds = build_dataset(a.data, a.img_size, a.split)
-        if isinstance(ds, LatentDataset):
-            p.error(f'--data {a.data}: a latent set; showing its images would need the VAE decoder')
-        show(ds, a.out, a.per_class)
-    else:
-        pack(a.src, a.out, a.img_size, a.workers, a.split, a.limit)
+    pack(a.src, a.out, a.img_size, a.workers, a.split, a.limit)
 
 
 if __name__ == '__main__':
