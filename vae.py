@@ -29,7 +29,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
-from torch.utils.flop_counter import FlopCounterMode
 
 from data import (BUILTIN, HelpFormatter, Progress, UsageError, atomic_write, open_source,
                   read_torch_file, run_cli, setup_distributed)
@@ -194,16 +193,6 @@ class VAE(nn.Module):
             h.update(f'{k}{tuple(v.shape)}'.encode())
             h.update(v.detach().float().cpu().contiguous().numpy().tobytes())
         return h.hexdigest()
-
-
-def vae_decode_flops(cfg: VAEConfig = VAEConfig(), latent_hw: int = 32):
-    """FLOPs (2 per multiply-add) of decoding one latent_hw x latent_hw latent, counted on the meta
-    device (free at any size): convs and matmuls; norms, SiLU and resampling are not counted."""
-    with torch.device('meta'):
-        vae, z = VAE(cfg), torch.zeros(1, cfg.latent_channels, latent_hw, latent_hw)
-    with FlopCounterMode(display=False) as fc:
-        vae.decode(z)
-    return fc.get_total_flops()
 
 
 # -----------------------------------------------------------------------------
