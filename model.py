@@ -402,15 +402,18 @@ class TarFlow(nn.Module):
         for bins of width 2/256 in [-1, 1]."""
         return (nll + 0.5 * math.log(2 * math.pi) + math.log(128)) / math.log(2)
 
-    @torch.no_grad()
     def reverse(self, z, y=None, guidance=0.0, ramp=False, attn_temp=1.0, kv_dtype=None,
                 jacobi=None):
         """z (B, N, d) -> the noisy image (B, C, H, W): invert block T-1 first
         (kv_dtype, jacobi: MetaBlock.reverse)."""
-        x = f32(z)
-        for block in reversed(self.blocks):
-            x = block.reverse(x, y, guidance, ramp, attn_temp, kv_dtype, jacobi)
-        return unpatchify(x, self.cfg.patch_size, self.cfg.img_size)
+        # inference mode: no autograd bookkeeping on the inverse's many small per-token ops; the
+        # result is cloned out of it, an ordinary tensor (denoising differentiates through it)
+        with torch.inference_mode():
+            x = f32(z)
+            for block in reversed(self.blocks):
+                x = block.reverse(x, y, guidance, ramp, attn_temp, kv_dtype, jacobi)
+            x = unpatchify(x, self.cfg.patch_size, self.cfg.img_size)
+        return x.clone()
 
     def score(self, x, y=None, checkpoint=True):
         """grad_x log p(x) in fp32 (autocast off): the gradient of the summed log-density, so no
