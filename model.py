@@ -172,7 +172,7 @@ def guide(cond, uncond, w):
 
 def norm32(norm, h):
     """nn.LayerNorm `norm` computed in fp32 (also on bf16 activations), in h's dtype."""
-    out = F.layer_norm(f32(h), norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+    out = torch.layer_norm(f32(h), norm.normalized_shape, norm.weight, norm.bias, norm.eps)
     return out if out.dtype == h.dtype else out.to(h.dtype)
 
 
@@ -277,9 +277,11 @@ class MetaBlock(nn.Module):
         (B, L, d) or (B, d), with the norm control clip*tanh(./clip) and, for S = 2, guidance w.
         caches: one KV cache per layer (the exact inverse)."""
         h = (F.linear(x, self.proj_in.weight, self.proj_in.bias) + pc).flatten(0, 1)
+        # .forward, not __call__: the inverse calls this once per token, where hook checks cost
         for k, layer in enumerate(self.attn_blocks):
-            h = h + layer.attention(h, True, temp, None, None if caches is None else caches[k], pos)
-            h = h + layer.mlp(h)
+            cache = None if caches is None else caches[k]
+            h = h + layer.attention.forward(h, True, temp, None, cache, pos)
+            h = h + layer.mlp.forward(h)
         out = f32(F.linear(h, self.proj_out.weight, self.proj_out.bias))
         if self.clip > 0:
             out = self.clip * torch.tanh(out / self.clip)
@@ -400,15 +402,18 @@ class TarFlow(nn.Module):
         for bins of width 2/256 in [-1, 1]."""
         return (nll + 0.5 * math.log(2 * math.pi) + math.log(128)) / math.log(2)
 
-    @torch.no_grad()
     def reverse(self, z, y=None, guidance=0.0, ramp=False, attn_temp=1.0, kv_dtype=None,
                 jacobi=None):
         """z (B, N, d) -> the noisy image (B, C, H, W): invert block T-1 first
         (kv_dtype, jacobi: MetaBlock.reverse)."""
-        x = f32(z)
-        for block in reversed(self.blocks):
-            x = block.reverse(x, y, guidance, ramp, attn_temp, kv_dtype, jacobi)
-        return unpatchify(x, self.cfg.patch_size, self.cfg.img_size)
+        # inference mode: no autograd bookkeeping on the inverse's many small per-token ops; the
+        # result is cloned out of it, an ordinary tensor (denoising differentiates through it)
+        with torch.inference_mode():
+            x = f32(z)
+            for block in reversed(self.blocks):
+                x = block.reverse(x, y, guidance, ramp, attn_temp, kv_dtype, jacobi)
+            x = unpatchify(x, self.cfg.patch_size, self.cfg.img_size)
+        return x.clone()
 
     def score(self, x, y=None, checkpoint=True):
         """grad_x log p(x) in fp32 (autocast off): the gradient of the summed log-density, so no
