@@ -53,8 +53,8 @@ def open_source(src: str, img_size: int, split: str = 'train', seed: int = 0, fl
     if src in BUILTIN:
         return BUILTIN[src](img_size, split, seed)
     if os.path.isdir(src):
-        # before ImageFolder: a latent set has no class subfolders, and an unfinished one says so
-        if is_latent_set(src):
+        # a folder encode wrote to (complete or not), before ImageFolder: it has no class folders
+        if {'meta.json', 'progress.json', 'latents.npy'} & set(os.listdir(src)):
             if not latents:
                 raise UsageError(f"{flag} {src!r}: is a latent set; give the images it encodes")
             return LatentDataset(src)
@@ -137,10 +137,8 @@ def check_writable(path: str, flag: str) -> None:
     folder = os.path.dirname(os.path.abspath(path))
     if os.path.isdir(path):
         raise UsageError(f'{flag} {path}: is a folder, expected a file name')
-    if not os.path.isdir(folder):
-        raise FileNotFoundError(f'{flag} {path}: folder {folder} does not exist')
-    if not os.access(folder, os.W_OK):
-        raise PermissionError(f'{flag} {path}: cannot write in {folder}')
+    if not os.access(folder, os.W_OK):   # False for a folder that does not exist, too
+        raise UsageError(f'{flag} {path}: folder {folder} does not exist or is not writable')
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -184,10 +182,11 @@ def save_grid(images: np.ndarray, path: str, nrow: int, min_side: int = 64) -> N
     atomic_write(path, lambda f: Image.fromarray(grid[..., 0] if C == 1 else grid).save(f, 'PNG'))
 
 
-def read_torch_file(path: str, flag: str):
-    """torch.load(weights_only=True) on CPU, with errors that name the flag and the file."""
+def read_torch_file(path: str, flag: str, hint: str = ''):
+    """torch.load(weights_only=True) on CPU, with errors that name the flag and the file; hint
+    (where to get the file) follows the error of a missing file."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f'{flag} {path}: no such file')
+        raise FileNotFoundError(f'{flag} {path}: no such file{hint}')
     try:
         return torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:
@@ -227,10 +226,10 @@ class Digits(Source):
     mirrors = False   # a mirrored digit is no digit: never flipped in training
 
     def __init__(self, img_size: int = 16, split: str = 'train', seed: int = 0):
-        if split not in self.SIZES:
-            raise UsageError(f"digits split {split!r}: expected one of {sorted(self.SIZES)}")
         if img_size < 8:
             raise UsageError(f"--img_size {img_size}: digits need at least 8 pixels")
+        if split not in self.SIZES:   # --split of pack and encode
+            raise UsageError(f"digits split {split!r}: expected one of {sorted(self.SIZES)}")
         self.img_size, self.split, self.seed, self.num_classes = img_size, split, seed, 10
         self.targets = np.arange(self.SIZES[split]) % 10   # balanced, readable without drawing
 
@@ -265,10 +264,6 @@ BUILTIN = {'digits': Digits}
 # -----------------------------------------------------------------------------
 # image folders and array files
 
-# the white levels a 16-bit, 32-bit or float grayscale image may be stored with
-GRAY_WHITES = (1.0, 255.0, 65535.0, 2.0 ** 31 - 1)
-
-
 def _to_rgb(img: Image.Image) -> Image.Image:
     """Any PIL mode -> RGB; alpha dropped and EXIF orientation ignored (as in ADM). 16-bit, 32-bit
     and float grayscale (modes I;16, I, F), which Pillow's conversion would clip at 255, are scaled
@@ -276,7 +271,8 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     every range (negative, NaN, larger) are refused by name."""
     if img.mode[0] in 'IF':
         a = np.asarray(img).astype(np.float64)
-        whites = (65535.0,) if img.mode.startswith('I;16') else GRAY_WHITES
+        # the white levels a 16-bit, 32-bit or float grayscale image may be stored with
+        whites = (65535.0,) if img.mode.startswith('I;16') else (1.0, 255.0, 65535.0, 2.0 ** 31 - 1)
         white = next((t for t in whites if 0 <= a.min() and a.max() <= t), None)   # NaN: None
         if white is None:
             raise UsageError(f'PIL mode {img.mode} image with values in [{a.min():g}, '
@@ -364,12 +360,9 @@ class ArrayDataset(Source):
         else:   # pack's: memory-mapped images, labels in X.labels.npy if any
             a, lp = np.load(path, mmap_mode='r').view(_Map), path[:-4] + '.labels.npy'
             labels = np.load(lp) if os.path.isfile(lp) else None
-        if a.dtype != np.uint8 or a.ndim != 4 or a.shape[3] != 3:
-            raise UsageError(f"{path}: expected uint8 images (N, H, W, 3) (arr_0 of an .npz), "
-                             f"got {a.dtype} {a.shape}")
-        if a.shape[1:3] != (img_size, img_size):
-            raise UsageError(f"{path}: images are {a.shape[1]}x{a.shape[2]} "
-                             f"but --img_size is {img_size}")
+        if a.dtype != np.uint8 or a.shape[1:] != (img_size, img_size, 3):
+            raise UsageError(f"{path}: expected uint8 images (N, {img_size}, {img_size}, 3) for "
+                             f"--img_size {img_size} (arr_0 of an .npz), got {a.dtype} {a.shape}")
         if labels is not None and (labels.shape != (len(a),) or labels.dtype.kind not in 'iu'
                                    or (len(a) and labels.min() < 0)):
             raise UsageError(f"{path}: labels must be {len(a)} integers >= 0, "
@@ -417,18 +410,10 @@ def pack(src_dir: str, out: str, img_size: int, num_workers: int = 0, split: str
         atomic_write(out[:-4] + '.labels.npy', lambda f: np.save(f, labels))
         os.replace(tmp, out)
     print(f"packed {n} images of {img_size}x{img_size} from {src_dir} into {out}; {len(bad)} "
-          f"unreadable{' (each replaced by the next readable file)' if bad else ''}"
-          + ''.join(f'\n  unreadable: {ds.files[i]}' for i in bad))
+          f"unreadable{' (each replaced by the next readable file)' if bad else ''}")
 
 # -----------------------------------------------------------------------------
 # latent sets: images encoded once by the VAE (vae.py encode writes them), read here
-
-
-def is_latent_set(path: str) -> bool:
-    """A folder that encode wrote to (complete or not):
-    it holds meta.json, progress.json or latents.npy."""
-    return any(os.path.exists(os.path.join(path, f))
-               for f in ('meta.json', 'progress.json', 'latents.npy'))
 
 
 def latent_norm(meta: dict):
@@ -472,21 +457,6 @@ def epoch_order(n: int, seed: int, epoch: int):
     return torch.randperm(n, generator=gen), torch.rand(n, generator=gen) < 0.5
 
 
-class _Batches(Dataset):
-    """dataset[[(index, flip), ...]] -> one batch (x, y), made in a DataLoader worker: uint8 images
-    become float32 (B, 3, H, W) in [-1, 1] there, so pinned memory holds the final tensor; a latent
-    set's float32 moments (B, 2, C, h, w) pass as they are."""
-
-    def __init__(self, ds):
-        self.ds = ds
-
-    def __getitem__(self, batch):
-        items = [self.ds.item(i, flip) for i, flip in batch]
-        x = torch.stack([x for x, _ in items])
-        x = x.float() / 127.5 - 1 if x.dtype == torch.uint8 else x
-        return x, torch.tensor([y for _, y in items], dtype=torch.int64)
-
-
 class Loader:
     """Endless iterator over this rank's share of deterministic global batches;
     state_dict() resumes exactly."""
@@ -508,8 +478,7 @@ class Loader:
         if d['n'] != len(self.dataset):   # the position means nothing in other data
             raise UsageError(f"the checkpoint's data position is in a dataset of {d['n']} items, "
                              f"but --data has {len(self.dataset)}: resume with the same data")
-        self.epoch, self.step = divmod(d['epoch'] * self.steps_per_epoch + d['step'],
-                                       self.steps_per_epoch)
+        self.epoch, self.step = d['epoch'], d['step']   # the batch size is a run's for good
         self._it = None   # drop prefetched batches (and workers); restart at the new position
 
     def _batches(self, epoch, step):
@@ -522,15 +491,24 @@ class Loader:
                 yield [(i, self.flip and f) for i, f in zip(idx.tolist(), flips[idx].tolist())]
             epoch, step = epoch + 1, 0
 
+    def __getitem__(self, batch):
+        """self[[(index, flip), ...]] -> one batch (x, y), made in a DataLoader worker (the Loader
+        is its DataLoader's dataset): uint8 images become float32 (B, 3, H, W) in [-1, 1] there, so
+        pinned memory holds the final tensor; a latent set's moments (B, 2, C, h, w) pass as
+        they are."""
+        items = [self.dataset.item(i, flip) for i, flip in batch]
+        x = torch.stack([x for x, _ in items])
+        x = x.float() / 127.5 - 1 if x.dtype == torch.uint8 else x
+        return x, torch.tensor([y for _, y in items], dtype=torch.int64)
+
     def __iter__(self):
         return self
 
     def __next__(self):
         if self._it is None:
             # batch_size=None: each index the sampler yields is a whole batch; tuple keeps (x, y)
-            self._it = iter(DataLoader(_Batches(self.dataset), batch_size=None, collate_fn=tuple,
-                                       sampler=self._batches(self.epoch, self.step),
-                                       **self.workers))
+            self._it = iter(DataLoader(self, batch_size=None, collate_fn=tuple, **self.workers,
+                                       sampler=self._batches(self.epoch, self.step)))
         self.epoch, self.step = divmod(self.epoch * self.steps_per_epoch + self.step + 1,
                                        self.steps_per_epoch)
         return next(self._it)

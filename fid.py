@@ -47,11 +47,10 @@ def tf1_resize(x, size=299):
     def along(x, dim):
         n_in = x.shape[dim]
         src = torch.arange(size, device=x.device, dtype=torch.float32) * (n_in / size)
-        lo = src.floor().long().clamp(max=n_in - 1)
-        hi = (lo + 1).clamp(max=n_in - 1)
+        lo = src.long()   # floor: src < n_in - n_in / size, by a margin far above round-off
         t = (src - lo).view([size if axis == dim else 1 for axis in range(x.ndim)])
         # fresh copies, so the in-place ops below are safe (3x faster)
-        below, above = x.index_select(dim, lo), x.index_select(dim, hi)
+        below, above = x.index_select(dim, lo), x.index_select(dim, (lo + 1).clamp(max=n_in - 1))
         # below + (above-below)*t: TF's expression, so the result is bit-exact
         return above.sub_(below).mul_(t).add_(below)
     return along(along(x, 3), 2)  # width first, then height: TF's order of interpolation
@@ -70,14 +69,9 @@ K17, K71 = dict(k=(1, 7), p=(0, 3)), dict(k=(7, 1), p=(3, 0))
 K13, K31 = dict(k=(1, 3), p=(0, 1)), dict(k=(3, 1), p=(1, 0))
 
 
-def avg_pool(x):
-    """The pool branch's 3x3 average: TF averages over the valid pixels only."""
-    return F.avg_pool2d(x, 3, 1, 1, count_include_pad=False)
-
-
-def max_pool(x):
-    """Mixed_7c's pool branch: the TF graph max-pools here, where torchvision averages."""
-    return F.max_pool2d(x, 3, 1, 1)
+# the pool branches' 3x3 pooling: TF averages over the valid pixels only, and Mixed_7c max-pools
+# where torchvision averages
+avg_pool, max_pool = nn.AvgPool2d(3, 1, 1, count_include_pad=False), nn.MaxPool2d(3, 1, 1)
 
 
 def chain(block, x, prefix, n):
@@ -193,12 +187,10 @@ class FIDInception(nn.Module):
 def load_inception(path=None, device='cpu'):
     """FIDInception in eval mode on device, its weights from path or the torch.hub cache."""
     path = path or os.path.join(torch.hub.get_dir(), 'checkpoints', WEIGHTS)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f'FID Inception weights {path}: no such file; download '
-                                f'{WEIGHTS_URL} there, or give its path with --inception')
+    hint = f'; download {WEIGHTS_URL} there, or give its path with --inception'
     model = FIDInception()
     try:
-        model.load_state_dict(read_torch_file(path, '--inception'))
+        model.load_state_dict(read_torch_file(path, '--inception', hint))
     except RuntimeError as e:
         raise UsageError(f'--inception {path}: not the FID Inception state dict {WEIGHTS} '
                          f'({str(e).splitlines()[0]})') from None
@@ -216,8 +208,7 @@ def _check_images(shape, dtype, name, fortran=False):
 
 
 def _array_batches(a, batch_size):
-    for i in range(0, len(a), batch_size):
-        yield a[i:i + batch_size]
+    return (a[i:i + batch_size] for i in range(0, len(a), batch_size))
 
 
 def _file_batches(path, batch_size):
@@ -232,9 +223,8 @@ def _file_batches(path, batch_size):
         _check_images(shape, dtype, path, fortran)
         yield shape
         for i in range(0, shape[0], batch_size):
-            n = min(batch_size, shape[0] - i)
-            raw = bytearray(f.read(n * int(np.prod(shape[1:]))))  # writable, as torch wants
-            yield np.frombuffer(raw, np.uint8).reshape(n, *shape[1:])
+            raw = bytearray(f.read(min(batch_size, shape[0] - i) * int(np.prod(shape[1:]))))
+            yield np.frombuffer(raw, np.uint8).reshape(-1, *shape[1:])  # writable, as torch wants
 
 
 def _folder_files(folder):
@@ -249,10 +239,9 @@ def _folder_files(folder):
     for path in files:
         try:
             with Image.open(path) as im:
-                size = im.size
+                size, first = im.size, first or (im.size, path)   # first: (size, path) of files[0]
         except Exception as e:
             raise UsageError(f'{path}: cannot read image ({e})') from None
-        first = first or (size, path)
         if size != first[0]:
             raise UsageError(f'{path}: size {size} differs from {first[1]} {first[0]}; '
                              'FID inputs must all have one size (resize or crop them first)')
@@ -360,9 +349,8 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, names=('first statistics', 'secon
     # For any A with A A^T = S1, S1 S2 = A (A^T S2) has the eigenvalues of the symmetric PSD
     # A^T S2 A, so Tr sqrt(S1 S2) = sum sqrt(eigvalsh(A^T S2 A)): real by construction and ~10x
     # faster than scipy's sqrtm at 2048-d.
-    A = _psd_factor(s1, names[0])
+    A, d = _psd_factor(s1, names[0]), mu1 - mu2
     ev = np.linalg.eigvalsh(A.T @ s2 @ A)
-    d = mu1 - mu2
     return max(0.0, float(d @ d + np.trace(s1) + np.trace(s2)
                           - 2 * np.sqrt(np.clip(ev, 0, None)).sum()))
 
@@ -381,9 +369,8 @@ def inception_score(logits, splits=10):
     ADM uses 10 splits of 5000 on unbiased logits. Needs >= splits rows."""
     probs = torch.softmax(torch.as_tensor(logits, dtype=torch.float64), 1)
     # KL(p(y|x) || p(y)) of each sample, 0 log 0 = 0
-    kls = [(torch.special.xlogy(q, q) - torch.special.xlogy(q, q.mean(0, keepdim=True))).sum(1)
-           for q in torch.tensor_split(probs, splits)]
-    scores = [kl.mean().exp().item() for kl in kls]
+    scores = [(torch.special.xlogy(q, q) - torch.special.xlogy(q, q.mean(0, keepdim=True)))
+              .sum(1).mean().exp().item() for q in torch.tensor_split(probs, splits)]
     return float(np.mean(scores)), float(np.std(scores))
 
 # -----------------------------------------------------------------------------
@@ -405,10 +392,9 @@ def check_reference(path, model):
     the network that will compare with it: statistics must have as many features as its pool3
     (2048 for the FID Inception; model.fc.in_features). -> the reference's kind."""
     kind = input_kind(path)
-    dim = model.fc.in_features
-    if kind == 'stats' and len(mu := _read_stats(path)['mu']) != dim:
+    if kind == 'stats' and len(mu := _read_stats(path)['mu']) != model.fc.in_features:
         raise UsageError(f'{path}: statistics of {len(mu)} features, but the Inception compares '
-                         f'{dim}; recompute them with python fid.py IMAGES --save_stats STATS')
+                         f'{model.fc.in_features}; recompute: fid.py IMAGES --save_stats STATS')
     return kind
 
 
@@ -463,8 +449,7 @@ def main(argv=None):
     if args.save_stats:
         save_stats(args.save_stats, stats[0]['mu'], stats[0]['sigma'], stats[0]['num_samples'])
         return print(f'wrote {args.save_stats}')
-    fid = fid_between(*stats, args.inputs)
-    print(f'FID {fid:.4f}  ({args.inputs[0]} vs {args.inputs[1]})')
+    print(f'FID {fid_between(*stats, args.inputs):.4f}  ({args.inputs[0]} vs {args.inputs[1]})')
 
 
 if __name__ == '__main__':

@@ -8,7 +8,6 @@ missing file says where to get it.
         --lpips vgg.pth --vgg vgg16-397923af.pth --convnext convnextv2_base_22k_224_ema.pt
 """
 import math
-import os
 
 import torch
 import torch.nn as nn
@@ -31,9 +30,8 @@ IMAGENET_MEAN, IMAGENET_STD = torch.tensor([.485, .456, .406]), torch.tensor([.2
 def load_weights(path, flag):
     """The state dict in a local weight file for --lpips/--vgg/--convnext (None passes through);
     a missing file says what to get."""
-    if path is not None and not os.path.isfile(path):
-        raise FileNotFoundError(f'--{flag} {path}: file not found; {HINTS[flag]}')
-    return path and read_torch_file(path, f'--{flag}')  # on CPU: lpips' file holds CUDA tensors
+    # on CPU: lpips' file holds CUDA tensors
+    return path and read_torch_file(path, f'--{flag}', f'; {HINTS[flag]}')
 
 
 class LPIPS(nn.Module):
@@ -145,7 +143,6 @@ def paired_random_resized_crop(a, b, size=224, scale=(0.08, 1.0), ratio=(3 / 4, 
                                generator=None):
     """Crop a and b (B,C,H,W) with the same random box per sample,
     bicubic+antialias resize -> (B,C,size,size) each."""
-    assert a.shape == b.shape, (a.shape, b.shape)
     crops = []
     for i in range(len(a)):
         top, left, ch, cw = _crop_box(*a.shape[-2:], scale, ratio, generator)
@@ -164,6 +161,7 @@ def _load(net, sd, name, keep=''):
         raise UsageError(f"--{name}: {len(bad)} of {len(want)} expected tensors missing or "
                          f"mis-shaped (e.g. {bad[0]!r}); {HINTS[name]}")
     net.load_state_dict({k: sd[k] for k in want}, strict=False)
+    return net
 
 
 class PerceptualLoss(nn.Module):
@@ -178,12 +176,11 @@ class PerceptualLoss(nn.Module):
         # (sample.LatentDecoder), set by train.py
         self.crop, self.decode, self.lpips, self.convnext = crop, None, None, None
         if lpips is not None or vgg is not None:  # LPIPS needs both (None: all missing)
-            self.lpips = LPIPS()
-            _load(self.lpips, vgg, 'vgg', 'features.')
+            self.lpips = _load(LPIPS(), vgg, 'vgg', 'features.')
             _load(self.lpips, lpips, 'lpips', 'lin')
         if convnext is not None:
-            self.convnext = ConvNeXtV2(depths, dims)
-            _load(self.convnext, convnext, 'convnext')  # the classifier head is left out
+            # the classifier head is left out
+            self.convnext = _load(ConvNeXtV2(depths, dims), convnext, 'convnext')
 
     @classmethod
     def random(cls, crop=32, depths=(1, 1, 1, 1), dims=(8, 16, 32, 64), seed=0):

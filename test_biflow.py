@@ -1963,7 +1963,7 @@ def test_data_pack_round_trip(tmp_path, ext, capsys):
     with pytest.warns(UserWarning, match='zz_broken'):
         pack(str(tmp_path / 'src'), out, 8)
     msg = capsys.readouterr().out
-    assert 'packed 8 images' in msg and '1 unreadable' in msg and 'zz_broken.png' in msg
+    assert 'packed 8 images' in msg and '1 unreadable' in msg   # the warning named the file
     expected = ['src', f'packed.{ext}'] + (['packed.labels.npy'] if ext == 'npy' else [])
     assert sorted(os.listdir(tmp_path)) == sorted(expected)  # no temporary files left behind
     ds, folder = build_dataset(out, 8), ImageFolder(str(tmp_path / 'src'), 8)
@@ -2023,7 +2023,7 @@ BAD_INPUTS += [
 
 @pytest.mark.parametrize('name, words', [
     ('dtype.npz', ['dtype.npz', 'uint8', 'float32']), ('shape.npz', ['shape.npz', '(4, 8, 8)']),
-    ('size.npz', ['size.npz', 'images are 16x16 but --img_size is 8']),
+    ('size.npz', ['size.npz', '(N, 8, 8, 3) for --img_size 8', '(4, 16, 16, 3)']),
     ('noarr0.npz', ['noarr0.npz', 'arr_0']), ('wrong.npy', ['wrong.npy', 'int16']),
     ('nlabels.npz', ['nlabels.npz', 'labels must be 4 integers']),
     ('neglabels.npz', ['neglabels.npz', '>= 0']), ('empty', ['empty', 'has no class subfolders']),
