@@ -78,8 +78,8 @@ def latent_decoder(latent, path, device='cpu', what='the checkpoint'):
 def load_models(path, device='cpu', noise_std=None, verbose=True, vae=None):
     """-> (model, flow, decode): a TarFlow and None, or a BiFlow reverse model and its frozen
     TarFlow; decode is None for pixel models, the LatentDecoder of a latent checkpoint (which needs
-    vae, the --vae path). noise_std overrides the sigma of a TarFlow; ml-tarflow state dicts need it
-    unless their file name carries it. Sampling uses the EMA weights, as the papers do."""
+    vae, the --vae path). ml-tarflow state dicts need noise_std (their training sigma) unless their
+    file name carries it. Sampling uses the EMA weights, as the papers do."""
     ckpt = read_torch_file(path, '--ckpt')
     kind = ckpt.get('kind') if isinstance(ckpt, dict) else None
     flow = None
@@ -99,8 +99,6 @@ def load_models(path, device='cpu', noise_std=None, verbose=True, vae=None):
     else:
         raise UsageError(f'--ckpt {path}: neither a train.py checkpoint '
                          'nor an ml-tarflow state dict')
-    if noise_std is not None and isinstance(model, TarFlow):   # Tweedie's step is sigma^2
-        model.cfg.noise_std = noise_std
     latent = ckpt.get('latent') if kind else None
     decode = latent_decoder(latent, vae, device, f'--ckpt {path}') if latent else None
     # frozen: the score is a gradient w.r.t. the input only, and weights that need grad would make
@@ -127,10 +125,10 @@ def generate(model, flow, z, labels, guidance=0.0, guidance_mode='auto', ramp=Fa
     if isinstance(model, TarFlow):
         return model.sample(labels, guidance=guidance, ramp=ramp, attn_temp=attn_temp,
                             denoise=denoise, z=z, kv_dtype=kv_dtype, jacobi=jacobi)
-    mode = model.cfg.guidance_mode if guidance_mode == 'auto' else guidance_mode
-    if mode == 'train':   # w is an input of G: the guided sample in a single pass
-        return model.decode(z, labels, torch.full((len(z),), float(guidance)), flow=flow)
-    return model.decode(z, labels, inference_w=guidance, flow=flow)   # cond + null streams
+    # train: w is an input of G (the guided sample in one pass); inference: Eq. 4, cond + null
+    train = (model.cfg.guidance_mode if guidance_mode == 'auto' else guidance_mode) == 'train'
+    return model.decode(z, labels, torch.full((len(z),), float(guidance) * train),
+                        inference_w=0.0 if train else guidance, flow=flow)
 
 
 def to_uint8(x):
@@ -140,29 +138,25 @@ def to_uint8(x):
     return ((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
-def grid_labels(num_classes):
-    """A look-at grid: 100 samples, a row of 10 per class (the first 10, cycled), or 64 (8 x 8)
-    of an unconditional model. -> (n, labels or None)"""
-    return (100, torch.arange(100) // 10 % num_classes) if num_classes else (64, None)
-
-
 def generate_grid(model, flow, path, guidance=1.0, seed=0, decode=None):
     """A grid of one row per class (10 per row) written to path, from the same noise at every call
     so that successive checkpoints compare sample for sample (train.py's grids)."""
-    n, labels = grid_labels(model.cfg.num_classes)
-    imgs, _, _ = sample_shard(model, flow, n, 0, 1, seed, 16, labels, guidance=guidance,
-                              decode=decode)
-    save_grid(imgs, path, nrow=10 if labels is not None else 8)
+    imgs, _, _ = sample_shard(model, flow, None, 0, 1, seed, 16, guidance=guidance, decode=decode)
+    save_grid(imgs, path, nrow=10 if model.cfg.num_classes else 8)
 
 
-@torch.no_grad()
 def sample_shard(model, flow, n, rank, world, seed, batch_size, labels=None, progress=False,
                  decode=None, **kw):
-    """Rank r decodes its contiguous share of the global indices 0..n-1 in batches; labels: given
-    ones, cycled (3, 5, 3, 5, ...), or None for uniformly random ones (the FID protocol).
+    """Rank r decodes its contiguous share of the global indices 0..n-1 in batches (n=None: a
+    look-at grid, a row of 10 per class, the first 10 cycled, or 8 x 8 of an unconditional model);
+    labels: given ones, cycled (3, 5, 3, 5, ...), else the grid's, else uniformly random ones (the
+    FID protocol).
     -> (uint8 NHWC, labels (zeros for an unconditional model), #non-finite). decode: a latent
     model's LatentDecoder, applied after Tweedie denoising in latent space."""
     device, ncls = next(model.parameters()).device, model.cfg.num_classes
+    if n is None:
+        n = 100 if ncls else 64
+        labels = torch.arange(100) // 10 % ncls if labels is None and ncls else labels
     idx = torch.arange(n).tensor_split(world)[rank]   # shares differ by 1 at most (n < W: none)
     if labels is None:   # every rank draws all n from one stream (unconditional: zeros)
         labels = torch.randint(max(ncls, 1), (n,), generator=torch.Generator()
@@ -295,7 +289,7 @@ def get_args(argv=None):
     a('--kv_dtype', choices=['fp32', 'bf16'], default='fp32', help='the KV cache (bf16: half)')
     a('--jacobi', type=float, metavar='TOL', help='TarFlow: Jacobi passes over all tokens until '
       'none moves by > TOL (0: exact), not the sequential inverse (the default, deterministic)')
-    a('--noise_std', type=float, help='training sigma (ml-tarflow: if not in its file name)')
+    a('--noise_std', type=float, help='ml-tarflow: its training sigma, if not in its file name')
     a = p.add_argument_group('inpainting and editing (a reverse checkpoint: F and G)').add_argument
     a('--inpaint', help='image to complete: keep the noise of the known tokens, redraw the rest')
     a('--mask', help='with --inpaint: image of the same size, white = region to regenerate')
@@ -337,32 +331,27 @@ def main(argv=None):
     # by index over the ranks: a look-at grid (a row per class), or N (labels drawn uniformly)
     if args.inpaint or args.edit:
         (imgs, labs, grid), bad = training_free(args, model, flow, decode, labels, device), 0
-    else:
-        # N samples: labels uniformly random (the FID protocol) unless given
-        n, grid = (args.num_samples, None) if args.num_samples else grid_labels(ncls)
-        labels = grid if labels is None else labels
-        # each rank decodes its share of global indices; rank 0 alone writes and scores the set
+    else:   # each rank decodes its share of global indices; rank 0 alone writes and scores them
         imgs, labs, bad = gather_shards(*sample_shard(
-            model, flow, n, rank, world, args.seed, args.batch_size, labels, rank == 0, decode,
-            guidance=args.guidance, guidance_mode=args.guidance_mode, ramp=args.ramp,
-            attn_temp=args.attn_temp, denoise=args.denoise, jacobi=args.jacobi,
+            model, flow, args.num_samples, rank, world, args.seed, args.batch_size, labels,
+            rank == 0, decode, guidance=args.guidance, guidance_mode=args.guidance_mode,
+            ramp=args.ramp, attn_temp=args.attn_temp, denoise=args.denoise, jacobi=args.jacobi,
             kv_dtype=torch.bfloat16 if args.kv_dtype == 'bf16' else None), world)
         grid = None if imgs is None else imgs[:100]   # a default run: a row per class
 
     if rank == 0:
-        n = len(imgs)
         if bad:
-            print(f'WARNING: {bad} of {n} samples had non-finite values (kept, as grey pixels)')
+            print(f'WARNING: {bad} of {len(imgs)} samples not finite (kept, as grey pixels)')
         if args.npz:  # first: the samples are the costly part, the grid is only a look at them
             atomic_write(args.npz, lambda f: save_npz(f, arr_0=imgs, arr_1=labs))
             print(f'wrote {args.npz}: arr_0 {imgs.shape} uint8, arr_1 {labs.shape} labels')
         # the grid: the first 100 samples, or one row of an image and its completions or edit
         save_grid(grid, args.out,
                   nrow=len(grid) if args.inpaint or args.edit else 10 if ncls else 8)
-        print(f'wrote {args.out}: {len(grid)} images ({n} samples)')
+        print(f'wrote {args.out}: {len(grid)} images ({len(imgs)} samples)')
         if args.fid:   # printed with N and the reference, so the number cannot be misread
             res = fid.fid_from_samples(imgs, args.fid, inception, device)
-            print(f'FID {res["fid"]:.4f} on {n} samples vs {args.fid}' + (
+            print(f'FID {res["fid"]:.4f} on {len(imgs)} samples vs {args.fid}' + (
                 f' | IS {res["inception_score"]:.3f}' if res.get('inception_score') else ''))
     # a clean exit, together: rank 0 may still be writing and scoring when the others get here
     if world > 1:
