@@ -17,7 +17,6 @@ uniformly at random from a stream seeded by --seed: the output does not depend o
 on the number of ranks, and the default sampler (the sequential exact inverse) is deterministic.
 """
 import argparse
-import os
 import re
 import zipfile
 
@@ -38,7 +37,7 @@ def ml_tarflow_sigma(path, noise_std=None, verbose=True):
     """The sigma an ml-tarflow state dict was trained with: --noise_std, else the last field of
     Apple's file names ({dataset}_model_{P}_{Ch}_{T}_{K}_{sigma:.2f}.pth). Their dicts do not record
     it, and a wrong sigma silently weakens or overdoes Tweedie denoising, so there is no default."""
-    m = re.search(r'_(\d*\.\d+)\.pth?$', os.path.basename(path))
+    m = re.search(r'_(\d*\.\d+)\.pth?$', path)   # the name's last field: no '/' in it
     if noise_std is None and m is None:
         raise UsageError('ml-tarflow state dicts do not record their noise sigma, nor does this '
                          'file name; pass --noise_std (Apple: AFHQ 0.07, ImageNet-128 0.15)')
@@ -72,17 +71,15 @@ def latent_decoder(latent, path, device='cpu', what='the checkpoint'):
     vae = None if path is None else load_vae(path, device)   # no SD VAE: refused in one line
     if vae is None or vae.fingerprint != want['fingerprint']:
         raise UsageError(f"--vae {path}: is not the VAE {what}'s latents were encoded with "
-                         f"({want['name']}, fingerprint {want['fingerprint']}); pass that one "
-                         '(a weight file or a diffusers folder)' +
-                         ('' if vae is None else f', not one with fingerprint {vae.fingerprint}'))
+                         f"({want['name']}, fingerprint {want['fingerprint']}); pass that one")
     return LatentDecoder(vae, latent).to(device)
 
 
 def load_models(path, device='cpu', noise_std=None, verbose=True, vae=None):
     """-> (model, flow, decode): a TarFlow and None, or a BiFlow reverse model and its frozen
     TarFlow; decode is None for pixel models, the LatentDecoder of a latent checkpoint (which needs
-    vae, the --vae path). noise_std overrides the sigma of a TarFlow; ml-tarflow state dicts need it
-    unless their file name carries it. Sampling uses the EMA weights, as the papers do."""
+    vae, the --vae path). ml-tarflow state dicts need noise_std (their training sigma) unless their
+    file name carries it. Sampling uses the EMA weights, as the papers do."""
     ckpt = read_torch_file(path, '--ckpt')
     kind = ckpt.get('kind') if isinstance(ckpt, dict) else None
     flow = None
@@ -102,8 +99,6 @@ def load_models(path, device='cpu', noise_std=None, verbose=True, vae=None):
     else:
         raise UsageError(f'--ckpt {path}: neither a train.py checkpoint '
                          'nor an ml-tarflow state dict')
-    if noise_std is not None and isinstance(model, TarFlow):   # Tweedie's step is sigma^2
-        model.cfg.noise_std = noise_std
     latent = ckpt.get('latent') if kind else None
     decode = latent_decoder(latent, vae, device, f'--ckpt {path}') if latent else None
     # frozen: the score is a gradient w.r.t. the input only, and weights that need grad would make
@@ -130,10 +125,10 @@ def generate(model, flow, z, labels, guidance=0.0, guidance_mode='auto', ramp=Fa
     if isinstance(model, TarFlow):
         return model.sample(labels, guidance=guidance, ramp=ramp, attn_temp=attn_temp,
                             denoise=denoise, z=z, kv_dtype=kv_dtype, jacobi=jacobi)
-    mode = model.cfg.guidance_mode if guidance_mode == 'auto' else guidance_mode
-    if mode == 'train':   # w is an input of G: the guided sample in a single pass
-        return model.decode(z, labels, torch.full((len(z),), float(guidance)), flow=flow)
-    return model.decode(z, labels, inference_w=guidance, flow=flow)   # cond + null streams
+    # train: w is an input of G (the guided sample in one pass); inference: Eq. 4, cond + null
+    train = (model.cfg.guidance_mode if guidance_mode == 'auto' else guidance_mode) == 'train'
+    return model.decode(z, labels, torch.full((len(z),), float(guidance) * train),
+                        inference_w=0.0 if train else guidance, flow=flow)
 
 
 def to_uint8(x):
@@ -143,40 +138,34 @@ def to_uint8(x):
     return ((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
-def grid_labels(num_classes):
-    """A look-at grid: 100 samples, a row of 10 per class (the first 10, cycled), or 64 (8 x 8)
-    of an unconditional model. -> (n, labels or None)"""
-    return (100, torch.arange(100) // 10 % num_classes) if num_classes else (64, None)
-
-
 def generate_grid(model, flow, path, guidance=1.0, seed=0, decode=None):
     """A grid of one row per class (10 per row) written to path, from the same noise at every call
     so that successive checkpoints compare sample for sample (train.py's grids)."""
-    n, labels = grid_labels(model.cfg.num_classes)
-    imgs, _, _ = sample_shard(model, flow, n, 0, 1, seed, 16, labels, guidance=guidance,
-                              decode=decode)
-    save_grid(imgs, path, nrow=10 if labels is not None else 8)
+    imgs, _, _ = sample_shard(model, flow, None, 0, 1, seed, 16, guidance=guidance, decode=decode)
+    save_grid(imgs, path, nrow=10 if model.cfg.num_classes else 8)
 
 
-@torch.no_grad()
 def sample_shard(model, flow, n, rank, world, seed, batch_size, labels=None, progress=False,
                  decode=None, **kw):
-    """Rank r decodes the contiguous global indices [r*ceil(n/W), ...) in batches; labels: given
-    ones, cycled (3, 5, 3, 5, ...), or None for uniformly random ones (the FID protocol).
-    -> (uint8 NHWC, labels, #non-finite). decode: a latent model's LatentDecoder, applied after
-    Tweedie denoising in latent space."""
-    device = next(model.parameters()).device
-    per = -(-n // world)   # the last rank may get fewer (even none); the total is exactly n
-    idx = list(range(rank * per, min(n, (rank + 1) * per)))
-    if labels is None and model.cfg.num_classes:   # every rank draws all n from one stream
-        labels = torch.randint(model.cfg.num_classes, (n,), generator=torch.Generator()
+    """Rank r decodes its contiguous share of the global indices 0..n-1 in batches (n=None: a
+    look-at grid, a row of 10 per class, the first 10 cycled, or 8 x 8 of an unconditional model);
+    labels: given ones, cycled (3, 5, 3, 5, ...), else the grid's, else uniformly random ones (the
+    FID protocol).
+    -> (uint8 NHWC, labels (zeros for an unconditional model), #non-finite). decode: a latent
+    model's LatentDecoder, applied after Tweedie denoising in latent space."""
+    device, ncls = next(model.parameters()).device, model.cfg.num_classes
+    if n is None:
+        n = 100 if ncls else 64
+        labels = torch.arange(100) // 10 % ncls if labels is None and ncls else labels
+    idx = torch.arange(n).tensor_split(world)[rank]   # shares differ by 1 at most (n < W: none)
+    if labels is None:   # every rank draws all n from one stream (unconditional: zeros)
+        labels = torch.randint(max(ncls, 1), (n,), generator=torch.Generator()
                                .manual_seed(seed + 12345))   # apart from every noise stream
-    if labels is not None:
-        labels = labels.repeat(-(-n // len(labels)))[:n]
+    labels = labels.repeat(-(-n // len(labels)))[:n]
     out, bad, meter = [], 0, Progress(n, 'samples', enabled=progress)
     for s in range(0, len(idx), batch_size):
         bi = idx[s:s + batch_size]
-        y = None if labels is None else labels[bi].to(device)
+        y = labels[bi].to(device) if ncls else None
         x = generate(model, flow, noise_for(seed, bi, model, device), y, **kw)
         x = x if decode is None else decode(x)
         # count, never drop or redraw: a sampler that diverges must show in the numbers
@@ -185,8 +174,7 @@ def sample_shard(model, flow, n, rank, world, seed, batch_size, labels=None, pro
         meter.update(min(n, (s + len(bi)) * world))
     H = model.cfg.img_size if decode is None else decode.img_size
     imgs = np.concatenate(out) if out else np.zeros((0, H, H, 3), np.uint8)
-    # unconditional: no labels at all (arr_1 is then zeros)
-    return imgs, np.zeros(len(idx), np.int64) if labels is None else labels[idx].numpy(), bad
+    return imgs, labels[idx].numpy(), bad
 
 
 def gather_shards(imgs, labels, bad, world, chunk_bytes=2 ** 26):
@@ -221,11 +209,11 @@ def distributed_fid(model, flow, ref, n, guidance, seed, rank, world, device,
 
 
 def save_npz(f, **arrays):
-    """np.savez with a fixed time stamp in the zip: the same samples give the same bytes."""
+    """np.savez with a fixed time stamp in the zip (ZipInfo's default, 1980-01-01): the same
+    samples give the same bytes."""
     with zipfile.ZipFile(f, 'w') as z:
         for k, a in arrays.items():
-            with z.open(zipfile.ZipInfo(f'{k}.npy', (1980, 1, 1, 0, 0, 0)), 'w',
-                        force_zip64=True) as g:
+            with z.open(zipfile.ZipInfo(f'{k}.npy'), 'w', force_zip64=True) as g:
                 np.lib.format.write_array(g, np.asarray(a))
 
 
@@ -249,25 +237,24 @@ def training_free(args, model, flow, decode, labels, device):
         raise UsageError(f'--mask {args.mask}: is {"x".join(map(str, mask.size))} pixels, but '
                          f'--inpaint is {"x".join(map(str, img.size))}; give one of the same size')
     # the same ADM centre crop as the training data: an image is seen as F saw its training set
-    src, mask = (torch.from_numpy(np.array(center_crop(im, model.cfg.img_size))).permute(2, 0, 1)
-                 [None].to(device).float() / 127.5 - 1 for im in (img, mask))   # (1, C, H, W)
-    y = None if labels is None else labels[:1].to(device)
+    src, mask = (torch.tensor(center_crop(im, model.cfg.img_size)).permute(2, 0, 1)[None]
+                 .to(device).float() / 127.5 - 1 for im in (img, mask))   # (1, C, H, W)
+    n = 1 if args.edit else args.num_samples or 8   # completions of one image, each its own noise
+    y = None if labels is None else labels[:1].expand(n).to(device)
     # F encodes noisy data (it was trained on x + sigma*eps): that noise is seeded like the samples'
     eps = torch.randn(src.shape, generator=torch.Generator().manual_seed(args.seed)).to(device)
+    x, eps = src.expand(n, -1, -1, -1), eps.expand(n, -1, -1, -1)
     if args.edit:
-        x = edit(model, flow, src, y, torch.full_like(y, args.to_class), args.guidance, eps)
+        x = edit(model, flow, x, y, torch.full_like(y, args.to_class), args.guidance, eps)
         return to_uint8(x), np.array([args.to_class]), to_uint8(torch.cat([src, x]))
-    n = args.num_samples or 8   # several completions of one image, each from its own noise
     redraw = (mask.mean(1, keepdim=True) > 0).expand(n, -1, -1, -1)   # white: redraw
     if not redraw.any():
         raise UsageError(f'--mask {args.mask}: has no white pixel inside the centre crop, so '
                          'nothing to complete')
-    noise = noise_for(args.seed, range(n), model, device)
-    x, _ = inpaint(model, flow, src.expand(n, -1, -1, -1), redraw,
-                   None if y is None else y.expand(n), noise, args.guidance,
-                   eps.expand(n, -1, -1, -1))
-    hole = torch.where(redraw[:1], torch.zeros_like(src), src)
-    return to_uint8(x), np.full(n, 0 if y is None else int(y)), to_uint8(torch.cat([src, hole, x]))
+    x, _ = inpaint(model, flow, x, redraw, y, noise_for(args.seed, range(n), model, device),
+                   args.guidance, eps)
+    grid = torch.cat([src, torch.where(redraw[:1], 0.0, src), x])   # the hole in mid-grey
+    return to_uint8(x), np.full(n, 0 if y is None else int(y[0])), to_uint8(grid)
 
 
 def int_list(text):
@@ -302,7 +289,7 @@ def get_args(argv=None):
     a('--kv_dtype', choices=['fp32', 'bf16'], default='fp32', help='the KV cache (bf16: half)')
     a('--jacobi', type=float, metavar='TOL', help='TarFlow: Jacobi passes over all tokens until '
       'none moves by > TOL (0: exact), not the sequential inverse (the default, deterministic)')
-    a('--noise_std', type=float, help='training sigma (ml-tarflow: if not in its file name)')
+    a('--noise_std', type=float, help='ml-tarflow: its training sigma, if not in its file name')
     a = p.add_argument_group('inpainting and editing (a reverse checkpoint: F and G)').add_argument
     a('--inpaint', help='image to complete: keep the noise of the known tokens, redraw the rest')
     a('--mask', help='with --inpaint: image of the same size, white = region to regenerate')
@@ -326,9 +313,8 @@ def main(argv=None):
     for flag, path in (('--out', args.out), ('--npz', args.npz)):
         if path is not None and rank == 0:
             check_writable(path, flag)
-    # TF32 matmuls; sampling stays in fp32 otherwise (the inverse compounds errors)
-    if device.type == 'cuda':
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    # TF32 matmuls on a GPU; sampling stays in fp32 otherwise (the inverse compounds errors)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     # --fid: the network and the reference are checked now, not after the samples are drawn
     inception = fid.load_inception(args.inception, device) if args.fid and rank == 0 else None
     if inception is not None:
@@ -345,33 +331,27 @@ def main(argv=None):
     # by index over the ranks: a look-at grid (a row per class), or N (labels drawn uniformly)
     if args.inpaint or args.edit:
         (imgs, labs, grid), bad = training_free(args, model, flow, decode, labels, device), 0
-    else:
-        n, grid = grid_labels(ncls)
-        if args.num_samples:   # N samples, labels uniformly random (the FID protocol) unless given
-            n, grid = args.num_samples, None
-        labels = grid if labels is None else labels
-        # each rank decodes its share of global indices; rank 0 alone writes and scores the set
+    else:   # each rank decodes its share of global indices; rank 0 alone writes and scores them
         imgs, labs, bad = gather_shards(*sample_shard(
-            model, flow, n, rank, world, args.seed, args.batch_size, labels, rank == 0, decode,
-            guidance=args.guidance, guidance_mode=args.guidance_mode, ramp=args.ramp,
-            attn_temp=args.attn_temp, denoise=args.denoise, jacobi=args.jacobi,
+            model, flow, args.num_samples, rank, world, args.seed, args.batch_size, labels,
+            rank == 0, decode, guidance=args.guidance, guidance_mode=args.guidance_mode,
+            ramp=args.ramp, attn_temp=args.attn_temp, denoise=args.denoise, jacobi=args.jacobi,
             kv_dtype=torch.bfloat16 if args.kv_dtype == 'bf16' else None), world)
         grid = None if imgs is None else imgs[:100]   # a default run: a row per class
 
     if rank == 0:
-        n = len(imgs)
         if bad:
-            print(f'WARNING: {bad} of {n} samples had non-finite values (kept, as grey pixels)')
+            print(f'WARNING: {bad} of {len(imgs)} samples not finite (kept, as grey pixels)')
         if args.npz:  # first: the samples are the costly part, the grid is only a look at them
             atomic_write(args.npz, lambda f: save_npz(f, arr_0=imgs, arr_1=labs))
             print(f'wrote {args.npz}: arr_0 {imgs.shape} uint8, arr_1 {labs.shape} labels')
         # the grid: the first 100 samples, or one row of an image and its completions or edit
         save_grid(grid, args.out,
                   nrow=len(grid) if args.inpaint or args.edit else 10 if ncls else 8)
-        print(f'wrote {args.out}: {len(grid)} images ({n} samples)')
+        print(f'wrote {args.out}: {len(grid)} images ({len(imgs)} samples)')
         if args.fid:   # printed with N and the reference, so the number cannot be misread
             res = fid.fid_from_samples(imgs, args.fid, inception, device)
-            print(f'FID {res["fid"]:.4f} on {n} samples vs {args.fid}' + (
+            print(f'FID {res["fid"]:.4f} on {len(imgs)} samples vs {args.fid}' + (
                 f' | IS {res["inception_score"]:.3f}' if res.get('inception_score') else ''))
     # a clean exit, together: rank 0 may still be writing and scoring when the others get here
     if world > 1:
