@@ -30,8 +30,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from data import (BUILTIN, HelpFormatter, Progress, UsageError, atomic_write, open_source,
-                  read_torch_file, run_cli, setup_distributed)
+from data import (BUILTIN, HelpFormatter, Progress, UsageError, atomic_write, center_crop,
+                  open_source, read_torch_file, run_cli, setup_distributed)
 
 VAE_HINT = ('download the SD VAE, e.g. https://huggingface.co/stabilityai/sd-vae-ft-mse/resolve/'
             'main/diffusion_pytorch_model.safetensors (or that of stabilityai/sd-vae-ft-ema)')
@@ -245,32 +245,30 @@ def convert_state_dict(sd):
 def config_from_state_dict(sd):
     """VAEConfig from tensor shapes (norm_num_groups cannot be seen in them: the default 32);
     None if not a VAE."""
-    def shape(k):
-        return tuple(sd[k].shape) if isinstance(sd.get(k), torch.Tensor) else None
-    ch = []
-    while shape(f'encoder.down_blocks.{len(ch)}.resnets.0.conv1.weight'):
-        ch.append(shape(f'encoder.down_blocks.{len(ch)}.resnets.0.conv1.weight')[0])
+    def shape(layer):   # its weight's, None if absent
+        w = sd.get(f'{layer}.weight')
+        return tuple(w.shape) if isinstance(w, torch.Tensor) else None
+    ch = []   # the width of each down block: its first conv's output channels
+    while shape(f'encoder.down_blocks.{len(ch)}.resnets.0.conv1'):
+        ch.append(shape(f'encoder.down_blocks.{len(ch)}.resnets.0.conv1')[0])
     layers = sum(k.startswith('encoder.down_blocks.0.resnets.') and k.endswith('.conv1.weight')
                  for k in sd)
-    ends = [shape(f'{k}.weight')
-            for k in ('encoder.conv_in', 'decoder.conv_out', 'post_quant_conv')]
-    if not ch or None in ends:
-        return None
-    return VAEConfig(ends[0][1], ends[1][0], ends[2][0], tuple(ch), layers)
+    ends = [shape(k) for k in ('encoder.conv_in', 'decoder.conv_out', 'post_quant_conv')]
+    if ch and None not in ends:
+        return VAEConfig(ends[0][1], ends[1][0], ends[2][0], tuple(ch), layers)
 
 
 def _find_weights(path, flag):
     """(weight file, its diffusers config.json or None) of a file or a diffusers folder."""
-    if os.path.isdir(path):
-        found = [f for d in (path, os.path.join(path, 'vae')) for f in
-                 (os.path.join(d, f'diffusion_pytorch_model.{e}') for e in ('safetensors', 'bin'))
+    if os.path.isdir(path):   # diffusers' names, in the folder or in its vae/
+        found = [f for f in (os.path.join(path, d, f'diffusion_pytorch_model.{e}')
+                             for d in ('', 'vae') for e in ('safetensors', 'bin'))
                  if os.path.isfile(f)]
-        if not found:
-            raise FileNotFoundError(f'{flag} {path}: a folder without diffusion_pytorch_model'
-                                    f'.safetensors or .bin (nor in vae/); {VAE_HINT}')
-        path = found[0]
-    elif not os.path.isfile(path):
-        raise FileNotFoundError(f'{flag} {path}: no such file or folder; {VAE_HINT}')
+        path = found[0] if found else path
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'{flag} {path}: no such file or folder, or a folder without '
+                                'diffusion_pytorch_model.safetensors or .bin (nor in vae/); '
+                                + VAE_HINT)
     # a file under diffusers' name: the config.json beside it describes it
     config = os.path.join(os.path.dirname(path), 'config.json')
     named = os.path.basename(path).startswith('diffusion_pytorch_model.')
@@ -283,10 +281,8 @@ def load_vae(path, device='cpu', flag='--vae'):
     weights, config = _find_weights(path, flag)
     sd = (read_safetensors(weights) if weights.endswith('.safetensors')
           else read_torch_file(weights, flag))
-    if not isinstance(sd, dict):
-        raise UsageError(f'{flag} {weights}: holds a {type(sd).__name__}, '
-                         'not a state dict of the SD VAE')
-    sd, given = convert_state_dict(sd), {}
+    # anything but a dict is no state dict: the key check below lists what it lacks
+    sd, given = convert_state_dict(sd if isinstance(sd, dict) else {}), {}
     try:   # config.json is authoritative (norm_num_groups is only there)
         if config:
             with open(config) as f:
@@ -298,7 +294,7 @@ def load_vae(path, device='cpu', flag='--vae'):
     # a field that config.json lacks keeps the value the shapes imply (not a VAE: the default
     # config, so that the key check below lists what is missing)
     cfg = replace(config_from_state_dict(sd) or VAEConfig(),
-                  **{k: v for k, v in given.items() if k in {f.name for f in fields(VAEConfig)}})
+                  **{f.name: given[f.name] for f in fields(VAEConfig) if f.name in given})
     # one check serves every value that no network can be built of (groups that do not divide a
     # width, a negative count, a string, ...); a network that builds must then fit the weights
     try:
@@ -311,14 +307,12 @@ def load_vae(path, device='cpu', flag='--vae'):
     want = {k: tuple(v.shape) for k, v in vae.state_dict().items()}
     got = {k: tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
            for k, v in sd.items()}
-    problems = [(what, sorted(keys)) for what, keys in [
-        ('missing', want.keys() - got.keys()), ('unexpected', got.keys() - want.keys()),
-        ('mis-shaped', [f'{k} {got[k]} (want {want[k]})' for k in want.keys() & got.keys()
-                        if got[k] != want[k]])] if keys]
-    if problems:
+    wrong = [f'{k} {got.get(k, "missing")} (want {want.get(k, "none")})'
+             for k in sorted(want.keys() | got.keys()) if got.get(k) != want.get(k)]
+    if wrong:
         raise UsageError(f'{flag} {weights}: not an SD VAE (AutoencoderKL) of {vae.cfg}: '
-                         + '; '.join(f'{len(keys)} {what} keys, e.g. {", ".join(keys[:4])}'
-                                     for what, keys in problems))
+                         f'{len(wrong)} keys missing, unexpected or mis-shaped, e.g. '
+                         + '; '.join(wrong[:4]))
     vae.load_state_dict({k: v.to(device=device, dtype=torch.float32) for k, v in sd.items()},
                         assign=True)
     return vae.eval().requires_grad_(False)
@@ -350,9 +344,6 @@ class _Readable(Dataset):
     def __init__(self, ds):
         self.ds = ds
 
-    def __len__(self):
-        return len(self.ds)
-
     def __getitem__(self, i):
         arr = self.ds.load(i)   # (H, W, 3) uint8, None if unreadable
         if arr is None:
@@ -365,26 +356,24 @@ def _marker(out, j):
     return os.path.join(out, 'done', f'{j:06d}.json')
 
 
-def _check_out(out, settings, overwrite):
-    """Refuse an OUT that encode must not write into. Reads only, so every rank runs it; without
-    settings (before the VAE has run) only a foreign folder and a complete set are refused."""
-    if not os.path.exists(out):
-        return
-    if not os.path.isdir(out):
+def _prepare_out(out, settings, overwrite, shape):
+    """Rank 0, before any rank encodes: refuse an OUT that encode must not write into; then OUT
+    with progress.json (the settings, first), the zero-filled latents.npy and labels.npy (each
+    created whole under a temporary name) and done/."""
+    if os.path.exists(out) and not os.path.isdir(out):
         raise UsageError(f'encode OUT {out}: is a file, '
                          'expected a folder (new, empty, or an unfinished latent set)')
+    os.makedirs(out, exist_ok=True)
     names = os.listdir(out)
-    foreign = sorted(x for x in names if not any(x == f or x.startswith(f + '.')
-                                                 for f in LATENT_FILES))
+    foreign = sorted(x for x in names if x not in LATENT_FILES
+                     and not x.startswith(tuple(f + '.' for f in LATENT_FILES)))
     if foreign:
         raise UsageError(f'encode OUT {out}: holds {foreign[0]!r}, which is no part of a latent '
                          'set; give a new or empty folder')
-    if overwrite:
-        return
-    if 'meta.json' in names:
+    if 'meta.json' in names and not overwrite:
         raise FileExistsError(f'encode OUT {out}: already holds a complete latent set (meta.json); '
                               'pass --overwrite to re-encode it')
-    if settings and 'progress.json' in names:
+    if 'progress.json' in names and not overwrite:
         with open(os.path.join(out, 'progress.json')) as f:
             old = json.load(f)
         for k, v in settings.items():
@@ -393,15 +382,9 @@ def _check_out(out, settings, overwrite):
                                  f'{old.get(k)!r}, but this one has {k} {v!r} '
                                  f'({_SETTING_FLAGS[k]}); rerun with the first settings to resume '
                                  'it, or pass --overwrite to start over')
-
-
-def _prepare_out(out, settings, overwrite, shape):
-    """Rank 0, before any rank encodes: OUT with progress.json (the settings, first), the
-    zero-filled latents.npy and labels.npy (each created whole under a temporary name), done/."""
-    os.makedirs(out, exist_ok=True)
     # meta.json first, so a crash part-way leaves an unfinished set, never a complete-looking mix;
     # without --overwrite only the temporary files of a killed run go
-    for name in sorted(os.listdir(out), key=lambda name: name != 'meta.json'):
+    for name in sorted(names, key=lambda name: name != 'meta.json'):
         path = os.path.join(out, name)
         if overwrite or name not in LATENT_FILES:
             shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
@@ -424,10 +407,7 @@ def encode(src, out, vae, img_size, batch_size=64, norm='channel', limit=None, o
     Shard j holds images [j * chunk, (j + 1) * chunk); rank r writes shards r, r + world, ... and
     marks each done once flushed (OUT/done/<j>.json, atomically). A rerun of the same command
     skips the marked shards; rank 0 writes meta.json, atomically and last, once all are done."""
-    if norm not in ('channel', 'sd', 'compute'):
-        raise UsageError(f"--norm {norm!r}: expected 'channel', 'sd' or 'compute'")
     device = torch.device(device)
-    _check_out(out, None, overwrite)   # a complete set is refused before SRC is listed
     ds = open_source(src, img_size, split, flag='encode SRC', latents=False)
     n = len(ds) if limit is None else min(limit, len(ds))
     if n == 0:
@@ -440,16 +420,9 @@ def encode(src, out, vae, img_size, batch_size=64, norm='channel', limit=None, o
     settings = {'source': src if src in BUILTIN else os.path.abspath(src),
                 'split': split if src in BUILTIN else None, 'img_size': img_size, 'n': n,
                 'latent_shape': [C, h, w], 'vae_fingerprint': vae.fingerprint, 'chunk': chunk}
-    # the ranks wait for each other in a 12-hour gloo group: listing ImageNet or the last shard
+    # the ranks wait for each other in a 12-hour gloo group: the last shards of a resumed encode
     # may take longer than NCCL's 10-minute timeout
     group = world > 1 and dist.new_group(backend='gloo', timeout=datetime.timedelta(hours=12))
-
-    def sync():   # every rank gets here before any goes on
-        if group:
-            dist.barrier(group=group)
-
-    _check_out(out, settings, overwrite)   # every rank, so that each fails with the message
-    sync()
     shards = math.ceil(n / chunk)
     if rank == 0:
         _prepare_out(out, settings, overwrite, (n, 2, 2, C, h, w))
@@ -457,17 +430,18 @@ def encode(src, out, vae, img_size, batch_size=64, norm='channel', limit=None, o
         print(f'encoding {n} images of {img_size}x{img_size} from {src} into {out}: latents '
               f'{C}x{h}x{w}, {shards - left} of {shards} shards done before, {left} to do by '
               f'{world} rank(s)', flush=True)
-    sync()
+    if group:   # OUT is ready
+        dist.barrier(group=group)
     mine = [j for j in range(rank, shards, world) if not os.path.isfile(_marker(out, j))]
     _encode_shards(ds, out, vae, mine, n, chunk, batch_size, workers, device,
                    Progress(sum(min(chunk, n - j * chunk) for j in mine),
                             'encoded' + (f' (rank 0 of {world})' if world > 1 else ''),
                             enabled=rank == 0))
-    sync()
+    if group:   # every shard is marked
+        dist.barrier(group=group)
+        dist.destroy_process_group(group)
     if rank == 0:
         _finish(out, ds, src, settings, norm, vae_name)
-    if group:
-        dist.destroy_process_group(group)
 
 
 def _encode_shards(ds, out, vae, mine, n, chunk, batch_size, workers, device, progress):
@@ -514,10 +488,9 @@ def _finish(out, ds, src, settings, norm, vae_name):
         # posterior samples mean + std * eps: E[x] = E[mean], Var[x] = E[mean^2] + E[std^2] - E[x]^2
         avg = np.sum([mark['sums'] for mark in marks], 0) / (n * 2 * h * w)
         mean, std = avg[0].tolist(), np.sqrt(avg[1] + avg[2] - avg[0] ** 2).tolist()
-    else:
-        mean, std = LATENT_NORMS[norm]
-        mean, std = (mean * C, std * C) if len(mean) == 1 else (mean, std)
-    bad = [i for mark in marks for i in mark['unreadable']]
+    else:   # one value (sd) serves every channel
+        mean, std = (v * (C // len(v)) for v in LATENT_NORMS[norm])
+    bad = [ds.files[i] for mark in marks for i in mark['unreadable']]
     meta = {'format': 'latents', 'version': 1, 'n': n, 'img_size': img_size,
             'latent_shape': [C, h, w], 'num_classes': int(ds.num_classes), 'source': src,
             **({'split': settings['split']} if src in BUILTIN else {}),
@@ -528,10 +501,8 @@ def _finish(out, ds, src, settings, norm, vae_name):
     os.remove(os.path.join(out, 'progress.json'))
     shutil.rmtree(os.path.join(out, 'done'))
     print(f'encoded {n} images of {img_size}x{img_size} from {src} into {out}: latents '
-          f'{C}x{h}x{w}, norm {norm}; {len(bad)} unreadable'
-          + (' (each replaced by the next readable file)' if bad else ''), flush=True)
-    for i in bad:
-        print(f'  unreadable: {ds.files[i]}')
+          f'{C}x{h}x{w}, norm {norm}; {len(bad)} unreadable, each replaced by the next readable '
+          'file' + ''.join(f'\n  {path}' for path in bad), flush=True)
 
 
 # -----------------------------------------------------------------------------
@@ -544,9 +515,8 @@ def main(argv=None):
     check = sub.add_parser('check', formatter_class=HelpFormatter,
                            help='load a VAE: print its config, size and fingerprint')
     check.add_argument('path', help='weight file (.safetensors, .bin, .pt) or diffusers folder')
-    check.add_argument('--image', help="round-trip this image, print the PSNR (sd-vae-ft-mse's "
-                       'model card: 24.5 +/- 3.7 dB on COCO at 256x256)')
-    check.add_argument('--device', default='cpu', help="'cpu' or 'cuda'")
+    check.add_argument('--image', help="round-trip this image's 256x256 centre crop on the CPU, "
+                       "print the PSNR (sd-vae-ft-mse's model card: 24.5 +/- 3.7 dB on COCO)")
     enc = sub.add_parser('encode', formatter_class=HelpFormatter,
                          help='encode images and their mirror images once into a latent set; '
                          'under torchrun the ranks share the shards; a rerun resumes')
@@ -565,34 +535,9 @@ def main(argv=None):
     enc.add_argument('--workers', type=int, default=4, help='decoding processes per rank')
     enc.add_argument('--overwrite', action='store_true', help='replace a latent set in OUT')
     enc.add_argument('--device', default='auto', help="'auto' (cuda if available), 'cuda' or 'cpu'")
-    args = p.parse_args(argv)
-    if args.cmd == 'check':
-        check_vae(args.path, args.image, args.device)
-    else:
-        encode_main(p, args)
-
-
-def check_vae(path, image, device):
-    """Print a VAE's config, parameter counts and fingerprint; with an image, its PSNR."""
-    vae = load_vae(path, device, flag='path')
-    count = {part: sum(t.numel() for t in getattr(vae, part).parameters()) / 1e6
-             for part in ('encoder', 'decoder')}
-    print(f'{vae.cfg}\nencoder {count["encoder"]:.2f}M, decoder {count["decoder"]:.2f}M '
-          f'parameters; fingerprint {vae.fingerprint}')
-    if image:
-        down = 2 ** (len(vae.cfg.block_out_channels) - 1)   # the downsampling factor, 8
-        img = np.array(Image.open(image).convert('RGB'))   # (H, W, 3) uint8
-        img = img[:img.shape[0] // down * down, :img.shape[1] // down * down]
-        x = torch.from_numpy(img).permute(2, 0, 1)[None].float().div(127.5).sub(1).to(device)
-        with torch.no_grad():
-            y = vae.decode(vae.encode(x)[0]).clamp(-1, 1)
-        mse = ((y - x) / 2).pow(2).mean().item()   # on [0, 1]
-        print(f'{image} {tuple(x.shape[2:])}: PSNR of decode(mean) '
-              f'{10 * math.log10(1 / mse):.2f} dB')
-
-
-def encode_main(p, a):
-    """`vae.py encode`: check the flags, then encode on every rank."""
+    a = p.parse_args(argv)
+    if a.cmd == 'check':
+        return check_vae(a.path, a.image)
     if a.img_size <= 0 or a.img_size % 8:
         p.error(f'--img_size {a.img_size}: must be a positive multiple of 8 '
                 '(the VAE downsamples by 8)')
@@ -608,6 +553,20 @@ def encode_main(p, a):
            rank, world, device)
     if world > 1:   # a clean exit: torchrun reports a rank that leaves the group open
         dist.destroy_process_group()
+
+
+def check_vae(path, image):
+    """Print a VAE's config, parameter counts and fingerprint; with an image, its PSNR."""
+    vae = load_vae(path, flag='path')
+    count = [sum(p.numel() for p in part.parameters()) / 1e6 for part in (vae.encoder, vae.decoder)]
+    print(f'{vae.cfg}\nencoder {count[0]:.2f}M, decoder {count[1]:.2f}M parameters; '
+          f'fingerprint {vae.fingerprint}')
+    if image:   # as encode crops it at --img_size 256; PSNR on [0, 1]
+        x = torch.from_numpy(center_crop(Image.open(image).convert('RGB'), 256).copy())
+        x = x.permute(2, 0, 1)[None].float() / 127.5 - 1   # (1, 3, 256, 256)
+        with torch.no_grad():
+            mse = ((vae.decode(vae.encode(x)[0]).clamp(-1, 1) - x) / 2).pow(2).mean().item()
+        print(f'{image}: PSNR of decode(mean) {-10 * math.log10(mse):.2f} dB')
 
 
 if __name__ == '__main__':
