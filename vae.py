@@ -20,6 +20,7 @@ import json
 import math
 import os
 import shutil
+from collections import OrderedDict
 from dataclasses import asdict, dataclass, fields, replace
 
 import numpy as np
@@ -86,31 +87,6 @@ class Attention(nn.Module):
         return x + self.to_out[0](o).transpose(1, 2).reshape(B, C, H, W)
 
 
-class Block(nn.Module):
-    """An encoder down block or a decoder up block: `n` ResnetBlocks, then a x2 resampler (none on
-    the last block). Down: pad right and bottom by one, 3x3 conv stride 2 (the original LDM code's
-    asymmetric padding). Up: nearest x2, 3x3 conv."""
-    def __init__(self, cin, cout, n, groups, resample=None):  # resample: 'down', 'up' or None
-        super().__init__()
-        self.resnets = nn.ModuleList([ResnetBlock(cin if j == 0 else cout, cout, groups)
-                                      for j in range(n)])
-        self.resample = resample
-        # diffusers' keys down_blocks.{i}.downsamplers.0.conv, up_blocks.{i}.upsamplers.0.conv
-        if resample:
-            conv = (nn.Conv2d(cout, cout, 3, stride=2) if resample == 'down'
-                    else nn.Conv2d(cout, cout, 3, padding=1))
-            self.add_module(f'{resample}samplers', nn.ModuleList([nn.ModuleDict({'conv': conv})]))
-
-    def forward(self, x):  # (B,cin,H,W) -> (B,cout,H/2,W/2), (B,cout,2H,2W) or (B,cout,H,W)
-        for r in self.resnets:
-            x = r(x)
-        if self.resample == 'down':
-            return self.downsamplers[0]['conv'](F.pad(x, (0, 1, 0, 1)))
-        if self.resample == 'up':
-            return self.upsamplers[0]['conv'](F.interpolate(x, scale_factor=2.0, mode='nearest'))
-        return x
-
-
 class MidBlock(nn.Module):
     def __init__(self, c, groups):
         super().__init__()
@@ -121,42 +97,46 @@ class MidBlock(nn.Module):
         return self.resnets[1](self.attentions[0](self.resnets[0](x)))
 
 
-class Encoder(nn.Module):
-    def __init__(self, cfg: VAEConfig):
-        super().__init__()
-        ch, g, n = cfg.block_out_channels, cfg.norm_num_groups, len(cfg.block_out_channels)
-        self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
-        self.down_blocks = nn.ModuleList([Block(ch[max(i - 1, 0)], ch[i], cfg.layers_per_block, g,
-                                                'down' if i < n - 1 else None) for i in range(n)])
-        self.mid_block = MidBlock(ch[-1], g)
-        self.conv_norm_out = _norm(ch[-1], g)
-        # mean and log-variance
-        self.conv_out = nn.Conv2d(ch[-1], 2 * cfg.latent_channels, 3, padding=1)
-
-    def forward(self, x):  # (B,3,H,W) -> (B,2L,H/8,W/8)
-        x = self.conv_in(x)
-        for block in self.down_blocks:
-            x = block(x)
-        return self.conv_out(F.silu(self.conv_norm_out(self.mid_block(x))))
+def _resampler(c, up):
+    """x2 up: nearest, 3x3 conv. x2 down: pad right and bottom by one, 3x3 conv stride 2 (the
+    original LDM code's asymmetric padding). In a Sequential of one: diffusers' keys
+    {up,down}samplers.0.conv."""
+    scale = nn.Upsample(scale_factor=2.0, mode='nearest') if up else nn.ZeroPad2d((0, 1, 0, 1))
+    conv = nn.Conv2d(c, c, 3, padding=1) if up else nn.Conv2d(c, c, 3, stride=2)
+    return nn.Sequential(nn.Sequential(OrderedDict(scale=scale, conv=conv)))
 
 
-class Decoder(nn.Module):
-    def __init__(self, cfg: VAEConfig):
-        super().__init__()
-        # widest first
-        ch, g, n = cfg.block_out_channels[::-1], cfg.norm_num_groups, len(cfg.block_out_channels)
-        self.conv_in = nn.Conv2d(cfg.latent_channels, ch[0], 3, padding=1)
-        self.mid_block = MidBlock(ch[0], g)
-        self.up_blocks = nn.ModuleList([Block(ch[max(i - 1, 0)], ch[i], cfg.layers_per_block + 1, g,
-                                              'up' if i < n - 1 else None) for i in range(n)])
-        self.conv_norm_out = _norm(ch[-1], g)
-        self.conv_out = nn.Conv2d(ch[-1], cfg.out_channels, 3, padding=1)
+def _blocks(ch, n, groups, up):
+    """The encoder's down blocks or the decoder's up blocks, of widths ch: each n ResnetBlocks,
+    then a x2 resampler (none after the last)."""
+    blocks = []
+    for i, c in enumerate(ch):
+        layers = OrderedDict(resnets=nn.Sequential(
+            *[ResnetBlock(ch[max(i - 1, 0)] if j == 0 else c, c, groups) for j in range(n)]))
+        if i < len(ch) - 1:
+            layers['upsamplers' if up else 'downsamplers'] = _resampler(c, up)
+        blocks.append(nn.Sequential(layers))
+    return nn.Sequential(*blocks)
 
-    def forward(self, z):  # (B,L,h,w) -> (B,3,8h,8w)
-        x = self.mid_block(self.conv_in(z))
-        for block in self.up_blocks:
-            x = block(x)
-        return self.conv_out(F.silu(self.conv_norm_out(x)))
+
+def encoder(cfg):
+    """(B,3,H,W) image -> (B,2L,H/8,W/8) posterior mean and log-variance."""
+    ch, g = cfg.block_out_channels, cfg.norm_num_groups
+    return nn.Sequential(OrderedDict(
+        conv_in=nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1),
+        down_blocks=_blocks(ch, cfg.layers_per_block, g, up=False),
+        mid_block=MidBlock(ch[-1], g), conv_norm_out=_norm(ch[-1], g), silu=nn.SiLU(),
+        conv_out=nn.Conv2d(ch[-1], 2 * cfg.latent_channels, 3, padding=1)))
+
+
+def decoder(cfg):
+    """(B,L,h,w) latent -> (B,3,8h,8w) image: the widest block first, one more ResnetBlock each."""
+    ch, g = cfg.block_out_channels[::-1], cfg.norm_num_groups
+    return nn.Sequential(OrderedDict(
+        conv_in=nn.Conv2d(cfg.latent_channels, ch[0], 3, padding=1), mid_block=MidBlock(ch[0], g),
+        up_blocks=_blocks(ch, cfg.layers_per_block + 1, g, up=True),
+        conv_norm_out=_norm(ch[-1], g), silu=nn.SiLU(),
+        conv_out=nn.Conv2d(ch[-1], cfg.out_channels, 3, padding=1)))
 
 
 class VAE(nn.Module):
@@ -165,7 +145,7 @@ class VAE(nn.Module):
         super().__init__()
         # widths as a tuple: equal configs compare (and fingerprint) equal
         self.cfg = cfg = replace(cfg, block_out_channels=tuple(cfg.block_out_channels))
-        self.encoder, self.decoder = Encoder(cfg), Decoder(cfg)
+        self.encoder, self.decoder = encoder(cfg), decoder(cfg)
         self.quant_conv = nn.Conv2d(2 * cfg.latent_channels, 2 * cfg.latent_channels, 1)
         self.post_quant_conv = nn.Conv2d(cfg.latent_channels, cfg.latent_channels, 1)
 
