@@ -212,12 +212,10 @@ def convert_state_dict(sd):
     1x1-conv (4-D) attention weights reshaped to Linear's."""
     out = {}
     for k, v in sd.items():
-        path, _, leaf = k.rpartition('.')
-        parent, _, name = path.rpartition('.')
-        if '.attentions.' in k and name in _OLD_ATTENTION:
-            k = f'{parent}.{_OLD_ATTENTION[name]}.{leaf}'
-        if '.attentions.' in k and isinstance(v, torch.Tensor) and v.ndim == 4:
-            v = v.flatten(1)   # (C,C,1,1) -> (C,C)
+        if '.attentions.' in k:   # old names; (C,C,1,1) 1x1-conv weights -> (C,C)
+            for old, new in _OLD_ATTENTION.items():
+                k = k.replace(f'.{old}.', f'.{new}.')
+            v = v.flatten(1) if isinstance(v, torch.Tensor) and v.ndim == 4 else v
         out[k] = v
     return out
 
@@ -381,13 +379,12 @@ def _prepare_out(out, settings, overwrite, shape):
 
 def encode(src, out, vae, img_size, batch_size=64, norm='channel', limit=None, overwrite=False,
            split='train', chunk=ENCODE_CHUNK, workers=0, vae_name='vae', rank=0, world=1,
-           device='cpu'):
+           device=torch.device('cpu')):
     """Encode SRC's images (ADM centre crop) and their mirror images into the latent set OUT (see
     data.LatentDataset): vae.encode(x in [-1, 1], (B, 3, H, W)) -> (mean, std), each (B, C, h, w).
     Shard j holds images [j * chunk, (j + 1) * chunk); rank r writes shards r, r + world, ... and
     marks each done once flushed (OUT/done/<j>.json, atomically). A rerun of the same command
     skips the marked shards; rank 0 writes meta.json, atomically and last, once all are done."""
-    device = torch.device(device)
     ds = open_source(src, img_size, split, flag='encode SRC', latents=False)
     n = len(ds) if limit is None else min(limit, len(ds))
     if n == 0:
@@ -419,7 +416,6 @@ def encode(src, out, vae, img_size, batch_size=64, norm='channel', limit=None, o
                             enabled=rank == 0))
     if group:   # every shard is marked
         dist.barrier(group=group)
-        dist.destroy_process_group(group)
     if rank == 0:
         _finish(out, ds, src, settings, norm, vae_name)
 
@@ -443,9 +439,8 @@ def _encode_shards(ds, out, vae, mine, n, chunk, batch_size, workers, device, pr
             lat[i0:i1], lab[i0:i1] = moments.float().cpu().numpy(), y.numpy()
             bad += idx[~readable].tolist()
             # per-channel sums of mean, mean^2, std^2 over images, mirror images and positions
-            m = moments.double().cpu()
-            sums = sums + torch.stack([m[:, :, 0], m[:, :, 0] ** 2, m[:, :, 1] ** 2]).sum(
-                (1, 2, 4, 5))
+            m = moments.double().cpu().transpose(0, 2)   # (2 [mean, std], 2, B, C, h, w)
+            sums = sums + torch.stack([m[0], m[0] ** 2, m[1] ** 2]).sum((1, 2, 4, 5))
             if i1 == ends[i0 // chunk]:   # the shard is whole: on disk first, then marked done
                 lat.flush()
                 lab.flush()
@@ -538,9 +533,8 @@ def main(argv=None):
 def check_vae(path, image):
     """Print a VAE's config, parameter counts and fingerprint; with an image, its PSNR."""
     vae = load_vae(path, flag='path')
-    count = [sum(p.numel() for p in part.parameters()) / 1e6 for part in (vae.encoder, vae.decoder)]
-    print(f'{vae.cfg}\nencoder {count[0]:.2f}M, decoder {count[1]:.2f}M parameters; '
-          f'fingerprint {vae.fingerprint}')
+    size = sum(p.numel() for p in vae.parameters()) / 1e6
+    print(f'{vae.cfg}: {size:.2f}M parameters, fingerprint {vae.fingerprint}')
     if image:   # as encode crops it at --img_size 256; PSNR on [0, 1]
         x = torch.from_numpy(center_crop(Image.open(image).convert('RGB'), 256).copy())
         x = x.permute(2, 0, 1)[None].float() / 127.5 - 1   # (1, 3, 256, 256)
