@@ -19,6 +19,7 @@ import hashlib
 import json
 import math
 import os
+import pathlib
 import shutil
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, fields, replace
@@ -29,7 +30,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from data import (BUILTIN, HelpFormatter, Progress, UsageError, atomic_write, center_crop,
                   open_source, read_torch_file, run_cli, setup_distributed)
@@ -316,21 +317,8 @@ _SETTING_FLAGS = {'source': 'SRC', 'split': '--split', 'img_size': '--img_size',
                   'latent_shape': '--vae', 'vae_fingerprint': '--vae', 'chunk': '--chunk'}
 
 
-class _Readable(Dataset):
-    """(i, uint8 (3, H, W), label, readable): the item a source serves for image i (ImageFolder's
-    substitute if unreadable) and whether image i itself could be read, counted in any worker."""
-    def __init__(self, ds):
-        self.ds = ds
-
-    def __getitem__(self, i):
-        arr = self.ds.load(i)   # (H, W, 3) uint8, None if unreadable
-        if arr is None:
-            return (i, *self.ds[i], False)
-        return i, torch.from_numpy(arr.copy()).permute(2, 0, 1), int(self.ds.targets[i]), True
-
-
 def _marker(out, j):
-    """The mark that shard j is written: its unreadable images and its sums for --norm compute."""
+    """The mark that shard j is written, holding its sums for --norm compute."""
     return os.path.join(out, 'done', f'{j:06d}.json')
 
 
@@ -352,8 +340,7 @@ def _prepare_out(out, settings, overwrite, shape):
         raise FileExistsError(f'encode OUT {out}: already holds a complete latent set (meta.json); '
                               'pass --overwrite to re-encode it')
     if 'progress.json' in names and not overwrite:
-        with open(os.path.join(out, 'progress.json')) as f:
-            old = json.load(f)
+        old = json.loads(pathlib.Path(out, 'progress.json').read_text())
         for k, v in settings.items():
             if old.get(k) != v:
                 raise UsageError(f'encode OUT {out}: holds an unfinished encode made with {k} '
@@ -427,27 +414,26 @@ def _encode_shards(ds, out, vae, mine, n, chunk, batch_size, workers, device, pr
     ends = {j: min(n, (j + 1) * chunk) for j in mine}
     batches = [list(range(s, min(s + batch_size, ends[j])))   # never across a shard's end
                for j in mine for s in range(j * chunk, ends[j], batch_size)]
-    loader = DataLoader(_Readable(ds), batch_sampler=batches, num_workers=workers,
+    # an unreadable file: ImageFolder warns, naming it, and serves the next readable one
+    loader = DataLoader(ds, batch_sampler=batches, num_workers=workers,
                         pin_memory=device.type == 'cuda')
-    done, bad, sums = 0, [], 0
+    done, sums = 0, 0
     with torch.no_grad():
-        for idx, x, y, readable in loader:
+        for idx, (x, y) in zip(batches, loader):
             x = x.to(device, non_blocking=True).float() / 127.5 - 1   # as the Loader's pixels
             # the mirror image's own posterior, not the mirrored latent: (B, 2, 2, C, h, w)
             moments = torch.stack([torch.stack(vae.encode(v), 1) for v in (x, x.flip(-1))], 1)
-            i0, i1 = int(idx[0]), int(idx[-1]) + 1
+            i0, i1 = idx[0], idx[-1] + 1
             lat[i0:i1], lab[i0:i1] = moments.float().cpu().numpy(), y.numpy()
-            bad += idx[~readable].tolist()
             # per-channel sums of mean, mean^2, std^2 over images, mirror images and positions
             m = moments.double().cpu().transpose(0, 2)   # (2 [mean, std], 2, B, C, h, w)
             sums = sums + torch.stack([m[0], m[0] ** 2, m[1] ** 2]).sum((1, 2, 4, 5))
             if i1 == ends[i0 // chunk]:   # the shard is whole: on disk first, then marked done
                 lat.flush()
                 lab.flush()
-                mark = {'unreadable': bad, 'sums': sums.tolist()}
-                atomic_write(_marker(out, i0 // chunk),
-                             lambda f: f.write(json.dumps(mark).encode()))
-                bad, sums = [], 0
+                mark = json.dumps(sums.tolist()).encode()
+                atomic_write(_marker(out, i0 // chunk), lambda f: f.write(mark))
+                sums = 0
             done += i1 - i0
             progress.update(done)
 
@@ -455,29 +441,24 @@ def _encode_shards(ds, out, vae, mine, n, chunk, batch_size, workers, device, pr
 def _finish(out, ds, src, settings, norm, vae_name):
     """Rank 0, once every shard is marked: meta.json (atomically, last), then the bookkeeping."""
     n, img_size, (C, h, w) = settings['n'], settings['img_size'], settings['latent_shape']
-    marks = []
-    for j in range(math.ceil(n / settings['chunk'])):
-        with open(_marker(out, j)) as f:
-            marks.append(json.load(f))
     if norm == 'compute':
         # posterior samples mean + std * eps: E[x] = E[mean], Var[x] = E[mean^2] + E[std^2] - E[x]^2
-        avg = np.sum([mark['sums'] for mark in marks], 0) / (n * 2 * h * w)
+        avg = np.sum([json.loads(pathlib.Path(_marker(out, j)).read_text())
+                      for j in range(math.ceil(n / settings['chunk']))], 0) / (n * 2 * h * w)
         mean, std = avg[0].tolist(), np.sqrt(avg[1] + avg[2] - avg[0] ** 2).tolist()
     else:   # one value (sd) serves every channel
         mean, std = (v * (C // len(v)) for v in LATENT_NORMS[norm])
-    bad = [ds.files[i] for mark in marks for i in mark['unreadable']]
     meta = {'format': 'latents', 'version': 1, 'n': n, 'img_size': img_size,
             'latent_shape': [C, h, w], 'num_classes': int(ds.num_classes), 'source': src,
             **({'split': settings['split']} if src in BUILTIN else {}),
             'vae': {'name': vae_name, 'fingerprint': settings['vae_fingerprint']},
-            'norm': {'kind': norm, 'mean': mean, 'std': std}, 'unreadable': len(bad)}
+            'norm': {'kind': norm, 'mean': mean, 'std': std}}
     atomic_write(os.path.join(out, 'meta.json'),
                  lambda f: f.write((json.dumps(meta, indent=1) + '\n').encode()))
     os.remove(os.path.join(out, 'progress.json'))
     shutil.rmtree(os.path.join(out, 'done'))
     print(f'encoded {n} images of {img_size}x{img_size} from {src} into {out}: latents '
-          f'{C}x{h}x{w}, norm {norm}; {len(bad)} unreadable, each replaced by the next readable '
-          'file' + ''.join(f'\n  {path}' for path in bad), flush=True)
+          f'{C}x{h}x{w}, norm {norm}', flush=True)
 
 
 # -----------------------------------------------------------------------------
