@@ -3083,8 +3083,8 @@ def test_vae_config_json_shape_and_fallbacks(tmp_path):
     imply, its groups must divide those widths, and the network it describes must fit the
     weights."""
     sd = int_vae().state_dict()
-    with pytest.raises(ValueError, match=r'list/config\.json: not a diffusers config\.json '
-                                         r'\(a list, not a JSON object\)$'):
+    with pytest.raises(ValueError, match=r'list/config\.json: not a diffusers config\.json, '
+                                         r'a JSON object \('):
         load_vae(folder(tmp_path / 'list', sd, [1, 2]))
     vae = load_vae(folder(tmp_path / 'few', sd, {'norm_num_groups': 16}))
     assert vae.cfg == VAEConfig(block_out_channels=(32, 32), layers_per_block=1, norm_num_groups=16)

@@ -188,8 +188,7 @@ _SAFETENSORS_DTYPES = {
 def read_safetensors(path):
     """A .safetensors file -> {name: CPU tensor}: u64 little-endian header size, JSON header, then
     raw little-endian bytes at each tensor's data_offsets (counted from the end of the header)."""
-    with open(path, 'rb') as f:
-        blob = f.read()
+    blob = pathlib.Path(path).read_bytes()
     n = int.from_bytes(blob[:8], 'little')
     body, out = memoryview(blob)[8 + n:], {}
     try:
@@ -240,10 +239,9 @@ def config_from_state_dict(sd):
 def _find_weights(path, flag):
     """(weight file, its diffusers config.json or None) of a file or a diffusers folder."""
     if os.path.isdir(path):   # diffusers' names, in the folder or in its vae/
-        found = [f for f in (os.path.join(path, d, f'diffusion_pytorch_model.{e}')
-                             for d in ('', 'vae') for e in ('safetensors', 'bin'))
-                 if os.path.isfile(f)]
-        path = found[0] if found else path
+        path = next((f for f in (os.path.join(path, d, f'diffusion_pytorch_model.{e}')
+                                 for d in ('', 'vae') for e in ('safetensors', 'bin'))
+                     if os.path.isfile(f)), path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f'{flag} {path}: no such file or folder, or a folder without '
                                 'diffusion_pytorch_model.safetensors or .bin (nor in vae/); '
@@ -262,14 +260,12 @@ def load_vae(path, device='cpu', flag='--vae'):
           else read_torch_file(weights, flag))
     # anything but a dict is no state dict: the key check below lists what it lacks
     sd, given = convert_state_dict(sd if isinstance(sd, dict) else {}), {}
-    try:   # config.json is authoritative (norm_num_groups is only there)
-        if config:
-            with open(config) as f:
-                given = json.load(f)
-        if not isinstance(given, dict):
-            raise ValueError(f'a {type(given).__name__}, not a JSON object')
-    except ValueError as e:   # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        raise UsageError(f'{flag} {config}: not a diffusers config.json ({e})') from e
+    if config:   # config.json is authoritative (norm_num_groups is only there)
+        try:   # not JSON, not UTF-8 (ValueErrors), or not an object (dict() raises)
+            given = dict(json.loads(pathlib.Path(config).read_text()))
+        except (ValueError, TypeError) as e:
+            raise UsageError(f'{flag} {config}: not a diffusers config.json, a JSON object '
+                             f'({e})') from e
     # a field that config.json lacks keeps the value the shapes imply (not a VAE: the default
     # config, so that the key check below lists what is missing)
     cfg = replace(config_from_state_dict(sd) or VAEConfig(),
@@ -280,9 +276,8 @@ def load_vae(path, device='cpu', flag='--vae'):
         with torch.device('meta'):   # no random init of weights that are replaced at once
             vae = VAE(cfg)
     except (TypeError, ValueError, IndexError, RuntimeError, ZeroDivisionError) as e:
-        hint = '' if config else '; a diffusers config.json beside the weights sets its config'
-        raise UsageError(f'{flag} {config or weights}: cannot build an SD VAE of {cfg} '
-                         f'({e}){hint}') from e
+        raise UsageError(f'{flag} {config or weights}: cannot build an SD VAE of {cfg} ({e}); '
+                         'a diffusers config.json beside the weights sets its config') from e
     want = {k: tuple(v.shape) for k, v in vae.state_dict().items()}
     got = {k: tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
            for k, v in sd.items()}
