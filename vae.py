@@ -19,7 +19,9 @@ import hashlib
 import json
 import math
 import os
+import pathlib
 import shutil
+from collections import OrderedDict
 from dataclasses import asdict, dataclass, fields, replace
 
 import numpy as np
@@ -28,10 +30,10 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
-from data import (BUILTIN, HelpFormatter, Progress, UsageError, atomic_write, open_source,
-                  read_torch_file, run_cli, setup_distributed)
+from data import (BUILTIN, HelpFormatter, Progress, UsageError, atomic_write, center_crop,
+                  open_source, read_torch_file, run_cli, setup_distributed)
 
 VAE_HINT = ('download the SD VAE, e.g. https://huggingface.co/stabilityai/sd-vae-ft-mse/resolve/'
             'main/diffusion_pytorch_model.safetensors (or that of stabilityai/sd-vae-ft-ema)')
@@ -86,31 +88,6 @@ class Attention(nn.Module):
         return x + self.to_out[0](o).transpose(1, 2).reshape(B, C, H, W)
 
 
-class Block(nn.Module):
-    """An encoder down block or a decoder up block: `n` ResnetBlocks, then a x2 resampler (none on
-    the last block). Down: pad right and bottom by one, 3x3 conv stride 2 (the original LDM code's
-    asymmetric padding). Up: nearest x2, 3x3 conv."""
-    def __init__(self, cin, cout, n, groups, resample=None):  # resample: 'down', 'up' or None
-        super().__init__()
-        self.resnets = nn.ModuleList([ResnetBlock(cin if j == 0 else cout, cout, groups)
-                                      for j in range(n)])
-        self.resample = resample
-        # diffusers' keys down_blocks.{i}.downsamplers.0.conv, up_blocks.{i}.upsamplers.0.conv
-        if resample:
-            conv = (nn.Conv2d(cout, cout, 3, stride=2) if resample == 'down'
-                    else nn.Conv2d(cout, cout, 3, padding=1))
-            self.add_module(f'{resample}samplers', nn.ModuleList([nn.ModuleDict({'conv': conv})]))
-
-    def forward(self, x):  # (B,cin,H,W) -> (B,cout,H/2,W/2), (B,cout,2H,2W) or (B,cout,H,W)
-        for r in self.resnets:
-            x = r(x)
-        if self.resample == 'down':
-            return self.downsamplers[0]['conv'](F.pad(x, (0, 1, 0, 1)))
-        if self.resample == 'up':
-            return self.upsamplers[0]['conv'](F.interpolate(x, scale_factor=2.0, mode='nearest'))
-        return x
-
-
 class MidBlock(nn.Module):
     def __init__(self, c, groups):
         super().__init__()
@@ -121,42 +98,46 @@ class MidBlock(nn.Module):
         return self.resnets[1](self.attentions[0](self.resnets[0](x)))
 
 
-class Encoder(nn.Module):
-    def __init__(self, cfg: VAEConfig):
-        super().__init__()
-        ch, g, n = cfg.block_out_channels, cfg.norm_num_groups, len(cfg.block_out_channels)
-        self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
-        self.down_blocks = nn.ModuleList([Block(ch[max(i - 1, 0)], ch[i], cfg.layers_per_block, g,
-                                                'down' if i < n - 1 else None) for i in range(n)])
-        self.mid_block = MidBlock(ch[-1], g)
-        self.conv_norm_out = _norm(ch[-1], g)
-        # mean and log-variance
-        self.conv_out = nn.Conv2d(ch[-1], 2 * cfg.latent_channels, 3, padding=1)
-
-    def forward(self, x):  # (B,3,H,W) -> (B,2L,H/8,W/8)
-        x = self.conv_in(x)
-        for block in self.down_blocks:
-            x = block(x)
-        return self.conv_out(F.silu(self.conv_norm_out(self.mid_block(x))))
+def _resampler(c, up):
+    """x2 up: nearest, 3x3 conv. x2 down: pad right and bottom by one, 3x3 conv stride 2 (the
+    original LDM code's asymmetric padding). In a Sequential of one: diffusers' keys
+    {up,down}samplers.0.conv."""
+    scale = nn.Upsample(scale_factor=2.0, mode='nearest') if up else nn.ZeroPad2d((0, 1, 0, 1))
+    conv = nn.Conv2d(c, c, 3, padding=1) if up else nn.Conv2d(c, c, 3, stride=2)
+    return nn.Sequential(nn.Sequential(OrderedDict(scale=scale, conv=conv)))
 
 
-class Decoder(nn.Module):
-    def __init__(self, cfg: VAEConfig):
-        super().__init__()
-        # widest first
-        ch, g, n = cfg.block_out_channels[::-1], cfg.norm_num_groups, len(cfg.block_out_channels)
-        self.conv_in = nn.Conv2d(cfg.latent_channels, ch[0], 3, padding=1)
-        self.mid_block = MidBlock(ch[0], g)
-        self.up_blocks = nn.ModuleList([Block(ch[max(i - 1, 0)], ch[i], cfg.layers_per_block + 1, g,
-                                              'up' if i < n - 1 else None) for i in range(n)])
-        self.conv_norm_out = _norm(ch[-1], g)
-        self.conv_out = nn.Conv2d(ch[-1], cfg.out_channels, 3, padding=1)
+def _blocks(ch, n, groups, up):
+    """The encoder's down blocks or the decoder's up blocks, of widths ch: each n ResnetBlocks,
+    then a x2 resampler (none after the last)."""
+    blocks = []
+    for i, c in enumerate(ch):
+        layers = OrderedDict(resnets=nn.Sequential(
+            *[ResnetBlock(ch[max(i - 1, 0)] if j == 0 else c, c, groups) for j in range(n)]))
+        if i < len(ch) - 1:
+            layers['upsamplers' if up else 'downsamplers'] = _resampler(c, up)
+        blocks.append(nn.Sequential(layers))
+    return nn.Sequential(*blocks)
 
-    def forward(self, z):  # (B,L,h,w) -> (B,3,8h,8w)
-        x = self.mid_block(self.conv_in(z))
-        for block in self.up_blocks:
-            x = block(x)
-        return self.conv_out(F.silu(self.conv_norm_out(x)))
+
+def encoder(cfg):
+    """(B,3,H,W) image -> (B,2L,H/8,W/8) posterior mean and log-variance."""
+    ch, g = cfg.block_out_channels, cfg.norm_num_groups
+    return nn.Sequential(OrderedDict(
+        conv_in=nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1),
+        down_blocks=_blocks(ch, cfg.layers_per_block, g, up=False),
+        mid_block=MidBlock(ch[-1], g), conv_norm_out=_norm(ch[-1], g), silu=nn.SiLU(),
+        conv_out=nn.Conv2d(ch[-1], 2 * cfg.latent_channels, 3, padding=1)))
+
+
+def decoder(cfg):
+    """(B,L,h,w) latent -> (B,3,8h,8w) image: the widest block first, one more ResnetBlock each."""
+    ch, g = cfg.block_out_channels[::-1], cfg.norm_num_groups
+    return nn.Sequential(OrderedDict(
+        conv_in=nn.Conv2d(cfg.latent_channels, ch[0], 3, padding=1), mid_block=MidBlock(ch[0], g),
+        up_blocks=_blocks(ch, cfg.layers_per_block + 1, g, up=True),
+        conv_norm_out=_norm(ch[-1], g), silu=nn.SiLU(),
+        conv_out=nn.Conv2d(ch[-1], cfg.out_channels, 3, padding=1)))
 
 
 class VAE(nn.Module):
@@ -165,7 +146,7 @@ class VAE(nn.Module):
         super().__init__()
         # widths as a tuple: equal configs compare (and fingerprint) equal
         self.cfg = cfg = replace(cfg, block_out_channels=tuple(cfg.block_out_channels))
-        self.encoder, self.decoder = Encoder(cfg), Decoder(cfg)
+        self.encoder, self.decoder = encoder(cfg), decoder(cfg)
         self.quant_conv = nn.Conv2d(2 * cfg.latent_channels, 2 * cfg.latent_channels, 1)
         self.post_quant_conv = nn.Conv2d(cfg.latent_channels, cfg.latent_channels, 1)
 
@@ -207,8 +188,7 @@ _SAFETENSORS_DTYPES = {
 def read_safetensors(path):
     """A .safetensors file -> {name: CPU tensor}: u64 little-endian header size, JSON header, then
     raw little-endian bytes at each tensor's data_offsets (counted from the end of the header)."""
-    with open(path, 'rb') as f:
-        blob = f.read()
+    blob = pathlib.Path(path).read_bytes()
     n = int.from_bytes(blob[:8], 'little')
     body, out = memoryview(blob)[8 + n:], {}
     try:
@@ -232,12 +212,10 @@ def convert_state_dict(sd):
     1x1-conv (4-D) attention weights reshaped to Linear's."""
     out = {}
     for k, v in sd.items():
-        path, _, leaf = k.rpartition('.')
-        parent, _, name = path.rpartition('.')
-        if '.attentions.' in k and name in _OLD_ATTENTION:
-            k = f'{parent}.{_OLD_ATTENTION[name]}.{leaf}'
-        if '.attentions.' in k and isinstance(v, torch.Tensor) and v.ndim == 4:
-            v = v.flatten(1)   # (C,C,1,1) -> (C,C)
+        if '.attentions.' in k:   # old names; (C,C,1,1) 1x1-conv weights -> (C,C)
+            for old, new in _OLD_ATTENTION.items():
+                k = k.replace(f'.{old}.', f'.{new}.')
+            v = v.flatten(1) if isinstance(v, torch.Tensor) and v.ndim == 4 else v
         out[k] = v
     return out
 
@@ -245,32 +223,29 @@ def convert_state_dict(sd):
 def config_from_state_dict(sd):
     """VAEConfig from tensor shapes (norm_num_groups cannot be seen in them: the default 32);
     None if not a VAE."""
-    def shape(k):
-        return tuple(sd[k].shape) if isinstance(sd.get(k), torch.Tensor) else None
-    ch = []
-    while shape(f'encoder.down_blocks.{len(ch)}.resnets.0.conv1.weight'):
-        ch.append(shape(f'encoder.down_blocks.{len(ch)}.resnets.0.conv1.weight')[0])
+    def shape(layer):   # its weight's, None if absent
+        w = sd.get(f'{layer}.weight')
+        return tuple(w.shape) if isinstance(w, torch.Tensor) else None
+    ch = []   # the width of each down block: its first conv's output channels
+    while shape(f'encoder.down_blocks.{len(ch)}.resnets.0.conv1'):
+        ch.append(shape(f'encoder.down_blocks.{len(ch)}.resnets.0.conv1')[0])
     layers = sum(k.startswith('encoder.down_blocks.0.resnets.') and k.endswith('.conv1.weight')
                  for k in sd)
-    ends = [shape(f'{k}.weight')
-            for k in ('encoder.conv_in', 'decoder.conv_out', 'post_quant_conv')]
-    if not ch or None in ends:
-        return None
-    return VAEConfig(ends[0][1], ends[1][0], ends[2][0], tuple(ch), layers)
+    ends = [shape(k) for k in ('encoder.conv_in', 'decoder.conv_out', 'post_quant_conv')]
+    if ch and None not in ends:
+        return VAEConfig(ends[0][1], ends[1][0], ends[2][0], tuple(ch), layers)
 
 
 def _find_weights(path, flag):
     """(weight file, its diffusers config.json or None) of a file or a diffusers folder."""
-    if os.path.isdir(path):
-        found = [f for d in (path, os.path.join(path, 'vae')) for f in
-                 (os.path.join(d, f'diffusion_pytorch_model.{e}') for e in ('safetensors', 'bin'))
-                 if os.path.isfile(f)]
-        if not found:
-            raise FileNotFoundError(f'{flag} {path}: a folder without diffusion_pytorch_model'
-                                    f'.safetensors or .bin (nor in vae/); {VAE_HINT}')
-        path = found[0]
-    elif not os.path.isfile(path):
-        raise FileNotFoundError(f'{flag} {path}: no such file or folder; {VAE_HINT}')
+    if os.path.isdir(path):   # diffusers' names, in the folder or in its vae/
+        path = next((f for f in (os.path.join(path, d, f'diffusion_pytorch_model.{e}')
+                                 for d in ('', 'vae') for e in ('safetensors', 'bin'))
+                     if os.path.isfile(f)), path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'{flag} {path}: no such file or folder, or a folder without '
+                                'diffusion_pytorch_model.safetensors or .bin (nor in vae/); '
+                                + VAE_HINT)
     # a file under diffusers' name: the config.json beside it describes it
     config = os.path.join(os.path.dirname(path), 'config.json')
     named = os.path.basename(path).startswith('diffusion_pytorch_model.')
@@ -283,42 +258,35 @@ def load_vae(path, device='cpu', flag='--vae'):
     weights, config = _find_weights(path, flag)
     sd = (read_safetensors(weights) if weights.endswith('.safetensors')
           else read_torch_file(weights, flag))
-    if not isinstance(sd, dict):
-        raise UsageError(f'{flag} {weights}: holds a {type(sd).__name__}, '
-                         'not a state dict of the SD VAE')
-    sd, given = convert_state_dict(sd), {}
-    try:   # config.json is authoritative (norm_num_groups is only there)
-        if config:
-            with open(config) as f:
-                given = json.load(f)
-        if not isinstance(given, dict):
-            raise ValueError(f'a {type(given).__name__}, not a JSON object')
-    except ValueError as e:   # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        raise UsageError(f'{flag} {config}: not a diffusers config.json ({e})') from e
+    # anything but a dict is no state dict: the key check below lists what it lacks
+    sd, given = convert_state_dict(sd if isinstance(sd, dict) else {}), {}
+    if config:   # config.json is authoritative (norm_num_groups is only there)
+        try:   # not JSON, not UTF-8 (ValueErrors), or not an object (dict() raises)
+            given = dict(json.loads(pathlib.Path(config).read_text()))
+        except (ValueError, TypeError) as e:
+            raise UsageError(f'{flag} {config}: not a diffusers config.json, a JSON object '
+                             f'({e})') from e
     # a field that config.json lacks keeps the value the shapes imply (not a VAE: the default
     # config, so that the key check below lists what is missing)
     cfg = replace(config_from_state_dict(sd) or VAEConfig(),
-                  **{k: v for k, v in given.items() if k in {f.name for f in fields(VAEConfig)}})
+                  **{f.name: given[f.name] for f in fields(VAEConfig) if f.name in given})
     # one check serves every value that no network can be built of (groups that do not divide a
     # width, a negative count, a string, ...); a network that builds must then fit the weights
     try:
         with torch.device('meta'):   # no random init of weights that are replaced at once
             vae = VAE(cfg)
     except (TypeError, ValueError, IndexError, RuntimeError, ZeroDivisionError) as e:
-        hint = '' if config else '; a diffusers config.json beside the weights sets its config'
-        raise UsageError(f'{flag} {config or weights}: cannot build an SD VAE of {cfg} '
-                         f'({e}){hint}') from e
+        raise UsageError(f'{flag} {config or weights}: cannot build an SD VAE of {cfg} ({e}); '
+                         'a diffusers config.json beside the weights sets its config') from e
     want = {k: tuple(v.shape) for k, v in vae.state_dict().items()}
     got = {k: tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
            for k, v in sd.items()}
-    problems = [(what, sorted(keys)) for what, keys in [
-        ('missing', want.keys() - got.keys()), ('unexpected', got.keys() - want.keys()),
-        ('mis-shaped', [f'{k} {got[k]} (want {want[k]})' for k in want.keys() & got.keys()
-                        if got[k] != want[k]])] if keys]
-    if problems:
+    wrong = [f'{k} {got.get(k, "missing")} (want {want.get(k, "none")})'
+             for k in sorted(want.keys() | got.keys()) if got.get(k) != want.get(k)]
+    if wrong:
         raise UsageError(f'{flag} {weights}: not an SD VAE (AutoencoderKL) of {vae.cfg}: '
-                         + '; '.join(f'{len(keys)} {what} keys, e.g. {", ".join(keys[:4])}'
-                                     for what, keys in problems))
+                         f'{len(wrong)} keys missing, unexpected or mis-shaped, e.g. '
+                         + '; '.join(wrong[:4]))
     vae.load_state_dict({k: v.to(device=device, dtype=torch.float32) for k, v in sd.items()},
                         assign=True)
     return vae.eval().requires_grad_(False)
@@ -344,64 +312,39 @@ _SETTING_FLAGS = {'source': 'SRC', 'split': '--split', 'img_size': '--img_size',
                   'latent_shape': '--vae', 'vae_fingerprint': '--vae', 'chunk': '--chunk'}
 
 
-class _Readable(Dataset):
-    """(i, uint8 (3, H, W), label, readable): the item a source serves for image i (ImageFolder's
-    substitute if unreadable) and whether image i itself could be read, counted in any worker."""
-    def __init__(self, ds):
-        self.ds = ds
-
-    def __len__(self):
-        return len(self.ds)
-
-    def __getitem__(self, i):
-        arr = self.ds.load(i)   # (H, W, 3) uint8, None if unreadable
-        if arr is None:
-            return (i, *self.ds[i], False)
-        return i, torch.from_numpy(arr.copy()).permute(2, 0, 1), int(self.ds.targets[i]), True
-
-
 def _marker(out, j):
-    """The mark that shard j is written: its unreadable images and its sums for --norm compute."""
+    """The mark that shard j is written, holding its sums for --norm compute."""
     return os.path.join(out, 'done', f'{j:06d}.json')
 
 
-def _check_out(out, settings, overwrite):
-    """Refuse an OUT that encode must not write into. Reads only, so every rank runs it; without
-    settings (before the VAE has run) only a foreign folder and a complete set are refused."""
-    if not os.path.exists(out):
-        return
-    if not os.path.isdir(out):
+def _prepare_out(out, settings, overwrite, shape):
+    """Rank 0, before any rank encodes: refuse an OUT that encode must not write into; then OUT
+    with progress.json (the settings, first), the zero-filled latents.npy and labels.npy (each
+    created whole under a temporary name) and done/."""
+    if os.path.exists(out) and not os.path.isdir(out):
         raise UsageError(f'encode OUT {out}: is a file, '
                          'expected a folder (new, empty, or an unfinished latent set)')
+    os.makedirs(out, exist_ok=True)
     names = os.listdir(out)
-    foreign = sorted(x for x in names if not any(x == f or x.startswith(f + '.')
-                                                 for f in LATENT_FILES))
+    foreign = sorted(x for x in names if x not in LATENT_FILES
+                     and not x.startswith(tuple(f + '.' for f in LATENT_FILES)))
     if foreign:
         raise UsageError(f'encode OUT {out}: holds {foreign[0]!r}, which is no part of a latent '
                          'set; give a new or empty folder')
-    if overwrite:
-        return
-    if 'meta.json' in names:
+    if 'meta.json' in names and not overwrite:
         raise FileExistsError(f'encode OUT {out}: already holds a complete latent set (meta.json); '
                               'pass --overwrite to re-encode it')
-    if settings and 'progress.json' in names:
-        with open(os.path.join(out, 'progress.json')) as f:
-            old = json.load(f)
+    if 'progress.json' in names and not overwrite:
+        old = json.loads(pathlib.Path(out, 'progress.json').read_text())
         for k, v in settings.items():
             if old.get(k) != v:
                 raise UsageError(f'encode OUT {out}: holds an unfinished encode made with {k} '
                                  f'{old.get(k)!r}, but this one has {k} {v!r} '
                                  f'({_SETTING_FLAGS[k]}); rerun with the first settings to resume '
                                  'it, or pass --overwrite to start over')
-
-
-def _prepare_out(out, settings, overwrite, shape):
-    """Rank 0, before any rank encodes: OUT with progress.json (the settings, first), the
-    zero-filled latents.npy and labels.npy (each created whole under a temporary name), done/."""
-    os.makedirs(out, exist_ok=True)
     # meta.json first, so a crash part-way leaves an unfinished set, never a complete-looking mix;
     # without --overwrite only the temporary files of a killed run go
-    for name in sorted(os.listdir(out), key=lambda name: name != 'meta.json'):
+    for name in sorted(names, key=lambda name: name != 'meta.json'):
         path = os.path.join(out, name)
         if overwrite or name not in LATENT_FILES:
             shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
@@ -418,16 +361,12 @@ def _prepare_out(out, settings, overwrite, shape):
 
 def encode(src, out, vae, img_size, batch_size=64, norm='channel', limit=None, overwrite=False,
            split='train', chunk=ENCODE_CHUNK, workers=0, vae_name='vae', rank=0, world=1,
-           device='cpu'):
+           device=torch.device('cpu')):
     """Encode SRC's images (ADM centre crop) and their mirror images into the latent set OUT (see
     data.LatentDataset): vae.encode(x in [-1, 1], (B, 3, H, W)) -> (mean, std), each (B, C, h, w).
     Shard j holds images [j * chunk, (j + 1) * chunk); rank r writes shards r, r + world, ... and
     marks each done once flushed (OUT/done/<j>.json, atomically). A rerun of the same command
     skips the marked shards; rank 0 writes meta.json, atomically and last, once all are done."""
-    if norm not in ('channel', 'sd', 'compute'):
-        raise UsageError(f"--norm {norm!r}: expected 'channel', 'sd' or 'compute'")
-    device = torch.device(device)
-    _check_out(out, None, overwrite)   # a complete set is refused before SRC is listed
     ds = open_source(src, img_size, split, flag='encode SRC', latents=False)
     n = len(ds) if limit is None else min(limit, len(ds))
     if n == 0:
@@ -440,16 +379,9 @@ def encode(src, out, vae, img_size, batch_size=64, norm='channel', limit=None, o
     settings = {'source': src if src in BUILTIN else os.path.abspath(src),
                 'split': split if src in BUILTIN else None, 'img_size': img_size, 'n': n,
                 'latent_shape': [C, h, w], 'vae_fingerprint': vae.fingerprint, 'chunk': chunk}
-    # the ranks wait for each other in a 12-hour gloo group: listing ImageNet or the last shard
+    # the ranks wait for each other in a 12-hour gloo group: the last shards of a resumed encode
     # may take longer than NCCL's 10-minute timeout
     group = world > 1 and dist.new_group(backend='gloo', timeout=datetime.timedelta(hours=12))
-
-    def sync():   # every rank gets here before any goes on
-        if group:
-            dist.barrier(group=group)
-
-    _check_out(out, settings, overwrite)   # every rank, so that each fails with the message
-    sync()
     shards = math.ceil(n / chunk)
     if rank == 0:
         _prepare_out(out, settings, overwrite, (n, 2, 2, C, h, w))
@@ -457,17 +389,17 @@ def encode(src, out, vae, img_size, batch_size=64, norm='channel', limit=None, o
         print(f'encoding {n} images of {img_size}x{img_size} from {src} into {out}: latents '
               f'{C}x{h}x{w}, {shards - left} of {shards} shards done before, {left} to do by '
               f'{world} rank(s)', flush=True)
-    sync()
+    if group:   # OUT is ready
+        dist.barrier(group=group)
     mine = [j for j in range(rank, shards, world) if not os.path.isfile(_marker(out, j))]
     _encode_shards(ds, out, vae, mine, n, chunk, batch_size, workers, device,
                    Progress(sum(min(chunk, n - j * chunk) for j in mine),
                             'encoded' + (f' (rank 0 of {world})' if world > 1 else ''),
                             enabled=rank == 0))
-    sync()
+    if group:   # every shard is marked
+        dist.barrier(group=group)
     if rank == 0:
         _finish(out, ds, src, settings, norm, vae_name)
-    if group:
-        dist.destroy_process_group(group)
 
 
 def _encode_shards(ds, out, vae, mine, n, chunk, batch_size, workers, device, progress):
@@ -477,28 +409,26 @@ def _encode_shards(ds, out, vae, mine, n, chunk, batch_size, workers, device, pr
     ends = {j: min(n, (j + 1) * chunk) for j in mine}
     batches = [list(range(s, min(s + batch_size, ends[j])))   # never across a shard's end
                for j in mine for s in range(j * chunk, ends[j], batch_size)]
-    loader = DataLoader(_Readable(ds), batch_sampler=batches, num_workers=workers,
+    # an unreadable file: ImageFolder warns, naming it, and serves the next readable one
+    loader = DataLoader(ds, batch_sampler=batches, num_workers=workers,
                         pin_memory=device.type == 'cuda')
-    done, bad, sums = 0, [], 0
+    done, sums = 0, 0
     with torch.no_grad():
-        for idx, x, y, readable in loader:
+        for idx, (x, y) in zip(batches, loader):
             x = x.to(device, non_blocking=True).float() / 127.5 - 1   # as the Loader's pixels
             # the mirror image's own posterior, not the mirrored latent: (B, 2, 2, C, h, w)
             moments = torch.stack([torch.stack(vae.encode(v), 1) for v in (x, x.flip(-1))], 1)
-            i0, i1 = int(idx[0]), int(idx[-1]) + 1
+            i0, i1 = idx[0], idx[-1] + 1
             lat[i0:i1], lab[i0:i1] = moments.float().cpu().numpy(), y.numpy()
-            bad += idx[~readable].tolist()
             # per-channel sums of mean, mean^2, std^2 over images, mirror images and positions
-            m = moments.double().cpu()
-            sums = sums + torch.stack([m[:, :, 0], m[:, :, 0] ** 2, m[:, :, 1] ** 2]).sum(
-                (1, 2, 4, 5))
+            m = moments.double().cpu().transpose(0, 2)   # (2 [mean, std], 2, B, C, h, w)
+            sums = sums + torch.stack([m[0], m[0] ** 2, m[1] ** 2]).sum((1, 2, 4, 5))
             if i1 == ends[i0 // chunk]:   # the shard is whole: on disk first, then marked done
                 lat.flush()
                 lab.flush()
-                mark = {'unreadable': bad, 'sums': sums.tolist()}
-                atomic_write(_marker(out, i0 // chunk),
-                             lambda f: f.write(json.dumps(mark).encode()))
-                bad, sums = [], 0
+                mark = json.dumps(sums.tolist()).encode()
+                atomic_write(_marker(out, i0 // chunk), lambda f: f.write(mark))
+                sums = 0
             done += i1 - i0
             progress.update(done)
 
@@ -506,32 +436,24 @@ def _encode_shards(ds, out, vae, mine, n, chunk, batch_size, workers, device, pr
 def _finish(out, ds, src, settings, norm, vae_name):
     """Rank 0, once every shard is marked: meta.json (atomically, last), then the bookkeeping."""
     n, img_size, (C, h, w) = settings['n'], settings['img_size'], settings['latent_shape']
-    marks = []
-    for j in range(math.ceil(n / settings['chunk'])):
-        with open(_marker(out, j)) as f:
-            marks.append(json.load(f))
     if norm == 'compute':
         # posterior samples mean + std * eps: E[x] = E[mean], Var[x] = E[mean^2] + E[std^2] - E[x]^2
-        avg = np.sum([mark['sums'] for mark in marks], 0) / (n * 2 * h * w)
+        avg = np.sum([json.loads(pathlib.Path(_marker(out, j)).read_text())
+                      for j in range(math.ceil(n / settings['chunk']))], 0) / (n * 2 * h * w)
         mean, std = avg[0].tolist(), np.sqrt(avg[1] + avg[2] - avg[0] ** 2).tolist()
-    else:
-        mean, std = LATENT_NORMS[norm]
-        mean, std = (mean * C, std * C) if len(mean) == 1 else (mean, std)
-    bad = [i for mark in marks for i in mark['unreadable']]
+    else:   # one value (sd) serves every channel
+        mean, std = (v * (C // len(v)) for v in LATENT_NORMS[norm])
     meta = {'format': 'latents', 'version': 1, 'n': n, 'img_size': img_size,
             'latent_shape': [C, h, w], 'num_classes': int(ds.num_classes), 'source': src,
             **({'split': settings['split']} if src in BUILTIN else {}),
             'vae': {'name': vae_name, 'fingerprint': settings['vae_fingerprint']},
-            'norm': {'kind': norm, 'mean': mean, 'std': std}, 'unreadable': len(bad)}
+            'norm': {'kind': norm, 'mean': mean, 'std': std}}
     atomic_write(os.path.join(out, 'meta.json'),
                  lambda f: f.write((json.dumps(meta, indent=1) + '\n').encode()))
     os.remove(os.path.join(out, 'progress.json'))
     shutil.rmtree(os.path.join(out, 'done'))
     print(f'encoded {n} images of {img_size}x{img_size} from {src} into {out}: latents '
-          f'{C}x{h}x{w}, norm {norm}; {len(bad)} unreadable'
-          + (' (each replaced by the next readable file)' if bad else ''), flush=True)
-    for i in bad:
-        print(f'  unreadable: {ds.files[i]}')
+          f'{C}x{h}x{w}, norm {norm}', flush=True)
 
 
 # -----------------------------------------------------------------------------
@@ -544,9 +466,8 @@ def main(argv=None):
     check = sub.add_parser('check', formatter_class=HelpFormatter,
                            help='load a VAE: print its config, size and fingerprint')
     check.add_argument('path', help='weight file (.safetensors, .bin, .pt) or diffusers folder')
-    check.add_argument('--image', help="round-trip this image, print the PSNR (sd-vae-ft-mse's "
-                       'model card: 24.5 +/- 3.7 dB on COCO at 256x256)')
-    check.add_argument('--device', default='cpu', help="'cpu' or 'cuda'")
+    check.add_argument('--image', help="round-trip this image's 256x256 centre crop on the CPU, "
+                       "print the PSNR (sd-vae-ft-mse's model card: 24.5 +/- 3.7 dB on COCO)")
     enc = sub.add_parser('encode', formatter_class=HelpFormatter,
                          help='encode images and their mirror images once into a latent set; '
                          'under torchrun the ranks share the shards; a rerun resumes')
@@ -565,34 +486,9 @@ def main(argv=None):
     enc.add_argument('--workers', type=int, default=4, help='decoding processes per rank')
     enc.add_argument('--overwrite', action='store_true', help='replace a latent set in OUT')
     enc.add_argument('--device', default='auto', help="'auto' (cuda if available), 'cuda' or 'cpu'")
-    args = p.parse_args(argv)
-    if args.cmd == 'check':
-        check_vae(args.path, args.image, args.device)
-    else:
-        encode_main(p, args)
-
-
-def check_vae(path, image, device):
-    """Print a VAE's config, parameter counts and fingerprint; with an image, its PSNR."""
-    vae = load_vae(path, device, flag='path')
-    count = {part: sum(t.numel() for t in getattr(vae, part).parameters()) / 1e6
-             for part in ('encoder', 'decoder')}
-    print(f'{vae.cfg}\nencoder {count["encoder"]:.2f}M, decoder {count["decoder"]:.2f}M '
-          f'parameters; fingerprint {vae.fingerprint}')
-    if image:
-        down = 2 ** (len(vae.cfg.block_out_channels) - 1)   # the downsampling factor, 8
-        img = np.array(Image.open(image).convert('RGB'))   # (H, W, 3) uint8
-        img = img[:img.shape[0] // down * down, :img.shape[1] // down * down]
-        x = torch.from_numpy(img).permute(2, 0, 1)[None].float().div(127.5).sub(1).to(device)
-        with torch.no_grad():
-            y = vae.decode(vae.encode(x)[0]).clamp(-1, 1)
-        mse = ((y - x) / 2).pow(2).mean().item()   # on [0, 1]
-        print(f'{image} {tuple(x.shape[2:])}: PSNR of decode(mean) '
-              f'{10 * math.log10(1 / mse):.2f} dB')
-
-
-def encode_main(p, a):
-    """`vae.py encode`: check the flags, then encode on every rank."""
+    a = p.parse_args(argv)
+    if a.cmd == 'check':
+        return check_vae(a.path, a.image)
     if a.img_size <= 0 or a.img_size % 8:
         p.error(f'--img_size {a.img_size}: must be a positive multiple of 8 '
                 '(the VAE downsamples by 8)')
@@ -608,6 +504,19 @@ def encode_main(p, a):
            rank, world, device)
     if world > 1:   # a clean exit: torchrun reports a rank that leaves the group open
         dist.destroy_process_group()
+
+
+def check_vae(path, image):
+    """Print a VAE's config, parameter counts and fingerprint; with an image, its PSNR."""
+    vae = load_vae(path, flag='path')
+    size = sum(p.numel() for p in vae.parameters()) / 1e6
+    print(f'{vae.cfg}: {size:.2f}M parameters, fingerprint {vae.fingerprint}')
+    if image:   # as encode crops it at --img_size 256; PSNR on [0, 1]
+        x = torch.from_numpy(center_crop(Image.open(image).convert('RGB'), 256).copy())
+        x = x.permute(2, 0, 1)[None].float() / 127.5 - 1   # (1, 3, 256, 256)
+        with torch.no_grad():
+            mse = ((vae.decode(vae.encode(x)[0]).clamp(-1, 1) - x) / 2).pow(2).mean().item()
+        print(f'{image}: PSNR of decode(mean) {-10 * math.log10(mse):.2f} dB')
 
 
 if __name__ == '__main__':
