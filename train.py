@@ -127,7 +127,8 @@ def get_args(argv=None):
     add('--lpips', help="LPIPS linear weights (lpips' weights/v0.1/vgg.pth); needs --vgg")
     add('--vgg', help="torchvision's vgg16-397923af.pth, the LPIPS trunk")
     add('--convnext', help='convnextv2_base_22k_224_ema.pt for the ConvNeXt feature loss')
-    add('--perceptual_every', type=int, default=1, help='perceptual terms on every k-th image')
+    add('--perceptual_every', type=int, default=1,
+        help='the perceptual terms see every k-th image (the latent presets: 8)')
     add = p.add_argument_group('outputs and resuming').add_argument
     add('--out_dir', default='out', help='where checkpoints, sample grids and the log go')
     add('--overwrite', action='store_true', help="replace this stage's earlier run in --out_dir")
@@ -147,7 +148,7 @@ def get_args(argv=None):
     add('--device', default='auto', help="'auto' (cuda if available), 'cpu' or 'cuda'")
     add('--compile', action='store_true', help='torch.compile the model and F (GPU runs)')
     add('--grad_checkpoint', action=argparse.BooleanOptionalAction, default=False,
-        help="stage 1: recompute each flow's activations in the backward (less memory)")
+        help="stage 1: recompute each flow in the backward (less memory; on in the largest presets)")
     add('--num_workers', type=int, help='data loader workers per rank (None: 0 on CPU, 8 on CUDA)')
     defaults = vars(p.parse_args([]))
     # parsed into a namespace of Nones: argparse fills in no default, so None means "not given"
