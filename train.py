@@ -148,7 +148,7 @@ def get_args(argv=None):
     add('--device', default='auto', help="'auto' (cuda if available), 'cpu' or 'cuda'")
     add('--compile', action='store_true', help='torch.compile the model and F (GPU runs)')
     add('--grad_checkpoint', action=argparse.BooleanOptionalAction, default=False,
-        help="stage 1: recompute each flow in the backward (less memory; on in the largest presets)")
+        help="stage 1: recompute each flow in the backward (less memory; on in big presets)")
     add('--num_workers', type=int, help='data loader workers per rank (None: 0 on CPU, 8 on CUDA)')
     defaults = vars(p.parse_args([]))
     # parsed into a namespace of Nones: argparse fills in no default, so None means "not given"
