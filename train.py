@@ -48,8 +48,7 @@ from sample import distributed_fid, generate_grid, latent_decoder
 # lr 1e-4, batch 256, warm-up of one epoch, cosine to 1e-6, no gradient clipping); the EMA is ours
 # (TarFlow samples from the raw weights). The CPU run is sized to finish in minutes on 2 cores; its
 # higher lr is why it clips gradients.
-_PAPER = dict(lr=1e-4, grad_clip=0.0, ema=0.9999, eval_every=10_000, eval_samples=10_000,
-              grad_checkpoint=False, perceptual_every=1)
+_PAPER = dict(lr=1e-4, grad_clip=0.0, ema=0.9999, eval_every=10_000, eval_samples=10_000)
 # The perceptual terms run through the VAE decoder (622 GFLOPs and about 1 GB of saved activations
 # an image at 256^2): on every 8th image they about double a step's FLOPs (bench.py's estimate)
 _IN64 = dict(_PAPER, batch_size=256, max_steps=1_000_000, warmup_steps=5000)
@@ -57,38 +56,36 @@ _LATENT = dict(_PAPER, batch_size=1024, max_steps=200_000, warmup_steps=1251, pe
 TRAIN_PRESETS = {
     # 4000 steps of batch 32 (128k images, about 2 epochs of the digits' 60k) per stage
     'cpu': dict(batch_size=32, lr=2e-3, max_steps=4000, warmup_steps=100, grad_clip=1.0, ema=0.999,
-                eval_every=1000, eval_samples=1000, grad_checkpoint=False, perceptual_every=1),
-    'imagenet64': _IN64,
+                eval_every=1000, eval_samples=1000),
+    **dict.fromkeys(['imagenet64', 'imagenet64-p4'], _IN64),
     # width 1024 keeps ~80 GiB of activations at 32 images per GPU:
     # recompute each flow in the backward (bench.py)
     'imagenet64-1024': dict(_IN64, grad_checkpoint=True),
-    'imagenet64-p4': _IN64,
     # ImageNet 128 and AFHQ 256: batch sizes and epochs of Apple's recipes (one epoch of warm-up)
     'imagenet128': dict(_PAPER, batch_size=768, max_steps=534_000, warmup_steps=1668,
                         grad_checkpoint=True),
     'afhq256': dict(_PAPER, batch_size=256, max_steps=250_000, warmup_steps=60),
     # BiFlow's ablation length, 160 epochs of ImageNet at batch 1024 (its group's batch), one epoch
     # of warm-up; both stages, as for the pixel presets (the paper gives no other schedule)
-    'itarflow-b2': _LATENT,
+    **dict.fromkeys(['itarflow-b2', 'biflow-b2'], _LATENT),
     # 64 of 80 GB without (bench.py): too close
     'itarflow-xl2': dict(_LATENT, grad_checkpoint=True),
-    'biflow-b2': _LATENT,
 }
-MIN_LR, WEIGHT_DECAY = 1e-6, 1e-4   # TarFlow's: cosine decay to 1e-6, decay on every parameter
+MIN_LR = 1e-6   # TarFlow's: cosine decay to 1e-6
 PERCEPTUAL_WEIGHTS = {'lpips': 0.4, 'convnext': 0.1}   # BiFlow's weights of the two terms
 MAX_SKIPS = 20   # this many non-finite steps in a row (seen at a log row): the run has diverged
 # What a --resume may change: the run's length, how often things are written, hardware, and the
 # paths of the same files on another machine. The rest is the checkpoint's; giving it is refused.
-RESUMABLE = {'resume', 'max_steps', 'stop_at', 'out_dir', 'data', 'val_data', 'vae', 'lpips', 'vgg',
-             'convnext', 'fid_ref', 'inception', 'log_every', 'ckpt_every', 'sample_every',
-             'sample_guidance', 'eval_every', 'eval_samples', 'fid_every', 'fid_samples', 'device',
-             'compile', 'grad_checkpoint', 'num_workers'}
+RESUMABLE = set('resume max_steps stop_at out_dir data val_data vae lpips vgg convnext '
+                'fid_ref inception log_every ckpt_every sample_every sample_guidance eval_every '
+                'eval_samples fid_every fid_samples device compile grad_checkpoint '
+                'num_workers'.split())
 # The numbers each flag may take; 0 means none (no warm-up, no classes, no clipping, ...)
-RANGES = {**dict.fromkeys(['max_steps', 'batch_size', 'stop_at', 'log_every', 'ckpt_every',
-                           'sample_every', 'eval_every', 'eval_samples', 'fid_every',
-                           'fid_samples', 'perceptual_every'], (1, math.inf)),
-          **dict.fromkeys(['lr', 'warmup_steps', 'grad_clip', 'num_classes', 'noise_std',
-                           'norm_clip', 'w_max', 'num_workers'], (0, math.inf)),
+RANGES = {**dict.fromkeys('max_steps batch_size stop_at log_every ckpt_every sample_every '
+                          'eval_every eval_samples fid_every fid_samples perceptual_every'.split(),
+                          (1, math.inf)),
+          **dict.fromkeys('lr warmup_steps grad_clip num_classes noise_std norm_clip w_max '
+                          'num_workers'.split(), (0, math.inf)),
           'label_drop': (0, 1), 'ema': (0, 1)}
 
 
@@ -130,7 +127,8 @@ def get_args(argv=None):
     add('--lpips', help="LPIPS linear weights (lpips' weights/v0.1/vgg.pth); needs --vgg")
     add('--vgg', help="torchvision's vgg16-397923af.pth, the LPIPS trunk")
     add('--convnext', help='convnextv2_base_22k_224_ema.pt for the ConvNeXt feature loss')
-    add('--perceptual_every', type=int, help='the perceptual terms see every k-th image')
+    add('--perceptual_every', type=int, default=1,
+        help='the perceptual terms see every k-th image (the latent presets: 8)')
     add = p.add_argument_group('outputs and resuming').add_argument
     add('--out_dir', default='out', help='where checkpoints, sample grids and the log go')
     add('--overwrite', action='store_true', help="replace this stage's earlier run in --out_dir")
@@ -149,8 +147,8 @@ def get_args(argv=None):
     add = p.add_argument_group('hardware').add_argument
     add('--device', default='auto', help="'auto' (cuda if available), 'cpu' or 'cuda'")
     add('--compile', action='store_true', help='torch.compile the model and F (GPU runs)')
-    add('--grad_checkpoint', action=argparse.BooleanOptionalAction,
-        help="stage 1: recompute each flow's activations in the backward (less memory)")
+    add('--grad_checkpoint', action=argparse.BooleanOptionalAction, default=False,
+        help="stage 1: recompute each flow in the backward (less memory; on in big presets)")
     add('--num_workers', type=int, help='data loader workers per rank (None: 0 on CPU, 8 on CUDA)')
     defaults = vars(p.parse_args([]))
     # parsed into a namespace of Nones: argparse fills in no default, so None means "not given"
@@ -171,8 +169,7 @@ def settings(argv):
     if args.resume:
         if not isinstance(resume, dict) or 'train_config' not in resume:
             raise UsageError(f'--resume {args.resume}: not a checkpoint written by train.py')
-        fixed = sorted(set(given) - RESUMABLE)
-        if fixed:
+        if fixed := sorted(set(given) - RESUMABLE):
             raise UsageError(f'--resume {args.resume} continues the saved run with its settings: '
                              f'{", ".join("--" + k for k in fixed)} cannot be given; only '
                              f'{", ".join("--" + k for k in sorted(RESUMABLE - {"resume"}))} can')
@@ -181,13 +178,12 @@ def settings(argv):
                                      'overwrite': False, **given})
         if min(args.max_steps, args.stop_at or math.inf) <= resume['step']:
             raise UsageError(f'--resume {args.resume}: the checkpoint is at step {resume["step"]}, '
-                             f'where this job would stop (--max_steps {args.max_steps}, --stop_at '
-                             f'{args.stop_at}): nothing to do')
+                             'where this job would stop: raise --max_steps or --stop_at')
     elif args.stage == 'reverse' and not args.forward_ckpt:
         raise UsageError('--stage reverse needs --forward_ckpt (written by --stage forward)')
     if args.stage == 'forward' and args.preset not in PRESETS:
         raise UsageError(f'--preset {args.preset} names a reverse model: stage 1 takes one of '
-                         f'{", ".join(PRESETS)}')
+                         + ', '.join(PRESETS))
     if args.lpips and not args.vgg:
         raise UsageError('--lpips needs --vgg (the VGG16 trunk weights)')
     return args, resume
@@ -204,9 +200,10 @@ def lr_at(step, args):
 
 
 def step_inputs(args, step, x, y, num_classes, rank, world):
-    """The random inputs of one step: training noise eps (x's shape), labels with --label_drop of
-    them replaced by the null class -1 (None for an unconditional model), and stage 2's guidance
-    scales w (B,): a quarter at 0, the rest uniform in [0, w_max], 0 where the label was dropped.
+    """-> (eps, y, w), the random inputs of one step: training noise eps (x's shape), labels with
+    --label_drop of them replaced by the null class -1 (None for an unconditional model), and stage
+    2's guidance scales w (B,): a quarter at 0, the rest uniform in [0, w_max], 0 where the label
+    was dropped.
     All are drawn for the whole global batch from (seed, step) and then sliced: one process and W
     ranks see the same numbers, and a resume continues the stream. They are drawn on x's device (a
     GPU's own generator): no host-to-device copy, nothing for the step to wait on."""
@@ -232,9 +229,8 @@ def posterior_sample(args, step, moments, mean, std, rank, world):
     from a stream of its own (offset 2**40)."""
     B, b = args.batch_size, args.batch_size // world
     gen = torch.Generator(device=moments.device).manual_seed(args.seed * 1_000_003 + step + 2 ** 40)
-    eps = torch.randn((B, *moments.shape[2:]), generator=gen, device=moments.device)
-    eps = eps[rank * b:(rank + 1) * b]
     mu, s = moments.unbind(1)
+    eps = torch.randn((B, *mu.shape[1:]), generator=gen, device=mu.device)[rank * b:(rank + 1) * b]
     return (mu + s * eps - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)   # (b, C, h, w)
 
 
@@ -261,9 +257,10 @@ def stage_loss(args, model, flow, x, y, w, eps, perceptual, step, rank):
     if args.stage == 'forward':
         loss, nll, _ = forward_loss(model, x, y, eps, args.noise_type,
                                     checkpoint=args.grad_checkpoint)
+        metrics = {'loss': loss.detach()}
         if args.noise_type == 'uniform':   # the bin constant only applies to dequantised data
-            return loss, {'loss': loss.detach(), 'bpd': TarFlow.bits_per_dim(nll.detach()).mean()}
-        return loss, {'loss': loss.detach()}
+            metrics['bpd'] = TarFlow.bits_per_dim(nll.detach()).mean()
+        return loss, metrics
     if y is None:   # an unconditional G: index 0 is its null class
         y = torch.zeros(len(x), dtype=torch.long, device=x.device)
     crops = crop_generator(args.seed, step, rank) if perceptual else None
@@ -307,11 +304,10 @@ def heldout_bits_per_dim(model, dataset, n, batch_size, rank, world, device, ctx
     reports (an upper bound on the discrete NLL, whatever noise the model was trained on). Image i's
     dequantisation noise is seeded by i, so evaluations compare across steps and world sizes. Every
     rank gets the same value."""
+    n, total = min(n, len(dataset)), torch.zeros((), dtype=torch.float64, device=device)
     # rank r scores images r, r+W, ...: disjoint, all covered; the sum is reduced, then divided
-    n = min(n, len(dataset))
-    idx, total = list(range(rank, n, world)), torch.zeros((), dtype=torch.float64, device=device)
-    for start in range(0, len(idx), batch_size):
-        ids = idx[start:start + batch_size]
+    for start in range(rank, n, world * batch_size):
+        ids = range(start, min(n, start + world * batch_size), world)
         images, labels = zip(*(dataset[i] for i in ids))
         x = torch.stack(images).to(device).float() / 127.5 - 1   # uint8 -> the model's [-1, 1]
         y = torch.tensor(labels, device=device) if model.cfg.num_classes else None
@@ -324,21 +320,6 @@ def heldout_bits_per_dim(model, dataset, n, batch_size, rank, world, device, ctx
     return TarFlow.bits_per_dim(total / n).item()
 
 
-def processes(args):
-    """-> (rank, world, device): one rank per GPU (or CPU process), the same initial weights on
-    every rank, TF32 matmuls on GPU."""
-    rank, world, device = setup_distributed(args.device)
-    # the perceptual terms see the same images for any number of ranks
-    perceptual = args.stage == 'reverse' and (args.lpips or args.convnext)
-    every = args.perceptual_every if perceptual else 1
-    if args.batch_size % (world * every):
-        raise UsageError(f'--batch_size {args.batch_size}: must split into {world} rank(s) of a '
-                         f'multiple of --perceptual_every ({every} with perceptual terms, else 1)')
-    torch.manual_seed(args.seed)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    return rank, world, device
-
-
 def build_models(args, resume, device):
     """-> (model, ema, flow, cfg, data_latent): the model this stage trains and its EMA copy
     (which samples, evaluates and is saved as 'ema'); in stage 2 the frozen F (the EMA weights of
@@ -346,24 +327,20 @@ def build_models(args, resume, device):
     the data must have ('any' for a fresh stage 1: F's data in stage 2, the run's on resume)."""
     flow, data_latent = None, resume['latent'] if resume else 'any'
     if args.stage == 'forward':
-        given = {k: v for k in ('norm_clip', 'noise_std', 'num_classes')
-                 if (v := getattr(args, k)) is not None}
-        cfg = (config_from_dict(FlowConfig, resume['model_config']) if resume
-               else replace(PRESETS[args.preset], **given))
-        # the saved settings say what the model was built with
-        vars(args).update(norm_clip=cfg.norm_clip, noise_std=cfg.noise_std,
-                          num_classes=cfg.num_classes)
+        keys = ('norm_clip', 'noise_std', 'num_classes')   # the model's flags; None: its preset's
+        cfg = (config_from_dict(FlowConfig, resume['model_config']) if resume else replace(
+            PRESETS[args.preset], **{k: v for k in keys if (v := getattr(args, k)) is not None}))
+        vars(args).update({k: getattr(cfg, k) for k in keys})   # the settings say what was built
         model = TarFlow(cfg).to(device)
     else:
         fck = resume or read_torch_file(args.forward_ckpt, '--forward_ckpt')
         if not resume and (not isinstance(fck, dict) or fck.get('kind') != 'forward'):
             raise UsageError(f'--forward_ckpt {args.forward_ckpt}: not a forward checkpoint '
                              '(one that --stage forward writes)')
-        # F: the EMA weights of a forward checkpoint, or the copy a reverse one carries
+        # F: the EMA weights of a forward checkpoint, or the copy a reverse one carries; frozen
         fcfg, fweights = (('forward_config', 'forward') if resume else ('model_config', 'ema'))
-        flow = TarFlow(config_from_dict(FlowConfig, fck[fcfg]))
-        flow.load_state_dict(fck[fweights])
-        flow.to(device).eval().requires_grad_(False)   # F is frozen: never trained, never updated
+        flow = TarFlow(config_from_dict(FlowConfig, fck[fcfg])).to(device).eval()
+        flow.requires_grad_(False).load_state_dict(fck[fweights])
         data_latent = fck.get('latent')   # G learns F's inverse on F's own data
         cfg = (config_from_dict(ReverseConfig, resume['model_config']) if resume else
                reverse_config_for(flow.cfg, args.preset, align=args.align, denoise=args.denoise,
@@ -372,14 +349,6 @@ def build_models(args, resume, device):
     ema = type(model)(cfg).to(device).requires_grad_(False)
     ema.load_state_dict(model.state_dict())
     return model, ema, flow, cfg, data_latent
-
-
-def check_labels(dataset, cfg, flag):
-    """The labels of a data set against the classes of the model that reads them."""
-    if cfg.num_classes and not 0 < dataset.num_classes <= cfg.num_classes:
-        raise UsageError(f'{flag} has {dataset.num_classes or "no"} classes, the model '
-                         f'{cfg.num_classes}: give data with its labels, or train an unconditional '
-                         'model (--num_classes 0, in stage 1)')
 
 
 def load_data(args, cfg, data_latent, device):
@@ -404,13 +373,16 @@ def load_data(args, cfg, data_latent, device):
     if data_latent != 'any' and latent != data_latent:   # G learns F's inverse on F's own data
         raise UsageError(f'--data {args.data}: not the data that {args.resume or args.forward_ckpt}'
                          ' was trained on (pixels or latents, their VAE and normalisation)')
-    check_labels(dataset, cfg, f'--data {args.data}')
-    val = (None if args.stage == 'reverse' else dataset.heldout() if not args.val_data
-           else build_dataset(args.val_data, cfg.img_size, 'val', args.seed))
     if latent and args.val_data:
         raise UsageError('--val_data: bits/dim are of 8-bit pixels, not of latents')
-    if val is not None:
-        check_labels(val, cfg, f'--val_data {args.val_data or "(the held-out split)"}')
+    val = (None if args.stage == 'reverse' else dataset.heldout() if not args.val_data
+           else build_dataset(args.val_data, cfg.img_size, 'val', args.seed))
+    for ds, flag in ((dataset, f'--data {args.data}'),   # labels against the model's classes
+                     (val, f'--val_data {args.val_data or "(the held-out split)"}')):
+        if ds is not None and cfg.num_classes and not 0 < ds.num_classes <= cfg.num_classes:
+            raise UsageError(f'{flag} has {ds.num_classes or "no"} classes, the model '
+                             f'{cfg.num_classes}: give data with its labels, or train an '
+                             'unconditional model (--num_classes 0, in stage 1)')
     return dataset, latent, decode, norm, val
 
 
@@ -428,10 +400,10 @@ def claim(args, step, ckpt, log):
                 if os.path.exists(log) else [])
         atomic_write(log, lambda f: f.write(''.join(rows).encode()))
         return
-    if args.overwrite and os.path.exists(log):   # the checkpoint is replaced at the first save
-        os.remove(log)
+    # --overwrite empties an earlier run's log instead (its checkpoint goes at the first save)
+    flags = os.O_CREAT | os.O_WRONLY | (os.O_TRUNC if args.overwrite else os.O_EXCL)
     try:
-        os.close(os.open(log, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        os.close(os.open(log, flags))
     except FileExistsError:
         raise UsageError(f'{log} exists (an earlier run): continue it with --resume {ckpt}, pick '
                          'another --out_dir, or pass --overwrite to replace it') from None
@@ -439,16 +411,23 @@ def claim(args, step, ckpt, log):
 
 def main(argv=None):
     args, resume = settings(argv)
-    rank, world, device = processes(args)
+    rank, world, device = setup_distributed(args.device)
     master, cuda = rank == 0, device.type == 'cuda'
+    # stage 2's optional perceptual terms see every k-th image, the same for any number of ranks
+    perceptual = args.stage == 'reverse' and (args.lpips or args.convnext) or None
+    every = args.perceptual_every if perceptual else 1
+    if args.batch_size % (world * every):
+        raise UsageError(f'--batch_size {args.batch_size}: must split into {world} rank(s) of a '
+                         f'multiple of --perceptual_every ({every} with perceptual terms, else 1)')
+    torch.manual_seed(args.seed)   # the same initial weights on every rank
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     # bf16 autocast on GPU; the flow math inside the models stays fp32
     ctx = torch.autocast(device.type, dtype=torch.bfloat16) if cuda else nullcontext()
 
     # ---- models, data, optimizer, the resumed state: every input is checked before the claim
     model, ema, flow, cfg, data_latent = build_models(args, resume, device)
     dataset, latent, decode, norm, val = load_data(args, cfg, data_latent, device)
-    perceptual = None   # stage 2's optional terms: frozen networks, weights from local files
-    if args.stage == 'reverse' and (args.lpips or args.convnext):
+    if perceptual:   # frozen networks, weights from local files
         perceptual = PerceptualLoss(*(load_weights(getattr(args, k), k)
                                       for k in ('lpips', 'vgg', 'convnext'))).to(device)
         perceptual.decode = decode   # on latents they compare decoded images; G gets the gradient
@@ -456,10 +435,9 @@ def main(argv=None):
             args.fid_ref, fid.load_inception(args.inception, device)) != 'stats':
         raise UsageError(f'--fid_ref {args.fid_ref}: give reference statistics, made once with '
                          f'`python fid.py {args.fid_ref} --save_stats ref_stats.npz`')
-    # TarFlow's AdamW, decay on every parameter. Fused: it takes a found_inf flag, which skips a
-    # non-finite step on the device instead of a host-side `if`
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95),
-                            weight_decay=WEIGHT_DECAY, fused=True)
+    # TarFlow's AdamW, decay 1e-4 on every parameter (the lr is set at each step). Fused: it takes
+    # a found_inf flag, which skips a non-finite step on the device instead of a host-side `if`
+    opt = torch.optim.AdamW(model.parameters(), betas=(0.9, 0.95), weight_decay=1e-4, fused=True)
     # decoding JPEGs needs workers on GPU; on CPU they would compete with the model for the cores
     loader = Loader(dataset, args.batch_size, rank, world, args.seed, pin_memory=cuda,
                     num_workers=8 * cuda if args.num_workers is None else args.num_workers,
@@ -487,27 +465,28 @@ def main(argv=None):
               f'parameters, {world} rank(s) on {device}, {"bf16" if cuda else "fp32"}\n'
               + '\n'.join(f'  {k:16s} {v}' for k, v in sorted(vars(args).items())))
 
-    def log(row, text):   # rank 0 prints a line and appends the row to the log (full precision)
+    def log(row, end=''):   # rank 0 prints the step's row, and appends it to the log in full
         if master:
-            print(text)
+            print(f'step {step}/{args.max_steps} | ' + ' | '.join(
+                f'{k} {v:.4g}' if isinstance(v, float) else f'{k} {v}' for k, v in row.items())
+                + end)
             with open(log_path, 'a') as f:
-                f.write(json.dumps(row) + '\n')
+                f.write(json.dumps({'step': step, **row}) + '\n')
 
     def save():   # rank 0 writes everything the next step needs, atomically; the others wait
         if master:
-            ck = dict(kind=args.stage, model=raw.state_dict(), ema=ema.state_dict(),
-                      optimizer=opt.state_dict(), model_config=asdict(cfg), train_config=vars(args),
-                      rng=torch.get_rng_state(), loader=loader.state_dict(), step=step,
-                      latent=latent)
+            ck = dict(kind=args.stage, step=step, latent=latent, model=raw.state_dict(),
+                      ema=ema.state_dict(), optimizer=opt.state_dict(), loader=loader.state_dict(),
+                      model_config=asdict(cfg), train_config=vars(args), rng=torch.get_rng_state())
             if flow is not None:   # stage 2 carries its frozen F
                 ck.update(forward_config=asdict(flow.cfg), forward=flow.state_dict())
             atomic_write(ckpt_path, lambda f: torch.save(ck, f))
         if world > 1:
             dist.barrier()
 
-    # ---- the loop: a step, its log row, then checkpoint, held-out bits/dim, grid and FID, each on
-    # its own interval; the checkpoint of a step comes before the work that could fail at it
-    it, acc, seen, t0 = iter(loader), {}, 0, time.time()
+    # ---- the loop: a step, its log row, then checkpoint, held-out bits/dim, grid and FID; the
+    # checkpoint of a step comes before the work that could fail at it
+    it, acc, t0 = iter(loader), {}, time.time()
     # non-finite steps, counted on the device (a step never waits for the host): all, the streak
     skipped, streak = torch.zeros(2, dtype=torch.long, device=device).unbind()
     stop = min(args.max_steps, args.stop_at or args.max_steps)   # --stop_at ends the job only
@@ -516,16 +495,14 @@ def main(argv=None):
         if latent:   # (b, 2, C, h, w) posterior moments -> a normalised latent sample (b, C, h, w)
             x = posterior_sample(args, step, x, *norm, rank, world)
         eps, y, w = step_inputs(args, step, x, y, cfg.num_classes, rank, world)
-        lr = lr_at(step, args)   # a function of the step: a resume continues the schedule exactly
-        for group in opt.param_groups:
-            group['lr'] = lr
+        # the lr is a function of the step: a resume continues the schedule exactly
+        opt.param_groups[0]['lr'] = lr = lr_at(step, args)
         with ctx:
             loss, metrics = stage_loss(args, model, flow_fn, x, y, w, eps, perceptual, step, rank)
         metrics['gnorm'], bad = update(loss, raw, ema, opt, step, args)
         skipped, streak = skipped + bad, (streak + 1) * bad
-        for k, v in metrics.items():   # summed on the device, read at the log row
-            acc[k] = acc.get(k, 0.) + v.float()
-        seen, step = seen + len(x) * world, step + 1
+        acc = {k: acc.get(k, 0.) + v.float() for k, v in metrics.items()}   # read at log rows
+        step += 1
         if step % args.log_every == 0 or step == stop:
             if streak.item() >= MAX_SKIPS:   # checked here: a check per step would sync per step
                 raise SystemExit(f'stopping at step {step}: {streak.item()} non-finite steps in a '
@@ -535,18 +512,15 @@ def main(argv=None):
             means = torch.stack(list(acc.values())) / (n * world)
             if world > 1:
                 dist.all_reduce(means)
-            row = {'step': step, **dict(zip(acc, means.tolist())), 'lr': lr,
-                   'img_per_s': seen / dt, 'ms_per_step': 1000 * dt / n, 'skipped': skipped.item()}
-            log(row, f'step {step}/{args.max_steps} | ' + ' | '.join(f'{k} {v:.4g}' for k, v in
-                list(row.items())[1:]) + f' | ETA {hms((stop - step) * dt / n)}')
-            acc, seen, t0 = {}, 0, time.time()
+            log({**dict(zip(acc, means.tolist())), 'lr': lr, 'img_per_s': n * args.batch_size / dt,
+                 'ms_per_step': 1000 * dt / n, 'skipped': skipped.item()},
+                f' | ETA {hms((stop - step) * dt / n)}')
+            acc, t0 = {}, time.time()
         if (step % args.ckpt_every == 0 or step == stop) and streak.item() == 0:
             save()
-        if val is not None and (step % args.eval_every == 0 or step == stop):
-            bpd = heldout_bits_per_dim(ema, val, args.eval_samples,
-                                       max(64, 2 * args.batch_size // world),
-                                       rank, world, device, ctx)
-            log({'step': step, 'val_bpd': bpd}, f'step {step}: held-out {bpd:.4f} bits/dim (EMA)')
+        if val is not None and (step % args.eval_every == 0 or step == stop):   # EMA weights
+            log({'val_bpd': heldout_bits_per_dim(ema, val, args.eval_samples, max(
+                64, 2 * args.batch_size // world), rank, world, device, ctx)})
         if master and (step % args.sample_every == 0 or step == stop):
             generate_grid(ema, flow, os.path.join(args.out_dir, f'{args.stage}_samples.png'),
                           guidance=args.sample_guidance, seed=args.seed, decode=decode)
@@ -555,8 +529,7 @@ def main(argv=None):
             r = distributed_fid(ema, flow, args.fid_ref, args.fid_samples, args.sample_guidance,
                                 args.seed, rank, world, device, args.inception, decode)
             if master:   # the other ranks get None
-                log({'step': step, 'fid': r['fid'], 'fid_samples': args.fid_samples,
-                     'ref': args.fid_ref}, f'step {step}: FID {r["fid"]:.3f} (EMA samples)')
+                log({'fid': r['fid'], 'fid_samples': args.fid_samples, 'ref': args.fid_ref})
     if world > 1:   # a clean exit: torchrun reports a rank that leaves the group open
         dist.destroy_process_group()
 
