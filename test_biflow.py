@@ -3600,8 +3600,8 @@ def test_trajectory_script_forward_and_reverse_checkpoints(tmp_path):
         trajectory.main(['--ckpt', ck, '--out', out, '--num_samples', '3', '--guidance', '1'])
         h, w = np.array(Image.open(out)).shape[:2]
         assert (h, w) == (rows * 66 + 2, (ABL_TINY.num_blocks + 2) * 66 + 2)
-    msg = fails(lambda *a: trajectory.main(list(a)), '--ckpt', fck, '--labels', '7')
-    assert msg.endswith(f'--ckpt {fck}: not a pixel model with the classes of --labels'), msg
+    msg = fails(lambda *a: trajectory.main(list(a)), '--ckpt', fck, '--labels', '1,7')
+    assert msg.endswith(f'--labels: {fck} has the classes 0..2'), msg
 
 
 def fake_results():

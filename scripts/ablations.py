@@ -123,14 +123,14 @@ def draw(out, ckpt, spec, stats=None):
 
 
 def reference(out, sz):
-    """FID statistics of the first sz['ref'] digits of the val split (packed first)."""
+    """FID statistics of the first sz['ref'] digits of the val split (packed first), or None."""
     npz, log = f'{out}/ref_val{sz["ref"]}.npz', f'{out}/logs/ref.out'
     stats = npz[:-4] + '_stats.npz'
     if not os.path.exists(stats):
         run(['python', 'data.py', 'pack', 'digits', npz, '--split', 'val', '--limit',
              str(sz['ref']), '--img_size', '16'], log)
         run(['python', 'fid.py', npz, '--save_stats', stats], log)
-    return stats
+    return stats if os.path.exists(stats) else None   # None: samples are drawn without FIDs
 
 
 def align_curves(path):
