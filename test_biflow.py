@@ -2046,8 +2046,9 @@ def test_score_digits_reads_real_digits_and_needs_labels(tmp_path):
         np.savez(tmp_path / 'nolabels.npz', arr_0=z['arr_0'])
     acc = digit_accuracy([str(tmp_path / 'val.npz'), str(tmp_path / 'shuffled.npz')], steps=150)
     assert acc[str(tmp_path / 'val.npz')] > 0.6 and acc[str(tmp_path / 'shuffled.npz')] < 0.3
-    with pytest.raises(ValueError, match='nolabels.npz.*arr_1'):
-        digit_accuracy([str(tmp_path / 'nolabels.npz')], steps=1)
+    for bad in ('nolabels.npz', 'missing.npz'):   # refused before the CNN trains
+        with pytest.raises(data.UsageError, match=f'{bad}: not a sample.py --npz file.*arr_1'):
+            digit_accuracy([str(tmp_path / 'val.npz'), str(tmp_path / bad)], steps=10 ** 9)
 
 
 def test_data_pack_cli_digits(tmp_path):
