@@ -2046,8 +2046,9 @@ def test_score_digits_reads_real_digits_and_needs_labels(tmp_path):
         np.savez(tmp_path / 'nolabels.npz', arr_0=z['arr_0'])
     acc = digit_accuracy([str(tmp_path / 'val.npz'), str(tmp_path / 'shuffled.npz')], steps=150)
     assert acc[str(tmp_path / 'val.npz')] > 0.6 and acc[str(tmp_path / 'shuffled.npz')] < 0.3
-    with pytest.raises(ValueError, match='nolabels.npz.*arr_1'):
-        digit_accuracy([str(tmp_path / 'nolabels.npz')], steps=1)
+    for bad in ('nolabels.npz', 'missing.npz'):   # refused before the CNN trains
+        with pytest.raises(data.UsageError, match=f'{bad}: not a sample.py --npz file.*arr_1'):
+            digit_accuracy([str(tmp_path / 'val.npz'), str(tmp_path / bad)], steps=10 ** 9)
 
 
 def test_data_pack_cli_digits(tmp_path):
@@ -3598,16 +3599,16 @@ def test_trajectory_script_forward_and_reverse_checkpoints(tmp_path):
         trajectory.main(['--ckpt', ck, '--out', out, '--num_samples', '3', '--guidance', '1'])
         h, w = np.array(Image.open(out)).shape[:2]
         assert (h, w) == (rows * 66 + 2, (ABL_TINY.num_blocks + 2) * 66 + 2)
-    msg = fails(lambda *a: trajectory.main(list(a)), '--ckpt', fck, '--labels', '7')
-    assert msg.endswith(f'--ckpt {fck}: not a pixel model with the classes of --labels'), msg
+    msg = fails(lambda *a: trajectory.main(list(a)), '--ckpt', fck, '--labels', '1,7')
+    assert msg.endswith(f'--labels: {fck} has the classes 0..2'), msg
 
 
 def fake_results():
-    rows = [dict(group=gr, setting=s, paper=p, model=m, w=w, fid=100.0 + i, acc=0.5 + i / 100, n=500)
-            for i, (gr, s, p, m, w) in enumerate(ablations.ROWS)]
+    rows = [dict(group=gr, setting=s, paper=p, model=m, w=w, seed=seed, fid=100.0 + i,
+                 acc=0.5 + i / 100, n=500)
+            for i, (gr, s, p, m, w, seed) in enumerate(ablations.ROWS)]
     rows[0]['fid'] = None   # a failed run shows as a dash, not a crash
-    return dict(sizes=ablations.sizes(quick=False), rows=rows,
-                noise=dict(fid=[101.0, 103.5], acc=[0.6, 0.62]),
+    return dict(sizes=ablations.SIZES['full'], rows=rows,
                 sweep={'F const': {'0': dict(acc=0.5, fid=80.0, n=300),
                                    '1': dict(acc=0.7, fid=None, n=300)},
                        'G': {'0': dict(acc=0.6, fid=None, n=1000),
@@ -3620,8 +3621,8 @@ def test_ablation_markdown_and_its_markers(tmp_path):
     assert len(table) == len(ablations.ROWS)
     assert '| strategy | exact inverse' in table[0] and '| — |' in table[0]   # the missing FID
     assert '| 4×63 + score |' in table[0] and table[1].endswith('| 1 |')   # NFE
-    assert '101.00 and 103.50 (|Δ| = 2.50)' in md
-    assert '| w = 0 | w = 1 |' in md and '70.0% (n=300)' in md and '50.0% / 80.0' in md
+    assert table[-1].startswith('| seed noise | hidden alignment, noise seed 1 | 36.93 | 111.0 |')
+    assert '| w = 0 | w = 1 |' in md and '| 50.0% (n=300) | 70.0% (n=300) |' in md
     p = str(tmp_path / 'A.md')
     ablations.write_md(p, 'first table\n')   # a new file: the markers and the table
     with open(p) as f:
@@ -3642,25 +3643,29 @@ def fake_log(scale, steps=10):
 
 
 def test_ablation_plots(tmp_path):
-    assert ablations.align_keys(fake_log(1)) == ['align2', 'align1', 'align0', 'out']
-    assert ablations.align_keys([dict(step=1, out=0.1)]) == ['out']   # naive: the output term only
+    curves = {}
+    for k, rows in (('hidden', fake_log(1)), ('distill', fake_log(10)), ('naive', [dict(step=1)])):
+        (tmp_path / f'{k}.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in rows))
+        curves[k] = ablations.align_curves(str(tmp_path / f'{k}.jsonl'))
+    assert list(curves['hidden']) == ['align2', 'align1', 'align0', 'out']
+    assert curves['hidden']['align1'][1] == (100, 0.1)
+    assert curves['naive'] == {'out': [(1, None)]}   # naive: the output term only
+    assert ablations.align_curves(str(tmp_path / 'none.jsonl')) == {}
     p = str(tmp_path / 'a.png')
-    logs = {'hidden': fake_log(1), 'distill': fake_log(10)}
-    ablations.plot({k: {t: [(r['step'], r[t]) for r in rows] for t in ablations.align_keys(rows)}
-                    for k, rows in logs.items()}, p, 'step', log=True)
+    ablations.plot({k: curves[k] for k in ('hidden', 'distill')}, p, 'step', log=True)
     a = np.array(Image.open(p).convert('RGB'))
     assert a.shape == (300, 640, 3)
     coloured = (a.max(2).astype(int) - a.min(2)) > 60   # the lines are coloured, the frame black
     assert coloured[:, :320].sum() > 100 and coloured[:, 320:].sum() > 100
     ablations.plot({'sweep': {'F': [(0.0, 50.0), (3.0, 90.0)], 'G': [(0.0, 60.0), (2.0, None)]}},
-                   p, 'w', size=(640, 260))
+                   p, 'w')
     assert ((np.array(Image.open(p).convert('RGB')).max(2).astype(int)) > 0).any()
     ablations.plot({}, p, 'step')   # nothing logged: an empty picture, not a crash
 
 
 def test_ablation_runs_train_resume_and_score_by_their_markers(tmp_path, monkeypatch):
     """Every step's output file is its marker: a finished run is kept, a partial one resumed, a
-    sample file kept, and an FID lost to an interruption redone by fid.py alone."""
+    sample file kept, and samples whose FID an interruption lost drawn again with it."""
     cmds = []
 
     def fake_run(cmd, log):
@@ -3675,21 +3680,29 @@ def test_ablation_runs_train_resume_and_score_by_their_markers(tmp_path, monkeyp
             torch.save(dict(step=2, train_config=dict(max_steps=2)), cmd[cmd.index('--resume') + 1])
         elif cmd[1] == 'sample.py':
             open(cmd[cmd.index('--npz') + 1], 'w').close()
-        elif cmd[1] == 'fid.py':
-            open(log, 'a').write('FID 12.5000  (a vs b)\n')
+            if '--fid' in cmd and len(cmds) > 3:   # the first one is killed before its FID
+                open(log, 'a').write('FID 12.5000 on 500 samples vs stats.npz\n')
     monkeypatch.setattr(ablations, 'run', fake_run)
-    out, sz = str(tmp_path), ablations.sizes(quick=False)
+    out, sz = str(tmp_path), ablations.SIZES['full']
     flags = ['--stage', 'reverse', '--forward_ckpt', 'F.pt', *sz['g_flags'],
              *ablations.REVERSE['G_naive']]
+    assert ablations.train(out, 'G_naive', flags) is None   # interrupted: not at max_steps
     ckpt = ablations.train(out, 'G_naive', flags)
     assert ckpt == f'{out}/G_naive/reverse.pt' and [c[2] for c in cmds] == [*flags[:1], '--resume']
-    assert cmds[0][2:-4] == flags and '--max_steps' in flags and '--align' in flags
+    assert cmds[0][2:2 + len(flags)] == flags and '--max_steps' in flags and '--align' in flags
+    assert cmds[0][-1] == '--overwrite' and cmds[1][2:] == ['--resume', ckpt]
     assert ablations.train(out, 'G_naive', flags) == ckpt and len(cmds) == 2   # done: kept
     spec = ('G_naive', 2.0, 0, 500, True)
+    assert ablations.draw(out, ckpt, spec, 'stats.npz') == (
+        f'{out}/samples/G_naive-w2-ramp-s0-n500.npz', None)   # the FID was lost
     npz, fid_ = ablations.draw(out, ckpt, spec, 'stats.npz')
     assert npz == f'{out}/samples/G_naive-w2-ramp-s0-n500.npz' and fid_ == 12.5
-    assert [c[1] for c in cmds[2:]] == ['sample.py', 'fid.py'] and '--ramp' in cmds[2]
+    assert [c[1] for c in cmds[2:]] == ['sample.py'] * 2 and '--ramp' in cmds[2]
+    assert cmds[2][-2:] == ['--fid', 'stats.npz']
     assert ablations.draw(out, ckpt, spec, 'stats.npz') == (npz, 12.5) and len(cmds) == 4
+    assert ablations.draw(out, ckpt, ('G_naive', 2.0, 0, 500, False)) == (
+        f'{out}/samples/G_naive-w2-s0-n500.npz', None)
+    assert '--fid' not in cmds[-1] and len(cmds) == 5   # no stats: the samples alone
     assert ablations.draw(out, None, ('G_x', 0.0, 0, 5, False)) == (None, None)
 
 

@@ -12,8 +12,7 @@ import argparse
 import os
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -23,7 +22,12 @@ from data import Digits, HelpFormatter, Loader, UsageError, run_cli  # noqa: E40
 
 
 def digit_accuracy(files, img_size=16, steps=1500, seed=0):
-    """-> {file: share of its samples that the CNN reads as their requested class (arr_1)}."""
+    """-> {file: share of its samples that the CNN reads as their requested class (arr_1)}.
+    Every file is read before the CNN trains, so a bad one fails at once."""
+    samples = {path: dict(np.load(path)) if os.path.isfile(path) else {} for path in files}
+    for path, arrays in samples.items():
+        if not {'arr_0', 'arr_1'} <= set(arrays):
+            raise UsageError(f'{path}: not a sample.py --npz file (arr_0 images, arr_1 labels)')
     torch.manual_seed(seed)
     net = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
                         nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
@@ -34,33 +38,21 @@ def digit_accuracy(files, img_size=16, steps=1500, seed=0):
         x, y = next(batches)
         # samples may keep a little noise: train on clean to lightly noised digits
         x = x + 0.05 * torch.randn_like(x) * torch.rand(len(x), 1, 1, 1)
-        loss = nn.functional.cross_entropy(net(x), y)
         opt.zero_grad()
-        loss.backward()
+        nn.functional.cross_entropy(net(x), y).backward()
         opt.step()
-    net.eval()
-    out = {}
-    for path in files:
-        with np.load(path) as arrays:
-            if 'arr_1' not in arrays.files:
-                raise UsageError(f'{path}: needs arr_1 (the requested labels) beside arr_0')
-            x = torch.from_numpy(arrays['arr_0']).permute(0, 3, 1, 2).float() / 127.5 - 1
-            with torch.no_grad():
-                out[path] = float((net(x).argmax(1).numpy() == arrays['arr_1']).mean())
-    return out
+    read = lambda a: net(torch.from_numpy(a['arr_0']).permute(0, 3, 1, 2) / 127.5 - 1)  # noqa: E731
+    return {path: float((read(a).argmax(1).numpy() == a['arr_1']).mean())
+            for path, a in samples.items()}
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument('files', nargs='+',
-                   help='sample files written by sample.py --npz; include a packed val split '
-                   '(data.py pack digits --split val) to see the classifier on real digits')
+    p.add_argument('files', nargs='+', help='sample files written by sample.py --npz; add a packed '
+                   'val split (data.py pack digits --split val) to see the CNN on real digits')
     p.add_argument('--img_size', type=int, default=16, help='image side in pixels')
     p.add_argument('--steps', type=int, default=1500, help='classifier training steps (batch 128)')
     args = p.parse_args(argv)
-    for path in args.files:
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f'{path}: no such file')
     for path, acc in digit_accuracy(args.files, args.img_size, args.steps).items():
         print(f'{path}: {100 * acc:.1f}% read as the requested class')
 
