@@ -1211,7 +1211,7 @@ def test_train_checks_val_data_at_start_and_saves_before_evaluating(tmp_path, mo
     run = ['--max_steps', 2, *QUICK]
     for val, msg in [('v49.npz', 'has 50 classes, the model 10'),
                      ('nolabels.npy', 'has no classes, the model 10'),
-                     ('v32.npz', 'images are 32x32 but --img_size is 16')]:
+                     ('v32.npz', 'for --img_size 16 (arr_0 of an .npz), got uint8 (8, 32, 32, 3)')]:
         out = tmp_path / f'run_{val}'
         assert msg in fails(train_main, *run, '--out_dir', out, '--val_data', tmp_path / val), val
         assert not (out / 'forward.pt').exists()
