@@ -138,10 +138,11 @@ def to_uint8(x):
     return ((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
-def generate_grid(model, flow, path, guidance=1.0, seed=0, decode=None):
-    """A grid of one row per class (10 per row) written to path, from the same noise at every call
-    so that successive checkpoints compare sample for sample (train.py's grids)."""
-    imgs, _, _ = sample_shard(model, flow, None, 0, 1, seed, 16, guidance=guidance, decode=decode)
+def generate_grid(model, flow, path, guidance=1.0, seed=0, decode=None, n=None):
+    """A grid of one row per class (10 per row; n: the first n samples only) written to path, from
+    the same noise at every call so that successive checkpoints compare sample for sample (train.py's
+    grids)."""
+    imgs, _, _ = sample_shard(model, flow, n, 0, 1, seed, 16, guidance=guidance, decode=decode)
     save_grid(imgs, path, nrow=10 if model.cfg.num_classes else 8)
 
 
