@@ -117,11 +117,13 @@ def run_cli(main, argv=None):
 def atomic_write(path: str, write) -> None:
     """write(f) into a temporary file beside path (unique per process), fsync, then rename over
     path: a crash, a full disk or a second writer never leaves a half-written file at path, and a
-    failed write leaves no temporary behind."""
+    failed write leaves no temporary behind. The file gets the user's umask."""
     fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + '.', suffix='.tmp',
                                dir=os.path.dirname(os.path.abspath(path)))
     try:
         with os.fdopen(fd, 'wb') as f:
+            os.umask(umask := os.umask(0))   # reading the umask means setting it: set it back
+            os.fchmod(fd, 0o666 & ~umask)   # the user's umask, as any tool's files (not 0600)
             write(f)
             f.flush()
             os.fsync(f.fileno())

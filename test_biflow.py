@@ -1334,6 +1334,15 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
     assert path.read_bytes() == b'old' and os.listdir(tmp_path) == ['ck.pt']
 
 
+def test_atomic_write_gives_the_file_the_users_umask(tmp_path):
+    old = os.umask(0o027)
+    try:
+        atomic_write(str(tmp_path / 'f'), lambda f: f.write(b'x'))
+    finally:
+        os.umask(old)
+    assert (tmp_path / 'f').stat().st_mode & 0o777 == 0o666 & ~0o027   # not mkstemp's 0600
+
+
 def test_train_fid_monitor_takes_reference_statistics(trained, tmp_path, monkeypatch):
     """--fid_ref must be statistics (fid.py --save_stats makes them once), checked before the
     claim; the monitor logs labelled rows at its interval."""
