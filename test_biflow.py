@@ -1257,9 +1257,13 @@ def test_train_resume_after_a_crash_logs_each_step_once(tmp_path):
     log = tmp_path / 'forward_log.jsonl'
     with open(log, 'a') as f:   # a crash after logging step 3, before its checkpoint
         f.write(json.dumps({'step': 3, 'loss': 99.0}) + '\n')
+    for name in ('forward.pt.k9x2.tmp', 'reverse.pt.k9x2.tmp'):   # a kill -9 during a save
+        (tmp_path / name).write_bytes(b'half')
     train_main('--resume', tmp_path / 'forward.pt')
     rows = losses(log)
     assert [r['step'] for r in rows] == [1, 2, 3, 4] and rows[2]['loss'] != 99.0
+    # the resume removed its stage's stale temporary, not the other stage's
+    assert sorted(p.name for p in tmp_path.glob('*.tmp')) == ['reverse.pt.k9x2.tmp']
 
 
 def test_train_stops_a_diverged_run_without_saving_it(tmp_path, monkeypatch):

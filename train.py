@@ -28,6 +28,7 @@ import argparse
 import json
 import math
 import os
+import pathlib
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, replace
@@ -452,6 +453,9 @@ def main(argv=None):
                            for end in ('.pt', '_log.jsonl'))
     if master:
         claim(args, step, ckpt_path, log_path)
+        # the folder's stage is this run's now: a killed run's temporaries (atomic_write's) go
+        for tmp in pathlib.Path(args.out_dir).glob(args.stage + '*.*.tmp'):
+            tmp.unlink()
     # `raw` stays the plain module for saving, EMA and sampling; F's pass is ~44% of a stage-2
     # step's FLOPs, so it is compiled too. DDP's gradients live in its buckets (no second copy)
     raw, flow_fn = model, flow
