@@ -1442,6 +1442,28 @@ def test_train_skipped_step_leaves_weights_ema_and_optimizer_unchanged(tmp_path,
     assert torch.load(tmp_path / 'forward.pt', weights_only=True)['step'] == 3
 
 
+def test_train_always_writes_the_final_checkpoint(tmp_path, monkeypatch, capsys):
+    """A job whose last step was skipped still saves (the last good weights) and says so; a
+    stage 2 of an F with non-finite weights (every step would skip) is refused before it trains."""
+    calls, real = [], train.forward_loss
+
+    def nan_at_step_2(*a, **k):
+        calls.append(1)
+        loss, nll, traj = real(*a, **k)
+        return (loss * float('nan') if len(calls) == 2 else loss), nll, traj
+    monkeypatch.setattr(train, 'forward_loss', nan_at_step_2)
+    train_main('--out_dir', tmp_path, '--max_steps', 2, *QUICK, '--ckpt_every', 1000)
+    assert torch.load(tmp_path / 'forward.pt', weights_only=True)['step'] == 2
+    assert ('step 2: the last 1 step(s) were non-finite and skipped: saving the weights of step 1'
+            in capsys.readouterr().out)
+    ck = torch.load(tmp_path / 'forward.pt', weights_only=True)
+    ck['ema'] = {k: torch.full_like(v, float('nan')) for k, v in ck['ema'].items()}
+    torch.save(ck, tmp_path / 'nan.pt')
+    assert 'nan.pt: F has non-finite weights' in fails(
+        train_main, '--stage', 'reverse', '--forward_ckpt', tmp_path / 'nan.pt',
+        '--out_dir', tmp_path / 'r', '--max_steps', 1)
+    assert not (tmp_path / 'r').exists()   # refused before the claim
+
 def test_train_divergence_is_checked_at_the_log_rows(tmp_path, monkeypatch):
     real = train.forward_loss
     monkeypatch.setattr(train, 'MAX_SKIPS', 2)

@@ -340,6 +340,9 @@ def build_models(args, resume, device):
                              '(one that --stage forward writes)')
         # F: the EMA weights of a forward checkpoint, or the copy a reverse one carries; frozen
         fcfg, fweights = (('forward_config', 'forward') if resume else ('model_config', 'ema'))
+        src = f'--resume {args.resume}' if resume else f'--forward_ckpt {args.forward_ckpt}'
+        if not all(t.isfinite().all() for t in fck[fweights].values()):   # every step would skip
+            raise UsageError(f'{src}: F has non-finite weights (a diverged run?): give a finite F')
         flow = TarFlow(config_from_dict(FlowConfig, fck[fcfg])).to(device).eval()
         flow.requires_grad_(False).load_state_dict(fck[fweights])
         data_latent = fck.get('latent')   # G learns F's inverse on F's own data
@@ -520,7 +523,11 @@ def main(argv=None):
                  'ms_per_step': 1000 * dt / n, 'skipped': skipped.item()},
                 f' | ETA {hms((stop - step) * dt / n)}')
             acc, t0 = {}, time.time()
-        if (step % args.ckpt_every == 0 or step == stop) and streak.item() == 0:
+        # the job's last checkpoint is always written: skipped steps left the weights as they were
+        if step == stop and (n := streak.item()) and master:
+            print(f'step {step}: the last {n} step(s) were non-finite and skipped: saving the '
+                  f'weights of step {step - n}')
+        if step % args.ckpt_every == 0 and streak.item() == 0 or step == stop:
             save()
         if val is not None and (step % args.eval_every == 0 or step == stop):   # EMA weights
             log({'val_bpd': heldout_bits_per_dim(ema, val, args.eval_samples, max(
