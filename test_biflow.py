@@ -573,7 +573,8 @@ def test_default_sampler_is_deterministic_and_jacobi_is_opt_in(tmp_path, capsys)
         assert np.load(npz[k])['arr_0'].shape == (4, 8, 8, 3)
 
 
-BAD_INPUTS += [('sample', ['--ckpt', '{fwd}', '--jacobi', '-1'], '--jacobi -1.0: must be >= 0')]
+BAD_INPUTS += [('sample', ['--ckpt', 'no.pt', '--jacobi', '-1'],
+                '--jacobi -1.0: must be in [0, inf)')]
 
 
 # -----------------------------------------------------------------------------
@@ -1112,9 +1113,12 @@ BAD_INPUTS += [
     ('train', ['--preset', 'nope'], "invalid choice: 'nope'"),
     ('train', ['--preset', 'biflow-b2'], 'names a reverse model'),
     ('train', ['--out_dir', '{fwd}', '--max_steps', '1'], 'is a file'),
+    ('train', ['--device', 'tpu'], "--device tpu: expected 'auto', 'cpu', 'cuda' or 'cuda:N'"),
+    ('train', ['--device', 'cuda:99'], '--device cuda:99: this machine has'),
 ] + [('train', [flag, value], f'{flag} {value}: must be in') for flag, value in [
     ('--log_every', '0'), ('--ckpt_every', '0'), ('--max_steps', '-1'), ('--batch_size', '0'),
-    ('--label_drop', '1.5'), ('--lr', 'nan'), ('--num_classes', '-1')]]
+    ('--label_drop', '1.5'), ('--lr', 'nan'), ('--lr', 'inf'), ('--num_classes', '-1'),
+    ('--sample_guidance', 'nan')]]
 
 
 def test_train_refuses_bad_files_and_batches(tmp_path, trained):
@@ -1521,8 +1525,13 @@ BAD_INPUTS += [
     ('sample', ['--ckpt', '{rev}', '--labels', '1,12'], '--labels [1, 12]: the model has 3 classes'),
     ('sample', ['--ckpt', '{fwd}', '--labels', 'a,b'], "argument --labels: invalid int_list value"),
     ('sample', ['--ckpt', '{fwd}', '--labels', '1,,2'], "--labels: invalid int_list value: '1,,2'"),
-    ('sample', ['--ckpt', '{fwd}', '--batch_size', '0'], '--batch_size 0: must be >= 1'),
-    ('sample', ['--ckpt', '{fwd}', '--num_samples', '-3'], '--num_samples -3: must be >= 1'),
+] + [('sample', ['--ckpt', 'no.pt', flag, value], f'{flag} {value}: must be in {rule}')
+      for flag, value, rule in [   # numbers and --device: refused before the checkpoint is read
+          ('--batch_size', '0', '[1, inf)'), ('--num_samples', '-3', '[1, inf)'),
+          ('--guidance', 'nan', '(-inf, inf)'), ('--guidance', 'inf', '(-inf, inf)'),
+          ('--attn_temp', '0.0', '(0, inf)'), ('--noise_std', '-1.0', '(0, inf)')]] + [
+    ('sample', ['--ckpt', 'no.pt', '--device', 'tpu'], "--device tpu: expected 'auto', 'cpu'"),
+    ('sample', ['--ckpt', 'no.pt', '--device', 'cuda:99'], '--device cuda:99: this machine has'),
     ('sample', ['--ckpt', '{fwd}', '--npz', 'no/s.npz'], ['--npz no/s.npz', 'does not exist']),
     ('sample', ['--ckpt', '{fwd}', '--out', '{tmp}'], ['--out', 'is a folder']),
     ('sample', ['--ckpt', '{rev}', *EDIT[:-1]], '--edit needs --to_class'),

@@ -39,7 +39,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import fid
 from data import (HelpFormatter, LatentDataset, Loader, UsageError, atomic_write, build_dataset,
-                  hms, latent_norm, read_torch_file, run_cli, setup_distributed)
+                  check_flags, hms, latent_norm, read_torch_file, run_cli, setup_distributed)
 from model import (PRESETS, FlowConfig, ReverseConfig, ReverseModel, TarFlow,
                    config_from_dict, forward_loss, reverse_config_for, reverse_loss)
 from perceptual import PerceptualLoss, load_weights
@@ -84,10 +84,10 @@ RESUMABLE = set('resume max_steps stop_at out_dir data val_data vae lpips vgg co
 # The numbers each flag may take; 0 means none (no warm-up, no classes, no clipping, ...)
 RANGES = {**dict.fromkeys('max_steps batch_size stop_at log_every ckpt_every sample_every '
                           'eval_every eval_samples fid_every fid_samples perceptual_every'.split(),
-                          (1, math.inf)),
+                          '[1, inf)'),
           **dict.fromkeys('lr warmup_steps grad_clip num_classes noise_std norm_clip w_max '
-                          'num_workers'.split(), (0, math.inf)),
-          'label_drop': (0, 1), 'ema': (0, 1)}
+                          'num_workers'.split(), '[0, inf)'),
+          'label_drop': '[0, 1]', 'ema': '[0, 1]', 'sample_guidance': '(-inf, inf)'}
 
 
 def get_args(argv=None):
@@ -146,7 +146,7 @@ def get_args(argv=None):
     add('--fid_samples', type=int, default=4096, help='EMA samples per FID (not FID-50K)')
     add('--inception', help='pt_inception-2015-12-05-6726825d.pth for FID')
     add = p.add_argument_group('hardware').add_argument
-    add('--device', default='auto', help="'auto' (cuda if available), 'cpu' or 'cuda'")
+    add('--device', default='auto', help="'auto' (cuda if available), 'cpu', 'cuda' or 'cuda:N'")
     add('--compile', action='store_true', help='torch.compile the model and F (GPU runs)')
     add('--grad_checkpoint', action=argparse.BooleanOptionalAction, default=False,
         help="stage 1: recompute each flow in the backward (less memory; on in big presets)")
@@ -155,9 +155,7 @@ def get_args(argv=None):
     # parsed into a namespace of Nones: argparse fills in no default, so None means "not given"
     given = {k: v for k, v in vars(p.parse_args(argv, argparse.Namespace(
         **dict.fromkeys(defaults)))).items() if v is not None}
-    for k, (lo, hi) in RANGES.items():
-        if k in given and not lo <= given[k] <= hi:   # also refuses nan
-            p.error(f'--{k} {given[k]}: must be in [{lo}, {hi}]')
+    check_flags(given, RANGES)   # and --device
     preset = TRAIN_PRESETS[given.get('preset', defaults['preset'])]
     return argparse.Namespace(**{**defaults, **preset, **given}), given
 
