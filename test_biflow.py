@@ -1244,6 +1244,10 @@ def test_train_resume_takes_the_saved_settings_and_refuses_the_others(tmp_path):
         msg = fails(train_main, '--resume', ck, *args)
         assert f'{args[0]} cannot be given' in msg and '--max_steps' in msg, msg
     # only --resume: everything else (out_dir, batch size, lr, sigma, ...) comes from the checkpoint
+    saved = torch.load(ck, weights_only=True)   # a run of a GPU that this machine lacks
+    saved['train_config']['device'] = 'cuda:99'
+    torch.save(saved, tmp_path / 'gpu.pt')
+    assert '--device cuda:99: this machine has' in fails(train_main, '--resume', tmp_path / 'gpu.pt')
     train_main('--resume', ck, '--log_every', 2)   # a resumable flag may change
     saved = torch.load(ck, weights_only=True)
     assert (saved['step'] == 4 and saved['train_config']['noise_std'] == 0.1

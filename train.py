@@ -175,6 +175,7 @@ def settings(argv):
         # --stop_at and --overwrite belong to the job that gave them, not to the run
         args = argparse.Namespace(**{**resume['train_config'], 'stop_at': None,
                                      'overwrite': False, **given})
+        check_flags({'device': args.device}, {})   # the saved --device, on this machine
         if min(args.max_steps, args.stop_at or math.inf) <= resume['step']:
             raise UsageError(f'--resume {args.resume}: the checkpoint is at step {resume["step"]}, '
                              'where this job would stop: raise --max_steps or --stop_at')
