@@ -523,9 +523,9 @@ def main(argv=None):
                 f' | ETA {hms((stop - step) * dt / n)}')
             acc, t0 = {}, time.time()
         # the job's last checkpoint is always written: skipped steps left the weights as they were
-        if step == stop and (n := streak.item()) and master:
-            print(f'step {step}: the last {n} step(s) were non-finite and skipped: saving the '
-                  f'weights of step {step - n}')
+        if step == stop and (skips := streak.item()) and master:
+            print(f'step {step}: the last {skips} step(s) were non-finite and skipped: saving the '
+                  f'weights of step {step - skips}')
         if step % args.ckpt_every == 0 and streak.item() == 0 or step == stop:
             save()
         if val is not None and (step % args.eval_every == 0 or step == stop):   # EMA weights
