@@ -23,6 +23,7 @@ import json
 import os
 import pathlib
 import random
+import re
 import sys
 import tempfile
 import time
@@ -117,11 +118,13 @@ def run_cli(main, argv=None):
 def atomic_write(path: str, write) -> None:
     """write(f) into a temporary file beside path (unique per process), fsync, then rename over
     path: a crash, a full disk or a second writer never leaves a half-written file at path, and a
-    failed write leaves no temporary behind."""
+    failed write leaves no temporary behind. The file gets the user's umask."""
     fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + '.', suffix='.tmp',
                                dir=os.path.dirname(os.path.abspath(path)))
     try:
         with os.fdopen(fd, 'wb') as f:
+            os.umask(umask := os.umask(0))   # reading the umask means setting it: set it back
+            os.fchmod(fd, 0o666 & ~umask)   # the user's umask, as any tool's files (not 0600)
             write(f)
             f.flush()
             os.fsync(f.fileno())
@@ -130,6 +133,22 @@ def atomic_write(path: str, write) -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
 
+
+def check_flags(values: dict, ranges: dict) -> None:
+    """Refuse in one line, before any work, a flag's number outside its interval (ranges: flag ->
+    '[1, inf)', '(0, 1]', ...; an open end excludes its bound, so nan and (at an open inf) inf are
+    refused; a flag set to None passes) and a --device that is not 'auto', 'cpu', 'cuda' or
+    'cuda:N' of a GPU this machine has."""
+    for k, r in ranges.items():
+        lo, hi = map(float, r[1:-1].split(','))
+        if (v := values.get(k)) is not None and not (
+                (lo < v if r[0] == '(' else lo <= v) and (v < hi if r[-1] == ')' else v <= hi)):
+            raise UsageError(f'--{k} {v}: must be in {r}')
+    device, gpus = values.get('device') or 'auto', torch.cuda.device_count()
+    if not re.fullmatch(r'auto|cpu|cuda(:\d+)?', device):
+        raise UsageError(f"--device {device}: expected 'auto', 'cpu', 'cuda' or 'cuda:N'")
+    if device.startswith('cuda') and int(device[5:] or 0) >= gpus:
+        raise UsageError(f'--device {device}: this machine has {gpus} CUDA GPU(s): try cpu')
 
 def check_writable(path: str, flag: str) -> None:
     """Fail now, naming the flag, if path cannot be written
@@ -195,14 +214,16 @@ def read_torch_file(path: str, flag: str, hint: str = ''):
 
 
 def setup_distributed(device_arg: str):
-    """(rank, world, device): DDP when launched by torchrun (NCCL on GPU, gloo on CPU), a single
-    process otherwise."""
+    """(rank, world, device): DDP when launched by torchrun (NCCL on GPU, gloo on CPU; a rank on the
+    GPU of its LOCAL_RANK), a single process otherwise (on --device's GPU, 'cuda' and 'auto': 0)."""
     cuda = torch.cuda.is_available() if device_arg == 'auto' else device_arg.startswith('cuda')
-    if 'RANK' not in os.environ or 'WORLD_SIZE' not in os.environ:
-        return 0, 1, torch.device('cuda' if cuda else 'cpu')
-    device = torch.device(f"cuda:{os.environ['LOCAL_RANK']}" if cuda else 'cpu')
+    ddp = 'RANK' in os.environ and 'WORLD_SIZE' in os.environ
+    device = torch.device(f"cuda:{os.environ['LOCAL_RANK'] if ddp else device_arg[5:] or 0}"
+                          if cuda else 'cpu')
     if cuda:
         torch.cuda.set_device(device)
+    if not ddp:
+        return 0, 1, device
     torch.distributed.init_process_group('nccl' if cuda else 'gloo')
     return int(os.environ['RANK']), int(os.environ['WORLD_SIZE']), device
 

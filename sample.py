@@ -26,8 +26,9 @@ import torch.distributed as dist
 from PIL import Image
 
 import fid
-from data import (HelpFormatter, Progress, UsageError, atomic_write, center_crop, check_writable,
-                  latent_norm, read_torch_file, run_cli, save_grid, setup_distributed)
+from data import (HelpFormatter, Progress, UsageError, atomic_write, center_crop, check_flags,
+                  check_writable, latent_norm, read_torch_file, run_cli, save_grid,
+                  setup_distributed)
 from model import (FlowConfig, ReverseConfig, ReverseModel, TarFlow, config_from_dict, edit,
                    inpaint, load_ml_tarflow)
 from vae import load_vae
@@ -258,6 +259,11 @@ def training_free(args, model, flow, decode, labels, device):
     return to_uint8(x), np.full(n, 0 if y is None else int(y[0])), to_uint8(grid)
 
 
+# The numbers each flag may take (data.check_flags; nan is refused, and inf at an open end)
+RANGES = {**dict.fromkeys(['num_samples', 'batch_size'], '[1, inf)'), 'jacobi': '[0, inf)',
+          'guidance': '(-inf, inf)', 'attn_temp': '(0, inf)', 'noise_std': '(0, inf)'}
+
+
 def int_list(text):
     """'3,5' -> [3, 5] (argparse names the flag of a bad one)."""
     return [int(v) for v in text.split(',')]
@@ -278,7 +284,7 @@ def get_args(argv=None):
     a('--fid', help='FID of the samples against this reference (stats .npz, .npz or folder)')
     a('--inception', help='path to pt_inception-2015-12-05-6726825d.pth for --fid')
     a('--batch_size', type=int, default=64, help='samples per forward batch on each rank')
-    a('--device', default='auto', help="'auto', 'cpu' or 'cuda'")
+    a('--device', default='auto', help="'auto' (cuda if available), 'cpu', 'cuda' or 'cuda:N'")
     a = p.add_argument_group('the sampler: guidance, the exact inverse, denoising').add_argument
     a('--guidance', type=float, default=2.0, help='CFG scale w (0: none): (1+w) cond - w uncond')
     a('--guidance_mode', choices=['auto', 'train', 'inference'], default='auto',
@@ -297,11 +303,7 @@ def get_args(argv=None):
     a('--edit', help='image to re-draw as class --to_class (encoded with --labels as its class)')
     a('--to_class', type=int, help='with --edit: the target class')
     args = p.parse_args(argv)
-    # bad values fail here, in one line naming the flag, before any model is loaded
-    for flag, v, low in (('--batch_size', args.batch_size, 1), ('--jacobi', args.jacobi, 0),
-                         ('--num_samples', args.num_samples, 1)):
-        if v is not None and v < low:
-            p.error(f'{flag} {v}: must be >= {low}')
+    check_flags(vars(args), RANGES)   # and --device: one line naming the flag, before any model
     if args.inpaint and args.mask is None or args.edit and args.to_class is None:
         p.error('--inpaint needs --mask (white: redraw); --edit needs --to_class (the new class)')
     return p, args, None if args.labels is None else torch.tensor(args.labels)

@@ -573,7 +573,8 @@ def test_default_sampler_is_deterministic_and_jacobi_is_opt_in(tmp_path, capsys)
         assert np.load(npz[k])['arr_0'].shape == (4, 8, 8, 3)
 
 
-BAD_INPUTS += [('sample', ['--ckpt', '{fwd}', '--jacobi', '-1'], '--jacobi -1.0: must be >= 0')]
+BAD_INPUTS += [('sample', ['--ckpt', 'no.pt', '--jacobi', '-1'],
+                '--jacobi -1.0: must be in [0, inf)')]
 
 
 # -----------------------------------------------------------------------------
@@ -1112,9 +1113,12 @@ BAD_INPUTS += [
     ('train', ['--preset', 'nope'], "invalid choice: 'nope'"),
     ('train', ['--preset', 'biflow-b2'], 'names a reverse model'),
     ('train', ['--out_dir', '{fwd}', '--max_steps', '1'], 'is a file'),
+    ('train', ['--device', 'tpu'], "--device tpu: expected 'auto', 'cpu', 'cuda' or 'cuda:N'"),
+    ('train', ['--device', 'cuda:99'], '--device cuda:99: this machine has'),
 ] + [('train', [flag, value], f'{flag} {value}: must be in') for flag, value in [
     ('--log_every', '0'), ('--ckpt_every', '0'), ('--max_steps', '-1'), ('--batch_size', '0'),
-    ('--label_drop', '1.5'), ('--lr', 'nan'), ('--num_classes', '-1')]]
+    ('--label_drop', '1.5'), ('--lr', 'nan'), ('--lr', 'inf'), ('--num_classes', '-1'),
+    ('--sample_guidance', 'nan')]]
 
 
 def test_train_refuses_bad_files_and_batches(tmp_path, trained):
@@ -1240,6 +1244,10 @@ def test_train_resume_takes_the_saved_settings_and_refuses_the_others(tmp_path):
         msg = fails(train_main, '--resume', ck, *args)
         assert f'{args[0]} cannot be given' in msg and '--max_steps' in msg, msg
     # only --resume: everything else (out_dir, batch size, lr, sigma, ...) comes from the checkpoint
+    saved = torch.load(ck, weights_only=True)   # a run of a GPU that this machine lacks
+    saved['train_config']['device'] = 'cuda:99'
+    torch.save(saved, tmp_path / 'gpu.pt')
+    assert '--device cuda:99: this machine has' in fails(train_main, '--resume', tmp_path / 'gpu.pt')
     train_main('--resume', ck, '--log_every', 2)   # a resumable flag may change
     saved = torch.load(ck, weights_only=True)
     assert (saved['step'] == 4 and saved['train_config']['noise_std'] == 0.1
@@ -1257,9 +1265,13 @@ def test_train_resume_after_a_crash_logs_each_step_once(tmp_path):
     log = tmp_path / 'forward_log.jsonl'
     with open(log, 'a') as f:   # a crash after logging step 3, before its checkpoint
         f.write(json.dumps({'step': 3, 'loss': 99.0}) + '\n')
+    for name in ('forward.pt.k9x2.tmp', 'reverse.pt.k9x2.tmp'):   # a kill -9 during a save
+        (tmp_path / name).write_bytes(b'half')
     train_main('--resume', tmp_path / 'forward.pt')
     rows = losses(log)
     assert [r['step'] for r in rows] == [1, 2, 3, 4] and rows[2]['loss'] != 99.0
+    # the resume removed its stage's stale temporary, not the other stage's
+    assert sorted(p.name for p in tmp_path.glob('*.tmp')) == ['reverse.pt.k9x2.tmp']
 
 
 def test_train_stops_a_diverged_run_without_saving_it(tmp_path, monkeypatch):
@@ -1332,6 +1344,15 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
         atomic_write(str(path), broken)
     # no temporary left behind
     assert path.read_bytes() == b'old' and os.listdir(tmp_path) == ['ck.pt']
+
+
+def test_atomic_write_gives_the_file_the_users_umask(tmp_path):
+    old = os.umask(0o027)
+    try:
+        atomic_write(str(tmp_path / 'f'), lambda f: f.write(b'x'))
+    finally:
+        os.umask(old)
+    assert (tmp_path / 'f').stat().st_mode & 0o777 == 0o666 & ~0o027   # not mkstemp's 0600
 
 
 def test_train_fid_monitor_takes_reference_statistics(trained, tmp_path, monkeypatch):
@@ -1429,6 +1450,28 @@ def test_train_skipped_step_leaves_weights_ema_and_optimizer_unchanged(tmp_path,
     assert torch.load(tmp_path / 'forward.pt', weights_only=True)['step'] == 3
 
 
+def test_train_always_writes_the_final_checkpoint(tmp_path, monkeypatch, capsys):
+    """A job whose last step was skipped still saves (the last good weights) and says so; a
+    stage 2 of an F with non-finite weights (every step would skip) is refused before it trains."""
+    calls, real = [], train.forward_loss
+
+    def nan_at_step_2(*a, **k):
+        calls.append(1)
+        loss, nll, traj = real(*a, **k)
+        return (loss * float('nan') if len(calls) == 2 else loss), nll, traj
+    monkeypatch.setattr(train, 'forward_loss', nan_at_step_2)
+    train_main('--out_dir', tmp_path, '--max_steps', 2, *QUICK, '--ckpt_every', 1000)
+    assert torch.load(tmp_path / 'forward.pt', weights_only=True)['step'] == 2
+    assert ('step 2: the last 1 step(s) were non-finite and skipped: saving the weights of step 1'
+            in capsys.readouterr().out)
+    ck = torch.load(tmp_path / 'forward.pt', weights_only=True)
+    ck['ema'] = {k: torch.full_like(v, float('nan')) for k, v in ck['ema'].items()}
+    torch.save(ck, tmp_path / 'nan.pt')
+    assert 'nan.pt: F has non-finite weights' in fails(
+        train_main, '--stage', 'reverse', '--forward_ckpt', tmp_path / 'nan.pt',
+        '--out_dir', tmp_path / 'r', '--max_steps', 1)
+    assert not (tmp_path / 'r').exists()   # refused before the claim
+
 def test_train_divergence_is_checked_at_the_log_rows(tmp_path, monkeypatch):
     real = train.forward_loss
     monkeypatch.setattr(train, 'MAX_SKIPS', 2)
@@ -1486,8 +1529,13 @@ BAD_INPUTS += [
     ('sample', ['--ckpt', '{rev}', '--labels', '1,12'], '--labels [1, 12]: the model has 3 classes'),
     ('sample', ['--ckpt', '{fwd}', '--labels', 'a,b'], "argument --labels: invalid int_list value"),
     ('sample', ['--ckpt', '{fwd}', '--labels', '1,,2'], "--labels: invalid int_list value: '1,,2'"),
-    ('sample', ['--ckpt', '{fwd}', '--batch_size', '0'], '--batch_size 0: must be >= 1'),
-    ('sample', ['--ckpt', '{fwd}', '--num_samples', '-3'], '--num_samples -3: must be >= 1'),
+] + [('sample', ['--ckpt', 'no.pt', flag, value], f'{flag} {value}: must be in {rule}')
+      for flag, value, rule in [   # numbers and --device: refused before the checkpoint is read
+          ('--batch_size', '0', '[1, inf)'), ('--num_samples', '-3', '[1, inf)'),
+          ('--guidance', 'nan', '(-inf, inf)'), ('--guidance', 'inf', '(-inf, inf)'),
+          ('--attn_temp', '0.0', '(0, inf)'), ('--noise_std', '-1.0', '(0, inf)')]] + [
+    ('sample', ['--ckpt', 'no.pt', '--device', 'tpu'], "--device tpu: expected 'auto', 'cpu'"),
+    ('sample', ['--ckpt', 'no.pt', '--device', 'cuda:99'], '--device cuda:99: this machine has'),
     ('sample', ['--ckpt', '{fwd}', '--npz', 'no/s.npz'], ['--npz no/s.npz', 'does not exist']),
     ('sample', ['--ckpt', '{fwd}', '--out', '{tmp}'], ['--out', 'is a folder']),
     ('sample', ['--ckpt', '{rev}', *EDIT[:-1]], '--edit needs --to_class'),

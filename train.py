@@ -28,6 +28,7 @@ import argparse
 import json
 import math
 import os
+import pathlib
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, replace
@@ -38,7 +39,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import fid
 from data import (HelpFormatter, LatentDataset, Loader, UsageError, atomic_write, build_dataset,
-                  hms, latent_norm, read_torch_file, run_cli, setup_distributed)
+                  check_flags, hms, latent_norm, read_torch_file, run_cli, setup_distributed)
 from model import (PRESETS, FlowConfig, ReverseConfig, ReverseModel, TarFlow,
                    config_from_dict, forward_loss, reverse_config_for, reverse_loss)
 from perceptual import PerceptualLoss, load_weights
@@ -83,10 +84,10 @@ RESUMABLE = set('resume max_steps stop_at out_dir data val_data vae lpips vgg co
 # The numbers each flag may take; 0 means none (no warm-up, no classes, no clipping, ...)
 RANGES = {**dict.fromkeys('max_steps batch_size stop_at log_every ckpt_every sample_every '
                           'eval_every eval_samples fid_every fid_samples perceptual_every'.split(),
-                          (1, math.inf)),
+                          '[1, inf)'),
           **dict.fromkeys('lr warmup_steps grad_clip num_classes noise_std norm_clip w_max '
-                          'num_workers'.split(), (0, math.inf)),
-          'label_drop': (0, 1), 'ema': (0, 1)}
+                          'num_workers'.split(), '[0, inf)'),
+          'label_drop': '[0, 1]', 'ema': '[0, 1]', 'sample_guidance': '(-inf, inf)'}
 
 
 def get_args(argv=None):
@@ -145,7 +146,7 @@ def get_args(argv=None):
     add('--fid_samples', type=int, default=4096, help='EMA samples per FID (not FID-50K)')
     add('--inception', help='pt_inception-2015-12-05-6726825d.pth for FID')
     add = p.add_argument_group('hardware').add_argument
-    add('--device', default='auto', help="'auto' (cuda if available), 'cpu' or 'cuda'")
+    add('--device', default='auto', help="'auto' (cuda if available), 'cpu', 'cuda' or 'cuda:N'")
     add('--compile', action='store_true', help='torch.compile the model and F (GPU runs)')
     add('--grad_checkpoint', action=argparse.BooleanOptionalAction, default=False,
         help="stage 1: recompute each flow in the backward (less memory; on in big presets)")
@@ -154,9 +155,7 @@ def get_args(argv=None):
     # parsed into a namespace of Nones: argparse fills in no default, so None means "not given"
     given = {k: v for k, v in vars(p.parse_args(argv, argparse.Namespace(
         **dict.fromkeys(defaults)))).items() if v is not None}
-    for k, (lo, hi) in RANGES.items():
-        if k in given and not lo <= given[k] <= hi:   # also refuses nan
-            p.error(f'--{k} {given[k]}: must be in [{lo}, {hi}]')
+    check_flags(given, RANGES)   # and --device
     preset = TRAIN_PRESETS[given.get('preset', defaults['preset'])]
     return argparse.Namespace(**{**defaults, **preset, **given}), given
 
@@ -176,6 +175,7 @@ def settings(argv):
         # --stop_at and --overwrite belong to the job that gave them, not to the run
         args = argparse.Namespace(**{**resume['train_config'], 'stop_at': None,
                                      'overwrite': False, **given})
+        check_flags({'device': args.device}, {})   # the saved --device, on this machine
         if min(args.max_steps, args.stop_at or math.inf) <= resume['step']:
             raise UsageError(f'--resume {args.resume}: the checkpoint is at step {resume["step"]}, '
                              'where this job would stop: raise --max_steps or --stop_at')
@@ -339,6 +339,9 @@ def build_models(args, resume, device):
                              '(one that --stage forward writes)')
         # F: the EMA weights of a forward checkpoint, or the copy a reverse one carries; frozen
         fcfg, fweights = (('forward_config', 'forward') if resume else ('model_config', 'ema'))
+        src = f'--resume {args.resume}' if resume else f'--forward_ckpt {args.forward_ckpt}'
+        if not all(t.isfinite().all() for t in fck[fweights].values()):   # every step would skip
+            raise UsageError(f'{src}: F has non-finite weights (a diverged run?): give a finite F')
         flow = TarFlow(config_from_dict(FlowConfig, fck[fcfg])).to(device).eval()
         flow.requires_grad_(False).load_state_dict(fck[fweights])
         data_latent = fck.get('latent')   # G learns F's inverse on F's own data
@@ -452,6 +455,9 @@ def main(argv=None):
                            for end in ('.pt', '_log.jsonl'))
     if master:
         claim(args, step, ckpt_path, log_path)
+        # the folder's stage is this run's now: a killed run's temporaries (atomic_write's) go
+        for tmp in pathlib.Path(args.out_dir).glob(args.stage + '*.*.tmp'):
+            tmp.unlink()
     # `raw` stays the plain module for saving, EMA and sampling; F's pass is ~44% of a stage-2
     # step's FLOPs, so it is compiled too. DDP's gradients live in its buckets (no second copy)
     raw, flow_fn = model, flow
@@ -516,7 +522,11 @@ def main(argv=None):
                  'ms_per_step': 1000 * dt / n, 'skipped': skipped.item()},
                 f' | ETA {hms((stop - step) * dt / n)}')
             acc, t0 = {}, time.time()
-        if (step % args.ckpt_every == 0 or step == stop) and streak.item() == 0:
+        # the job's last checkpoint is always written: skipped steps left the weights as they were
+        if step == stop and (skips := streak.item()) and master:
+            print(f'step {step}: the last {skips} step(s) were non-finite and skipped: saving the '
+                  f'weights of step {step - skips}')
+        if step % args.ckpt_every == 0 and streak.item() == 0 or step == stop:
             save()
         if val is not None and (step % args.eval_every == 0 or step == stop):   # EMA weights
             log({'val_bpd': heldout_bits_per_dim(ema, val, args.eval_samples, max(
