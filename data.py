@@ -474,7 +474,7 @@ class LatentDataset(Source):
 def epoch_order(n: int, seed: int, epoch: int):
     """(order, flips) of one epoch, the same on every rank: a permutation of the n items, and
     whether item i is mirrored left-right (bool (n,), by index, not by position)."""
-    gen = torch.Generator().manual_seed(_hash_seed('epoch', seed, epoch))
+    gen = torch.Generator().manual_seed(_hash_seed('perm', seed, epoch))
     return torch.randperm(n, generator=gen), torch.rand(n, generator=gen) < 0.5
 
 
