@@ -80,11 +80,13 @@ class ReverseConfig(TokenGeometry):
 
 def config_from_dict(cls, cfg_dict):
     """Rebuild a dataclass config from the plain dict stored in a checkpoint;
-    unknown keys are an error."""
+    unknown and missing keys are an error."""
+    if not isinstance(cfg_dict, dict):
+        raise ValueError(f'{cls.__name__}: not a config dict but {type(cfg_dict).__name__}')
     names = {f.name for f in fields(cls)}
-    unknown = set(cfg_dict) - names
-    if unknown:
-        raise ValueError(f'{cls.__name__}: unknown config keys {sorted(unknown)}')
+    for what, keys in (('unknown', set(cfg_dict) - names), ('missing', names - set(cfg_dict))):
+        if keys:
+            raise ValueError(f'{cls.__name__}: {what} config keys {sorted(keys)}')
     return cls(**cfg_dict)
 
 

@@ -76,31 +76,60 @@ def latent_decoder(latent, path, device='cpu', what='the checkpoint'):
     return LatentDecoder(vae, latent).to(device)
 
 
+def read_checkpoint(path, flag, kinds=('forward', 'reverse'), resume=False, ck=None):
+    """-> (ck, model, flow): the train.py checkpoint at path (ck: already read), checked against
+    this code before any of it is used: its kind, its configs (config_from_dict: no unknown or
+    missing key), every state dict it carries against the state_dict() of the model its config
+    builds (keys, shapes, finite weights; resume: 'model' too) and a G's geometry against its F's
+    (train.py checks the training state). model holds the EMA weights, flow a reverse
+    checkpoint's F (else None), both on the CPU. Anything else: one line naming the file."""
+    ck = read_torch_file(path, flag) if ck is None else ck
+    try:
+        if (kind := ck.get('kind') if isinstance(ck, dict) else None) not in kinds:
+            raise ValueError(f"not a {' or '.join(kinds)} checkpoint of train.py (kind {kind!r})")
+        flow = kind == 'reverse' and checked_model(ck, 'forward', ('forward',), 'forward')
+        model = checked_model(ck, 'model', ('model',) * resume + ('ema',), kind)
+        geometry = ('img_size', 'in_channels', 'patch_size', 'num_classes', 'num_blocks')
+        if flow and any(getattr(model.cfg, k) != getattr(flow.cfg, k) for k in geometry):
+            raise ValueError(f"model_config does not fit forward_config ({', '.join(geometry)})")
+    except (TypeError, ValueError, AssertionError, RuntimeError) as e:   # and configs that fail
+        raise UsageError(f'{flag} {path}: {e}') from None
+    return ck, model, flow or None
+
+
+def checked_model(ck, name, keys, kind):
+    """The model (TarFlow or ReverseModel, by kind) of ck[name + '_config']; ValueError unless
+    each ck[key] of keys has its state dict's keys and shapes and finite weights (a config that
+    does not build one raises what the config or the model raise). It holds the last."""
+    Model, Cfg = (TarFlow, FlowConfig) if kind == 'forward' else (ReverseModel, ReverseConfig)
+    model = Model(config_from_dict(Cfg, ck.get(name + '_config')))   # or a refusal of the config
+    want = model.state_dict()
+    for key in keys:
+        sd = ck[key] if isinstance(ck.get(key), dict) else {f'(no {key} weights)': None}
+        if diff := sorted(set(want) ^ set(sd)) or [   # keys, then shapes
+                k for k in want if getattr(sd[k], 'shape', None) != want[k].shape]:
+            raise ValueError(f"{key}: its keys or shapes are not those of {name}_config's model "
+                             f'(the first of {len(diff)} that differ: {diff[0]})')
+        if not all(t.isfinite().all() for t in sd.values() if t.is_floating_point()):
+            raise ValueError(f'{key}: non-finite weights (a diverged run?): give a finite one')
+    model.load_state_dict(sd)
+    return model
+
+
 def load_models(path, device='cpu', noise_std=None, verbose=True, vae=None):
     """-> (model, flow, decode): a TarFlow and None, or a BiFlow reverse model and its frozen
     TarFlow; decode is None for pixel models, the LatentDecoder of a latent checkpoint (which needs
     vae, the --vae path). ml-tarflow state dicts need noise_std (their training sigma) unless their
     file name carries it. Sampling uses the EMA weights, as the papers do."""
-    ckpt = read_torch_file(path, '--ckpt')
-    kind = ckpt.get('kind') if isinstance(ckpt, dict) else None
-    flow = None
-    if kind == 'reverse':   # G, plus the F it inverts (for score denoising, inpainting, editing)
-        flow = TarFlow(config_from_dict(FlowConfig, ckpt['forward_config']))
-        flow.load_state_dict(ckpt['forward'])
-        flow.to(device).eval().requires_grad_(False)
-    if kind in ('forward', 'reverse'):
-        Model, Cfg = (TarFlow, FlowConfig) if kind == 'forward' else (ReverseModel, ReverseConfig)
-        model = Model(config_from_dict(Cfg, ckpt['model_config']))
-        model.load_state_dict(ckpt['ema'])
-    elif isinstance(ckpt, dict) and any(k.endswith('proj_in.weight') for k in ckpt):   # Apple's
+    ckpt, flow, latent = read_torch_file(path, '--ckpt'), None, None
+    if isinstance(ckpt, dict) and any(k.endswith('proj_in.weight') for k in ckpt):   # Apple's
         try:
             model = load_ml_tarflow(ckpt, ml_tarflow_sigma(path, noise_std, verbose))
         except ValueError as e:
             raise UsageError(f'--ckpt {path}: {e}') from None
-    else:
-        raise UsageError(f'--ckpt {path}: neither a train.py checkpoint '
-                         'nor an ml-tarflow state dict')
-    latent = ckpt.get('latent') if kind else None
+    else:   # train.py's (G carries the F it inverts: score denoising, inpainting, editing)
+        ckpt, model, flow = read_checkpoint(path, '--ckpt', ck=ckpt)
+        flow, latent = flow and flow.to(device).eval().requires_grad_(False), ckpt.get('latent')
     decode = latent_decoder(latent, vae, device, f'--ckpt {path}') if latent else None
     # frozen: the score is a gradient w.r.t. the input only, and weights that need grad would make
     # its backward keep every Linear's input and compute weight gradients nobody reads

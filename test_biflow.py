@@ -1108,7 +1108,7 @@ BAD_INPUTS += [
     ('train', ['--stage', 'reverse', '--forward_ckpt', '{rev}'], 'not a forward checkpoint'),
     ('train', ['--resume', '{tmp}/none.pt'], ['--resume', 'no such file']),
     ('train', ['--resume', os.path.join(HERE, 'testdata', 'ml_tarflow_tiny.pt')],
-     'not a checkpoint written by train.py'),
+     'not a forward or reverse checkpoint of train.py'),
     ('train', ['--lpips', 'l.pth'], '--lpips needs --vgg'),
     ('train', ['--preset', 'nope'], "invalid choice: 'nope'"),
     ('train', ['--preset', 'biflow-b2'], 'names a reverse model'),
@@ -1467,10 +1467,66 @@ def test_train_always_writes_the_final_checkpoint(tmp_path, monkeypatch, capsys)
     ck = torch.load(tmp_path / 'forward.pt', weights_only=True)
     ck['ema'] = {k: torch.full_like(v, float('nan')) for k, v in ck['ema'].items()}
     torch.save(ck, tmp_path / 'nan.pt')
-    assert 'nan.pt: F has non-finite weights' in fails(
+    assert 'nan.pt: ema: non-finite weights' in fails(
         train_main, '--stage', 'reverse', '--forward_ckpt', tmp_path / 'nan.pt',
         '--out_dir', tmp_path / 'r', '--max_steps', 1)
     assert not (tmp_path / 'r').exists()   # refused before the claim
+
+
+def first(sd):
+    return next(iter(sd))
+
+
+# Damaged or foreign train.py checkpoints, refused by the one reader (sample.read_checkpoint):
+# (the stage of the file, what is done to it, the scripts refusing it, words of the refusal)
+DAMAGED = [
+    ('forward', lambda ck: ck.pop('ema'), 'both', 'ema: its keys or shapes are not those'),
+    ('forward', lambda ck: ck['ema'].pop(first(ck['ema'])), 'both', 'the first of 1 that differ'),
+    ('reverse', lambda ck: ck['ema'].update({first(ck['ema']): torch.zeros(1)}), 'both',
+     'ema: its keys or shapes'),
+    ('forward', lambda ck: ck['ema'].update({k: torch.full_like(v, math.nan)
+                                            for k, v in ck['ema'].items()}), 'both',
+     'ema: non-finite weights'),
+    ('forward', lambda ck: ck.update(kind='reverse'), 'both', 'FlowConfig: not a config dict'),
+    ('reverse', lambda ck: ck.update(kind='forward'), 'both', 'FlowConfig: unknown config keys'),
+    ('forward', lambda ck: ck.update(kind='vae'), 'both', "checkpoint of train.py (kind 'vae')"),
+    ('forward', lambda ck: ck['model_config'].update(nope=1), 'both', "unknown config keys ['nope']"),
+    ('forward', lambda ck: ck['model_config'].pop('channels'), 'both',
+     "missing config keys ['channels']"),
+    ('forward', lambda ck: ck['model_config'].update(channels=64), 'both',   # another preset's
+     "keys or shapes are not those of model_config's model"),
+    ('reverse', lambda ck: ck['forward'].pop(first(ck['forward'])), 'both',
+     'forward: its keys or shapes'),
+    ('reverse', lambda ck: ck['forward'].update({first(ck['forward']): torch.tensor(math.inf)}),
+     'both', 'forward: its keys or shapes'),
+    ('reverse', lambda ck: ck['forward_config'].update(patch_size=4), 'both',
+     'forward: its keys or shapes'),
+    ('forward', lambda ck: ck.pop('optimizer'), 'train', 'has no valid optimizer'),
+    ('reverse', lambda ck: ck.update(rng=None), 'train', 'has no valid rng'),
+    ('forward', lambda ck: ck['loader'].pop('n'), 'train', 'its training state'),
+    ('forward', lambda ck: ck['optimizer'].pop('state'), 'train', 'its training state'),
+    ('forward', lambda ck: ck['train_config'].update(nope=1), 'train', 'its training state'),
+    ('reverse', lambda ck: ck['model'].pop(first(ck['model'])), 'train',
+     'model: its keys or shapes'),
+]
+
+
+@pytest.mark.parametrize('stage, damage, scripts, words', DAMAGED,
+                         ids=[f'{r[0]}-{i}-{r[3][:30]}' for i, r in enumerate(DAMAGED)])
+def test_damaged_or_foreign_checkpoints_are_refused_in_one_line(stage, damage, scripts, words,
+                                                                trained, tmp_path):
+    """sample.py (a tiny checkpoint) and train.py --resume (a trained one) refuse each file in one
+    line that names it, before any work."""
+    fck, gck, _ = checkpoints(tmp_path)
+    files = [((fck, gck)[stage == 'reverse'], 'sample')] * (scripts == 'both')
+    for src, script in files + [(trained / f'{stage}.pt', 'train')]:
+        ck = torch.load(src, weights_only=True)
+        damage(ck)
+        bad = str(tmp_path / f'bad_{script}.pt')
+        torch.save(ck, bad)
+        line = (fails(sample_main, '--ckpt', bad, '--out', tmp_path / 's.png', '--device', 'cpu')
+                if script == 'sample' else fails(train_main, '--resume', bad))
+        assert bad in line and words in line, line
 
 def test_train_divergence_is_checked_at_the_log_rows(tmp_path, monkeypatch):
     real = train.forward_loss
@@ -1525,7 +1581,7 @@ BAD_INPUTS += [
     ('sample', ['--ckpt', '{tmp}/nope.pt'], 'nope.pt: no such file'),
     ('sample', ['--ckpt', os.path.join(HERE, 'README.md')], 'not a loadable torch file'),
     ('sample', ['--ckpt', os.path.join(HERE, 'testdata', 'ml_tarflow_tiny.pt')],
-     'neither a train.py checkpoint nor an ml-tarflow state dict'),
+     'not a forward or reverse checkpoint of train.py'),
     ('sample', ['--ckpt', '{rev}', '--labels', '1,12'], '--labels [1, 12]: the model has 3 classes'),
     ('sample', ['--ckpt', '{fwd}', '--labels', 'a,b'], "argument --labels: invalid int_list value"),
     ('sample', ['--ckpt', '{fwd}', '--labels', '1,,2'], "--labels: invalid int_list value: '1,,2'"),

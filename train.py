@@ -39,11 +39,11 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import fid
 from data import (HelpFormatter, LatentDataset, Loader, UsageError, atomic_write, build_dataset,
-                  check_flags, hms, latent_norm, read_torch_file, run_cli, setup_distributed)
-from model import (PRESETS, FlowConfig, ReverseConfig, ReverseModel, TarFlow,
-                   config_from_dict, forward_loss, reverse_config_for, reverse_loss)
+                  check_flags, hms, latent_norm, run_cli, setup_distributed)
+from model import (PRESETS, ReverseModel, TarFlow, forward_loss, reverse_config_for,
+                   reverse_loss)
 from perceptual import PerceptualLoss, load_weights
-from sample import distributed_fid, generate_grid, latent_decoder
+from sample import distributed_fid, generate_grid, latent_decoder, read_checkpoint
 
 # Optimisation defaults per preset. The paper runs follow TarFlow's recipes (AdamW (0.9, 0.95),
 # lr 1e-4, batch 256, warm-up of one epoch, cosine to 1e-6, no gradient clipping); the EMA is ours
@@ -164,20 +164,29 @@ def settings(argv):
     """-> (args, resume): the run's settings and, with --resume, the loaded checkpoint, whose
     settings the run keeps but for the RESUMABLE flags given now."""
     args, given = get_args(argv)
-    resume = read_torch_file(args.resume, '--resume') if args.resume else None   # weights only
+    # (checkpoint, its EMA model, its F): every part checked against this code (sample.py)
+    resume = read_checkpoint(args.resume, '--resume', resume=True) if args.resume else None
     if args.resume:
-        if not isinstance(resume, dict) or 'train_config' not in resume:
-            raise UsageError(f'--resume {args.resume}: not a checkpoint written by train.py')
+        ck = resume[0]   # and the training state: settings of this code, optimizer, loader, rng
+        state = dict(train_config=dict, step=int, optimizer=dict, loader=dict, rng=torch.Tensor)
+        if lost := [k for k, t in state.items() if not isinstance(ck.get(k), t)]:
+            raise UsageError(f'--resume {args.resume}: has no valid {", ".join(lost)} (a resume '
+                             'needs the whole training state)')
+        if (ck['train_config'].keys() != vars(args).keys() or ck['train_config']['stage'] != ck[
+                'kind'] or ck['rng'].shape != torch.get_rng_state().shape or ck['loader'].keys()
+                != {'epoch', 'step', 'n'} or {'state', 'param_groups'} - ck['optimizer'].keys()):
+            raise UsageError(f'--resume {args.resume}: its training state (train_config, '
+                             'optimizer, loader or rng) is not the one this train.py saves')
         if fixed := sorted(set(given) - RESUMABLE):
             raise UsageError(f'--resume {args.resume} continues the saved run with its settings: '
                              f'{", ".join("--" + k for k in fixed)} cannot be given; only '
                              f'{", ".join("--" + k for k in sorted(RESUMABLE - {"resume"}))} can')
         # --stop_at and --overwrite belong to the job that gave them, not to the run
-        args = argparse.Namespace(**{**resume['train_config'], 'stop_at': None,
+        args = argparse.Namespace(**{**ck['train_config'], 'stop_at': None,
                                      'overwrite': False, **given})
         check_flags({'device': args.device}, {})   # the saved --device, on this machine
-        if min(args.max_steps, args.stop_at or math.inf) <= resume['step']:
-            raise UsageError(f'--resume {args.resume}: the checkpoint is at step {resume["step"]}, '
+        if min(args.max_steps, args.stop_at or math.inf) <= ck['step']:
+            raise UsageError(f'--resume {args.resume}: the checkpoint is at step {ck["step"]}, '
                              'where this job would stop: raise --max_steps or --stop_at')
     elif args.stage == 'reverse' and not args.forward_ckpt:
         raise UsageError('--stage reverse needs --forward_ckpt (written by --stage forward)')
@@ -325,32 +334,25 @@ def build_models(args, resume, device):
     (which samples, evaluates and is saved as 'ema'); in stage 2 the frozen F (the EMA weights of
     --forward_ckpt, or the copy a reverse checkpoint carries). data_latent: the latent metadata
     the data must have ('any' for a fresh stage 1: F's data in stage 2, the run's on resume)."""
-    flow, data_latent = None, resume['latent'] if resume else 'any'
+    ck, ema, flow = resume or (None, None, None)
+    if args.stage == 'reverse' and not resume:   # F: the EMA weights of a forward checkpoint
+        ck, flow, _ = read_checkpoint(args.forward_ckpt, '--forward_ckpt', ('forward',))
+    data_latent = ck.get('latent') if ck else 'any'   # G learns F's inverse on F's own data
     if args.stage == 'forward':
         keys = ('norm_clip', 'noise_std', 'num_classes')   # the model's flags; None: its preset's
-        cfg = (config_from_dict(FlowConfig, resume['model_config']) if resume else replace(
-            PRESETS[args.preset], **{k: v for k in keys if (v := getattr(args, k)) is not None}))
+        cfg = ema.cfg if resume else replace(
+            PRESETS[args.preset], **{k: v for k in keys if (v := getattr(args, k)) is not None})
         vars(args).update({k: getattr(cfg, k) for k in keys})   # the settings say what was built
         model = TarFlow(cfg).to(device)
-    else:
-        fck = resume or read_torch_file(args.forward_ckpt, '--forward_ckpt')
-        if not resume and (not isinstance(fck, dict) or fck.get('kind') != 'forward'):
-            raise UsageError(f'--forward_ckpt {args.forward_ckpt}: not a forward checkpoint '
-                             '(one that --stage forward writes)')
-        # F: the EMA weights of a forward checkpoint, or the copy a reverse one carries; frozen
-        fcfg, fweights = (('forward_config', 'forward') if resume else ('model_config', 'ema'))
-        src = f'--resume {args.resume}' if resume else f'--forward_ckpt {args.forward_ckpt}'
-        if not all(t.isfinite().all() for t in fck[fweights].values()):   # every step would skip
-            raise UsageError(f'{src}: F has non-finite weights (a diverged run?): give a finite F')
-        flow = TarFlow(config_from_dict(FlowConfig, fck[fcfg])).to(device).eval()
-        flow.requires_grad_(False).load_state_dict(fck[fweights])
-        data_latent = fck.get('latent')   # G learns F's inverse on F's own data
-        cfg = (config_from_dict(ReverseConfig, resume['model_config']) if resume else
-               reverse_config_for(flow.cfg, args.preset, align=args.align, denoise=args.denoise,
-                                  norm=args.reverse_norm, guidance_mode=args.guidance_mode))
+    else:   # (finite weights, checked by the reader: with a non-finite F every step would skip)
+        flow = flow.to(device).eval().requires_grad_(False)
+        cfg = ema.cfg if resume else reverse_config_for(
+            flow.cfg, args.preset, align=args.align, denoise=args.denoise,
+            norm=args.reverse_norm, guidance_mode=args.guidance_mode)
         model = ReverseModel(cfg).to(device)
-    ema = type(model)(cfg).to(device).requires_grad_(False)
-    ema.load_state_dict(model.state_dict())
+    ema = (ema or type(model)(cfg)).to(device).requires_grad_(False)
+    if not resume:
+        ema.load_state_dict(model.state_dict())
     return model, ema, flow, cfg, data_latent
 
 
@@ -445,11 +447,11 @@ def main(argv=None):
     loader = Loader(dataset, args.batch_size, rank, world, args.seed, pin_memory=cuda,
                     num_workers=8 * cuda if args.num_workers is None else args.num_workers,
                     flip=dataset.mirrors)   # a resume continues its order exactly
-    step = resume['step'] if resume else 0
-    if resume:
-        for obj, key in ((model, 'model'), (ema, 'ema'), (opt, 'optimizer'), (loader, 'loader')):
-            obj.load_state_dict(resume[key])
-        torch.set_rng_state(resume['rng'])
+    step = resume[0]['step'] if resume else 0
+    if resume:   # (the reader loaded the EMA weights)
+        for obj, key in ((model, 'model'), (opt, 'optimizer'), (loader, 'loader')):
+            obj.load_state_dict(resume[0][key])
+        torch.set_rng_state(resume[0]['rng'])
     del resume   # the loaded tensors are copied into the models: free them
     ckpt_path, log_path = (os.path.join(args.out_dir, args.stage + end)
                            for end in ('.pt', '_log.jsonl'))
