@@ -1477,6 +1477,12 @@ def first(sd):
     return next(iter(sd))
 
 
+def other_f(ck):
+    """A reverse checkpoint's F replaced by a sound one of another geometry (7 classes)."""
+    cfg = FlowConfig(**{**ck['forward_config'], 'num_classes': 7})
+    ck.update(forward_config=asdict(cfg), forward=M.TarFlow(cfg).state_dict())
+
+
 # Damaged or foreign train.py checkpoints, refused by the one reader (sample.read_checkpoint):
 # (the stage of the file, what is done to it, the scripts refusing it, words of the refusal)
 DAMAGED = [
@@ -1490,7 +1496,8 @@ DAMAGED = [
     ('forward', lambda ck: ck.update(kind='reverse'), 'both', 'FlowConfig: not a config dict'),
     ('reverse', lambda ck: ck.update(kind='forward'), 'both', 'FlowConfig: unknown config keys'),
     ('forward', lambda ck: ck.update(kind='vae'), 'both', "checkpoint of train.py (kind 'vae')"),
-    ('forward', lambda ck: ck['model_config'].update(nope=1), 'both', "unknown config keys ['nope']"),
+    ('forward', lambda ck: ck['model_config'].update(nope=1), 'both',
+     "unknown config keys ['nope']"),
     ('forward', lambda ck: ck['model_config'].pop('channels'), 'both',
      "missing config keys ['channels']"),
     ('forward', lambda ck: ck['model_config'].update(channels=64), 'both',   # another preset's
@@ -1501,6 +1508,7 @@ DAMAGED = [
      'both', 'forward: its keys or shapes'),
     ('reverse', lambda ck: ck['forward_config'].update(patch_size=4), 'both',
      'forward: its keys or shapes'),
+    ('reverse', other_f, 'both', 'model_config does not fit forward_config'),
     ('forward', lambda ck: ck.pop('optimizer'), 'train', 'has no valid optimizer'),
     ('reverse', lambda ck: ck.update(rng=None), 'train', 'has no valid rng'),
     ('forward', lambda ck: ck['loader'].pop('n'), 'train', 'its training state'),
