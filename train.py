@@ -161,8 +161,9 @@ def get_args(argv=None):
 
 
 def settings(argv):
-    """-> (args, resume): the run's settings and, with --resume, the loaded checkpoint, whose
-    settings the run keeps but for the RESUMABLE flags given now."""
+    """-> (args, resume): the run's settings and, with --resume, the checkpoint as the reader
+    gives it (checkpoint, EMA model, F or None), whose settings the run keeps but for the
+    RESUMABLE flags given now."""
     args, given = get_args(argv)
     # (checkpoint, its EMA model, its F): every part checked against this code (sample.py)
     resume = read_checkpoint(args.resume, '--resume', resume=True) if args.resume else None
@@ -350,7 +351,7 @@ def build_models(args, resume, device):
             flow.cfg, args.preset, align=args.align, denoise=args.denoise,
             norm=args.reverse_norm, guidance_mode=args.guidance_mode)
         model = ReverseModel(cfg).to(device)
-    ema = (ema or type(model)(cfg)).to(device).requires_grad_(False)
+    ema = (ema if resume else type(model)(cfg)).to(device).requires_grad_(False)
     if not resume:
         ema.load_state_dict(model.state_dict())
     return model, ema, flow, cfg, data_latent
