@@ -1045,6 +1045,8 @@ def test_train_checkpoints_have_the_documented_layout(trained):
                 <= set(ck))
         assert isinstance(ck['model_config'], dict) and isinstance(ck['train_config'], dict)
         assert (trained / f'{stage}_samples.png').exists()
+        # files a user can read, none executable: mode 0o666 less the umask
+        assert all(p.stat().st_mode & 0o111 == 0 for p in trained.glob(f'{stage}*'))
         assert not list(trained.glob('*.tmp'))
     ck = torch.load(trained / 'reverse.pt', weights_only=True)
     fwd = torch.load(trained / 'forward.pt', weights_only=True)

@@ -409,7 +409,7 @@ def claim(args, step, ckpt, log):
     # --overwrite empties an earlier run's log instead (its checkpoint goes at the first save)
     flags = os.O_CREAT | os.O_WRONLY | (os.O_TRUNC if args.overwrite else os.O_EXCL)
     try:
-        os.close(os.open(log, flags))
+        os.close(os.open(log, flags, 0o666))   # rw for all, less the umask
     except FileExistsError:
         raise UsageError(f'{log} exists (an earlier run): continue it with --resume {ckpt}, pick '
                          'another --out_dir, or pass --overwrite to replace it') from None
