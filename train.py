@@ -543,7 +543,10 @@ def main(argv=None):
                                 args.seed, rank, world, device, args.inception, decode)
             if master:   # the other ranks get None
                 log({'fid': r['fid'], 'fid_samples': args.fid_samples, 'ref': args.fid_ref})
-    if world > 1:   # a clean exit: torchrun reports a rank that leaves the group open
+    # a clean exit, together: rank 0 may still be drawing its grid when the others get here, and a
+    # rank that leaves while another still talks to it can abort at exit (torchrun reports both)
+    if world > 1:
+        dist.barrier()
         dist.destroy_process_group()
 
 
