@@ -25,7 +25,7 @@ from contextlib import nullcontext
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from data import HelpFormatter, atomic_write
+from data import HelpFormatter, UsageError, atomic_write, check_flags, check_writable, run_cli
 from model import PRESETS, ReverseModel, TarFlow, reverse_config_for, reverse_loss
 from train import ema_update, guidance_scales
 
@@ -75,8 +75,11 @@ def get_args(argv=None):
     args = parser.parse_args(argv)
     args.rows = list(ROWS) if args.rows == 'all' else args.rows.split(',')
     if not set(args.rows) <= set(ROWS):
-        parser.error(f'--rows {",".join(args.rows)}: choose from {",".join(ROWS)}')
+        raise UsageError(f'--rows {",".join(args.rows)}: choose from {",".join(ROWS)}')
     args.sample_batches = [int(b) for b in args.sample_batches.split(',')]
+    check_flags(vars(args), {'batch_size': '[1, inf)', 'repeats': '[1, inf)', 'warmup': '[0, inf)',
+                             'budget': '[0, inf)', 'threads': '[0, inf)'})   # and --device
+    check_writable(args.json, '--json')
     return args
 
 
@@ -286,4 +289,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    main()
+    run_cli(main)

@@ -23,11 +23,12 @@ import json
 import os
 import pathlib
 import random
-import re
 import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Iterator
+from datetime import timedelta
 
 import numpy as np
 import torch
@@ -65,8 +66,6 @@ def open_source(src: str, img_size: int, split: str = 'train', seed: int = 0, fl
     raise UsageError(f"{flag} {src!r}: expected {', '.join(map(repr, BUILTIN))}, "
                      "an existing image folder, or an existing .npz/.npy file")
 
-
-build_dataset = open_source   # --data -> the dataset to train on
 
 
 class Source(Dataset):
@@ -110,8 +109,11 @@ def run_cli(main, argv=None):
     except (UsageError, OSError) as e:
         if isinstance(e, OSError) and e.errno is not None:
             raise
-        msg = ' '.join(str(e).split())   # one line, whatever the message's own line breaks
-        print(f'{os.path.basename(sys.argv[0])}: error: {msg}', file=sys.stderr, flush=True)
+        print(line := f"{os.path.basename(sys.argv[0])}: error: {' '.join(str(e).split())}",
+              file=sys.stderr, flush=True)   # one line, whatever the message's line breaks
+        if path := os.environ.get('TORCHELASTIC_ERROR_FILE'):   # torchrun's summary shows it
+            pathlib.Path(path).write_text(json.dumps({'message': {'message': line, 'extraInfo': {
+                'py_callstack': line, 'timestamp': str(int(time.time()))}}}))
         raise SystemExit(2) from None
 
 
@@ -145,19 +147,38 @@ def check_flags(values: dict, ranges: dict) -> None:
                 (lo < v if r[0] == '(' else lo <= v) and (v < hi if r[-1] == ')' else v <= hi)):
             raise UsageError(f'--{k} {v}: must be in {r}')
     device, gpus = values.get('device') or 'auto', torch.cuda.device_count()
-    if not re.fullmatch(r'auto|cpu|cuda(:\d+)?', device):
+    if not (device in ('auto', 'cpu', 'cuda') or device[:5] == 'cuda:' and device[5:].isdigit()):
         raise UsageError(f"--device {device}: expected 'auto', 'cpu', 'cuda' or 'cuda:N'")
     if device.startswith('cuda') and int(device[5:] or 0) >= gpus:
         raise UsageError(f'--device {device}: this machine has {gpus} CUDA GPU(s): try cpu')
 
-def check_writable(path: str, flag: str) -> None:
-    """Fail now, naming the flag, if path cannot be written
-    (before hours of work that end by writing it)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    if os.path.isdir(path):
-        raise UsageError(f'{flag} {path}: is a folder, expected a file name')
-    if not os.access(folder, os.W_OK):   # False for a folder that does not exist, too
-        raise UsageError(f'{flag} {path}: folder {folder} does not exist or is not writable')
+def check_writable(path: str, flag: str, folder: bool = False) -> None:
+    """Fail now, naming the flag, unless a file can be written at path (folder: in the folder path,
+    made if missing), before the work that ends by writing it. A file is made there and removed:
+    permission bits say nothing of a read-only disk, nor to root."""
+    where = path if folder else os.path.dirname(os.path.abspath(path))
+    try:
+        if os.path.exists(path) and os.path.isdir(path) != folder:
+            raise UsageError(f'{flag} {path}: is a {"file" if folder else "folder"}')
+        os.makedirs(where, exist_ok=True) if folder else None
+        tempfile.TemporaryFile(dir=where).close()
+    except OSError:   # missing, not a folder, read-only, no permission
+        raise UsageError(f'{flag} {path}: folder {where} is missing or read-only') from None
+
+
+def on_rank0(check, rank: int, world: int):
+    """check() on rank 0 alone (a costly check, or one of a file that rank 0 writes), its refusal
+    raised on every rank: no rank is left waiting in a collective for one that has exited.
+    -> what check returned (None on the other ranks)."""
+    try:
+        result, box = check() if rank == 0 else None, [None]
+    except (UsageError, OSError) as e:
+        result, box = None, [str(e)]
+    if world > 1:
+        torch.distributed.broadcast_object_list(box)
+    if box[0]:
+        raise UsageError(box[0])
+    return result
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -165,39 +186,29 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
 
 
 class Progress:
-    """One line every `every` seconds on long work: 'what done/total (pct) | rate/s | ETA'; silent
-    if not enabled (ranks other than 0)."""
+    """One line every 30 seconds on long work: 'what done/total | rate/s | ETA'; silent if not
+    enabled (ranks other than 0)."""
 
-    def __init__(self, total: int, what: str, enabled: bool = True, every: float = 30.0):
-        self.total, self.what, self.enabled, self.every = total, what, enabled, every
-        self.t0 = self.last = time.time()
+    def __init__(self, total: int, what: str, enabled: bool = True):
+        self.total, self.what, self.enabled, self.t0 = total, what, enabled, time.time()
+        self.last = self.t0
 
     def update(self, done: int) -> None:
-        now = time.time()
-        if not self.enabled or (now - self.last < self.every and done < self.total):
-            return
-        self.last, rate = now, done / max(now - self.t0, 1e-9)
-        print(f'{self.what} {done}/{self.total} ({100 * done / max(self.total, 1):.0f}%) | '
-              f'{rate:.1f}/s | ETA {hms((self.total - done) / max(rate, 1e-9))}', flush=True)
-
-
-def hms(seconds: float) -> str:
-    """A duration as h:mm:ss."""
-    s = round(seconds)
-    return f'{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}'
+        if self.enabled and (time.time() - self.last >= 30 or done >= self.total):
+            self.last, rate = time.time(), done / max(time.time() - self.t0, 1e-9)
+            eta = timedelta(seconds=round((self.total - done) / max(rate, 1e-9)))
+            print(f'{self.what} {done}/{self.total} | {rate:.1f}/s | ETA {eta}', flush=True)
 
 
 def save_grid(images: np.ndarray, path: str, nrow: int, min_side: int = 64) -> None:
     """uint8 images (B, H, W, C) -> one PNG, nrow per row with 2-pixel white borders, written
     atomically. Images smaller than min_side are enlarged by an integer factor (nearest neighbour),
     so 16-pixel samples can be seen."""
-    s = max(1, min_side // images.shape[1])
-    images = images.repeat(s, axis=1).repeat(s, axis=2)
-    B, H, W, C = images.shape
-    grid = np.full(((B + nrow - 1) // nrow * (H + 2) + 2, nrow * (W + 2) + 2, C), 255, np.uint8)
-    for i, im in enumerate(images):
-        r, c = divmod(i, nrow)
-        grid[2 + r * (H + 2):2 + r * (H + 2) + H, 2 + c * (W + 2):2 + c * (W + 2) + W] = im
+    images = images.repeat(s := max(1, min_side // images.shape[1]), 1).repeat(s, 2)
+    B, H, W, C = images.shape   # a white border above and left of each image, missing cells white
+    cells = np.pad(images, ((0, -B % nrow), (2, 0), (2, 0), (0, 0)), constant_values=255)
+    grid = cells.reshape(-1, nrow, H + 2, W + 2, C).swapaxes(1, 2).reshape(-1, nrow * (W + 2), C)
+    grid = np.pad(grid, ((0, 2), (0, 2), (0, 0)), constant_values=255)   # and the bottom, right
     atomic_write(path, lambda f: Image.fromarray(grid[..., 0] if C == 1 else grid).save(f, 'PNG'))
 
 
@@ -259,8 +270,7 @@ class Digits(Source):
         return Digits(self.img_size, 'val', self.seed)
 
     def __getitem__(self, i):
-        label = int(self.targets[i])
-        rng = random.Random(_hash_seed('digits', self.seed, self.split, int(i)))
+        rng, label = random.Random(_hash_seed('digits', self.seed, self.split, int(i))), int(i) % 10
         # drawn at 4x and box-downsampled, so edges are antialiased like a photo of a digit
         S, g, h = 4 * self.img_size, _glyph(label), rng.uniform(0.55, 0.85) * 4 * self.img_size
         g = g.resize((max(1, round(g.width * h / g.height)), max(1, round(h))), Image.BILINEAR)
@@ -311,9 +321,8 @@ def center_crop(img: Image.Image, size: int) -> np.ndarray:
         img = img.resize(tuple(x // 2 for x in img.size), resample=Image.BOX)
     scale = size / min(*img.size)
     img = img.resize(tuple(round(x * scale) for x in img.size), resample=Image.BICUBIC)
-    arr = np.asarray(img)
-    top, left = (arr.shape[0] - size) // 2, (arr.shape[1] - size) // 2
-    return arr[top:top + size, left:left + size]
+    top, left = (img.height - size) // 2, (img.width - size) // 2
+    return np.asarray(img)[top:top + size, left:left + size]
 
 
 class ImageFolder(Source):
@@ -375,12 +384,15 @@ class ArrayDataset(Source):
     labels), read into memory."""
 
     def __init__(self, path: str, img_size: int):
-        if path.endswith('.npz'):   # ADM's: arr_0 images, arr_1 labels if any; read into memory
-            with np.load(path) as f:
-                a, labels = f.get('arr_0', np.zeros(0)), f.get('arr_1')
-        else:   # pack's: memory-mapped images, labels in X.labels.npy if any
-            a, lp = np.load(path, mmap_mode='r').view(_Map), path[:-4] + '.labels.npy'
-            labels = np.load(lp) if os.path.isfile(lp) else None
+        try:   # a truncated or foreign file, or pickled objects (never loaded): one line
+            if path.endswith('.npz'):   # ADM's: arr_0 images, arr_1 labels; read into memory
+                with np.load(path) as f:
+                    a, labels = f.get('arr_0', np.zeros(0)), f.get('arr_1')
+            else:   # pack's: memory-mapped images, labels in X.labels.npy if any
+                a, lp = np.load(path, mmap_mode='r').view(_Map), path[:-4] + '.labels.npy'
+                labels = np.load(lp) if os.path.isfile(lp) else None
+        except Exception as e:
+            raise UsageError(f'{path}: not a readable .npy/.npz ({type(e).__name__})') from None
         if a.dtype != np.uint8 or a.shape[1:] != (img_size, img_size, 3):
             raise UsageError(f"{path}: expected uint8 images (N, {img_size}, {img_size}, 3) for "
                              f"--img_size {img_size} (arr_0 of an .npz), got {a.dtype} {a.shape}")
@@ -406,30 +418,33 @@ def pack(src_dir: str, out: str, img_size: int, num_workers: int = 0, split: str
     check_writable(out, 'pack OUT')
     ds = open_source(src_dir, img_size, split, flag='pack SRC', latents=False)
     n, tmp = len(ds) if limit is None else min(limit, len(ds)), f'{out}.tmp{os.getpid()}.npy'
-    # written through a memory map, so ImageNet never has to fit in RAM
-    images = np.lib.format.open_memmap(tmp, 'w+', np.uint8, (n, img_size, img_size, 3))
-    labels, bad, progress = ds.targets[:n].copy(), [], Progress(n, 'packed')
-    # image i (None if unreadable) decoded in a worker: batch_size=None hands collate_fn one index
-    for i, arr in enumerate(DataLoader(range(n), batch_size=None, collate_fn=ds.load,
-                                       num_workers=num_workers)):
-        bad += [] if arr is not None else [i]
-        images[i] = arr if arr is not None else 0
-        progress.update(i + 1)
-    if len(bad) == n:
-        raise UsageError(f"pack SRC {src_dir!r}: no image could be read")
-    # an unreadable row gets ImageFolder's substitute (next readable file, its label): the array
-    # serves exactly what the folder would, item for item, so training from either is the same
-    ok = np.setdiff1d(np.arange(n), bad)
-    for i in bad:
-        j = ok[np.searchsorted(ok, i) % len(ok)]
-        images[i], labels[i] = images[j], labels[j]
-    images.flush()
-    if out.endswith('.npz'):
-        atomic_write(out, lambda f: np.savez(f, arr_0=images, arr_1=labels))
-        os.remove(tmp)
-    else:   # labels first: an X.npy always has them
-        atomic_write(out[:-4] + '.labels.npy', lambda f: np.save(f, labels))
-        os.replace(tmp, out)
+    try:
+        # written through a memory map, so ImageNet never has to fit in RAM
+        images = np.lib.format.open_memmap(tmp, 'w+', np.uint8, (n, img_size, img_size, 3))
+        labels, bad, progress = ds.targets[:n].copy(), [], Progress(n, 'packed')
+        # image i (None if unreadable) decoded in a worker (batch_size=None: collate_fn gets i)
+        for i, arr in enumerate(DataLoader(range(n), batch_size=None, collate_fn=ds.load,
+                                           num_workers=num_workers)):
+            bad += [] if arr is not None else [i]
+            images[i] = arr if arr is not None else 0
+            progress.update(i + 1)
+        if len(bad) == n:
+            raise UsageError(f"pack SRC {src_dir!r}: no image could be read")
+        # an unreadable row gets ImageFolder's substitute (next readable file, its label): the
+        # array serves exactly what the folder would, item for item, so training is the same
+        ok = np.setdiff1d(np.arange(n), bad)
+        for i in bad:
+            j = ok[np.searchsorted(ok, i) % len(ok)]
+            images[i], labels[i] = images[j], labels[j]
+        images.flush()
+        if out.endswith('.npz'):
+            atomic_write(out, lambda f: np.savez(f, arr_0=images, arr_1=labels))
+        else:   # labels first: an X.npy always has them
+            atomic_write(out[:-4] + '.labels.npy', lambda f: np.save(f, labels))
+            os.replace(tmp, out)
+    finally:   # a failed or interrupted pack leaves no temporary file behind
+        if os.path.exists(tmp):
+            os.remove(tmp)
     print(f"packed {n} images of {img_size}x{img_size} from {src_dir} into {out}; {len(bad)} "
           f"unreadable{' (each replaced by the next readable file)' if bad else ''}")
 
@@ -478,7 +493,7 @@ def epoch_order(n: int, seed: int, epoch: int):
     return torch.randperm(n, generator=gen), torch.rand(n, generator=gen) < 0.5
 
 
-class Loader:
+class Loader(Iterator):
     """Endless iterator over this rank's share of deterministic global batches;
     state_dict() resumes exactly."""
 
@@ -499,8 +514,8 @@ class Loader:
         if d['n'] != len(self.dataset):   # the position means nothing in other data
             raise UsageError(f"the checkpoint's data position is in a dataset of {d['n']} items, "
                              f"but --data has {len(self.dataset)}: resume with the same data")
-        self.epoch, self.step = d['epoch'], d['step']   # the batch size is a run's for good
-        self._it = None   # drop prefetched batches (and workers); restart at the new position
+        # the batch size is a run's for good; prefetched batches (and workers) are dropped
+        self.epoch, self.step, self._it = d['epoch'], d['step'], None
 
     def _batches(self, epoch, step):
         """This rank's [(index, flip), ...] of each step from (epoch, step) on."""
@@ -521,9 +536,6 @@ class Loader:
         x = torch.stack([x for x, _ in items])
         x = x.float() / 127.5 - 1 if x.dtype == torch.uint8 else x
         return x, torch.tensor([y for _, y in items], dtype=torch.int64)
-
-    def __iter__(self):
-        return self
 
     def __next__(self):
         if self._it is None:
@@ -548,6 +560,7 @@ def main(argv=None):
     p.add_argument('--limit', type=int, help='pack only the first LIMIT images')
     p.add_argument('--workers', type=int, default=0, help='decoding processes (0: this one)')
     a = p.parse_args(argv)
+    check_flags(vars(a), {'img_size': '[1, inf)', 'limit': '[1, inf)', 'workers': '[0, inf)'})
     pack(a.src, a.out, a.img_size, a.workers, a.split, a.limit)
 
 

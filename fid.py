@@ -27,8 +27,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
-from data import (IMG_EXTENSIONS, HelpFormatter, Progress, UsageError, atomic_write, check_writable,
-                  read_torch_file, run_cli)
+from data import (IMG_EXTENSIONS, HelpFormatter, Progress, UsageError, atomic_write, check_flags,
+                  check_writable, read_torch_file, run_cli)
 
 WEIGHTS = 'pt_inception-2015-12-05-6726825d.pth'
 WEIGHTS_URL = 'https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/' + WEIGHTS
@@ -424,15 +424,15 @@ def main(argv=None):
     p.add_argument('--inception', default=None, metavar='PATH',
                    help=f"Inception weights {WEIGHTS}; None: torch.hub's cache (TORCH_HOME)")
     p.add_argument('--batch_size', type=int, default=BATCH_SIZE, help='images per Inception pass')
-    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu',
-                   help='cpu, cuda, cuda:1, ...')
+    p.add_argument('--device', default='auto', help="'auto' (cuda if available), 'cpu' or 'cuda:N'")
     p.add_argument('--save_stats', default=None, metavar='OUT.npz',
                    help='with one input: write its mu/sigma here')
     args = p.parse_args(argv)
     if len(args.inputs) != (1 if args.save_stats else 2):
-        p.error('give two inputs to compare, or one input with --save_stats')
-    if args.batch_size < 1:
-        p.error('--batch_size must be >= 1')
+        raise UsageError('give two inputs to compare, or one input with --save_stats')
+    check_flags(vars(args), {'batch_size': '[1, inf)'})   # and --device
+    args.device = ('cuda' if torch.cuda.is_available() else 'cpu') if args.device == 'auto' \
+        else args.device
     # every input and the output checked before the network loads and the features run
     kinds = [input_kind(path) for path in args.inputs]
     if args.save_stats:

@@ -27,8 +27,8 @@ from PIL import Image
 
 import fid
 from data import (HelpFormatter, Progress, UsageError, atomic_write, center_crop, check_flags,
-                  check_writable, latent_norm, read_torch_file, run_cli, save_grid,
-                  setup_distributed)
+                  check_writable, latent_norm, on_rank0, read_torch_file, run_cli,
+                  save_grid, setup_distributed)
 from model import (FlowConfig, ReverseConfig, ReverseModel, TarFlow, config_from_dict, edit,
                    inpaint, load_ml_tarflow)
 from vae import load_vae
@@ -170,8 +170,8 @@ def to_uint8(x):
 
 def generate_grid(model, flow, path, guidance=1.0, seed=0, decode=None, n=None):
     """A grid of one row per class (10 per row; n: the first n samples only) written to path, from
-    the same noise at every call so that successive checkpoints compare sample for sample (train.py's
-    grids)."""
+    the same noise at every call so that successive checkpoints compare sample for sample
+    (train.py's grids)."""
     imgs, _, _ = sample_shard(model, flow, n, 0, 1, seed, 16, guidance=guidance, decode=decode)
     save_grid(imgs, path, nrow=10 if model.cfg.num_classes else 8)
 
@@ -332,25 +332,29 @@ def get_args(argv=None):
     a('--edit', help='image to re-draw as class --to_class (encoded with --labels as its class)')
     a('--to_class', type=int, help='with --edit: the target class')
     args = p.parse_args(argv)
-    check_flags(vars(args), RANGES)   # and --device: one line naming the flag, before any model
+    # and --device: one line naming the flag, before any model; FID's covariance needs 2 samples
+    check_flags(vars(args), {**RANGES, 'num_samples': '[2, inf)'} if args.fid else RANGES)
     if args.inpaint and args.mask is None or args.edit and args.to_class is None:
-        p.error('--inpaint needs --mask (white: redraw); --edit needs --to_class (the new class)')
+        raise UsageError('--inpaint needs --mask (white: redraw); --edit needs --to_class')
     return p, args, None if args.labels is None else torch.tensor(args.labels)
 
 
 def main(argv=None):
     _, args, labels = get_args(argv)
     rank, world, device = setup_distributed(args.device)
-    # before loading and sampling: a FID-50K run must not end in a path it cannot write
-    for flag, path in (('--out', args.out), ('--npz', args.npz)):
-        if path is not None and rank == 0:
-            check_writable(path, flag)
     # TF32 matmuls on a GPU; sampling stays in fp32 otherwise (the inverse compounds errors)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    # --fid: the network and the reference are checked now, not after the samples are drawn
-    inception = fid.load_inception(args.inception, device) if args.fid and rank == 0 else None
-    if inception is not None:
-        fid.check_reference(args.fid, inception)
+    # before loading and sampling, on rank 0 (which writes and scores): a FID-50K run must not end
+    # in a path it cannot write, a missing network or a bad reference
+
+    def check():
+        for flag, path in (('--out', args.out), ('--npz', args.npz)):
+            if path is not None:
+                check_writable(path, flag)
+        if args.fid:
+            inception = fid.load_inception(args.inception, device)
+            return fid.check_reference(args.fid, inception) and inception
+    inception = on_rank0(check, rank, world)
 
     # ---- the model(s): a TarFlow, or a reverse model G with the frozen F it was trained against
     model, flow, decode = load_models(args.ckpt, device, args.noise_std, rank == 0, args.vae)

@@ -45,7 +45,7 @@ import sample
 import train
 import vae
 from data import (ArrayDataset, Digits, ImageFolder, LatentDataset, Loader, atomic_write,
-                  build_dataset, center_crop, epoch_order, latent_norm, pack)
+                  open_source, center_crop, epoch_order, latent_norm, pack)
 from data import main as data_main
 from model import (PAPER_MODELS, PRESETS, SCORE_BUDGET_BYTES, FlowConfig,
                    ReverseModel, TarFlow, adaptive, align_targets, edit, inpaint,
@@ -1008,13 +1008,15 @@ def sample_main(*args):
 def fails(fn, *args):
     """Run fn(*args), a script's command line (train_main, sample_main, ...), as the script's
     __main__ does (through data.run_cli), expecting a refusal: exit code 2, no traceback,
-    the error on one line (argparse's usage lines may come first). -> that line."""
+    the error on one line; argparse's usage block comes first only for argparse's own errors (the
+    syntax of the command line), never for the scripts' refusals. -> that line."""
     err = io.StringIO()
     with contextlib.redirect_stderr(err), pytest.raises(SystemExit) as e:
         data.run_cli(lambda argv: fn(*args))
     text = err.getvalue()
     lines = [line for line in text.splitlines() if not line.startswith(('usage:', ' '))]
     assert e.value.code == 2 and 'Traceback' not in text and len(lines) == 1, text
+    assert ('usage:' in text) == ('argument' in lines[0]), text
     return lines[0]
 
 
@@ -1117,6 +1119,16 @@ BAD_INPUTS += [
     ('train', ['--out_dir', '{fwd}', '--max_steps', '1'], 'is a file'),
     ('train', ['--device', 'tpu'], "--device tpu: expected 'auto', 'cpu', 'cuda' or 'cuda:N'"),
     ('train', ['--device', 'cuda:99'], '--device cuda:99: this machine has'),
+    ('train', ['--fid_samples', '1'], '--fid_samples 1: must be in [2, inf)'),
+    ('train', ['--out_dir', '/proc/biflow', '--max_steps', '1'], 'folder /proc/biflow is missing'),
+    ('train', ['--out_dir', '{fwd}/run', '--max_steps', '1'], 'forward.pt/run is missing or read'),
+    ('vae', ['encode', 'digits', 'out', '--vae', 'v.pt', '--device', 'tpu'], '--device tpu'),
+    ('vae', ['encode', 'digits', '/proc/lat', '--vae', 'v.pt'], 'encode OUT /proc/lat: folder'),
+    ('bench', ['--device', 'tpu'], "--device tpu: expected 'auto'"),
+    ('bench', ['--json', '/proc/b.json'], '--json /proc/b.json: folder /proc is missing'),
+    ('bench', ['--rows', 'nope'], '--rows nope: choose from'),
+    ('trajectory', ['--ckpt', '{rev}', '--out', 'no/t.png'], '--out no/t.png: folder'),
+    ('trajectory', ['--ckpt', '{rev}', '--num_samples', '0'], '--num_samples 0: must be in'),
 ] + [('train', [flag, value], f'{flag} {value}: must be in') for flag, value in [
     ('--log_every', '0'), ('--ckpt_every', '0'), ('--max_steps', '-1'), ('--batch_size', '0'),
     ('--label_drop', '1.5'), ('--lr', 'nan'), ('--lr', 'inf'), ('--num_classes', '-1'),
@@ -1131,6 +1143,15 @@ def test_train_refuses_bad_files_and_batches(tmp_path, trained):
     r = torchrun('train.py', [str(a) for a in base] + ['--batch_size', '7'], tmp_path, 29518,
                  check=False)
     assert r.returncode != 0 and '--batch_size 7' in (r.stderr + r.stdout)
+    # a refusal of rank 0 alone (the run folder is taken): every rank refuses in one line, none
+    # waits for it in a collective, and torchrun's closing summary ends with the refusal
+    (tmp_path / 'forward_log.jsonl').write_text('')
+    r = torchrun('train.py', [str(a) for a in base], tmp_path, 29519, check=False)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode != 0 and sum(line.startswith('train.py: error: ') and
+                                     'log.jsonl exists' in line for line in lines) == 2, r.stderr
+    assert 'log.jsonl exists' in [line for line in lines if 'traceback :' in line][-1], r.stderr
+    assert 'gloo' not in r.stderr.lower() and 'connection' not in r.stderr.lower(), r.stderr
 
 
 def test_ema_update_moves_the_average_towards_the_model():
@@ -1602,7 +1623,9 @@ BAD_INPUTS += [
           ('--attn_temp', '0.0', '(0, inf)'), ('--noise_std', '-1.0', '(0, inf)')]] + [
     ('sample', ['--ckpt', 'no.pt', '--device', 'tpu'], "--device tpu: expected 'auto', 'cpu'"),
     ('sample', ['--ckpt', 'no.pt', '--device', 'cuda:99'], '--device cuda:99: this machine has'),
-    ('sample', ['--ckpt', '{fwd}', '--npz', 'no/s.npz'], ['--npz no/s.npz', 'does not exist']),
+    ('sample', ['--ckpt', '{fwd}', '--npz', 'no/s.npz'], ['--npz no/s.npz', 'is missing or read']),
+    ('sample', ['--ckpt', '{fwd}', '--out', '/proc/s.png'], 'folder /proc is missing or read-only'),
+    ('sample', ['--ckpt', 'no.pt', '--num_samples', '1', '--fid', 'r.npz'], '[2, inf)'),
     ('sample', ['--ckpt', '{fwd}', '--out', '{tmp}'], ['--out', 'is a folder']),
     ('sample', ['--ckpt', '{rev}', *EDIT[:-1]], '--edit needs --to_class'),
     ('sample', ['--ckpt', '{rev}', '--inpaint', 'x.png', '--labels', '1'], '--inpaint needs --mask'),
@@ -1644,7 +1667,7 @@ def test_refusals_reach_the_user_as_one_line_from_each_script(trained, tmp_path)
     procs = {name: script(name, *args, cwd=tmp_path) for name, args in runs.items()}
     msgs = {'train.py': '--resume bad.pt: not a loadable torch file',
             'sample.py': '--npz no/s.npz: folder',
-            'vae.py': '--vae x.pt: no such file or folder',
+            'vae.py': 'encode OUT file: is a file',   # before the VAE loads
             'fid.py': 'nan.npz: mu must be (D,) and sigma (D,D), finite'}
     for name, p in procs.items():
         _, err = p.communicate(timeout=300)
@@ -1960,7 +1983,7 @@ def test_data_imagefolder_modes_and_labels(tmp_path):
     _make_folder(tmp_path)
     assert Image.open(tmp_path / 'dog' / 'e_16bit.png').mode == 'I;16'
     assert Image.open(tmp_path / 'cat' / 'd_cmyk.jpg').mode == 'CMYK'
-    ds = build_dataset(str(tmp_path), 8)
+    ds = open_source(str(tmp_path), 8)
     assert isinstance(ds, ImageFolder) and ds.classes == ['cat', 'dog'] and ds.num_classes == 2
     assert len(ds) == 7 and ds.targets.tolist() == [0, 0, 0, 0, 1, 1, 1]
     with warnings.catch_warnings():
@@ -1981,7 +2004,7 @@ def test_data_sources_resolve_through_one_registry(tmp_path, monkeypatch):
         def heldout(self):
             return None
     monkeypatch.setitem(data.BUILTIN, 'shapes', Shapes)
-    assert isinstance(build_dataset('shapes', 16), Shapes)
+    assert isinstance(open_source('shapes', 16), Shapes)
     pack('shapes', str(tmp_path / 's.npz'), 16, limit=4)
     assert np.array_equal(np.load(tmp_path / 's.npz')['arr_0'][2], Shapes(16).load(2))
     encode('shapes', str(tmp_path / 'lat'), StandInVAE(), **ENC_SMALL, vae_name='standin.pt')
@@ -2087,7 +2110,7 @@ def test_data_pack_round_trip(tmp_path, ext, capsys):
     assert 'packed 8 images' in msg and '1 unreadable' in msg   # the warning named the file
     expected = ['src', f'packed.{ext}'] + (['packed.labels.npy'] if ext == 'npy' else [])
     assert sorted(os.listdir(tmp_path)) == sorted(expected)  # no temporary files left behind
-    ds, folder = build_dataset(out, 8), ImageFolder(str(tmp_path / 'src'), 8)
+    ds, folder = open_source(out, 8), ImageFolder(str(tmp_path / 'src'), 8)
     assert isinstance(ds, ArrayDataset) and len(ds) == 8 and ds.num_classes == 2
     with pytest.warns(UserWarning, match='zz_broken'):
         for i in range(8):  # item for item what the folder serves, substitute included
@@ -2138,7 +2161,17 @@ BAD_INPUTS += [
     ('data', ['pack', 'digits', 'o.npy', '--split', 'test'], "digits split 'test'"),
     ('data', ['pack', 'digits', 'o.npy', '--img_size', '4'], '--img_size 4: digits need'),
     ('data', ['pack', 'digits', 'o.png'], "pack OUT 'o.png': must end in .npy or .npz"),
-    ('data', ['pack', 'digits', '{tmp}/no/o.npy'], ['pack OUT', '/no does not exist']),
+    ('data', ['pack', 'digits', '{tmp}/no/o.npy'], ['pack OUT', '/no is missing or read-only']),
+    ('data', ['pack', 'digits', '{fwd}/o.npy'], ['pack OUT', 'forward.pt is missing or read-only']),
+    ('data', ['pack', 'digits', '/proc/o.npz'], 'pack OUT /proc/o.npz: folder /proc is missing'),
+    ('data', ['pack', 'digits', 'o.npz', '--limit', '-5'], '--limit -5: must be in [1, inf)'),
+    ('data', ['pack', 'digits', 'o.npz', '--workers', '-1'], '--workers -1: must be in [0, inf)'),
+    ('data', ['pack', '{unreadable}', 'o.npy', '--img_size', '8'], 'no image could be read'),
+    ('train', ['--data', '{empty}'], 'empty.npz: holds no images'),
+    ('train', ['--data', '{empty}', '--num_classes', '0'], 'empty.npz: holds no images'),
+    ('train', ['--data', '{trunc}'], 'trunc.npz: not a readable .npy/.npz'),
+    ('train', ['--data', '{notzip}'], 'notzip.npz: not a readable .npy/.npz'),
+    ('train', ['--data', '{pickled}'], 'pickled.npy: not a readable .npy/.npz'),
 ]
 
 
@@ -2293,7 +2326,7 @@ def test_encode_writes_the_documented_set(tmp_path):
     lat, lab = np.load(tmp_path / 'a' / 'latents.npy'), np.load(tmp_path / 'a' / 'labels.npy')
     assert lat.dtype == np.float32 and lat.shape == (40, 2, 2, 4, 2, 2)
     assert lab.dtype == np.int64 and lab.tolist() == Digits(16).targets[:40].tolist()
-    ds = build_dataset(str(tmp_path / 'a'), 16)
+    ds = open_source(str(tmp_path / 'a'), 16)
     assert (isinstance(ds, LatentDataset) and len(ds) == 40 and ds.num_classes == 10
             and ds.meta == meta)
 
@@ -2307,7 +2340,7 @@ def test_encode_resumes_after_a_kill_without_redoing_finished_chunks(tmp_path):
     assert os.listdir(tmp_path / 'killed' / 'done') == ['000000.json']   # chunk 0 only
     assert not (tmp_path / 'killed' / 'meta.json').exists()
     with pytest.raises(data.UsageError, match='no meta.json.*did not finish.*rerun the same'):
-        build_dataset(str(tmp_path / 'killed'), 16)
+        open_source(str(tmp_path / 'killed'), 16)
     # what a SIGKILL in an atomic write leaves
     (tmp_path / 'killed' / 'latents.npy.tmp999').write_bytes(b'')
     (tmp_path / 'killed' / 'done' / '000001.json.x1y2.tmp').write_bytes(b'{"chunk": 1')
@@ -2409,7 +2442,7 @@ def test_encode_refusals_are_one_line_errors(tmp_path):
         run_encode(tmp_path / 'half', StandInVAE(fail_after=7))
     for args, msg in [(['empty', 'o1'], 'has no class subfolders'),
                       (['flat', 'o2'], 'has no class subfolders'),
-                      (['digits', 'file'], 'is a file, expected a folder'),
+                      (['digits', 'file'], 'encode OUT'),
                       (['digits', 'done'], 'already holds a complete latent set'),
                       (['digits', 'half', '--img_size', 24],
                        'made with img_size 16, but this one has img_size 24')]:
@@ -2453,12 +2486,8 @@ def test_encode_refuses_an_unfinished_set_made_with_other_settings(tmp_path):
 
 def test_encode_bad_inputs_fail_clearly(tmp_path):
     for size in ('100', '0'):
-        with pytest.raises(SystemExit):
-            cli('encode', 'digits', tmp_path / 'a', '--vae', 'w', '--img_size', size)
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err), pytest.raises(SystemExit):
-        vae.main(['encode', 'digits', str(tmp_path / 'a'), '--vae', 'w', '--img_size', '100'])
-    assert '--img_size 100: must be a positive multiple of 8' in err.getvalue()
+        assert f'--img_size {size}: must be a positive multiple of 8' in fails(
+            cli, 'encode', 'digits', tmp_path / 'a', '--vae', 'w', '--img_size', size)
     assert not (tmp_path / 'a').exists()
     (tmp_path / 'mine').mkdir()
     (tmp_path / 'mine' / 'notes.txt').write_text('not a latent set')
@@ -3604,10 +3633,12 @@ def test_fid_refusals_of_bad_files(tmp_path, monkeypatch):
 
 BAD_INPUTS += [
     ('fid', ['missing.npz', '{tmp}'], 'missing.npz: no such file or folder'),
-    ('fid', ['{tmp}', '--save_stats', 's.npz'], ['0 images', 'FID needs at least 2']),
+    ('fid', ['{tmp}', '--save_stats', 's.npz'], ['1 images', 'FID needs at least 2']),
     ('fid', ['a.npz'], 'give two inputs to compare, or one input with --save_stats'),
     ('fid', ['a.npz', 'b.npz', '--save_stats', 's.npz'], 'give two inputs'),
-    ('fid', ['a.npz', 'b.npz', '--batch_size', '0'], '--batch_size must be >= 1'),
+    ('fid', ['a.npz', 'b.npz', '--batch_size', '0'], '--batch_size 0: must be in [1, inf)'),
+    ('fid', ['a.npz', 'b.npz', '--device', 'tpu'], "--device tpu: expected 'auto'"),
+    ('fid', ['{trunc}', '{tmp}'], ['trunc.npz: not a readable .npy or .npz']),
 ]
 
 
@@ -3893,15 +3924,35 @@ def test_bench_run_writes_json(tmp_path, monkeypatch):
 # Every bad input of the table: one line on stderr, exit code 2, no traceback
 
 
+BAD_FILES = {'empty': 'empty.npz', 'trunc': 'trunc.npz', 'notzip': 'notzip.npz',
+             'pickled': 'pickled.npy', 'unreadable': 'unreadable'}
+
+
+def bad_files(tmp):
+    """Data files that are not what they say: an empty labelled set, a truncated .npz, text
+    named .npz, an .npy of pickled objects (which must never be loaded)."""
+    np.savez(tmp / 'empty.npz', arr_0=np.zeros((0, 16, 16, 3), np.uint8), arr_1=np.zeros(0, int))
+    np.savez(tmp / 'full.npz', arr_0=np.zeros((10, 16, 16, 3), np.uint8))
+    (tmp / 'trunc.npz').write_bytes((tmp / 'full.npz').read_bytes()[:1000])
+    (tmp / 'notzip.npz').write_text('hello')
+    np.save(tmp / 'pickled.npy', np.array([{'a': 1}] * 3, dtype=object))
+    (tmp / 'unreadable' / 'cls').mkdir(parents=True)
+    (tmp / 'unreadable' / 'cls' / 'x.png').write_text('not a png')
+
+
 @pytest.mark.parametrize('script, argv, words', BAD_INPUTS,
                          ids=[f'{r[0]}:{" ".join(r[1])[:60]}' for r in BAD_INPUTS])
 def test_bad_input(script, argv, words, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    files = {'tmp': str(tmp_path)}
+    files = {'tmp': str(tmp_path), **{k: str(tmp_path / v) for k, v in BAD_FILES.items()}}
+    bad_files(tmp_path)
     if any('{fwd}' in a or '{rev}' in a for a in argv):
         files['fwd'], files['rev'], _ = checkpoints(tmp_path)
     argv = [a.format(**files) for a in argv]
     main = {'train': train.main, 'sample': sample.main, 'data': data_main, 'fid': fid.main,
-            'vae': vae.main}[script]
-    line = fails(main, argv)
+            'vae': vae.main, 'bench': bench.main, 'trajectory': trajectory.main}[script]
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')   # the unreadable file's
+        line = fails(main, argv)
     assert all(w in line for w in ([words] if isinstance(words, str) else words)), line
+    assert not [p.name for p in tmp_path.rglob('*.tmp*')]   # a failure cleans up what it began

@@ -32,14 +32,15 @@ import pathlib
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, replace
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import fid
-from data import (HelpFormatter, LatentDataset, Loader, UsageError, atomic_write, build_dataset,
-                  check_flags, hms, latent_norm, run_cli, setup_distributed)
+from data import (HelpFormatter, LatentDataset, Loader, UsageError, atomic_write, check_flags,
+                  check_writable, latent_norm, on_rank0, open_source, run_cli, setup_distributed)
 from model import (PRESETS, ReverseModel, TarFlow, forward_loss, reverse_config_for,
                    reverse_loss)
 from perceptual import PerceptualLoss, load_weights
@@ -83,11 +84,11 @@ RESUMABLE = set('resume max_steps stop_at out_dir data val_data vae lpips vgg co
                 'num_workers'.split())
 # The numbers each flag may take; 0 means none (no warm-up, no classes, no clipping, ...)
 RANGES = {**dict.fromkeys('max_steps batch_size stop_at log_every ckpt_every sample_every '
-                          'eval_every eval_samples fid_every fid_samples perceptual_every'.split(),
-                          '[1, inf)'),
+                          'eval_every eval_samples fid_every perceptual_every'.split(), '[1, inf)'),
           **dict.fromkeys('lr warmup_steps grad_clip num_classes noise_std norm_clip w_max '
                           'num_workers'.split(), '[0, inf)'),
-          'label_drop': '[0, 1]', 'ema': '[0, 1]', 'sample_guidance': '(-inf, inf)'}
+          'label_drop': '[0, 1]', 'ema': '[0, 1]', 'sample_guidance': '(-inf, inf)',
+          'fid_samples': '[2, inf)'}   # a covariance needs 2
 
 
 def get_args(argv=None):
@@ -363,7 +364,9 @@ def load_data(args, cfg, data_latent, device):
     model (or F) was trained on (latent: the metadata the checkpoint saves; decode: its
     LatentDecoder; norm: its per-channel (mean, std)); labels must fit the model's classes. val:
     stage 1's held-out pixel images for bits/dim (--val_data, or the data's own split), or None."""
-    dataset = build_dataset(args.data, cfg.img_size, 'train', args.seed)
+    dataset = open_source(args.data, cfg.img_size, 'train', args.seed)
+    if not len(dataset):
+        raise UsageError(f'--data {args.data}: holds no images')
     model_shape = (cfg.in_channels, cfg.img_size, cfg.img_size)
     latent = decode = norm = None
     if isinstance(dataset, LatentDataset):
@@ -382,7 +385,7 @@ def load_data(args, cfg, data_latent, device):
     if latent and args.val_data:
         raise UsageError('--val_data: bits/dim are of 8-bit pixels, not of latents')
     val = (None if args.stage == 'reverse' else dataset.heldout() if not args.val_data
-           else build_dataset(args.val_data, cfg.img_size, 'val', args.seed))
+           else open_source(args.val_data, cfg.img_size, 'val', args.seed))
     for ds, flag in ((dataset, f'--data {args.data}'),   # labels against the model's classes
                      (val, f'--val_data {args.val_data or "(the held-out split)"}')):
         if ds is not None and cfg.num_classes and not 0 < ds.num_classes <= cfg.num_classes:
@@ -397,22 +400,30 @@ def claim(args, step, ckpt, log):
     creates it exclusively (O_EXCL: of two runs started together, one is refused); a --resume of
     the checkpoint beside it takes the run over, dropping the rows that a killed run logged after
     that checkpoint."""
-    if os.path.isfile(args.out_dir):
-        raise UsageError(f'--out_dir {args.out_dir}: is a file, expected a folder')
-    os.makedirs(args.out_dir, exist_ok=True)
+    check_writable(args.out_dir, '--out_dir', folder=True)
     if args.resume and os.path.abspath(args.resume) == os.path.abspath(ckpt):
         # a row without its newline is the half-written last one of a killed run
         rows = ([r for r in open(log) if r.endswith('\n') and json.loads(r)['step'] <= step]
                 if os.path.exists(log) else [])
         atomic_write(log, lambda f: f.write(''.join(rows).encode()))
-        return
-    # --overwrite empties an earlier run's log instead (its checkpoint goes at the first save)
-    flags = os.O_CREAT | os.O_WRONLY | (os.O_TRUNC if args.overwrite else os.O_EXCL)
-    try:
-        os.close(os.open(log, flags, 0o666))   # rw for all, less the umask
-    except FileExistsError:
-        raise UsageError(f'{log} exists (an earlier run): continue it with --resume {ckpt}, pick '
-                         'another --out_dir, or pass --overwrite to replace it') from None
+    else:   # --overwrite empties an earlier run's log (its checkpoint goes at the first save)
+        try:
+            os.close(os.open(log, os.O_CREAT | os.O_WRONLY | (
+                os.O_TRUNC if args.overwrite else os.O_EXCL), 0o666))   # rw for all, less umask
+        except FileExistsError:
+            raise UsageError(f'{log} exists (an earlier run): continue it with --resume {ckpt}, '
+                             'pick another --out_dir, or pass --overwrite to replace it') from None
+    # the folder's stage is this run's now: a killed run's temporaries (atomic_write's) go
+    for tmp in pathlib.Path(args.out_dir).glob(args.stage + '*.*.tmp'):
+        tmp.unlink()
+
+
+def check_fid_ref(args, device):
+    """--fid_ref must be statistics (the monitor would recompute images' at every evaluation)."""
+    if args.fid_ref and fid.check_reference(
+            args.fid_ref, fid.load_inception(args.inception, device)) != 'stats':
+        raise UsageError(f'--fid_ref {args.fid_ref}: give reference statistics, made once with '
+                         f'`python fid.py {args.fid_ref} --save_stats ref_stats.npz`')
 
 
 def main(argv=None):
@@ -437,10 +448,7 @@ def main(argv=None):
         perceptual = PerceptualLoss(*(load_weights(getattr(args, k), k)
                                       for k in ('lpips', 'vgg', 'convnext'))).to(device)
         perceptual.decode = decode   # on latents they compare decoded images; G gets the gradient
-    if master and args.fid_ref and fid.check_reference(
-            args.fid_ref, fid.load_inception(args.inception, device)) != 'stats':
-        raise UsageError(f'--fid_ref {args.fid_ref}: give reference statistics, made once with '
-                         f'`python fid.py {args.fid_ref} --save_stats ref_stats.npz`')
+    on_rank0(lambda: check_fid_ref(args, device), rank, world)
     # TarFlow's AdamW, decay 1e-4 on every parameter (the lr is set at each step). Fused: it takes
     # a found_inf flag, which skips a non-finite step on the device instead of a host-side `if`
     opt = torch.optim.AdamW(model.parameters(), betas=(0.9, 0.95), weight_decay=1e-4, fused=True)
@@ -456,11 +464,7 @@ def main(argv=None):
     del resume   # the loaded tensors are copied into the models: free them
     ckpt_path, log_path = (os.path.join(args.out_dir, args.stage + end)
                            for end in ('.pt', '_log.jsonl'))
-    if master:
-        claim(args, step, ckpt_path, log_path)
-        # the folder's stage is this run's now: a killed run's temporaries (atomic_write's) go
-        for tmp in pathlib.Path(args.out_dir).glob(args.stage + '*.*.tmp'):
-            tmp.unlink()
+    on_rank0(lambda: claim(args, step, ckpt_path, log_path), rank, world)
     # `raw` stays the plain module for saving, EMA and sampling; F's pass is ~44% of a stage-2
     # step's FLOPs, so it is compiled too. DDP's gradients live in its buckets (no second copy)
     raw, flow_fn = model, flow
@@ -523,7 +527,7 @@ def main(argv=None):
                 dist.all_reduce(means)
             log({**dict(zip(acc, means.tolist())), 'lr': lr, 'img_per_s': n * args.batch_size / dt,
                  'ms_per_step': 1000 * dt / n, 'skipped': skipped.item()},
-                f' | ETA {hms((stop - step) * dt / n)}')
+                f' | ETA {timedelta(seconds=round((stop - step) * dt / n))}')
             acc, t0 = {}, time.time()
         # the job's last checkpoint is always written: skipped steps left the weights as they were
         if step == stop and (skips := streak.item()) and master:

@@ -33,7 +33,8 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from data import (BUILTIN, HelpFormatter, Progress, UsageError, atomic_write, center_crop,
-                  open_source, read_torch_file, run_cli, setup_distributed)
+                  check_flags, check_writable, open_source, read_torch_file, run_cli,
+                  setup_distributed)
 
 VAE_HINT = ('download the SD VAE, e.g. https://huggingface.co/stabilityai/sd-vae-ft-mse/resolve/'
             'main/diffusion_pytorch_model.safetensors (or that of stabilityai/sd-vae-ft-ema)')
@@ -321,10 +322,7 @@ def _prepare_out(out, settings, overwrite, shape):
     """Rank 0, before any rank encodes: refuse an OUT that encode must not write into; then OUT
     with progress.json (the settings, first), the zero-filled latents.npy and labels.npy (each
     created whole under a temporary name) and done/."""
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise UsageError(f'encode OUT {out}: is a file, '
-                         'expected a folder (new, empty, or an unfinished latent set)')
-    os.makedirs(out, exist_ok=True)
+    os.makedirs(out, exist_ok=True)   # (main checked that it can)
     names = os.listdir(out)
     foreign = sorted(x for x in names if x not in LATENT_FILES
                      and not x.startswith(tuple(f + '.' for f in LATENT_FILES)))
@@ -489,14 +487,13 @@ def main(argv=None):
     a = p.parse_args(argv)
     if a.cmd == 'check':
         return check_vae(a.path, a.image)
+    check_flags(vars(a), {**dict.fromkeys(['batch_size', 'limit', 'chunk'], '[1, inf)'),
+                          'workers': '[0, inf)'})   # and --device
     if a.img_size <= 0 or a.img_size % 8:
-        p.error(f'--img_size {a.img_size}: must be a positive multiple of 8 '
-                '(the VAE downsamples by 8)')
-    for flag, v, low in (('--batch_size', a.batch_size, 1), ('--limit', a.limit, 1),
-                         ('--chunk', a.chunk, 1), ('--workers', a.workers, 0)):
-        if v is not None and v < low:
-            p.error(f'{flag} {v}: must be an integer >= {low}')
+        raise UsageError(f'--img_size {a.img_size}: must be a positive multiple of 8 '
+                         '(the VAE downsamples by 8)')
     rank, world, device = setup_distributed(a.device)
+    check_writable(a.out, 'encode OUT', folder=True)   # before the VAE loads
     if device.type == 'cuda':   # fp32 throughout: cuDNN would run the convolutions in TF32
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     encode(a.src, a.out, load_vae(a.vae, device), a.img_size, a.batch_size, a.norm, a.limit,

@@ -14,7 +14,8 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from data import HelpFormatter, UsageError, run_cli, save_grid  # noqa: E402
+from data import (HelpFormatter, UsageError, check_flags, check_writable,  # noqa: E402
+                  run_cli, save_grid)
 from model import unpatchify  # noqa: E402
 from sample import int_list, load_models, noise_for, to_uint8  # noqa: E402
 
@@ -52,6 +53,8 @@ def main(argv=None):
     a('--labels', type=int_list, help='class labels 3,5,... (cycled; default 0, 1, 2, ...)')
     a('--guidance', type=float, default=2.0, help='CFG scale w (0: none), constant')
     args = p.parse_args(argv)
+    check_flags(vars(args), {'num_samples': '[1, inf)', 'guidance': '(-inf, inf)'})
+    check_writable(args.out, '--out')
     model, flow, _ = load_models(args.ckpt, verbose=False)   # latent ones: refused (need a VAE)
     flow, G = (flow, model) if flow is not None else (model, None)
     ncls, n = flow.cfg.num_classes, args.num_samples
