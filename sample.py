@@ -344,9 +344,9 @@ def main(argv=None):
     rank, world, device = setup_distributed(args.device)
     # TF32 matmuls on a GPU; sampling stays in fp32 otherwise (the inverse compounds errors)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+
     # before loading and sampling, on rank 0 (which writes and scores): a FID-50K run must not end
     # in a path it cannot write, a missing network or a bad reference
-
     def check():
         for flag, path in (('--out', args.out), ('--npz', args.npz)):
             if path is not None:
