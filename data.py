@@ -109,8 +109,8 @@ def run_cli(main, argv=None):
     except (UsageError, OSError) as e:
         if isinstance(e, OSError) and e.errno is not None:
             raise
-        print(line := f"{os.path.basename(sys.argv[0])}: error: {' '.join(str(e).split())}",
-              file=sys.stderr, flush=True)   # one line, whatever the message's line breaks
+        line = f"{os.path.basename(sys.argv[0])}: error: {' '.join(str(e).split())}"   # one line
+        sys.stderr.write(line + '\n')   # one write (stderr is line-buffered): no interleaving
         if path := os.environ.get('TORCHELASTIC_ERROR_FILE'):   # torchrun's summary shows it
             pathlib.Path(path).write_text(json.dumps({'message': {'message': line, 'extraInfo': {
                 'py_callstack': line, 'timestamp': str(int(time.time()))}}}))
