@@ -431,8 +431,8 @@ def main(argv=None):
     if len(args.inputs) != (1 if args.save_stats else 2):
         raise UsageError('give two inputs to compare, or one input with --save_stats')
     check_flags(vars(args), {'batch_size': '[1, inf)'})   # and --device
-    args.device = ('cuda' if torch.cuda.is_available() else 'cpu') if args.device == 'auto' \
-        else args.device
+    if args.device == 'auto':
+        args.device = 'cuda' if torch.cuda.is_available() else 'cpu'
     # every input and the output checked before the network loads and the features run
     kinds = [input_kind(path) for path in args.inputs]
     if args.save_stats:
