@@ -67,7 +67,6 @@ def open_source(src: str, img_size: int, split: str = 'train', seed: int = 0, fl
                      "an existing image folder, or an existing .npz/.npy file")
 
 
-
 class Source(Dataset):
     """What every data source says of itself, beside (item, label) pairs, .num_classes (0 if
     unlabelled) and .targets: whether training may flip its images (.mirrors), its held-out split
@@ -151,6 +150,7 @@ def check_flags(values: dict, ranges: dict) -> None:
         raise UsageError(f"--device {device}: expected 'auto', 'cpu', 'cuda' or 'cuda:N'")
     if device.startswith('cuda') and int(device[5:] or 0) >= gpus:
         raise UsageError(f'--device {device}: this machine has {gpus} CUDA GPU(s): try cpu')
+
 
 def check_writable(path: str, flag: str, folder: bool = False) -> None:
     """Fail now, naming the flag, unless a file can be written at path (folder: in the folder path,
