@@ -78,15 +78,16 @@ class ReverseConfig(TokenGeometry):
     guidance_mode: str = 'train'
 
 
-def config_from_dict(cls, cfg_dict):
-    """Rebuild a dataclass config from the plain dict stored in a checkpoint;
-    unknown and missing keys are an error."""
+def config_from_dict(cls, cfg_dict, name=None):
+    """Rebuild a dataclass config from the plain dict stored in a checkpoint (as name: the errors
+    say where); unknown and missing keys are an error."""
+    name = name or cls.__name__
     if not isinstance(cfg_dict, dict):
-        raise ValueError(f'{cls.__name__}: not a config dict but {type(cfg_dict).__name__}')
+        raise ValueError(f'{name}: not a config dict but {type(cfg_dict).__name__}')
     names = {f.name for f in fields(cls)}
     for what, keys in (('unknown', set(cfg_dict) - names), ('missing', names - set(cfg_dict))):
         if keys:
-            raise ValueError(f'{cls.__name__}: {what} config keys {sorted(keys)}')
+            raise ValueError(f'{name}: {what} config keys {sorted(keys)}')
     return cls(**cfg_dict)
 
 

@@ -102,7 +102,7 @@ def checked_model(ck, name, keys, kind):
     each ck[key] of keys has its state dict's keys and shapes and finite weights (a config that
     does not build one raises what the config or the model raise). It holds the last."""
     Model, Cfg = (TarFlow, FlowConfig) if kind == 'forward' else (ReverseModel, ReverseConfig)
-    model = Model(config_from_dict(Cfg, ck.get(name + '_config')))   # or a refusal of the config
+    model = Model(config_from_dict(Cfg, ck.get(f'{name}_config'), f'{name}_config'))   # or refused
     want = model.state_dict()
     for key in keys:
         sd = ck[key] if isinstance(ck.get(key), dict) else {f'(no {key} weights)': None}

@@ -1516,8 +1516,8 @@ DAMAGED = [
     ('forward', lambda ck: ck['ema'].update({k: torch.full_like(v, math.nan)
                                             for k, v in ck['ema'].items()}), 'both',
      'ema: non-finite weights'),
-    ('forward', lambda ck: ck.update(kind='reverse'), 'both', 'FlowConfig: not a config dict'),
-    ('reverse', lambda ck: ck.update(kind='forward'), 'both', 'FlowConfig: unknown config keys'),
+    ('forward', lambda ck: ck.update(kind='reverse'), 'both', 'forward_config: not a config dict'),
+    ('reverse', lambda ck: ck.update(kind='forward'), 'both', 'model_config: unknown config keys'),
     ('forward', lambda ck: ck.update(kind='vae'), 'both', "checkpoint of train.py (kind 'vae')"),
     ('forward', lambda ck: ck['model_config'].update(nope=1), 'both',
      "unknown config keys ['nope']"),
