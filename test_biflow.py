@@ -3804,7 +3804,7 @@ def test_ablation_plots(tmp_path):
     assert curves['naive'] == {'out': [(1, None)]}   # naive: the output term only
     assert ablations.align_curves(str(tmp_path / 'none.jsonl')) == {}
     p = str(tmp_path / 'a.png')
-    ablations.plot({k: curves[k] for k in ('hidden', 'distill')}, p, 'step', log=True)
+    ablations.plot({k: curves[k] for k in ('hidden', 'distill')}, p, 'step', log='y')
     a = np.array(Image.open(p).convert('RGB'))
     assert a.shape == (300, 640, 3)
     coloured = (a.max(2).astype(int) - a.min(2)) > 60   # the lines are coloured, the frame black
@@ -3813,6 +3813,14 @@ def test_ablation_plots(tmp_path):
                    p, 'w')
     assert ((np.array(Image.open(p).convert('RGB')).max(2).astype(int)) > 0).any()
     ablations.plot({}, p, 'step')   # nothing logged: an empty picture, not a crash
+    # log x, and each panel its own y range: the small values reach the top of theirs too
+    panels = {'FID': {'F': [(10.0, 120.0), (100.0, 20.0)]},
+              'shift': {'G': [(4.3, 1.2), (4.6, 7.0)]}}
+    for sharey, top in ((True, False), (False, True)):
+        ablations.plot(panels, p, 'TFLOP', log='x', sharey=sharey)
+        a = np.array(Image.open(p).convert('RGB')).astype(int)
+        coloured = (a.max(2) - a.min(2)) > 60
+        assert coloured[22:60, 450:635].any() == top   # right end of panel 2
 
 
 def test_ablation_runs_train_resume_and_score_by_their_markers(tmp_path, monkeypatch):

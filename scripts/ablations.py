@@ -144,29 +144,33 @@ def align_curves(path):
 COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189)]
 
 
-def plot(panels, path, xlabel, log=False):
-    """panels = {title: {line: [(x, y)]}} side by side in 640x300 pixels, drawn with Pillow: one
-    y range for all (log10 with log), each panel's x (xlabel) from 0 to its largest, a colour per
-    line."""
-    f = math.log10 if log else float
-    panels = {t: {k: [(x, f(y)) for x, y in line if y is not None and (y > 0 or not log)]
+def plot(panels, path, xlabel, log='', sharey=True):
+    """panels = {title: {line: [(x, y)]}} side by side in 640x300 pixels, drawn with Pillow: each
+    panel's x (xlabel) from its smallest to its largest, one y range for all (each panel its own
+    without sharey), log10 on the axes that log names ('x', 'y' or 'xy'), a colour per line."""
+    fx, fy = (math.log10 if a in log else float for a in 'xy')
+    panels = {t: {k: [(fx(x), fy(y)) for x, y in line
+                      if y is not None and (not log or min(x, y) > 0)]
                   for k, line in lines.items()} for t, lines in panels.items()}
-    ys = [y for lines in panels.values() for line in lines.values() for _, y in line] or [0]
-    lo, hi = min(ys), max(max(ys), min(ys) + 1e-6)
+    span = lambda v: (min(v or [0]), max(max(v or [0]), min(v or [0]) + 1e-6))  # noqa: E731
+    lo, hi = span([y for lines in panels.values() for line in lines.values() for _, y in line])
     img = Image.new('RGB', (640, 300), 'white')
     d, pw, y0, y1 = ImageDraw.Draw(img), 640 // max(1, len(panels)), 20, 280
     for i, (title, lines) in enumerate(panels.items()):
         x0, x1 = i * pw + 45, (i + 1) * pw - 10
-        xmax = max([x for line in lines.values() for x, _ in line] + [1e-6])
+        xmin, xmax = span([x for line in lines.values() for x, _ in line])
+        if not sharey:
+            lo, hi = span([y for line in lines.values() for _, y in line])
         d.rectangle([x0, y0, x1, y1], outline='black')
         d.text((x0, 4), title, fill='black')
-        d.text((x1 - 60, y1 + 4), f'{xlabel} {xmax:g}', fill='black')
+        for v, xx, label in ((xmin, x0, ''), (xmax, x1 - 90, xlabel)):
+            d.text((xx, y1 + 4), f'{label} {10 ** v if "x" in log else v:.3g}', fill='black')
         for v, yy in ((lo, y1), (hi, y0)):
-            d.text((i * pw + 2, yy - 5), f'{10 ** v if log else v:.3g}', fill='black')
+            d.text((i * pw + 2, yy - 5), f'{10 ** v if "y" in log else v:.3g}', fill='black')
         for j, (name, line) in enumerate(lines.items()):
             col = COLOURS[j % len(COLOURS)]
-            d.line([(x0 + x / xmax * (x1 - x0), y1 - (y - lo) / (hi - lo) * (y1 - y0))
-                    for x, y in line], fill=col, width=2)
+            d.line([(x0 + (x - xmin) / (xmax - xmin) * (x1 - x0),
+                     y1 - (y - lo) / (hi - lo) * (y1 - y0)) for x, y in line], fill=col, width=2)
             d.text((x0 + 4, y0 + 4 + 12 * j), name, fill=col)
     img.save(path)
 
@@ -233,7 +237,7 @@ def main(argv=None):
     data.atomic_write(f'{out}/results.json', lambda f: f.write(json.dumps(res, indent=1).encode()))
     plot({f'{k} ({n})': align_curves(f'{out}/{n}/reverse_log.jsonl') for k, n in
           (('hidden alignment', 'G_hidden'), ('hidden distillation', 'G_distill'))},
-         f'{out}/align_depths.png', 'step', log=True)
+         f'{out}/align_depths.png', 'step', log='y')
     plot({'share read as class against guidance w': {label: [(float(w), p['acc']) for w, p in
           c.items()] for label, c in res['sweep'].items()}}, f'{out}/guidance_sweep.png', 'w')
     md = markdown(res)
