@@ -829,7 +829,7 @@ def test_probe_is_zero_for_f_own_states_and_runs_from_a_checkpoint(tmp_path):
     probe_reverse.main(['--ckpt', gck, '--n', '5', '--batch_size', '2', '--json', js])
     res = json.load(open(js))
     assert set(res) >= {'prior', 'train', 'heldout', 'shift'}
-    assert res['shift']['out'] == pytest.approx(res['prior']['out'] / res['train']['out'])
+    assert res['shift']['out'] == pytest.approx(res['prior']['out'] / res['heldout']['out'])
     fck = str(tmp_path / 'forward.pt')   # a forward checkpoint has no G to probe: refused
     torch.save(dict(kind='forward', model_config=asdict(cfg), ema=f.state_dict()), fck)
     with pytest.raises(data.UsageError, match='expected a reverse checkpoint'):

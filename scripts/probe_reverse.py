@@ -7,7 +7,7 @@ G runs at w = 0 on three kinds of z: prior noise z ~ N(0, I) with uniform labels
 unguided inverse of the same z, the output against F's Tweedie-denoised x^0), and the data's own
 z = F(x + sigma*eps) for training digits and for held-out ones (val split from --heldout_from, past
 the 1000 images the README scores FID against). Each distance is the training loss's: divided by
-the target's mean square. prior/train is the shift from data z's to the z's G samples from;
+the target's mean square. prior/heldout is the shift from data z's to the z's G samples from;
 heldout/train near 1 means no overfitting. scripts/reverse_recipe.md is its report.
 """
 import argparse
@@ -82,7 +82,7 @@ def main(argv=None):
         parts = [(fn(G, flow, *[t[s:s + a.batch_size] for t in tensors]),
                   min(a.batch_size, a.n - s)) for s in starts]
         res[name] = {k: sum(p[k] * m for p, m in parts) / a.n for k in parts[0][0]}
-    res['shift'] = {k: res['prior'][k] / res['train'][k] for k in res['prior']}
+    res['shift'] = {k: res['prior'][k] / res['heldout'][k] for k in res['prior']}
     print(json.dumps(res, indent=1))
     if a.json:
         data.atomic_write(a.json, lambda f: f.write(json.dumps(res, indent=1).encode()))
